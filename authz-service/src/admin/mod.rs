@@ -1,0 +1,54 @@
+//! The admin gRPC services. Each call validates its input completely before it
+//! writes, and writes in one transaction, so a refused call leaves nothing behind.
+
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::{db::Pool, error::ServiceResult};
+
+pub mod agents;
+pub mod allowlist;
+pub mod policies;
+pub mod pricebook;
+
+pub use agents::AgentAdmin;
+pub use allowlist::AllowlistAdmin;
+pub use policies::PolicyAdmin;
+pub use pricebook::PriceBookAdmin;
+
+/// What every admin service needs.
+#[derive(Clone)]
+pub struct AdminState {
+    pub pool: Pool,
+    pub api_key_pepper: String,
+}
+
+/// Marks a configuration change, in the writer's transaction. Every replica polls
+/// this counter and drops its caches when it moves, so an admin change made through
+/// any replica reaches all of them within one poll interval.
+pub async fn bump_config_epoch(conn: &mut AsyncPgConnection) -> ServiceResult<()> {
+    use crate::db::schema::config_epoch::dsl::*;
+    diesel::update(config_epoch)
+        .set(epoch.eq(epoch + 1))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Turns a handler's result into the gRPC answer and records it under
+/// `caracal_admin_requests_total{method, code}`.
+pub fn respond<T>(
+    method: &'static str,
+    result: ServiceResult<T>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let result = result
+        .map(tonic::Response::new)
+        .map_err(tonic::Status::from);
+    let code = match &result {
+        Ok(_) => "OK".to_owned(),
+        Err(status) => format!("{:?}", status.code()),
+    };
+    metrics::counter!(crate::metrics::ADMIN_REQUESTS, "method" => method, "code" => code)
+        .increment(1);
+    result
+}

@@ -1,0 +1,315 @@
+//! Service configuration.
+//!
+//! Keys follow the production guide (`dbPoolSize`, `maxConcurrentRequests`,
+//! `policyCacheTTL`, ...). A YAML file gives the base; every key can be overridden by
+//! an environment variable `CARACAL_<KEY_IN_UPPER_SNAKE_CASE>` (for example
+//! `CARACAL_DB_POOL_SIZE=40`), which is how Kubernetes secrets and per-pod settings
+//! reach the process. Durations are whole seconds, as in the guide.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// Everything the service reads at start-up.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub database: DatabaseConfig,
+    pub cache: CacheConfig,
+    pub reservations: ReservationConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address (admin API, health, reflection).
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address for `/health` and `/metrics`.
+    pub http_addr: SocketAddr,
+    /// Upper bound on requests in flight across all connections; more wait.
+    pub max_concurrent_requests: usize,
+    /// Per-request deadline, seconds.
+    pub request_timeout: u64,
+    /// TLS for the gRPC listener; required for client-certificate admin auth.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            max_concurrent_requests: 1000,
+            request_timeout: 30,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// When set, clients may present a certificate signed by this CA; such a client
+    /// is an administrator (mTLS). Clients without a certificate still need a token.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer token that grants admin rights. Empty disables token auth (then only
+    /// client certificates can administer).
+    pub admin_token: String,
+    /// Server-side secret mixed into API-key hashes, so a copy of the database alone
+    /// cannot be used to test guessed keys. Changing it invalidates every issued key.
+    pub api_key_pepper: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:pass@host:port/db`.
+    pub url: String,
+    /// Connections kept open (the pool's idle floor).
+    pub db_pool_size: u32,
+    /// Extra connections opened under load, above `dbPoolSize`.
+    pub db_max_overflow: u32,
+    /// Seconds to wait for a free connection before failing with UNAVAILABLE.
+    pub db_pool_timeout: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/caracal".to_owned(),
+            db_pool_size: 20,
+            db_max_overflow: 10,
+            db_pool_timeout: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Seconds an agent/policy/key/price stays cached on the hot path.
+    #[serde(rename = "policyCacheTTL")]
+    pub policy_cache_ttl: u64,
+    /// Entries per cache before the least recently used are evicted.
+    pub policy_cache_max_size: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            policy_cache_ttl: 60,
+            policy_cache_max_size: 50_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReservationConfig {
+    /// Seconds before an unsettled reservation expires.
+    pub provisional_charge_expiration: u64,
+    /// Seconds between expiry sweeps.
+    pub provisional_charge_cleanup_interval: u64,
+}
+
+impl Default for ReservationConfig {
+    fn default() -> Self {
+        Self {
+            provisional_charge_expiration: 300,
+            provisional_charge_cleanup_interval: 30,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("environment variable {name}={value:?} is not valid: {reason}")]
+    Env {
+        name: String,
+        value: String,
+        reason: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads `path` (if given), then applies `CARACAL_*` environment overrides.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::from_yaml(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+            None => Self::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str(text)
+    }
+
+    /// Applies overrides; `lookup` is `std::env::var` in production, a map in tests.
+    pub fn apply_env(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        fn parsed<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+                name: name.to_owned(),
+                value: value.to_owned(),
+                reason: e.to_string(),
+            })
+        }
+        macro_rules! overrides {
+            ($($name:literal => $field:expr, $kind:ident;)*) => {$(
+                if let Some(value) = lookup($name) {
+                    overrides!(@set $name, value, $field, $kind);
+                }
+            )*};
+            (@set $name:literal, $value:ident, $field:expr, text) => { $field = $value; };
+            (@set $name:literal, $value:ident, $field:expr, parse) => { $field = parsed($name, &$value)?; };
+        }
+        overrides! {
+            "CARACAL_GRPC_ADDR" => self.server.grpc_addr, parse;
+            "CARACAL_HTTP_ADDR" => self.server.http_addr, parse;
+            "CARACAL_MAX_CONCURRENT_REQUESTS" => self.server.max_concurrent_requests, parse;
+            "CARACAL_REQUEST_TIMEOUT" => self.server.request_timeout, parse;
+            "CARACAL_ADMIN_TOKEN" => self.auth.admin_token, text;
+            "CARACAL_API_KEY_PEPPER" => self.auth.api_key_pepper, text;
+            "CARACAL_DATABASE_URL" => self.database.url, text;
+            "CARACAL_DB_POOL_SIZE" => self.database.db_pool_size, parse;
+            "CARACAL_DB_MAX_OVERFLOW" => self.database.db_max_overflow, parse;
+            "CARACAL_DB_POOL_TIMEOUT" => self.database.db_pool_timeout, parse;
+            "CARACAL_POLICY_CACHE_TTL" => self.cache.policy_cache_ttl, parse;
+            "CARACAL_POLICY_CACHE_MAX_SIZE" => self.cache.policy_cache_max_size, parse;
+            "CARACAL_PROVISIONAL_CHARGE_EXPIRATION" => self.reservations.provisional_charge_expiration, parse;
+            "CARACAL_PROVISIONAL_CHARGE_CLEANUP_INTERVAL" => self.reservations.provisional_charge_cleanup_interval, parse;
+        }
+        Ok(())
+    }
+
+    /// Rejects settings that would make the service misbehave rather than fail fast.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_owned()));
+        if self.database.db_pool_size == 0 {
+            return bad("database.dbPoolSize must be at least 1");
+        }
+        if self.server.max_concurrent_requests == 0 {
+            return bad("server.maxConcurrentRequests must be at least 1");
+        }
+        if self.server.request_timeout == 0 || self.database.db_pool_timeout == 0 {
+            return bad(
+                "server.requestTimeout and database.dbPoolTimeout must be at least 1 second",
+            );
+        }
+        if self.reservations.provisional_charge_cleanup_interval == 0
+            || self.reservations.provisional_charge_expiration == 0
+        {
+            return bad("reservations.provisionalChargeExpiration and provisionalChargeCleanupInterval must be at least 1 second");
+        }
+        if self.database.url.is_empty() {
+            return bad("database.url is required");
+        }
+        Ok(())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.server.request_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn guide_keys_parse_and_env_overrides_win() {
+        let yaml = r#"
+server:
+  maxConcurrentRequests: 500
+  requestTimeout: 10
+database:
+  url: postgres://db/caracal
+  dbPoolSize: 20
+  dbMaxOverflow: 10
+  dbPoolTimeout: 30
+cache:
+  policyCacheTTL: 60
+  policyCacheMaxSize: 50000
+reservations:
+  provisionalChargeExpiration: 300
+  provisionalChargeCleanupInterval: 30
+"#;
+        let mut c = Config::from_yaml(yaml).unwrap();
+        assert_eq!(c.server.max_concurrent_requests, 500);
+        assert_eq!(c.cache.policy_cache_ttl, 60);
+        let env: HashMap<&str, &str> = [
+            ("CARACAL_DB_POOL_SIZE", "40"),
+            ("CARACAL_ADMIN_TOKEN", "s3"),
+        ]
+        .into_iter()
+        .collect();
+        c.apply_env(|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(c.database.db_pool_size, 40);
+        assert_eq!(c.database.db_max_overflow, 10);
+        assert_eq!(c.auth.admin_token, "s3");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let c = Config::from_yaml(include_str!("../config.example.yaml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.database.db_pool_size, 20);
+        assert_eq!(c.reservations.provisional_charge_expiration, 300);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut c = Config::default();
+        let err = c
+            .apply_env(|k| (k == "CARACAL_DB_POOL_SIZE").then(|| "many".to_owned()))
+            .unwrap_err();
+        assert!(err.to_string().contains("CARACAL_DB_POOL_SIZE"), "{err}");
+        assert!(Config::from_yaml("database:\n  dbPoolSze: 3\n").is_err());
+        c.database.db_pool_size = 0;
+        assert!(c.validate().is_err());
+    }
+}

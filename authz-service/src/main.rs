@@ -1,0 +1,86 @@
+//! `caracal-authz-service`: runs the server, or applies migrations and exits.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use caracal_authz::{config::Config, db, serve};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "caracal-authz-service",
+    version,
+    about = "Caracal budget-authorization service"
+)]
+struct Args {
+    /// YAML configuration file; `CARACAL_*` environment variables override its keys.
+    #[arg(long, short, env = "CARACAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines (for log shippers) instead of human-readable text.
+    #[arg(long, env = "CARACAL_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC and HTTP APIs (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let config = Config::load(args.config.as_deref())?;
+    match args.command.unwrap_or(Command::Serve) {
+        Command::Migrate => {
+            let applied = db::run_migrations(&config.database.url).await?;
+            tracing::info!(?applied, "migrations applied");
+            Ok(())
+        }
+        Command::Serve => {
+            let mut server = serve(config).await?;
+            tokio::select! {
+                result = server.wait() => result.context("server stopped"),
+                _ = shutdown_signal() => {
+                    tracing::info!("shutting down");
+                    server.shutdown().await
+                }
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,162 @@
+//! Wires configuration, database, admin services, health, reflection and HTTP probes
+//! into one server, and runs it until asked to stop.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use caracal_proto::v1::{
+    agent_service_server::AgentServiceServer, allowlist_service_server::AllowlistServiceServer,
+    policy_service_server::PolicyServiceServer, price_book_service_server::PriceBookServiceServer,
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tower::limit::GlobalConcurrencyLimitLayer;
+
+use crate::{
+    admin::{AdminState, AgentAdmin, AllowlistAdmin, PolicyAdmin, PriceBookAdmin},
+    auth::AdminAuth,
+    config::Config,
+    db,
+};
+
+/// A started server: its bound addresses and a handle to stop it.
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    shutdown: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight calls finish, and waits for the listeners.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        for tx in self.shutdown {
+            let _ = tx.send(());
+        }
+        for task in self.tasks {
+            task.await.context("server task panicked")??;
+        }
+        Ok(())
+    }
+
+    /// Waits until a listener stops on its own (an error).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        let tasks = std::mem::take(&mut self.tasks);
+        let (first, _, rest) = futures::future::select_all(tasks).await;
+        self.tasks = rest;
+        first.context("server task panicked")?
+    }
+}
+
+/// Connects to the database, applies migrations, binds both listeners and starts
+/// serving. Port 0 in the config picks a free port (tests read the bound address).
+pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
+    crate::metrics::init();
+    let applied = db::run_migrations(&config.database.url).await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "applied database migrations");
+    }
+    let pool = db::connect(&config.database).await?;
+    if config.auth.admin_token.is_empty() && config.server.tls.is_none() {
+        tracing::warn!("no admin token and no TLS client CA: the admin API will refuse every call");
+    }
+    if config.auth.api_key_pepper.is_empty() {
+        tracing::warn!("auth.apiKeyPepper is empty: API-key hashes are unkeyed; set CARACAL_API_KEY_PEPPER in production");
+    }
+
+    let state = AdminState {
+        pool: pool.clone(),
+        api_key_pepper: config.auth.api_key_pepper.clone(),
+    };
+    let auth = AdminAuth::new(&config.auth.admin_token);
+    let intercept = move |req| auth.check(req);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServiceServer<AgentAdmin>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(caracal_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let mut builder = Server::builder()
+        .timeout(config.request_timeout())
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if let Some(tls) = &config.server.tls {
+        let cert = std::fs::read(&tls.cert_file)
+            .with_context(|| format!("reading {}", tls.cert_file.display()))?;
+        let key = std::fs::read(&tls.key_file)
+            .with_context(|| format!("reading {}", tls.key_file.display()))?;
+        let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &tls.client_ca_file {
+            let ca = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            // Optional: agents' and token-holding admins' connections carry no cert.
+            tls_config = tls_config
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(true);
+        }
+        builder = builder
+            .tls_config(tls_config)
+            .context("TLS configuration")?;
+    }
+    let router = builder
+        .layer(GlobalConcurrencyLimitLayer::new(
+            config.server.max_concurrent_requests,
+        ))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AgentServiceServer::with_interceptor(
+            AgentAdmin::new(state.clone()),
+            intercept.clone(),
+        ))
+        .add_service(PolicyServiceServer::with_interceptor(
+            PolicyAdmin::new(state.clone()),
+            intercept.clone(),
+        ))
+        .add_service(AllowlistServiceServer::with_interceptor(
+            AllowlistAdmin::new(state.clone()),
+            intercept.clone(),
+        ))
+        .add_service(PriceBookServiceServer::with_interceptor(
+            PriceBookAdmin::new(state.clone()),
+            intercept,
+        ));
+
+    let grpc_listener = TcpListener::bind(config.server.grpc_addr)
+        .await
+        .with_context(|| format!("binding gRPC on {}", config.server.grpc_addr))?;
+    let http_listener = TcpListener::bind(config.server.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP on {}", config.server.http_addr))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let (grpc_tx, grpc_rx) = oneshot::channel::<()>();
+    let (http_tx, http_rx) = oneshot::channel::<()>();
+    let grpc_task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+                let _ = grpc_rx.await;
+            })
+            .await
+            .context("gRPC server")
+    });
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, crate::http::router(pool))
+            .with_graceful_shutdown(async {
+                let _ = http_rx.await;
+            })
+            .await
+            .context("HTTP server")
+    });
+    tracing::info!(%grpc_addr, %http_addr, "caracal authz-service listening");
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        shutdown: vec![grpc_tx, http_tx],
+        tasks: vec![grpc_task, http_task],
+    })
+}

@@ -1,0 +1,1 @@
+//! Envoy proxy-wasm filter. Placeholder until the filter issue lands.

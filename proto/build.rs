@@ -1,0 +1,25 @@
+//! Compiles `caracal/v1/*.proto` with protox (a pure-Rust protobuf compiler), so a fresh
+//! machine needs no `protoc`. The encoded descriptor set is kept for gRPC server reflection.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "caracal/v1/common.proto",
+        "caracal/v1/admin.proto",
+    ];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let descriptors = protox::compile(protos, ["."])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("caracal_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! Caracal's wire schemas. The `.proto` sources under `caracal/v1/` are the contract;
+//! this crate only compiles them (see `build.rs`).
+
+/// Version 1 of the Caracal API.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("caracal.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Caracal proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("caracal_descriptor");

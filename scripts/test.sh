@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test suite: formatting, lints, then every test of the workspace against real
+# PostgreSQL (and, as issues land, Redis, the tansu broker and Envoy).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/services.sh
+
+# Databases left by an interrupted earlier run (each test makes its own).
+psql -h 127.0.0.1 -U postgres -d postgres -Atc \
+  "SELECT datname FROM pg_database WHERE datname LIKE 'caracal_test_%'" 2>/dev/null |
+  while read -r db; do
+    [ -n "$db" ] && psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" || true
+  done
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked 2>&1 | tee /tmp/caracal-test.log

@@ -1,0 +1,156 @@
+//! Shared helpers for Caracal's cross-component tests.
+//!
+//! [`TestStack`] starts a real authz-service (in-process, on 127.0.0.1 with free
+//! ports) against its own fresh PostgreSQL database, so tests run in parallel without
+//! seeing each other's rows. PostgreSQL comes from `CARACAL_TEST_PG`
+//! (default `postgres://postgres@127.0.0.1:5432`).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use caracal_authz::{config::Config, RunningServer};
+use caracal_proto::v1::{
+    agent_service_client::AgentServiceClient, allowlist_service_client::AllowlistServiceClient,
+    policy_service_client::PolicyServiceClient, price_book_service_client::PriceBookServiceClient,
+};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use tonic::{
+    metadata::MetadataValue,
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::Channel,
+    Request, Status,
+};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const PEPPER: &str = "test-pepper";
+
+/// Base URL of the PostgreSQL server used by tests (no database name).
+pub fn pg_base() -> String {
+    std::env::var("CARACAL_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            let value: MetadataValue<_> = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Status::internal("bad token"))?;
+            req.metadata_mut().insert("authorization", value);
+        }
+        Ok(req)
+    }
+}
+
+pub type Svc = InterceptedService<Channel, Bearer>;
+
+/// A running authz-service on its own database.
+pub struct TestStack {
+    pub database: String,
+    pub database_url: String,
+    pub server: Option<RunningServer>,
+    pub channel: Channel,
+}
+
+impl TestStack {
+    /// Creates a fresh database and starts the service on it.
+    pub async fn start() -> anyhow::Result<Self> {
+        let database = format!("caracal_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base()))
+            .await
+            .context("connecting to PostgreSQL (is it running on 127.0.0.1:5432?)")?;
+        diesel::sql_query(format!("CREATE DATABASE {database}"))
+            .execute(&mut admin)
+            .await?;
+        let database_url = format!("{}/{database}", pg_base());
+        let mut config = Config::default();
+        config.server.grpc_addr = "127.0.0.1:0".parse()?;
+        config.server.http_addr = "127.0.0.1:0".parse()?;
+        config.database.url = database_url.clone();
+        config.database.db_pool_size = 2;
+        config.database.db_max_overflow = 4;
+        config.database.db_pool_timeout = 5;
+        config.auth.admin_token = ADMIN_TOKEN.to_owned();
+        config.auth.api_key_pepper = PEPPER.to_owned();
+        let server = caracal_authz::serve(config).await?;
+        let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        Ok(Self {
+            database,
+            database_url,
+            server: Some(server),
+            channel,
+        })
+    }
+
+    pub fn grpc_url(&self) -> String {
+        self.server
+            .as_ref()
+            .map(|s| format!("http://{}", s.grpc_addr))
+            .unwrap_or_default()
+    }
+
+    pub fn http_url(&self) -> String {
+        self.server
+            .as_ref()
+            .map(|s| format!("http://{}", s.http_addr))
+            .unwrap_or_default()
+    }
+
+    fn bearer(&self) -> Bearer {
+        Bearer(Some(ADMIN_TOKEN.to_owned()))
+    }
+
+    pub fn agents(&self) -> AgentServiceClient<Svc> {
+        AgentServiceClient::with_interceptor(self.channel.clone(), self.bearer())
+    }
+    pub fn agents_with(&self, token: Option<&str>) -> AgentServiceClient<Svc> {
+        AgentServiceClient::with_interceptor(self.channel.clone(), Bearer(token.map(str::to_owned)))
+    }
+    pub fn policies(&self) -> PolicyServiceClient<Svc> {
+        PolicyServiceClient::with_interceptor(self.channel.clone(), self.bearer())
+    }
+    pub fn allowlists(&self) -> AllowlistServiceClient<Svc> {
+        AllowlistServiceClient::with_interceptor(self.channel.clone(), self.bearer())
+    }
+    pub fn prices(&self) -> PriceBookServiceClient<Svc> {
+        PriceBookServiceClient::with_interceptor(self.channel.clone(), self.bearer())
+    }
+
+    /// A direct connection to this stack's database, to check what was written.
+    pub async fn db(&self) -> anyhow::Result<AsyncPgConnection> {
+        Ok(AsyncPgConnection::establish(&self.database_url).await?)
+    }
+
+    /// Counts rows of a table (test-only helper; the table name is a literal).
+    pub async fn count(&self, table: &str) -> anyhow::Result<i64> {
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let mut conn = self.db().await?;
+        let row: Count = diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"))
+            .get_result(&mut conn)
+            .await?;
+        Ok(row.n)
+    }
+
+    /// Stops the service and drops its database.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await?;
+        }
+        drop(self.channel);
+        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base())).await?;
+        diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database))
+            .execute(&mut admin)
+            .await?;
+        Ok(())
+    }
+}
