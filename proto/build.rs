@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "caracal/v1/common.proto",
         "caracal/v1/admin.proto",
+        "caracal/v1/authz.proto",
+        "caracal/v1/events.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -19,6 +19,9 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub cache: CacheConfig,
     pub reservations: ReservationConfig,
+    pub redis: RedisConfig,
+    pub budget: BudgetConfig,
+    pub kafka: crate::kafka::KafkaConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,6 +133,55 @@ impl Default for ReservationConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379` or `rediss://host:6380` (TLS).
+    pub url: String,
+    /// Hash-tag partitions of the budget state (see `budget::keys`). Fixed for the
+    /// life of the data: changing it moves hierarchies to other keys.
+    pub partitions: u16,
+    pub key_prefix: String,
+    /// Connect and response timeout, milliseconds. A call that takes longer fails
+    /// with UNAVAILABLE (the gateway then fails closed).
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            partitions: 16,
+            key_prefix: "caracal".to_owned(),
+            timeout_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Admit agents that have no active policy (default: deny them).
+    pub allow_without_policy: bool,
+    /// Seconds a finished reservation's outcome is kept for retried Settle/Release.
+    pub finished_marker_ttl: u64,
+    /// Relay outbox events to Kafka from this process.
+    pub relay_enabled: bool,
+    /// Seconds between polls of the configuration epoch (cache invalidation).
+    pub config_poll_interval: u64,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            allow_without_policy: false,
+            finished_marker_ttl: 86_400,
+            relay_enabled: true,
+            config_poll_interval: 1,
+        }
+    }
+}
+
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -220,6 +272,17 @@ impl Config {
             "CARACAL_POLICY_CACHE_MAX_SIZE" => self.cache.policy_cache_max_size, parse;
             "CARACAL_PROVISIONAL_CHARGE_EXPIRATION" => self.reservations.provisional_charge_expiration, parse;
             "CARACAL_PROVISIONAL_CHARGE_CLEANUP_INTERVAL" => self.reservations.provisional_charge_cleanup_interval, parse;
+            "CARACAL_REDIS_URL" => self.redis.url, text;
+            "CARACAL_REDIS_PARTITIONS" => self.redis.partitions, parse;
+            "CARACAL_REDIS_KEY_PREFIX" => self.redis.key_prefix, text;
+            "CARACAL_REDIS_TIMEOUT_MS" => self.redis.timeout_ms, parse;
+            "CARACAL_ALLOW_WITHOUT_POLICY" => self.budget.allow_without_policy, parse;
+            "CARACAL_RELAY_ENABLED" => self.budget.relay_enabled, parse;
+            "CARACAL_KAFKA_BROKERS" => self.kafka.brokers, text;
+            "CARACAL_KAFKA_SECURITY_PROTOCOL" => self.kafka.security_protocol, text;
+            "CARACAL_KAFKA_SASL_MECHANISM" => self.kafka.sasl_mechanism, text;
+            "CARACAL_KAFKA_SASL_USERNAME" => self.kafka.sasl_username, text;
+            "CARACAL_KAFKA_SASL_PASSWORD" => self.kafka.sasl_password, text;
         }
         Ok(())
     }
@@ -242,6 +305,9 @@ impl Config {
             || self.reservations.provisional_charge_expiration == 0
         {
             return bad("reservations.provisionalChargeExpiration and provisionalChargeCleanupInterval must be at least 1 second");
+        }
+        if self.redis.partitions == 0 || self.redis.timeout_ms == 0 {
+            return bad("redis.partitions and redis.timeoutMs must be at least 1");
         }
         if self.database.url.is_empty() {
             return bad("database.url is required");

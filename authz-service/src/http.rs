@@ -5,23 +5,29 @@ use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::ge
 use diesel_async::RunQueryDsl;
 use serde_json::json;
 
-use crate::db::Pool;
+use crate::{budget::BudgetStore, db::Pool};
 
-pub fn router(pool: Pool) -> Router {
+#[derive(Clone)]
+struct Deps {
+    pool: Pool,
+    store: BudgetStore,
+}
+
+pub fn router(pool: Pool, store: BudgetStore) -> Router {
     Router::new()
         .route("/health", get(ready))
         .route("/health/ready", get(ready))
         .route("/health/live", get(live))
         .route("/metrics", get(metrics))
-        .with_state(pool)
+        .with_state(Deps { pool, store })
 }
 
 async fn live() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-async fn ready(State(pool): State<Pool>) -> impl IntoResponse {
-    let database = match crate::db::conn(&pool).await {
+async fn ready(State(deps): State<Deps>) -> impl IntoResponse {
+    let database = match crate::db::conn(&deps.pool).await {
         Ok(mut conn) => diesel::sql_query("SELECT 1")
             .execute(&mut conn)
             .await
@@ -29,7 +35,11 @@ async fn ready(State(pool): State<Pool>) -> impl IntoResponse {
             .unwrap_or_else(|e| format!("error: {e}")),
         Err(e) => format!("error: {e}"),
     };
-    let ok = database == "ok";
+    let redis = match deps.store.ping().await {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("error: {e}"),
+    };
+    let ok = database == "ok" && redis == "ok";
     let code = if ok {
         StatusCode::OK
     } else {
@@ -42,8 +52,12 @@ async fn ready(State(pool): State<Pool>) -> impl IntoResponse {
     )
 }
 
-async fn metrics(State(pool): State<Pool>) -> impl IntoResponse {
-    let state = pool.state();
+async fn metrics(State(deps): State<Deps>) -> impl IntoResponse {
+    let state = deps.pool.state();
+    let mut conn = deps.store.connection();
+    if let Ok(depth) = crate::outbox::outbox_depth(&mut conn, deps.store.keys()).await {
+        metrics::gauge!(crate::outbox::OUTBOX_DEPTH).set(depth as f64);
+    }
     metrics::gauge!(crate::metrics::DB_POOL_CONNECTIONS).set(f64::from(state.connections));
     metrics::gauge!(crate::metrics::DB_POOL_IDLE).set(f64::from(state.idle_connections));
     (

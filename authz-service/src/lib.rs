@@ -2,7 +2,8 @@
 //!
 //! This first half serves the administration API: agents and their API keys, budget
 //! policies with version history, allowlists and the price book, all on PostgreSQL.
-//! The authorization hot path (Authorize / Settle / Release on Redis) builds on it.
+//! It also serves the authorization hot path (Authorize / Settle / Release on Redis)
+//! and relays every decision and charge to Kafka through a Redis-stream outbox.
 //!
 //! Reading order:
 //! - [`config`]: the guide's configuration keys, from a YAML file plus `CARACAL_*` overrides.
@@ -10,20 +11,30 @@
 //! - [`error`]: one error type, mapped to the gRPC status a caller can act on.
 //! - [`auth`]: who may call the admin API (admin token or client certificate).
 //! - [`admin`]: the admin gRPC services.
+//! - [`authorize`]: the hot path — Authorize, Settle, Release — over [`catalog`]
+//!   (cached agents, policies, prices) and [`budget`] (Redis state, Lua scripts).
+//! - [`sweeper`]: expiry of reservations that were never settled.
+//! - [`outbox`] and [`kafka`]: the relay of budget events from Redis to Kafka.
 //! - [`keys`]: agent API keys: generation and keyed hashing.
 //! - [`http`] and [`metrics`]: `/health`, `/metrics` and the Prometheus registry.
 //! - [`server`]: wires everything into one running server.
 
 pub mod admin;
 pub mod auth;
+pub mod authorize;
+pub mod budget;
+pub mod catalog;
 pub mod config;
 pub mod convert;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod kafka;
 pub mod keys;
 pub mod metrics;
+pub mod outbox;
 pub mod server;
+pub mod sweeper;
 
 pub use config::Config;
 pub use error::ServiceError;

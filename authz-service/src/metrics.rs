@@ -9,6 +9,19 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Admin API calls, labelled `method` and `code` (gRPC code name).
 pub const ADMIN_REQUESTS: &str = "caracal_admin_requests_total";
+/// Hot-path calls by method and status (allow | deny | ok | error); the guide's
+/// HighErrorRate alert reads `caracal_requests_total{status="error"}`.
+pub const REQUESTS: &str = "caracal_requests_total";
+/// Authorization decisions by decision and deny reason.
+pub const DECISIONS: &str = "caracal_authorization_decisions_total";
+/// Hot-path latency in seconds, labelled `method`.
+pub const HOT_PATH_LATENCY: &str = "caracal_authz_request_duration_seconds";
+/// Reservations by `event`: created | settled | released | expired.
+pub const RESERVATIONS: &str = "caracal_reservations_total";
+/// Micro-units charged above the estimate (the only overshoot allowed).
+pub const OVERSHOOT_MICROS: &str = "caracal_settle_overshoot_micros_total";
+/// Failed calls to the Redis budget store.
+pub const REDIS_ERRORS: &str = "caracal_redis_errors_total";
 /// Failures to obtain or use a PostgreSQL connection.
 pub const DB_ERRORS: &str = "caracal_db_errors_total";
 /// PostgreSQL connections open in the pool (sampled at scrape time).
@@ -61,7 +74,17 @@ fn describe() {
         "PostgreSQL connections open in the pool"
     );
     metrics::describe_gauge!(DB_POOL_IDLE, "Idle PostgreSQL connections in the pool");
+    metrics::describe_counter!(REQUESTS, "Hot-path calls by method and status");
+    metrics::describe_counter!(DECISIONS, "Authorization decisions by decision and reason");
+    metrics::describe_histogram!(HOT_PATH_LATENCY, metrics::Unit::Seconds, "Hot-path latency");
+    metrics::describe_counter!(
+        RESERVATIONS,
+        "Reservations created, settled, released, expired"
+    );
+    metrics::describe_counter!(OVERSHOOT_MICROS, "Micro-units settled above their estimate");
+    metrics::describe_counter!(REDIS_ERRORS, "Failed calls to the Redis budget store");
     metrics::counter!(DB_ERRORS).absolute(0);
+    metrics::counter!(REDIS_ERRORS).absolute(0);
 }
 
 /// Text exposition of every metric recorded so far.

@@ -6,9 +6,14 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Context;
 use caracal_proto::v1::{
     agent_service_server::AgentServiceServer, allowlist_service_server::AllowlistServiceServer,
+    budget_authorization_server::BudgetAuthorizationServer,
     policy_service_server::PolicyServiceServer, price_book_service_server::PriceBookServiceServer,
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+    task::JoinHandle,
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tower::limit::GlobalConcurrencyLimitLayer;
@@ -16,8 +21,12 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use crate::{
     admin::{AdminState, AgentAdmin, AllowlistAdmin, PolicyAdmin, PriceBookAdmin},
     auth::AdminAuth,
+    authorize::{AuthorizationService, Settings},
+    budget::{BudgetStore, KeySpace},
+    catalog::Catalog,
     config::Config,
     db,
+    outbox::OutboxRelay,
 };
 
 /// A started server: its bound addresses and a handle to stop it.
@@ -26,6 +35,9 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     shutdown: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// Stops the background loops (epoch watcher, sweeper, relay).
+    background_stop: watch::Sender<bool>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -36,6 +48,11 @@ impl RunningServer {
         }
         for task in self.tasks {
             task.await.context("server task panicked")??;
+        }
+        // Listeners are closed: no new events. Let the relay drain what it holds.
+        let _ = self.background_stop.send(true);
+        for task in self.background {
+            let _ = task.await;
         }
         Ok(())
     }
@@ -69,6 +86,51 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         pool: pool.clone(),
         api_key_pepper: config.auth.api_key_pepper.clone(),
     };
+    let (background_stop, background_rx) = watch::channel(false);
+    let mut background = Vec::new();
+    let catalog = Catalog::new(
+        pool.clone(),
+        config.auth.api_key_pepper.clone(),
+        Duration::from_secs(config.cache.policy_cache_ttl),
+        config.cache.policy_cache_max_size,
+    );
+    background.push(tokio::spawn(catalog.clone().watch_epoch(
+        Duration::from_secs(config.budget.config_poll_interval.max(1)),
+        background_rx.clone(),
+    )));
+    let keys = KeySpace::new(config.redis.key_prefix.clone(), config.redis.partitions);
+    let store = BudgetStore::new(
+        &config.redis.url,
+        keys.clone(),
+        Duration::from_millis(config.redis.timeout_ms),
+    )
+    .context("Redis configuration")?;
+    background.push(tokio::spawn(crate::sweeper::run(
+        store.clone(),
+        Duration::from_secs(config.reservations.provisional_charge_cleanup_interval),
+        config.budget.finished_marker_ttl,
+        background_rx.clone(),
+    )));
+    if config.budget.relay_enabled {
+        if let Err(e) = crate::kafka::ensure_topics(&config.kafka).await {
+            // Not fatal: events wait in the outbox until the broker is reachable.
+            tracing::warn!(error = %e, "cannot ensure Kafka topics now; the relay will keep retrying");
+        }
+        let owner = format!("authz-{}", uuid::Uuid::new_v4().simple());
+        let relay = OutboxRelay::new(store.connection(), keys.clone(), &config.kafka, owner)
+            .context("Kafka producer configuration")?;
+        background.push(tokio::spawn(relay.run(background_rx.clone())));
+    }
+    let authorization = AuthorizationService::new(
+        catalog,
+        store.clone(),
+        Settings {
+            reservation_ttl_s: config.reservations.provisional_charge_expiration,
+            finished_marker_ttl_s: config.budget.finished_marker_ttl,
+            allow_without_policy: config.budget.allow_without_policy,
+        },
+    );
+
     let auth = AdminAuth::new(&config.auth.admin_token);
     let intercept = move |req| auth.check(req);
 
@@ -108,6 +170,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         ))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(BudgetAuthorizationServer::new(authorization))
         .add_service(AgentServiceServer::with_interceptor(
             AgentAdmin::new(state.clone()),
             intercept.clone(),
@@ -145,7 +208,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             .context("gRPC server")
     });
     let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, crate::http::router(pool))
+        axum::serve(http_listener, crate::http::router(pool, store))
             .with_graceful_shutdown(async {
                 let _ = http_rx.await;
             })
@@ -158,5 +221,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         http_addr,
         shutdown: vec![grpc_tx, http_tx],
         tasks: vec![grpc_task, http_task],
+        background_stop,
+        background,
     })
 }

@@ -19,7 +19,12 @@ pub struct Cli {
     pub conn: ConnOpts,
 
     /// Output format.
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        help_heading = "Global options"
+    )]
     pub output: Option<OutputFormat>,
 
     #[command(subcommand)]
@@ -45,6 +50,7 @@ impl Cli {
 
 /// How to reach and authenticate to the admin API.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct ConnOpts {
     /// Admin API address (http:// or https://).
     #[arg(
@@ -91,9 +97,7 @@ pub struct ConnOpts {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
-    /// Aligned columns for people.
     Table,
-    /// One JSON document per command.
     Json,
 }
 
@@ -114,7 +118,13 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Output format.
-    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        help_heading = "Global options"
+    )]
     pub output: Option<OutputFormat>,
     #[command(subcommand)]
     pub command: AgentCmd,
@@ -208,7 +218,13 @@ pub enum AgentStatus {
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
     /// Output format.
-    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        help_heading = "Global options"
+    )]
     pub output: Option<OutputFormat>,
     #[command(subcommand)]
     pub command: PolicyCmd,
@@ -262,8 +278,10 @@ pub enum PolicyCmd {
     ))]
     Update {
         id: String,
+        /// New limit, decimal.
         #[arg(long, value_name = "AMOUNT")]
         limit: Option<String>,
+        /// New ISO-4217 currency.
         #[arg(long)]
         currency: Option<String>,
         #[arg(long, value_enum)]
@@ -309,7 +327,13 @@ pub enum OnExpiry {
 #[derive(Debug, Args)]
 pub struct AllowlistArgs {
     /// Output format.
-    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        help_heading = "Global options"
+    )]
     pub output: Option<OutputFormat>,
     #[command(subcommand)]
     pub command: AllowlistCmd,
@@ -321,6 +345,7 @@ pub enum AllowlistCmd {
     Add {
         #[arg(long, value_name = "ID")]
         agent_id: String,
+        /// resource (upstream host+path) or model.
         #[arg(long, value_enum)]
         target: Target,
         /// Matched fully anchored.
@@ -350,7 +375,6 @@ pub enum AllowlistCmd {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Target {
-    /// Upstream host+path.
     Resource,
     Model,
 }
@@ -381,10 +405,13 @@ pub enum PricebookCmd {
 
 #[derive(Debug, Args)]
 pub struct SetPriceArgs {
+    /// Provider, e.g. openai.
     #[arg(long)]
     pub provider: String,
+    /// Model name as the provider spells it, e.g. gpt-4o.
     #[arg(long)]
     pub model: String,
+    /// ISO-4217 code the prices are in, e.g. USD.
     #[arg(long)]
     pub currency: String,
     /// Input-token price per 1M tokens, decimal.
@@ -425,7 +452,12 @@ pub struct ListPricesArgs {
 #[derive(Debug, Args)]
 pub struct FormatOpt {
     /// Output format.
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        help_heading = "Global options"
+    )]
     pub output: Option<OutputFormat>,
 }
 
@@ -485,7 +517,14 @@ mod tests {
         assert_eq!(cli.format(), OutputFormat::Table);
         let Command::Policy(PolicyArgs {
             command:
-                PolicyCmd::Create { agent_id, limit, currency, time_window, window_type, on_expiry },
+                PolicyCmd::Create {
+                    agent_id,
+                    limit,
+                    currency,
+                    time_window,
+                    window_type,
+                    on_expiry,
+                },
             ..
         }) = cli.command
         else {
@@ -507,8 +546,10 @@ mod tests {
             "caracal policy create --agent-id X --limit 5 --currency EUR \
              --time-window monthly --window-type rolling --on-expiry release",
         );
-        let Command::Policy(PolicyArgs { command: PolicyCmd::Create { on_expiry, .. }, .. }) =
-            cli.command
+        let Command::Policy(PolicyArgs {
+            command: PolicyCmd::Create { on_expiry, .. },
+            ..
+        }) = cli.command
         else {
             panic!("wrong command");
         };
@@ -539,7 +580,13 @@ mod tests {
         ])
         .unwrap();
         let Command::Agent(AgentArgs {
-            command: AgentCmd::Create { name, agent_type, parent_id, metadata },
+            command:
+                AgentCmd::Create {
+                    name,
+                    agent_type,
+                    parent_id,
+                    metadata,
+                },
             ..
         }) = cli.command
         else {
@@ -554,7 +601,15 @@ mod tests {
     #[test]
     fn agent_metadata_must_be_an_object() {
         let e = Cli::try_parse_from([
-            "caracal", "agent", "create", "--name", "a", "--type", "t", "--metadata", "[1]",
+            "caracal",
+            "agent",
+            "create",
+            "--name",
+            "a",
+            "--type",
+            "t",
+            "--metadata",
+            "[1]",
         ])
         .unwrap_err();
         assert!(e.to_string().contains("JSON object"), "{e}");
@@ -565,7 +620,13 @@ mod tests {
         let cli =
             Cli::try_parse_from(["caracal", "agent", "update", "A1", "--parent-id", ""]).unwrap();
         let Command::Agent(AgentArgs {
-            command: AgentCmd::Update { id, agent_type, metadata, parent_id },
+            command:
+                AgentCmd::Update {
+                    id,
+                    agent_type,
+                    metadata,
+                    parent_id,
+                },
             ..
         }) = cli.command
         else {
@@ -587,7 +648,12 @@ mod tests {
     fn agent_list_and_key_commands() {
         let cli = parse("caracal agent list --status active --limit 5");
         let Command::Agent(AgentArgs {
-            command: AgentCmd::List { status, parent_id, limit },
+            command:
+                AgentCmd::List {
+                    status,
+                    parent_id,
+                    limit,
+                },
             ..
         }) = cli.command
         else {
@@ -615,7 +681,14 @@ mod tests {
     fn policy_update_and_at() {
         let cli = parse("caracal policy update P1 --limit 200.00 --expected-version 3");
         let Command::Policy(PolicyArgs {
-            command: PolicyCmd::Update { id, limit, expected_version, currency, .. },
+            command:
+                PolicyCmd::Update {
+                    id,
+                    limit,
+                    expected_version,
+                    currency,
+                    ..
+                },
             ..
         }) = cli.command
         else {
@@ -627,7 +700,10 @@ mod tests {
         assert_eq!(expected_version, Some(3));
 
         let cli = parse("caracal policy at P1 --time 2025-01-31T12:00:00+01:00");
-        let Command::Policy(PolicyArgs { command: PolicyCmd::At { time, .. }, .. }) = cli.command
+        let Command::Policy(PolicyArgs {
+            command: PolicyCmd::At { time, .. },
+            ..
+        }) = cli.command
         else {
             panic!("wrong command");
         };
@@ -641,9 +717,16 @@ mod tests {
 
     #[test]
     fn allowlist_commands() {
-        let cli = parse("caracal allowlist add --agent-id A --target model --pattern gpt-4* --kind glob");
+        let cli =
+            parse("caracal allowlist add --agent-id A --target model --pattern gpt-4* --kind glob");
         let Command::Allowlist(AllowlistArgs {
-            command: AllowlistCmd::Add { agent_id, target, pattern, kind },
+            command:
+                AllowlistCmd::Add {
+                    agent_id,
+                    target,
+                    pattern,
+                    kind,
+                },
             ..
         }) = cli.command
         else {
@@ -671,7 +754,9 @@ mod tests {
              --input 2.50 --output 10.00 --cached-input 1.25",
         );
         assert_eq!(cli.format(), OutputFormat::Table);
-        let Command::Pricebook(PricebookArgs { command: PricebookCmd::Set(set) }) = cli.command
+        let Command::Pricebook(PricebookArgs {
+            command: PricebookCmd::Set(set),
+        }) = cli.command
         else {
             panic!("wrong command");
         };
@@ -691,12 +776,30 @@ mod tests {
 
     #[test]
     fn output_format_before_or_after_the_resource() {
-        assert_eq!(parse("caracal --output json agent list").format(), OutputFormat::Json);
-        assert_eq!(parse("caracal agent list --output json").format(), OutputFormat::Json);
-        assert_eq!(parse("caracal agent --output json list").format(), OutputFormat::Json);
-        assert_eq!(parse("caracal policy get P --output json").format(), OutputFormat::Json);
-        assert_eq!(parse("caracal pricebook list --output json").format(), OutputFormat::Json);
-        assert_eq!(parse("caracal pricebook import f.csv --output json").format(), OutputFormat::Json);
+        assert_eq!(
+            parse("caracal --output json agent list").format(),
+            OutputFormat::Json
+        );
+        assert_eq!(
+            parse("caracal agent list --output json").format(),
+            OutputFormat::Json
+        );
+        assert_eq!(
+            parse("caracal agent --output json list").format(),
+            OutputFormat::Json
+        );
+        assert_eq!(
+            parse("caracal policy get P --output json").format(),
+            OutputFormat::Json
+        );
+        assert_eq!(
+            parse("caracal pricebook list --output json").format(),
+            OutputFormat::Json
+        );
+        assert_eq!(
+            parse("caracal pricebook import f.csv --output json").format(),
+            OutputFormat::Json
+        );
         assert_eq!(
             parse("caracal --output json allowlist list --agent-id A --output table").format(),
             OutputFormat::Table
@@ -705,9 +808,8 @@ mod tests {
 
     #[test]
     fn connection_options_anywhere() {
-        let cli = parse(
-            "caracal agent get bot --server http://h:1 --admin-token s3cret --timeout 3",
-        );
+        let cli =
+            parse("caracal agent get bot --server http://h:1 --admin-token s3cret --timeout 3");
         assert_eq!(cli.conn.server, "http://h:1");
         assert_eq!(cli.conn.admin_token.as_deref(), Some("s3cret"));
         assert_eq!(cli.conn.timeout, 3);

@@ -40,7 +40,9 @@ impl BearerAuth {
 impl Interceptor for BearerAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(header) = &self.header {
-            request.metadata_mut().insert("authorization", header.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
         }
         Ok(request)
     }
@@ -98,7 +100,8 @@ fn endpoint(opts: &ConnOpts) -> Result<Endpoint> {
         .connect_timeout(timeout)
         .timeout(timeout);
 
-    let tls_files = opts.ca_cert.is_some() || opts.client_cert.is_some() || opts.client_key.is_some();
+    let tls_files =
+        opts.ca_cert.is_some() || opts.client_cert.is_some() || opts.client_key.is_some();
     if !https {
         if tls_files {
             bail!("--ca-cert/--client-cert/--client-key need an https:// --server URL");
@@ -146,7 +149,10 @@ mod tests {
     fn bearer_header_is_added() {
         let mut auth = BearerAuth::new(Some("s3cret")).unwrap();
         let req = auth.call(Request::new(())).unwrap();
-        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer s3cret");
+        assert_eq!(
+            req.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
 
         let mut none = BearerAuth::new(Some("")).unwrap();
         let req = none.call(Request::new(())).unwrap();

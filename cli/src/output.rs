@@ -90,7 +90,11 @@ fn push_line(text: &mut String, cells: &[String], widths: &[usize]) {
 
 /// A two-column key/value block for a single object.
 pub fn key_values(pairs: &[(&str, String)]) -> String {
-    let width = pairs.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    let width = pairs
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
     let mut text = String::new();
     for (key, value) in pairs {
         let line = format!("{key:<width$}{:GAP$}{}", "", clean(value));
@@ -224,7 +228,11 @@ mod tests {
     #[test]
     fn table_columns_are_aligned() {
         let mut t = Table::new(["ID", "NAME", "STATUS"]);
-        t.row(vec!["1".into(), "a-much-longer-name".into(), "active".into()]);
+        t.row(vec![
+            "1".into(),
+            "a-much-longer-name".into(),
+            "active".into(),
+        ]);
         t.row(vec!["22222".into(), "b".into(), "inactive".into()]);
         let text = t.render();
         assert_eq!(
@@ -234,7 +242,10 @@ mod tests {
              22222  b                   inactive\n"
         );
         // Every column starts at the same offset on every line.
-        let starts: Vec<usize> = text.lines().map(|l| l.find("active").unwrap_or(0)).collect();
+        let starts: Vec<usize> = text
+            .lines()
+            .map(|l| l.find("active").unwrap_or(0))
+            .collect();
         assert_eq!(starts[1] + 2, starts[2]);
     }
 
@@ -287,16 +298,26 @@ mod tests {
 
     #[test]
     fn key_values_are_aligned() {
-        let text = key_values(&[("id", "7".into()), ("status", "active".into()), ("parent", "".into())]);
+        let text = key_values(&[
+            ("id", "7".into()),
+            ("status", "active".into()),
+            ("parent", "".into()),
+        ]);
         assert_eq!(text, "id      7\nstatus  active\nparent\n");
     }
 
     #[test]
     fn timestamps_render_as_rfc3339_utc() {
-        let ts = prost_types::Timestamp { seconds: 1_738_324_800, nanos: 0 };
+        let ts = prost_types::Timestamp {
+            seconds: 1_738_324_800,
+            nanos: 0,
+        };
         assert_eq!(ts_json(Some(&ts)), json!("2025-01-31T12:00:00Z"));
         assert_eq!(ts_text(Some(&ts)), "2025-01-31T12:00:00Z");
-        let ts = prost_types::Timestamp { seconds: 1_738_324_800, nanos: 5_000_000 };
+        let ts = prost_types::Timestamp {
+            seconds: 1_738_324_800,
+            nanos: 5_000_000,
+        };
         assert_eq!(ts_json(Some(&ts)), json!("2025-01-31T12:00:00.005Z"));
         assert_eq!(ts_json(None), Value::Null);
         assert_eq!(ts_text(None), "");
@@ -304,7 +325,11 @@ mod tests {
 
     #[test]
     fn money_and_micros() {
-        let m = pb::Money { currency: "USD".into(), micros: 1_000_000_000, amount: "1000.00".into() };
+        let m = pb::Money {
+            currency: "USD".into(),
+            micros: 1_000_000_000,
+            amount: "1000.00".into(),
+        };
         assert_eq!(
             money_json(Some(&m)),
             json!({"amount": "1000.00", "currency": "USD", "micros": 1_000_000_000})

@@ -5,12 +5,15 @@
 //! seeing each other's rows. PostgreSQL comes from `CARACAL_TEST_PG`
 //! (default `postgres://postgres@127.0.0.1:5432`).
 
+pub mod kafka;
+
 use std::time::Duration;
 
 use anyhow::Context;
 use caracal_authz::{config::Config, RunningServer};
 use caracal_proto::v1::{
     agent_service_client::AgentServiceClient, allowlist_service_client::AllowlistServiceClient,
+    budget_authorization_client::BudgetAuthorizationClient,
     policy_service_client::PolicyServiceClient, price_book_service_client::PriceBookServiceClient,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -47,8 +50,15 @@ impl Interceptor for Bearer {
 
 pub type Svc = InterceptedService<Channel, Bearer>;
 
-/// A running authz-service on its own database.
+/// Redis used by tests (each stack uses its own key prefix).
+pub fn redis_url() -> String {
+    std::env::var("CARACAL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A running authz-service on its own database and its own Redis key prefix.
 pub struct TestStack {
+    pub key_prefix: String,
+    pub redis_url: String,
     pub database: String,
     pub database_url: String,
     pub server: Option<RunningServer>,
@@ -56,8 +66,13 @@ pub struct TestStack {
 }
 
 impl TestStack {
-    /// Creates a fresh database and starts the service on it.
+    /// Creates a fresh database and starts the service on it (no Kafka relay).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`TestStack::start`], with a chance to change the configuration.
+    pub async fn start_with(tune: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         let database = format!("caracal_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base()))
             .await
@@ -75,12 +90,21 @@ impl TestStack {
         config.database.db_pool_timeout = 5;
         config.auth.admin_token = ADMIN_TOKEN.to_owned();
         config.auth.api_key_pepper = PEPPER.to_owned();
+        let key_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+        config.redis.url = redis_url();
+        config.redis.key_prefix = key_prefix.clone();
+        config.redis.partitions = 4;
+        config.budget.relay_enabled = false;
+        tune(&mut config);
+        let redis_url = config.redis.url.clone();
         let server = caracal_authz::serve(config).await?;
         let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await?;
         Ok(Self {
+            key_prefix,
+            redis_url,
             database,
             database_url,
             server: Some(server),
@@ -121,6 +145,10 @@ impl TestStack {
     pub fn prices(&self) -> PriceBookServiceClient<Svc> {
         PriceBookServiceClient::with_interceptor(self.channel.clone(), self.bearer())
     }
+    /// The hot path, as the gateway calls it (no admin credentials).
+    pub fn authz(&self) -> BudgetAuthorizationClient<Channel> {
+        BudgetAuthorizationClient::new(self.channel.clone())
+    }
 
     /// A direct connection to this stack's database, to check what was written.
     pub async fn db(&self) -> anyhow::Result<AsyncPgConnection> {
@@ -141,10 +169,32 @@ impl TestStack {
         Ok(row.n)
     }
 
-    /// Stops the service and drops its database.
+    /// Stops the service, drops its database and deletes its Redis keys.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(server) = self.server.take() {
             server.shutdown().await?;
+        }
+        if let Ok(client) = redis::Client::open(self.redis_url.as_str()) {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                let mut cursor: u64 = 0;
+                for _ in 0..10_000 {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{}:*", self.key_prefix))
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await?;
+                    if !keys.is_empty() {
+                        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+                    }
+                    cursor = next;
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+            }
         }
         drop(self.channel);
         let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base())).await?;

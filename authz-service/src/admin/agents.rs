@@ -13,7 +13,7 @@ use crate::{
     convert::{self, opt_timestamp, timestamp},
     db::{
         self,
-        schema::{agent_api_keys, agents},
+        schema::{agent_api_keys, agent_identities, agents},
     },
     error::{ServiceError, ServiceResult},
     keys,
@@ -68,6 +68,31 @@ impl From<ApiKeyRow> for pb::ApiKey {
         }
     }
 }
+
+#[derive(Queryable, Selectable, Debug, Clone)]
+#[diesel(table_name = agent_identities)]
+pub struct IdentityRow {
+    pub id: Uuid,
+    pub agent_id: Uuid,
+    pub kind: String,
+    pub value: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<IdentityRow> for pb::AgentIdentity {
+    fn from(r: IdentityRow) -> Self {
+        pb::AgentIdentity {
+            id: r.id.to_string(),
+            agent_id: r.agent_id.to_string(),
+            kind: r.kind,
+            value: r.value,
+            created_at: Some(timestamp(r.created_at)),
+        }
+    }
+}
+
+/// Identity kinds the gateway can verify.
+pub const IDENTITY_KINDS: [&str; 2] = ["spiffe", "jwt"];
 
 pub struct AgentAdmin {
     state: AdminState,
@@ -461,5 +486,99 @@ impl AgentService for AgentAdmin {
         }
         .await;
         respond("ListApiKeys", result)
+    }
+
+    async fn add_identity(
+        &self,
+        request: Request<pb::AddIdentityRequest>,
+    ) -> Result<Response<pb::AgentIdentity>, Status> {
+        let result: ServiceResult<_> = async {
+            let req = request.into_inner();
+            let kind = req.kind.trim().to_lowercase();
+            if !IDENTITY_KINDS.contains(&kind.as_str()) {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "kind must be \"spiffe\" or \"jwt\", not {:?}",
+                    req.kind
+                )));
+            }
+            let value = convert::required_text("value", &req.value, 2048)?;
+            if kind == "spiffe" && !value.starts_with("spiffe://") {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "a SPIFFE id starts with spiffe://, got {value:?}"
+                )));
+            }
+            let mut conn = db::conn(&self.state.pool).await?;
+            let agent = find_agent(&mut conn, &req.agent_id).await?;
+            let row = conn
+                .transaction::<_, ServiceError, _>(async move |conn| {
+                    let row = diesel::insert_into(agent_identities::table)
+                        .values((
+                            agent_identities::id.eq(Uuid::now_v7()),
+                            agent_identities::agent_id.eq(agent.id),
+                            agent_identities::kind.eq(&kind),
+                            agent_identities::value.eq(&value),
+                        ))
+                        .returning(IdentityRow::as_returning())
+                        .get_result(conn)
+                        .await
+                        .map_err(|e| match ServiceError::from(e) {
+                            ServiceError::AlreadyExists(_) => ServiceError::AlreadyExists(format!(
+                                "{kind} identity {value:?} is already bound to an agent"
+                            )),
+                            other => other,
+                        })?;
+                    bump_config_epoch(conn).await?;
+                    Ok(row)
+                })
+                .await?;
+            Ok(pb::AgentIdentity::from(row))
+        }
+        .await;
+        respond("AddIdentity", result)
+    }
+
+    async fn remove_identity(
+        &self,
+        request: Request<pb::RemoveIdentityRequest>,
+    ) -> Result<Response<pb::RemoveIdentityResponse>, Status> {
+        let result: ServiceResult<_> = async {
+            let id = convert::uuid("id", &request.get_ref().id)?;
+            let mut conn = db::conn(&self.state.pool).await?;
+            conn.transaction::<_, ServiceError, _>(async move |conn| {
+                let n = diesel::delete(agent_identities::table.filter(agent_identities::id.eq(id)))
+                    .execute(conn)
+                    .await?;
+                if n == 0 {
+                    return Err(ServiceError::NotFound(format!("identity {id} not found")));
+                }
+                bump_config_epoch(conn).await
+            })
+            .await?;
+            Ok(pb::RemoveIdentityResponse {})
+        }
+        .await;
+        respond("RemoveIdentity", result)
+    }
+
+    async fn list_identities(
+        &self,
+        request: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
+        let result: ServiceResult<_> = async {
+            let mut conn = db::conn(&self.state.pool).await?;
+            let agent = find_agent(&mut conn, &request.get_ref().agent_id).await?;
+            let rows: Vec<IdentityRow> = agent_identities::table
+                .select(IdentityRow::as_select())
+                .filter(agent_identities::agent_id.eq(agent.id))
+                .order(agent_identities::id.asc())
+                .limit(1000)
+                .load(&mut conn)
+                .await?;
+            Ok(pb::ListIdentitiesResponse {
+                identities: rows.into_iter().map(pb::AgentIdentity::from).collect(),
+            })
+        }
+        .await;
+        respond("ListIdentities", result)
     }
 }

@@ -102,3 +102,16 @@ diesel::allow_tables_to_appear_in_same_query!(
     price_book,
     config_epoch,
 );
+
+diesel::table! {
+    agent_identities (id) {
+        id -> Uuid,
+        agent_id -> Uuid,
+        kind -> Text,
+        value -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(agent_identities -> agents (agent_id));
+diesel::allow_tables_to_appear_in_same_query!(agent_identities, agents);

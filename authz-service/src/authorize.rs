@@ -1,0 +1,644 @@
+//! BudgetAuthorization: Authorize, Settle, Release — the hot path.
+//!
+//! Authorize resolves the credential and the agent's hierarchy from the in-process
+//! [`Catalog`], prices the estimate, and makes exactly one Redis call: the script that
+//! checks every policy of the agent and its ancestors and reserves on all of them, or
+//! refuses. Settle and Release are one Redis call each. Answers are decisions (allow /
+//! deny with a reason the gateway maps to 429/401/403); gRPC errors are for malformed
+//! requests (INVALID_ARGUMENT, NOT_FOUND) and for a budget store that is down
+//! (UNAVAILABLE: the gateway fails closed).
+
+use std::{sync::Arc, time::Instant};
+
+use caracal_domain::{
+    allowlist::is_allowed,
+    money::{format_amount, Currency, MAX_AMOUNT_MICROS},
+    pricing::{cost_micros, Usage},
+    window::{calendar_bounds, rolling_bucket_width, rolling_buckets, window_key, WindowType},
+};
+use caracal_proto::v1::{
+    self as pb, agent_credential::Kind as CredentialKind,
+    budget_authorization_server::BudgetAuthorization,
+};
+use chrono::{DateTime, Utc};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    budget::{
+        keys::{partition_of_reservation, reservation_id},
+        store::{
+            Finish, FinishKind, FinishOutcome, PolicySlot, ReserveOutcome, ReserveRequest,
+            SlotMode, StoreError,
+        },
+        BudgetStore,
+    },
+    catalog::{AgentView, Catalog, PolicyInfo},
+    convert::money,
+    metrics,
+};
+
+/// Longest request id accepted (ids become Redis key parts).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Counters of a finished calendar window are kept this long after it ends (for
+/// late settles and for inspection), then Redis drops them.
+const COUNTER_GRACE_S: i64 = 86_400;
+
+pub struct Settings {
+    pub reservation_ttl_s: u64,
+    pub finished_marker_ttl_s: u64,
+    pub allow_without_policy: bool,
+}
+
+pub struct AuthorizationService {
+    catalog: Arc<Catalog>,
+    store: BudgetStore,
+    settings: Settings,
+}
+
+impl AuthorizationService {
+    pub fn new(catalog: Arc<Catalog>, store: BudgetStore, settings: Settings) -> Self {
+        Self {
+            catalog,
+            store,
+            settings,
+        }
+    }
+}
+
+fn store_error(e: StoreError) -> Status {
+    ::metrics::counter!(metrics::REDIS_ERRORS).increment(1);
+    tracing::warn!(error = %e, "budget store call failed");
+    Status::unavailable(e.to_string())
+}
+
+fn validate_request_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("request_id is required"));
+    }
+    if id.len() > MAX_REQUEST_ID_LEN
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(Status::invalid_argument(format!(
+            "request_id must be 1-{MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:-]"
+        )));
+    }
+    Ok(())
+}
+
+fn deny(reason: pb::DenyReason, message: impl Into<String>) -> pb::AuthorizeResponse {
+    pb::AuthorizeResponse {
+        decision: pb::Decision::Deny as i32,
+        reason: reason as i32,
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+/// Validates a caller-given amount (estimate or actual cost).
+fn given_cost(field: &str, m: &pb::Money) -> Result<(i64, Currency), Status> {
+    let currency = Currency::parse(&m.currency)
+        .map_err(|e| Status::invalid_argument(format!("{field}.currency: {e}")))?;
+    if m.micros < 0 || m.micros > MAX_AMOUNT_MICROS {
+        return Err(Status::invalid_argument(format!(
+            "{field}.micros must be between 0 and {MAX_AMOUNT_MICROS}, got {}",
+            m.micros
+        )));
+    }
+    Ok((m.micros, currency))
+}
+
+/// Provider usage to the price book's terms: input tokens exclude cached ones.
+fn usage_of(u: &pb::TokenUsage) -> Result<Usage, Status> {
+    if u.cached_input_tokens > u.input_tokens {
+        return Err(Status::invalid_argument(
+            "usage.cached_input_tokens cannot exceed usage.input_tokens",
+        ));
+    }
+    Ok(Usage {
+        input_tokens: u.input_tokens - u.cached_input_tokens,
+        output_tokens: u.output_tokens,
+        cached_input_tokens: u.cached_input_tokens,
+    })
+}
+
+/// The counter of a policy at `now`.
+fn slot(store: &BudgetStore, partition: u16, p: &PolicyInfo, now: DateTime<Utc>) -> PolicySlot {
+    let keys = store.keys();
+    let id = p.id.to_string();
+    let mode_and_key = match (
+        p.window_type,
+        rolling_bucket_width(p.window),
+        rolling_buckets(p.window, now),
+    ) {
+        (WindowType::Rolling, Some(width), Some(range)) => (
+            SlotMode::Rolling {
+                bucket: *range.end(),
+                oldest: *range.start(),
+                width_s: width.num_seconds(),
+            },
+            keys.rolling_counter(partition, &id),
+        ),
+        // Calendar windows, and `total` of either type (all time, one counter).
+        _ => {
+            let bounds = calendar_bounds(p.window, now);
+            let expire_at_s = bounds
+                .end
+                .map(|end| end.timestamp() + COUNTER_GRACE_S)
+                .unwrap_or(0);
+            let wkey = window_key(p.window, WindowType::Calendar, now);
+            (
+                SlotMode::Calendar { expire_at_s },
+                keys.calendar_counter(partition, &id, &wkey),
+            )
+        }
+    };
+    PolicySlot {
+        policy_id: id,
+        owner_agent_id: p.agent_id.to_string(),
+        limit_micros: p.limit_micros,
+        key: mode_and_key.1,
+        mode: mode_and_key.0,
+        on_expiry: p.on_expiry,
+    }
+}
+
+fn remaining_list(policies: &[PolicyInfo], used: &[i64], extra: i64) -> Vec<pb::PolicyRemaining> {
+    policies
+        .iter()
+        .zip(used)
+        .map(|(p, u)| pb::PolicyRemaining {
+            policy_id: p.id.to_string(),
+            agent_id: p.agent_id.to_string(),
+            remaining: Some(money(p.limit_micros - u - extra, p.currency.as_str())),
+            limit: Some(money(p.limit_micros, p.currency.as_str())),
+        })
+        .collect()
+}
+
+fn min_remaining(list: &[pb::PolicyRemaining]) -> Option<pb::Money> {
+    list.iter()
+        .filter_map(|r| r.remaining.clone())
+        .min_by_key(|m| m.micros)
+}
+
+impl AuthorizationService {
+    async fn resolve_agent(
+        &self,
+        cred: Option<&pb::AgentCredential>,
+    ) -> Result<Option<Uuid>, Status> {
+        let kind = cred.and_then(|c| c.kind.as_ref()).ok_or_else(|| {
+            Status::invalid_argument("credential is required (api_key or verified identity)")
+        })?;
+        let found = match kind {
+            CredentialKind::ApiKey(key) => self.catalog.agent_for_key(key.trim()).await,
+            CredentialKind::Verified(v) => {
+                let kind = v.kind.trim().to_lowercase();
+                if kind != "spiffe" && kind != "jwt" {
+                    return Err(Status::invalid_argument(format!(
+                        "verified.kind must be \"spiffe\" or \"jwt\", not {:?}",
+                        v.kind
+                    )));
+                }
+                self.catalog.agent_for_identity(&kind, v.value.trim()).await
+            }
+        };
+        found.map_err(Status::from)
+    }
+
+    async fn authorize_inner(
+        &self,
+        req: pb::AuthorizeRequest,
+    ) -> Result<pb::AuthorizeResponse, Status> {
+        validate_request_id(&req.request_id)?;
+        let Some(agent_id) = self.resolve_agent(req.credential.as_ref()).await? else {
+            return Ok(deny(
+                pb::DenyReason::UnknownAgent,
+                "unknown or revoked agent credential",
+            ));
+        };
+        let Some(agent) = self.catalog.agent(agent_id).await.map_err(Status::from)? else {
+            return Ok(deny(pb::DenyReason::UnknownAgent, "unknown agent"));
+        };
+        let with_agent = |mut r: pb::AuthorizeResponse| {
+            r.agent_id = agent_id.to_string();
+            r
+        };
+        if let Some(why) = &agent.blocked {
+            return Ok(with_agent(deny(pb::DenyReason::UnknownAgent, why.clone())));
+        }
+        if !is_allowed(&agent.allowed_resources, &req.resource) {
+            return Ok(with_agent(deny(
+                pb::DenyReason::NotAllowed,
+                format!(
+                    "resource {:?} is not on the agent's allowlist",
+                    req.resource
+                ),
+            )));
+        }
+        if !is_allowed(&agent.allowed_models, &req.model) {
+            return Ok(with_agent(deny(
+                pb::DenyReason::NotAllowed,
+                format!("model {:?} is not on the agent's allowlist", req.model),
+            )));
+        }
+
+        // The estimate: given, or priced from the token estimate.
+        let (amount, currency) = match &req.estimated_cost {
+            Some(m) => given_cost("estimated_cost", m)?,
+            None => {
+                let usage = usage_of(&req.estimated_usage.unwrap_or_default())?;
+                let Some(price) = self
+                    .catalog
+                    .price(&req.provider, &req.model)
+                    .await
+                    .map_err(Status::from)?
+                else {
+                    return Ok(with_agent(deny(
+                        pb::DenyReason::NoPrice,
+                        format!(
+                            "no price for {}/{} in the price book",
+                            req.provider, req.model
+                        ),
+                    )));
+                };
+                let cost = cost_micros(&price.price, &usage)
+                    .map_err(|e| Status::invalid_argument(format!("estimated_usage: {e}")))?;
+                (cost, price.price.currency)
+            }
+        };
+        let estimate = money(amount, currency.as_str());
+
+        if agent.policies.is_empty() && !self.settings.allow_without_policy {
+            let mut r = deny(
+                pb::DenyReason::NoPolicy,
+                "the agent and its ancestors have no active budget policy",
+            );
+            r.estimate = Some(estimate);
+            return Ok(with_agent(r));
+        }
+        if let Some(p) = agent.policies.iter().find(|p| p.currency != currency) {
+            let mut r = deny(
+                pb::DenyReason::CurrencyMismatch,
+                format!(
+                    "estimate is in {currency} but policy {} counts {}",
+                    p.id, p.currency
+                ),
+            );
+            r.policy_id = p.id.to_string();
+            r.estimate = Some(estimate);
+            return Ok(with_agent(r));
+        }
+
+        self.reserve(&req, &agent, amount, currency, estimate).await
+    }
+
+    async fn reserve(
+        &self,
+        req: &pb::AuthorizeRequest,
+        agent: &AgentView,
+        amount: i64,
+        currency: Currency,
+        estimate: pb::Money,
+    ) -> Result<pb::AuthorizeResponse, Status> {
+        let now = Utc::now();
+        let root = agent.root_id.to_string();
+        let keys = self.store.keys();
+        let partition = keys.partition_of(&root);
+        let slots: Vec<PolicySlot> = agent
+            .policies
+            .iter()
+            .map(|p| slot(&self.store, partition, p, now))
+            .collect();
+        let rid = reservation_id(partition, Uuid::now_v7());
+        let now_ms = now.timestamp_millis();
+        let ttl_ms =
+            i64::try_from(self.settings.reservation_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let agent_id = agent.agent_id.to_string();
+        let allow_event = format!("{rid}/authorize");
+        let deny_event = format!("deny/{}", Uuid::now_v7());
+        let outcome = self
+            .store
+            .reserve(&ReserveRequest {
+                partition,
+                request_id: &req.request_id,
+                reservation_id: &rid,
+                amount_micros: amount,
+                now_ms,
+                expires_at_ms: now_ms.saturating_add(ttl_ms),
+                // A retry is recognised for as long as the reservation can live.
+                request_ttl_s: self.settings.reservation_ttl_s.saturating_mul(2).max(60),
+                agent_id: &agent_id,
+                root_agent_id: &root,
+                currency: currency.as_str(),
+                provider: &req.provider,
+                model: &req.model,
+                resource: &req.resource,
+                allow_event_id: &allow_event,
+                deny_event_id: &deny_event,
+                policies: &slots,
+            })
+            .await
+            .map_err(store_error)?;
+        let mut response = pb::AuthorizeResponse {
+            agent_id,
+            estimate: Some(estimate),
+            ..Default::default()
+        };
+        match outcome {
+            ReserveOutcome::Allowed { used } => {
+                ::metrics::counter!(metrics::RESERVATIONS, "event" => "created").increment(1);
+                response.decision = pb::Decision::Allow as i32;
+                response.reservation_id = rid;
+                response.remaining = remaining_list(&agent.policies, &used, amount);
+            }
+            ReserveOutcome::Duplicate {
+                reservation_id,
+                used,
+            } => {
+                response.decision = pb::Decision::Allow as i32;
+                response.reservation_id = reservation_id;
+                response.message =
+                    "retry of an authorized request: original reservation".to_owned();
+                if used.len() == agent.policies.len() {
+                    response.remaining = remaining_list(&agent.policies, &used, amount);
+                }
+            }
+            ReserveOutcome::Denied { index, used } => {
+                let refused = agent.policies.get(index);
+                response.decision = pb::Decision::Deny as i32;
+                response.reason = pb::DenyReason::BudgetExceeded as i32;
+                response.policy_id = refused.map(|p| p.id.to_string()).unwrap_or_default();
+                response.remaining = remaining_list(&agent.policies, &used, 0);
+                response.message = match refused {
+                    Some(p) => format!(
+                        "budget exceeded: policy {} ({} {} {}) has {} {} left, estimate is {} {}",
+                        p.id,
+                        p.window_type,
+                        p.window,
+                        format_amount(p.limit_micros),
+                        format_amount(p.limit_micros - used.get(index).copied().unwrap_or(0)),
+                        p.currency,
+                        format_amount(amount),
+                        currency
+                    ),
+                    None => "budget exceeded".to_owned(),
+                };
+            }
+        }
+        response.min_remaining = min_remaining(&response.remaining);
+        Ok(response)
+    }
+
+    fn partition(&self, reservation_id: &str) -> Result<u16, Status> {
+        partition_of_reservation(reservation_id, self.store.keys().partitions()).ok_or_else(|| {
+            Status::invalid_argument(format!("{reservation_id:?} is not a reservation id"))
+        })
+    }
+
+    async fn settle_inner(&self, req: pb::SettleRequest) -> Result<pb::SettleResponse, Status> {
+        let partition = self.partition(&req.reservation_id)?;
+        let usage = req.usage.unwrap_or_default();
+        let (cost, price_version) = match &req.actual_cost {
+            Some(m) => (given_cost("actual_cost", m)?.0, 0),
+            None => {
+                if req.provider.is_empty() || req.model.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "provider and model are required to price usage (or give actual_cost)",
+                    ));
+                }
+                let Some(price) = self
+                    .catalog
+                    .price(&req.provider, &req.model)
+                    .await
+                    .map_err(Status::from)?
+                else {
+                    return Err(Status::failed_precondition(format!(
+                        "no price for {}/{} in the price book",
+                        req.provider, req.model
+                    )));
+                };
+                let cost = cost_micros(&price.price, &usage_of(&usage)?)
+                    .map_err(|e| Status::invalid_argument(format!("usage: {e}")))?;
+                (cost, price.version)
+            }
+        };
+        let event_id = format!("{}/settle", req.reservation_id);
+        let outcome = self
+            .store
+            .finish(&Finish {
+                kind: FinishKind::Settle,
+                partition,
+                reservation_id: &req.reservation_id,
+                now_ms: Utc::now().timestamp_millis(),
+                event_id: &event_id,
+                cost_micros: cost,
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+                cached_input_tokens: usage.cached_input_tokens,
+                price_version,
+                reason: "",
+                done_ttl_s: self.settings.finished_marker_ttl_s,
+            })
+            .await
+            .map_err(store_error)?;
+        match outcome {
+            FinishOutcome::Finished {
+                reserved,
+                charged,
+                currency,
+                policies,
+                ..
+            } => {
+                ::metrics::counter!(metrics::RESERVATIONS, "event" => "settled").increment(1);
+                let overshoot = (charged - reserved).max(0);
+                if overshoot > 0 {
+                    ::metrics::counter!(metrics::OVERSHOOT_MICROS)
+                        .increment(overshoot.unsigned_abs());
+                    tracing::info!(reservation = %req.reservation_id, overshoot, "settled above the estimate");
+                }
+                Ok(pb::SettleResponse {
+                    charged: Some(money(charged, &currency)),
+                    reserved: Some(money(reserved, &currency)),
+                    overshoot: Some(money(overshoot, &currency)),
+                    remaining: policies
+                        .into_iter()
+                        .map(|p| pb::PolicyRemaining {
+                            policy_id: p.policy_id,
+                            agent_id: String::new(),
+                            remaining: Some(money(p.limit_micros - p.used_micros, &currency)),
+                            limit: Some(money(p.limit_micros, &currency)),
+                        })
+                        .collect(),
+                    already_settled: false,
+                })
+            }
+            FinishOutcome::AlreadyFinished {
+                kind: FinishKind::Settle,
+                reserved,
+                charged,
+                currency,
+            } => Ok(pb::SettleResponse {
+                charged: Some(money(charged, &currency)),
+                reserved: Some(money(reserved, &currency)),
+                overshoot: Some(money((charged - reserved).max(0), &currency)),
+                remaining: Vec::new(),
+                already_settled: true,
+            }),
+            FinishOutcome::AlreadyFinished { kind, .. } => {
+                Err(Status::failed_precondition(format!(
+                    "reservation {} was already {}",
+                    req.reservation_id,
+                    if kind == FinishKind::Expire {
+                        "expired"
+                    } else {
+                        "released"
+                    }
+                )))
+            }
+            FinishOutcome::Unknown => Err(Status::not_found(format!(
+                "reservation {} not found",
+                req.reservation_id
+            ))),
+        }
+    }
+
+    async fn release_inner(&self, req: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, Status> {
+        let partition = self.partition(&req.reservation_id)?;
+        let event_id = format!("{}/release", req.reservation_id);
+        let reason = if req.reason.trim().is_empty() {
+            "released"
+        } else {
+            req.reason.trim()
+        };
+        let outcome = self
+            .store
+            .finish(&Finish {
+                kind: FinishKind::Release,
+                partition,
+                reservation_id: &req.reservation_id,
+                now_ms: Utc::now().timestamp_millis(),
+                event_id: &event_id,
+                cost_micros: 0,
+                input_tokens: 0,
+                output_tokens: 0,
+                cached_input_tokens: 0,
+                price_version: 0,
+                reason,
+                done_ttl_s: self.settings.finished_marker_ttl_s,
+            })
+            .await
+            .map_err(store_error)?;
+        match outcome {
+            FinishOutcome::Finished {
+                reserved, currency, ..
+            } => {
+                ::metrics::counter!(metrics::RESERVATIONS, "event" => "released").increment(1);
+                Ok(pb::ReleaseResponse {
+                    released: Some(money(reserved, &currency)),
+                    already_released: false,
+                })
+            }
+            FinishOutcome::AlreadyFinished {
+                kind: FinishKind::Release,
+                reserved,
+                currency,
+                ..
+            } => Ok(pb::ReleaseResponse {
+                released: Some(money(reserved, &currency)),
+                already_released: true,
+            }),
+            FinishOutcome::AlreadyFinished { kind, .. } => {
+                Err(Status::failed_precondition(format!(
+                    "reservation {} was already {}",
+                    req.reservation_id,
+                    if kind == FinishKind::Expire {
+                        "expired"
+                    } else {
+                        "settled"
+                    }
+                )))
+            }
+            FinishOutcome::Unknown => Err(Status::not_found(format!(
+                "reservation {} not found",
+                req.reservation_id
+            ))),
+        }
+    }
+}
+
+/// Records the outcome of a hot-path call: `caracal_requests_total{status}` (the
+/// guide's error-rate alert reads status="error"), decisions by reason, latency.
+fn observe<T>(
+    method: &'static str,
+    started: Instant,
+    result: &Result<T, Status>,
+    decision: Option<(&'static str, &'static str)>,
+) {
+    let status = match (result, decision) {
+        (Err(_), _) => "error",
+        (Ok(_), Some((d, _))) => d,
+        (Ok(_), None) => "ok",
+    };
+    ::metrics::counter!(metrics::REQUESTS, "method" => method, "status" => status).increment(1);
+    if let Some((d, reason)) = decision {
+        ::metrics::counter!(metrics::DECISIONS, "decision" => d, "reason" => reason).increment(1);
+    }
+    ::metrics::histogram!(metrics::HOT_PATH_LATENCY, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+}
+
+fn reason_label(r: i32) -> &'static str {
+    match pb::DenyReason::try_from(r).unwrap_or(pb::DenyReason::Unspecified) {
+        pb::DenyReason::Unspecified => "",
+        pb::DenyReason::BudgetExceeded => "budget_exceeded",
+        pb::DenyReason::UnknownAgent => "unknown_agent",
+        pb::DenyReason::NotAllowed => "not_allowed",
+        pb::DenyReason::NoPolicy => "no_policy",
+        pb::DenyReason::CurrencyMismatch => "currency_mismatch",
+        pb::DenyReason::NoPrice => "no_price",
+    }
+}
+
+#[tonic::async_trait]
+impl BudgetAuthorization for AuthorizationService {
+    async fn authorize(
+        &self,
+        request: Request<pb::AuthorizeRequest>,
+    ) -> Result<Response<pb::AuthorizeResponse>, Status> {
+        let started = Instant::now();
+        let result = self.authorize_inner(request.into_inner()).await;
+        let decision = result.as_ref().ok().map(|r| {
+            let d = if r.decision == pb::Decision::Allow as i32 {
+                "allow"
+            } else {
+                "deny"
+            };
+            (d, reason_label(r.reason))
+        });
+        observe("Authorize", started, &result, decision);
+        result.map(Response::new)
+    }
+
+    async fn settle(
+        &self,
+        request: Request<pb::SettleRequest>,
+    ) -> Result<Response<pb::SettleResponse>, Status> {
+        let started = Instant::now();
+        let result = self.settle_inner(request.into_inner()).await;
+        observe("Settle", started, &result, None);
+        result.map(Response::new)
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let started = Instant::now();
+        let result = self.release_inner(request.into_inner()).await;
+        observe("Release", started, &result, None);
+        result.map(Response::new)
+    }
+}

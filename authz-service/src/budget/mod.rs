@@ -1,0 +1,9 @@
+//! Budget state in Redis: counters per policy window, reservations, the expiry index
+//! and the event outbox, changed only by the Lua scripts under `lua/`, each of which
+//! is one atomic step and one round trip.
+
+pub mod keys;
+pub mod store;
+
+pub use keys::KeySpace;
+pub use store::{BudgetStore, PolicySlot};

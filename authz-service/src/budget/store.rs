@@ -1,0 +1,445 @@
+//! The budget store: typed calls to the Lua scripts.
+//!
+//! Each call is one EVALSHA (redis-rs loads the script on first use or after a Redis
+//! restart), so an authorization costs exactly one Redis round trip.
+
+use std::time::Duration;
+
+use caracal_domain::policy::OnExpiry;
+use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, Script, Value};
+
+use super::keys::KeySpace;
+
+/// Redis is down, slow or answered something the scripts never return.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("budget store unavailable: {0}")]
+    Unavailable(String),
+    #[error("budget store answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// How a policy's spend is counted at the moment of a request.
+#[derive(Debug, Clone)]
+pub enum SlotMode {
+    /// One counter for the calendar window containing "now"; the key expires a day
+    /// after the window ends (0 = never, for `total`).
+    Calendar { expire_at_s: i64 },
+    /// Sub-bucket counters; spend in buckets `oldest..=bucket` counts.
+    Rolling {
+        bucket: i64,
+        oldest: i64,
+        width_s: i64,
+    },
+}
+
+/// One policy to check and reserve against, with its counter key.
+#[derive(Debug, Clone)]
+pub struct PolicySlot {
+    pub policy_id: String,
+    pub owner_agent_id: String,
+    pub limit_micros: i64,
+    pub key: String,
+    pub mode: SlotMode,
+    pub on_expiry: OnExpiry,
+}
+
+/// Everything a reservation needs; ids are made by the caller so retries are stable.
+#[derive(Debug)]
+pub struct ReserveRequest<'a> {
+    pub partition: u16,
+    pub request_id: &'a str,
+    pub reservation_id: &'a str,
+    pub amount_micros: i64,
+    pub now_ms: i64,
+    pub expires_at_ms: i64,
+    pub request_ttl_s: u64,
+    pub agent_id: &'a str,
+    pub root_agent_id: &'a str,
+    pub currency: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub resource: &'a str,
+    pub allow_event_id: &'a str,
+    pub deny_event_id: &'a str,
+    pub policies: &'a [PolicySlot],
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    /// Reserved on every policy; `used[i]` = spent + reserved of policy i before.
+    Allowed { used: Vec<i64> },
+    /// This request id was already authorized: the original reservation.
+    Duplicate {
+        reservation_id: String,
+        used: Vec<i64>,
+    },
+    /// Policy `index` (0-based) had no room; nothing was reserved.
+    Denied { index: usize, used: Vec<i64> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishKind {
+    Settle,
+    Release,
+    Expire,
+}
+
+impl FinishKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            FinishKind::Settle => "settle",
+            FinishKind::Release => "release",
+            FinishKind::Expire => "expire",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "settle" => Some(FinishKind::Settle),
+            "release" => Some(FinishKind::Release),
+            "expire" => Some(FinishKind::Expire),
+            _ => None,
+        }
+    }
+}
+
+/// How a reservation ends.
+#[derive(Debug, Clone)]
+pub struct Finish<'a> {
+    pub kind: FinishKind,
+    pub partition: u16,
+    pub reservation_id: &'a str,
+    pub now_ms: i64,
+    pub event_id: &'a str,
+    /// Settle only: the actual cost.
+    pub cost_micros: i64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub price_version: i32,
+    /// Release only.
+    pub reason: &'a str,
+    pub done_ttl_s: u64,
+}
+
+/// A policy's state after a reservation finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyUse {
+    pub policy_id: String,
+    pub limit_micros: i64,
+    pub used_micros: i64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum FinishOutcome {
+    Finished {
+        kind: FinishKind,
+        reserved: i64,
+        charged: i64,
+        currency: String,
+        policies: Vec<PolicyUse>,
+    },
+    /// Finished before (a retry, or expiry got there first): what happened then.
+    AlreadyFinished {
+        kind: FinishKind,
+        reserved: i64,
+        charged: i64,
+        currency: String,
+    },
+    /// No such reservation (never made, or its marker has aged out).
+    Unknown,
+}
+
+/// Handle to the budget state. Cheap to clone (one multiplexed connection that
+/// reconnects by itself).
+#[derive(Clone)]
+pub struct BudgetStore {
+    conn: ConnectionManager,
+    keys: KeySpace,
+    authorize: Script,
+    finish: Script,
+}
+
+impl BudgetStore {
+    /// Connects lazily: the service starts even while Redis is down and answers
+    /// UNAVAILABLE until it is back.
+    pub fn new(url: &str, keys: KeySpace, timeout: Duration) -> Result<Self, StoreError> {
+        let client =
+            redis::Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self {
+            conn,
+            keys,
+            authorize: Script::new(include_str!("lua/authorize.lua")),
+            finish: Script::new(include_str!("lua/finish.lua")),
+        })
+    }
+
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Checks and reserves on every policy, atomically.
+    pub async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
+        let p = req.partition;
+        let mut inv = self.authorize.prepare_invoke();
+        inv.key(self.keys.request(p, req.request_id))
+            .key(self.keys.reservation(p, req.reservation_id))
+            .key(self.keys.expiry(p))
+            .key(self.keys.outbox(p));
+        for slot in req.policies {
+            inv.key(&slot.key);
+        }
+        inv.arg(req.now_ms)
+            .arg(req.reservation_id)
+            .arg(req.amount_micros)
+            .arg(req.expires_at_ms)
+            .arg(req.request_ttl_s)
+            .arg(req.request_id)
+            .arg(req.agent_id)
+            .arg(req.root_agent_id)
+            .arg(req.currency)
+            .arg(req.provider)
+            .arg(req.model)
+            .arg(req.resource)
+            .arg(req.allow_event_id)
+            .arg(req.deny_event_id)
+            .arg(req.policies.len());
+        for slot in req.policies {
+            let (mode, bucket, oldest, expire_at, width) = match slot.mode {
+                SlotMode::Calendar { expire_at_s } => ("c", 0, 0, expire_at_s, 0),
+                SlotMode::Rolling {
+                    bucket,
+                    oldest,
+                    width_s,
+                } => ("r", bucket, oldest, 0, width_s),
+            };
+            inv.arg(&slot.policy_id)
+                .arg(&slot.owner_agent_id)
+                .arg(slot.limit_micros)
+                .arg(mode)
+                .arg(bucket)
+                .arg(oldest)
+                .arg(expire_at)
+                .arg(width)
+                .arg(slot.on_expiry.as_str());
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = inv.invoke_async(&mut conn).await?;
+        parse_reserve(&reply, req.policies.len())
+    }
+
+    /// Settles, releases or expires a reservation, exactly once.
+    pub async fn finish(&self, f: &Finish<'_>) -> Result<FinishOutcome, StoreError> {
+        let p = f.partition;
+        let mut inv = self.finish.prepare_invoke();
+        inv.key(self.keys.reservation(p, f.reservation_id))
+            .key(self.keys.expiry(p))
+            .key(self.keys.outbox(p))
+            .key(self.keys.finished(p, f.reservation_id))
+            .arg(f.kind.as_str())
+            .arg(f.now_ms)
+            .arg(f.reservation_id)
+            .arg(f.done_ttl_s)
+            .arg(f.cost_micros)
+            .arg(f.event_id)
+            .arg(f.input_tokens)
+            .arg(f.output_tokens)
+            .arg(f.cached_input_tokens)
+            .arg(f.price_version)
+            .arg(f.reason);
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = inv.invoke_async(&mut conn).await?;
+        parse_finish(&reply)
+    }
+
+    /// Reservations of a partition whose expiry time has passed (at most `limit`).
+    pub async fn due_reservations(
+        &self,
+        partition: u16,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.expiry(partition))
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await?;
+        Ok(ids)
+    }
+
+    /// Answers PING (for readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+fn protocol(what: &str) -> StoreError {
+    StoreError::Protocol(what.to_owned())
+}
+
+fn parse_reserve(reply: &[Value], npol: usize) -> Result<ReserveOutcome, StoreError> {
+    let tag = reply
+        .first()
+        .and_then(text)
+        .ok_or_else(|| protocol("empty reply"))?;
+    let ints = |from: usize| -> Result<Vec<i64>, StoreError> {
+        reply
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .map(|v| int(v).ok_or_else(|| protocol("non-integer used amount")))
+            .collect()
+    };
+    match tag.as_str() {
+        "allow" => {
+            let used = ints(1)?;
+            if used.len() != npol {
+                return Err(protocol("allow: wrong number of policies"));
+            }
+            Ok(ReserveOutcome::Allowed { used })
+        }
+        "deny" => {
+            let index = reply
+                .get(1)
+                .and_then(int)
+                .ok_or_else(|| protocol("deny index"))?;
+            let used = ints(2)?;
+            let index = usize::try_from(index - 1).map_err(|_| protocol("deny index"))?;
+            if index >= npol || used.len() != npol {
+                return Err(protocol("deny: bad index or policy count"));
+            }
+            Ok(ReserveOutcome::Denied { index, used })
+        }
+        "dup" => {
+            let answer = reply
+                .get(1)
+                .and_then(text)
+                .ok_or_else(|| protocol("dup answer"))?;
+            #[derive(serde::Deserialize)]
+            struct Stored {
+                rid: String,
+                #[serde(default)]
+                used: serde_json::Value,
+            }
+            let stored: Stored =
+                serde_json::from_str(&answer).map_err(|e| protocol(&format!("dup answer: {e}")))?;
+            // cjson encodes an empty array as {}: treat anything but a list as empty.
+            let used = stored
+                .used
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
+                .unwrap_or_default();
+            Ok(ReserveOutcome::Duplicate {
+                reservation_id: stored.rid,
+                used,
+            })
+        }
+        other => Err(protocol(&format!("unknown reply {other:?}"))),
+    }
+}
+
+fn parse_finish(reply: &[Value]) -> Result<FinishOutcome, StoreError> {
+    let tag = reply
+        .first()
+        .and_then(text)
+        .ok_or_else(|| protocol("empty reply"))?;
+    match tag.as_str() {
+        "unknown" => Ok(FinishOutcome::Unknown),
+        "done" => {
+            let answer = reply
+                .get(1)
+                .and_then(text)
+                .ok_or_else(|| protocol("done answer"))?;
+            #[derive(serde::Deserialize)]
+            struct Stored {
+                mode: String,
+                amount: String,
+                charged: String,
+                currency: String,
+            }
+            let s: Stored = serde_json::from_str(&answer)
+                .map_err(|e| protocol(&format!("done answer: {e}")))?;
+            Ok(FinishOutcome::AlreadyFinished {
+                kind: FinishKind::parse(&s.mode).ok_or_else(|| protocol("done mode"))?,
+                reserved: s.amount.parse().map_err(|_| protocol("done amount"))?,
+                charged: s.charged.parse().map_err(|_| protocol("done charged"))?,
+                currency: s.currency,
+            })
+        }
+        mode => {
+            let kind = FinishKind::parse(mode).ok_or_else(|| protocol("finish mode"))?;
+            let reserved = reply
+                .get(1)
+                .and_then(int)
+                .ok_or_else(|| protocol("reserved"))?;
+            let charged = reply
+                .get(2)
+                .and_then(int)
+                .ok_or_else(|| protocol("charged"))?;
+            let currency = reply
+                .get(3)
+                .and_then(text)
+                .ok_or_else(|| protocol("currency"))?;
+            let rest = reply.get(4..).unwrap_or_default();
+            if rest.len() % 3 != 0 {
+                return Err(protocol("policy triples"));
+            }
+            let policies = rest
+                .chunks(3)
+                .map(|c| {
+                    Ok(PolicyUse {
+                        policy_id: text(&c[0]).ok_or_else(|| protocol("policy id"))?,
+                        limit_micros: int(&c[1]).ok_or_else(|| protocol("limit"))?,
+                        used_micros: int(&c[2]).ok_or_else(|| protocol("used"))?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(FinishOutcome::Finished {
+                kind,
+                reserved,
+                charged,
+                currency,
+                policies,
+            })
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! What the hot path needs to know about agents, cached in process.
+//!
+//! Authorize must cost one Redis round trip, so agents, keys, identities, policies,
+//! allowlists and prices come from bounded TTL caches (`policyCacheTTL`,
+//! `policyCacheMaxSize`) filled from PostgreSQL on a miss. Every admin change bumps
+//! `config_epoch` in its transaction; a watcher polls it and empties the caches when
+//! it moves, so a change made through any replica reaches every replica within one
+//! poll interval (and at worst within the TTL if the database is unreachable).
+
+use std::{
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use caracal_domain::{
+    allowlist::{AllowTarget, Pattern, PatternKind},
+    hierarchy::MAX_HIERARCHY_DEPTH,
+    money::Currency,
+    policy::OnExpiry,
+    pricing::Price,
+    window::{TimeWindow, WindowType},
+};
+use diesel::{prelude::*, sql_types};
+use diesel_async::RunQueryDsl;
+use moka::future::Cache;
+use uuid::Uuid;
+
+use crate::{
+    db::{self, schema, Pool},
+    error::{ServiceError, ServiceResult},
+    keys,
+};
+
+/// A policy as the hot path evaluates it.
+#[derive(Debug, Clone)]
+pub struct PolicyInfo {
+    pub id: Uuid,
+    pub agent_id: Uuid,
+    pub limit_micros: i64,
+    pub currency: Currency,
+    pub window: TimeWindow,
+    pub window_type: WindowType,
+    pub on_expiry: OnExpiry,
+}
+
+/// An agent with everything Authorize checks.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    pub agent_id: Uuid,
+    /// Top of the hierarchy: the Kafka key and the Redis partition.
+    pub root_id: Uuid,
+    /// Why the agent may not spend (itself or an ancestor inactive), if so.
+    pub blocked: Option<String>,
+    /// Active policies of the agent first, then of each ancestor, nearest first.
+    pub policies: Vec<PolicyInfo>,
+    pub allowed_resources: Vec<Pattern>,
+    pub allowed_models: Vec<Pattern>,
+}
+
+/// A price with the version it came from.
+#[derive(Debug, Clone)]
+pub struct PriceEntry {
+    pub price: Price,
+    pub version: i32,
+}
+
+pub struct Catalog {
+    pool: Pool,
+    pepper: String,
+    by_key: Cache<[u8; 32], Option<Uuid>>,
+    by_identity: Cache<(String, String), Option<Uuid>>,
+    agents: Cache<Uuid, Option<Arc<AgentView>>>,
+    prices: Cache<(String, String), Option<Arc<PriceEntry>>>,
+    epoch: AtomicI64,
+}
+
+impl Catalog {
+    pub fn new(pool: Pool, pepper: String, ttl: Duration, max_size: u64) -> Arc<Self> {
+        fn cache<K, V>(ttl: Duration, max: u64) -> Cache<K, V>
+        where
+            K: std::hash::Hash + Eq + Send + Sync + 'static,
+            V: Clone + Send + Sync + 'static,
+        {
+            Cache::builder().time_to_live(ttl).max_capacity(max).build()
+        }
+        Arc::new(Self {
+            pool,
+            pepper,
+            by_key: cache(ttl, max_size),
+            by_identity: cache(ttl, max_size),
+            agents: cache(ttl, max_size),
+            prices: cache(ttl, max_size),
+            epoch: AtomicI64::new(-1),
+        })
+    }
+
+    /// Empties every cache (after an admin change).
+    pub fn invalidate_all(&self) {
+        self.by_key.invalidate_all();
+        self.by_identity.invalidate_all();
+        self.agents.invalidate_all();
+        self.prices.invalidate_all();
+    }
+
+    /// Polls `config_epoch` until `shutdown` flips; runs as a background task.
+    pub async fn watch_epoch(
+        self: Arc<Self>,
+        every: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            match self.read_epoch().await {
+                Ok(epoch) => {
+                    let previous = self.epoch.swap(epoch, Ordering::SeqCst);
+                    if previous != epoch && previous != -1 {
+                        tracing::debug!(previous, epoch, "configuration changed; caches cleared");
+                        self.invalidate_all();
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read config epoch"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn read_epoch(&self) -> ServiceResult<i64> {
+        let mut conn = db::conn(&self.pool).await?;
+        Ok(schema::config_epoch::table
+            .select(schema::config_epoch::epoch)
+            .first(&mut conn)
+            .await?)
+    }
+
+    /// The active agent holding this API key, if any.
+    pub async fn agent_for_key(&self, secret: &str) -> ServiceResult<Option<Uuid>> {
+        if !keys::looks_like_key(secret) {
+            return Ok(None);
+        }
+        let hash = keys::hash(&self.pepper, secret);
+        let pool = self.pool.clone();
+        self.by_key
+            .try_get_with(hash, async move {
+                use schema::agent_api_keys::dsl as k;
+                let mut conn = db::conn(&pool).await?;
+                let id: Option<Uuid> = k::agent_api_keys
+                    .select(k::agent_id)
+                    .filter(k::key_hash.eq(hash.to_vec()))
+                    .filter(k::revoked_at.is_null())
+                    .first(&mut conn)
+                    .await
+                    .optional()?;
+                Ok::<_, ServiceError>(id)
+            })
+            .await
+            .map_err(unwrap_arc)
+    }
+
+    /// The agent bound to a verified identity, if any.
+    pub async fn agent_for_identity(&self, kind: &str, value: &str) -> ServiceResult<Option<Uuid>> {
+        let pool = self.pool.clone();
+        let (kind, value) = (kind.to_owned(), value.to_owned());
+        self.by_identity
+            .try_get_with((kind.clone(), value.clone()), async move {
+                use schema::agent_identities::dsl as i;
+                let mut conn = db::conn(&pool).await?;
+                let id: Option<Uuid> = i::agent_identities
+                    .select(i::agent_id)
+                    .filter(i::kind.eq(kind))
+                    .filter(i::value.eq(value))
+                    .first(&mut conn)
+                    .await
+                    .optional()?;
+                Ok::<_, ServiceError>(id)
+            })
+            .await
+            .map_err(unwrap_arc)
+    }
+
+    /// An agent with its hierarchy's policies and its allowlists.
+    pub async fn agent(&self, id: Uuid) -> ServiceResult<Option<Arc<AgentView>>> {
+        let pool = self.pool.clone();
+        self.agents
+            .try_get_with(id, async move { load_agent(&pool, id).await })
+            .await
+            .map_err(unwrap_arc)
+    }
+
+    /// The current price of a model, if the price book has one.
+    pub async fn price(
+        &self,
+        provider: &str,
+        model: &str,
+    ) -> ServiceResult<Option<Arc<PriceEntry>>> {
+        let pool = self.pool.clone();
+        let key = (provider.to_lowercase(), model.to_owned());
+        self.prices
+            .try_get_with(key.clone(), async move {
+                use schema::price_book::dsl as p;
+                let mut conn = db::conn(&pool).await?;
+                let row: Option<(i32, String, i64, i64, i64, i64)> = p::price_book
+                    .select((
+                        p::version,
+                        p::currency,
+                        p::input_per_mtok_micros,
+                        p::output_per_mtok_micros,
+                        p::cached_input_per_mtok_micros,
+                        p::per_request_micros,
+                    ))
+                    .filter(p::provider.eq(&key.0))
+                    .filter(p::model.eq(&key.1))
+                    .order(p::version.desc())
+                    .first(&mut conn)
+                    .await
+                    .optional()?;
+                let Some((version, currency, input, output, cached, per_request)) = row else {
+                    return Ok(None);
+                };
+                let currency = Currency::parse(&currency)
+                    .map_err(|e| ServiceError::Internal(format!("stored price currency: {e}")))?;
+                Ok::<_, ServiceError>(Some(Arc::new(PriceEntry {
+                    price: Price {
+                        input_per_mtok_micros: input,
+                        output_per_mtok_micros: output,
+                        cached_input_per_mtok_micros: cached,
+                        per_request_micros: per_request,
+                        currency,
+                    },
+                    version,
+                })))
+            })
+            .await
+            .map_err(unwrap_arc)
+    }
+}
+
+fn unwrap_arc(e: Arc<ServiceError>) -> ServiceError {
+    Arc::try_unwrap(e).unwrap_or_else(|shared| match &*shared {
+        ServiceError::Unavailable(m) => ServiceError::Unavailable(m.clone()),
+        other => ServiceError::Internal(other.to_string()),
+    })
+}
+
+#[derive(QueryableByName)]
+struct ChainRow {
+    #[diesel(sql_type = sql_types::Uuid)]
+    id: Uuid,
+    #[diesel(sql_type = sql_types::Text)]
+    status: String,
+    #[diesel(sql_type = sql_types::Integer)]
+    depth: i32,
+}
+
+async fn load_agent(pool: &Pool, id: Uuid) -> ServiceResult<Option<Arc<AgentView>>> {
+    let mut conn = db::conn(pool).await?;
+    // The agent and its ancestors, nearest first (depth bounded like the hierarchy).
+    let chain: Vec<ChainRow> = diesel::sql_query(
+        "WITH RECURSIVE chain(id, parent_id, status, depth) AS ( \
+             SELECT id, parent_id, status, 0 FROM agents WHERE id = $1 \
+             UNION ALL \
+             SELECT a.id, a.parent_id, a.status, c.depth + 1 \
+             FROM agents a JOIN chain c ON a.id = c.parent_id WHERE c.depth < $2 \
+         ) SELECT id, status, depth FROM chain ORDER BY depth",
+    )
+    .bind::<sql_types::Uuid, _>(id)
+    .bind::<sql_types::Integer, _>(MAX_HIERARCHY_DEPTH as i32)
+    .load(&mut conn)
+    .await?;
+    let Some(root) = chain.last() else {
+        return Ok(None);
+    };
+    let root_id = root.id;
+    let blocked = chain.iter().find(|c| c.status != "active").map(|c| {
+        if c.depth == 0 {
+            format!("agent {} is inactive", c.id)
+        } else {
+            format!("ancestor agent {} is inactive", c.id)
+        }
+    });
+    let ids: Vec<Uuid> = chain.iter().map(|c| c.id).collect();
+
+    use schema::policies::dsl as p;
+    let rows: Vec<(Uuid, Uuid, i64, String, String, String, String)> = p::policies
+        .select((
+            p::id,
+            p::agent_id,
+            p::limit_micros,
+            p::currency,
+            p::time_window,
+            p::window_type,
+            p::on_expiry,
+        ))
+        .filter(p::agent_id.eq_any(&ids))
+        .filter(p::active.eq(true))
+        .order(p::id.asc())
+        .load(&mut conn)
+        .await?;
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        ServiceError::Internal(format!("stored policy {what}: {e}"))
+    };
+    let mut policies = Vec::with_capacity(rows.len());
+    for (pid, agent_id, limit, currency, window, window_type, on_expiry) in rows {
+        policies.push(PolicyInfo {
+            id: pid,
+            agent_id,
+            limit_micros: limit,
+            currency: Currency::parse(&currency).map_err(|e| corrupt("currency", &e))?,
+            window: window.parse().map_err(|e| corrupt("window", &e))?,
+            window_type: window_type
+                .parse()
+                .map_err(|e| corrupt("window type", &e))?,
+            on_expiry: on_expiry.parse().map_err(|e| corrupt("on_expiry", &e))?,
+        });
+    }
+    // The agent's own policies first, then its ancestors' nearest first: the deny
+    // names the closest policy that refused.
+    let rank = |agent: &Uuid| ids.iter().position(|i| i == agent).unwrap_or(usize::MAX);
+    policies.sort_by_key(|p| rank(&p.agent_id));
+
+    use schema::allowlist_entries::dsl as a;
+    let entries: Vec<(String, String, String)> = a::allowlist_entries
+        .select((a::target, a::pattern_kind, a::pattern))
+        .filter(a::agent_id.eq(id))
+        .load(&mut conn)
+        .await?;
+    let (mut allowed_resources, mut allowed_models) = (Vec::new(), Vec::new());
+    for (target, kind, pattern) in entries {
+        let kind: PatternKind = kind.parse().map_err(|e| corrupt("allowlist kind", &e))?;
+        let compiled =
+            Pattern::compile(kind, &pattern).map_err(|e| corrupt("allowlist pattern", &e))?;
+        match target.parse::<AllowTarget>() {
+            Ok(AllowTarget::Resource) => allowed_resources.push(compiled),
+            Ok(AllowTarget::Model) => allowed_models.push(compiled),
+            Err(e) => return Err(corrupt("allowlist target", &e)),
+        }
+    }
+    Ok(Some(Arc::new(AgentView {
+        agent_id: id,
+        root_id,
+        blocked,
+        policies,
+        allowed_resources,
+        allowed_models,
+    })))
+}

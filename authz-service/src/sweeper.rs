@@ -1,0 +1,92 @@
+//! Expiry of reservations that were never settled or released.
+//!
+//! Every `provisionalChargeCleanupInterval` the sweeper finds, per partition, the
+//! reservations older than `provisionalChargeExpiration` and finishes each with the
+//! `expire` mode of the finish script: per policy, charge the reserved amount
+//! (default) or release it, as the policy said when the reservation was made.
+//! Several replicas may sweep at once: each reservation is finished atomically and
+//! exactly once (the script deletes it and leaves a marker), so a second sweeper
+//! finds nothing to do.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::watch;
+
+use crate::{
+    budget::{
+        store::{Finish, FinishKind, FinishOutcome, StoreError},
+        BudgetStore,
+    },
+    metrics,
+};
+
+/// Reservations finished per partition per batch, and batches per partition per
+/// sweep: explicit bounds so one sweep cannot run away.
+const BATCH: usize = 500;
+const MAX_BATCHES: usize = 20;
+
+/// Expires every due reservation once; returns how many were finished.
+pub async fn sweep_once(
+    store: &BudgetStore,
+    finished_marker_ttl_s: u64,
+) -> Result<usize, StoreError> {
+    let mut expired = 0;
+    for partition in 0..store.keys().partitions() {
+        for _ in 0..MAX_BATCHES {
+            let now_ms = Utc::now().timestamp_millis();
+            let due = store.due_reservations(partition, now_ms, BATCH).await?;
+            for rid in &due {
+                let event_id = format!("{rid}/expire");
+                let outcome = store
+                    .finish(&Finish {
+                        kind: FinishKind::Expire,
+                        partition,
+                        reservation_id: rid,
+                        now_ms,
+                        event_id: &event_id,
+                        cost_micros: 0,
+                        input_tokens: 0,
+                        output_tokens: 0,
+                        cached_input_tokens: 0,
+                        price_version: 0,
+                        reason: "expired",
+                        done_ttl_s: finished_marker_ttl_s,
+                    })
+                    .await?;
+                if let FinishOutcome::Finished { charged, .. } = outcome {
+                    expired += 1;
+                    ::metrics::counter!(metrics::RESERVATIONS, "event" => "expired").increment(1);
+                    tracing::debug!(reservation = %rid, charged, "reservation expired");
+                }
+            }
+            if due.len() < BATCH {
+                break;
+            }
+        }
+    }
+    Ok(expired)
+}
+
+/// Runs [`sweep_once`] every `interval` until shutdown.
+pub async fn run(
+    store: BudgetStore,
+    interval: Duration,
+    finished_marker_ttl_s: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        match sweep_once(&store, finished_marker_ttl_s).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "expired unsettled reservations"),
+            Err(e) => {
+                ::metrics::counter!(metrics::REDIS_ERRORS).increment(1);
+                tracing::warn!(error = %e, "expiry sweep failed; retrying next interval");
+            }
+        }
+    }
+}
