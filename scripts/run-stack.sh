@@ -46,7 +46,7 @@ caracal agent key issue --agent-id "$agent_id"
 caracal policy create --agent-id "$agent_id" --limit 1000.00 --currency USD --time-window daily --window-type calendar
 caracal policy create --agent-id "$agent_id" --limit 20000.00 --currency USD --time-window monthly --window-type calendar
 caracal policy list --agent-id "$agent_id"
-caracal pricebook set --provider openai --model gpt-4o-mini --currency USD --input 0.15 --output 0.60 --cached-input 0.075
+caracal pricebook set --provider openai --model gpt-4o-mini --currency USD --input-price 0.15 --output-price 0.60 --cached-input-price 0.075
 caracal pricebook list
 echo "== a bad limit is refused plainly:"
 caracal policy create --agent-id "$agent_id" --limit 1.0000001 --currency USD --time-window daily --window-type calendar || true

@@ -124,8 +124,9 @@ fn usage_of(u: &pb::TokenUsage) -> Result<Usage, Status> {
     })
 }
 
-/// The counter of a policy at `now`.
-fn slot(store: &BudgetStore, partition: u16, p: &PolicyInfo, now: DateTime<Utc>) -> PolicySlot {
+/// The counter a policy counts in at `now` (its calendar window, or its rolling
+/// sub-buckets).
+pub fn policy_slot(store: &BudgetStore, partition: u16, p: &PolicyInfo, now: DateTime<Utc>) -> PolicySlot {
     let keys = store.keys();
     let id = p.id.to_string();
     let mode_and_key = match (
@@ -310,7 +311,7 @@ impl AuthorizationService {
         let slots: Vec<PolicySlot> = agent
             .policies
             .iter()
-            .map(|p| slot(&self.store, partition, p, now))
+            .map(|p| policy_slot(&self.store, partition, p, now))
             .collect();
         let rid = reservation_id(partition, Uuid::now_v7());
         let now_ms = now.timestamp_millis();

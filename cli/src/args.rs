@@ -3,8 +3,8 @@
 //! Global connection options (`--server`, `--admin-token`, `--timeout`, TLS files) are
 //! accepted anywhere on the line. `--output table|json` is accepted before the resource
 //! (`caracal --output json agent list`) or anywhere after it
-//! (`caracal agent list --output json`), except that in `caracal pricebook set`
-//! `--output` is the output-token price, as in the runbook; there, put the format first.
+//! (`caracal agent list --output json`). Prices in `caracal pricebook set` are
+//! `--input-price`/`--output-price`/... so they never clash with `--output`.
 
 use std::path::PathBuf;
 
@@ -18,9 +18,10 @@ pub struct Cli {
     #[command(flatten)]
     pub conn: ConnOpts,
 
-    /// Output format.
+    /// Output format (accepted anywhere on the line).
     #[arg(
         long,
+        global = true,
         value_enum,
         value_name = "FORMAT",
         help_heading = "Global options"
@@ -32,19 +33,9 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// The output format chosen on the line: after the resource wins over before it.
+    /// The output format chosen on the line (table unless `--output json`).
     pub fn format(&self) -> OutputFormat {
-        let inner = match &self.command {
-            Command::Agent(a) => a.output,
-            Command::Policy(p) => p.output,
-            Command::Allowlist(a) => a.output,
-            Command::Pricebook(p) => match &p.command {
-                PricebookCmd::Set(_) => None,
-                PricebookCmd::Import(i) => i.format.output,
-                PricebookCmd::List(l) => l.format.output,
-            },
-        };
-        inner.or(self.output).unwrap_or(OutputFormat::Table)
+        self.output.unwrap_or(OutputFormat::Table)
     }
 }
 
@@ -117,15 +108,6 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Output format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        value_name = "FORMAT",
-        help_heading = "Global options"
-    )]
-    pub output: Option<OutputFormat>,
     #[command(subcommand)]
     pub command: AgentCmd,
 }
@@ -217,15 +199,6 @@ pub enum AgentStatus {
 
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
-    /// Output format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        value_name = "FORMAT",
-        help_heading = "Global options"
-    )]
-    pub output: Option<OutputFormat>,
     #[command(subcommand)]
     pub command: PolicyCmd,
 }
@@ -326,15 +299,6 @@ pub enum OnExpiry {
 
 #[derive(Debug, Args)]
 pub struct AllowlistArgs {
-    /// Output format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        value_name = "FORMAT",
-        help_heading = "Global options"
-    )]
-    pub output: Option<OutputFormat>,
     #[command(subcommand)]
     pub command: AllowlistCmd,
 }
@@ -416,17 +380,16 @@ pub struct SetPriceArgs {
     pub currency: String,
     /// Input-token price per 1M tokens, decimal.
     #[arg(long, value_name = "AMOUNT")]
-    pub input: String,
-    /// Output-token price per 1M tokens, decimal. (Not the output format: use
-    /// `caracal --output json pricebook set ...` for JSON.)
+    pub input_price: String,
+    /// Output-token price per 1M tokens, decimal.
     #[arg(long, value_name = "AMOUNT")]
-    pub output: String,
+    pub output_price: String,
     /// Cached-input price per 1M tokens (default 0).
     #[arg(long, value_name = "AMOUNT")]
-    pub cached_input: Option<String>,
+    pub cached_input_price: Option<String>,
     /// Fixed price per request (default 0).
     #[arg(long, value_name = "AMOUNT")]
-    pub per_request: Option<String>,
+    pub per_request_price: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -434,8 +397,6 @@ pub struct ImportArgs {
     /// A .json array of objects or a .csv file with header
     /// provider,model,currency,input,output,cached_input,per_request.
     pub file: PathBuf,
-    #[command(flatten)]
-    pub format: FormatOpt,
 }
 
 #[derive(Debug, Args)]
@@ -445,20 +406,6 @@ pub struct ListPricesArgs {
     /// Include superseded versions.
     #[arg(long)]
     pub history: bool,
-    #[command(flatten)]
-    pub format: FormatOpt,
-}
-
-#[derive(Debug, Args)]
-pub struct FormatOpt {
-    /// Output format.
-    #[arg(
-        long,
-        value_enum,
-        value_name = "FORMAT",
-        help_heading = "Global options"
-    )]
-    pub output: Option<OutputFormat>,
 }
 
 // ------------------------------------------------------------------ helpers
@@ -748,10 +695,10 @@ mod tests {
     }
 
     #[test]
-    fn pricebook_set_output_is_the_price() {
+    fn pricebook_set_prices_do_not_clash_with_output_format() {
         let cli = parse(
             "caracal pricebook set --provider openai --model gpt-4o --currency USD \
-             --input 2.50 --output 10.00 --cached-input 1.25",
+             --input-price 2.50 --output-price 10.00 --cached-input-price 1.25",
         );
         assert_eq!(cli.format(), OutputFormat::Table);
         let Command::Pricebook(PricebookArgs {
@@ -762,14 +709,14 @@ mod tests {
         };
         assert_eq!(set.provider, "openai");
         assert_eq!(set.model, "gpt-4o");
-        assert_eq!(set.input, "2.50");
-        assert_eq!(set.output, "10.00");
-        assert_eq!(set.cached_input.as_deref(), Some("1.25"));
-        assert_eq!(set.per_request, None);
+        assert_eq!(set.input_price, "2.50");
+        assert_eq!(set.output_price, "10.00");
+        assert_eq!(set.cached_input_price.as_deref(), Some("1.25"));
+        assert_eq!(set.per_request_price, None);
 
         let cli = parse(
-            "caracal --output json pricebook set --provider openai --model m --currency USD \
-             --input 1 --output 2",
+            "caracal pricebook set --provider openai --model m --currency USD \
+             --input-price 1 --output-price 2 --output json",
         );
         assert_eq!(cli.format(), OutputFormat::Json);
     }

@@ -520,3 +520,37 @@ async fn broker_outage_delays_but_never_loses_events() {
     assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), 0);
     cleanup(&mut conn, &ks).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tmp_throughput() {
+    const N: usize = 20_000;
+    let tansu = Tansu::start_new().await.unwrap();
+    let brokers = tansu.brokers();
+    let cfg = kafka_config(&brokers);
+    caracal_authz::kafka::ensure_topics(&cfg).await.unwrap();
+    let ks = key_space();
+    let mut conn = redis().await;
+    // warm up
+    let (tx, handle) = spawn_relay(conn.clone(), &ks, &cfg);
+    xadd(&mut conn, &ks.outbox(0), &charge_entry("rsv_w", "a", "r", 1, 1)).await;
+    wait_drained(&mut conn, &ks, Duration::from_secs(30)).await;
+    stop_relay(tx, handle).await;
+    let mut pipe = redis::pipe();
+    for i in 0..N {
+        let root = format!("root-{}", i % 50);
+        let rsv = format!("rsv_{}_{}", ks.partition_of(&root), uuid::Uuid::new_v4().simple());
+        let fields = charge_entry(&rsv, "agent", &root, 1_000, 1_000);
+        let cmd = pipe.cmd("XADD").arg(ks.outbox(ks.partition_of(&root))).arg("*");
+        for (k, v) in &fields { cmd.arg(*k).arg(v); }
+        cmd.ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let (tx, handle) = spawn_relay(conn.clone(), &ks, &cfg);
+    let took = wait_drained(&mut conn, &ks, Duration::from_secs(120)).await;
+    eprintln!("throughput: {N} in {took:?} = {:.0}/s", N as f64 / took.as_secs_f64());
+    stop_relay(tx, handle).await;
+    let t = Instant::now();
+    let c = consume_all(&brokers, &cfg.metering_topic, N + 1, Duration::from_secs(60)).await.unwrap();
+    eprintln!("consumed {} in {:?}", c.len(), t.elapsed());
+    cleanup(&mut conn, &ks).await;
+}

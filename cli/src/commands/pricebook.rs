@@ -21,10 +21,10 @@ pub async fn run(ctx: &Ctx<'_>, cmd: PricebookCmd, out: &mut dyn Write) -> Resul
                 provider: set.provider,
                 model: set.model,
                 currency: set.currency,
-                input_per_mtok: set.input,
-                output_per_mtok: set.output,
-                cached_input_per_mtok: set.cached_input.unwrap_or_default(),
-                per_request: set.per_request.unwrap_or_default(),
+                input_per_mtok: set.input_price,
+                output_per_mtok: set.output_price,
+                cached_input_per_mtok: set.cached_input_price.unwrap_or_default(),
+                per_request: set.per_request_price.unwrap_or_default(),
             };
             let p = ctx
                 .connect()
