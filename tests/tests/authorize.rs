@@ -1,0 +1,424 @@
+//! The authorization hot path against a real authz-service, Redis and PostgreSQL:
+//! the hard guarantee under concurrency, hierarchies, idempotency, settle and
+//! release, expiry, window boundaries, deny reasons, and Redis outages.
+
+use std::{collections::HashSet, time::Duration};
+
+use caracal_proto::v1 as pb;
+use caracal_tests::TestStack;
+use tonic::Code;
+
+const USD: &str = "USD";
+
+async fn agent(stack: &TestStack, name: &str, parent: Option<&str>) -> (String, String) {
+    let a = stack
+        .agents()
+        .create_agent(pb::CreateAgentRequest {
+            name: name.into(),
+            agent_type: "openai".into(),
+            parent_id: parent.unwrap_or_default().into(),
+            metadata_json: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let key = stack
+        .agents()
+        .issue_api_key(pb::IssueApiKeyRequest { agent_id: a.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    (a.id, key.secret)
+}
+
+async fn policy(stack: &TestStack, agent: &str, limit: &str, window: &str, window_type: &str, on_expiry: &str) -> String {
+    stack
+        .policies()
+        .create_policy(pb::CreatePolicyRequest {
+            agent_id: agent.into(),
+            limit: limit.into(),
+            currency: USD.into(),
+            time_window: window.into(),
+            window_type: window_type.into(),
+            on_expiry: on_expiry.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+fn usd(micros: i64) -> pb::Money {
+    pb::Money { currency: USD.into(), micros, amount: String::new() }
+}
+
+fn authorize_req(key: &str, request_id: &str, micros: i64) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        request_id: request_id.into(),
+        credential: Some(pb::AgentCredential { kind: Some(pb::agent_credential::Kind::ApiKey(key.into())) }),
+        provider: "openai".into(),
+        model: "gpt-4o".into(),
+        resource: "api.openai.com/v1/chat/completions".into(),
+        estimated_usage: None,
+        estimated_cost: Some(usd(micros)),
+    }
+}
+
+fn allowed(r: &pb::AuthorizeResponse) -> bool {
+    r.decision == pb::Decision::Allow as i32
+}
+
+fn reason(r: &pb::AuthorizeResponse) -> pb::DenyReason {
+    pb::DenyReason::try_from(r.reason).unwrap()
+}
+
+fn remaining_of(r: &pb::AuthorizeResponse, policy: &str) -> i64 {
+    r.remaining.iter().find(|p| p.policy_id == policy).unwrap().remaining.as_ref().unwrap().micros
+}
+
+/// A small deterministic generator (no extra crate): xorshift.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, lo: i64, hi: i64) -> i64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        lo + (self.0 % ((hi - lo) as u64 + 1)) as i64
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_authorizations_never_exceed_the_limit() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = agent(&stack, "busy", None).await;
+    let limit = 50_000_000; // $50
+    let pol = policy(&stack, &agent_id, "50", "daily", "calendar", "").await;
+
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let estimates: Vec<i64> = (0..1000).map(|_| rng.next(10_000, 200_000)).collect();
+    let total: i64 = estimates.iter().sum();
+    assert!(total > 2 * limit, "the test must overload the budget");
+
+    let authz = stack.authz();
+    let tasks: Vec<_> = estimates
+        .iter()
+        .enumerate()
+        .map(|(i, est)| {
+            let mut client = authz.clone();
+            let req = authorize_req(&key, &format!("req-{i}"), *est);
+            tokio::spawn(async move { client.authorize(req).await.map(|r| r.into_inner()) })
+        })
+        .collect();
+    let mut admitted = 0i64;
+    let mut denied = Vec::new();
+    let mut reservation_ids = HashSet::new();
+    for (t, est) in tasks.into_iter().zip(&estimates) {
+        let r = t.await.unwrap().unwrap();
+        if allowed(&r) {
+            admitted += est;
+            assert!(reservation_ids.insert(r.reservation_id.clone()));
+        } else {
+            assert_eq!(reason(&r), pb::DenyReason::BudgetExceeded);
+            assert_eq!(r.policy_id, pol);
+            // The refusal was necessary when it was made: the room then was smaller
+            // than the estimate.
+            let room_then = remaining_of(&r, &pol);
+            assert!(room_then < *est, "refused {est} with {room_then} left");
+            denied.push(*est);
+        }
+    }
+    assert!(admitted <= limit, "admitted {admitted} > limit {limit}");
+    assert!(!denied.is_empty());
+    // Nothing is released here, so the room only shrank: every refused estimate is
+    // also larger than the room left at the end (no false refusals).
+    let final_room = limit - admitted;
+    assert!(denied.iter().all(|d| *d > final_room), "a refusal had room: final room {final_room}");
+    assert_eq!(reservation_ids.len() as i64, estimates.len() as i64 - denied.len() as i64);
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_children_exhausting_a_shared_parent() {
+    let stack = TestStack::start().await.unwrap();
+    let (parent, _) = agent(&stack, "team", None).await;
+    let parent_limit = 20_000_000;
+    let parent_pol = policy(&stack, &parent, "20", "monthly", "calendar", "").await;
+    let (child_a, key_a) = agent(&stack, "child-a", Some(&parent)).await;
+    let (child_b, key_b) = agent(&stack, "child-b", Some(&parent)).await;
+    let pol_a = policy(&stack, &child_a, "1000", "daily", "calendar", "").await;
+    policy(&stack, &child_b, "1000", "daily", "rolling", "").await;
+
+    let authz = stack.authz();
+    let mut rng = Rng(42);
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let key = if i % 2 == 0 { key_a.clone() } else { key_b.clone() };
+        let est = rng.next(5_000, 100_000);
+        let mut client = authz.clone();
+        let req = authorize_req(&key, &format!("shared-{i}"), est);
+        tasks.push((est, i % 2 == 0, tokio::spawn(async move { client.authorize(req).await.map(|r| r.into_inner()) })));
+    }
+    let (mut sum_a, mut sum_b, mut denials) = (0, 0, 0);
+    for (est, is_a, t) in tasks {
+        let r = t.await.unwrap().unwrap();
+        if allowed(&r) {
+            if is_a { sum_a += est } else { sum_b += est }
+            // Allowed answers report the child's and the parent's room.
+            assert_eq!(r.remaining.len(), 2);
+        } else {
+            denials += 1;
+            assert_eq!(r.policy_id, parent_pol, "the shared parent is what runs out");
+            assert!(remaining_of(&r, &parent_pol) < est);
+        }
+    }
+    assert!(sum_a > 0 && sum_b > 0, "both children spent");
+    assert!(sum_a + sum_b <= parent_limit, "{} > {parent_limit}", sum_a + sum_b);
+    assert!(denials > 0);
+
+    // The child's own policy counts only the child's reservations.
+    let probe = stack.authz().authorize(authorize_req(&key_a, "probe-a", 1)).await.unwrap().into_inner();
+    if allowed(&probe) {
+        assert_eq!(remaining_of(&probe, &pol_a), 1_000_000_000 - sum_a - 1);
+    }
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn retries_are_idempotent_and_settle_charges_the_priced_usage() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = agent(&stack, "careful", None).await;
+    let pol = policy(&stack, &agent_id, "10", "daily", "calendar", "").await;
+    stack
+        .prices()
+        .set_price(pb::SetPriceRequest {
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            currency: USD.into(),
+            input_per_mtok: "2.50".into(),
+            output_per_mtok: "10.00".into(),
+            cached_input_per_mtok: "1.25".into(),
+            per_request: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut authz = stack.authz();
+
+    // Estimate from tokens: 1000 in + 500 out = 0.0025 + 0.005 = $0.0075.
+    let mut req = authorize_req(&key, "idem-1", 0);
+    req.estimated_cost = None;
+    req.estimated_usage = Some(pb::TokenUsage { input_tokens: 1000, output_tokens: 500, cached_input_tokens: 0 });
+    let first = authz.authorize(req.clone()).await.unwrap().into_inner();
+    assert!(allowed(&first), "{first:?}");
+    assert_eq!(first.estimate.as_ref().unwrap().micros, 7_500);
+    assert_eq!(remaining_of(&first, &pol), 10_000_000 - 7_500);
+    assert_eq!(first.min_remaining.as_ref().unwrap().micros, 10_000_000 - 7_500);
+    let again = authz.authorize(req).await.unwrap().into_inner();
+    assert_eq!(again.reservation_id, first.reservation_id, "a retry returns the same reservation");
+    let probe = authz.authorize(authorize_req(&key, "probe", 0)).await.unwrap().into_inner();
+    assert_eq!(remaining_of(&probe, &pol), 10_000_000 - 7_500, "the retry reserved nothing more");
+
+    // Settle above the estimate: 2000 prompt tokens of which 400 cached, 1000 out:
+    // 1600*2.5 + 400*1.25 + 1000*10 = 4000 + 500 + 10000 = 14500 micros.
+    let settle = pb::SettleRequest {
+        reservation_id: first.reservation_id.clone(),
+        usage: Some(pb::TokenUsage { input_tokens: 2000, output_tokens: 1000, cached_input_tokens: 400 }),
+        provider: "openai".into(),
+        model: "gpt-4o".into(),
+        actual_cost: None,
+    };
+    let s1 = authz.settle(settle.clone()).await.unwrap().into_inner();
+    assert_eq!(s1.charged.as_ref().unwrap().micros, 14_500);
+    assert_eq!(s1.reserved.as_ref().unwrap().micros, 7_500);
+    assert_eq!(s1.overshoot.as_ref().unwrap().micros, 7_000);
+    assert!(!s1.already_settled);
+    assert_eq!(s1.remaining[0].remaining.as_ref().unwrap().micros, 10_000_000 - 14_500);
+    let s2 = authz.settle(settle).await.unwrap().into_inner();
+    assert!(s2.already_settled);
+    assert_eq!(s2.charged.as_ref().unwrap().micros, 14_500);
+    let probe = authz.authorize(authorize_req(&key, "probe-2", 0)).await.unwrap().into_inner();
+    assert_eq!(remaining_of(&probe, &pol), 10_000_000 - 14_500, "charged once");
+    let err = authz
+        .release(pb::ReleaseRequest { reservation_id: first.reservation_id.clone(), reason: "late".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // Settle below the estimate frees the difference; release frees all.
+    let r = authz.authorize(authorize_req(&key, "below", 1_000_000)).await.unwrap().into_inner();
+    let s = authz
+        .settle(pb::SettleRequest { reservation_id: r.reservation_id.clone(), actual_cost: Some(usd(250_000)), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((s.charged.unwrap().micros, s.overshoot.unwrap().micros), (250_000, 0));
+    let r = authz.authorize(authorize_req(&key, "freed", 2_000_000)).await.unwrap().into_inner();
+    let rel = authz.release(pb::ReleaseRequest { reservation_id: r.reservation_id.clone(), reason: "upstream_error".into() }).await.unwrap().into_inner();
+    assert_eq!(rel.released.unwrap().micros, 2_000_000);
+    let rel2 = authz.release(pb::ReleaseRequest { reservation_id: r.reservation_id.clone(), reason: String::new() }).await.unwrap().into_inner();
+    assert!(rel2.already_released);
+    let probe = authz.authorize(authorize_req(&key, "probe-3", 0)).await.unwrap().into_inner();
+    assert_eq!(remaining_of(&probe, &pol), 10_000_000 - 14_500 - 250_000);
+
+    // Bad input: unknown and malformed reservations, negative and huge amounts.
+    let err = authz.settle(pb::SettleRequest { reservation_id: "rsv_1_0123456789abcdef0123456789abcdef".into(), actual_cost: Some(usd(1)), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = authz.settle(pb::SettleRequest { reservation_id: "garbage".into(), actual_cost: Some(usd(1)), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    for bad in [-1, i64::MAX] {
+        let err = authz.authorize(authorize_req(&key, &format!("bad-{bad}"), bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+    }
+    let err = authz.authorize(authorize_req(&key, "", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = authz.authorize(authorize_req(&key, "has space", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut no_cred = authorize_req(&key, "nocred", 1);
+    no_cred.credential = None;
+    assert_eq!(authz.authorize(no_cred).await.unwrap_err().code(), Code::InvalidArgument);
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn deny_reasons_name_the_problem() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = agent(&stack, "picky", None).await;
+    let mut authz = stack.authz();
+
+    let r = authz.authorize(authorize_req("cak_not-a-real-key", "u1", 1)).await.unwrap().into_inner();
+    assert_eq!((allowed(&r), reason(&r)), (false, pb::DenyReason::UnknownAgent));
+    let r = authz.authorize(authorize_req(&key, "np", 1)).await.unwrap().into_inner();
+    assert_eq!(reason(&r), pb::DenyReason::NoPolicy);
+
+    policy(&stack, &agent_id, "5", "daily", "calendar", "").await;
+    // The new policy reaches the hot path's cache within the epoch poll interval.
+    let mut r = pb::AuthorizeResponse::default();
+    for i in 0..50 {
+        let mut eur = authorize_req(&key, &format!("eur-{i}"), 1);
+        eur.estimated_cost = Some(pb::Money { currency: "EUR".into(), micros: 1, amount: String::new() });
+        r = authz.authorize(eur).await.unwrap().into_inner();
+        if reason(&r) != pb::DenyReason::NoPolicy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reason(&r), pb::DenyReason::CurrencyMismatch);
+    let mut unpriced = authorize_req(&key, "price", 0);
+    unpriced.estimated_cost = None;
+    unpriced.model = "mystery-model".into();
+    let r = authz.authorize(unpriced).await.unwrap().into_inner();
+    assert_eq!(reason(&r), pb::DenyReason::NoPrice);
+
+    stack
+        .allowlists()
+        .add_entry(pb::AddAllowlistEntryRequest { agent_id: agent_id.clone(), target: "model".into(), pattern_kind: "glob".into(), pattern: "gpt-4o-mini*".into() })
+        .await
+        .unwrap();
+    // Admin changes reach the hot path's cache within the epoch poll interval.
+    let mut denied = None;
+    for i in 0..50 {
+        let r = authz.authorize(authorize_req(&key, &format!("al-{i}"), 1)).await.unwrap().into_inner();
+        if !allowed(&r) {
+            denied = Some(r);
+            break;
+        }
+        authz.release(pb::ReleaseRequest { reservation_id: r.reservation_id, reason: String::new() }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let denied = denied.expect("allowlist change never reached the hot path");
+    assert_eq!(reason(&denied), pb::DenyReason::NotAllowed);
+    let mut mini = authorize_req(&key, "mini", 1);
+    mini.model = "gpt-4o-mini".into();
+    assert!(allowed(&authz.authorize(mini).await.unwrap().into_inner()));
+
+    // A revoked key and a deactivated agent are refused as unknown.
+    let keys = stack.agents().list_api_keys(pb::ListApiKeysRequest { agent_id: agent_id.clone() }).await.unwrap().into_inner();
+    stack.agents().revoke_api_key(pb::RevokeApiKeyRequest { key_id: keys.keys[0].id.clone() }).await.unwrap();
+    let mut refused = false;
+    for i in 0..50 {
+        let r = authz.authorize(authorize_req(&key, &format!("rev-{i}"), 1)).await.unwrap().into_inner();
+        if !allowed(&r) && reason(&r) == pb::DenyReason::UnknownAgent {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "revoked key still accepted");
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn verified_identities_authenticate_agents() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, _) = agent(&stack, "meshed", None).await;
+    policy(&stack, &agent_id, "1", "total", "calendar", "").await;
+    let spiffe = "spiffe://cluster.local/ns/agents/sa/meshed";
+    stack
+        .agents()
+        .add_identity(pb::AddIdentityRequest { agent_id: agent_id.clone(), kind: "spiffe".into(), value: spiffe.into() })
+        .await
+        .unwrap();
+    let err = stack
+        .agents()
+        .add_identity(pb::AddIdentityRequest { agent_id: agent_id.clone(), kind: "spiffe".into(), value: "not-a-spiffe-id".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut req = authorize_req("", "sp-1", 1000);
+    req.credential = Some(pb::AgentCredential {
+        kind: Some(pb::agent_credential::Kind::Verified(pb::VerifiedIdentity { kind: "spiffe".into(), value: spiffe.into() })),
+    });
+    let r = stack.authz().authorize(req.clone()).await.unwrap().into_inner();
+    assert!(allowed(&r), "{r:?}");
+    assert_eq!(r.agent_id, agent_id);
+    req.request_id = "sp-2".into();
+    req.credential = Some(pb::AgentCredential {
+        kind: Some(pb::agent_credential::Kind::Verified(pb::VerifiedIdentity { kind: "spiffe".into(), value: "spiffe://cluster.local/ns/x/sa/y".into() })),
+    });
+    let r = stack.authz().authorize(req).await.unwrap().into_inner();
+    assert_eq!(reason(&r), pb::DenyReason::UnknownAgent);
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn expiry_charges_or_releases_as_the_policy_says() {
+    let stack = TestStack::start_with(|c| {
+        c.reservations.provisional_charge_expiration = 1;
+        c.reservations.provisional_charge_cleanup_interval = 1;
+    })
+    .await
+    .unwrap();
+    let (charging, key_c) = agent(&stack, "charging", None).await;
+    let pol_c = policy(&stack, &charging, "10", "daily", "calendar", "charge").await;
+    let (releasing, key_r) = agent(&stack, "releasing", None).await;
+    let pol_r = policy(&stack, &releasing, "10", "daily", "rolling", "release").await;
+    let mut authz = stack.authz();
+    let c = authz.authorize(authorize_req(&key_c, "exp-c", 3_000_000)).await.unwrap().into_inner();
+    let r = authz.authorize(authorize_req(&key_r, "exp-r", 3_000_000)).await.unwrap().into_inner();
+    assert!(allowed(&c) && allowed(&r));
+
+    // Wait (bounded) until the sweeper has released r's reservation; c's expired
+    // earlier (it was made first), in the same or an earlier sweep.
+    let mut released = false;
+    for i in 0..80 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let p = authz.authorize(authorize_req(&key_r, &format!("poll-{i}"), 0)).await.unwrap().into_inner();
+        if remaining_of(&p, &pol_r) == 10_000_000 {
+            released = true;
+            break;
+        }
+    }
+    assert!(released, "the sweeper never expired the reservation");
+    let a = authz
+        .settle(pb::SettleRequest { reservation_id: c.reservation_id.clone(), actual_cost: Some(usd(1)), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(a.code(), Code::FailedPrecondition, "{a:?}");
+    assert!(a.message().contains("expired"), "{}", a.message());
+    let b = authz.release(pb::ReleaseRequest { reservation_id: r.reservation_id.clone(), reason: String::new() }).await.unwrap_err();
+    assert_eq!(b.code(), Code::FailedPrecondition, "{b:?}");
+    let pc = authz.authorize(authorize_req(&key_c, "after-c", 0)).await.unwrap().into_inner();
+    assert_eq!(remaining_of(&pc, &pol_c), 7_000_000, "expiry charged the reserved amount");
+    let pr = authz.authorize(authorize_req(&key_r, "after-r", 0)).await.unwrap().into_inner();
+    assert_eq!(remaining_of(&pr, &pol_r), 10_000_000, "expiry released the reservation");
+    stack.stop().await.unwrap();
+}
