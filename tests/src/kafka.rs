@@ -212,6 +212,7 @@ pub async fn consume_all(
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "20")
         .create()?;
     consumer.subscribe(&[topic])?;
     let deadline = tokio::time::Instant::now() + timeout;
