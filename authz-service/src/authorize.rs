@@ -126,7 +126,12 @@ fn usage_of(u: &pb::TokenUsage) -> Result<Usage, Status> {
 
 /// The counter a policy counts in at `now` (its calendar window, or its rolling
 /// sub-buckets).
-pub fn policy_slot(store: &BudgetStore, partition: u16, p: &PolicyInfo, now: DateTime<Utc>) -> PolicySlot {
+pub fn policy_slot(
+    store: &BudgetStore,
+    partition: u16,
+    p: &PolicyInfo,
+    now: DateTime<Utc>,
+) -> PolicySlot {
     let keys = store.keys();
     let id = p.id.to_string();
     let mode_and_key = match (

@@ -615,9 +615,11 @@ impl OutboxRelay {
                 .arg("COUNT")
                 .arg(BATCH);
         }
+        let t0 = Instant::now();
         let batches: Vec<StreamRangeReply> =
             Self::bounded(pipe.query_async(&mut self.conn)).await?;
 
+        let t1 = Instant::now();
         let mut slots: Vec<Slot> = Vec::new();
         let mut futures: Vec<DeliveryFuture> = Vec::new();
         for (&p, batch) in owned.iter().zip(batches) {
@@ -642,6 +644,7 @@ impl OutboxRelay {
             return Ok(stats);
         }
 
+        let t2 = Instant::now();
         let Some(results) = self.await_deliveries(futures, shutdown).await else {
             stats.shutdown = true;
             return Ok(stats);
@@ -695,9 +698,18 @@ impl OutboxRelay {
                     .ignore();
             }
         }
+        let t3 = Instant::now();
         if stats.moved > 0 {
             Self::bounded(pipe.query_async::<()>(&mut self.conn)).await?;
         }
+        eprintln!(
+            "TIMING n={} xrange={:?} send={:?} await={:?} xdel={:?}",
+            stats.moved,
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            t3.elapsed()
+        );
         Ok(stats)
     }
 

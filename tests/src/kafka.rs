@@ -43,14 +43,22 @@ pub fn tansu_binary() -> Option<PathBuf> {
 /// A running (or stopped) tansu broker. Killed on drop.
 pub struct Tansu {
     binary: PathBuf,
+    storage: String,
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Tansu {
-    /// Starts a broker on a free port with a fresh, empty storage directory.
+    /// Starts a broker on a free port with a fresh, empty SQLite storage
+    /// (`sqlite://tansu.db` in its own temporary directory).
     pub async fn start_new() -> anyhow::Result<Self> {
+        Self::start_with_storage("sqlite://tansu.db").await
+    }
+
+    /// Same, with another `--storage-engine` (e.g. `memory://tansu/`: faster, but
+    /// its data does not survive [`Tansu::stop`]).
+    pub async fn start_with_storage(storage: &str) -> anyhow::Result<Self> {
         let binary =
             tansu_binary().context("the tansu binary is not installed (~/.cargo/bin/tansu)")?;
         let port = {
@@ -62,6 +70,7 @@ impl Tansu {
             .tempdir()?;
         let mut tansu = Self {
             binary,
+            storage: storage.to_owned(),
             port,
             dir,
             child: None,
@@ -102,7 +111,7 @@ impl Tansu {
                 "--advertised-listener-url",
                 &url,
                 "--storage-engine",
-                "sqlite://tansu.db",
+                &self.storage,
             ])
             .current_dir(self.dir.path())
             .stdin(Stdio::null())

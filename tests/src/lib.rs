@@ -29,7 +29,8 @@ pub const PEPPER: &str = "test-pepper";
 
 /// Base URL of the PostgreSQL server used by tests (no database name).
 pub fn pg_base() -> String {
-    std::env::var("CARACAL_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+    std::env::var("CARACAL_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -198,9 +199,12 @@ impl TestStack {
         }
         drop(self.channel);
         let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base())).await?;
-        diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database))
-            .execute(&mut admin)
-            .await?;
+        diesel::sql_query(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database
+        ))
+        .execute(&mut admin)
+        .await?;
         Ok(())
     }
 }

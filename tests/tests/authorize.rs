@@ -24,14 +24,23 @@ async fn agent(stack: &TestStack, name: &str, parent: Option<&str>) -> (String, 
         .into_inner();
     let key = stack
         .agents()
-        .issue_api_key(pb::IssueApiKeyRequest { agent_id: a.id.clone() })
+        .issue_api_key(pb::IssueApiKeyRequest {
+            agent_id: a.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
     (a.id, key.secret)
 }
 
-async fn policy(stack: &TestStack, agent: &str, limit: &str, window: &str, window_type: &str, on_expiry: &str) -> String {
+async fn policy(
+    stack: &TestStack,
+    agent: &str,
+    limit: &str,
+    window: &str,
+    window_type: &str,
+    on_expiry: &str,
+) -> String {
     stack
         .policies()
         .create_policy(pb::CreatePolicyRequest {
@@ -49,13 +58,19 @@ async fn policy(stack: &TestStack, agent: &str, limit: &str, window: &str, windo
 }
 
 fn usd(micros: i64) -> pb::Money {
-    pb::Money { currency: USD.into(), micros, amount: String::new() }
+    pb::Money {
+        currency: USD.into(),
+        micros,
+        amount: String::new(),
+    }
 }
 
 fn authorize_req(key: &str, request_id: &str, micros: i64) -> pb::AuthorizeRequest {
     pb::AuthorizeRequest {
         request_id: request_id.into(),
-        credential: Some(pb::AgentCredential { kind: Some(pb::agent_credential::Kind::ApiKey(key.into())) }),
+        credential: Some(pb::AgentCredential {
+            kind: Some(pb::agent_credential::Kind::ApiKey(key.into())),
+        }),
         provider: "openai".into(),
         model: "gpt-4o".into(),
         resource: "api.openai.com/v1/chat/completions".into(),
@@ -73,7 +88,14 @@ fn reason(r: &pb::AuthorizeResponse) -> pb::DenyReason {
 }
 
 fn remaining_of(r: &pb::AuthorizeResponse, policy: &str) -> i64 {
-    r.remaining.iter().find(|p| p.policy_id == policy).unwrap().remaining.as_ref().unwrap().micros
+    r.remaining
+        .iter()
+        .find(|p| p.policy_id == policy)
+        .unwrap()
+        .remaining
+        .as_ref()
+        .unwrap()
+        .micros
 }
 
 /// A small deterministic generator (no extra crate): xorshift.
@@ -132,8 +154,14 @@ async fn concurrent_authorizations_never_exceed_the_limit() {
     // Nothing is released here, so the room only shrank: every refused estimate is
     // also larger than the room left at the end (no false refusals).
     let final_room = limit - admitted;
-    assert!(denied.iter().all(|d| *d > final_room), "a refusal had room: final room {final_room}");
-    assert_eq!(reservation_ids.len() as i64, estimates.len() as i64 - denied.len() as i64);
+    assert!(
+        denied.iter().all(|d| *d > final_room),
+        "a refusal had room: final room {final_room}"
+    );
+    assert_eq!(
+        reservation_ids.len() as i64,
+        estimates.len() as i64 - denied.len() as i64
+    );
     stack.stop().await.unwrap();
 }
 
@@ -152,31 +180,55 @@ async fn two_children_exhausting_a_shared_parent() {
     let mut rng = Rng(42);
     let mut tasks = Vec::new();
     for i in 0..1000 {
-        let key = if i % 2 == 0 { key_a.clone() } else { key_b.clone() };
+        let key = if i % 2 == 0 {
+            key_a.clone()
+        } else {
+            key_b.clone()
+        };
         let est = rng.next(5_000, 100_000);
         let mut client = authz.clone();
         let req = authorize_req(&key, &format!("shared-{i}"), est);
-        tasks.push((est, i % 2 == 0, tokio::spawn(async move { client.authorize(req).await.map(|r| r.into_inner()) })));
+        tasks.push((
+            est,
+            i % 2 == 0,
+            tokio::spawn(async move { client.authorize(req).await.map(|r| r.into_inner()) }),
+        ));
     }
     let (mut sum_a, mut sum_b, mut denials) = (0, 0, 0);
     for (est, is_a, t) in tasks {
         let r = t.await.unwrap().unwrap();
         if allowed(&r) {
-            if is_a { sum_a += est } else { sum_b += est }
+            if is_a {
+                sum_a += est
+            } else {
+                sum_b += est
+            }
             // Allowed answers report the child's and the parent's room.
             assert_eq!(r.remaining.len(), 2);
         } else {
             denials += 1;
-            assert_eq!(r.policy_id, parent_pol, "the shared parent is what runs out");
+            assert_eq!(
+                r.policy_id, parent_pol,
+                "the shared parent is what runs out"
+            );
             assert!(remaining_of(&r, &parent_pol) < est);
         }
     }
     assert!(sum_a > 0 && sum_b > 0, "both children spent");
-    assert!(sum_a + sum_b <= parent_limit, "{} > {parent_limit}", sum_a + sum_b);
+    assert!(
+        sum_a + sum_b <= parent_limit,
+        "{} > {parent_limit}",
+        sum_a + sum_b
+    );
     assert!(denials > 0);
 
     // The child's own policy counts only the child's reservations.
-    let probe = stack.authz().authorize(authorize_req(&key_a, "probe-a", 1)).await.unwrap().into_inner();
+    let probe = stack
+        .authz()
+        .authorize(authorize_req(&key_a, "probe-a", 1))
+        .await
+        .unwrap()
+        .into_inner();
     if allowed(&probe) {
         assert_eq!(remaining_of(&probe, &pol_a), 1_000_000_000 - sum_a - 1);
     }
@@ -206,22 +258,44 @@ async fn retries_are_idempotent_and_settle_charges_the_priced_usage() {
     // Estimate from tokens: 1000 in + 500 out = 0.0025 + 0.005 = $0.0075.
     let mut req = authorize_req(&key, "idem-1", 0);
     req.estimated_cost = None;
-    req.estimated_usage = Some(pb::TokenUsage { input_tokens: 1000, output_tokens: 500, cached_input_tokens: 0 });
+    req.estimated_usage = Some(pb::TokenUsage {
+        input_tokens: 1000,
+        output_tokens: 500,
+        cached_input_tokens: 0,
+    });
     let first = authz.authorize(req.clone()).await.unwrap().into_inner();
     assert!(allowed(&first), "{first:?}");
     assert_eq!(first.estimate.as_ref().unwrap().micros, 7_500);
     assert_eq!(remaining_of(&first, &pol), 10_000_000 - 7_500);
-    assert_eq!(first.min_remaining.as_ref().unwrap().micros, 10_000_000 - 7_500);
+    assert_eq!(
+        first.min_remaining.as_ref().unwrap().micros,
+        10_000_000 - 7_500
+    );
     let again = authz.authorize(req).await.unwrap().into_inner();
-    assert_eq!(again.reservation_id, first.reservation_id, "a retry returns the same reservation");
-    let probe = authz.authorize(authorize_req(&key, "probe", 0)).await.unwrap().into_inner();
-    assert_eq!(remaining_of(&probe, &pol), 10_000_000 - 7_500, "the retry reserved nothing more");
+    assert_eq!(
+        again.reservation_id, first.reservation_id,
+        "a retry returns the same reservation"
+    );
+    let probe = authz
+        .authorize(authorize_req(&key, "probe", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        remaining_of(&probe, &pol),
+        10_000_000 - 7_500,
+        "the retry reserved nothing more"
+    );
 
     // Settle above the estimate: 2000 prompt tokens of which 400 cached, 1000 out:
     // 1600*2.5 + 400*1.25 + 1000*10 = 4000 + 500 + 10000 = 14500 micros.
     let settle = pb::SettleRequest {
         reservation_id: first.reservation_id.clone(),
-        usage: Some(pb::TokenUsage { input_tokens: 2000, output_tokens: 1000, cached_input_tokens: 400 }),
+        usage: Some(pb::TokenUsage {
+            input_tokens: 2000,
+            output_tokens: 1000,
+            cached_input_tokens: 400,
+        }),
         provider: "openai".into(),
         model: "gpt-4o".into(),
         actual_cost: None,
@@ -231,50 +305,123 @@ async fn retries_are_idempotent_and_settle_charges_the_priced_usage() {
     assert_eq!(s1.reserved.as_ref().unwrap().micros, 7_500);
     assert_eq!(s1.overshoot.as_ref().unwrap().micros, 7_000);
     assert!(!s1.already_settled);
-    assert_eq!(s1.remaining[0].remaining.as_ref().unwrap().micros, 10_000_000 - 14_500);
+    assert_eq!(
+        s1.remaining[0].remaining.as_ref().unwrap().micros,
+        10_000_000 - 14_500
+    );
     let s2 = authz.settle(settle).await.unwrap().into_inner();
     assert!(s2.already_settled);
     assert_eq!(s2.charged.as_ref().unwrap().micros, 14_500);
-    let probe = authz.authorize(authorize_req(&key, "probe-2", 0)).await.unwrap().into_inner();
-    assert_eq!(remaining_of(&probe, &pol), 10_000_000 - 14_500, "charged once");
+    let probe = authz
+        .authorize(authorize_req(&key, "probe-2", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        remaining_of(&probe, &pol),
+        10_000_000 - 14_500,
+        "charged once"
+    );
     let err = authz
-        .release(pb::ReleaseRequest { reservation_id: first.reservation_id.clone(), reason: "late".into() })
+        .release(pb::ReleaseRequest {
+            reservation_id: first.reservation_id.clone(),
+            reason: "late".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     // Settle below the estimate frees the difference; release frees all.
-    let r = authz.authorize(authorize_req(&key, "below", 1_000_000)).await.unwrap().into_inner();
-    let s = authz
-        .settle(pb::SettleRequest { reservation_id: r.reservation_id.clone(), actual_cost: Some(usd(250_000)), ..Default::default() })
+    let r = authz
+        .authorize(authorize_req(&key, "below", 1_000_000))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((s.charged.unwrap().micros, s.overshoot.unwrap().micros), (250_000, 0));
-    let r = authz.authorize(authorize_req(&key, "freed", 2_000_000)).await.unwrap().into_inner();
-    let rel = authz.release(pb::ReleaseRequest { reservation_id: r.reservation_id.clone(), reason: "upstream_error".into() }).await.unwrap().into_inner();
+    let s = authz
+        .settle(pb::SettleRequest {
+            reservation_id: r.reservation_id.clone(),
+            actual_cost: Some(usd(250_000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (s.charged.unwrap().micros, s.overshoot.unwrap().micros),
+        (250_000, 0)
+    );
+    let r = authz
+        .authorize(authorize_req(&key, "freed", 2_000_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let rel = authz
+        .release(pb::ReleaseRequest {
+            reservation_id: r.reservation_id.clone(),
+            reason: "upstream_error".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(rel.released.unwrap().micros, 2_000_000);
-    let rel2 = authz.release(pb::ReleaseRequest { reservation_id: r.reservation_id.clone(), reason: String::new() }).await.unwrap().into_inner();
+    let rel2 = authz
+        .release(pb::ReleaseRequest {
+            reservation_id: r.reservation_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(rel2.already_released);
-    let probe = authz.authorize(authorize_req(&key, "probe-3", 0)).await.unwrap().into_inner();
+    let probe = authz
+        .authorize(authorize_req(&key, "probe-3", 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(remaining_of(&probe, &pol), 10_000_000 - 14_500 - 250_000);
 
     // Bad input: unknown and malformed reservations, negative and huge amounts.
-    let err = authz.settle(pb::SettleRequest { reservation_id: "rsv_1_0123456789abcdef0123456789abcdef".into(), actual_cost: Some(usd(1)), ..Default::default() }).await.unwrap_err();
+    let err = authz
+        .settle(pb::SettleRequest {
+            reservation_id: "rsv_1_0123456789abcdef0123456789abcdef".into(),
+            actual_cost: Some(usd(1)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = authz.settle(pb::SettleRequest { reservation_id: "garbage".into(), actual_cost: Some(usd(1)), ..Default::default() }).await.unwrap_err();
+    let err = authz
+        .settle(pb::SettleRequest {
+            reservation_id: "garbage".into(),
+            actual_cost: Some(usd(1)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     for bad in [-1, i64::MAX] {
-        let err = authz.authorize(authorize_req(&key, &format!("bad-{bad}"), bad)).await.unwrap_err();
+        let err = authz
+            .authorize(authorize_req(&key, &format!("bad-{bad}"), bad))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
     }
-    let err = authz.authorize(authorize_req(&key, "", 1)).await.unwrap_err();
+    let err = authz
+        .authorize(authorize_req(&key, "", 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = authz.authorize(authorize_req(&key, "has space", 1)).await.unwrap_err();
+    let err = authz
+        .authorize(authorize_req(&key, "has space", 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let mut no_cred = authorize_req(&key, "nocred", 1);
     no_cred.credential = None;
-    assert_eq!(authz.authorize(no_cred).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        authz.authorize(no_cred).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     stack.stop().await.unwrap();
 }
 
@@ -284,9 +431,20 @@ async fn deny_reasons_name_the_problem() {
     let (agent_id, key) = agent(&stack, "picky", None).await;
     let mut authz = stack.authz();
 
-    let r = authz.authorize(authorize_req("cak_not-a-real-key", "u1", 1)).await.unwrap().into_inner();
-    assert_eq!((allowed(&r), reason(&r)), (false, pb::DenyReason::UnknownAgent));
-    let r = authz.authorize(authorize_req(&key, "np", 1)).await.unwrap().into_inner();
+    let r = authz
+        .authorize(authorize_req("cak_not-a-real-key", "u1", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (allowed(&r), reason(&r)),
+        (false, pb::DenyReason::UnknownAgent)
+    );
+    let r = authz
+        .authorize(authorize_req(&key, "np", 1))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(reason(&r), pb::DenyReason::NoPolicy);
 
     policy(&stack, &agent_id, "5", "daily", "calendar", "").await;
@@ -294,7 +452,11 @@ async fn deny_reasons_name_the_problem() {
     let mut r = pb::AuthorizeResponse::default();
     for i in 0..50 {
         let mut eur = authorize_req(&key, &format!("eur-{i}"), 1);
-        eur.estimated_cost = Some(pb::Money { currency: "EUR".into(), micros: 1, amount: String::new() });
+        eur.estimated_cost = Some(pb::Money {
+            currency: "EUR".into(),
+            micros: 1,
+            amount: String::new(),
+        });
         r = authz.authorize(eur).await.unwrap().into_inner();
         if reason(&r) != pb::DenyReason::NoPolicy {
             break;
@@ -310,18 +472,33 @@ async fn deny_reasons_name_the_problem() {
 
     stack
         .allowlists()
-        .add_entry(pb::AddAllowlistEntryRequest { agent_id: agent_id.clone(), target: "model".into(), pattern_kind: "glob".into(), pattern: "gpt-4o-mini*".into() })
+        .add_entry(pb::AddAllowlistEntryRequest {
+            agent_id: agent_id.clone(),
+            target: "model".into(),
+            pattern_kind: "glob".into(),
+            pattern: "gpt-4o-mini*".into(),
+        })
         .await
         .unwrap();
     // Admin changes reach the hot path's cache within the epoch poll interval.
     let mut denied = None;
     for i in 0..50 {
-        let r = authz.authorize(authorize_req(&key, &format!("al-{i}"), 1)).await.unwrap().into_inner();
+        let r = authz
+            .authorize(authorize_req(&key, &format!("al-{i}"), 1))
+            .await
+            .unwrap()
+            .into_inner();
         if !allowed(&r) {
             denied = Some(r);
             break;
         }
-        authz.release(pb::ReleaseRequest { reservation_id: r.reservation_id, reason: String::new() }).await.unwrap();
+        authz
+            .release(pb::ReleaseRequest {
+                reservation_id: r.reservation_id,
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let denied = denied.expect("allowlist change never reached the hot path");
@@ -331,11 +508,28 @@ async fn deny_reasons_name_the_problem() {
     assert!(allowed(&authz.authorize(mini).await.unwrap().into_inner()));
 
     // A revoked key and a deactivated agent are refused as unknown.
-    let keys = stack.agents().list_api_keys(pb::ListApiKeysRequest { agent_id: agent_id.clone() }).await.unwrap().into_inner();
-    stack.agents().revoke_api_key(pb::RevokeApiKeyRequest { key_id: keys.keys[0].id.clone() }).await.unwrap();
+    let keys = stack
+        .agents()
+        .list_api_keys(pb::ListApiKeysRequest {
+            agent_id: agent_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stack
+        .agents()
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: keys.keys[0].id.clone(),
+        })
+        .await
+        .unwrap();
     let mut refused = false;
     for i in 0..50 {
-        let r = authz.authorize(authorize_req(&key, &format!("rev-{i}"), 1)).await.unwrap().into_inner();
+        let r = authz
+            .authorize(authorize_req(&key, &format!("rev-{i}"), 1))
+            .await
+            .unwrap()
+            .into_inner();
         if !allowed(&r) && reason(&r) == pb::DenyReason::UnknownAgent {
             refused = true;
             break;
@@ -354,25 +548,44 @@ async fn verified_identities_authenticate_agents() {
     let spiffe = "spiffe://cluster.local/ns/agents/sa/meshed";
     stack
         .agents()
-        .add_identity(pb::AddIdentityRequest { agent_id: agent_id.clone(), kind: "spiffe".into(), value: spiffe.into() })
+        .add_identity(pb::AddIdentityRequest {
+            agent_id: agent_id.clone(),
+            kind: "spiffe".into(),
+            value: spiffe.into(),
+        })
         .await
         .unwrap();
     let err = stack
         .agents()
-        .add_identity(pb::AddIdentityRequest { agent_id: agent_id.clone(), kind: "spiffe".into(), value: "not-a-spiffe-id".into() })
+        .add_identity(pb::AddIdentityRequest {
+            agent_id: agent_id.clone(),
+            kind: "spiffe".into(),
+            value: "not-a-spiffe-id".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let mut req = authorize_req("", "sp-1", 1000);
     req.credential = Some(pb::AgentCredential {
-        kind: Some(pb::agent_credential::Kind::Verified(pb::VerifiedIdentity { kind: "spiffe".into(), value: spiffe.into() })),
+        kind: Some(pb::agent_credential::Kind::Verified(pb::VerifiedIdentity {
+            kind: "spiffe".into(),
+            value: spiffe.into(),
+        })),
     });
-    let r = stack.authz().authorize(req.clone()).await.unwrap().into_inner();
+    let r = stack
+        .authz()
+        .authorize(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(allowed(&r), "{r:?}");
     assert_eq!(r.agent_id, agent_id);
     req.request_id = "sp-2".into();
     req.credential = Some(pb::AgentCredential {
-        kind: Some(pb::agent_credential::Kind::Verified(pb::VerifiedIdentity { kind: "spiffe".into(), value: "spiffe://cluster.local/ns/x/sa/y".into() })),
+        kind: Some(pb::agent_credential::Kind::Verified(pb::VerifiedIdentity {
+            kind: "spiffe".into(),
+            value: "spiffe://cluster.local/ns/x/sa/y".into(),
+        })),
     });
     let r = stack.authz().authorize(req).await.unwrap().into_inner();
     assert_eq!(reason(&r), pb::DenyReason::UnknownAgent);
@@ -392,8 +605,16 @@ async fn expiry_charges_or_releases_as_the_policy_says() {
     let (releasing, key_r) = agent(&stack, "releasing", None).await;
     let pol_r = policy(&stack, &releasing, "10", "daily", "rolling", "release").await;
     let mut authz = stack.authz();
-    let c = authz.authorize(authorize_req(&key_c, "exp-c", 3_000_000)).await.unwrap().into_inner();
-    let r = authz.authorize(authorize_req(&key_r, "exp-r", 3_000_000)).await.unwrap().into_inner();
+    let c = authz
+        .authorize(authorize_req(&key_c, "exp-c", 3_000_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = authz
+        .authorize(authorize_req(&key_r, "exp-r", 3_000_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(allowed(&c) && allowed(&r));
 
     // Wait (bounded) until the sweeper has released r's reservation; c's expired
@@ -401,7 +622,11 @@ async fn expiry_charges_or_releases_as_the_policy_says() {
     let mut released = false;
     for i in 0..80 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let p = authz.authorize(authorize_req(&key_r, &format!("poll-{i}"), 0)).await.unwrap().into_inner();
+        let p = authz
+            .authorize(authorize_req(&key_r, &format!("poll-{i}"), 0))
+            .await
+            .unwrap()
+            .into_inner();
         if remaining_of(&p, &pol_r) == 10_000_000 {
             released = true;
             break;
@@ -409,16 +634,42 @@ async fn expiry_charges_or_releases_as_the_policy_says() {
     }
     assert!(released, "the sweeper never expired the reservation");
     let a = authz
-        .settle(pb::SettleRequest { reservation_id: c.reservation_id.clone(), actual_cost: Some(usd(1)), ..Default::default() })
+        .settle(pb::SettleRequest {
+            reservation_id: c.reservation_id.clone(),
+            actual_cost: Some(usd(1)),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(a.code(), Code::FailedPrecondition, "{a:?}");
     assert!(a.message().contains("expired"), "{}", a.message());
-    let b = authz.release(pb::ReleaseRequest { reservation_id: r.reservation_id.clone(), reason: String::new() }).await.unwrap_err();
+    let b = authz
+        .release(pb::ReleaseRequest {
+            reservation_id: r.reservation_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(b.code(), Code::FailedPrecondition, "{b:?}");
-    let pc = authz.authorize(authorize_req(&key_c, "after-c", 0)).await.unwrap().into_inner();
-    assert_eq!(remaining_of(&pc, &pol_c), 7_000_000, "expiry charged the reserved amount");
-    let pr = authz.authorize(authorize_req(&key_r, "after-r", 0)).await.unwrap().into_inner();
-    assert_eq!(remaining_of(&pr, &pol_r), 10_000_000, "expiry released the reservation");
+    let pc = authz
+        .authorize(authorize_req(&key_c, "after-c", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        remaining_of(&pc, &pol_c),
+        7_000_000,
+        "expiry charged the reserved amount"
+    );
+    let pr = authz
+        .authorize(authorize_req(&key_r, "after-r", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        remaining_of(&pr, &pol_r),
+        10_000_000,
+        "expiry released the reservation"
+    );
     stack.stop().await.unwrap();
 }

@@ -34,7 +34,18 @@ async fn runbook_create_agent_key_daily_and_monthly_policies_and_list_them() {
     let agent = json(
         &caracal(
             &stack,
-            &["--output", "json", "agent", "create", "--name", "production-agent-1", "--type", "openai", "--metadata", r#"{"team":"platform","env":"prod"}"#],
+            &[
+                "--output",
+                "json",
+                "agent",
+                "create",
+                "--name",
+                "production-agent-1",
+                "--type",
+                "openai",
+                "--metadata",
+                r#"{"team":"platform","env":"prod"}"#,
+            ],
         )
         .await,
     );
@@ -42,7 +53,21 @@ async fn runbook_create_agent_key_daily_and_monthly_policies_and_list_them() {
     assert_eq!(agent["name"], "production-agent-1");
     assert_eq!(agent["status"], "active");
 
-    let key = json(&caracal(&stack, &["--output", "json", "agent", "key", "issue", "--agent-id", &agent_id]).await);
+    let key = json(
+        &caracal(
+            &stack,
+            &[
+                "--output",
+                "json",
+                "agent",
+                "key",
+                "issue",
+                "--agent-id",
+                &agent_id,
+            ],
+        )
+        .await,
+    );
     let secret = key["secret"].as_str().unwrap();
     assert!(secret.starts_with("cak_") && secret.len() == 47, "{secret}");
     // The table form prints the secret once, with a warning.
@@ -54,7 +79,22 @@ async fn runbook_create_agent_key_daily_and_monthly_policies_and_list_them() {
         let p = json(
             &caracal(
                 &stack,
-                &["--output", "json", "policy", "create", "--agent-id", &agent_id, "--limit", limit, "--currency", "USD", "--time-window", window, "--window-type", "calendar"],
+                &[
+                    "--output",
+                    "json",
+                    "policy",
+                    "create",
+                    "--agent-id",
+                    &agent_id,
+                    "--limit",
+                    limit,
+                    "--currency",
+                    "USD",
+                    "--time-window",
+                    window,
+                    "--window-type",
+                    "calendar",
+                ],
             )
             .await,
         );
@@ -62,22 +102,54 @@ async fn runbook_create_agent_key_daily_and_monthly_policies_and_list_them() {
         assert_eq!(p["time_window"], window);
     }
 
-    let listed = json(&caracal(&stack, &["policy", "list", "--agent-id", &agent_id, "--output", "json"]).await);
+    let listed = json(
+        &caracal(
+            &stack,
+            &[
+                "policy",
+                "list",
+                "--agent-id",
+                &agent_id,
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
     let mut got: Vec<(String, i64)> = listed
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["time_window"].as_str().unwrap().to_owned(), p["limit"]["micros"].as_i64().unwrap()))
+        .map(|p| {
+            (
+                p["time_window"].as_str().unwrap().to_owned(),
+                p["limit"]["micros"].as_i64().unwrap(),
+            )
+        })
         .collect();
     got.sort();
-    assert_eq!(got, vec![("daily".to_owned(), 1_000_000_000), ("monthly".to_owned(), 25_000_000_000)]);
+    assert_eq!(
+        got,
+        vec![
+            ("daily".to_owned(), 1_000_000_000),
+            ("monthly".to_owned(), 25_000_000_000)
+        ]
+    );
 
     // The table lists both policies, one row each, under a header.
     let table = caracal(&stack, &["policy", "list", "--agent-id", &agent_id]).await;
     assert_eq!(table.code, 0);
-    let rows: Vec<&str> = table.out.lines().filter(|l| l.contains(&agent_id)).collect();
+    let rows: Vec<&str> = table
+        .out
+        .lines()
+        .filter(|l| l.contains(&agent_id))
+        .collect();
     assert_eq!(rows.len(), 2, "{}", table.out);
-    assert!(table.out.lines().next().unwrap().contains("LIMIT"), "{}", table.out);
+    assert!(
+        table.out.lines().next().unwrap().contains("LIMIT"),
+        "{}",
+        table.out
+    );
 
     // Agent list shows the agent.
     let agents = json(&caracal(&stack, &["--output", "json", "agent", "list"]).await);
@@ -87,7 +159,22 @@ async fn runbook_create_agent_key_daily_and_monthly_policies_and_list_them() {
     let price = json(
         &caracal(
             &stack,
-            &["--output", "json", "pricebook", "set", "--provider", "openai", "--model", "gpt-4o", "--currency", "USD", "--input-price", "2.50", "--output-price", "10.00"],
+            &[
+                "--output",
+                "json",
+                "pricebook",
+                "set",
+                "--provider",
+                "openai",
+                "--model",
+                "gpt-4o",
+                "--currency",
+                "USD",
+                "--input-price",
+                "2.50",
+                "--output-price",
+                "10.00",
+            ],
         )
         .await,
     );
@@ -98,33 +185,79 @@ async fn runbook_create_agent_key_daily_and_monthly_policies_and_list_them() {
 #[tokio::test]
 async fn errors_are_plain_and_exit_non_zero() {
     let stack = TestStack::start().await.unwrap();
-    let a = caracal(&stack, &["agent", "create", "--name", "dup", "--type", "openai"]).await;
+    let a = caracal(
+        &stack,
+        &["agent", "create", "--name", "dup", "--type", "openai"],
+    )
+    .await;
     assert_eq!(a.code, 0, "{}", a.err);
 
-    let dup = caracal(&stack, &["agent", "create", "--name", "dup", "--type", "openai"]).await;
+    let dup = caracal(
+        &stack,
+        &["agent", "create", "--name", "dup", "--type", "openai"],
+    )
+    .await;
     assert_eq!(dup.code, 1);
     assert!(dup.err.starts_with("error: AlreadyExists:"), "{}", dup.err);
     assert!(dup.err.contains("dup"), "{}", dup.err);
 
     let bad = caracal(
         &stack,
-        &["policy", "create", "--agent-id", "dup", "--limit", "1.0000001", "--currency", "USD", "--time-window", "daily", "--window-type", "calendar"],
+        &[
+            "policy",
+            "create",
+            "--agent-id",
+            "dup",
+            "--limit",
+            "1.0000001",
+            "--currency",
+            "USD",
+            "--time-window",
+            "daily",
+            "--window-type",
+            "calendar",
+        ],
     )
     .await;
     assert_eq!(bad.code, 1);
-    assert!(bad.err.starts_with("error: InvalidArgument: limit"), "{}", bad.err);
+    assert!(
+        bad.err.starts_with("error: InvalidArgument: limit"),
+        "{}",
+        bad.err
+    );
     assert!(bad.out.is_empty());
 
     let missing = caracal(&stack, &["agent", "get", "nobody"]).await;
     assert_eq!(missing.code, 1);
-    assert!(missing.err.starts_with("error: NotFound:"), "{}", missing.err);
+    assert!(
+        missing.err.starts_with("error: NotFound:"),
+        "{}",
+        missing.err
+    );
 
     // Without the admin token.
     let url = stack.grpc_url();
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = caracal_cli::run(["caracal", "--server", &url, "--admin-token", "", "agent", "list"], &mut out, &mut err).await;
+    let code = caracal_cli::run(
+        [
+            "caracal",
+            "--server",
+            &url,
+            "--admin-token",
+            "",
+            "agent",
+            "list",
+        ],
+        &mut out,
+        &mut err,
+    )
+    .await;
     assert_eq!(code, 1);
-    assert!(String::from_utf8_lossy(&err).starts_with("error: Unauthenticated:"), "{}", String::from_utf8_lossy(&err));
+    assert!(
+        String::from_utf8_lossy(&err).starts_with("error: Unauthenticated:"),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
 
     // Usage errors are exit code 2.
     let usage = caracal(&stack, &["policy", "create", "--agent-id", "dup"]).await;

@@ -524,7 +524,10 @@ async fn broker_outage_delays_but_never_loses_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tmp_throughput() {
     const N: usize = 20_000;
-    let tansu = Tansu::start_new().await.unwrap();
+    let tansu =
+        Tansu::start_with_storage(&std::env::var("STORAGE").unwrap_or("sqlite://tansu.db".into()))
+            .await
+            .unwrap();
     let brokers = tansu.brokers();
     let cfg = kafka_config(&brokers);
     caracal_authz::kafka::ensure_topics(&cfg).await.unwrap();
@@ -532,25 +535,104 @@ async fn tmp_throughput() {
     let mut conn = redis().await;
     // warm up
     let (tx, handle) = spawn_relay(conn.clone(), &ks, &cfg);
-    xadd(&mut conn, &ks.outbox(0), &charge_entry("rsv_w", "a", "r", 1, 1)).await;
+    xadd(
+        &mut conn,
+        &ks.outbox(0),
+        &charge_entry("rsv_w", "a", "r", 1, 1),
+    )
+    .await;
     wait_drained(&mut conn, &ks, Duration::from_secs(30)).await;
     stop_relay(tx, handle).await;
     let mut pipe = redis::pipe();
     for i in 0..N {
         let root = format!("root-{}", i % 50);
-        let rsv = format!("rsv_{}_{}", ks.partition_of(&root), uuid::Uuid::new_v4().simple());
+        let rsv = format!(
+            "rsv_{}_{}",
+            ks.partition_of(&root),
+            uuid::Uuid::new_v4().simple()
+        );
         let fields = charge_entry(&rsv, "agent", &root, 1_000, 1_000);
-        let cmd = pipe.cmd("XADD").arg(ks.outbox(ks.partition_of(&root))).arg("*");
-        for (k, v) in &fields { cmd.arg(*k).arg(v); }
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(ks.outbox(ks.partition_of(&root)))
+            .arg("*");
+        for (k, v) in &fields {
+            cmd.arg(*k).arg(v);
+        }
         cmd.ignore();
     }
     let _: () = pipe.query_async(&mut conn).await.unwrap();
     let (tx, handle) = spawn_relay(conn.clone(), &ks, &cfg);
     let took = wait_drained(&mut conn, &ks, Duration::from_secs(120)).await;
-    eprintln!("throughput: {N} in {took:?} = {:.0}/s", N as f64 / took.as_secs_f64());
+    eprintln!(
+        "throughput: {N} in {took:?} = {:.0}/s",
+        N as f64 / took.as_secs_f64()
+    );
     stop_relay(tx, handle).await;
+    {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "x")
+            .create()
+            .unwrap();
+        for p in 0..3 {
+            let w = c.fetch_watermarks(&cfg.metering_topic, p, Duration::from_secs(5));
+            eprintln!("partition {p}: {w:?}");
+        }
+    }
+    {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::Message as _;
+        struct Ctx;
+        impl rdkafka::ClientContext for Ctx {
+            fn log(&self, _l: rdkafka::config::RDKafkaLogLevel, fac: &str, m: &str) {
+                eprintln!("RD {fac} {m}");
+            }
+        }
+        impl rdkafka::consumer::ConsumerContext for Ctx {}
+        let c: StreamConsumer<Ctx> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("g{}", uuid::Uuid::new_v4()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("debug", std::env::var("RDDEBUG").unwrap_or("fetch".into()))
+            .create_with_context(Ctx)
+            .unwrap();
+        let md = c
+            .fetch_metadata(Some(&cfg.metering_topic), Duration::from_secs(5))
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition_offset(&cfg.metering_topic, p.id(), rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        c.assign(&tpl).unwrap();
+        let mut counts = HashMap::new();
+        let t = Instant::now();
+        let mut last = (0, 0i64);
+        while t.elapsed() < Duration::from_secs(20) {
+            match tokio::time::timeout(Duration::from_secs(1), c.recv()).await {
+                Ok(Ok(m)) => {
+                    *counts.entry(m.partition()).or_insert(0) += 1;
+                    last = (m.partition(), m.offset());
+                }
+                Ok(Err(e)) => eprintln!("err {e}"),
+                Err(_) => eprintln!("idle at {:?}: {counts:?} last {last:?}", t.elapsed()),
+            }
+        }
+        eprintln!("counts {counts:?}");
+    }
+    std::env::set_var("CARACAL_TEST_VERBOSE", "1");
     let t = Instant::now();
-    let c = consume_all(&brokers, &cfg.metering_topic, N + 1, Duration::from_secs(60)).await.unwrap();
+    let c = consume_all(
+        &brokers,
+        &cfg.metering_topic,
+        N + 1,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     eprintln!("consumed {} in {:?}", c.len(), t.elapsed());
     cleanup(&mut conn, &ks).await;
 }

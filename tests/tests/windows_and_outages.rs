@@ -35,7 +35,12 @@ struct Fixture {
 impl Fixture {
     fn new(window: TimeWindow, window_type: WindowType, limit: i64) -> Self {
         let prefix = format!("t{}", Uuid::new_v4().simple());
-        let store = BudgetStore::new(&redis_url(), KeySpace::new(prefix, 4), Duration::from_secs(2)).unwrap();
+        let store = BudgetStore::new(
+            &redis_url(),
+            KeySpace::new(prefix, 4),
+            Duration::from_secs(2),
+        )
+        .unwrap();
         let policy = PolicyInfo {
             id: Uuid::now_v7(),
             agent_id: Uuid::now_v7(),
@@ -45,7 +50,11 @@ impl Fixture {
             window_type,
             on_expiry: OnExpiry::Charge,
         };
-        Self { store, policy, n: 0 }
+        Self {
+            store,
+            policy,
+            n: 0,
+        }
     }
 
     /// Tries to reserve `amount` at instant `now`; true when admitted.
@@ -93,7 +102,11 @@ impl Fixture {
             .await
             .unwrap();
         if !keys.is_empty() {
-            let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
         }
     }
 }
@@ -104,28 +117,67 @@ async fn calendar_windows_roll_over_at_utc_boundaries() {
     // in the future: a counter expires a day after its window ends, and Redis drops
     // a key whose expiry is already past.
     let cases = [
-        (TimeWindow::Hourly, "2027-02-03T10:59:59.999Z", "2027-02-03T11:00:00Z"),
-        (TimeWindow::Daily, "2027-02-03T23:59:59Z", "2027-02-04T00:00:00Z"),
+        (
+            TimeWindow::Hourly,
+            "2027-02-03T10:59:59.999Z",
+            "2027-02-03T11:00:00Z",
+        ),
+        (
+            TimeWindow::Daily,
+            "2027-02-03T23:59:59Z",
+            "2027-02-04T00:00:00Z",
+        ),
         // ISO weeks start on Monday: Sunday 7 Feb 2027 -> Monday 8 Feb.
-        (TimeWindow::Weekly, "2027-02-07T23:59:59Z", "2027-02-08T00:00:00Z"),
-        (TimeWindow::Monthly, "2027-01-31T23:59:59Z", "2027-02-01T00:00:00Z"),
+        (
+            TimeWindow::Weekly,
+            "2027-02-07T23:59:59Z",
+            "2027-02-08T00:00:00Z",
+        ),
+        (
+            TimeWindow::Monthly,
+            "2027-01-31T23:59:59Z",
+            "2027-02-01T00:00:00Z",
+        ),
         // Leap day belongs to February; March starts a new month.
-        (TimeWindow::Monthly, "2028-02-29T23:59:59Z", "2028-03-01T00:00:00Z"),
-        (TimeWindow::Monthly, "2027-12-31T23:59:59Z", "2028-01-01T00:00:00Z"),
+        (
+            TimeWindow::Monthly,
+            "2028-02-29T23:59:59Z",
+            "2028-03-01T00:00:00Z",
+        ),
+        (
+            TimeWindow::Monthly,
+            "2027-12-31T23:59:59Z",
+            "2028-01-01T00:00:00Z",
+        ),
     ];
     for (window, last, next) in cases {
         let mut f = Fixture::new(window, WindowType::Calendar, 100);
         assert!(f.reserve(80, last).await, "{window:?} first reservation");
-        assert!(!f.reserve(30, last).await, "{window:?}: 80 + 30 > 100 in one window");
-        assert!(f.reserve(20, last).await, "{window:?}: exactly the limit is allowed");
-        assert!(f.reserve(30, next).await, "{window:?}: a new window starts at {next}");
-        assert!(!f.reserve(71, next).await, "{window:?}: and counts from zero");
+        assert!(
+            !f.reserve(30, last).await,
+            "{window:?}: 80 + 30 > 100 in one window"
+        );
+        assert!(
+            f.reserve(20, last).await,
+            "{window:?}: exactly the limit is allowed"
+        );
+        assert!(
+            f.reserve(30, next).await,
+            "{window:?}: a new window starts at {next}"
+        );
+        assert!(
+            !f.reserve(71, next).await,
+            "{window:?}: and counts from zero"
+        );
         f.cleanup().await;
     }
     // Mid-week days share the weekly window (Monday .. Sunday).
     let mut f = Fixture::new(TimeWindow::Weekly, WindowType::Calendar, 100);
     assert!(f.reserve(60, "2027-02-08T00:00:00Z").await);
-    assert!(!f.reserve(60, "2027-02-14T23:59:59Z").await, "same ISO week");
+    assert!(
+        !f.reserve(60, "2027-02-14T23:59:59Z").await,
+        "same ISO week"
+    );
     f.cleanup().await;
     // `total` never rolls over.
     let mut f = Fixture::new(TimeWindow::Total, WindowType::Calendar, 100);
@@ -140,31 +192,62 @@ async fn rolling_windows_slide_and_never_under_count() {
     // 10:00 leaves the window, i.e. while now - 1h is before 10:01.
     let mut f = Fixture::new(TimeWindow::Hourly, WindowType::Rolling, 100);
     assert!(f.reserve(80, "2026-02-03T10:00:30Z").await);
-    assert!(!f.reserve(30, "2026-02-03T10:30:00Z").await, "inside the hour");
-    assert!(!f.reserve(30, "2026-02-03T11:00:29Z").await, "exactly an hour later: still counted");
+    assert!(
+        !f.reserve(30, "2026-02-03T10:30:00Z").await,
+        "inside the hour"
+    );
+    assert!(
+        !f.reserve(30, "2026-02-03T11:00:29Z").await,
+        "exactly an hour later: still counted"
+    );
     // Granularity: at 11:00:45 the spend is more than an hour old, but its bucket
     // still overlaps the window, so it still counts (early refusal, never overshoot).
-    assert!(!f.reserve(30, "2026-02-03T11:00:45Z").await, "bucket still overlaps the window");
-    assert!(f.reserve(30, "2026-02-03T11:01:00Z").await, "the bucket has left the window");
+    assert!(
+        !f.reserve(30, "2026-02-03T11:00:45Z").await,
+        "bucket still overlaps the window"
+    );
+    assert!(
+        f.reserve(30, "2026-02-03T11:01:00Z").await,
+        "the bucket has left the window"
+    );
     f.cleanup().await;
 
     // Daily rolling: spend spread over a day keeps counting until it is 24h old.
     let mut f = Fixture::new(TimeWindow::Daily, WindowType::Rolling, 100);
     assert!(f.reserve(50, "2026-02-03T08:00:00Z").await);
     assert!(f.reserve(50, "2026-02-03T20:00:00Z").await);
-    assert!(!f.reserve(1, "2026-02-04T07:59:00Z").await, "both still inside 24h");
-    assert!(f.reserve(50, "2026-02-04T08:15:00Z").await, "the first 50 has left the window");
+    assert!(
+        !f.reserve(1, "2026-02-04T07:59:00Z").await,
+        "both still inside 24h"
+    );
+    assert!(
+        f.reserve(50, "2026-02-04T08:15:00Z").await,
+        "the first 50 has left the window"
+    );
     assert!(!f.reserve(1, "2026-02-04T08:15:00Z").await);
     f.cleanup().await;
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start_redis(port: u16) -> std::process::Child {
     let child = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -190,11 +273,23 @@ async fn redis_outage_fails_closed_and_recovers() {
     .unwrap();
     let a = stack
         .agents()
-        .create_agent(pb::CreateAgentRequest { name: "fragile".into(), agent_type: "openai".into(), ..Default::default() })
+        .create_agent(pb::CreateAgentRequest {
+            name: "fragile".into(),
+            agent_type: "openai".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    let key = stack.agents().issue_api_key(pb::IssueApiKeyRequest { agent_id: a.id.clone() }).await.unwrap().into_inner().secret;
+    let key = stack
+        .agents()
+        .issue_api_key(pb::IssueApiKeyRequest {
+            agent_id: a.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
     stack
         .policies()
         .create_policy(pb::CreatePolicyRequest {
@@ -209,12 +304,18 @@ async fn redis_outage_fails_closed_and_recovers() {
         .unwrap();
     let req = |id: &str| pb::AuthorizeRequest {
         request_id: id.into(),
-        credential: Some(pb::AgentCredential { kind: Some(pb::agent_credential::Kind::ApiKey(key.clone())) }),
+        credential: Some(pb::AgentCredential {
+            kind: Some(pb::agent_credential::Kind::ApiKey(key.clone())),
+        }),
         provider: "openai".into(),
         model: "gpt-4o".into(),
         resource: "api.openai.com/v1/chat/completions".into(),
         estimated_usage: None,
-        estimated_cost: Some(pb::Money { currency: "USD".into(), micros: 1000, amount: String::new() }),
+        estimated_cost: Some(pb::Money {
+            currency: "USD".into(),
+            micros: 1000,
+            amount: String::new(),
+        }),
     };
     let mut authz = stack.authz();
     let ok = authz.authorize(req("before")).await.unwrap().into_inner();
@@ -225,9 +326,20 @@ async fn redis_outage_fails_closed_and_recovers() {
     let started = std::time::Instant::now();
     let err = authz.authorize(req("during")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "fails fast, not after the request timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fails fast, not after the request timeout"
+    );
     let err = authz
-        .settle(pb::SettleRequest { reservation_id: ok.reservation_id.clone(), actual_cost: Some(pb::Money { currency: "USD".into(), micros: 1, amount: String::new() }), ..Default::default() })
+        .settle(pb::SettleRequest {
+            reservation_id: ok.reservation_id.clone(),
+            actual_cost: Some(pb::Money {
+                currency: "USD".into(),
+                micros: 1,
+                amount: String::new(),
+            }),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
@@ -244,7 +356,10 @@ async fn redis_outage_fails_closed_and_recovers() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(recovered, "the service did not recover after Redis came back");
+    assert!(
+        recovered,
+        "the service did not recover after Redis came back"
+    );
     stack.stop().await.unwrap();
     redis.kill().unwrap();
     redis.wait().unwrap();

@@ -170,8 +170,13 @@ impl BudgetStore {
     /// Connects lazily: the service starts even while Redis is down and answers
     /// UNAVAILABLE until it is back.
     pub fn new(url: &str, keys: KeySpace, timeout: Duration) -> Result<Self, StoreError> {
+        // TCP_NODELAY: every call is one small request and reply; with Nagle and
+        // delayed ACKs each would wait ~40 ms.
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client =
-            redis::Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            redis::Client::open(info).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
