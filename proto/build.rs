@@ -19,9 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("caracal_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
+    // Without `grpc` (the wasm filter) only the messages are generated.
+    let grpc = env::var_os("CARGO_FEATURE_GRPC").is_some();
     tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
+        .build_server(grpc)
+        .build_client(grpc)
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -4,8 +4,9 @@
 /// Version 1 of the Caracal API.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("caracal.v1");
+    include!(concat!(env!("OUT_DIR"), "/caracal.v1.rs"));
 }
 
 /// Encoded `FileDescriptorSet` of every Caracal proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("caracal_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/caracal_descriptor.bin"));
