@@ -168,6 +168,36 @@ pub enum AgentCmd {
     /// Agent API keys.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Verified identities (SPIFFE id, JWT claim) that authenticate as an agent.
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCmd {
+    /// Bind an identity the gateway verifies to an agent.
+    Add {
+        #[arg(long, value_name = "ID")]
+        agent_id: String,
+        #[arg(long, value_enum)]
+        kind: IdentityKind,
+        /// e.g. spiffe://cluster.local/ns/agents/sa/my-agent, or a JWT `sub`.
+        #[arg(long)]
+        value: String,
+    },
+    /// Unbind an identity.
+    Remove { id: String },
+    /// List an agent's identities.
+    List {
+        #[arg(long, value_name = "ID")]
+        agent_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdentityKind {
+    Spiffe,
+    Jwt,
 }
 
 #[derive(Debug, Subcommand)]

@@ -151,6 +151,44 @@ async fn runbook_create_agent_key_daily_and_monthly_policies_and_list_them() {
         table.out
     );
 
+    // Verified identities (SPIFFE ids of meshed agents) bind through the CLI too.
+    let ident = json(
+        &caracal(
+            &stack,
+            &[
+                "--output",
+                "json",
+                "agent",
+                "identity",
+                "add",
+                "--agent-id",
+                &agent_id,
+                "--kind",
+                "spiffe",
+                "--value",
+                "spiffe://cluster.local/ns/agents/sa/prod-1",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(ident["kind"], "spiffe");
+    let idents = json(
+        &caracal(
+            &stack,
+            &[
+                "--output",
+                "json",
+                "agent",
+                "identity",
+                "list",
+                "--agent-id",
+                &agent_id,
+            ],
+        )
+        .await,
+    );
+    assert_eq!(idents.as_array().unwrap().len(), 1);
+
     // Agent list shows the agent.
     let agents = json(&caracal(&stack, &["--output", "json", "agent", "list"]).await);
     assert_eq!(agents.as_array().unwrap().len(), 1);

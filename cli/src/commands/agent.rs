@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::{read_pages, Ctx};
 use crate::{
-    args::{wire, AgentCmd, KeyCmd},
+    args::{wire, AgentCmd, IdentityCmd, IdentityKind, KeyCmd},
     output::{self, or_dash, ts_json, ts_text, OutputFormat, Table},
 };
 
@@ -118,7 +118,84 @@ pub async fn run(ctx: &Ctx<'_>, cmd: AgentCmd, out: &mut dyn Write) -> Result<()
             write_agent(ctx.format, &agent, out)
         }
         AgentCmd::Key(cmd) => run_key(ctx, cmd, out).await,
+        AgentCmd::Identity(cmd) => run_identity(ctx, cmd, out).await,
     }
+}
+
+async fn run_identity(ctx: &Ctx<'_>, cmd: IdentityCmd, out: &mut dyn Write) -> Result<()> {
+    let client = ctx.connect().await?;
+    match cmd {
+        IdentityCmd::Add {
+            agent_id,
+            kind,
+            value,
+        } => {
+            let kind = match kind {
+                IdentityKind::Spiffe => "spiffe",
+                IdentityKind::Jwt => "jwt",
+            };
+            let request = pb::AddIdentityRequest {
+                agent_id,
+                kind: kind.to_owned(),
+                value,
+            };
+            let i = client.agents().add_identity(request).await?.into_inner();
+            let pairs = vec![
+                ("id", i.id.clone()),
+                ("agent", i.agent_id.clone()),
+                ("kind", i.kind.clone()),
+                ("value", i.value.clone()),
+                ("created", ts_text(i.created_at.as_ref())),
+            ];
+            output::write_object(out, ctx.format, identity_json(&i), &pairs)
+        }
+        IdentityCmd::Remove { id } => {
+            client
+                .agents()
+                .remove_identity(pb::RemoveIdentityRequest { id: id.clone() })
+                .await?;
+            output::write_object(
+                out,
+                ctx.format,
+                json!({ "id": id, "removed": true }),
+                &[("removed", id.clone())],
+            )
+        }
+        IdentityCmd::List { agent_id } => {
+            let list = client
+                .agents()
+                .list_identities(pb::ListIdentitiesRequest { agent_id })
+                .await?
+                .into_inner()
+                .identities;
+            let mut table = Table::new(["ID", "AGENT", "KIND", "VALUE", "CREATED"]);
+            for i in &list {
+                table.row(vec![
+                    i.id.clone(),
+                    i.agent_id.clone(),
+                    i.kind.clone(),
+                    i.value.clone(),
+                    ts_text(i.created_at.as_ref()),
+                ]);
+            }
+            output::write_list(
+                out,
+                ctx.format,
+                list.iter().map(identity_json).collect(),
+                &table,
+            )
+        }
+    }
+}
+
+fn identity_json(i: &pb::AgentIdentity) -> Value {
+    json!({
+        "id": i.id,
+        "agent_id": i.agent_id,
+        "kind": i.kind,
+        "value": i.value,
+        "created_at": ts_json(i.created_at.as_ref()),
+    })
 }
 
 async fn run_key(ctx: &Ctx<'_>, cmd: KeyCmd, out: &mut dyn Write) -> Result<()> {
