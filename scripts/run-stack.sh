@@ -22,15 +22,31 @@ export CARACAL_DATABASE_URL=${CARACAL_DATABASE_URL:-postgres://postgres@127.0.0.
 export CARACAL_GRPC_ADDR=127.0.0.1:50051 CARACAL_HTTP_ADDR=127.0.0.1:9464
 export CARACAL_SERVER=http://127.0.0.1:50051
 
-if [ -f "$STATE/authz.pid" ] && kill -0 "$(cat "$STATE/authz.pid")" 2>/dev/null; then
-  kill "$(cat "$STATE/authz.pid")" && sleep 1
-fi
+stop_pidfile() {
+  if [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; then kill "$(cat "$1")"; sleep 1; fi
+  rm -f "$1"
+}
+stop_pidfile "$STATE/authz.pid"
+stop_pidfile "$STATE/tansu.pid"
+
+echo "== starting the tansu Kafka broker on 127.0.0.1:9092 (data: .local/tansu)"
+mkdir -p "$STATE/tansu"
+TANSU=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
+(cd "$STATE/tansu" && exec "$TANSU" broker --listener-url tcp://127.0.0.1:9092 \
+  --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine sqlite://tansu.db) \
+  >"$STATE/tansu.log" 2>&1 &
+echo $! >"$STATE/tansu.pid"
+for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null && break; sleep 0.5; done
+export CARACAL_KAFKA_BROKERS=127.0.0.1:9092
 echo "== starting caracal-authz-service (log: .local/authz.log)"
 "$BIN/caracal-authz-service" --config authz-service/config.example.yaml >"$STATE/authz.log" 2>&1 &
 echo $! >"$STATE/authz.pid"
-if [ "${KEEP_RUNNING:-0}" != 1 ]; then
-  trap 'kill "$(cat "$STATE/authz.pid")" 2>/dev/null || true' EXIT
-fi
+cleanup() {
+  for f in authz tansu; do
+    [ -f "$STATE/$f.pid" ] && kill "$(cat "$STATE/$f.pid")" 2>/dev/null || true
+  done
+}
+if [ "${KEEP_RUNNING:-0}" != 1 ]; then trap cleanup EXIT; fi
 for _ in $(seq 1 60); do
   curl -fsS http://127.0.0.1:9464/health >/dev/null 2>&1 && break
   sleep 0.5
