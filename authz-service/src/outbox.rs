@@ -617,11 +617,8 @@ impl OutboxRelay {
                 .arg("COUNT")
                 .arg(BATCH);
         }
-        let t0 = Instant::now();
-        let batches: Vec<Value> =
-            Self::bounded(pipe.query_async(&mut self.conn)).await?;
+        let batches: Vec<Value> = Self::bounded(pipe.query_async(&mut self.conn)).await?;
 
-        let t1 = Instant::now();
         let mut slots: Vec<Slot> = Vec::new();
         let mut futures: Vec<DeliveryFuture> = Vec::new();
         for (&p, batch) in owned.iter().zip(batches) {
@@ -646,7 +643,6 @@ impl OutboxRelay {
             return Ok(stats);
         }
 
-        let t2 = Instant::now();
         let Some(results) = self.await_deliveries(futures, shutdown).await else {
             stats.shutdown = true;
             return Ok(stats);
@@ -700,18 +696,9 @@ impl OutboxRelay {
                     .ignore();
             }
         }
-        let t3 = Instant::now();
         if stats.moved > 0 {
             Self::bounded(pipe.query_async::<()>(&mut self.conn)).await?;
         }
-        eprintln!(
-            "TIMING n={} xrange={:?} send={:?} await={:?} xdel={:?}",
-            stats.moved,
-            t1 - t0,
-            t2 - t1,
-            t3 - t2,
-            t3.elapsed()
-        );
         Ok(stats)
     }
 
@@ -905,7 +892,9 @@ fn range_entries(reply: Value) -> Result<Vec<RawEntry>, RelayError> {
         };
         let mut parts = parts.into_iter();
         let id = match parts.next() {
-            Some(Value::BulkString(b)) => String::from_utf8(b).map_err(|_| bad("entry id is not text"))?,
+            Some(Value::BulkString(b)) => {
+                String::from_utf8(b).map_err(|_| bad("entry id is not text"))?
+            }
             Some(Value::SimpleString(s)) => s,
             _ => return Err(bad("entry without id")),
         };
@@ -1144,6 +1133,33 @@ mod tests {
         let (fields, err) = entry_fields(raw);
         assert!(err.unwrap().contains("type"));
         assert_eq!(fields.len(), 1);
+    }
+
+    #[test]
+    fn xrange_replies_are_walked_in_order() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("1-0"),
+                Value::Array(vec![
+                    bulk("type"),
+                    bulk("charge"),
+                    bulk("event_id"),
+                    bulk("e"),
+                ]),
+            ]),
+            Value::Array(vec![bulk("2-0"), Value::Array(vec![bulk("odd")])]),
+        ]);
+        let entries = range_entries(reply).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].0, "1-0");
+        assert_eq!(entries[0].1[1], ("event_id".to_owned(), bulk("e")));
+        // A field without a value is kept (as nil): the entry is then poison.
+        assert_eq!(entries[1].1, vec![("odd".to_owned(), Value::Nil)]);
+        let (_, err) = entry_fields(entries[1].1.clone());
+        assert!(err.is_some());
+        assert!(range_entries(Value::Nil).unwrap().is_empty());
+        assert!(range_entries(Value::Int(1)).is_err());
     }
 
     #[test]

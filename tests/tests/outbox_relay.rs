@@ -24,14 +24,23 @@ use tokio::{sync::watch, task::JoinHandle};
 
 const AT_MS: i64 = 1_770_000_000_250;
 
+/// A connection of its own (the relay gets another one, as in the service, so big
+/// XRANGE replies never queue the test's calls). Generous response timeout: the
+/// machine running the tests may be busy.
 async fn redis() -> ConnectionManager {
     let url =
         std::env::var("CARACAL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let client = redis::Client::open(url).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), client.get_connection_manager())
-        .await
-        .expect("Redis connection timed out")
-        .expect("Redis on 127.0.0.1:6379")
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_connection_timeout(Some(Duration::from_secs(5)));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get_connection_manager_with_config(config),
+    )
+    .await
+    .expect("Redis connection timed out")
+    .expect("Redis on 127.0.0.1:6379")
 }
 
 fn key_space() -> KeySpace {
@@ -149,13 +158,16 @@ fn spawn_relay(
     ks: &KeySpace,
     cfg: &KafkaConfig,
 ) -> (watch::Sender<bool>, JoinHandle<()>) {
-    let relay = OutboxRelay::new(
-        conn,
-        ks.clone(),
-        cfg,
-        format!("relay-{}", uuid::Uuid::new_v4()),
-    )
-    .unwrap();
+    spawn_relay_as(conn, ks, cfg, &format!("relay-{}", uuid::Uuid::new_v4()))
+}
+
+fn spawn_relay_as(
+    conn: ConnectionManager,
+    ks: &KeySpace,
+    cfg: &KafkaConfig,
+    owner: &str,
+) -> (watch::Sender<bool>, JoinHandle<()>) {
+    let relay = OutboxRelay::new(conn, ks.clone(), cfg, owner.to_owned()).unwrap();
     let (tx, rx) = watch::channel(false);
     (tx, tokio::spawn(relay.run(rx)))
 }
@@ -262,7 +274,7 @@ async fn events_arrive_once_with_their_fields() {
     }
     assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), 32);
 
-    let (tx, handle) = spawn_relay(conn.clone(), &ks, &cfg);
+    let (tx, handle) = spawn_relay(redis().await, &ks, &cfg);
     let took = wait_drained(&mut conn, &ks, Duration::from_secs(60)).await;
     eprintln!("32 events relayed in {took:?}");
 
@@ -392,7 +404,7 @@ async fn poison_entries_go_to_the_dlq_and_the_rest_still_arrives() {
     )
     .await;
 
-    let (tx, handle) = spawn_relay(conn.clone(), &ks, &cfg);
+    let (tx, handle) = spawn_relay(redis().await, &ks, &cfg);
     wait_drained(&mut conn, &ks, Duration::from_secs(60)).await;
 
     let (d, dlq) = tokio::join!(
@@ -471,7 +483,19 @@ async fn broker_outage_delays_but_never_loses_events() {
     let _: () = pipe.query_async(&mut conn).await.unwrap();
     assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), N as u64);
 
-    let (tx, handle) = spawn_relay(conn.clone(), &ks, &cfg);
+    // A relay shut down in the middle of the outage stops within its grace period
+    // and leaves every undelivered entry in the outbox.
+    let (tx, handle) = spawn_relay(redis().await, &ks, &cfg);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = Instant::now();
+    stop_relay(tx, handle).await;
+    eprintln!(
+        "outage test: relay stopped {:?} after the request, deliveries pending",
+        stopping.elapsed()
+    );
+    assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), N as u64);
+
+    let (tx, handle) = spawn_relay(redis().await, &ks, &cfg);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         outbox_depth(&mut conn, &ks).await.unwrap(),
@@ -521,118 +545,79 @@ async fn broker_outage_delays_but_never_loses_events() {
     cleanup(&mut conn, &ks).await;
 }
 
+/// Two replicas: each partition is drained by one lease holder at a time, and a
+/// relay that stops hands its partitions over (releasing its leases) without an
+/// event being lost or sent twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tmp_throughput() {
-    const N: usize = 20_000;
-    let tansu =
-        Tansu::start_with_storage(&std::env::var("STORAGE").unwrap_or("sqlite://tansu.db".into()))
-            .await
-            .unwrap();
+async fn two_relays_share_partitions_through_leases() {
+    let tansu = Tansu::start_new().await.unwrap();
     let brokers = tansu.brokers();
     let cfg = kafka_config(&brokers);
     caracal_authz::kafka::ensure_topics(&cfg).await.unwrap();
     let ks = key_space();
     let mut conn = redis().await;
-    // warm up
-    let (tx, handle) = spawn_relay(conn.clone(), &ks, &cfg);
-    xadd(
-        &mut conn,
-        &ks.outbox(0),
-        &charge_entry("rsv_w", "a", "r", 1, 1),
-    )
-    .await;
-    wait_drained(&mut conn, &ks, Duration::from_secs(30)).await;
-    stop_relay(tx, handle).await;
-    let mut pipe = redis::pipe();
-    for i in 0..N {
-        let root = format!("root-{}", i % 50);
-        let rsv = format!(
-            "rsv_{}_{}",
-            ks.partition_of(&root),
-            uuid::Uuid::new_v4().simple()
-        );
-        let fields = charge_entry(&rsv, "agent", &root, 1_000, 1_000);
-        let cmd = pipe
-            .cmd("XADD")
-            .arg(ks.outbox(ks.partition_of(&root)))
-            .arg("*");
-        for (k, v) in &fields {
-            cmd.arg(*k).arg(v);
-        }
-        cmd.ignore();
-    }
-    let _: () = pipe.query_async(&mut conn).await.unwrap();
-    let (tx, handle) = spawn_relay(conn.clone(), &ks, &cfg);
-    let took = wait_drained(&mut conn, &ks, Duration::from_secs(120)).await;
-    eprintln!(
-        "throughput: {N} in {took:?} = {:.0}/s",
-        N as f64 / took.as_secs_f64()
-    );
-    stop_relay(tx, handle).await;
-    {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", "x")
-            .create()
-            .unwrap();
-        for p in 0..3 {
-            let w = c.fetch_watermarks(&cfg.metering_topic, p, Duration::from_secs(5));
-            eprintln!("partition {p}: {w:?}");
+
+    async fn add(conn: &mut ConnectionManager, ks: &KeySpace, n: usize, ids: &mut HashSet<String>) {
+        for i in 0..n {
+            let root = format!("root-{}", i % 20);
+            let rsv = format!(
+                "rsv_{}_{}",
+                ks.partition_of(&root),
+                uuid::Uuid::new_v4().simple()
+            );
+            ids.insert(format!("{rsv}/settle"));
+            xadd(
+                conn,
+                &ks.outbox(ks.partition_of(&root)),
+                &charge_entry(&rsv, "a", &root, 5, 5),
+            )
+            .await;
         }
     }
-    {
-        use rdkafka::consumer::{Consumer, StreamConsumer};
-        use rdkafka::Message as _;
-        struct Ctx;
-        impl rdkafka::ClientContext for Ctx {
-            fn log(&self, _l: rdkafka::config::RDKafkaLogLevel, fac: &str, m: &str) {
-                eprintln!("RD {fac} {m}");
-            }
-        }
-        impl rdkafka::consumer::ConsumerContext for Ctx {}
-        let c: StreamConsumer<Ctx> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", format!("g{}", uuid::Uuid::new_v4()))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("debug", std::env::var("RDDEBUG").unwrap_or("fetch".into()))
-            .create_with_context(Ctx)
-            .unwrap();
-        let md = c
-            .fetch_metadata(Some(&cfg.metering_topic), Duration::from_secs(5))
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in md.topics()[0].partitions() {
-            tpl.add_partition_offset(&cfg.metering_topic, p.id(), rdkafka::Offset::Beginning)
+    async fn holders(conn: &mut ConnectionManager, ks: &KeySpace) -> Vec<Option<String>> {
+        let mut out = Vec::new();
+        for p in 0..ks.partitions() {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(ks.relay_lease(p))
+                .query_async(conn)
+                .await
                 .unwrap();
+            out.push(v);
         }
-        c.assign(&tpl).unwrap();
-        let mut counts = HashMap::new();
-        let t = Instant::now();
-        let mut last = (0, 0i64);
-        while t.elapsed() < Duration::from_secs(20) {
-            match tokio::time::timeout(Duration::from_secs(1), c.recv()).await {
-                Ok(Ok(m)) => {
-                    *counts.entry(m.partition()).or_insert(0) += 1;
-                    last = (m.partition(), m.offset());
-                }
-                Ok(Err(e)) => eprintln!("err {e}"),
-                Err(_) => eprintln!("idle at {:?}: {counts:?} last {last:?}", t.elapsed()),
-            }
-        }
-        eprintln!("counts {counts:?}");
+        out
     }
-    std::env::set_var("CARACAL_TEST_VERBOSE", "1");
-    let t = Instant::now();
-    let c = consume_all(
-        &brokers,
-        &cfg.metering_topic,
-        N + 1,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
-    eprintln!("consumed {} in {:?}", c.len(), t.elapsed());
+
+    let (a, b) = ("relay-a", "relay-b");
+    let (tx_a, handle_a) = spawn_relay_as(redis().await, &ks, &cfg, a);
+    let (tx_b, handle_b) = spawn_relay_as(redis().await, &ks, &cfg, b);
+    let mut expected = HashSet::new();
+    add(&mut conn, &ks, 200, &mut expected).await;
+    wait_drained(&mut conn, &ks, Duration::from_secs(60)).await;
+    for h in holders(&mut conn, &ks).await {
+        assert!(h.as_deref() == Some(a) || h.as_deref() == Some(b), "{h:?}");
+    }
+
+    // A stops and releases its leases: B takes every partition over.
+    stop_relay(tx_a, handle_a).await;
+    add(&mut conn, &ks, 200, &mut expected).await;
+    wait_drained(&mut conn, &ks, Duration::from_secs(60)).await;
+    assert!(holders(&mut conn, &ks)
+        .await
+        .iter()
+        .all(|h| h.as_deref() == Some(b)));
+
+    let consumed = consume_all(&brokers, &cfg.metering_topic, 401, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let ids: HashSet<String> = consumed
+        .iter()
+        .map(|m| ChargeEvent::decode(m.1.as_slice()).unwrap().event_id)
+        .collect();
+    assert_eq!(consumed.len(), 400, "each event exactly once");
+    assert_eq!(ids, expected);
+
+    stop_relay(tx_b, handle_b).await;
+    // Released on shutdown.
+    assert!(holders(&mut conn, &ks).await.iter().all(Option::is_none));
     cleanup(&mut conn, &ks).await;
 }
