@@ -673,3 +673,71 @@ async fn expiry_charges_or_releases_as_the_policy_says() {
     );
     stack.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn admin_changes_through_one_replica_reach_the_others() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = agent(&stack, "replicated", None).await;
+    policy(&stack, &agent_id, "10", "daily", "calendar", "").await;
+
+    // A second replica on the same database and Redis state.
+    let mut config = caracal_authz::config::Config::default();
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    config.database.url = stack.database_url.clone();
+    config.database.db_pool_size = 2;
+    config.redis.url = stack.redis_url.clone();
+    config.redis.key_prefix = stack.key_prefix.clone();
+    config.redis.partitions = 4;
+    config.budget.relay_enabled = false;
+    config.cache.policy_cache_ttl = 3600; // only the epoch can refresh it in time
+    config.auth.api_key_pepper = caracal_tests::PEPPER.to_owned();
+    let replica = caracal_authz::serve(config).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", replica.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut b = pb::budget_authorization_client::BudgetAuthorizationClient::new(channel);
+
+    let first = b
+        .authorize(authorize_req(&key, "rep-0", 1_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(allowed(&first), "{first:?}");
+    // Both replicas reserve on the same counters.
+    let via_a = stack
+        .authz()
+        .authorize(authorize_req(&key, "rep-a", 1_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(via_a.min_remaining.unwrap().micros, 10_000_000 - 2_000);
+
+    // Deactivate through replica A; replica B (warm cache, 1 h TTL) must notice.
+    stack
+        .agents()
+        .deactivate_agent(pb::DeactivateAgentRequest {
+            id: agent_id.clone(),
+        })
+        .await
+        .unwrap();
+    let mut refused = false;
+    for i in 1..=50 {
+        let r = b
+            .authorize(authorize_req(&key, &format!("rep-{i}"), 1_000))
+            .await
+            .unwrap()
+            .into_inner();
+        if !allowed(&r) {
+            assert_eq!(reason(&r), pb::DenyReason::UnknownAgent);
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "replica B kept admitting a deactivated agent");
+    replica.shutdown().await.unwrap();
+    stack.stop().await.unwrap();
+}
