@@ -28,6 +28,7 @@ pub mod config;
 pub mod convert;
 pub mod db;
 pub mod error;
+pub mod ext_authz;
 pub mod http;
 pub mod kafka;
 pub mod keys;

@@ -116,11 +116,20 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             tracing::warn!(error = %e, "cannot ensure Kafka topics now; the relay will keep retrying");
         }
         let owner = format!("authz-{}", uuid::Uuid::new_v4().simple());
-        let relay = OutboxRelay::new(store.connection(), keys.clone(), &config.kafka, owner)
+        // Its own Redis connection: 500-entry XRANGE replies on the hot path's
+        // multiplexed connection would delay Authorize calls queued behind them.
+        let relay_conn = BudgetStore::new(
+            &config.redis.url,
+            keys.clone(),
+            Duration::from_millis(config.redis.timeout_ms.max(5_000)),
+        )
+        .context("Redis configuration")?
+        .connection();
+        let relay = OutboxRelay::new(relay_conn, keys.clone(), &config.kafka, owner)
             .context("Kafka producer configuration")?;
         background.push(tokio::spawn(relay.run(background_rx.clone())));
     }
-    let authorization = AuthorizationService::new(
+    let authorization = std::sync::Arc::new(AuthorizationService::new(
         catalog,
         store.clone(),
         Settings {
@@ -128,7 +137,9 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             finished_marker_ttl_s: config.budget.finished_marker_ttl,
             allow_without_policy: config.budget.allow_without_policy,
         },
-    );
+    ));
+    // Envoy ext_authz (Authorization/Check) on the same hot path as Authorize.
+    let ext_authz = crate::ext_authz::ExtAuthzService::new(authorization.clone());
 
     let auth = AdminAuth::new(&config.auth.admin_token);
     let intercept = move |req| auth.check(req);
@@ -169,7 +180,10 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         ))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(BudgetAuthorizationServer::new(authorization))
+        .add_service(BudgetAuthorizationServer::from_arc(authorization))
+        .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
+            ext_authz,
+        ))
         .add_service(AgentServiceServer::with_interceptor(
             AgentAdmin::new(state.clone()),
             intercept.clone(),

@@ -1,0 +1,595 @@
+//! The conversation with `caracal.v1.BudgetAuthorization`: the messages the filter
+//! sends, what an Authorize answer means for the request, and how a call ends
+//! (Settle or Release).
+
+use caracal_proto::v1::{
+    AuthorizeRequest, AuthorizeResponse, Decision, DenyReason, Money, ReleaseRequest,
+    SettleRequest, TokenUsage,
+};
+use prost::Message;
+
+use crate::estimate::Estimate;
+use crate::identity::Identity;
+use crate::reply::Refusal;
+
+/// The gRPC service name.
+pub const SERVICE: &str = "caracal.v1.BudgetAuthorization";
+/// Reserve an estimate before the call.
+pub const AUTHORIZE: &str = "Authorize";
+/// Charge the real usage after the call.
+pub const SETTLE: &str = "Settle";
+/// Free a reservation whose call did not happen.
+pub const RELEASE: &str = "Release";
+
+/// The "upstream" argument of `proxy_grpc_call`: Envoy's
+/// `envoy.config.core.v3.GrpcService` with only `envoy_grpc.cluster_name`, encoded.
+/// Envoy first tries to parse that argument as this message and only then as a bare
+/// cluster name, so a bare name that happens to parse as protobuf would be misread;
+/// the encoded message is unambiguous. The SDK takes the argument as `&str`: for the
+/// ASCII names of at most 120 bytes the configuration accepts, the encoding is ASCII
+/// (every length fits one varint byte); otherwise the bare name is used.
+pub fn grpc_upstream(cluster: &str) -> String {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct EnvoyGrpc {
+        #[prost(string, tag = "1")]
+        cluster_name: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct GrpcService {
+        #[prost(message, optional, tag = "1")]
+        envoy_grpc: Option<EnvoyGrpc>,
+    }
+    let encoded = GrpcService {
+        envoy_grpc: Some(EnvoyGrpc {
+            cluster_name: cluster.to_owned(),
+        }),
+    }
+    .encode_to_vec();
+    String::from_utf8(encoded).unwrap_or_else(|_| cluster.to_owned())
+}
+
+/// Longest request id the service accepts.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Longest `x-request-id` kept as the prefix of the request id.
+const MAX_PREFIX_LEN: usize = 100;
+
+/// Whether `id` is a request id the service accepts: 1-128 characters of
+/// `[A-Za-z0-9._:-]`.
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// The Authorize request id: Envoy's `x-request-id` (when it fits the service's
+/// alphabet), for correlation, followed by a random per-call `nonce`.
+///
+/// The nonce matters: the service answers a repeated request id with its stored answer
+/// (idempotency), and a client can choose `x-request-id` unless Envoy regenerates it;
+/// reusing a client-chosen id would hand a replayed call the already settled
+/// reservation of the first one, i.e. a free call.
+pub fn request_id(x_request_id: Option<&str>, nonce: u64) -> String {
+    match x_request_id
+        .map(str::trim)
+        .filter(|id| id.len() <= MAX_PREFIX_LEN && valid_request_id(id))
+    {
+        Some(id) => format!("{id}:{nonce:016x}"),
+        None => format!("caracal-{nonce:016x}"),
+    }
+}
+
+/// What a failed Authorize call (non-OK gRPC status) means.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallFailure {
+    /// The service could not answer (unavailable, deadline, overload, internal error,
+    /// wrong cluster): the failure mode decides.
+    Unavailable,
+    /// The service answered that the request itself is unacceptable: refused even on
+    /// fail-open routes (otherwise a malformed request would be a free pass).
+    Refuse(Refusal),
+}
+
+/// Maps a gRPC status code of a failed Authorize.
+pub fn grpc_failure(status: u32) -> CallFailure {
+    match status {
+        // INVALID_ARGUMENT, OUT_OF_RANGE
+        3 | 11 => CallFailure::Refuse(Refusal::InvalidRequest),
+        // UNAUTHENTICATED
+        16 => CallFailure::Refuse(Refusal::Unauthenticated),
+        // NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION
+        5 | 7 | 9 => CallFailure::Refuse(Refusal::Denied),
+        // CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, ALREADY_EXISTS, RESOURCE_EXHAUSTED,
+        // ABORTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS, anything else
+        _ => CallFailure::Unavailable,
+    }
+}
+
+/// What the filter knows about a call when it asks Authorize.
+#[derive(Clone, Debug)]
+pub struct CallInfo<'a> {
+    /// Idempotency key (Envoy's `x-request-id`).
+    pub request_id: &'a str,
+    /// The caller.
+    pub identity: &'a Identity,
+    /// `openai` / `anthropic`.
+    pub provider: &'a str,
+    /// Upstream host + path, e.g. `api.openai.com/v1/chat/completions`.
+    pub resource: &'a str,
+    /// The estimate (model and tokens).
+    pub estimate: &'a Estimate,
+}
+
+/// The encoded `AuthorizeRequest`.
+pub fn authorize_request(call: &CallInfo<'_>) -> Vec<u8> {
+    AuthorizeRequest {
+        request_id: call.request_id.to_owned(),
+        credential: Some(call.identity.to_credential()),
+        provider: call.provider.to_owned(),
+        model: call.estimate.model.clone(),
+        resource: call.resource.to_owned(),
+        estimated_usage: Some(estimated_usage(call.estimate)),
+        estimated_cost: None,
+    }
+    .encode_to_vec()
+}
+
+/// The estimate as token usage.
+pub fn estimated_usage(e: &Estimate) -> TokenUsage {
+    TokenUsage {
+        input_tokens: e.input_tokens,
+        output_tokens: e.output_tokens,
+        cached_input_tokens: 0,
+    }
+}
+
+/// The encoded `SettleRequest`.
+pub fn settle_request(
+    reservation_id: &str,
+    usage: &TokenUsage,
+    provider: &str,
+    model: &str,
+) -> Vec<u8> {
+    SettleRequest {
+        reservation_id: reservation_id.to_owned(),
+        usage: Some(*usage),
+        provider: provider.to_owned(),
+        model: model.to_owned(),
+        actual_cost: None,
+    }
+    .encode_to_vec()
+}
+
+/// The encoded `ReleaseRequest`.
+pub fn release_request(reservation_id: &str, reason: &str) -> Vec<u8> {
+    ReleaseRequest {
+        reservation_id: reservation_id.to_owned(),
+        reason: reason.to_owned(),
+    }
+    .encode_to_vec()
+}
+
+/// What an Authorize answer means for the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the call through.
+    Allow {
+        /// Reservation to settle or release (empty: nothing reserved).
+        reservation_id: String,
+        /// Smallest remaining budget (decimal amount), for the response header.
+        remaining: Option<String>,
+    },
+    /// Answer locally.
+    Refuse {
+        /// Why.
+        refusal: Refusal,
+        /// The service's message.
+        message: String,
+        /// Smallest remaining budget: (amount, currency).
+        remaining: Option<(String, String)>,
+    },
+    /// The answer is unusable; treat like an unreachable service.
+    Unusable(String),
+}
+
+/// Interprets the encoded `AuthorizeResponse`.
+pub fn verdict(response: &[u8]) -> Verdict {
+    let resp = match AuthorizeResponse::decode(response) {
+        Ok(r) => r,
+        Err(e) => return Verdict::Unusable(format!("undecodable AuthorizeResponse: {e}")),
+    };
+    match Decision::try_from(resp.decision) {
+        Ok(Decision::Allow) => Verdict::Allow {
+            reservation_id: resp.reservation_id,
+            remaining: resp.min_remaining.as_ref().map(format_amount),
+        },
+        Ok(Decision::Deny) => {
+            let refusal = match DenyReason::try_from(resp.reason) {
+                Ok(DenyReason::BudgetExceeded) => Refusal::BudgetExceeded,
+                Ok(DenyReason::NoPolicy) => Refusal::NoPolicy,
+                Ok(DenyReason::CurrencyMismatch) => Refusal::CurrencyMismatch,
+                Ok(DenyReason::UnknownAgent) => Refusal::Unauthenticated,
+                Ok(DenyReason::NotAllowed) => Refusal::NotAllowed,
+                Ok(DenyReason::NoPrice) => Refusal::NoPrice,
+                Ok(DenyReason::Unspecified) | Err(_) => Refusal::Denied,
+            };
+            Verdict::Refuse {
+                refusal,
+                message: resp.message,
+                remaining: resp
+                    .min_remaining
+                    .as_ref()
+                    .map(|m| (format_amount(m), m.currency.clone())),
+            }
+        }
+        Ok(Decision::Unspecified) | Err(_) => Verdict::Unusable(format!(
+            "AuthorizeResponse without a decision ({})",
+            resp.decision
+        )),
+    }
+}
+
+/// The decimal amount of `m`: its `amount` text when well formed, else rendered from
+/// the micro-units with at least two decimals (`12500000` -> `"12.50"`).
+pub fn format_amount(m: &Money) -> String {
+    let a = m.amount.trim();
+    let digits = a.strip_prefix('-').unwrap_or(a);
+    let well_formed = a.len() <= 32
+        && digits.starts_with(|c: char| c.is_ascii_digit())
+        && digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && digits.bytes().filter(|&b| b == b'.').count() <= 1;
+    if well_formed {
+        a.to_owned()
+    } else {
+        format_micros(m.micros)
+    }
+}
+
+/// Micro-units as a decimal with 2 to 6 decimals.
+pub fn format_micros(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let abs = micros.unsigned_abs();
+    let units = abs / 1_000_000;
+    let frac = format!("{:06}", abs % 1_000_000);
+    let frac = frac.trim_end_matches('0');
+    let frac = if frac.len() < 2 {
+        format!("{frac:0<2}")
+    } else {
+        frac.to_owned()
+    };
+    format!("{sign}{units}.{frac}")
+}
+
+/// How a metered call ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Charge this usage.
+    Settle(TokenUsage),
+    /// Free the reservation, with the reason.
+    Release(&'static str),
+}
+
+/// Decides how an allowed call ends.
+///
+/// - usage seen (even from an aborted stream) -> Settle it;
+/// - aborted (client reset, upstream reset before the end) -> Release `client_abort`;
+/// - upstream error status (>= 400) -> Release `upstream_error`;
+/// - a successful response without readable usage on a metered API -> Settle the
+///   estimate (the reserved amount; a successful call is never free);
+/// - otherwise (non-token APIs) -> Release `no_usage`.
+pub fn outcome(
+    status: Option<u32>,
+    usage: Option<TokenUsage>,
+    completed: bool,
+    estimate: Option<TokenUsage>,
+) -> Outcome {
+    if let Some(u) = usage {
+        return Outcome::Settle(u);
+    }
+    if !completed {
+        return Outcome::Release("client_abort");
+    }
+    match status {
+        None => Outcome::Release("no_response"),
+        Some(s) if s >= 400 => Outcome::Release("upstream_error"),
+        Some(_) => match estimate {
+            Some(e) if e.input_tokens > 0 || e.output_tokens > 0 => Outcome::Settle(e),
+            _ => Outcome::Release("no_usage"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caracal_proto::v1::{agent_credential::Kind, PolicyRemaining};
+
+    fn money(micros: i64, amount: &str) -> Money {
+        Money {
+            currency: "USD".into(),
+            micros,
+            amount: amount.into(),
+        }
+    }
+
+    #[test]
+    fn request_ids() {
+        let n = 0x0123_4567_89ab_cdef;
+        assert_eq!(
+            request_id(Some("6f1c7a52-0d8e-4c1b-9a55-3f2d9b1e7c10"), n),
+            "6f1c7a52-0d8e-4c1b-9a55-3f2d9b1e7c10:0123456789abcdef"
+        );
+        assert_eq!(request_id(None, 1), "caracal-0000000000000001");
+        assert_eq!(request_id(Some(""), 1), "caracal-0000000000000001");
+        assert_eq!(request_id(Some("a/b"), 1), "caracal-0000000000000001");
+        assert_eq!(
+            request_id(Some(&"x".repeat(101)), 1),
+            "caracal-0000000000000001"
+        );
+        assert_eq!(request_id(Some(" abc "), 2), "abc:0000000000000002");
+        for id in [
+            request_id(Some(&"y".repeat(100)), u64::MAX),
+            request_id(None, u64::MAX),
+        ] {
+            assert!(valid_request_id(&id), "{id}");
+        }
+        // The same x-request-id never gives the same request id twice.
+        assert_ne!(request_id(Some("r"), 1), request_id(Some("r"), 2));
+    }
+
+    #[test]
+    fn grpc_failures() {
+        for code in [1, 2, 4, 6, 8, 10, 12, 13, 14, 15, 99] {
+            assert_eq!(grpc_failure(code), CallFailure::Unavailable, "{code}");
+        }
+        assert_eq!(
+            grpc_failure(3),
+            CallFailure::Refuse(Refusal::InvalidRequest)
+        );
+        assert_eq!(
+            grpc_failure(11),
+            CallFailure::Refuse(Refusal::InvalidRequest)
+        );
+        assert_eq!(
+            grpc_failure(16),
+            CallFailure::Refuse(Refusal::Unauthenticated)
+        );
+        for code in [5, 7, 9] {
+            assert_eq!(grpc_failure(code), CallFailure::Refuse(Refusal::Denied));
+        }
+    }
+
+    #[test]
+    fn grpc_upstream_encoding() {
+        // field 1 (envoy_grpc), length 7, { field 1 (cluster_name), length 5, "authz" }
+        assert_eq!(grpc_upstream("authz"), "\x0a\x07\x0a\x05authz");
+        let long = "c".repeat(120);
+        assert!(grpc_upstream(&long).ends_with(&long));
+        assert!(grpc_upstream(&long).is_ascii());
+        // Lengths past one varint byte are not UTF-8: the bare name is used.
+        let too_long = "c".repeat(200);
+        assert_eq!(grpc_upstream(&too_long), too_long);
+    }
+
+    #[test]
+    fn authorize_request_fields() {
+        let id = Identity::ApiKey("cak_k".into());
+        let est = Estimate {
+            model: "gpt-4o".into(),
+            input_tokens: 12,
+            output_tokens: 34,
+            stream: true,
+        };
+        let bytes = authorize_request(&CallInfo {
+            request_id: "req-1",
+            identity: &id,
+            provider: "openai",
+            resource: "api.openai.com/v1/chat/completions",
+            estimate: &est,
+        });
+        let r = AuthorizeRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(r.request_id, "req-1");
+        assert_eq!(
+            r.credential.unwrap().kind,
+            Some(Kind::ApiKey("cak_k".into()))
+        );
+        assert_eq!(r.provider, "openai");
+        assert_eq!(r.model, "gpt-4o");
+        assert_eq!(r.resource, "api.openai.com/v1/chat/completions");
+        assert_eq!(
+            r.estimated_usage,
+            Some(TokenUsage {
+                input_tokens: 12,
+                output_tokens: 34,
+                cached_input_tokens: 0
+            })
+        );
+        assert_eq!(r.estimated_cost, None);
+    }
+
+    #[test]
+    fn settle_and_release_requests() {
+        let u = TokenUsage {
+            input_tokens: 1,
+            output_tokens: 2,
+            cached_input_tokens: 1,
+        };
+        let s =
+            SettleRequest::decode(settle_request("res-1", &u, "anthropic", "claude").as_slice())
+                .unwrap();
+        assert_eq!(s.reservation_id, "res-1");
+        assert_eq!(s.usage, Some(u));
+        assert_eq!(
+            (s.provider.as_str(), s.model.as_str()),
+            ("anthropic", "claude")
+        );
+        let r =
+            ReleaseRequest::decode(release_request("res-2", "upstream_error").as_slice()).unwrap();
+        assert_eq!(
+            (r.reservation_id.as_str(), r.reason.as_str()),
+            ("res-2", "upstream_error")
+        );
+    }
+
+    #[test]
+    fn allow_verdict() {
+        let resp = AuthorizeResponse {
+            decision: Decision::Allow as i32,
+            reservation_id: "res-9".into(),
+            min_remaining: Some(money(12_500_000, "12.50")),
+            remaining: vec![PolicyRemaining::default()],
+            ..Default::default()
+        };
+        assert_eq!(
+            verdict(&resp.encode_to_vec()),
+            Verdict::Allow {
+                reservation_id: "res-9".into(),
+                remaining: Some("12.50".into())
+            }
+        );
+        let resp = AuthorizeResponse {
+            decision: Decision::Allow as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            verdict(&resp.encode_to_vec()),
+            Verdict::Allow {
+                reservation_id: String::new(),
+                remaining: None
+            }
+        );
+    }
+
+    #[test]
+    fn deny_reasons_map_to_refusals() {
+        let table = [
+            (DenyReason::BudgetExceeded, Refusal::BudgetExceeded),
+            (DenyReason::NoPolicy, Refusal::NoPolicy),
+            (DenyReason::CurrencyMismatch, Refusal::CurrencyMismatch),
+            (DenyReason::UnknownAgent, Refusal::Unauthenticated),
+            (DenyReason::NotAllowed, Refusal::NotAllowed),
+            (DenyReason::NoPrice, Refusal::NoPrice),
+            (DenyReason::Unspecified, Refusal::Denied),
+        ];
+        for (reason, refusal) in table {
+            let resp = AuthorizeResponse {
+                decision: Decision::Deny as i32,
+                reason: reason as i32,
+                message: "nope".into(),
+                min_remaining: Some(money(500_000, "")),
+                ..Default::default()
+            };
+            assert_eq!(
+                verdict(&resp.encode_to_vec()),
+                Verdict::Refuse {
+                    refusal,
+                    message: "nope".into(),
+                    remaining: Some(("0.50".into(), "USD".into()))
+                }
+            );
+        }
+        let resp = AuthorizeResponse {
+            decision: Decision::Deny as i32,
+            reason: 999,
+            ..Default::default()
+        };
+        assert!(matches!(
+            verdict(&resp.encode_to_vec()),
+            Verdict::Refuse {
+                refusal: Refusal::Denied,
+                remaining: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unusable_answers() {
+        assert!(matches!(verdict(&[0xff, 0xff, 0xff]), Verdict::Unusable(_)));
+        let resp = AuthorizeResponse::default();
+        assert!(matches!(
+            verdict(&resp.encode_to_vec()),
+            Verdict::Unusable(_)
+        ));
+        let resp = AuthorizeResponse {
+            decision: 42,
+            ..Default::default()
+        };
+        assert!(matches!(
+            verdict(&resp.encode_to_vec()),
+            Verdict::Unusable(_)
+        ));
+        // An empty message decodes to the default (no decision).
+        assert!(matches!(verdict(&[]), Verdict::Unusable(_)));
+    }
+
+    #[test]
+    fn amounts() {
+        assert_eq!(format_micros(12_500_000), "12.50");
+        assert_eq!(format_micros(0), "0.00");
+        assert_eq!(format_micros(1_234_567), "1.234567");
+        assert_eq!(format_micros(-500_000), "-0.50");
+        assert_eq!(format_micros(10), "0.00001");
+        assert_eq!(format_micros(i64::MIN), "-9223372036854.775808");
+        assert_eq!(format_amount(&money(1, "3.14")), "3.14");
+        assert_eq!(format_amount(&money(1_000_000, "bogus")), "1.00");
+        assert_eq!(format_amount(&money(1_000_000, "1.2.3")), "1.00");
+        assert_eq!(format_amount(&money(1_000_000, "-")), "1.00");
+        assert_eq!(format_amount(&money(1_000_000, "--1")), "1.00");
+        assert_eq!(format_amount(&money(-1_000_000, "-1.5")), "-1.5");
+        assert_eq!(format_amount(&money(1_000_000, "\r\n1")), "1");
+        assert_eq!(format_amount(&money(2_000_000, "x\r\ny: z")), "2.00");
+    }
+
+    #[test]
+    fn outcomes() {
+        let u = TokenUsage {
+            input_tokens: 5,
+            output_tokens: 6,
+            cached_input_tokens: 0,
+        };
+        let e = TokenUsage {
+            input_tokens: 50,
+            output_tokens: 60,
+            cached_input_tokens: 0,
+        };
+        assert_eq!(
+            outcome(Some(200), Some(u), true, Some(e)),
+            Outcome::Settle(u)
+        );
+        assert_eq!(
+            outcome(Some(200), Some(u), false, Some(e)),
+            Outcome::Settle(u)
+        );
+        assert_eq!(
+            outcome(Some(200), None, false, Some(e)),
+            Outcome::Release("client_abort")
+        );
+        assert_eq!(
+            outcome(None, None, false, Some(e)),
+            Outcome::Release("client_abort")
+        );
+        assert_eq!(
+            outcome(Some(500), None, true, Some(e)),
+            Outcome::Release("upstream_error")
+        );
+        assert_eq!(
+            outcome(Some(429), None, true, Some(e)),
+            Outcome::Release("upstream_error")
+        );
+        assert_eq!(outcome(Some(200), None, true, Some(e)), Outcome::Settle(e));
+        assert_eq!(
+            outcome(Some(200), None, true, None),
+            Outcome::Release("no_usage")
+        );
+        assert_eq!(
+            outcome(Some(200), None, true, Some(TokenUsage::default())),
+            Outcome::Release("no_usage")
+        );
+        assert_eq!(
+            outcome(None, None, true, Some(e)),
+            Outcome::Release("no_response")
+        );
+    }
+}

@@ -1,0 +1,712 @@
+//! The proxy-wasm callbacks: Envoy events in, decisions from the plain modules out.
+//!
+//! Only the SDK's `hostcalls` functions that return `Result` are used (the trait helper
+//! methods unwrap), so a host error is logged and handled, never turned into a panic.
+//!
+//! Request path: headers (route, identity, header hygiene; they continue, see
+//! `on_http_request_headers`) -> body held and buffered to the end (estimate,
+//! streaming usage switched on) -> `Authorize` over gRPC, body still held -> allow:
+//! resume / deny: local reply / failure: 503 or fail open. Non-token endpoints are
+//! authorized from the headers, which are then paused.
+//! Response path: headers (`x-caracal-*` headers added, status and content type noted)
+//! -> body chunks read as they pass (never held back) -> at the end `Settle` or
+//! `Release`; `on_log` catches streams that never ended (client abort).
+//!
+//! Settle and Release are dispatched on behalf of the ROOT context: Envoy cancels the
+//! outstanding calls of an HTTP context when its stream is destroyed, which happens
+//! right after the last response byte, so a call owned by the stream could be cut off.
+
+use std::cell::Cell;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use log::{debug, error, info, warn};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+
+use crate::authz::{self, CallFailure, CallInfo, Outcome, Verdict};
+use crate::config::{self, strip_query, Config, FailureMode, IdentitySource, Provider, Route};
+use crate::estimate::{self, Api, Estimate};
+use crate::identity::{self, Identity};
+use crate::reply::{self, Refusal, REMAINING_BUDGET_HEADER, RESERVATION_ID_HEADER};
+use crate::usage::UsageParser;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { id: context_id, config: None })
+    });
+}}
+
+thread_local! {
+    static REQUEST_COUNTER: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The plugin instance: holds the validated configuration.
+struct Root {
+    id: u32,
+    config: Option<Rc<Config>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                error!("caracal: cannot read the plugin configuration: {e:?}");
+                return false;
+            }
+        };
+        match Config::parse(&bytes) {
+            Ok((config, warnings)) => {
+                proxy_wasm::set_log_level(match config.log_level {
+                    config::LogLevel::Trace => LogLevel::Trace,
+                    config::LogLevel::Debug => LogLevel::Debug,
+                    config::LogLevel::Info => LogLevel::Info,
+                    config::LogLevel::Warn => LogLevel::Warn,
+                    config::LogLevel::Error => LogLevel::Error,
+                });
+                for w in warnings {
+                    warn!("caracal: {w}");
+                }
+                info!(
+                    "caracal: configured, authz cluster {:?}, {} route(s), failure mode {:?}",
+                    config.authz_cluster,
+                    config.routes.len(),
+                    config.failure_mode
+                );
+                self.config = Some(Rc::new(config));
+                true
+            }
+            Err(e) => {
+                error!("caracal: {e}; the plugin refuses to start");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter::new(
+            self.config.clone(),
+            self.id,
+            context_id,
+        )))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Not a metered request (or nothing left to do).
+    PassThrough,
+    /// Headers passed on; holding and buffering the body.
+    AwaitingBody,
+    /// Authorize in flight with this token.
+    Authorizing(u32),
+    /// Answered locally.
+    Refused,
+    /// Forwarded upstream (with or without a reservation).
+    Forwarded,
+}
+
+/// One HTTP stream.
+struct Filter {
+    config: Option<Rc<Config>>,
+    root_id: u32,
+    id: u32,
+    phase: Phase,
+    route: Option<Route>,
+    api: Api,
+    path: String,
+    identity: Option<Identity>,
+    request_id: String,
+    x_request_id: Option<String>,
+    estimate: Estimate,
+    reservation_id: Option<String>,
+    remaining: Option<String>,
+    status: Option<u32>,
+    parser: Option<UsageParser>,
+    response_complete: bool,
+    finished: bool,
+}
+
+impl Filter {
+    fn new(config: Option<Rc<Config>>, root_id: u32, id: u32) -> Self {
+        Filter {
+            config,
+            root_id,
+            id,
+            phase: Phase::PassThrough,
+            route: None,
+            api: Api::Other,
+            path: String::new(),
+            identity: None,
+            request_id: String::new(),
+            x_request_id: None,
+            estimate: Estimate::default(),
+            reservation_id: None,
+            remaining: None,
+            status: None,
+            parser: None,
+            response_complete: false,
+            finished: false,
+        }
+    }
+
+    fn provider(&self) -> Provider {
+        self.route.as_ref().map_or(Provider::Openai, |r| r.provider)
+    }
+
+    fn failure_mode(&self) -> FailureMode {
+        match (&self.config, &self.route) {
+            (Some(c), Some(r)) => c.failure_mode_for(r),
+            _ => FailureMode::Deny,
+        }
+    }
+
+    /// Answers locally and stops the request.
+    fn refuse(
+        &mut self,
+        refusal: Refusal,
+        message: &str,
+        remaining: Option<(&str, &str)>,
+    ) -> Action {
+        let r = reply::build(self.provider(), &refusal, message, remaining);
+        info!(
+            "caracal: request {} refused with {} ({}): {}",
+            self.request_id,
+            r.status,
+            refusal.code(),
+            message
+        );
+        let headers: Vec<(&str, &str)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if let Err(e) = hostcalls::send_http_response(r.status, headers, Some(&r.body)) {
+            error!("caracal: cannot send the local reply: {e:?}");
+        }
+        self.phase = Phase::Refused;
+        Action::Pause
+    }
+
+    fn resolve_identity(&self, config: &Config, api_key: Option<String>) -> Option<Identity> {
+        for source in &config.identity_sources {
+            let found = match source {
+                IdentitySource::ApiKey => api_key.clone().map(Identity::ApiKey),
+                IdentitySource::Spiffe => property(identity::SPIFFE_PROPERTY.to_vec())
+                    .and_then(|v| identity::spiffe_from_property(&v))
+                    .map(Identity::Spiffe),
+                IdentitySource::Jwt => property(
+                    identity::jwt_property_path(
+                        &config.jwt_metadata_namespace,
+                        &config.jwt_payload_key,
+                        &config.jwt_claim,
+                    )
+                    .to_vec(),
+                )
+                .and_then(|v| identity::jwt_claim_from_property(&v))
+                .map(Identity::Jwt),
+            };
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+
+    /// Reads the whole buffered request body, estimates and asks Authorize.
+    fn end_of_request_body(&mut self, config: &Config, body_size: usize) -> Action {
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(e) => {
+                error!("caracal: cannot read the request body: {e:?}");
+                return self.refuse(
+                    Refusal::Unavailable,
+                    "The request body could not be read.",
+                    None,
+                );
+            }
+        };
+        if body.len() as u64 > config.max_body_bytes {
+            return self.too_large(config);
+        }
+        let prepared = match estimate::prepare(self.api, &body, config.default_max_output_tokens) {
+            Ok(p) => p,
+            Err(estimate::BadRequest(msg)) => return self.refuse(Refusal::BadRequest, &msg, None),
+        };
+        if let Some(new_body) = prepared.new_body {
+            // content-length was removed with the headers (see on_http_request_headers).
+            match hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), &new_body) {
+                Ok(()) => debug!("caracal: request {} now streams usage", self.request_id),
+                Err(e) => warn!("caracal: cannot turn on stream usage: {e:?}"),
+            }
+        }
+        self.estimate = prepared.estimate;
+        self.authorize(config, true)
+    }
+
+    fn too_large(&mut self, config: &Config) -> Action {
+        let msg = format!(
+            "The request body is larger than the {} bytes Caracal accepts.",
+            config.max_body_bytes
+        );
+        self.refuse(Refusal::TooLarge, &msg, None)
+    }
+
+    /// Sends Authorize and pauses; `in_callback` = called from a filter callback (so a
+    /// synchronous fail-open returns Continue instead of resuming).
+    fn authorize(&mut self, config: &Config, in_callback: bool) -> Action {
+        let (Some(route), Some(identity)) = (&self.route, &self.identity) else {
+            return self.refuse(Refusal::Unavailable, "Internal filter state error.", None);
+        };
+        let resource = format!("{}{}", route.upstream_host, self.path);
+        let message = authz::authorize_request(&CallInfo {
+            request_id: &self.request_id,
+            identity,
+            provider: route.provider.as_str(),
+            resource: &resource,
+            estimate: &self.estimate,
+        });
+        debug!(
+            "caracal: Authorize request {} ({}, {} {}, model {:?}, ~{}+{} tokens)",
+            self.request_id,
+            identity.describe(),
+            route.provider.as_str(),
+            resource,
+            self.estimate.model,
+            self.estimate.input_tokens,
+            self.estimate.output_tokens
+        );
+        match hostcalls::dispatch_grpc_call(
+            &authz::grpc_upstream(&config.authz_cluster),
+            authz::SERVICE,
+            authz::AUTHORIZE,
+            self.grpc_metadata(),
+            Some(&message),
+            config.authz_timeout(),
+        ) {
+            Ok(token) => {
+                self.phase = Phase::Authorizing(token);
+                Action::Pause
+            }
+            Err(e) => self.authz_failed(&format!("Authorize not dispatched: {e:?}"), in_callback),
+        }
+    }
+
+    /// Envoy's `x-request-id` travels with the gRPC calls, for tracing.
+    fn grpc_metadata(&self) -> Vec<(&str, &[u8])> {
+        match &self.x_request_id {
+            Some(id) => vec![("x-request-id", id.as_bytes())],
+            None => Vec::new(),
+        }
+    }
+
+    /// The authorization service could not answer: 503, or fail open per route.
+    fn authz_failed(&mut self, why: &str, in_callback: bool) -> Action {
+        match self.failure_mode() {
+            FailureMode::Deny => {
+                warn!(
+                    "caracal: request {}: {why}; failing closed",
+                    self.request_id
+                );
+                self.refuse(
+                    Refusal::Unavailable,
+                    "The Caracal budget authorization service is unavailable; try again later.",
+                    None,
+                )
+            }
+            FailureMode::Allow => {
+                warn!(
+                    "caracal: request {}: {why}; failing OPEN, forwarded without a reservation",
+                    self.request_id
+                );
+                self.forward(in_callback)
+            }
+        }
+    }
+
+    fn forward(&mut self, in_callback: bool) -> Action {
+        self.phase = Phase::Forwarded;
+        if !in_callback {
+            if let Err(e) = hostcalls::resume_http_request() {
+                error!("caracal: cannot resume the request: {e:?}");
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_authorize_answer(&mut self, status_code: u32, response_size: usize) {
+        if status_code != 0 {
+            let msg = hostcalls::get_grpc_status()
+                .ok()
+                .and_then(|(_, m)| m)
+                .unwrap_or_default();
+            match authz::grpc_failure(status_code) {
+                CallFailure::Unavailable => {
+                    self.authz_failed(
+                        &format!("Authorize failed with gRPC status {status_code} {msg}"),
+                        false,
+                    );
+                }
+                CallFailure::Refuse(refusal) => {
+                    let text = format!("The request was rejected by Caracal: {msg}");
+                    self.refuse(refusal, &text, None);
+                }
+            }
+            return;
+        }
+        let body = match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(e) => {
+                self.authz_failed(&format!("Authorize answer unreadable: {e:?}"), false);
+                return;
+            }
+        };
+        match authz::verdict(&body) {
+            Verdict::Allow {
+                reservation_id,
+                remaining,
+            } => {
+                debug!(
+                    "caracal: request {} allowed, reservation {reservation_id:?}",
+                    self.request_id
+                );
+                self.reservation_id = (!reservation_id.is_empty()).then_some(reservation_id);
+                self.remaining = remaining;
+                self.forward(false);
+            }
+            Verdict::Refuse {
+                refusal,
+                message,
+                remaining,
+            } => {
+                let remaining = remaining.as_ref().map(|(a, c)| (a.as_str(), c.as_str()));
+                self.refuse(refusal, &message, remaining);
+            }
+            Verdict::Unusable(why) => {
+                self.authz_failed(&why, false);
+            }
+        }
+    }
+
+    /// Settles or releases the reservation once.
+    fn finish(&mut self, completed: bool) {
+        if self.finished || self.phase != Phase::Forwarded {
+            return;
+        }
+        self.finished = true;
+        let Some(reservation_id) = self.reservation_id.clone() else {
+            debug!("caracal: request {} had no reservation", self.request_id);
+            return;
+        };
+        if let Some(p) = self.parser.as_mut() {
+            if completed {
+                p.finish();
+            }
+        }
+        let usage = self.parser.as_ref().and_then(UsageParser::usage);
+        let estimate = self
+            .api
+            .reads_body()
+            .then(|| authz::estimated_usage(&self.estimate));
+        let provider = self.provider().as_str();
+        match authz::outcome(self.status, usage, completed, estimate) {
+            Outcome::Settle(u) => {
+                if usage.is_none() {
+                    warn!(
+                        "caracal: request {}: no usage in the response, settling the estimate",
+                        self.request_id
+                    );
+                }
+                let msg =
+                    authz::settle_request(&reservation_id, &u, provider, &self.estimate.model);
+                self.dispatch_detached(authz::SETTLE, &msg, &reservation_id);
+            }
+            Outcome::Release(reason) => {
+                let msg = authz::release_request(&reservation_id, reason);
+                self.dispatch_detached(authz::RELEASE, &msg, &reservation_id);
+            }
+        }
+    }
+
+    /// Sends Settle / Release as the root context, so the call outlives this stream.
+    fn dispatch_detached(&self, method: &str, message: &[u8], reservation_id: &str) {
+        let Some(config) = self.config.as_deref() else {
+            return;
+        };
+        let switched = hostcalls::set_effective_context(self.root_id).is_ok();
+        let result = hostcalls::dispatch_grpc_call(
+            &authz::grpc_upstream(&config.authz_cluster),
+            authz::SERVICE,
+            method,
+            self.grpc_metadata(),
+            Some(message),
+            config.settle_timeout(),
+        );
+        if switched {
+            let _ = hostcalls::set_effective_context(self.id);
+        }
+        match result {
+            Ok(_) => debug!("caracal: {method} sent for reservation {reservation_id}"),
+            Err(e) => warn!(
+                "caracal: {method} for reservation {reservation_id} not sent ({e:?}); it will expire"
+            ),
+        }
+    }
+}
+
+impl Context for Filter {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        if self.phase == Phase::Authorizing(token_id) {
+            self.on_authorize_answer(status_code, response_size);
+        } else if status_code != 0 {
+            // A Settle / Release answer that arrived while this stream still lives.
+            warn!("caracal: Settle/Release call {token_id} failed with gRPC status {status_code}");
+        }
+    }
+}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(config) = self.config.clone() else {
+            return self.refuse(
+                Refusal::Unavailable,
+                "The Caracal filter is not configured.",
+                None,
+            );
+        };
+        let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(h) => h,
+            Err(e) => {
+                error!("caracal: cannot read request headers: {e:?}");
+                return self.refuse(Refusal::Unavailable, "Request headers unreadable.", None);
+            }
+        };
+        let path = header(&headers, ":path").unwrap_or_default();
+        let Some(route) = config.match_route(&path) else {
+            return Action::Continue;
+        };
+        self.route = Some(route.clone());
+        let method = header(&headers, ":method").unwrap_or_default();
+        self.api = Api::for_request(&method, &path);
+        self.path = strip_query(&path).to_owned();
+        self.x_request_id = header(&headers, "x-request-id")
+            .map(|id| id.trim().to_owned())
+            .filter(|id| authz::valid_request_id(id));
+        self.request_id = authz::request_id(self.x_request_id.as_deref(), nonce());
+
+        let plan = identity::plan_request_headers(&headers);
+        for name in &plan.remove {
+            if let Err(e) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
+                error!("caracal: cannot remove request header {name}: {e:?}");
+                return self.refuse(
+                    Refusal::Unavailable,
+                    "Request headers could not be sanitized.",
+                    None,
+                );
+            }
+        }
+        self.identity = self.resolve_identity(&config, plan.api_key);
+        if self.identity.is_none() {
+            let msg = identity::missing_identity_message(&config.identity_sources);
+            return self.refuse(Refusal::Unauthenticated, &msg, None);
+        }
+        let declared_len =
+            header(&headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        if self.api.reads_body() && declared_len.is_some_and(|n| n > config.max_body_bytes) {
+            return self.too_large(&config);
+        }
+        if !self.api.reads_body() {
+            // Non-token endpoint: authorize now, without reading the body.
+            return self.authorize(&config, true);
+        }
+        if end_of_stream {
+            return self.refuse(Refusal::BadRequest, "The request body is missing.", None);
+        }
+        if self.api.may_rewrite_body() {
+            // The body may grow (stream_options); the headers leave before it is read.
+            if let Err(e) =
+                hostcalls::remove_map_value(MapType::HttpRequestHeaders, "content-length")
+            {
+                warn!("caracal: cannot remove content-length: {e:?}");
+            }
+        }
+        // Envoy turns a paused header callback into "stop everything", which would keep
+        // the body from this filter too. So the headers continue (the router may open the
+        // upstream request) and the BODY is held (Pause in on_http_request_body) until
+        // Authorize allows it; a refusal resets the upstream request before any body.
+        self.phase = Phase::AwaitingBody;
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self.phase {
+            Phase::AwaitingBody => {
+                let Some(config) = self.config.clone() else {
+                    return Action::Pause;
+                };
+                if body_size as u64 > config.max_body_bytes {
+                    return self.too_large(&config);
+                }
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                self.end_of_request_body(&config, body_size)
+            }
+            Phase::Authorizing(_) | Phase::Refused => Action::Pause,
+            Phase::PassThrough | Phase::Forwarded => Action::Continue,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        match self.phase {
+            Phase::AwaitingBody => {
+                let Some(config) = self.config.clone() else {
+                    return Action::Pause;
+                };
+                // The body ended without end_of_stream (trailers follow): read it all.
+                let size = usize::try_from(config.max_body_bytes)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(1);
+                self.end_of_request_body(&config, size)
+            }
+            Phase::Authorizing(_) | Phase::Refused => Action::Pause,
+            Phase::PassThrough | Phase::Forwarded => Action::Continue,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.phase != Phase::Forwarded {
+            return Action::Continue;
+        }
+        let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default();
+        self.status = header(&headers, ":status").and_then(|s| s.parse().ok());
+        // Upstream must not speak for Caracal.
+        for (name, _) in &headers {
+            if name
+                .to_ascii_lowercase()
+                .starts_with(identity::CARACAL_HEADER_PREFIX)
+            {
+                let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, name);
+            }
+        }
+        if let Some(remaining) = &self.remaining {
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                REMAINING_BUDGET_HEADER,
+                Some(remaining),
+            );
+        }
+        if let Some(id) = &self.reservation_id {
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                RESERVATION_ID_HEADER,
+                Some(id),
+            );
+        }
+        let encoded = header(&headers, "content-encoding")
+            .is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
+        if encoded {
+            warn!(
+                "caracal: request {}: compressed response, usage unreadable",
+                self.request_id
+            );
+        } else if self.reservation_id.is_some() {
+            let ct = header(&headers, "content-type").unwrap_or_default();
+            self.parser = Some(UsageParser::for_content_type(&ct));
+        }
+        if end_of_stream {
+            self.response_complete = true;
+            self.finish(true);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.phase != Phase::Forwarded || self.finished {
+            return Action::Continue;
+        }
+        if let Some(parser) = self.parser.as_mut() {
+            if body_size > 0 {
+                match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                    Ok(Some(chunk)) => parser.feed(&chunk),
+                    Ok(None) => {}
+                    Err(e) => warn!("caracal: cannot read a response chunk: {e:?}"),
+                }
+            }
+        }
+        if end_of_stream {
+            self.response_complete = true;
+            self.finish(true);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.phase == Phase::Forwarded {
+            self.response_complete = true;
+            self.finish(true);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        match self.phase {
+            Phase::Forwarded if !self.finished => {
+                debug!(
+                    "caracal: request {} ended before its response did",
+                    self.request_id
+                );
+                self.finish(self.response_complete);
+            }
+            Phase::Authorizing(_) | Phase::AwaitingBody => debug!(
+                "caracal: request {} aborted before authorization completed",
+                self.request_id
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// A property value, `None` when absent or on a host error.
+fn property(path: Vec<&str>) -> Option<Vec<u8>> {
+    hostcalls::get_property(path).ok().flatten()
+}
+
+/// A header value as text (first occurrence), `None` when absent or not UTF-8.
+fn header(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
+}
+
+/// A random per-call value: std's `RandomState` is seeded from the host's randomness
+/// (WASI `random_get`) and stepped per instance; time and a counter are mixed in.
+fn nonce() -> u64 {
+    let n = REQUEST_COUNTER.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        n
+    });
+    let nanos = hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or(Duration::ZERO)
+        .as_nanos();
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(n);
+    h.write_u128(nanos);
+    h.finish()
+}
