@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Brings up the local Caracal stack and walks through the operator runbook.
-#   KEEP_RUNNING=1 bash scripts/run-stack.sh   leaves the service up afterwards.
+# Brings up the whole local Caracal stack — PostgreSQL, Redis, the tansu Kafka broker,
+# the authz-service (with its Kafka relay), a mock OpenAI upstream and Envoy running the
+# Caracal wasm filter — walks through the operator runbook with the `caracal` CLI, then
+# sends agent traffic through Envoy until the agent's budget refuses it.
+#   KEEP_RUNNING=1 bash scripts/run-stack.sh   leaves everything up afterwards
+#   (Envoy on 127.0.0.1:8443, admin API on 127.0.0.1:50051, metrics on :9464).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -12,8 +16,9 @@ command -v curl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -q
 psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT 1 FROM pg_database WHERE datname='caracal'" | grep -q 1 ||
   psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE caracal"
 
-echo "== building"
-cargo build -q -p caracal-authz -p caracal-cli
+echo "== building (service, CLI, mock upstream, wasm filter)"
+cargo build -q -p caracal-authz -p caracal-cli -p caracal-tests --bin mock-llm
+cargo build -q -p caracal-filter --target wasm32-wasip1 --profile wasm
 BIN="$ROOT/target/debug"
 
 export CARACAL_ADMIN_TOKEN=${CARACAL_ADMIN_TOKEN:-dev-admin-token}
@@ -26,8 +31,7 @@ stop_pidfile() {
   if [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; then kill "$(cat "$1")"; sleep 1; fi
   rm -f "$1"
 }
-stop_pidfile "$STATE/authz.pid"
-stop_pidfile "$STATE/tansu.pid"
+for f in envoy mock authz tansu; do stop_pidfile "$STATE/$f.pid"; done
 
 echo "== starting the tansu Kafka broker on 127.0.0.1:9092 (data: .local/tansu)"
 mkdir -p "$STATE/tansu"
@@ -42,7 +46,7 @@ echo "== starting caracal-authz-service (log: .local/authz.log)"
 "$BIN/caracal-authz-service" --config authz-service/config.example.yaml >"$STATE/authz.log" 2>&1 &
 echo $! >"$STATE/authz.pid"
 cleanup() {
-  for f in authz tansu; do
+  for f in envoy mock authz tansu; do
     [ -f "$STATE/$f.pid" ] && kill "$(cat "$STATE/$f.pid")" 2>/dev/null || true
   done
 }
@@ -66,4 +70,41 @@ caracal pricebook set --provider openai --model gpt-4o-mini --currency USD --inp
 caracal pricebook list
 echo "== a bad limit is refused plainly:"
 caracal policy create --agent-id "$agent_id" --limit 1.0000001 --currency USD --time-window daily --window-type calendar || true
-echo "== done. Admin API on 127.0.0.1:50051 (token: $CARACAL_ADMIN_TOKEN), metrics on http://127.0.0.1:9464/metrics"
+
+echo
+echo "== gateway: mock OpenAI upstream on 127.0.0.1:9000, Envoy + caracal filter on 127.0.0.1:8443"
+"$BIN/mock-llm" --port 9000 >"$STATE/mock.log" 2>&1 &
+echo $! >"$STATE/mock.pid"
+LISTEN_PORT=8443 ADMIN_PORT=9901 AUTHZ_PORT=50051 MOCK_PORT=9000 SECRETS_DIR="$STATE/secrets" \
+  bash envoy/render.sh --upstream mock --out "$STATE/envoy.yaml" >/dev/null
+ENVOY_BIN=$(find "$ROOT/.venv" -path '*envoy/_bin/envoy' -type f | head -n1)
+"${ENVOY_BIN:-$ROOT/.venv/bin/envoy}" -c "$STATE/envoy.yaml" --log-level warn >"$STATE/envoy.log" 2>&1 &
+echo $! >"$STATE/envoy.pid"
+for _ in $(seq 1 120); do curl -fsS http://127.0.0.1:8443/health >/dev/null 2>&1 && break; sleep 0.5; done
+
+echo "== a demo agent with a \$0.001 daily budget; gpt-4o at \$2.50 / \$10.00 per 1M tokens"
+caracal pricebook set --provider openai --model gpt-4o --currency USD --input-price 2.50 --output-price 10.00 >/dev/null
+demo="demo-gateway-$(date +%s)"
+demo_id=$(caracal --output json agent create --name "$demo" --type openai | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+demo_key=$(caracal --output json agent key issue --agent-id "$demo_id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+caracal policy create --agent-id "$demo_id" --limit 0.001 --currency USD --time-window daily --window-type calendar >/dev/null
+sleep 1.5 # the hot path's caches pick up admin changes within one poll (1 s)
+
+echo "== agent traffic through Envoy (the agent holds only its Caracal key)"
+for i in $(seq 1 15); do
+  code=$(curl -s -o "$STATE/resp.json" -D "$STATE/resp.headers" -w '%{http_code}' \
+    http://127.0.0.1:8443/v1/chat/completions \
+    -H "authorization: Bearer $demo_key" -H 'content-type: application/json' \
+    -d '{"model":"gpt-4o","max_tokens":40,"messages":[{"role":"user","content":"Say hello to the platform team"}]}')
+  remaining=$(grep -i '^x-caracal-remaining-budget:' "$STATE/resp.headers" | tr -d '\r' | cut -d' ' -f2)
+  if [ "$code" = 200 ]; then
+    usage=$(python3 -c 'import json,sys; u=json.load(open(sys.argv[1]))["usage"]; print(u["prompt_tokens"], "prompt +", u["completion_tokens"], "completion tokens")' "$STATE/resp.json")
+    echo "call $i: HTTP 200 ($usage); remaining budget after reserving: \$$remaining"
+  else
+    echo "call $i: HTTP $code — refused: $(cat "$STATE/resp.json")"
+    break
+  fi
+  sleep 0.3 # let Settle land before the next call, so the printed budget is exact
+done
+echo "== metrics: $(curl -s http://127.0.0.1:9464/metrics | grep -E '^caracal_requests_total' | tr '\n' ' ')"
+echo "== done. Envoy on 127.0.0.1:8443, admin API on 127.0.0.1:50051 (token: $CARACAL_ADMIN_TOKEN), metrics on http://127.0.0.1:9464/metrics"

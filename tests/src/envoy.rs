@@ -68,12 +68,16 @@ pub enum Gateway {
     /// `envoy/envoy-tls.yaml`: the wasm filter behind a TLS listener, mTLS to authz
     /// (needs [`EnvoyOptions::tls_dir`]; its listener is moved to 127.0.0.1).
     WasmTls,
+    /// `envoy/envoy.yaml` without the Caracal filter (see [`strip_caracal_filters`]):
+    /// the same listener, routes and provider clusters with no metering, the
+    /// baseline of `gateway-bench`.
+    Baseline,
 }
 
 impl Gateway {
     fn template(self) -> PathBuf {
         let name = match self {
-            Gateway::Wasm => "envoy.yaml",
+            Gateway::Wasm | Gateway::Baseline => "envoy.yaml",
             Gateway::ExtAuthz => "envoy-ext-authz.yaml",
             Gateway::WasmTls => "envoy-tls.yaml",
         };
@@ -161,6 +165,62 @@ pub fn render(template: &str, vars: &[(&str, String)]) -> anyhow::Result<String>
         let rest = &out[at..];
         let end = rest.find("}}").map(|e| e + 2).unwrap_or(rest.len().min(40));
         bail!("unreplaced placeholder {}", &rest[..end]);
+    }
+    Ok(out)
+}
+
+/// A rendered `envoy.yaml` without the Caracal filter: the wasm filter and the
+/// buffer filter that only exists for it are cut from the HTTP filter chain (which
+/// keeps the router), and so is the per-route override that disables the wasm filter
+/// on `/health`. Listener, access log, routes and clusters (with the upstream
+/// credential injection) stay as they are. Fails when the layout it expects changed.
+pub fn strip_caracal_filters(config: &str) -> anyhow::Result<String> {
+    const WASM: &str = "- name: envoy.filters.http.wasm";
+    const BUFFER: &str = "- name: envoy.filters.http.buffer";
+    const ROUTER: &str = "- name: envoy.filters.http.router";
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let lines: Vec<&str> = config.lines().collect();
+    let wasm = lines
+        .iter()
+        .position(|l| l.trim() == WASM)
+        .context("no wasm filter in the config")?;
+    let router = wasm
+        + lines[wasm..]
+            .iter()
+            .position(|l| l.trim() == ROUTER)
+            .context("no router after the wasm filter")?;
+    // Between them: only the wasm and buffer filters (and comments) at that level.
+    let level = indent(lines[wasm]);
+    for l in &lines[wasm..router] {
+        if indent(l) == level && l.trim_start().starts_with("- ") && ![WASM, BUFFER].contains(&l.trim()) {
+            bail!("unexpected filter between the wasm filter and the router: {}", l.trim());
+        }
+    }
+    let mut out = Vec::with_capacity(lines.len());
+    let mut skip_deeper_than: Option<usize> = None;
+    for (i, l) in lines.iter().enumerate() {
+        if (wasm..router).contains(&i) {
+            continue;
+        }
+        if let Some(level) = skip_deeper_than {
+            if l.trim().is_empty() || indent(l) > level {
+                continue;
+            }
+            skip_deeper_than = None;
+        }
+        if l.trim() == "typed_per_filter_config:" {
+            skip_deeper_than = Some(indent(l));
+            continue;
+        }
+        out.push(*l);
+    }
+    let out = out.join("\n") + "\n";
+    let left = out
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find(|l| l.contains("envoy.filters.http.wasm") || l.contains("envoy.filters.http.buffer"));
+    if let Some(l) = left {
+        bail!("the stripped config still names a Caracal filter: {}", l.trim());
     }
     Ok(out)
 }
@@ -340,7 +400,7 @@ impl Envoy {
             .with_context(|| format!("reading {}", template_path.display()))?;
         let wasm = match opts.gateway {
             Gateway::Wasm | Gateway::WasmTls => filter_wasm()?.display().to_string(),
-            Gateway::ExtAuthz => String::new(),
+            Gateway::ExtAuthz | Gateway::Baseline => String::new(),
         };
         let tls_dir = match (opts.gateway, &opts.tls_dir) {
             (Gateway::WasmTls, None) => bail!("Gateway::WasmTls needs EnvoyOptions::tls_dir"),
@@ -380,6 +440,9 @@ impl Envoy {
                 "socket_address: { address: 0.0.0.0,",
                 "socket_address: { address: 127.0.0.1,",
             );
+        }
+        if opts.gateway == Gateway::Baseline {
+            config = strip_caracal_filters(&config)?;
         }
         for (from, to) in &opts.edits {
             if !config.contains(from.as_str()) {
