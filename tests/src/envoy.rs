@@ -192,8 +192,14 @@ pub fn strip_caracal_filters(config: &str) -> anyhow::Result<String> {
     // Between them: only the wasm and buffer filters (and comments) at that level.
     let level = indent(lines[wasm]);
     for l in &lines[wasm..router] {
-        if indent(l) == level && l.trim_start().starts_with("- ") && ![WASM, BUFFER].contains(&l.trim()) {
-            bail!("unexpected filter between the wasm filter and the router: {}", l.trim());
+        if indent(l) == level
+            && l.trim_start().starts_with("- ")
+            && ![WASM, BUFFER].contains(&l.trim())
+        {
+            bail!(
+                "unexpected filter between the wasm filter and the router: {}",
+                l.trim()
+            );
         }
     }
     let mut out = Vec::with_capacity(lines.len());
@@ -220,7 +226,10 @@ pub fn strip_caracal_filters(config: &str) -> anyhow::Result<String> {
         .filter(|l| !l.trim_start().starts_with('#'))
         .find(|l| l.contains("envoy.filters.http.wasm") || l.contains("envoy.filters.http.buffer"));
     if let Some(l) = left {
-        bail!("the stripped config still names a Caracal filter: {}", l.trim());
+        bail!(
+            "the stripped config still names a Caracal filter: {}",
+            l.trim()
+        );
     }
     Ok(out)
 }

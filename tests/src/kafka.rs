@@ -265,3 +265,29 @@ fn note_consumer_error(e: &rdkafka::error::KafkaError) {
         eprintln!("consume_all: {e}");
     }
 }
+
+/// How many messages a topic holds (sum over its partitions of high - low
+/// watermark): counts duplicates without waiting for a consumer to go quiet.
+pub fn topic_message_count(brokers: &str, topic: &str, timeout: Duration) -> anyhow::Result<i64> {
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("count-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len())
+        .context("topic not in metadata")?;
+    let mut total = 0;
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p as i32, timeout)?;
+        total += high - low;
+    }
+    Ok(total)
+}

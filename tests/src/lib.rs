@@ -153,6 +153,59 @@ impl TestStack {
         BudgetAuthorizationClient::new(self.channel.clone())
     }
 
+    /// Creates an agent (optionally under `parent`) and issues it an API key:
+    /// returns (agent id, key secret).
+    pub async fn agent_with_key(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+    ) -> anyhow::Result<(String, String)> {
+        use caracal_proto::v1 as pb;
+        let agent = self
+            .agents()
+            .create_agent(pb::CreateAgentRequest {
+                name: name.into(),
+                agent_type: "openai".into(),
+                parent_id: parent.unwrap_or_default().into(),
+                metadata_json: String::new(),
+            })
+            .await?
+            .into_inner();
+        let key = self
+            .agents()
+            .issue_api_key(pb::IssueApiKeyRequest {
+                agent_id: agent.id.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok((agent.id, key.secret))
+    }
+
+    /// Creates a USD policy (`limit` is decimal text); returns its id.
+    pub async fn usd_policy(
+        &self,
+        agent_id: &str,
+        limit: &str,
+        window: &str,
+        window_type: &str,
+        on_expiry: &str,
+    ) -> anyhow::Result<String> {
+        use caracal_proto::v1 as pb;
+        Ok(self
+            .policies()
+            .create_policy(pb::CreatePolicyRequest {
+                agent_id: agent_id.into(),
+                limit: limit.into(),
+                currency: "USD".into(),
+                time_window: window.into(),
+                window_type: window_type.into(),
+                on_expiry: on_expiry.into(),
+            })
+            .await?
+            .into_inner()
+            .id)
+    }
+
     /// A direct connection to this stack's database, to check what was written.
     pub async fn db(&self) -> anyhow::Result<AsyncPgConnection> {
         Ok(AsyncPgConnection::establish(&self.database_url).await?)

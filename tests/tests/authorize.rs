@@ -11,26 +11,7 @@ use tonic::Code;
 const USD: &str = "USD";
 
 async fn agent(stack: &TestStack, name: &str, parent: Option<&str>) -> (String, String) {
-    let a = stack
-        .agents()
-        .create_agent(pb::CreateAgentRequest {
-            name: name.into(),
-            agent_type: "openai".into(),
-            parent_id: parent.unwrap_or_default().into(),
-            metadata_json: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let key = stack
-        .agents()
-        .issue_api_key(pb::IssueApiKeyRequest {
-            agent_id: a.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (a.id, key.secret)
+    stack.agent_with_key(name, parent).await.unwrap()
 }
 
 async fn policy(
@@ -42,19 +23,9 @@ async fn policy(
     on_expiry: &str,
 ) -> String {
     stack
-        .policies()
-        .create_policy(pb::CreatePolicyRequest {
-            agent_id: agent.into(),
-            limit: limit.into(),
-            currency: USD.into(),
-            time_window: window.into(),
-            window_type: window_type.into(),
-            on_expiry: on_expiry.into(),
-        })
+        .usd_policy(agent, limit, window, window_type, on_expiry)
         .await
         .unwrap()
-        .into_inner()
-        .id
 }
 
 fn usd(micros: i64) -> pb::Money {

@@ -135,42 +135,13 @@ async fn set_prices(stack: &TestStack) {
 
 /// An agent with an API key and one daily policy of `limit` (decimal USD).
 async fn agent(stack: &TestStack, name: &str, limit: &str) -> (String, String, String) {
-    let a = stack
-        .agents()
-        .create_agent(pb::CreateAgentRequest {
-            name: name.into(),
-            agent_type: "openai".into(),
-            parent_id: String::new(),
-            metadata_json: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let key = stack
-        .agents()
-        .issue_api_key(pb::IssueApiKeyRequest {
-            agent_id: a.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let (id, key) = stack.agent_with_key(name, None).await.unwrap();
     assert!(key.starts_with("cak_"), "{key}");
     let policy = stack
-        .policies()
-        .create_policy(pb::CreatePolicyRequest {
-            agent_id: a.id.clone(),
-            limit: limit.into(),
-            currency: USD.into(),
-            time_window: "daily".into(),
-            window_type: "calendar".into(),
-            on_expiry: "charge".into(),
-        })
+        .usd_policy(&id, limit, "daily", "calendar", "charge")
         .await
-        .unwrap()
-        .into_inner()
-        .id;
-    (a.id, key, policy)
+        .unwrap();
+    (id, key, policy)
 }
 
 /// The agent's smallest remaining budget now: a zero-estimate Authorize, released.

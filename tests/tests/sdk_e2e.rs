@@ -136,38 +136,11 @@ async fn openai_and_anthropic_sdks_are_metered_and_refused_over_budget() {
             .await
             .unwrap();
     }
-    let agent = stack
-        .agents()
-        .create_agent(pb::CreateAgentRequest {
-            name: "sdk-user".into(),
-            agent_type: "openai".into(),
-            parent_id: String::new(),
-            metadata_json: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let key = stack
-        .agents()
-        .issue_api_key(pb::IssueApiKeyRequest {
-            agent_id: agent.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let (agent_id, key) = stack.agent_with_key("sdk-user", None).await.unwrap();
     // $0.02: the four small calls fit; a 5000-token call ($0.05+) never does.
     let limit = 20_000;
     stack
-        .policies()
-        .create_policy(pb::CreatePolicyRequest {
-            agent_id: agent.id.clone(),
-            limit: "0.02".into(),
-            currency: USD.into(),
-            time_window: "daily".into(),
-            window_type: "calendar".into(),
-            on_expiry: String::new(),
-        })
+        .usd_policy(&agent_id, "0.02", "daily", "calendar", "")
         .await
         .unwrap();
 

@@ -271,35 +271,18 @@ async fn redis_outage_fails_closed_and_recovers() {
     })
     .await
     .unwrap();
-    let a = stack
+    let (_, key) = stack.agent_with_key("fragile", None).await.unwrap();
+    let agent_id = stack
         .agents()
-        .create_agent(pb::CreateAgentRequest {
-            name: "fragile".into(),
-            agent_type: "openai".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let key = stack
-        .agents()
-        .issue_api_key(pb::IssueApiKeyRequest {
-            agent_id: a.id.clone(),
+        .get_agent(pb::GetAgentRequest {
+            id_or_name: "fragile".into(),
         })
         .await
         .unwrap()
         .into_inner()
-        .secret;
+        .id;
     stack
-        .policies()
-        .create_policy(pb::CreatePolicyRequest {
-            agent_id: a.id.clone(),
-            limit: "10".into(),
-            currency: "USD".into(),
-            time_window: "daily".into(),
-            window_type: "calendar".into(),
-            on_expiry: String::new(),
-        })
+        .usd_policy(&agent_id, "10", "daily", "calendar", "")
         .await
         .unwrap();
     let req = |id: &str| pb::AuthorizeRequest {

@@ -1,0 +1,814 @@
+//! Latency and throughput the Caracal filter (and the Authorize/Settle it does) add to
+//! an LLM call through Envoy.
+//!
+//! Starts the in-process mock OpenAI/Anthropic upstream, a real authz-service
+//! (in-process, fresh PostgreSQL database, local Redis, no Kafka relay) and two Envoys
+//! (`--concurrency 1` each) in front of the same mock:
+//! - **with filter**: `envoy/envoy.yaml` as shipped (caracal wasm filter + buffer
+//!   filter + router; Authorize before the call, Settle after it);
+//! - **baseline**: the same rendered config with the wasm filter, its buffer filter
+//!   and its `/health` override cut out (`Gateway::Baseline`): same listener, access
+//!   log, routes and provider clusters (credential injection included).
+//!
+//! It creates an agent with an API key and a huge daily budget and prices `gpt-4o`,
+//! warms both gateways, then for each gateway sends the same small OpenAI chat
+//! completion over HTTP/1.1 keep-alive connections to 127.0.0.1:
+//! 1. fixed rate, open loop: `--rate` req/s for `--seconds` s, each request sent on
+//!    its schedule whether or not earlier ones have answered (a pool of connections,
+//!    one per request in flight); latency from sending to the last body byte, p50 /
+//!    p99 / p99.9, and the difference with filter − baseline; for reference, the
+//!    filter's Authorize alone, sent by this process over gRPC at the same rate;
+//! 2. maximum throughput, closed loop: `--concurrency` clients, each on its own
+//!    connection, back to back for `--seconds` s; req/s, p50 / p99;
+//! 3. the size of the `.wasm`.
+//!
+//! Every response must be a 200 (through the filter also with an
+//! `x-caracal-reservation-id`); anything else is counted and printed, never a panic.
+//! Figures only: no timed assertions. The load generator, the mock and the
+//! authz-service share this process's runtime (one worker per core), so on a small
+//! machine they compete with Envoy for CPU, equally in both runs.
+//!
+//!   cargo run --release -p caracal-tests --bin gateway-bench -- --rate 200 --seconds 10
+//!
+//! Flags: --rate N (req/s of the fixed-rate run, default 200), --seconds N (per run,
+//! default 10), --concurrency N (closed-loop clients, default 16), --warmup N
+//! (requests per gateway before measuring, default 500). Needs what the gateway tests
+//! need: PostgreSQL and Redis on 127.0.0.1, Envoy in `.venv` (or
+//! `CARACAL_ENVOY_BIN`), the filter built with `--profile wasm` (done here unless
+//! `CARACAL_FILTER_WASM` names one).
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use caracal_proto::v1 as pb;
+use caracal_tests::{
+    envoy::{envoy_binary, filter_wasm, Envoy, EnvoyOptions, Gateway},
+    mock_llm::MockLlm,
+    TestStack,
+};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::task::JoinSet;
+
+const CHAT: &str = "/v1/chat/completions";
+/// Longest wait for one exchange (connect excluded).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Open loop: requests in flight beyond this are not sent (counted as skipped).
+const MAX_IN_FLIGHT: usize = 512;
+/// Open loop: connections opened before the run (more are opened when needed).
+const PREOPENED: usize = 8;
+/// Longest wait for the last requests of a run after its schedule ended.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Histogram range: 1 µs .. 60 s.
+const HIST_MAX_MICROS: u64 = 60_000_000;
+
+struct Args {
+    rate: u64,
+    seconds: u64,
+    concurrency: usize,
+    warmup: u64,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        rate: 200,
+        seconds: 10,
+        concurrency: 16,
+        warmup: 500,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| -> anyhow::Result<u64> {
+            it.next()
+                .with_context(|| format!("{name} N"))?
+                .parse()
+                .with_context(|| format!("{name}: not a number"))
+        };
+        match flag.as_str() {
+            "--rate" => args.rate = value("--rate")?,
+            "--seconds" => args.seconds = value("--seconds")?,
+            "--concurrency" => args.concurrency = usize::try_from(value("--concurrency")?)?,
+            "--warmup" => args.warmup = value("--warmup")?,
+            "--bench" => {} // passed by `cargo bench`
+            other => anyhow::bail!(
+                "unknown flag {other} (--rate N, --seconds N, --concurrency N, --warmup N)"
+            ),
+        }
+    }
+    anyhow::ensure!(args.rate >= 1, "--rate must be at least 1");
+    anyhow::ensure!(args.seconds >= 1, "--seconds must be at least 1");
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    Ok(args)
+}
+
+/// One gateway under test and the request sent to it.
+struct Target {
+    name: &'static str,
+    port: u16,
+    /// Through the filter: responses must carry `x-caracal-reservation-id`.
+    metered: bool,
+    authorization: String,
+    body: Bytes,
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+async fn connect(port: u16) -> anyhow::Result<Sender> {
+    let open = async {
+        let stream = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .context("connecting")?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok::<_, anyhow::Error>(sender)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, open)
+        .await
+        .map_err(|_| anyhow::anyhow!("no connection within {CONNECT_TIMEOUT:?}"))?
+}
+
+/// What one exchange ended with.
+enum Outcome {
+    /// A 200; `metered`: it carried `x-caracal-reservation-id`.
+    Ok {
+        metered: bool,
+    },
+    Status(u16),
+    Error(String),
+}
+
+/// One request on `sender`, body read to the end, bounded by [`REQUEST_TIMEOUT`].
+/// Returns whether the connection can be reused.
+async fn exchange(sender: &mut Sender, t: &Target) -> (Outcome, bool) {
+    let run = async {
+        sender.ready().await.context("connection not ready")?;
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(CHAT)
+            .header("host", format!("127.0.0.1:{}", t.port))
+            .header("content-type", "application/json")
+            .header("authorization", &t.authorization)
+            .body(Full::new(t.body.clone()))?;
+        let resp = sender.send_request(req).await.context("sending")?;
+        let status = resp.status().as_u16();
+        let metered = resp.headers().contains_key("x-caracal-reservation-id");
+        resp.into_body().collect().await.context("reading body")?;
+        Ok::<_, anyhow::Error>((status, metered))
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
+        Ok(Ok((200, metered))) => (Outcome::Ok { metered }, true),
+        Ok(Ok((status, _))) => (Outcome::Status(status), true),
+        Ok(Err(e)) => (Outcome::Error(format!("{e:#}")), false),
+        Err(_) => (
+            Outcome::Error(format!("no answer within {REQUEST_TIMEOUT:?}")),
+            false,
+        ),
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_MICROS, 3).unwrap_or_else(|_| {
+        // Unreachable with these constant bounds; a plain one still works.
+        Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid"))
+    })
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .clamp(1, HIST_MAX_MICROS)
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        return f64::NAN;
+    }
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// Latencies and counts of one run.
+struct Stats {
+    /// Send to last body byte, 200s only (µs).
+    latency: Histogram<u64>,
+    /// Open loop: how late each request was sent after its scheduled time (µs).
+    lag: Histogram<u64>,
+    ok: u64,
+    /// 200s without `x-caracal-reservation-id` through the filter, or with it through
+    /// the baseline: the gateway is not what it should be.
+    wrong_metering: u64,
+    statuses: BTreeMap<u16, u64>,
+    errors: u64,
+    first_error: Option<String>,
+    /// Open loop: not sent because [`MAX_IN_FLIGHT`] requests were outstanding.
+    skipped: u64,
+    /// Open loop: still unanswered when the drain timed out.
+    abandoned: u64,
+    elapsed: Duration,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Self {
+            latency: histogram(),
+            lag: histogram(),
+            ok: 0,
+            wrong_metering: 0,
+            statuses: BTreeMap::new(),
+            errors: 0,
+            first_error: None,
+            skipped: 0,
+            abandoned: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn record(&mut self, t: &Target, outcome: Outcome, latency: Duration) {
+        match outcome {
+            Outcome::Ok { metered } => {
+                self.ok += 1;
+                if metered != t.metered {
+                    self.wrong_metering += 1;
+                }
+                let _ = self.latency.record(micros(latency));
+            }
+            Outcome::Status(s) => *self.statuses.entry(s).or_default() += 1,
+            Outcome::Error(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Stats) {
+        let _ = self.latency.add(&other.latency);
+        let _ = self.lag.add(&other.lag);
+        self.ok += other.ok;
+        self.wrong_metering += other.wrong_metering;
+        for (s, n) in other.statuses {
+            *self.statuses.entry(s).or_default() += n;
+        }
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.skipped += other.skipped;
+        self.abandoned += other.abandoned;
+    }
+
+    fn non_200(&self) -> u64 {
+        self.statuses.values().sum()
+    }
+
+    fn total(&self) -> u64 {
+        self.ok + self.non_200() + self.errors
+    }
+
+    /// `ok=… non200=… errors=…` and what went wrong, if anything.
+    fn counts(&self) -> String {
+        let mut s = format!(
+            "ok={} non200={} errors={}",
+            self.ok,
+            self.non_200(),
+            self.errors
+        );
+        if self.wrong_metering > 0 {
+            s += &format!(" wrong-metering={}", self.wrong_metering);
+        }
+        if self.skipped > 0 {
+            s += &format!(" skipped={}", self.skipped);
+        }
+        if self.abandoned > 0 {
+            s += &format!(" abandoned={}", self.abandoned);
+        }
+        if !self.statuses.is_empty() {
+            let list: Vec<String> = self
+                .statuses
+                .iter()
+                .map(|(s, n)| format!("{s}x{n}"))
+                .collect();
+            s += &format!(" statuses=[{}]", list.join(","));
+        }
+        if let Some(e) = &self.first_error {
+            s += &format!(" first-error=\"{e}\"");
+        }
+        s
+    }
+}
+
+/// Open loop: request `i` is sent at `start + i / rate`, on an idle pooled connection
+/// or a new one, whether or not earlier requests have answered.
+async fn fixed_rate(t: Arc<Target>, rate: u64, seconds: u64) -> Stats {
+    let n = rate.saturating_mul(seconds);
+    let pool: Arc<Mutex<Vec<Sender>>> = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..PREOPENED {
+        if let Ok(s) = connect(t.port).await {
+            if let Ok(mut p) = pool.lock() {
+                p.push(s);
+            }
+        }
+    }
+    let mut stats = Stats::new();
+    let mut tasks: JoinSet<(Outcome, Duration, Duration)> = JoinSet::new();
+    let start = Instant::now() + Duration::from_millis(20);
+    let per_request = Duration::from_secs(1).as_nanos() as f64 / rate as f64;
+    for i in 0..n {
+        let at = start + Duration::from_nanos((i as f64 * per_request) as u64);
+        tokio::time::sleep_until(at.into()).await;
+        while let Some(done) = tasks.try_join_next() {
+            if let Ok((outcome, latency, lag)) = done {
+                stats.record(&t, outcome, latency);
+                let _ = stats.lag.record(micros(lag));
+            }
+        }
+        if tasks.len() >= MAX_IN_FLIGHT {
+            stats.skipped += 1;
+            continue;
+        }
+        let (t, pool) = (t.clone(), pool.clone());
+        tasks.spawn(async move {
+            let idle = pool.lock().ok().and_then(|mut p| p.pop());
+            let mut sender = match idle {
+                Some(s) if !s.is_closed() => s,
+                _ => match connect(t.port).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return (
+                            Outcome::Error(format!("{e:#}")),
+                            Duration::ZERO,
+                            at.elapsed(),
+                        )
+                    }
+                },
+            };
+            let sent = Instant::now();
+            let lag = sent.saturating_duration_since(at);
+            let (outcome, reusable) = exchange(&mut sender, &t).await;
+            let latency = sent.elapsed();
+            if reusable {
+                if let Ok(mut p) = pool.lock() {
+                    p.push(sender);
+                }
+            }
+            (outcome, latency, lag)
+        });
+    }
+    let drain_until = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while !tasks.is_empty() {
+        match tokio::time::timeout_at(drain_until, tasks.join_next()).await {
+            Ok(Some(Ok((outcome, latency, lag)))) => {
+                stats.record(&t, outcome, latency);
+                let _ = stats.lag.record(micros(lag));
+            }
+            Ok(Some(Err(_))) => stats.errors += 1,
+            Ok(None) => break,
+            Err(_) => {
+                stats.abandoned += tasks.len() as u64;
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    stats.elapsed = start.elapsed();
+    stats
+}
+
+/// Closed loop: `concurrency` clients, each on its own connection, send back to back
+/// until `duration` has passed or `max_requests` have been sent in all.
+async fn closed_loop(
+    t: Arc<Target>,
+    concurrency: usize,
+    duration: Duration,
+    max_requests: u64,
+) -> Stats {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let budget = Arc::new(std::sync::atomic::AtomicU64::new(max_requests));
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency {
+        let (t, budget) = (t.clone(), budget.clone());
+        workers.spawn(async move {
+            let mut stats = Stats::new();
+            let mut conn: Option<Sender> = None;
+            while Instant::now() < deadline {
+                let take = budget.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| n.checked_sub(1),
+                );
+                if take.is_err() {
+                    break;
+                }
+                let mut sender = match conn.take() {
+                    Some(s) if !s.is_closed() => s,
+                    _ => match connect(t.port).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            stats.record(&t, Outcome::Error(format!("{e:#}")), Duration::ZERO);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    },
+                };
+                let sent = Instant::now();
+                let (outcome, reusable) = exchange(&mut sender, &t).await;
+                stats.record(&t, outcome, sent.elapsed());
+                if reusable {
+                    conn = Some(sender);
+                }
+            }
+            stats
+        });
+    }
+    let mut total = Stats::new();
+    // Each worker stops by the deadline plus one bounded exchange.
+    let join_until = tokio::time::Instant::now()
+        + duration
+        + CONNECT_TIMEOUT
+        + REQUEST_TIMEOUT
+        + Duration::from_secs(5);
+    while !workers.is_empty() {
+        match tokio::time::timeout_at(join_until, workers.join_next()).await {
+            Ok(Some(Ok(s))) => total.merge(s),
+            Ok(Some(Err(_))) => total.errors += 1,
+            Ok(None) => break,
+            Err(_) => {
+                total.abandoned += workers.len() as u64;
+                workers.abort_all();
+                break;
+            }
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+/// Reference for the fixed-rate run: the filter's Authorize alone, sent by this
+/// process (tonic, one HTTP/2 connection) straight to the authz-service at the same
+/// open-loop rate, timed until its answer; each is then settled (untimed), as the
+/// filter does after the response.
+async fn authorize_fixed_rate(stack: &TestStack, key: &str, rate: u64, seconds: u64) -> Stats {
+    let n = rate.saturating_mul(seconds);
+    let client = stack.authz();
+    let mut stats = Stats::new();
+    let mut tasks: JoinSet<(Result<(), String>, Duration, Duration)> = JoinSet::new();
+    let start = Instant::now() + Duration::from_millis(20);
+    let per_request = Duration::from_secs(1).as_nanos() as f64 / rate as f64;
+    let key: Arc<str> = Arc::from(key);
+    let collect = |stats: &mut Stats, r: (Result<(), String>, Duration, Duration)| {
+        let (result, latency, lag) = r;
+        match result {
+            Ok(()) => {
+                stats.ok += 1;
+                let _ = stats.latency.record(micros(latency));
+            }
+            Err(e) => {
+                stats.errors += 1;
+                stats.first_error.get_or_insert(e);
+            }
+        }
+        let _ = stats.lag.record(micros(lag));
+    };
+    for i in 0..n {
+        let at = start + Duration::from_nanos((i as f64 * per_request) as u64);
+        tokio::time::sleep_until(at.into()).await;
+        while let Some(done) = tasks.try_join_next() {
+            if let Ok(r) = done {
+                collect(&mut stats, r);
+            }
+        }
+        if tasks.len() >= MAX_IN_FLIGHT {
+            stats.skipped += 1;
+            continue;
+        }
+        let (mut client, key) = (client.clone(), key.clone());
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let lag = sent.saturating_duration_since(at);
+            let request = pb::AuthorizeRequest {
+                request_id: format!("bench-ref-{i}-{}", uuid::Uuid::new_v4().simple()),
+                credential: Some(pb::AgentCredential {
+                    kind: Some(pb::agent_credential::Kind::ApiKey(key.to_string())),
+                }),
+                provider: "openai".into(),
+                model: "gpt-4o".into(),
+                resource: "api.openai.com/v1/chat/completions".into(),
+                estimated_usage: Some(pb::TokenUsage {
+                    input_tokens: 6,
+                    output_tokens: 16,
+                    cached_input_tokens: 0,
+                }),
+                estimated_cost: None,
+            };
+            let answer = tokio::time::timeout(REQUEST_TIMEOUT, client.authorize(request)).await;
+            let latency = sent.elapsed();
+            let result = match answer {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    if r.decision == pb::Decision::Allow as i32 {
+                        let settle = pb::SettleRequest {
+                            reservation_id: r.reservation_id,
+                            usage: Some(pb::TokenUsage {
+                                input_tokens: 6,
+                                output_tokens: 12,
+                                cached_input_tokens: 0,
+                            }),
+                            provider: "openai".into(),
+                            model: "gpt-4o".into(),
+                            actual_cost: None,
+                        };
+                        match tokio::time::timeout(REQUEST_TIMEOUT, client.settle(settle)).await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(e)) => Err(format!("settle: {e}")),
+                            Err(_) => Err("settle timed out".to_owned()),
+                        }
+                    } else {
+                        Err(format!("denied: {}", r.message))
+                    }
+                }
+                Ok(Err(e)) => Err(format!("authorize: {e}")),
+                Err(_) => Err("authorize timed out".to_owned()),
+            };
+            (result, latency, lag)
+        });
+    }
+    let drain_until = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while !tasks.is_empty() {
+        match tokio::time::timeout_at(drain_until, tasks.join_next()).await {
+            Ok(Some(Ok(r))) => collect(&mut stats, r),
+            Ok(Some(Err(_))) => stats.errors += 1,
+            Ok(None) => break,
+            Err(_) => {
+                stats.abandoned += tasks.len() as u64;
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    stats.elapsed = start.elapsed();
+    stats
+}
+
+/// An agent with an API key and a $1,000,000,000 daily policy; `gpt-4o` priced.
+async fn seed(stack: &TestStack) -> anyhow::Result<String> {
+    stack
+        .prices()
+        .set_price(pb::SetPriceRequest {
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            currency: "USD".into(),
+            input_per_mtok: "2.50".into(),
+            output_per_mtok: "10.00".into(),
+            cached_input_per_mtok: "1.25".into(),
+            per_request: "0".into(),
+        })
+        .await?;
+    let agent = stack
+        .agents()
+        .create_agent(pb::CreateAgentRequest {
+            name: "gateway-bench".into(),
+            agent_type: "openai".into(),
+            parent_id: String::new(),
+            metadata_json: String::new(),
+        })
+        .await?
+        .into_inner();
+    let key = stack
+        .agents()
+        .issue_api_key(pb::IssueApiKeyRequest {
+            agent_id: agent.id.clone(),
+        })
+        .await?
+        .into_inner()
+        .secret;
+    stack
+        .policies()
+        .create_policy(pb::CreatePolicyRequest {
+            agent_id: agent.id,
+            limit: "1000000000".into(),
+            currency: "USD".into(),
+            time_window: "daily".into(),
+            window_type: "calendar".into(),
+            on_expiry: "charge".into(),
+        })
+        .await?;
+    Ok(key)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+fn print_latency(label: &str, s: &Stats, with_lag: bool) {
+    let mut line = format!(
+        "  {label:<12} p50={:>7.3}ms  p99={:>7.3}ms  p99.9={:>7.3}ms  max={:>7.3}ms",
+        ms(&s.latency, 0.5),
+        ms(&s.latency, 0.99),
+        ms(&s.latency, 0.999),
+        s.latency.max() as f64 / 1000.0,
+    );
+    if with_lag {
+        line += &format!(
+            "  send-lag p99={:.3}ms  achieved={:.1} req/s",
+            ms(&s.lag, 0.99),
+            s.total() as f64 / s.elapsed.as_secs_f64().max(1e-9)
+        );
+    }
+    println!("{line}  {}", s.counts());
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let load_before = loadavg();
+    let wasm = filter_wasm()?;
+    let wasm_bytes = std::fs::metadata(&wasm)
+        .with_context(|| format!("reading {}", wasm.display()))?
+        .len();
+
+    let mock = MockLlm::start().await?;
+    let stack = TestStack::start_with(|c| {
+        c.database.db_pool_size = 4;
+        c.database.db_max_overflow = 4;
+        c.server.max_concurrent_requests = 10_000;
+    })
+    .await?;
+    let outcome = bench(&args, &stack, &mock, cores, &load_before, &wasm, wasm_bytes).await;
+    mock.stop().await;
+    let stopped = stack.stop().await;
+    outcome?;
+    stopped
+}
+
+async fn bench(
+    args: &Args,
+    stack: &TestStack,
+    mock: &MockLlm,
+    cores: usize,
+    load_before: &str,
+    wasm: &std::path::Path,
+    wasm_bytes: u64,
+) -> anyhow::Result<()> {
+    let authz_port = stack
+        .server
+        .as_ref()
+        .context("authz-service not running")?
+        .grpc_addr
+        .port();
+    let key = seed(stack).await?;
+    let filtered = Envoy::start(EnvoyOptions::new(Gateway::Wasm, authz_port, mock.port()))
+        .await
+        .context("starting Envoy with the filter")?;
+    let baseline = Envoy::start(EnvoyOptions::new(
+        Gateway::Baseline,
+        authz_port,
+        mock.port(),
+    ))
+    .await
+    .context("starting the baseline Envoy")?;
+
+    let body = Bytes::from(
+        serde_json::json!({
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "Say hello to the benchmark please"}],
+            "max_tokens": 16,
+        })
+        .to_string(),
+    );
+    let authorization = format!("Bearer {key}");
+    let targets = [
+        Arc::new(Target {
+            name: "baseline",
+            port: baseline.port,
+            metered: false,
+            authorization: authorization.clone(),
+            body: body.clone(),
+        }),
+        Arc::new(Target {
+            name: "with filter",
+            port: filtered.port,
+            metered: true,
+            authorization,
+            body,
+        }),
+    ];
+
+    println!(
+        "caracal gateway bench: POST {CHAT} (gpt-4o, {} byte body, max_tokens 16) over HTTP/1.1 keep-alive to 127.0.0.1",
+        targets[0].body.len()
+    );
+    println!(
+        "  {cores} cores, load average before start-up: {load_before}; envoy {} (--concurrency 1 each)",
+        envoy_binary()?.display()
+    );
+    println!(
+        "  baseline = envoy.yaml without the wasm + buffer filters; with filter = envoy.yaml (Authorize + Settle via the in-process authz-service, PostgreSQL + Redis, relay off)"
+    );
+
+    // Warm-up: connections, V8, the key cache of the authz-service, Envoy's upstream
+    // connections to the mock and the authz cluster.
+    for t in &targets {
+        let w = closed_loop(t.clone(), 4, Duration::from_secs(60), args.warmup).await;
+        println!("  warm-up {:<12} {}", t.name, w.counts());
+    }
+    mock.clear();
+    println!("  load average after warm-up: {}", loadavg());
+
+    // 1. Fixed rate, open loop.
+    println!(
+        "\nfixed rate: {} req/s for {} s each (open loop; latency = send to last body byte, 200s only)",
+        args.rate, args.seconds
+    );
+    let mut fixed = Vec::new();
+    for t in &targets {
+        let s = fixed_rate(t.clone(), args.rate, args.seconds).await;
+        print_latency(t.name, &s, true);
+        fixed.push(s);
+        mock.clear();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (b, f) = (&fixed[0], &fixed[1]);
+    let d50 = ms(&f.latency, 0.5) - ms(&b.latency, 0.5);
+    let d99 = ms(&f.latency, 0.99) - ms(&b.latency, 0.99);
+    let d999 = ms(&f.latency, 0.999) - ms(&b.latency, 0.999);
+    println!(
+        "  added by filter+authz: p50={d50:+.3}ms  p99={d99:+.3}ms  p99.9={d999:+.3}ms  (target: p50 <= 1 ms {}, p99 <= 3 ms {})",
+        if d50 <= 1.0 { "met" } else { "NOT met" },
+        if d99 <= 3.0 { "met" } else { "NOT met" },
+    );
+    let reference = authorize_fixed_rate(stack, &key, args.rate, args.seconds).await;
+    println!(
+        "  reference: Authorize alone, this process -> authz-service over gRPC (tonic), same rate; timed to its answer, then settled:"
+    );
+    print_latency("Authorize", &reference, true);
+    println!(
+        "  added p50 - Authorize p50 = {:+.3}ms (rough share of everything else: wasm/V8, buffering, the extra hop)",
+        d50 - ms(&reference.latency, 0.5)
+    );
+    println!("  load average: {}", loadavg());
+
+    // 2. Maximum throughput, closed loop.
+    println!(
+        "\nmax throughput: {} closed-loop clients (one connection each) for {} s each",
+        args.concurrency, args.seconds
+    );
+    let mut rates = Vec::new();
+    for t in &targets {
+        let s = closed_loop(
+            t.clone(),
+            args.concurrency,
+            Duration::from_secs(args.seconds),
+            u64::MAX,
+        )
+        .await;
+        let rps = s.ok as f64 / s.elapsed.as_secs_f64().max(1e-9);
+        println!(
+            "  {:<12} {:>8.0} req/s  p50={:>7.3}ms  p99={:>7.3}ms  {}",
+            t.name,
+            rps,
+            ms(&s.latency, 0.5),
+            ms(&s.latency, 0.99),
+            s.counts()
+        );
+        rates.push(rps);
+        mock.clear();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if rates[0] > 0.0 {
+        println!(
+            "  with filter / baseline: {:.1}% of the baseline's throughput",
+            100.0 * rates[1] / rates[0]
+        );
+    }
+    println!("  load average: {}", loadavg());
+
+    // 3. The filter's size.
+    println!(
+        "\nwasm: {} bytes ({:.1} KiB)  {}",
+        wasm_bytes,
+        wasm_bytes as f64 / 1024.0,
+        wasm.display()
+    );
+    drop(baseline);
+    drop(filtered);
+    Ok(())
+}
