@@ -676,3 +676,44 @@ pub async fn http_request(
         .await
         .map_err(|_| anyhow!("{method} {path}: no complete answer within {HTTP_TIMEOUT:?}"))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_baseline_is_envoy_yaml_without_the_caracal_filters() -> anyhow::Result<()> {
+        let config = fs::read_to_string(Gateway::Baseline.template())?;
+        let stripped = strip_caracal_filters(&config)?;
+        let code = |s: &str| -> Vec<String> {
+            s.lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        let (before, after) = (code(&config), code(&stripped));
+        for gone in [
+            "envoy.filters.http.wasm",
+            "envoy.filters.http.buffer",
+            "typed_per_filter_config",
+            "{{WASM_PATH}}",
+        ] {
+            assert!(before.iter().any(|l| l.contains(gone)), "{gone}");
+            assert!(!after.iter().any(|l| l.contains(gone)), "{gone} left");
+        }
+        // Everything else stays: routes, router, clusters, credential injection.
+        for kept in [
+            "- name: envoy.filters.http.router",
+            "- match: { path: /health }",
+            "cluster: openai",
+            "cluster: anthropic",
+            "- name: caracal_authz",
+            "envoy.filters.http.credential_injector",
+            "access_log:",
+        ] {
+            assert!(after.iter().any(|l| l.contains(kept)), "{kept} lost");
+        }
+        assert!(strip_caracal_filters("static_resources: {}\n").is_err());
+        Ok(())
+    }
+}

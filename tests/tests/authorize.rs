@@ -148,6 +148,16 @@ async fn two_children_exhausting_a_shared_parent() {
     policy(&stack, &child_b, "1000", "daily", "rolling", "").await;
 
     let authz = stack.authz();
+    // Warm both children's cache entries first, so neither starts the race late.
+    for (i, key) in [&key_a, &key_b].into_iter().enumerate() {
+        let r = authz
+            .clone()
+            .authorize(authorize_req(key, &format!("warm-{i}"), 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(allowed(&r));
+    }
     let mut rng = Rng(42);
     let mut tasks = Vec::new();
     for i in 0..1000 {
