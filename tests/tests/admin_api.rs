@@ -356,6 +356,65 @@ async fn api_keys_are_shown_once_and_stored_hashed() {
         "secret leaked into the table"
     );
 
+    // Verified identities: add, duplicate, list, remove.
+    let spiffe = "spiffe://cluster.local/ns/agents/sa/keyed";
+    let add = |kind: &str, value: &str| pb::AddIdentityRequest {
+        agent_id: a.id.clone(),
+        kind: kind.into(),
+        value: value.into(),
+    };
+    let ident = agents
+        .add_identity(add("spiffe", spiffe))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (ident.kind.as_str(), ident.value.as_str()),
+        ("spiffe", spiffe)
+    );
+    assert_eq!(
+        agents
+            .add_identity(add("spiffe", spiffe))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        agents
+            .add_identity(add("kerberos", "x"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    agents
+        .add_identity(add("jwt", "agent-keyed@example.com"))
+        .await
+        .unwrap();
+    let listed = agents
+        .list_identities(pb::ListIdentitiesRequest {
+            agent_id: a.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.identities.len(), 2);
+    agents
+        .remove_identity(pb::RemoveIdentityRequest {
+            id: ident.id.clone(),
+        })
+        .await
+        .unwrap();
+    let err = agents
+        .remove_identity(pb::RemoveIdentityRequest {
+            id: ident.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(stack.count("agent_identities").await.unwrap(), 1);
+
     // Listing never shows the secret; revocation is idempotent.
     let listed = agents
         .list_api_keys(pb::ListApiKeysRequest {
@@ -497,6 +556,28 @@ async fn policies_validate_version_and_keep_history() {
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(stack.count("policies").await.unwrap(), 2);
     assert_eq!(stack.count("policy_versions").await.unwrap(), 2);
+
+    // Get by id; unknown and malformed ids.
+    let got = policies
+        .get_policy(pb::GetPolicyRequest {
+            id: daily.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, daily);
+    let err = policies
+        .get_policy(pb::GetPolicyRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = policies
+        .get_policy(pb::GetPolicyRequest { id: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
 
     // List both.
     let listed = policies
@@ -937,6 +1018,7 @@ async fn reflection_health_and_metrics() {
     for expected in [
         "caracal.v1.AgentService",
         "caracal.v1.AllowlistService",
+        "caracal.v1.BudgetAuthorization",
         "caracal.v1.PolicyService",
         "caracal.v1.PriceBookService",
         "grpc.health.v1.Health",
