@@ -398,6 +398,24 @@ impl AuthorizationService {
         Ok(response)
     }
 
+    /// How a reservation ends now, with this service's marker TTL.
+    fn finish_of<'a>(
+        &self,
+        kind: FinishKind,
+        partition: u16,
+        reservation_id: &'a str,
+        event_id: &'a str,
+    ) -> Finish<'a> {
+        Finish::new(
+            kind,
+            partition,
+            reservation_id,
+            event_id,
+            Utc::now().timestamp_millis(),
+            self.settings.finished_marker_ttl_s,
+        )
+    }
+
     fn partition(&self, reservation_id: &str) -> Result<u16, Status> {
         partition_of_reservation(reservation_id, self.store.keys().partitions()).ok_or_else(|| {
             Status::invalid_argument(format!("{reservation_id:?} is not a reservation id"))
@@ -435,18 +453,17 @@ impl AuthorizationService {
         let outcome = self
             .store
             .finish(&Finish {
-                kind: FinishKind::Settle,
-                partition,
-                reservation_id: &req.reservation_id,
-                now_ms: Utc::now().timestamp_millis(),
-                event_id: &event_id,
                 cost_micros: cost,
                 input_tokens: usage.input_tokens,
                 output_tokens: usage.output_tokens,
                 cached_input_tokens: usage.cached_input_tokens,
                 price_version,
-                reason: "",
-                done_ttl_s: self.settings.finished_marker_ttl_s,
+                ..self.finish_of(
+                    FinishKind::Settle,
+                    partition,
+                    &req.reservation_id,
+                    &event_id,
+                )
             })
             .await
             .map_err(store_error)?;
@@ -494,20 +511,9 @@ impl AuthorizationService {
                 already_settled: true,
             }),
             FinishOutcome::AlreadyFinished { kind, .. } => {
-                Err(Status::failed_precondition(format!(
-                    "reservation {} was already {}",
-                    req.reservation_id,
-                    if kind == FinishKind::Expire {
-                        "expired"
-                    } else {
-                        "released"
-                    }
-                )))
+                Err(finished_otherwise(&req.reservation_id, kind))
             }
-            FinishOutcome::Unknown => Err(Status::not_found(format!(
-                "reservation {} not found",
-                req.reservation_id
-            ))),
+            FinishOutcome::Unknown => Err(unknown_reservation(&req.reservation_id)),
         }
     }
 
@@ -522,18 +528,13 @@ impl AuthorizationService {
         let outcome = self
             .store
             .finish(&Finish {
-                kind: FinishKind::Release,
-                partition,
-                reservation_id: &req.reservation_id,
-                now_ms: Utc::now().timestamp_millis(),
-                event_id: &event_id,
-                cost_micros: 0,
-                input_tokens: 0,
-                output_tokens: 0,
-                cached_input_tokens: 0,
-                price_version: 0,
                 reason,
-                done_ttl_s: self.settings.finished_marker_ttl_s,
+                ..self.finish_of(
+                    FinishKind::Release,
+                    partition,
+                    &req.reservation_id,
+                    &event_id,
+                )
             })
             .await
             .map_err(store_error)?;
@@ -557,22 +558,25 @@ impl AuthorizationService {
                 already_released: true,
             }),
             FinishOutcome::AlreadyFinished { kind, .. } => {
-                Err(Status::failed_precondition(format!(
-                    "reservation {} was already {}",
-                    req.reservation_id,
-                    if kind == FinishKind::Expire {
-                        "expired"
-                    } else {
-                        "settled"
-                    }
-                )))
+                Err(finished_otherwise(&req.reservation_id, kind))
             }
-            FinishOutcome::Unknown => Err(Status::not_found(format!(
-                "reservation {} not found",
-                req.reservation_id
-            ))),
+            FinishOutcome::Unknown => Err(unknown_reservation(&req.reservation_id)),
         }
     }
+}
+
+/// A Settle or Release of a reservation that ended another way first.
+fn finished_otherwise(reservation_id: &str, kind: FinishKind) -> Status {
+    let how = match kind {
+        FinishKind::Settle => "settled",
+        FinishKind::Release => "released",
+        FinishKind::Expire => "expired",
+    };
+    Status::failed_precondition(format!("reservation {reservation_id} was already {how}"))
+}
+
+fn unknown_reservation(reservation_id: &str) -> Status {
+    Status::not_found(format!("reservation {reservation_id} not found"))
 }
 
 /// Records the outcome of a hot-path call: `caracal_requests_total{status}` (the

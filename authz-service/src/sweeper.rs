@@ -40,18 +40,15 @@ pub async fn sweep_once(
                 let event_id = format!("{rid}/expire");
                 let outcome = store
                     .finish(&Finish {
-                        kind: FinishKind::Expire,
-                        partition,
-                        reservation_id: rid,
-                        now_ms,
-                        event_id: &event_id,
-                        cost_micros: 0,
-                        input_tokens: 0,
-                        output_tokens: 0,
-                        cached_input_tokens: 0,
-                        price_version: 0,
                         reason: "expired",
-                        done_ttl_s: finished_marker_ttl_s,
+                        ..Finish::new(
+                            FinishKind::Expire,
+                            partition,
+                            rid,
+                            &event_id,
+                            now_ms,
+                            finished_marker_ttl_s,
+                        )
                     })
                     .await?;
                 if let FinishOutcome::Finished { charged, .. } = outcome {

@@ -53,6 +53,31 @@ impl Interceptor for Bearer {
 
 pub type Svc = InterceptedService<Channel, Bearer>;
 
+/// An Authorize call as the gateway makes it for an OpenAI chat completion: the
+/// agent's key and a fixed USD cost estimate.
+pub fn authorize_request(
+    key: &str,
+    request_id: &str,
+    estimate_micros: i64,
+) -> caracal_proto::v1::AuthorizeRequest {
+    use caracal_proto::v1 as pb;
+    pb::AuthorizeRequest {
+        request_id: request_id.into(),
+        credential: Some(pb::AgentCredential {
+            kind: Some(pb::agent_credential::Kind::ApiKey(key.into())),
+        }),
+        provider: "openai".into(),
+        model: "gpt-4o".into(),
+        resource: "api.openai.com/v1/chat/completions".into(),
+        estimated_usage: None,
+        estimated_cost: Some(pb::Money {
+            currency: "USD".into(),
+            micros: estimate_micros,
+            amount: String::new(),
+        }),
+    }
+}
+
 /// Redis used by tests (each stack uses its own key prefix).
 pub fn redis_url() -> String {
     std::env::var("CARACAL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())

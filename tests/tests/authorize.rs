@@ -37,17 +37,7 @@ fn usd(micros: i64) -> pb::Money {
 }
 
 fn authorize_req(key: &str, request_id: &str, micros: i64) -> pb::AuthorizeRequest {
-    pb::AuthorizeRequest {
-        request_id: request_id.into(),
-        credential: Some(pb::AgentCredential {
-            kind: Some(pb::agent_credential::Kind::ApiKey(key.into())),
-        }),
-        provider: "openai".into(),
-        model: "gpt-4o".into(),
-        resource: "api.openai.com/v1/chat/completions".into(),
-        estimated_usage: None,
-        estimated_cost: Some(usd(micros)),
-    }
+    caracal_tests::authorize_request(key, request_id, micros)
 }
 
 fn allowed(r: &pb::AuthorizeResponse) -> bool {

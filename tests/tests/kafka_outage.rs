@@ -44,21 +44,11 @@ async fn events_wait_out_a_broker_outage_and_arrive_exactly_once() {
             let mut reservations = Vec::new();
             for i in (w..PAIRS).step_by(WORKERS) {
                 let r = authz
-                    .authorize(pb::AuthorizeRequest {
-                        request_id: format!("outage-{i}"),
-                        credential: Some(pb::AgentCredential {
-                            kind: Some(pb::agent_credential::Kind::ApiKey((*key).clone())),
-                        }),
-                        provider: "openai".into(),
-                        model: "gpt-4o".into(),
-                        resource: "api.openai.com/v1/chat/completions".into(),
-                        estimated_usage: None,
-                        estimated_cost: Some(pb::Money {
-                            currency: "USD".into(),
-                            micros: 5_000,
-                            amount: String::new(),
-                        }),
-                    })
+                    .authorize(caracal_tests::authorize_request(
+                        &key,
+                        &format!("outage-{i}"),
+                        5_000,
+                    ))
                     .await
                     .unwrap()
                     .into_inner();

@@ -285,21 +285,7 @@ async fn redis_outage_fails_closed_and_recovers() {
         .usd_policy(&agent_id, "10", "daily", "calendar", "")
         .await
         .unwrap();
-    let req = |id: &str| pb::AuthorizeRequest {
-        request_id: id.into(),
-        credential: Some(pb::AgentCredential {
-            kind: Some(pb::agent_credential::Kind::ApiKey(key.clone())),
-        }),
-        provider: "openai".into(),
-        model: "gpt-4o".into(),
-        resource: "api.openai.com/v1/chat/completions".into(),
-        estimated_usage: None,
-        estimated_cost: Some(pb::Money {
-            currency: "USD".into(),
-            micros: 1000,
-            amount: String::new(),
-        }),
-    };
+    let req = |id: &str| caracal_tests::authorize_request(&key, id, 1000);
     let mut authz = stack.authz();
     let ok = authz.authorize(req("before")).await.unwrap().into_inner();
     assert_eq!(ok.decision, pb::Decision::Allow as i32);

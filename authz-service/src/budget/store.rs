@@ -128,6 +128,34 @@ pub struct Finish<'a> {
     pub done_ttl_s: u64,
 }
 
+impl<'a> Finish<'a> {
+    /// A finish of `kind` that charges nothing and carries no usage (release, expiry);
+    /// a settle fills in the cost and usage with struct-update syntax.
+    pub fn new(
+        kind: FinishKind,
+        partition: u16,
+        reservation_id: &'a str,
+        event_id: &'a str,
+        now_ms: i64,
+        done_ttl_s: u64,
+    ) -> Self {
+        Self {
+            kind,
+            partition,
+            reservation_id,
+            now_ms,
+            event_id,
+            cost_micros: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_input_tokens: 0,
+            price_version: 0,
+            reason: "",
+            done_ttl_s,
+        }
+    }
+}
+
 /// A policy's state after a reservation finished.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyUse {

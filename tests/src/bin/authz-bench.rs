@@ -112,21 +112,7 @@ async fn pair(
     request_id: String,
 ) -> anyhow::Result<()> {
     let r = client
-        .authorize(pb::AuthorizeRequest {
-            request_id,
-            credential: Some(pb::AgentCredential {
-                kind: Some(pb::agent_credential::Kind::ApiKey(key.to_owned())),
-            }),
-            provider: "openai".into(),
-            model: "gpt-4o".into(),
-            resource: "api.openai.com/v1/chat/completions".into(),
-            estimated_usage: None,
-            estimated_cost: Some(pb::Money {
-                currency: "USD".into(),
-                micros: 5_000,
-                amount: String::new(),
-            }),
-        })
+        .authorize(caracal_tests::authorize_request(key, &request_id, 5_000))
         .await?
         .into_inner();
     anyhow::ensure!(
