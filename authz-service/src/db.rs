@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use diesel_async::{
     async_connection_wrapper::AsyncConnectionWrapper,
-    pooled_connection::{bb8, AsyncDieselConnectionManager},
+    pooled_connection::{bb8, AsyncDieselConnectionManager, ManagerConfig},
     AsyncPgConnection,
 };
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
@@ -12,6 +12,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use crate::{config::DatabaseConfig, error::ServiceError};
 
 pub mod schema;
+pub mod tls;
 
 /// The migrations under `migrations/` at the repository root, compiled in so a
 /// deployed binary can bring its database up to date (`caracal-authz-service migrate`).
@@ -32,7 +33,12 @@ pub enum DbError {
 /// `dbMaxOverflow` more are opened under load, the same meaning the keys had in the
 /// original deployment; `dbPoolTimeout` bounds the wait for a free connection.
 pub async fn connect(config: &DatabaseConfig) -> Result<Pool, DbError> {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(config.url.clone());
+    let mut setup = ManagerConfig::<AsyncPgConnection>::default();
+    setup.custom_setup = Box::new(|url| Box::pin(tls::establish(url)));
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        config.url.clone(),
+        setup,
+    );
     bb8::Pool::builder()
         .max_size(config.db_pool_size + config.db_max_overflow)
         .min_idle(Some(config.db_pool_size))
@@ -47,9 +53,13 @@ pub async fn connect(config: &DatabaseConfig) -> Result<Pool, DbError> {
 pub async fn run_migrations(url: &str) -> Result<Vec<String>, DbError> {
     let url = url.to_owned();
     tokio::task::spawn_blocking(move || {
-        let mut conn =
-            <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(&url)
-                .map_err(|e| DbError::Connect(e.to_string()))?;
+        // The same TLS handling as the pool: connect async, then wrap for the
+        // synchronous migration harness.
+        let handle = tokio::runtime::Handle::current();
+        let conn = handle
+            .block_on(tls::establish(&url))
+            .map_err(|e| DbError::Connect(e.to_string()))?;
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
         let applied = conn
             .run_pending_migrations(MIGRATIONS)
             .map_err(|e| DbError::Migration(e.to_string()))?;

@@ -1097,3 +1097,45 @@ async fn http_get(base: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+#[tokio::test]
+async fn database_connections_use_tls_with_sslmode_require() {
+    // The local PostgreSQL serves TLS (Debian's default snakeoil certificate).
+    let stack =
+        TestStack::start_with(|c| c.database.url = format!("{}?sslmode=require", c.database.url))
+            .await
+            .unwrap();
+    // Work goes through the TLS pool...
+    let a = stack
+        .agents()
+        .create_agent(agent_req("over-tls"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.name, "over-tls");
+    // ...and PostgreSQL reports the service's connections as encrypted.
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        encrypted: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        plain: i64,
+    }
+    let mut conn = stack.db().await.unwrap();
+    let row: Row = diesel_async::RunQueryDsl::get_result(
+        diesel::sql_query(format!(
+            "SELECT count(*) FILTER (WHERE s.ssl) AS encrypted, count(*) FILTER (WHERE NOT s.ssl) AS plain \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{}'",
+            stack.database
+        )),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    assert!(row.encrypted >= 1, "the service's pool connections use TLS");
+    assert_eq!(
+        row.plain, 1,
+        "only this test's own probe connection is plain"
+    );
+    stack.stop().await.unwrap();
+}
