@@ -17,7 +17,8 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT 1 FROM pg_database WHERE 
   psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE caracal"
 
 echo "== building (service, CLI, mock upstream, wasm filter)"
-cargo build -q -p caracal-authz -p caracal-cli -p caracal-tests --bin mock-llm
+cargo build -q -p caracal-authz -p caracal-cli
+cargo build -q -p caracal-tests --bin mock-llm
 cargo build -q -p caracal-filter --target wasm32-wasip1 --profile wasm
 BIN="$ROOT/target/debug"
 
@@ -53,6 +54,9 @@ cleanup() {
 if [ "${KEEP_RUNNING:-0}" != 1 ]; then trap cleanup EXIT; fi
 for _ in $(seq 1 60); do
   curl -fsS http://127.0.0.1:9464/health >/dev/null 2>&1 && break
+  if ! kill -0 "$(cat "$STATE/authz.pid")" 2>/dev/null; then
+    echo "caracal-authz-service exited; its log:" >&2; cat "$STATE/authz.log" >&2; exit 1
+  fi
   sleep 0.5
 done
 curl -fsS http://127.0.0.1:9464/health; echo
