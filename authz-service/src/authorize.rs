@@ -31,7 +31,7 @@ use crate::{
             Finish, FinishKind, FinishOutcome, PolicySlot, ReserveOutcome, ReserveRequest,
             SlotMode, StoreError,
         },
-        BudgetStore,
+        BudgetStore, KeySpace,
     },
     catalog::{AgentView, Catalog, PolicyInfo},
     convert::money,
@@ -127,12 +127,11 @@ fn usage_of(u: &pb::TokenUsage) -> Result<Usage, Status> {
 /// The counter a policy counts in at `now` (its calendar window, or its rolling
 /// sub-buckets).
 pub fn policy_slot(
-    store: &BudgetStore,
+    keys: &KeySpace,
     partition: u16,
     p: &PolicyInfo,
     now: DateTime<Utc>,
 ) -> PolicySlot {
-    let keys = store.keys();
     let id = p.id.to_string();
     let mode_and_key = match (
         p.window_type,
@@ -316,7 +315,7 @@ impl AuthorizationService {
         let slots: Vec<PolicySlot> = agent
             .policies
             .iter()
-            .map(|p| policy_slot(&self.store, partition, p, now))
+            .map(|p| policy_slot(keys, partition, p, now))
             .collect();
         let rid = reservation_id(partition, Uuid::now_v7());
         let now_ms = now.timestamp_millis();

@@ -164,9 +164,10 @@ impl Catalog {
     /// The agent bound to a verified identity, if any.
     pub async fn agent_for_identity(&self, kind: &str, value: &str) -> ServiceResult<Option<Uuid>> {
         let pool = self.pool.clone();
-        let (kind, value) = (kind.to_owned(), value.to_owned());
+        let key = (kind.to_owned(), value.to_owned());
+        let (kind, value) = key.clone();
         self.by_identity
-            .try_get_with((kind.clone(), value.clone()), async move {
+            .try_get_with(key, async move {
                 use schema::agent_identities::dsl as i;
                 let mut conn = db::conn(&pool).await?;
                 let id: Option<Uuid> = i::agent_identities

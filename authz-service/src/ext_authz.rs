@@ -45,12 +45,10 @@ use envoy_types::{
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
-use crate::authorize::AuthorizationService;
+use crate::{authorize::AuthorizationService, keys::KEY_PREFIX};
 
 /// Header carrying a Caracal agent key.
 pub const AGENT_KEY_HEADER: &str = "x-caracal-agent-key";
-/// Prefix of Caracal agent keys.
-pub const AGENT_KEY_PREFIX: &str = "cak_";
 
 /// Context-extension keys read from the route's ext_authz per-route config.
 pub mod ext {
@@ -170,7 +168,7 @@ fn bearer_agent_key(http: &HttpRequest) -> Option<String> {
     let value = header(http, "authorization")?;
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && token.starts_with(AGENT_KEY_PREFIX))
+    (scheme.eq_ignore_ascii_case("bearer") && token.starts_with(KEY_PREFIX))
         .then(|| token.to_owned())
 }
 
@@ -178,9 +176,7 @@ fn bearer_agent_key(http: &HttpRequest) -> Option<String> {
 fn x_api_agent_key(http: &HttpRequest) -> Option<String> {
     let value = header(http, "x-api-key")?;
     let token = value.trim();
-    token
-        .starts_with(AGENT_KEY_PREFIX)
-        .then(|| token.to_owned())
+    token.starts_with(KEY_PREFIX).then(|| token.to_owned())
 }
 
 /// The caller's identity, from trusted sources only.

@@ -1,4 +1,4 @@
-//! Plain-HTTP probes and metrics: `/health` (readiness: the database answers),
+//! Plain-HTTP probes and metrics: `/health` (readiness: PostgreSQL and Redis answer),
 //! `/health/live` (liveness: the process serves), `/metrics` (Prometheus text).
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
@@ -48,16 +48,13 @@ async fn ready(State(deps): State<Deps>) -> impl IntoResponse {
     let status = if ok { "ok" } else { "unavailable" };
     (
         code,
-        Json(json!({ "status": status, "database": database })),
+        Json(json!({ "status": status, "database": database, "redis": redis })),
     )
 }
 
 async fn metrics(State(deps): State<Deps>) -> impl IntoResponse {
     let state = deps.pool.state();
-    let mut conn = deps.store.connection();
-    if let Ok(depth) = crate::outbox::outbox_depth(&mut conn, deps.store.keys()).await {
-        metrics::gauge!(crate::outbox::OUTBOX_DEPTH).set(depth as f64);
-    }
+    // The outbox depth gauge is sampled by the relay (once a second), not here.
     metrics::gauge!(crate::metrics::DB_POOL_CONNECTIONS).set(f64::from(state.connections));
     metrics::gauge!(crate::metrics::DB_POOL_IDLE).set(f64::from(state.idle_connections));
     (

@@ -61,7 +61,7 @@ impl Fixture {
     async fn reserve(&mut self, amount: i64, now: &str) -> bool {
         self.n += 1;
         let now = at(now);
-        let slot = policy_slot(&self.store, 0, &self.policy, now);
+        let slot = policy_slot(self.store.keys(), 0, &self.policy, now);
         let rid = format!("rsv_0_{}", Uuid::now_v7().simple());
         let agent = self.policy.agent_id.to_string();
         let outcome = self
