@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::{
     budget::{
-        keys::{partition_of_reservation, reservation_id},
+        keys::{partition_of_reservation, reservation_id_for},
         store::{
             Finish, FinishKind, FinishOutcome, PolicySlot, ReserveOutcome, ReserveRequest,
             SlotMode, StoreError,
@@ -317,11 +317,11 @@ impl AuthorizationService {
             .iter()
             .map(|p| policy_slot(keys, partition, p, now))
             .collect();
-        let rid = reservation_id(partition, Uuid::now_v7());
+        let agent_id = agent.agent_id.to_string();
+        let rid = reservation_id_for(partition, &agent_id, &req.request_id);
         let now_ms = now.timestamp_millis();
         let ttl_ms =
             i64::try_from(self.settings.reservation_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let agent_id = agent.agent_id.to_string();
         let allow_event = format!("{rid}/authorize");
         let deny_event = format!("deny/{}", Uuid::now_v7());
         let outcome = self
@@ -333,8 +333,6 @@ impl AuthorizationService {
                 amount_micros: amount,
                 now_ms,
                 expires_at_ms: now_ms.saturating_add(ttl_ms),
-                // A retry is recognised for as long as the reservation can live.
-                request_ttl_s: self.settings.reservation_ttl_s.saturating_mul(2).max(60),
                 agent_id: &agent_id,
                 root_agent_id: &root,
                 currency: currency.as_str(),
@@ -359,17 +357,14 @@ impl AuthorizationService {
                 response.reservation_id = rid;
                 response.remaining = remaining_list(&agent.policies, &used, amount);
             }
-            ReserveOutcome::Duplicate {
-                reservation_id,
-                used,
-            } => {
+            ReserveOutcome::Duplicate { used } => {
+                // The reservation already counts in `used` (reserved, or charged once
+                // it finished): what remains is limit - used.
                 response.decision = pb::Decision::Allow as i32;
-                response.reservation_id = reservation_id;
+                response.reservation_id = rid;
                 response.message =
                     "retry of an authorized request: original reservation".to_owned();
-                if used.len() == agent.policies.len() {
-                    response.remaining = remaining_list(&agent.policies, &used, amount);
-                }
+                response.remaining = remaining_list(&agent.policies, &used, 0);
             }
             ReserveOutcome::Denied { index, used } => {
                 let refused = agent.policies.get(index);

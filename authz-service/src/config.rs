@@ -312,6 +312,17 @@ impl Config {
         if self.database.url.is_empty() {
             return bad("database.url is required");
         }
+        // The prefix is part of every key, and keys are written into reservation
+        // records as tab/newline-separated text (and `{}` would move the hash tag).
+        if self.redis.key_prefix.is_empty()
+            || self
+                .redis
+                .key_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
+        {
+            return bad("redis.keyPrefix must be non-empty, without spaces, control characters or braces");
+        }
         Ok(())
     }
 

@@ -240,6 +240,28 @@ fn money(micros: i64, currency: &str) -> Money {
     }
 }
 
+/// The scripts write what every event of a reservation shares (request, agents,
+/// currency, provider, model, resource) as one JSON field, `meta`, built by the
+/// service: fewer stream fields keep the hot-path scripts cheap. This spreads it
+/// into the entry's fields; a field written by the script itself wins.
+pub fn expand_meta(fields: &mut HashMap<String, String>) -> Result<(), String> {
+    let Some(meta) = fields.remove("meta") else {
+        return Ok(());
+    };
+    let parsed: HashMap<String, String> = match serde_json::from_str(&meta) {
+        Ok(m) => m,
+        Err(e) => {
+            let error = format!("field meta: not a JSON object of strings: {e}");
+            fields.insert("meta".to_owned(), meta);
+            return Err(error);
+        }
+    };
+    for (name, value) in parsed {
+        fields.entry(name).or_insert(value);
+    }
+    Ok(())
+}
+
 /// Field access with the error messages of a poison entry.
 struct Fields<'a>(&'a HashMap<String, String>);
 
@@ -711,8 +733,8 @@ impl OutboxRelay {
         entry_id: String,
         raw: Vec<(String, Value)>,
     ) -> (Slot, Option<DeliveryFuture>) {
-        let (fields, text_error) = entry_fields(raw);
-        let converted = match text_error {
+        let (mut fields, text_error) = entry_fields(raw);
+        let converted = match text_error.or_else(|| expand_meta(&mut fields).err()) {
             Some(e) => Err(e),
             None => convert_entry(&fields),
         };
@@ -1124,6 +1146,39 @@ mod tests {
             let err = convert_entry(&entry).unwrap_err();
             assert!(err.contains(needle), "{err} should mention {needle}");
         }
+    }
+
+    #[test]
+    fn meta_is_spread_into_the_fields() {
+        let mut fields = map(&[
+            ("type", "decision"),
+            ("kind", "authorize"),
+            ("decision", "allow"),
+            ("event_id", "rsv_1_x/authorize"),
+            ("reservation_id", "rsv_1_x"),
+            ("amount", "5000"),
+            ("at_ms", "1700000000123"),
+            (
+                "meta",
+                r#"{"request_id":"r1","agent_id":"a","root_agent_id":"root","currency":"USD","provider":"openai","model":"gpt-4o","resource":"x\ty","kind":"ignored"}"#,
+            ),
+        ]);
+        expand_meta(&mut fields).unwrap();
+        assert!(!fields.contains_key("meta"));
+        assert_eq!(fields["kind"], "authorize", "script fields win");
+        assert_eq!(fields["resource"], "x\ty");
+        let ev = convert_entry(&fields).unwrap();
+        assert_eq!(ev.key, "root");
+        let d = DecisionEvent::decode(ev.payload.as_slice()).unwrap();
+        assert_eq!(d.request_id, "r1");
+        assert_eq!(d.agent_id, "a");
+        assert_eq!(d.model, "gpt-4o");
+        assert_eq!(d.amount.unwrap().micros, 5000);
+
+        let mut broken = map(&[("type", "decision"), ("meta", "{not json")]);
+        let err = expand_meta(&mut broken).unwrap_err();
+        assert!(err.contains("field meta"), "{err}");
+        assert!(broken.contains_key("meta"), "kept for the dead letter");
     }
 
     #[test]

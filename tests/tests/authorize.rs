@@ -242,11 +242,24 @@ async fn retries_are_idempotent_and_settle_charges_the_priced_usage() {
         first.min_remaining.as_ref().unwrap().micros,
         10_000_000 - 7_500
     );
-    let again = authz.authorize(req).await.unwrap().into_inner();
+    let again = authz.authorize(req.clone()).await.unwrap().into_inner();
     assert_eq!(
         again.reservation_id, first.reservation_id,
         "a retry returns the same reservation"
     );
+    assert!(allowed(&again), "{again:?}");
+    assert_eq!(remaining_of(&again, &pol), 10_000_000 - 7_500);
+    // Request ids are per agent: another agent's "idem-1" is its own reservation.
+    let (other_id, other_key) = agent(&stack, "other-careful", None).await;
+    policy(&stack, &other_id, "10", "daily", "calendar", "").await;
+    let other = authz
+        .authorize(authorize_req(&other_key, "idem-1", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(allowed(&other), "{other:?}");
+    assert!(!other.message.contains("retry"), "{other:?}");
+    assert_ne!(other.reservation_id, first.reservation_id);
     let probe = authz
         .authorize(authorize_req(&key, "probe", 0))
         .await
@@ -293,6 +306,10 @@ async fn retries_are_idempotent_and_settle_charges_the_priced_usage() {
         10_000_000 - 14_500,
         "charged once"
     );
+    // A retry of the settled request still names its reservation and reserves nothing.
+    let late = authz.authorize(req).await.unwrap().into_inner();
+    assert_eq!(late.reservation_id, first.reservation_id);
+    assert_eq!(remaining_of(&late, &pol), 10_000_000 - 14_500);
     let err = authz
         .release(pb::ReleaseRequest {
             reservation_id: first.reservation_id.clone(),

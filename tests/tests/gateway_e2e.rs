@@ -893,12 +893,19 @@ async fn ext_authz_check_enforces_a_fixed_per_route_budget() {
     for rid in &reservations {
         let mut expired = false;
         for _ in 0..150 {
+            // The record becomes a done marker ("D\t<mode>...") when it ends.
             let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*:done:{rid}", gw.stack.key_prefix))
+                .arg(format!("{}:*:rsv:{rid}", gw.stack.key_prefix))
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            if !keys.is_empty() {
+            assert_eq!(keys.len(), 1, "record of {rid}");
+            let record: String = redis::cmd("GET")
+                .arg(&keys[0])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if record.starts_with("D\texpire\t") {
                 expired = true;
                 break;
             }

@@ -73,7 +73,6 @@ impl Fixture {
                 amount_micros: amount,
                 now_ms: now.timestamp_millis(),
                 expires_at_ms: now.timestamp_millis() + 300_000,
-                request_ttl_s: 600,
                 agent_id: &agent,
                 root_agent_id: &agent,
                 currency: "USD",

@@ -47,17 +47,11 @@ impl KeySpace {
         format!("{}:{{p{partition}}}", self.prefix)
     }
 
-    /// Idempotency record of an Authorize request id.
-    pub fn request(&self, partition: u16, request_id: &str) -> String {
-        format!("{}:req:{request_id}", self.tag(partition))
-    }
-    /// A reservation record (hash).
+    /// A reservation: its live record (`L...`) until it is settled, released or
+    /// expired, then a marker of how it ended (`D...`, kept `finishedMarkerTtl`) that
+    /// answers retries of the Settle and of the Authorize that made it.
     pub fn reservation(&self, partition: u16, reservation_id: &str) -> String {
         format!("{}:rsv:{reservation_id}", self.tag(partition))
-    }
-    /// Marker holding the outcome of a finished reservation, for retries.
-    pub fn finished(&self, partition: u16, reservation_id: &str) -> String {
-        format!("{}:done:{reservation_id}", self.tag(partition))
     }
     /// Reservations of the partition by expiry time (zset, score = ms).
     pub fn expiry(&self, partition: u16) -> String {
@@ -81,10 +75,27 @@ impl KeySpace {
     }
 }
 
-/// Reservation ids carry their partition (`rsv_<partition>_<uuid>`), so Settle and
+/// Reservation ids carry their partition (`rsv_<partition>_<32 hex>`), so Settle and
 /// Release find the hierarchy's keys without a lookup.
-pub fn reservation_id(partition: u16, id: uuid::Uuid) -> String {
-    format!("rsv_{partition}_{}", id.simple())
+///
+/// The hex part is derived from the agent and its request id (SHA-256, first 128
+/// bits): a retried Authorize names the same reservation, so the reservation's own
+/// record is the idempotency key and no separate request key is written. Request ids
+/// are per agent: two agents using the same id get different reservations.
+pub fn reservation_id_for(partition: u16, agent_id: &str, request_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write as _;
+    let digest = Sha256::new()
+        .chain_update(agent_id.as_bytes())
+        .chain_update([0u8])
+        .chain_update(request_id.as_bytes())
+        .finalize();
+    let mut id = String::with_capacity(40);
+    let _ = write!(id, "rsv_{partition}_");
+    for b in &digest[..16] {
+        let _ = write!(id, "{b:02x}");
+    }
+    id
 }
 
 /// The partition encoded in a reservation id, if it is well formed.
@@ -109,9 +120,7 @@ mod tests {
         assert!(p < 16);
         let tag = format!("{{p{p}}}");
         for key in [
-            ks.request(p, "r"),
             ks.reservation(p, "x"),
-            ks.finished(p, "x"),
             ks.expiry(p),
             ks.outbox(p),
             ks.calendar_counter(p, "pol", "d:2026-02-03"),
@@ -129,8 +138,17 @@ mod tests {
 
     #[test]
     fn reservation_ids_round_trip_and_reject_garbage() {
-        let id = reservation_id(7, uuid::Uuid::now_v7());
+        let id = reservation_id_for(7, "agent-a", "req-1");
         assert_eq!(partition_of_reservation(&id, 16), Some(7));
+        // Same agent and request id: same reservation; another agent: another one.
+        assert_eq!(id, reservation_id_for(7, "agent-a", "req-1"));
+        assert_ne!(id, reservation_id_for(7, "agent-b", "req-1"));
+        assert_ne!(id, reservation_id_for(7, "agent-a", "req-2"));
+        // No ambiguity from concatenation.
+        assert_ne!(
+            reservation_id_for(7, "ab", "c"),
+            reservation_id_for(7, "a", "bc")
+        );
         assert_eq!(partition_of_reservation(&id, 4), None);
         for bad in [
             "",

@@ -3,12 +3,21 @@
 //! Each call is one EVALSHA (redis-rs loads the script on first use or after a Redis
 //! restart), so an authorization costs exactly one Redis round trip.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use caracal_domain::policy::OnExpiry;
 use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, Script, Value};
 
 use super::keys::KeySpace;
+
+/// Connections to Redis per store (see [`BudgetStore`]).
+const CONNECTIONS: usize = 4;
 
 /// Redis is down, slow or answered something the scripts never return.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +59,9 @@ pub struct PolicySlot {
     pub on_expiry: OnExpiry,
 }
 
-/// Everything a reservation needs; ids are made by the caller so retries are stable.
+/// Everything a reservation needs; ids are made by the caller so retries are stable
+/// (the reservation id is derived from the agent and the request id, see
+/// [`super::keys::reservation_id_for`]: its record is the idempotency key).
 #[derive(Debug)]
 pub struct ReserveRequest<'a> {
     pub partition: u16,
@@ -59,7 +70,6 @@ pub struct ReserveRequest<'a> {
     pub amount_micros: i64,
     pub now_ms: i64,
     pub expires_at_ms: i64,
-    pub request_ttl_s: u64,
     pub agent_id: &'a str,
     pub root_agent_id: &'a str,
     pub currency: &'a str,
@@ -75,11 +85,9 @@ pub struct ReserveRequest<'a> {
 pub enum ReserveOutcome {
     /// Reserved on every policy; `used[i]` = spent + reserved of policy i before.
     Allowed { used: Vec<i64> },
-    /// This request id was already authorized: the original reservation.
-    Duplicate {
-        reservation_id: String,
-        used: Vec<i64>,
-    },
+    /// This agent already made this request: its reservation (live or finished)
+    /// stands; `used[i]` = spent + reserved of policy i now.
+    Duplicate { used: Vec<i64> },
     /// Policy `index` (0-based) had no room; nothing was reserved.
     Denied { index: usize, used: Vec<i64> },
 }
@@ -184,11 +192,13 @@ pub enum FinishOutcome {
     Unknown,
 }
 
-/// Handle to the budget state. Cheap to clone (one multiplexed connection that
-/// reconnects by itself).
+/// Handle to the budget state. Cheap to clone: a few multiplexed connections (each
+/// reconnects by itself), used in turn. One connection is driven by one task, which
+/// becomes the bottleneck under load (the CPU sat idle with 64 callers on one).
 #[derive(Clone)]
 pub struct BudgetStore {
-    conn: ConnectionManager,
+    conns: Arc<[ConnectionManager]>,
+    next: Arc<AtomicUsize>,
     keys: KeySpace,
     authorize: Script,
     finish: Script,
@@ -210,9 +220,12 @@ impl BudgetStore {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conns = (0..CONNECTIONS)
+            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            conn,
+            conns: conns.into(),
+            next: Arc::new(AtomicUsize::new(0)),
             keys,
             authorize: Script::new(include_str!("lua/authorize.lua")),
             finish: Script::new(include_str!("lua/finish.lua")),
@@ -223,16 +236,19 @@ impl BudgetStore {
         &self.keys
     }
 
+    /// One of the connections, in turn.
     pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
     }
 
     /// Checks and reserves on every policy, atomically.
     pub async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
         let p = req.partition;
+        let meta = event_meta(req);
+        let record = reservation_record(req, &meta);
         let mut inv = self.authorize.prepare_invoke();
-        inv.key(self.keys.request(p, req.request_id))
-            .key(self.keys.reservation(p, req.reservation_id))
+        inv.key(self.keys.reservation(p, req.reservation_id))
             .key(self.keys.expiry(p))
             .key(self.keys.outbox(p));
         for slot in req.policies {
@@ -242,37 +258,24 @@ impl BudgetStore {
             .arg(req.reservation_id)
             .arg(req.amount_micros)
             .arg(req.expires_at_ms)
-            .arg(req.request_ttl_s)
-            .arg(req.request_id)
-            .arg(req.agent_id)
-            .arg(req.root_agent_id)
-            .arg(req.currency)
-            .arg(req.provider)
-            .arg(req.model)
-            .arg(req.resource)
+            .arg(meta)
+            .arg(record)
             .arg(req.allow_event_id)
             .arg(req.deny_event_id)
             .arg(req.policies.len());
         for slot in req.policies {
-            let (mode, bucket, oldest, expire_at, width) = match slot.mode {
-                SlotMode::Calendar { expire_at_s } => ("c", 0, 0, expire_at_s, 0),
-                SlotMode::Rolling {
-                    bucket,
-                    oldest,
-                    width_s,
-                } => ("r", bucket, oldest, 0, width_s),
+            let (mode, bucket, oldest, expire_at) = match slot.mode {
+                SlotMode::Calendar { expire_at_s } => ("c", 0, 0, expire_at_s),
+                SlotMode::Rolling { bucket, oldest, .. } => ("r", bucket, oldest, 0),
             };
             inv.arg(&slot.policy_id)
-                .arg(&slot.owner_agent_id)
                 .arg(slot.limit_micros)
                 .arg(mode)
                 .arg(bucket)
                 .arg(oldest)
-                .arg(expire_at)
-                .arg(width)
-                .arg(slot.on_expiry.as_str());
+                .arg(expire_at);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let reply: Vec<Value> = inv.invoke_async(&mut conn).await?;
         parse_reserve(&reply, req.policies.len())
     }
@@ -284,7 +287,6 @@ impl BudgetStore {
         inv.key(self.keys.reservation(p, f.reservation_id))
             .key(self.keys.expiry(p))
             .key(self.keys.outbox(p))
-            .key(self.keys.finished(p, f.reservation_id))
             .arg(f.kind.as_str())
             .arg(f.now_ms)
             .arg(f.reservation_id)
@@ -296,7 +298,7 @@ impl BudgetStore {
             .arg(f.cached_input_tokens)
             .arg(f.price_version)
             .arg(f.reason);
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let reply: Vec<Value> = inv.invoke_async(&mut conn).await?;
         parse_finish(&reply)
     }
@@ -308,7 +310,7 @@ impl BudgetStore {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.expiry(partition))
             .arg("-inf")
@@ -323,10 +325,71 @@ impl BudgetStore {
 
     /// Answers PING (for readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
     }
+}
+
+/// What every event of a reservation carries, as the JSON object the outbox relay
+/// merges into the entry's fields (one stream field instead of seven).
+fn event_meta(req: &ReserveRequest<'_>) -> String {
+    #[derive(serde::Serialize)]
+    struct Meta<'a> {
+        request_id: &'a str,
+        agent_id: &'a str,
+        root_agent_id: &'a str,
+        currency: &'a str,
+        provider: &'a str,
+        model: &'a str,
+        resource: &'a str,
+    }
+    serde_json::to_string(&Meta {
+        request_id: req.request_id,
+        agent_id: req.agent_id,
+        root_agent_id: req.root_agent_id,
+        currency: req.currency,
+        provider: req.provider,
+        model: req.model,
+        resource: req.resource,
+    })
+    // Serialising borrowed strings cannot fail; an empty object would be poison.
+    .unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// The live reservation record, in the line format finish.lua reads (see there).
+/// Keys and policy ids hold no tabs or newlines (UUIDs and a validated prefix), and
+/// the JSON metadata escapes them.
+fn reservation_record(req: &ReserveRequest<'_>, meta: &str) -> String {
+    use std::fmt::Write as _;
+    let mut rec = String::with_capacity(96 + meta.len() + 160 * req.policies.len());
+    let _ = writeln!(
+        rec,
+        "L\t{}\t{}\t{}",
+        req.amount_micros,
+        req.currency,
+        req.policies.len()
+    );
+    for slot in req.policies {
+        let (mode, bucket, width, older) = match slot.mode {
+            SlotMode::Calendar { .. } => ('c', 0, 0, 0),
+            SlotMode::Rolling {
+                bucket,
+                oldest,
+                width_s,
+            } => ('r', bucket, width_s, bucket.saturating_sub(oldest).max(0)),
+        };
+        let _ = writeln!(
+            rec,
+            "{}\t{}\t{}\t{mode}\t{bucket}\t{width}\t{older}\t{}",
+            slot.key,
+            slot.policy_id,
+            slot.limit_micros,
+            slot.on_expiry.as_str()
+        );
+    }
+    rec.push_str(meta);
+    rec
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -383,28 +446,11 @@ fn parse_reserve(reply: &[Value], npol: usize) -> Result<ReserveOutcome, StoreEr
             Ok(ReserveOutcome::Denied { index, used })
         }
         "dup" => {
-            let answer = reply
-                .get(1)
-                .and_then(text)
-                .ok_or_else(|| protocol("dup answer"))?;
-            #[derive(serde::Deserialize)]
-            struct Stored {
-                rid: String,
-                #[serde(default)]
-                used: serde_json::Value,
+            let used = ints(1)?;
+            if used.len() != npol {
+                return Err(protocol("dup: wrong number of policies"));
             }
-            let stored: Stored =
-                serde_json::from_str(&answer).map_err(|e| protocol(&format!("dup answer: {e}")))?;
-            // cjson encodes an empty array as {}: treat anything but a list as empty.
-            let used = stored
-                .used
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
-                .unwrap_or_default();
-            Ok(ReserveOutcome::Duplicate {
-                reservation_id: stored.rid,
-                used,
-            })
+            Ok(ReserveOutcome::Duplicate { used })
         }
         other => Err(protocol(&format!("unknown reply {other:?}"))),
     }
@@ -418,24 +464,27 @@ fn parse_finish(reply: &[Value]) -> Result<FinishOutcome, StoreError> {
     match tag.as_str() {
         "unknown" => Ok(FinishOutcome::Unknown),
         "done" => {
-            let answer = reply
+            // The done marker: D <mode> <reserved> <charged> <currency>.
+            let marker = reply
                 .get(1)
                 .and_then(text)
-                .ok_or_else(|| protocol("done answer"))?;
-            #[derive(serde::Deserialize)]
-            struct Stored {
-                mode: String,
-                amount: String,
-                charged: String,
-                currency: String,
-            }
-            let s: Stored = serde_json::from_str(&answer)
-                .map_err(|e| protocol(&format!("done answer: {e}")))?;
+                .ok_or_else(|| protocol("done marker"))?;
+            let mut parts = marker.split('\t');
+            let (Some("D"), Some(mode), Some(reserved), Some(charged), Some(currency), None) = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+            ) else {
+                return Err(protocol(&format!("done marker {marker:?}")));
+            };
             Ok(FinishOutcome::AlreadyFinished {
-                kind: FinishKind::parse(&s.mode).ok_or_else(|| protocol("done mode"))?,
-                reserved: s.amount.parse().map_err(|_| protocol("done amount"))?,
-                charged: s.charged.parse().map_err(|_| protocol("done charged"))?,
-                currency: s.currency,
+                kind: FinishKind::parse(mode).ok_or_else(|| protocol("done mode"))?,
+                reserved: reserved.parse().map_err(|_| protocol("done amount"))?,
+                charged: charged.parse().map_err(|_| protocol("done charged"))?,
+                currency: currency.to_owned(),
             })
         }
         mode => {

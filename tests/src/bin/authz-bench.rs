@@ -3,13 +3,18 @@
 //! Starts a real authz-service (in-process, on 127.0.0.1) on a fresh PostgreSQL
 //! database and the local Redis, creates 1 and 10,000 agents with keys and a
 //! generous daily policy, then for each concurrency level drives pairs for a fixed
-//! time and prints pairs/s and p50/p99/p99.9 latency of a whole pair.
+//! time and prints pairs/s, and p50/p99/p99.9 latency of each call (Authorize and
+//! Settle together: what a gateway waits for per RPC) and of a whole pair.
 //!
 //!   cargo run --release -p caracal-tests --bin authz-bench -- --seconds 10
 //!
 //! Flags: --seconds N (per run, default 10), --concurrency 1,16,64,
 //! --agents 1,10000, --kafka BROKERS (relay events to Kafka during the run;
-//! default: events stay in the Redis outbox, which the bench deletes afterwards).
+//! default: events stay in the Redis outbox, which the bench deletes afterwards),
+//! --per-connection N (callers per HTTP/2 connection, default 16), --workers N
+//! (tokio worker threads of the service, default: the number of cores),
+//! --client-threads N (load-generator threads, each a single-threaded runtime;
+//! default 1).
 
 use std::{
     sync::{
@@ -20,6 +25,7 @@ use std::{
 };
 
 use anyhow::Context;
+
 use caracal_proto::v1::{self as pb, budget_authorization_client::BudgetAuthorizationClient};
 use caracal_tests::TestStack;
 use hdrhistogram::Histogram;
@@ -30,6 +36,9 @@ struct Args {
     concurrency: Vec<usize>,
     agents: Vec<usize>,
     kafka: Option<String>,
+    per_connection: usize,
+    workers: usize,
+    client_threads: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -38,6 +47,9 @@ fn parse_args() -> anyhow::Result<Args> {
         concurrency: vec![1, 16, 64],
         agents: vec![1, 10_000],
         kafka: None,
+        per_connection: 16,
+        workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        client_threads: 1,
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>| -> anyhow::Result<Vec<usize>> {
@@ -52,6 +64,13 @@ fn parse_args() -> anyhow::Result<Args> {
             "--concurrency" => args.concurrency = list(it.next())?,
             "--agents" => args.agents = list(it.next())?,
             "--kafka" => args.kafka = Some(it.next().context("--kafka BROKERS")?),
+            "--per-connection" => {
+                args.per_connection = it.next().context("--per-connection N")?.parse()?
+            }
+            "--workers" => args.workers = it.next().context("--workers N")?.parse()?,
+            "--client-threads" => {
+                args.client_threads = it.next().context("--client-threads N")?.parse()?
+            }
             "--bench" => {} // passed by `cargo bench`
             other => anyhow::bail!("unknown flag {other}"),
         }
@@ -106,11 +125,13 @@ async fn seed_agents(stack: &TestStack, n: usize, tag: &str) -> anyhow::Result<V
     Ok(keys)
 }
 
+/// One Authorize + Settle; returns the latency of each call (µs).
 async fn pair(
     client: &mut BudgetAuthorizationClient<Channel>,
     key: &str,
     request_id: String,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(u64, u64)> {
+    let t = Instant::now();
     let r = client
         .authorize(caracal_tests::authorize_request(key, &request_id, 5_000))
         .await?
@@ -120,6 +141,8 @@ async fn pair(
         "denied: {}",
         r.message
     );
+    let authorize_us = t.elapsed().as_micros() as u64;
+    let t = Instant::now();
     client
         .settle(pb::SettleRequest {
             reservation_id: r.reservation_id,
@@ -131,45 +154,78 @@ async fn pair(
             ..Default::default()
         })
         .await?;
-    Ok(())
+    Ok((authorize_us, t.elapsed().as_micros() as u64))
 }
 
-async fn run(
-    stack: &TestStack,
+type Histograms = (Histogram<u64>, Histogram<u64>, f64);
+
+/// CPU seconds (user + system) of a process or thread, from `/proc/.../stat`
+/// (clock ticks of 10 ms: good enough over a run of seconds).
+fn cpu_seconds(stat: &str) -> f64 {
+    let Ok(text) = std::fs::read_to_string(stat) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Redis's own CPU seconds (user + system) from INFO.
+async fn redis_cpu_seconds(stack: &TestStack) -> anyhow::Result<f64> {
+    let client = redis::Client::open(stack.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
+    Ok(info
+        .lines()
+        .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+        .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
+        .sum())
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap())
+}
+
+/// The callers `first..first + count` (of `concurrency`), on this thread's own
+/// runtime and connections.
+#[allow(clippy::too_many_arguments)]
+async fn callers(
+    url: String,
     keys: Arc<Vec<String>>,
+    first: usize,
+    count: usize,
     concurrency: usize,
-    seconds: u64,
-    label: &str,
-) -> anyhow::Result<()> {
-    // One HTTP/2 connection per 16 workers, as a gateway fleet would spread them.
+    per_connection: usize,
+    label: String,
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
+) -> anyhow::Result<Histograms> {
     let mut channels = Vec::new();
-    for _ in 0..concurrency.div_ceil(16) {
-        channels.push(Channel::from_shared(stack.grpc_url())?.connect().await?);
+    for _ in 0..count.div_ceil(per_connection) {
+        channels.push(Channel::from_shared(url.clone())?.connect().await?);
     }
-    // Warm the caches (first use of each key hits PostgreSQL once).
-    {
-        let mut c = BudgetAuthorizationClient::new(channels[0].clone());
-        for (i, k) in keys.iter().enumerate() {
-            pair(&mut c, k, format!("warm-{label}-{i}")).await?;
-        }
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let mut client = BudgetAuthorizationClient::new(channels[w / 16].clone());
+    let cpu_before = cpu_seconds("/proc/thread-self/stat");
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..count {
+        let w = first + n;
+        let mut client = BudgetAuthorizationClient::new(channels[n / per_connection].clone());
         let (keys, stop, errors, label) =
-            (keys.clone(), stop.clone(), errors.clone(), label.to_owned());
-        tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .unwrap_or_else(|_| Histogram::new(3).unwrap());
+            (keys.clone(), stop.clone(), errors.clone(), label.clone());
+        tasks.spawn(async move {
+            let (mut hist, mut calls) = (histogram(), histogram());
             let mut i: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
                 let key = &keys[(w + i as usize * concurrency) % keys.len()];
                 let t = Instant::now();
                 match pair(&mut client, key, format!("b-{label}-{w}-{i}")).await {
-                    Ok(()) => {
+                    Ok((a, s)) => {
                         let _ = hist.record(t.elapsed().as_micros() as u64);
+                        let _ = calls.record(a);
+                        let _ = calls.record(s);
                     }
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -177,27 +233,118 @@ async fn run(
                 }
                 i += 1;
             }
-            hist
+            (hist, calls)
+        });
+    }
+    let (mut total, mut calls) = (histogram(), histogram());
+    while let Some(done) = tasks.join_next().await {
+        let (h, c) = done?;
+        total.add(h)?;
+        calls.add(c)?;
+    }
+    Ok((total, calls, cpu_seconds("/proc/thread-self/stat") - cpu_before))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    stack: &TestStack,
+    keys: Arc<Vec<String>>,
+    concurrency: usize,
+    seconds: u64,
+    label: &str,
+    per_connection: usize,
+    client_threads: usize,
+) -> anyhow::Result<()> {
+    // Warm the caches (first use of each key hits PostgreSQL once).
+    {
+        let channel = Channel::from_shared(stack.grpc_url())?.connect().await?;
+        let mut c = BudgetAuthorizationClient::new(channel);
+        for (i, k) in keys.iter().enumerate() {
+            pair(&mut c, k, format!("warm-{label}-{i}")).await?;
+        }
+    }
+    // The load generator runs on its own threads, each a single-threaded runtime
+    // with its own HTTP/2 connections (one per `per_connection` callers, as a
+    // gateway fleet would spread them): like a separate client process, it does not
+    // share the service's runtime.
+    let per_connection = per_connection.max(1);
+    let threads = client_threads.clamp(1, concurrency.max(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    let mut first = 0;
+    for t in 0..threads {
+        let count = concurrency / threads + usize::from(t < concurrency % threads);
+        let (url, keys, stop, errors, label) = (
+            stack.grpc_url(),
+            keys.clone(),
+            stop.clone(),
+            errors.clone(),
+            label.to_owned(),
+        );
+        let start = first;
+        handles.push(std::thread::spawn(move || -> anyhow::Result<Histograms> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(callers(
+                    url,
+                    keys,
+                    start,
+                    count,
+                    concurrency,
+                    per_connection,
+                    label,
+                    stop,
+                    errors,
+                ))
         }));
+        first += count;
     }
     let started = Instant::now();
+    let (process_cpu, redis_cpu) = (
+        cpu_seconds("/proc/self/stat"),
+        redis_cpu_seconds(stack).await?,
+    );
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut total = Histogram::<u64>::new(3)?;
-    for t in tasks {
-        total.add(t.await?)?;
-    }
     let elapsed = started.elapsed().as_secs_f64();
+    let (process_cpu, redis_cpu) = (
+        cpu_seconds("/proc/self/stat") - process_cpu,
+        redis_cpu_seconds(stack).await? - redis_cpu,
+    );
+    let (mut total, mut calls, mut client_cpu) = (histogram(), histogram(), 0.0);
+    for h in handles {
+        let (p, c, cpu) = tokio::task::spawn_blocking(move || h.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        total.add(p)?;
+        calls.add(c)?;
+        client_cpu += cpu;
+    }
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "agents={:>6} concurrency={:>3}  pairs/s={:>8.0}  p50={:>7.3}ms  p99={:>7.3}ms  p99.9={:>7.3}ms  pairs={} errors={}",
+        "agents={:>6} concurrency={:>3}  pairs/s={:>8.0}  per call: p50={:>6.3}ms p99={:>6.3}ms p99.9={:>6.3}ms  per pair: p50={:>6.3}ms p99={:>6.3}ms p99.9={:>6.3}ms  pairs={} errors={}",
         keys.len(),
         concurrency,
         total.len() as f64 / elapsed,
-        total.value_at_quantile(0.5) as f64 / 1000.0,
-        total.value_at_quantile(0.99) as f64 / 1000.0,
-        total.value_at_quantile(0.999) as f64 / 1000.0,
+        ms(&calls, 0.5),
+        ms(&calls, 0.99),
+        ms(&calls, 0.999),
+        ms(&total, 0.5),
+        ms(&total, 0.99),
+        ms(&total, 0.999),
         total.len(),
         errors.load(Ordering::Relaxed)
+    );
+    // CPU per pair: where the 2 cores went (the service is the process minus the
+    // load threads; the load threads' time runs a little past the window).
+    let per_pair = |cpu: f64| cpu * 1e6 / total.len().max(1) as f64;
+    println!(
+        "    cpu per pair: service {:.0} µs, load generator {:.0} µs, redis {:.0} µs",
+        per_pair((process_cpu - client_cpu).max(0.0)),
+        per_pair(client_cpu),
+        per_pair(redis_cpu)
     );
     Ok(())
 }
@@ -205,7 +352,7 @@ async fn run(
 async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
     let client = redis::Client::open(stack.redis_url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    for p in 0..4 {
+    for p in 0..16 {
         let _: () = redis::cmd("DEL")
             .arg(format!("{}:{{p{p}}}:outbox", stack.key_prefix))
             .query_async(&mut conn)
@@ -214,9 +361,16 @@ async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .enable_all()
+        .build()?
+        .block_on(bench(args))
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
     let kafka = args.kafka.clone();
     let stack = TestStack::start_with(move |c| {
         c.database.db_pool_size = 4;
@@ -238,7 +392,16 @@ async fn main() -> anyhow::Result<()> {
     for (ai, agents) in args.agents.iter().enumerate() {
         let keys = Arc::new(seed_agents(&stack, *agents, &ai.to_string()).await?);
         for c in &args.concurrency {
-            run(&stack, keys.clone(), *c, args.seconds, &format!("{ai}-{c}")).await?;
+            run(
+                &stack,
+                keys.clone(),
+                *c,
+                args.seconds,
+                &format!("{ai}-{c}"),
+                args.per_connection,
+                args.client_threads,
+            )
+            .await?;
             if args.kafka.is_none() {
                 delete_outbox(&stack).await?;
             }
