@@ -37,6 +37,10 @@ pub struct ServerConfig {
     pub request_timeout: u64,
     /// TLS for the gRPC listener; required for client-certificate admin auth.
     pub tls: Option<TlsConfig>,
+    /// Threads that run requests: 0 = one per available core (cgroup CPU limits
+    /// count); 1 = a single-threaded runtime, the cheapest per call when the
+    /// service gets one core (no work stealing, no cross-thread wake-ups).
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +51,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 1000,
             request_timeout: 30,
             tls: None,
+            worker_threads: 0,
         }
     }
 }
@@ -145,6 +150,10 @@ pub struct RedisConfig {
     /// Connect and response timeout, milliseconds. A call that takes longer fails
     /// with UNAVAILABLE (the gateway then fails closed).
     pub timeout_ms: u64,
+    /// Multiplexed connections of the hot path, used in turn. Each is driven by one
+    /// task that batches the commands queued at once into one write: fewer
+    /// connections batch better, more spread the work over more cores.
+    pub connections: u16,
 }
 
 impl Default for RedisConfig {
@@ -154,6 +163,7 @@ impl Default for RedisConfig {
             partitions: 16,
             key_prefix: "caracal".to_owned(),
             timeout_ms: 1000,
+            connections: 1,
         }
     }
 }
@@ -276,6 +286,8 @@ impl Config {
             "CARACAL_REDIS_PARTITIONS" => self.redis.partitions, parse;
             "CARACAL_REDIS_KEY_PREFIX" => self.redis.key_prefix, text;
             "CARACAL_REDIS_TIMEOUT_MS" => self.redis.timeout_ms, parse;
+            "CARACAL_REDIS_CONNECTIONS" => self.redis.connections, parse;
+            "CARACAL_WORKER_THREADS" => self.server.worker_threads, parse;
             "CARACAL_ALLOW_WITHOUT_POLICY" => self.budget.allow_without_policy, parse;
             "CARACAL_RELAY_ENABLED" => self.budget.relay_enabled, parse;
             "CARACAL_KAFKA_BROKERS" => self.kafka.brokers, text;
@@ -306,8 +318,10 @@ impl Config {
         {
             return bad("reservations.provisionalChargeExpiration and provisionalChargeCleanupInterval must be at least 1 second");
         }
-        if self.redis.partitions == 0 || self.redis.timeout_ms == 0 {
-            return bad("redis.partitions and redis.timeoutMs must be at least 1");
+        if self.redis.partitions == 0 || self.redis.timeout_ms == 0 || self.redis.connections == 0 {
+            return bad(
+                "redis.partitions, redis.timeoutMs and redis.connections must be at least 1",
+            );
         }
         if self.database.url.is_empty() {
             return bad("database.url is required");
@@ -321,7 +335,9 @@ impl Config {
                 .chars()
                 .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
         {
-            return bad("redis.keyPrefix must be non-empty, without spaces, control characters or braces");
+            return bad(
+                "redis.keyPrefix must be non-empty, without spaces, control characters or braces",
+            );
         }
         Ok(())
     }

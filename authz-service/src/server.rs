@@ -102,6 +102,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         &config.redis.url,
         keys.clone(),
         Duration::from_millis(config.redis.timeout_ms),
+        config.redis.connections,
     )
     .context("Redis configuration")?;
     background.push(tokio::spawn(crate::sweeper::run(
@@ -122,6 +123,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             &config.redis.url,
             keys.clone(),
             Duration::from_millis(config.redis.timeout_ms.max(5_000)),
+            1,
         )
         .context("Redis configuration")?
         .connection();

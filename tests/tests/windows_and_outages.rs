@@ -39,6 +39,7 @@ impl Fixture {
             &redis_url(),
             KeySpace::new(prefix, 4),
             Duration::from_secs(2),
+            1,
         )
         .unwrap();
         let policy = PolicyInfo {

@@ -16,9 +16,6 @@ use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, Script, Value}
 
 use super::keys::KeySpace;
 
-/// Connections to Redis per store (see [`BudgetStore`]).
-const CONNECTIONS: usize = 4;
-
 /// Redis is down, slow or answered something the scripts never return.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -192,9 +189,8 @@ pub enum FinishOutcome {
     Unknown,
 }
 
-/// Handle to the budget state. Cheap to clone: a few multiplexed connections (each
-/// reconnects by itself), used in turn. One connection is driven by one task, which
-/// becomes the bottleneck under load (the CPU sat idle with 64 callers on one).
+/// Handle to the budget state. Cheap to clone: `redis.connections` multiplexed
+/// connections (each reconnects by itself), used in turn.
 #[derive(Clone)]
 pub struct BudgetStore {
     conns: Arc<[ConnectionManager]>,
@@ -207,7 +203,12 @@ pub struct BudgetStore {
 impl BudgetStore {
     /// Connects lazily: the service starts even while Redis is down and answers
     /// UNAVAILABLE until it is back.
-    pub fn new(url: &str, keys: KeySpace, timeout: Duration) -> Result<Self, StoreError> {
+    pub fn new(
+        url: &str,
+        keys: KeySpace,
+        timeout: Duration,
+        connections: u16,
+    ) -> Result<Self, StoreError> {
         // TCP_NODELAY: every call is one small request and reply; with Nagle and
         // delayed ACKs each would wait ~40 ms.
         let info = redis::IntoConnectionInfo::into_connection_info(url)
@@ -220,7 +221,7 @@ impl BudgetStore {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
-        let conns = (0..CONNECTIONS)
+        let conns = (0..connections.max(1))
             .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {

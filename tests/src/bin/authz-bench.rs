@@ -11,10 +11,12 @@
 //! Flags: --seconds N (per run, default 10), --concurrency 1,16,64,
 //! --agents 1,10000, --kafka BROKERS (relay events to Kafka during the run;
 //! default: events stay in the Redis outbox, which the bench deletes afterwards),
-//! --per-connection N (callers per HTTP/2 connection, default 16), --workers N
-//! (tokio worker threads of the service, default: the number of cores),
-//! --client-threads N (load-generator threads, each a single-threaded runtime;
-//! default 1).
+//! --per-connection N (callers per HTTP/2 connection, default 64: one connection,
+//! as from one Envoy worker), --workers N (the service's `server.workerThreads`:
+//! 1 = single-threaded runtime (default), 0 = one per core), --client-threads N
+//! (0 = the callers run on the service's runtime (default); N = on N threads of
+//! their own, like a separate client process), --redis-connections N (the
+//! service's `redis.connections`, default 1).
 
 use std::{
     sync::{
@@ -25,6 +27,9 @@ use std::{
 };
 
 use anyhow::Context;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use caracal_proto::v1::{self as pb, budget_authorization_client::BudgetAuthorizationClient};
 use caracal_tests::TestStack;
@@ -39,6 +44,7 @@ struct Args {
     per_connection: usize,
     workers: usize,
     client_threads: usize,
+    redis_connections: u16,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -47,9 +53,10 @@ fn parse_args() -> anyhow::Result<Args> {
         concurrency: vec![1, 16, 64],
         agents: vec![1, 10_000],
         kafka: None,
-        per_connection: 16,
-        workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        client_threads: 1,
+        per_connection: 64,
+        workers: 1,
+        client_threads: 0,
+        redis_connections: 1,
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>| -> anyhow::Result<Vec<usize>> {
@@ -68,6 +75,9 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.per_connection = it.next().context("--per-connection N")?.parse()?
             }
             "--workers" => args.workers = it.next().context("--workers N")?.parse()?,
+            "--redis-connections" => {
+                args.redis_connections = it.next().context("--redis-connections N")?.parse()?
+            }
             "--client-threads" => {
                 args.client_threads = it.next().context("--client-threads N")?.parse()?
             }
@@ -242,7 +252,11 @@ async fn callers(
         total.add(h)?;
         calls.add(c)?;
     }
-    Ok((total, calls, cpu_seconds("/proc/thread-self/stat") - cpu_before))
+    Ok((
+        total,
+        calls,
+        cpu_seconds("/proc/thread-self/stat") - cpu_before,
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -263,11 +277,49 @@ async fn run(
             pair(&mut c, k, format!("warm-{label}-{i}")).await?;
         }
     }
-    // The load generator runs on its own threads, each a single-threaded runtime
-    // with its own HTTP/2 connections (one per `per_connection` callers, as a
-    // gateway fleet would spread them): like a separate client process, it does not
-    // share the service's runtime.
+    // Callers share HTTP/2 connections, `per_connection` each (as a gateway's
+    // workers do). They run on the service's runtime (client_threads = 0: one
+    // process, shared threads), or on threads of their own, each a single-threaded
+    // runtime: like a separate client process.
     let per_connection = per_connection.max(1);
+    if client_threads == 0 {
+        let (stop, errors) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let task = tokio::spawn(callers(
+            stack.grpc_url(),
+            keys.clone(),
+            0,
+            concurrency,
+            concurrency,
+            per_connection,
+            label.to_owned(),
+            stop.clone(),
+            errors.clone(),
+        ));
+        let started = Instant::now();
+        let (process_cpu, redis_cpu) = (
+            cpu_seconds("/proc/self/stat"),
+            redis_cpu_seconds(stack).await?,
+        );
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        stop.store(true, Ordering::Relaxed);
+        let elapsed = started.elapsed().as_secs_f64();
+        let (process_cpu, redis_cpu) = (
+            cpu_seconds("/proc/self/stat") - process_cpu,
+            redis_cpu_seconds(stack).await? - redis_cpu,
+        );
+        let (total, calls, _) = task.await??;
+        report(&keys, concurrency, elapsed, &total, &calls, &errors);
+        let per_pair = |cpu: f64| cpu * 1e6 / total.len().max(1) as f64;
+        println!(
+            "    cpu per pair: service + load generator {:.0} µs, redis {:.0} µs",
+            per_pair(process_cpu),
+            per_pair(redis_cpu)
+        );
+        return Ok(());
+    }
     let threads = client_threads.clamp(1, concurrency.max(1));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
@@ -322,21 +374,7 @@ async fn run(
         calls.add(c)?;
         client_cpu += cpu;
     }
-    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "agents={:>6} concurrency={:>3}  pairs/s={:>8.0}  per call: p50={:>6.3}ms p99={:>6.3}ms p99.9={:>6.3}ms  per pair: p50={:>6.3}ms p99={:>6.3}ms p99.9={:>6.3}ms  pairs={} errors={}",
-        keys.len(),
-        concurrency,
-        total.len() as f64 / elapsed,
-        ms(&calls, 0.5),
-        ms(&calls, 0.99),
-        ms(&calls, 0.999),
-        ms(&total, 0.5),
-        ms(&total, 0.99),
-        ms(&total, 0.999),
-        total.len(),
-        errors.load(Ordering::Relaxed)
-    );
+    report(&keys, concurrency, elapsed, &total, &calls, &errors);
     // CPU per pair: where the 2 cores went (the service is the process minus the
     // load threads; the load threads' time runs a little past the window).
     let per_pair = |cpu: f64| cpu * 1e6 / total.len().max(1) as f64;
@@ -347,6 +385,32 @@ async fn run(
         per_pair(redis_cpu)
     );
     Ok(())
+}
+
+fn report(
+    keys: &[String],
+    concurrency: usize,
+    elapsed: f64,
+    total: &Histogram<u64>,
+    calls: &Histogram<u64>,
+    errors: &AtomicU64,
+) {
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "agents={:>6} concurrency={:>3}  pairs/s={:>8.0}  per call: p50={:>6.3}ms p90={:>6.3}ms p99={:>6.3}ms p99.9={:>6.3}ms  per pair: p50={:>6.3}ms p99={:>6.3}ms p99.9={:>6.3}ms  pairs={} errors={}",
+        keys.len(),
+        concurrency,
+        total.len() as f64 / elapsed,
+        ms(calls, 0.5),
+        ms(calls, 0.9),
+        ms(calls, 0.99),
+        ms(calls, 0.999),
+        ms(total, 0.5),
+        ms(total, 0.99),
+        ms(total, 0.999),
+        total.len(),
+        errors.load(Ordering::Relaxed)
+    );
 }
 
 async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
@@ -363,19 +427,30 @@ async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.max(1))
-        .enable_all()
-        .build()?
-        .block_on(bench(args))
+    // As the service binary builds it from `server.workerThreads`.
+    let runtime = match args.workers {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(bench(args))
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
     let kafka = args.kafka.clone();
+    let redis_connections = args.redis_connections;
     let stack = TestStack::start_with(move |c| {
         c.database.db_pool_size = 4;
         c.database.db_max_overflow = 4;
         c.server.max_concurrent_requests = 10_000;
+        c.redis.connections = redis_connections;
         if let Some(brokers) = kafka {
             c.budget.relay_enabled = true;
             c.kafka.brokers = brokers;
