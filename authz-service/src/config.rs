@@ -358,6 +358,9 @@ mod tests {
 server:
   maxConcurrentRequests: 500
   requestTimeout: 10
+  workerThreads: 1
+redis:
+  connections: 2
 database:
   url: postgres://db/caracal
   dbPoolSize: 20
@@ -373,9 +376,12 @@ reservations:
         let mut c = Config::from_yaml(yaml).unwrap();
         assert_eq!(c.server.max_concurrent_requests, 500);
         assert_eq!(c.cache.policy_cache_ttl, 60);
+        assert_eq!(c.server.worker_threads, 1);
+        assert_eq!(c.redis.connections, 2);
         let env: HashMap<&str, &str> = [
             ("CARACAL_DB_POOL_SIZE", "40"),
             ("CARACAL_ADMIN_TOKEN", "s3"),
+            ("CARACAL_REDIS_CONNECTIONS", "3"),
         ]
         .into_iter()
         .collect();
@@ -383,7 +389,17 @@ reservations:
         assert_eq!(c.database.db_pool_size, 40);
         assert_eq!(c.database.db_max_overflow, 10);
         assert_eq!(c.auth.admin_token, "s3");
+        assert_eq!(c.redis.connections, 3);
         c.validate().unwrap();
+        // A prefix that would break the record format or the hash tag is refused.
+        for bad in ["", "a b", "a{b}", "a\tb"] {
+            let mut bad_prefix = c.clone();
+            bad_prefix.redis.key_prefix = bad.to_owned();
+            assert!(bad_prefix.validate().is_err(), "{bad:?}");
+        }
+        let mut no_connections = c.clone();
+        no_connections.redis.connections = 0;
+        assert!(no_connections.validate().is_err());
     }
 
     #[test]
