@@ -50,19 +50,9 @@ fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let config = Config::load(args.config.as_deref())?;
-    let runtime = match config.server.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
-    };
-    runtime.block_on(run(args, config))
+    caracal_authz::server::runtime(config.server.worker_threads)
+        .context("starting the async runtime")?
+        .block_on(run(args, config))
 }
 
 async fn run(args: Args, config: Config) -> anyhow::Result<()> {

@@ -28,6 +28,20 @@ use crate::{
     outbox::OutboxRelay,
 };
 
+/// The async runtime for `server.workerThreads`: 1 = single-threaded (no work
+/// stealing or cross-thread wake-ups: the cheapest per call on one core),
+/// 0 = one worker per available core, N = N workers.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if worker_threads > 1 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}
+
 /// A started server: its bound addresses and a handle to stop it.
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,

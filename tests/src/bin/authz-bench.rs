@@ -259,6 +259,28 @@ async fn callers(
     ))
 }
 
+/// Lets the callers run for `seconds`, then stops them; returns the elapsed time
+/// and the CPU seconds this process and Redis used meanwhile.
+async fn measure(
+    stack: &TestStack,
+    seconds: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let started = Instant::now();
+    let (process_cpu, redis_cpu) = (
+        cpu_seconds("/proc/self/stat"),
+        redis_cpu_seconds(stack).await?,
+    );
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok((
+        elapsed,
+        cpu_seconds("/proc/self/stat") - process_cpu,
+        redis_cpu_seconds(stack).await? - redis_cpu,
+    ))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     stack: &TestStack,
@@ -298,18 +320,7 @@ async fn run(
             stop.clone(),
             errors.clone(),
         ));
-        let started = Instant::now();
-        let (process_cpu, redis_cpu) = (
-            cpu_seconds("/proc/self/stat"),
-            redis_cpu_seconds(stack).await?,
-        );
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
-        stop.store(true, Ordering::Relaxed);
-        let elapsed = started.elapsed().as_secs_f64();
-        let (process_cpu, redis_cpu) = (
-            cpu_seconds("/proc/self/stat") - process_cpu,
-            redis_cpu_seconds(stack).await? - redis_cpu,
-        );
+        let (elapsed, process_cpu, redis_cpu) = measure(stack, seconds, &stop).await?;
         let (total, calls, _) = task.await??;
         report(&keys, concurrency, elapsed, &total, &calls, &errors);
         let per_pair = |cpu: f64| cpu * 1e6 / total.len().max(1) as f64;
@@ -353,18 +364,7 @@ async fn run(
         }));
         first += count;
     }
-    let started = Instant::now();
-    let (process_cpu, redis_cpu) = (
-        cpu_seconds("/proc/self/stat"),
-        redis_cpu_seconds(stack).await?,
-    );
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64();
-    let (process_cpu, redis_cpu) = (
-        cpu_seconds("/proc/self/stat") - process_cpu,
-        redis_cpu_seconds(stack).await? - redis_cpu,
-    );
+    let (elapsed, process_cpu, redis_cpu) = measure(stack, seconds, &stop).await?;
     let (mut total, mut calls, mut client_cpu) = (histogram(), histogram(), 0.0);
     for h in handles {
         let (p, c, cpu) = tokio::task::spawn_blocking(move || h.join())
@@ -428,19 +428,7 @@ async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     // As the service binary builds it from `server.workerThreads`.
-    let runtime = match args.workers {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
-    };
-    runtime.block_on(bench(args))
+    caracal_authz::server::runtime(args.workers)?.block_on(bench(args))
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
