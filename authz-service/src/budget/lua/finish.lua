@@ -26,6 +26,8 @@
 
 local rec = redis.call('GET', KEYS[1])
 if not rec then
+  -- Never made, or its marker aged out: make sure the sweeper stops visiting it.
+  redis.call('ZREM', KEYS[2], ARGV[3])
   return {'unknown'}
 end
 if string.sub(rec, 1, 1) == 'D' then
