@@ -367,6 +367,38 @@ async fn retries_are_idempotent_and_settle_charges_the_priced_usage() {
         .unwrap()
         .into_inner();
     assert_eq!(remaining_of(&probe, &pol), 10_000_000 - 14_500 - 250_000);
+    // A zero estimate (a probe) can be released and settled like any other.
+    let rel0 = authz
+        .release(pb::ReleaseRequest {
+            reservation_id: probe.reservation_id.clone(),
+            reason: "probe".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rel0.released.unwrap().micros, 0);
+    let zero = authz
+        .authorize(authorize_req(&key, "zero", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let s0 = authz
+        .settle(pb::SettleRequest {
+            reservation_id: zero.reservation_id.clone(),
+            actual_cost: Some(usd(30)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (s0.charged.unwrap().micros, s0.overshoot.unwrap().micros),
+        (30, 30)
+    );
+    assert_eq!(
+        s0.remaining[0].remaining.as_ref().unwrap().micros,
+        10_000_000 - 14_500 - 250_000 - 30
+    );
 
     // Bad input: unknown and malformed reservations, negative and huge amounts.
     let err = authz
