@@ -323,7 +323,10 @@ impl AuthorizationService {
         let ttl_ms =
             i64::try_from(self.settings.reservation_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
         let allow_event = format!("{rid}/authorize");
-        let deny_event = format!("deny/{}", Uuid::now_v7());
+        // A refusal makes no reservation, but its id names the request: the same
+        // request refused again in the same millisecond is the same decision.
+        // (No random UUID here: it cost a getrandom call on every Authorize.)
+        let deny_event = format!("{rid}/deny/{now_ms}");
         let outcome = self
             .store
             .reserve(&ReserveRequest {

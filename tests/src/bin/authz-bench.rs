@@ -34,7 +34,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use caracal_proto::v1::{self as pb, budget_authorization_client::BudgetAuthorizationClient};
 use caracal_tests::TestStack;
 use hdrhistogram::Histogram;
-use tonic::transport::Channel;
 
 struct Args {
     seconds: u64,
@@ -135,9 +134,63 @@ async fn seed_agents(stack: &TestStack, n: usize, tag: &str) -> anyhow::Result<V
     Ok(keys)
 }
 
+/// One HTTP/2 connection to the service, shared by several callers: hyper's
+/// `SendRequest` used directly as the gRPC transport. (tonic's `Channel` puts a
+/// buffer task between each call and the connection, one more hop per call that
+/// the load generator would spend CPU on; a gateway has its own client.)
+#[derive(Clone)]
+struct H2Connection {
+    service: H2Service,
+    origin: tonic::codegen::http::Uri,
+}
+
+#[derive(Clone)]
+struct H2Service(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl H2Connection {
+    async fn connect(url: &str) -> anyhow::Result<Self> {
+        let origin: tonic::codegen::http::Uri = url.parse()?;
+        let authority = origin
+            .authority()
+            .context("url without host:port")?
+            .as_str();
+        let tcp = tokio::net::TcpStream::connect(authority).await?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await?;
+        tokio::spawn(conn);
+        Ok(Self {
+            service: H2Service(send),
+            origin,
+        })
+    }
+}
+
+impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for H2Service {
+    type Response = tonic::codegen::http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
+
 /// One Authorize + Settle; returns the latency of each call (µs).
 async fn pair(
-    client: &mut BudgetAuthorizationClient<Channel>,
+    client: &mut BudgetAuthorizationClient<H2Service>,
     key: &str,
     request_id: String,
 ) -> anyhow::Result<(u64, u64)> {
@@ -216,13 +269,15 @@ async fn callers(
 ) -> anyhow::Result<Histograms> {
     let mut channels = Vec::new();
     for _ in 0..count.div_ceil(per_connection) {
-        channels.push(Channel::from_shared(url.clone())?.connect().await?);
+        channels.push(H2Connection::connect(&url).await?);
     }
     let cpu_before = cpu_seconds("/proc/thread-self/stat");
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..count {
         let w = first + n;
-        let mut client = BudgetAuthorizationClient::new(channels[n / per_connection].clone());
+        let conn = &channels[n / per_connection];
+        let mut client =
+            BudgetAuthorizationClient::with_origin(conn.service.clone(), conn.origin.clone());
         let (keys, stop, errors, label) =
             (keys.clone(), stop.clone(), errors.clone(), label.clone());
         tasks.spawn(async move {
@@ -293,8 +348,8 @@ async fn run(
 ) -> anyhow::Result<()> {
     // Warm the caches (first use of each key hits PostgreSQL once).
     {
-        let channel = Channel::from_shared(stack.grpc_url())?.connect().await?;
-        let mut c = BudgetAuthorizationClient::new(channel);
+        let channel = H2Connection::connect(&stack.grpc_url()).await?;
+        let mut c = BudgetAuthorizationClient::with_origin(channel.service, channel.origin);
         for (i, k) in keys.iter().enumerate() {
             pair(&mut c, k, format!("warm-{label}-{i}")).await?;
         }
