@@ -162,7 +162,6 @@ pub fn policy_slot(
     };
     PolicySlot {
         policy_id: id,
-        owner_agent_id: p.agent_id.to_string(),
         limit_micros: p.limit_micros,
         key: mode_and_key.1,
         mode: mode_and_key.0,

@@ -49,7 +49,6 @@ pub enum SlotMode {
 #[derive(Debug, Clone)]
 pub struct PolicySlot {
     pub policy_id: String,
-    pub owner_agent_id: String,
     pub limit_micros: i64,
     pub key: String,
     pub mode: SlotMode,
