@@ -246,7 +246,7 @@ impl BudgetStore {
     pub async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
         let p = req.partition;
         let meta = event_meta(req);
-        let record = reservation_record(req, &meta);
+        let record = reservation_record(req);
         let mut inv = self.authorize.prepare_invoke();
         inv.key(self.keys.reservation(p, req.reservation_id))
             .key(self.keys.expiry(p))
@@ -357,12 +357,13 @@ fn event_meta(req: &ReserveRequest<'_>) -> String {
     .unwrap_or_else(|_| "{}".to_owned())
 }
 
-/// The live reservation record, in the line format finish.lua reads (see there).
-/// Keys and policy ids hold no tabs or newlines (UUIDs and a validated prefix), and
-/// the JSON metadata escapes them.
-fn reservation_record(req: &ReserveRequest<'_>, meta: &str) -> String {
+/// The live reservation record, in the line format finish.lua reads (see there),
+/// but its last line: authorize.lua appends the event metadata it is also given
+/// for the event, so the metadata crosses the wire once. Keys and policy ids hold
+/// no tabs or newlines (UUIDs and a validated prefix); the JSON metadata escapes them.
+fn reservation_record(req: &ReserveRequest<'_>) -> String {
     use std::fmt::Write as _;
-    let mut rec = String::with_capacity(96 + meta.len() + 160 * req.policies.len());
+    let mut rec = String::with_capacity(32 + 160 * req.policies.len());
     let _ = writeln!(
         rec,
         "L\t{}\t{}\t{}",
@@ -388,7 +389,6 @@ fn reservation_record(req: &ReserveRequest<'_>, meta: &str) -> String {
             slot.on_expiry.as_str()
         );
     }
-    rec.push_str(meta);
     rec
 }
 

@@ -16,7 +16,8 @@
 --
 -- ARGV[1] now (ms)            ARGV[2] reservation id   ARGV[3] amount (micros)
 -- ARGV[4] expires at (ms)     ARGV[5] event metadata (JSON, copied into events)
--- ARGV[6] reservation record  ARGV[7] allow-event id   ARGV[8] deny-event id
+-- ARGV[6] reservation record without its last line (the metadata, appended here)
+-- ARGV[7] allow-event id      ARGV[8] deny-event id
 -- ARGV[9] number of policies
 -- then 6 per policy: policy id, limit, mode ('c'|'r'), bucket (rolling), oldest
 --                    counted bucket (rolling), counter expire-at (s, 0 = never)
@@ -97,7 +98,7 @@ for i = 1, npol do
   end
 end
 
-redis.call('SET', KEYS[1], ARGV[6])
+redis.call('SET', KEYS[1], ARGV[6] .. ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
 redis.call('XADD', KEYS[3], '*',
   'type', 'decision', 'kind', 'authorize', 'decision', 'allow', 'event_id', ARGV[7],

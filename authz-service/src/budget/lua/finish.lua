@@ -46,9 +46,8 @@ local meta = lines[npol + 2] or '{}'
 local mode = ARGV[1]
 local now_ms = tonumber(ARGV[2])
 local amount = tonumber(amount_s)
--- (Redis refuses "-0" as an integer.)
-local minus = '0'
-if amount > 0 then minus = '-' .. amount_s end
+-- %d, not '-' .. amount_s: Redis refuses "-0" as an integer.
+local minus = string.format('%d', -amount)
 local charge_all = 0
 if mode == 'settle' then charge_all = tonumber(ARGV[5]) end
 
