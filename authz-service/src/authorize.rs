@@ -605,6 +605,7 @@ fn reason_label(r: i32) -> &'static str {
         pb::DenyReason::NoPolicy => "no_policy",
         pb::DenyReason::CurrencyMismatch => "currency_mismatch",
         pb::DenyReason::NoPrice => "no_price",
+        pb::DenyReason::RequestFinished => "request_finished",
     }
 }
 
@@ -646,5 +647,13 @@ impl BudgetAuthorization for AuthorizationService {
         let result = self.release_inner(request.into_inner()).await;
         observe("Release", started, &result, None);
         result.map(Response::new)
+    }
+
+    async fn release_by_request(
+        &self,
+        _request: Request<pb::ReleaseByRequestRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        // TODO(issue 11 item 5): being implemented in this session.
+        Err(Status::unimplemented("ReleaseByRequest"))
     }
 }

@@ -61,8 +61,9 @@ impl Default for ServerConfig {
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// When set, clients may present a certificate signed by this CA; such a client
-    /// is an administrator (mTLS). Clients without a certificate still need a token.
+    /// When set, clients may present a certificate signed by this CA. A verified
+    /// certificate alone grants nothing: its SAN must be on `auth.gatewaySans` (hot
+    /// path) or `auth.adminSans` (admin API). Clients without one need a token.
     pub client_ca_file: Option<PathBuf>,
 }
 
@@ -75,6 +76,15 @@ pub struct AuthConfig {
     /// Server-side secret mixed into API-key hashes, so a copy of the database alone
     /// cannot be used to test guessed keys. Changing it invalidates every issued key.
     pub api_key_pepper: String,
+    /// Bearer token a gateway presents on the hot path (`BudgetAuthorization`,
+    /// ext_authz `Check`) as `x-caracal-gateway-token`, for plain-TCP dev setups.
+    /// Empty disables it (then only allowlisted client certificates are gateways).
+    pub gateway_token: String,
+    /// Client-certificate SANs (URI, e.g. a SPIFFE id, or DNS name) that are
+    /// gateways. Exact match, or a trailing `*` for a prefix.
+    pub gateway_sans: Vec<String>,
+    /// Client-certificate SANs that are administrators (same matching).
+    pub admin_sans: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -173,7 +183,9 @@ impl Default for RedisConfig {
 pub struct BudgetConfig {
     /// Admit agents that have no active policy (default: deny them).
     pub allow_without_policy: bool,
-    /// Seconds a finished reservation's outcome is kept for retried Settle/Release.
+    /// Seconds a finished reservation's outcome is kept for retried Settle/Release
+    /// and for a Settle that arrives after expiry (it charges the difference). At
+    /// least 1; keep it well above the gateway's longest route timeout.
     pub finished_marker_ttl: u64,
     /// Relay outbox events to Kafka from this process.
     pub relay_enabled: bool,
@@ -274,6 +286,8 @@ impl Config {
             "CARACAL_REQUEST_TIMEOUT" => self.server.request_timeout, parse;
             "CARACAL_ADMIN_TOKEN" => self.auth.admin_token, text;
             "CARACAL_API_KEY_PEPPER" => self.auth.api_key_pepper, text;
+            "CARACAL_GATEWAY_TOKEN" => self.auth.gateway_token, text;
+            "CARACAL_FINISHED_MARKER_TTL" => self.budget.finished_marker_ttl, parse;
             "CARACAL_DATABASE_URL" => self.database.url, text;
             "CARACAL_DB_POOL_SIZE" => self.database.db_pool_size, parse;
             "CARACAL_DB_MAX_OVERFLOW" => self.database.db_max_overflow, parse;
@@ -325,6 +339,26 @@ impl Config {
         }
         if self.database.url.is_empty() {
             return bad("database.url is required");
+        }
+        // 0 would make the finish script's SET ... EX 0 fail after the counters moved,
+        // leaving the live record: a retried Settle would charge again.
+        if self.budget.finished_marker_ttl == 0 {
+            return bad("budget.finishedMarkerTtl must be at least 1 second");
+        }
+        // Gateways and admins are separate identities.
+        if !self.auth.gateway_token.is_empty() && self.auth.gateway_token == self.auth.admin_token
+        {
+            return bad("auth.gatewayToken must differ from auth.adminToken");
+        }
+        if let Some(san) = self
+            .auth
+            .gateway_sans
+            .iter()
+            .find(|s| self.auth.admin_sans.contains(s))
+        {
+            return bad(&format!(
+                "SAN {san:?} is on both auth.gatewaySans and auth.adminSans"
+            ));
         }
         // The prefix is part of every key, and keys are written into reservation
         // records as tab/newline-separated text (and `{}` would move the hash tag).
@@ -400,6 +434,32 @@ reservations:
         let mut no_connections = c.clone();
         no_connections.redis.connections = 0;
         assert!(no_connections.validate().is_err());
+    }
+
+    #[test]
+    fn finished_marker_ttl_zero_is_refused() {
+        let mut c = Config::default();
+        c.validate().unwrap();
+        c.budget.finished_marker_ttl = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("finishedMarkerTtl"), "{err}");
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "CARACAL_FINISHED_MARKER_TTL").then(|| "0".to_owned()))
+            .unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn gateway_and_admin_identities_are_separate() {
+        let mut c = Config::default();
+        c.auth.admin_token = "same".into();
+        c.auth.gateway_token = "same".into();
+        assert!(c.validate().is_err());
+        c.auth.gateway_token = "other".into();
+        c.validate().unwrap();
+        c.auth.gateway_sans = vec!["spiffe://mesh/gw".into()];
+        c.auth.admin_sans = vec!["spiffe://mesh/gw".into()];
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -212,6 +212,7 @@ pub fn verdict(response: &[u8]) -> Verdict {
                 Ok(DenyReason::UnknownAgent) => Refusal::Unauthenticated,
                 Ok(DenyReason::NotAllowed) => Refusal::NotAllowed,
                 Ok(DenyReason::NoPrice) => Refusal::NoPrice,
+                Ok(DenyReason::RequestFinished) => Refusal::Denied,
                 Ok(DenyReason::Unspecified) | Err(_) => Refusal::Denied,
             };
             Verdict::Refuse {
