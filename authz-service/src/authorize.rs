@@ -144,7 +144,7 @@ pub fn policy_slot(
                 oldest: *range.start(),
                 width_s: width.num_seconds(),
             },
-            keys.rolling_counter(partition, &id),
+            keys.rolling_counter(partition, &id, width.num_seconds()),
         ),
         // Calendar windows, and `total` of either type (all time, one counter).
         _ => {

@@ -95,10 +95,6 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         tracing::warn!("auth.apiKeyPepper is empty: API-key hashes are unkeyed; set CARACAL_API_KEY_PEPPER in production");
     }
 
-    let state = AdminState {
-        pool: pool.clone(),
-        api_key_pepper: config.auth.api_key_pepper.clone(),
-    };
     let (background_stop, background_rx) = watch::channel(false);
     let mut background = Vec::new();
     let catalog = Catalog::new(
@@ -119,6 +115,18 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         config.redis.connections,
     )
     .context("Redis configuration")?;
+    // A replica may use a configuration this long after it changed (cache TTL, or
+    // the next epoch poll): how long a retired budget counter stays fenced.
+    let fence_ttl_s = config
+        .cache
+        .policy_cache_ttl
+        .saturating_add(config.budget.config_poll_interval)
+        .saturating_add(30);
+    let state = AdminState {
+        pool: pool.clone(),
+        api_key_pepper: config.auth.api_key_pepper.clone(),
+        counters: crate::admin::counters::CounterGuard::new(store.clone(), fence_ttl_s),
+    };
     background.push(tokio::spawn(crate::sweeper::run(
         store.clone(),
         Duration::from_secs(config.reservations.provisional_charge_cleanup_interval),

@@ -8,7 +8,11 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{bump_config_epoch, respond, AdminState};
+use super::{
+    bump_config_epoch,
+    counters::{guard_reparent, PendingFences},
+    respond, AdminState,
+};
 use crate::{
     convert::{self, opt_timestamp, timestamp},
     db::{
@@ -322,7 +326,10 @@ impl AgentService for AgentAdmin {
                 .map(|p| convert::opt_uuid("parent_id", p))
                 .transpose()?;
             let mut conn = db::conn(&self.state.pool).await?;
-            let row = conn
+            let guard = self.state.counters.clone();
+            let pending = PendingFences::default();
+            let fences = pending.clone();
+            let result = conn
                 .transaction::<_, ServiceError, _>(async move |conn| {
                     let current = find_agent(conn, &id.to_string()).await?;
                     if let Some(Some(p)) = parent {
@@ -332,6 +339,12 @@ impl AgentService for AgentAdmin {
                             ));
                         }
                         check_parent(conn, Some(id), p).await?;
+                    }
+                    if let Some(new_parent) = parent.filter(|p| *p != current.parent_id) {
+                        // The hierarchy's budget counters live in its root's partition:
+                        // a move that changes it is refused while the moved policies
+                        // hold spend (see admin::counters).
+                        fences.add(guard_reparent(conn, &guard, id, new_parent).await?);
                     }
                     let row = diesel::update(agents::table.filter(agents::id.eq(id)))
                         .set((
@@ -346,8 +359,9 @@ impl AgentService for AgentAdmin {
                     bump_config_epoch(conn).await?;
                     Ok(row)
                 })
-                .await?;
-            Ok::<_, ServiceError>(pb::Agent::from(row))
+                .await;
+            pending.settle(&self.state.counters, &result).await;
+            Ok::<_, ServiceError>(pb::Agent::from(result?))
         }
         .await;
         respond("UpdateAgent", result)

@@ -8,6 +8,7 @@ use crate::{db::Pool, error::ServiceResult};
 
 pub mod agents;
 pub mod allowlist;
+pub mod counters;
 pub mod policies;
 pub mod pricebook;
 
@@ -21,6 +22,9 @@ pub use pricebook::PriceBookAdmin;
 pub struct AdminState {
     pub pool: Pool,
     pub api_key_pepper: String,
+    /// Redis, for the changes that would move a policy's budget counters
+    /// (re-parenting, window changes): see [`counters`].
+    pub counters: counters::CounterGuard,
 }
 
 /// Marks a configuration change, in the writer's transaction. Every replica polls

@@ -16,9 +16,15 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{agents::find_agent, bump_config_epoch, respond, AdminState};
+use super::{
+    agents::find_agent,
+    bump_config_epoch,
+    counters::{guard_policy_change, PendingFences},
+    respond, AdminState,
+};
 use crate::{
     auth::actor,
+    catalog::PolicyInfo,
     convert::{self, money, timestamp},
     db::{
         self,
@@ -238,6 +244,19 @@ fn fields_of(p: &PolicyRow) -> ServiceResult<PolicyFields> {
     })
 }
 
+/// The policy as the hot path would count it with these fields.
+fn info_of(row: &PolicyRow, f: &PolicyFields) -> PolicyInfo {
+    PolicyInfo {
+        id: row.id,
+        agent_id: row.agent_id,
+        limit_micros: f.limit_micros,
+        currency: f.currency,
+        window: f.time_window,
+        window_type: f.window_type,
+        on_expiry: f.on_expiry,
+    }
+}
+
 #[tonic::async_trait]
 impl PolicyService for PolicyAdmin {
     async fn create_policy(
@@ -363,7 +382,10 @@ impl PolicyService for PolicyAdmin {
                 .transpose()?;
             let on_expiry = req.on_expiry.as_deref().map(parse_on_expiry).transpose()?;
             let mut conn = db::conn(&self.state.pool).await?;
-            let row = conn
+            let guard = self.state.counters.clone();
+            let pending = PendingFences::default();
+            let fences = pending.clone();
+            let result = conn
                 .transaction::<_, ServiceError, _>(async move |conn| {
                     let current = load_policy(conn, id, true).await?;
                     if req.expected_version != 0 && req.expected_version != current.version {
@@ -381,9 +403,17 @@ impl PolicyService for PolicyAdmin {
                         on_expiry: on_expiry.unwrap_or(old.on_expiry),
                     };
                     let active = req.active.unwrap_or(current.active);
+                    // A window or calendar/rolling change moves the policy to other
+                    // budget counters: refused while the old one holds spend, fenced
+                    // otherwise (see admin::counters). Other fields keep the counters.
+                    let before = info_of(&current, &old);
+                    let after = info_of(&current, &fields);
+                    fences.add(guard_policy_change(conn, &guard, &before, &after).await?);
                     write_version(conn, &current, fields, active, "update", &changed_by).await
                 })
-                .await?;
+                .await;
+            pending.settle(&self.state.counters, &result).await;
+            let row = result?;
             tracing::info!(policy_id = %row.id, version = row.version, "policy updated");
             Ok(pb::Policy::from(row))
         }

@@ -70,8 +70,16 @@ impl KeySpace {
         format!("{}:c:{policy_id}:{window_key}", self.tag(partition))
     }
     /// Sub-bucket counters of a rolling policy (hash {s:<bucket>, r:<bucket>}).
-    pub fn rolling_counter(&self, partition: u16, policy_id: &str) -> String {
-        format!("{}:r:{policy_id}", self.tag(partition))
+    ///
+    /// The key carries the bucket width: bucket numbers only mean something for
+    /// one width (bucket 29000000 of 60 s is not bucket 29000000 of 900 s), so a
+    /// policy whose window changes (hourly -> daily) must never read or write the
+    /// old width's fields. Every rolling window has its own width (see
+    /// `caracal_domain::window::rolling_bucket_width`), so the width also names
+    /// the window. Whether a window change may happen at all while the old
+    /// counter holds spend is the admin API's call (`admin::counters`).
+    pub fn rolling_counter(&self, partition: u16, policy_id: &str, width_s: i64) -> String {
+        format!("{}:r:{policy_id}:{width_s}", self.tag(partition))
     }
 }
 
@@ -124,11 +132,17 @@ mod tests {
             ks.expiry(p),
             ks.outbox(p),
             ks.calendar_counter(p, "pol", "d:2026-02-03"),
-            ks.rolling_counter(p, "pol"),
+            ks.rolling_counter(p, "pol", 60),
         ] {
             assert!(key.contains(&tag), "{key}");
             assert_eq!(key.matches('{').count(), 1, "{key}");
         }
+        // Another bucket width is another counter: a window change never reuses
+        // the old width's bucket fields.
+        assert_ne!(
+            ks.rolling_counter(p, "pol", 60),
+            ks.rolling_counter(p, "pol", 900)
+        );
         // Stable: the same root always maps to the same partition.
         assert_eq!(
             p,
