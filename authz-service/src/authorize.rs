@@ -69,7 +69,12 @@ impl AuthorizationService {
 fn store_error(e: StoreError) -> Status {
     ::metrics::counter!(metrics::REDIS_ERRORS).increment(1);
     tracing::warn!(error = %e, "budget store call failed");
-    Status::unavailable(e.to_string())
+    match e {
+        // Redis is up but refused this call (a corrupt record): retrying elsewhere
+        // will not help, and UNAVAILABLE would make the gateway retry.
+        StoreError::Rejected(_) => Status::internal(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
+    }
 }
 
 fn validate_request_id(id: &str) -> Result<(), Status> {
@@ -359,14 +364,37 @@ impl AuthorizationService {
                 response.reservation_id = rid;
                 response.remaining = remaining_list(&agent.policies, &used, amount);
             }
-            ReserveOutcome::Duplicate { used } => {
-                // The reservation already counts in `used` (reserved, or charged once
-                // it finished): what remains is limit - used.
+            ReserveOutcome::Duplicate {
+                used,
+                finished: None,
+            } => {
+                // The live reservation already counts in `used`: what remains is
+                // limit - used.
                 response.decision = pb::Decision::Allow as i32;
                 response.reservation_id = rid;
                 response.message =
                     "retry of an authorized request: original reservation".to_owned();
                 response.remaining = remaining_list(&agent.policies, &used, 0);
+            }
+            ReserveOutcome::Duplicate {
+                used,
+                finished: Some(done),
+            } => {
+                // The request was made and its reservation has ended: admitting it
+                // again would be a call nobody pays for (a client reusing request
+                // ids). The reservation id names the finished reservation.
+                response.decision = pb::Decision::Deny as i32;
+                response.reason = pb::DenyReason::RequestFinished as i32;
+                response.reservation_id = rid;
+                response.remaining = remaining_list(&agent.policies, &used, 0);
+                response.message = format!(
+                    "request {:?} was already made and its reservation is {} (charged {} {}); \
+                     use a new request id for a new call",
+                    req.request_id,
+                    finished_word(done.kind),
+                    format_amount(done.charged),
+                    done.currency
+                );
             }
             ReserveOutcome::Denied { index, used } => {
                 let refused = agent.policies.get(index);
@@ -421,8 +449,14 @@ impl AuthorizationService {
     async fn settle_inner(&self, req: pb::SettleRequest) -> Result<pb::SettleResponse, Status> {
         let partition = self.partition(&req.reservation_id)?;
         let usage = req.usage.unwrap_or_default();
-        let (cost, price_version) = match &req.actual_cost {
-            Some(m) => (given_cost("actual_cost", m)?.0, 0),
+        // The currency of the cost must be the reservation's (the script checks, in
+        // the same call): counters of one currency never take another's micros.
+        let given = req.actual_cost.is_some();
+        let (cost, currency, price_version) = match &req.actual_cost {
+            Some(m) => {
+                let (cost, currency) = given_cost("actual_cost", m)?;
+                (cost, currency, 0)
+            }
             None => {
                 if req.provider.is_empty() || req.model.is_empty() {
                     return Err(Status::invalid_argument(
@@ -442,7 +476,21 @@ impl AuthorizationService {
                 };
                 let cost = cost_micros(&price.price, &usage_of(&usage)?)
                     .map_err(|e| Status::invalid_argument(format!("usage: {e}")))?;
-                (cost, price.version)
+                (cost, price.price.currency, price.version)
+            }
+        };
+        let mismatch = |reservation_currency: &str| {
+            if given {
+                Status::invalid_argument(format!(
+                    "actual_cost is in {currency} but reservation {} is in {reservation_currency}",
+                    req.reservation_id
+                ))
+            } else {
+                Status::failed_precondition(format!(
+                    "the price of {}/{} is in {currency} but reservation {} is in \
+                     {reservation_currency}",
+                    req.provider, req.model, req.reservation_id
+                ))
             }
         };
         let event_id = format!("{}/settle", req.reservation_id);
@@ -454,6 +502,7 @@ impl AuthorizationService {
                 output_tokens: usage.output_tokens,
                 cached_input_tokens: usage.cached_input_tokens,
                 price_version,
+                currency: currency.as_str(),
                 ..self.finish_of(
                     FinishKind::Settle,
                     partition,
@@ -465,13 +514,22 @@ impl AuthorizationService {
             .map_err(store_error)?;
         match outcome {
             FinishOutcome::Finished {
+                late,
                 reserved,
                 charged,
                 currency,
                 policies,
                 ..
             } => {
-                ::metrics::counter!(metrics::RESERVATIONS, "event" => "settled").increment(1);
+                if late {
+                    // After expiry: the counters now hold the actual cost (expiry's
+                    // charge corrected by the difference).
+                    ::metrics::counter!(metrics::RESERVATIONS, "event" => "settled_late")
+                        .increment(1);
+                    tracing::info!(reservation = %req.reservation_id, charged, reserved, "settled after expiry");
+                } else {
+                    ::metrics::counter!(metrics::RESERVATIONS, "event" => "settled").increment(1);
+                }
                 let overshoot = (charged - reserved).max(0);
                 if overshoot > 0 {
                     ::metrics::counter!(metrics::OVERSHOOT_MICROS)
@@ -496,6 +554,14 @@ impl AuthorizationService {
             }
             FinishOutcome::AlreadyFinished {
                 kind: FinishKind::Settle,
+                currency: done_currency,
+                ..
+            } if done_currency != currency.as_str() => Err(mismatch(&done_currency)),
+            FinishOutcome::CurrencyMismatch {
+                reservation_currency,
+            } => Err(mismatch(&reservation_currency)),
+            FinishOutcome::AlreadyFinished {
+                kind: FinishKind::Settle,
                 reserved,
                 charged,
                 currency,
@@ -509,28 +575,68 @@ impl AuthorizationService {
             FinishOutcome::AlreadyFinished { kind, .. } => {
                 Err(finished_otherwise(&req.reservation_id, kind))
             }
-            FinishOutcome::Unknown => Err(unknown_reservation(&req.reservation_id)),
+            FinishOutcome::Unknown | FinishOutcome::Tombstoned => {
+                Err(unknown_reservation(&req.reservation_id))
+            }
         }
     }
 
     async fn release_inner(&self, req: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, Status> {
         let partition = self.partition(&req.reservation_id)?;
-        let event_id = format!("{}/release", req.reservation_id);
-        let reason = if req.reason.trim().is_empty() {
+        self.release_reservation(partition, &req.reservation_id, &req.reason, None)
+            .await
+    }
+
+    /// ReleaseByRequest: the gateway's Authorize failed or timed out, so it holds no
+    /// reservation id, yet the Authorize may have reserved (or may still be on its
+    /// way). The id is derived from (agent, request id) as Authorize derives it;
+    /// when nothing is there yet, a released tombstone makes that Authorize, should
+    /// it still arrive, reserve nothing (it is refused with REQUEST_FINISHED).
+    async fn release_by_request_inner(
+        &self,
+        req: pb::ReleaseByRequestRequest,
+    ) -> Result<pb::ReleaseResponse, Status> {
+        validate_request_id(&req.request_id)?;
+        let Some(agent_id) = self.resolve_agent(req.credential.as_ref()).await? else {
+            return Err(Status::not_found("unknown or revoked agent credential"));
+        };
+        let Some(agent) = self.catalog.agent(agent_id).await.map_err(Status::from)? else {
+            return Err(Status::not_found("unknown agent"));
+        };
+        let partition = self.store.keys().partition_of(&agent.root_id.to_string());
+        let rid = reservation_id_for(partition, &agent_id.to_string(), &req.request_id);
+        // The tombstone names the currency the agent's policies count in.
+        let currency = agent
+            .policies
+            .first()
+            .map(|p| p.currency.as_str())
+            .unwrap_or_default();
+        self.release_reservation(partition, &rid, &req.reason, Some(currency))
+            .await
+    }
+
+    /// Releases a reservation; `tombstone`: when none exists, leave a released
+    /// marker in that currency.
+    async fn release_reservation(
+        &self,
+        partition: u16,
+        reservation_id: &str,
+        reason: &str,
+        tombstone: Option<&str>,
+    ) -> Result<pb::ReleaseResponse, Status> {
+        let event_id = format!("{reservation_id}/release");
+        let reason = if reason.trim().is_empty() {
             "released"
         } else {
-            req.reason.trim()
+            reason.trim()
         };
         let outcome = self
             .store
             .finish(&Finish {
                 reason,
-                ..self.finish_of(
-                    FinishKind::Release,
-                    partition,
-                    &req.reservation_id,
-                    &event_id,
-                )
+                currency: tombstone.unwrap_or_default(),
+                tombstone: tombstone.is_some(),
+                ..self.finish_of(FinishKind::Release, partition, reservation_id, &event_id)
             })
             .await
             .map_err(store_error)?;
@@ -554,21 +660,37 @@ impl AuthorizationService {
                 already_released: true,
             }),
             FinishOutcome::AlreadyFinished { kind, .. } => {
-                Err(finished_otherwise(&req.reservation_id, kind))
+                Err(finished_otherwise(reservation_id, kind))
             }
-            FinishOutcome::Unknown => Err(unknown_reservation(&req.reservation_id)),
+            FinishOutcome::Tombstoned => {
+                ::metrics::counter!(metrics::RESERVATIONS, "event" => "released_before_made")
+                    .increment(1);
+                Ok(pb::ReleaseResponse {
+                    released: Some(money(0, tombstone.unwrap_or_default())),
+                    already_released: false,
+                })
+            }
+            FinishOutcome::Unknown | FinishOutcome::CurrencyMismatch { .. } => {
+                Err(unknown_reservation(reservation_id))
+            }
         }
+    }
+}
+
+fn finished_word(kind: FinishKind) -> &'static str {
+    match kind {
+        FinishKind::Settle => "settled",
+        FinishKind::Release => "released",
+        FinishKind::Expire => "expired",
     }
 }
 
 /// A Settle or Release of a reservation that ended another way first.
 fn finished_otherwise(reservation_id: &str, kind: FinishKind) -> Status {
-    let how = match kind {
-        FinishKind::Settle => "settled",
-        FinishKind::Release => "released",
-        FinishKind::Expire => "expired",
-    };
-    Status::failed_precondition(format!("reservation {reservation_id} was already {how}"))
+    Status::failed_precondition(format!(
+        "reservation {reservation_id} was already {}",
+        finished_word(kind)
+    ))
 }
 
 fn unknown_reservation(reservation_id: &str) -> Status {
@@ -651,9 +773,11 @@ impl BudgetAuthorization for AuthorizationService {
 
     async fn release_by_request(
         &self,
-        _request: Request<pb::ReleaseByRequestRequest>,
+        request: Request<pb::ReleaseByRequestRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        // TODO(issue 11 item 5): being implemented in this session.
-        Err(Status::unimplemented("ReleaseByRequest"))
+        let started = Instant::now();
+        let result = self.release_by_request_inner(request.into_inner()).await;
+        observe("ReleaseByRequest", started, &result, None);
+        result.map(Response::new)
     }
 }

@@ -26,16 +26,35 @@ use crate::{
 const BATCH: usize = 500;
 const MAX_BATCHES: usize = 20;
 
-/// Expires every due reservation once; returns how many were finished.
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    /// Reservations expired.
+    pub expired: usize,
+    /// Reservations that could not be finished (e.g. a corrupt record): logged,
+    /// counted, left in the expiry index for the operator and the next sweep.
+    pub failed: usize,
+}
+
+/// Expires every due reservation once.
+///
+/// One reservation that cannot be finished does not stop the sweep (every other
+/// due reservation would otherwise hold its budget forever); only losing Redis
+/// does.
 pub async fn sweep_once(
     store: &BudgetStore,
     finished_marker_ttl_s: u64,
-) -> Result<usize, StoreError> {
-    let mut expired = 0;
+) -> Result<Sweep, StoreError> {
+    let mut sweep = Sweep::default();
     for partition in 0..store.keys().partitions() {
+        // Failed reservations stay in the index, at its front (the lowest expiry
+        // times seen so far): the next batch starts after them.
+        let mut skip = 0;
         for _ in 0..MAX_BATCHES {
             let now_ms = Utc::now().timestamp_millis();
-            let due = store.due_reservations(partition, now_ms, BATCH).await?;
+            let due = store
+                .due_reservations(partition, now_ms, skip, BATCH)
+                .await?;
             for rid in &due {
                 let event_id = format!("{rid}/expire");
                 let outcome = store
@@ -50,11 +69,26 @@ pub async fn sweep_once(
                             finished_marker_ttl_s,
                         )
                     })
-                    .await?;
-                if let FinishOutcome::Finished { charged, .. } = outcome {
-                    expired += 1;
-                    ::metrics::counter!(metrics::RESERVATIONS, "event" => "expired").increment(1);
-                    tracing::debug!(reservation = %rid, charged, "reservation expired");
+                    .await;
+                match outcome {
+                    Ok(FinishOutcome::Finished { charged, .. }) => {
+                        sweep.expired += 1;
+                        ::metrics::counter!(metrics::RESERVATIONS, "event" => "expired")
+                            .increment(1);
+                        tracing::debug!(reservation = %rid, charged, "reservation expired");
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.is_per_call() => {
+                        sweep.failed += 1;
+                        skip += 1;
+                        ::metrics::counter!(metrics::RESERVATIONS, "event" => "expire_failed")
+                            .increment(1);
+                        tracing::error!(
+                            reservation = %rid, partition, error = %e,
+                            "could not expire a reservation; going on with the others"
+                        );
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             if due.len() < BATCH {
@@ -62,7 +96,7 @@ pub async fn sweep_once(
             }
         }
     }
-    Ok(expired)
+    Ok(sweep)
 }
 
 /// Runs [`sweep_once`] every `interval` until shutdown.
@@ -78,8 +112,13 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
         match sweep_once(&store, finished_marker_ttl_s).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(expired = n, "expired unsettled reservations"),
+            Ok(Sweep {
+                expired: 0,
+                failed: 0,
+            }) => {}
+            Ok(Sweep { expired, failed }) => {
+                tracing::info!(expired, failed, "expired unsettled reservations");
+            }
             Err(e) => {
                 ::metrics::counter!(metrics::REDIS_ERRORS).increment(1);
                 tracing::warn!(error = %e, "expiry sweep failed; retrying next interval");

@@ -16,18 +16,41 @@ use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, Script, Value}
 
 use super::keys::KeySpace;
 
-/// Redis is down, slow or answered something the scripts never return.
+/// Redis is down, slow, refused one call, or answered something the scripts never
+/// return.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("budget store unavailable: {0}")]
     Unavailable(String),
+    /// Redis answered this one call with an error (a script refusing a corrupt
+    /// record, say): the store is up, other calls may succeed.
+    #[error("budget store refused the call: {0}")]
+    Rejected(String),
     #[error("budget store answered unexpectedly: {0}")]
     Protocol(String),
 }
 
+impl StoreError {
+    /// True when the error concerns this call only (not the connection): a loop
+    /// over many reservations goes on with the next one.
+    pub fn is_per_call(&self) -> bool {
+        !matches!(self, StoreError::Unavailable(_))
+    }
+}
+
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        StoreError::Unavailable(e.to_string())
+        use redis::{ErrorKind, ServerErrorKind};
+        match e.kind() {
+            // An error reply to this command: a script's error_reply (code
+            // "caracal:") or a Lua runtime error ("ERR ...").
+            ErrorKind::Extension | ErrorKind::Server(ServerErrorKind::ResponseError)
+                if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) =>
+            {
+                StoreError::Rejected(e.to_string())
+            }
+            _ => StoreError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -81,9 +104,14 @@ pub struct ReserveRequest<'a> {
 pub enum ReserveOutcome {
     /// Reserved on every policy; `used[i]` = spent + reserved of policy i before.
     Allowed { used: Vec<i64> },
-    /// This agent already made this request: its reservation (live or finished)
-    /// stands; `used[i]` = spent + reserved of policy i now.
-    Duplicate { used: Vec<i64> },
+    /// This agent already made this request; nothing was reserved. `finished`:
+    /// None while its reservation is live (it stands), else how it ended (the
+    /// request must not be admitted again). `used[i]` = spent + reserved of policy
+    /// i now.
+    Duplicate {
+        used: Vec<i64>,
+        finished: Option<DoneMarker>,
+    },
     /// Policy `index` (0-based) had no room; nothing was reserved.
     Denied { index: usize, used: Vec<i64> },
 }
@@ -113,6 +141,38 @@ impl FinishKind {
     }
 }
 
+/// How a finished reservation ended: the first line of its done marker,
+/// `D <mode> <reserved> <charged> <currency>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoneMarker {
+    pub kind: FinishKind,
+    pub reserved: i64,
+    pub charged: i64,
+    pub currency: String,
+}
+
+impl DoneMarker {
+    fn parse(line: &str) -> Result<Self, StoreError> {
+        let mut parts = line.split('\t');
+        let (Some("D"), Some(mode), Some(reserved), Some(charged), Some(currency), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(protocol(&format!("done marker {line:?}")));
+        };
+        Ok(Self {
+            kind: FinishKind::parse(mode).ok_or_else(|| protocol("done mode"))?,
+            reserved: reserved.parse().map_err(|_| protocol("done amount"))?,
+            charged: charged.parse().map_err(|_| protocol("done charged"))?,
+            currency: currency.to_owned(),
+        })
+    }
+}
+
 /// How a reservation ends.
 #[derive(Debug, Clone)]
 pub struct Finish<'a> {
@@ -130,6 +190,13 @@ pub struct Finish<'a> {
     /// Release only.
     pub reason: &'a str,
     pub done_ttl_s: u64,
+    /// Settle: the currency of the actual cost; the script refuses it unless it is
+    /// the reservation's ("" = not checked). Release with `tombstone`: the
+    /// currency the tombstone names.
+    pub currency: &'a str,
+    /// Release only: when no record exists (the Authorize has not run yet, or
+    /// never reserved), leave a released marker so that Authorize reserves nothing.
+    pub tombstone: bool,
 }
 
 impl<'a> Finish<'a> {
@@ -156,6 +223,8 @@ impl<'a> Finish<'a> {
             price_version: 0,
             reason: "",
             done_ttl_s,
+            currency: "",
+            tombstone: false,
         }
     }
 }
@@ -172,6 +241,9 @@ pub struct PolicyUse {
 pub enum FinishOutcome {
     Finished {
         kind: FinishKind,
+        /// A Settle of a reservation that had expired: it charged, per policy, the
+        /// actual cost minus what expiry charged there (`charged` = the actual cost).
+        late: bool,
         reserved: i64,
         charged: i64,
         currency: String,
@@ -186,6 +258,10 @@ pub enum FinishOutcome {
     },
     /// No such reservation (never made, or its marker has aged out).
     Unknown,
+    /// A release with `tombstone` found no reservation and left a released marker.
+    Tombstoned,
+    /// A settle in another currency than the reservation's: nothing changed.
+    CurrencyMismatch { reservation_currency: String },
 }
 
 /// Handle to the budget state. Cheap to clone: `redis.connections` multiplexed
@@ -297,17 +373,21 @@ impl BudgetStore {
             .arg(f.output_tokens)
             .arg(f.cached_input_tokens)
             .arg(f.price_version)
-            .arg(f.reason);
+            .arg(f.reason)
+            .arg(f.currency)
+            .arg(if f.tombstone { "1" } else { "0" });
         let mut conn = self.connection();
         let reply: Vec<Value> = inv.invoke_async(&mut conn).await?;
         parse_finish(&reply)
     }
 
-    /// Reservations of a partition whose expiry time has passed (at most `limit`).
+    /// Reservations of a partition whose expiry time has passed, oldest first:
+    /// at most `limit`, after the first `skip`.
     pub async fn due_reservations(
         &self,
         partition: u16,
         now_ms: i64,
+        skip: usize,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         let mut conn = self.connection();
@@ -316,7 +396,7 @@ impl BudgetStore {
             .arg("-inf")
             .arg(now_ms)
             .arg("LIMIT")
-            .arg(0)
+            .arg(skip)
             .arg(limit)
             .query_async(&mut conn)
             .await?;
@@ -445,12 +525,21 @@ fn parse_reserve(reply: &[Value], npol: usize) -> Result<ReserveOutcome, StoreEr
             }
             Ok(ReserveOutcome::Denied { index, used })
         }
-        "dup" => {
-            let used = ints(1)?;
+        "dup" | "finished" => {
+            let (finished, from) = if tag == "finished" {
+                let line = reply
+                    .get(1)
+                    .and_then(text)
+                    .ok_or_else(|| protocol("finished marker"))?;
+                (Some(DoneMarker::parse(&line)?), 2)
+            } else {
+                (None, 1)
+            };
+            let used = ints(from)?;
             if used.len() != npol {
                 return Err(protocol("dup: wrong number of policies"));
             }
-            Ok(ReserveOutcome::Duplicate { used })
+            Ok(ReserveOutcome::Duplicate { used, finished })
         }
         other => Err(protocol(&format!("unknown reply {other:?}"))),
     }
@@ -463,32 +552,39 @@ fn parse_finish(reply: &[Value]) -> Result<FinishOutcome, StoreError> {
         .ok_or_else(|| protocol("empty reply"))?;
     match tag.as_str() {
         "unknown" => Ok(FinishOutcome::Unknown),
+        "tombstone" => Ok(FinishOutcome::Tombstoned),
+        "currency" => Ok(FinishOutcome::CurrencyMismatch {
+            reservation_currency: reply
+                .get(1)
+                .and_then(text)
+                .ok_or_else(|| protocol("reservation currency"))?,
+        }),
         "done" => {
-            // The done marker: D <mode> <reserved> <charged> <currency>.
             let marker = reply
                 .get(1)
                 .and_then(text)
                 .ok_or_else(|| protocol("done marker"))?;
-            let mut parts = marker.split('\t');
-            let (Some("D"), Some(mode), Some(reserved), Some(charged), Some(currency), None) = (
-                parts.next(),
-                parts.next(),
-                parts.next(),
-                parts.next(),
-                parts.next(),
-                parts.next(),
-            ) else {
-                return Err(protocol(&format!("done marker {marker:?}")));
-            };
+            let DoneMarker {
+                kind,
+                reserved,
+                charged,
+                currency,
+            } = DoneMarker::parse(&marker)?;
             Ok(FinishOutcome::AlreadyFinished {
-                kind: FinishKind::parse(mode).ok_or_else(|| protocol("done mode"))?,
-                reserved: reserved.parse().map_err(|_| protocol("done amount"))?,
-                charged: charged.parse().map_err(|_| protocol("done charged"))?,
-                currency: currency.to_owned(),
+                kind,
+                reserved,
+                charged,
+                currency,
             })
         }
         mode => {
-            let kind = FinishKind::parse(mode).ok_or_else(|| protocol("finish mode"))?;
+            let (kind, late) = match mode {
+                "late_settle" => (FinishKind::Settle, true),
+                other => (
+                    FinishKind::parse(other).ok_or_else(|| protocol("finish mode"))?,
+                    false,
+                ),
+            };
             let reserved = reply
                 .get(1)
                 .and_then(int)
@@ -517,6 +613,7 @@ fn parse_finish(reply: &[Value]) -> Result<FinishOutcome, StoreError> {
                 .collect::<Result<Vec<_>, StoreError>>()?;
             Ok(FinishOutcome::Finished {
                 kind,
+                late,
                 reserved,
                 charged,
                 currency,

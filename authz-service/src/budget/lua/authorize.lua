@@ -23,7 +23,7 @@
 --                    counted bucket (rolling), counter expire-at (s, 0 = never)
 --
 -- Returns {'allow', used_1..used_n} | {'deny', index, used_1..used_n} |
---         {'dup', used_1..used_n}
+--         {'dup', used_1..used_n} | {'finished', done-marker line, used_1..used_n}
 -- where used_i = spent + reserved of policy i before this request ('dup': now).
 
 -- Numbers reach Redis as strings: Lua would print large ones as 1e+15, so amounts are
@@ -66,10 +66,21 @@ for i = 1, npol do
   end
 end
 
--- A retry of a request this agent already made: its reservation (live or finished)
--- stands; report what is used now.
+-- A retry of a request this agent already made. Live: its reservation stands;
+-- report what is used now. Finished (settled, released, expired, or released by
+-- request id before this Authorize arrived): refused, reserving nothing, with how
+-- it ended; answering allow would give a client that reuses request ids a free call.
 if existing == 1 then
+  local rec = redis.call('GET', KEYS[1])
   local out = {'dup'}
+  if rec and string.sub(rec, 1, 1) == 'D' then
+    local head = string.match(rec, '^[^\n]*')
+    redis.call('XADD', KEYS[3], '*',
+      'type', 'decision', 'kind', 'authorize', 'decision', 'deny', 'reason', 'request_finished',
+      'event_id', ARGV[8], 'reservation_id', ARGV[2], 'amount', ARGV[3], 'at_ms', ARGV[1],
+      'meta', ARGV[5])
+    out = {'finished', head}
+  end
   for i = 1, npol do out[#out + 1] = used[i] end
   return out
 end

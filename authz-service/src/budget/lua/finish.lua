@@ -4,6 +4,12 @@
 -- Exactly once per reservation: the live record is replaced by a "done" marker that
 -- keeps the answer for retries (and tells a retried Authorize the request is done).
 --
+-- A Settle that arrives after expiry (a call longer than provisionalChargeExpiration)
+-- is not dropped: the expire marker keeps the policy lines of the record, so the
+-- late Settle charges, per policy, the actual cost minus what expiry charged there
+-- (a negative difference refunds expiry's over-charge), on the same counters, once:
+-- the marker then becomes a settle marker, and a retried Settle changes nothing.
+--
 -- The counter keys are read from the reservation record; they carry the same hash
 -- tag as the declared keys, so they live in the same Redis Cluster slot.
 --
@@ -13,6 +19,11 @@
 -- ARGV[5] actual cost (settle; micros)  ARGV[6] event id
 -- ARGV[7] input tokens  ARGV[8] output tokens  ARGV[9] cached input tokens
 -- ARGV[10] price version  ARGV[11] release reason
+-- ARGV[12] currency: settle: the actual cost's ('' = unchecked), refused unless it is
+--          the reservation's; release with ARGV[13] = '1': the tombstone's
+-- ARGV[13] '1': a release that finds no record leaves a released tombstone, so an
+--          Authorize of that request arriving later reserves nothing
+--          (ReleaseByRequest after an Authorize that timed out, maybe before it ran)
 --
 -- The live record (built by the service, one line each, tab-separated):
 --   L <amount> <currency> <number of policies>
@@ -20,63 +31,68 @@
 --               <older buckets counted> <charge|release on expiry>
 --   <event metadata (JSON)>
 -- The done marker: D <mode> <reserved> <charged> <currency>
+-- An expire marker goes on with the policy and metadata lines of the live record
+-- (what a late Settle needs); only its first line is ever returned.
 --
--- Returns {'unknown'} | {'done', marker} |
---         {mode, reserved, charged, currency, then per policy: id, limit, used after}
+-- Returns {'unknown'} | {'tombstone'} | {'done', first line of the marker} |
+--         {'currency', reservation currency} (settle refused, nothing changed) |
+--         {mode | 'late_settle', reserved, charged, currency,
+--          then per policy: id, limit, used after}
+
+local POLICY_LINE = '^([^\t]+)\t([^\t]+)\t(%-?%d+)\t([cr])\t(%-?%d+)\t(%d+)\t(%d+)\t(%a+)$'
 
 local rec = redis.call('GET', KEYS[1])
 if not rec then
   -- Never made, or its marker aged out: make sure the sweeper stops visiting it.
   redis.call('ZREM', KEYS[2], ARGV[3])
+  if ARGV[1] == 'release' and ARGV[13] == '1' then
+    redis.call('SET', KEYS[1], 'D\trelease\t0\t0\t' .. ARGV[12], 'EX', tonumber(ARGV[4]))
+    return {'tombstone'}
+  end
   return {'unknown'}
 end
+
+local mode = ARGV[1]
+local now_ms = tonumber(ARGV[2])
+local head = string.match(rec, '^[^\n]*')
+local late = false
 if string.sub(rec, 1, 1) == 'D' then
-  return {'done', rec}
+  if mode ~= 'settle' or string.sub(head, 1, 9) ~= 'D\texpire\t' or not string.find(rec, '\n') then
+    -- Done already (a retry, or another way first): nothing for the sweeper here.
+    redis.call('ZREM', KEYS[2], ARGV[3])
+    return {'done', head}
+  end
+  late = true
 end
 
 local lines = {}
 for line in string.gmatch(rec, '[^\n]+') do lines[#lines + 1] = line end
-local amount_s, currency, npol_s = string.match(lines[1], '^L\t(%d+)\t([^\t]+)\t(%d+)$')
-if not amount_s then
+local amount_s, currency, npol
+if late then
+  amount_s, currency = string.match(head, '^D\texpire\t(%d+)\t%-?%d+\t([^\t]+)$')
+  npol = #lines - 2
+else
+  local npol_s
+  amount_s, currency, npol_s = string.match(head, '^L\t(%d+)\t([^\t]+)\t(%d+)$')
+  npol = tonumber(npol_s)
+end
+if not amount_s or npol < 0 then
   return redis.error_reply('caracal: corrupt reservation record ' .. KEYS[1])
 end
-local npol = tonumber(npol_s)
+if mode == 'settle' and ARGV[12] ~= '' and ARGV[12] ~= currency then
+  return {'currency', currency}
+end
 local meta = lines[npol + 2] or '{}'
-
-local mode = ARGV[1]
-local now_ms = tonumber(ARGV[2])
 local amount = tonumber(amount_s)
--- %d, not '-' .. amount_s: Redis refuses "-0" as an integer.
-local minus = string.format('%d', -amount)
-local charge_all = 0
-if mode == 'settle' then charge_all = tonumber(ARGV[5]) end
+local cost = 0
+if mode == 'settle' then cost = tonumber(ARGV[5]) end
 
-local charged = 0
-local charged_ids = {}
-local out = {mode, amount, 0, currency}
-for i = 1, npol do
-  local key, id, limit, m, bucket, width, n, on_expiry = string.match(lines[i + 1],
-    '^([^\t]+)\t([^\t]+)\t(%-?%d+)\t([cr])\t(%-?%d+)\t(%d+)\t(%d+)\t(%a+)$')
-  if not key then
-    return redis.error_reply('caracal: corrupt policy line in ' .. KEYS[1])
-  end
-  local rf, sf = 'r', 's'
-  if m == 'r' then rf = 'r:' .. bucket; sf = 's:' .. bucket end
-  local charge = charge_all
-  if mode == 'expire' and on_expiry ~= 'release' then charge = amount end
-
-  local r_after = redis.call('HINCRBY', key, rf, minus)
-  local s_after = nil
-  if charge > 0 then
-    s_after = redis.call('HINCRBY', key, sf, string.format('%d', charge))
-    charged_ids[#charged_ids + 1] = id
-    charged = charge
-  end
-  -- spent + reserved of the policy now (rolling: the buckets still in its window).
+-- spent + reserved of a policy now (rolling: the buckets still in its window).
+local function used_of(key, m, width, n)
   local u = 0
   if m == 'c' then
-    if s_after == nil then s_after = tonumber(redis.call('HGET', key, 's')) or 0 end
-    u = r_after + s_after
+    local v = redis.call('HMGET', key, 's', 'r')
+    u = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
   else
     local oldest = math.floor(now_ms / (1000 * tonumber(width))) - tonumber(n)
     local all = redis.call('HGETALL', key)
@@ -85,18 +101,94 @@ for i = 1, npol do
       if b ~= nil and b >= oldest then u = u + (tonumber(all[j + 1]) or 0) end
     end
   end
-  out[#out + 1] = id
-  out[#out + 1] = limit
-  out[#out + 1] = u
+  return u
 end
-if mode == 'settle' then charged = charge_all end
+
+-- Validate every policy line before changing anything: a corrupt record must not
+-- be half-finished.
+local pols = {}
+for i = 1, npol do
+  local key, id, limit, m, bucket, width, n, on_expiry = string.match(lines[i + 1] or '', POLICY_LINE)
+  if not key then
+    return redis.error_reply('caracal: corrupt policy line in ' .. KEYS[1])
+  end
+  pols[i] = {key, id, limit, m, bucket, width, n, on_expiry}
+end
+
+local out = {mode, amount, 0, currency}
+local charged = 0
+local charged_ids = {}
+
+if late then
+  -- The reserved amount left the 'r' fields at expiry; what expiry charged to a
+  -- policy is in its spent field. Bring each policy's spent to the actual cost.
+  out[1] = 'late_settle'
+  for i = 1, npol do
+    local key, id, limit, m, bucket, width, n, on_expiry = unpack(pols[i])
+    local at_expiry = 0
+    if on_expiry ~= 'release' then at_expiry = amount end
+    local diff = cost - at_expiry
+    -- Counters of a window that is over are left alone: a calendar counter whose
+    -- key Redis already dropped (window end + grace passed) is not recreated (it
+    -- would never expire, and nobody can spend in that window any more); a rolling
+    -- bucket that left the window no longer counts (authorize.lua deletes it).
+    local open
+    if m == 'c' then
+      open = redis.call('EXISTS', key) == 1
+    else
+      open = tonumber(bucket) >= math.floor(now_ms / (1000 * tonumber(width))) - tonumber(n)
+    end
+    if open and diff ~= 0 then
+      local sf = 's'
+      if m == 'r' then sf = 's:' .. bucket end
+      redis.call('HINCRBY', key, sf, string.format('%d', diff))
+    end
+    charged_ids[#charged_ids + 1] = id
+    out[#out + 1] = id
+    out[#out + 1] = limit
+    out[#out + 1] = open and used_of(key, m, width, n) or 0
+  end
+  charged = cost
+else
+  -- %d, not '-' .. amount_s: Redis refuses "-0" as an integer.
+  local minus = string.format('%d', -amount)
+  for i = 1, npol do
+    local key, id, limit, m, bucket, width, n, on_expiry = unpack(pols[i])
+    local rf, sf = 'r', 's'
+    if m == 'r' then rf = 'r:' .. bucket; sf = 's:' .. bucket end
+    local charge = cost
+    if mode == 'expire' and on_expiry ~= 'release' then charge = amount end
+
+    local r_after = redis.call('HINCRBY', key, rf, minus)
+    local s_after = nil
+    if charge > 0 then
+      s_after = redis.call('HINCRBY', key, sf, string.format('%d', charge))
+      charged_ids[#charged_ids + 1] = id
+      charged = charge
+    end
+    local u
+    if m == 'c' then
+      -- The two fields are at hand: no third call on the hot path.
+      if s_after == nil then s_after = tonumber(redis.call('HGET', key, 's')) or 0 end
+      u = r_after + s_after
+    else
+      u = used_of(key, m, width, n)
+    end
+    out[#out + 1] = id
+    out[#out + 1] = limit
+    out[#out + 1] = u
+  end
+  if mode == 'settle' then charged = cost end
+end
 out[3] = charged
 local charged_s = string.format('%d', charged)
 
 redis.call('ZREM', KEYS[2], ARGV[3])
 if mode == 'settle' or charged > 0 then
+  -- A late settle's event carries the reservation's final charge (the actual
+  -- cost): it supersedes the expire_charge event of the same reservation.
   local kind = 'settle'
-  if mode == 'expire' then kind = 'expire_charge' end
+  if late then kind = 'late_settle' elseif mode == 'expire' then kind = 'expire_charge' end
   redis.call('XADD', KEYS[3], '*',
     'type', 'charge', 'kind', kind, 'event_id', ARGV[6], 'reservation_id', ARGV[3],
     'reserved', amount_s, 'charged', charged_s, 'input_tokens', ARGV[7],
@@ -111,6 +203,10 @@ else
     'at_ms', ARGV[2], 'meta', meta)
 end
 
-redis.call('SET', KEYS[1], 'D\t' .. mode .. '\t' .. amount_s .. '\t' .. charged_s .. '\t' .. currency,
-  'EX', tonumber(ARGV[4]))
+local marker = 'D\t' .. mode .. '\t' .. amount_s .. '\t' .. charged_s .. '\t' .. currency
+if mode == 'expire' then
+  -- Keep what a late Settle needs: the policy lines and the event metadata.
+  marker = marker .. string.sub(rec, #head + 1)
+end
+redis.call('SET', KEYS[1], marker, 'EX', tonumber(ARGV[4]))
 return out
