@@ -3,8 +3,8 @@
 //! (Settle or Release).
 
 use caracal_proto::v1::{
-    AuthorizeRequest, AuthorizeResponse, Decision, DenyReason, Money, ReleaseRequest,
-    SettleRequest, TokenUsage,
+    AuthorizeRequest, AuthorizeResponse, Decision, DenyReason, Money, ReleaseByRequestRequest,
+    ReleaseRequest, SettleRequest, TokenUsage,
 };
 use prost::Message;
 
@@ -20,6 +20,8 @@ pub const AUTHORIZE: &str = "Authorize";
 pub const SETTLE: &str = "Settle";
 /// Free a reservation whose call did not happen.
 pub const RELEASE: &str = "Release";
+/// Free whatever an Authorize that failed or timed out may have reserved.
+pub const RELEASE_BY_REQUEST: &str = "ReleaseByRequest";
 
 /// The "upstream" argument of `proxy_grpc_call`: Envoy's
 /// `envoy.config.core.v3.GrpcService` with only `envoy_grpc.cluster_name`, encoded.
@@ -170,6 +172,24 @@ pub fn release_request(reservation_id: &str, reason: &str) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// The encoded `ReleaseByRequestRequest`: the request id and credential of an
+/// Authorize whose answer never came (or was unusable).
+pub fn release_by_request_request(request_id: &str, identity: &Identity, reason: &str) -> Vec<u8> {
+    ReleaseByRequestRequest {
+        request_id: request_id.to_owned(),
+        credential: Some(identity.to_credential()),
+        reason: reason.to_owned(),
+    }
+    .encode_to_vec()
+}
+
+/// Whether a failed Settle / Release / ReleaseByRequest is worth sending again: the
+/// service could not answer (the calls are idempotent by reservation / request id).
+/// A refusal (invalid, unknown, already finished) will not change on a retry.
+pub fn retryable(status: u32) -> bool {
+    matches!(grpc_failure(status), CallFailure::Unavailable)
+}
+
 /// What an Authorize answer means for the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -273,9 +293,13 @@ pub enum Outcome {
 
 /// Decides how an allowed call ends.
 ///
-/// - usage seen (even from an aborted stream) -> Settle it;
-/// - aborted (client reset, upstream reset before the end) -> Release `client_abort`;
-/// - upstream error status (>= 400) -> Release `upstream_error`;
+/// - complete, usage seen -> Settle it;
+/// - no response status, or an error status (>= 400), without usage -> Release
+///   (`no_response` / `client_abort` / `upstream_error`);
+/// - a success status (< 400) but incomplete (client reset, upstream cut, timeout)
+///   -> the provider is working on (and billing) the call: Settle the larger of the
+///   partial usage seen and the reserved estimate, per token kind (the output is
+///   capped at the reservation, so the estimate bounds the real cost);
 /// - a successful response without readable usage on a metered API -> Settle the
 ///   estimate (the reserved amount; a successful call is never free);
 /// - otherwise (non-token APIs) -> Release `no_usage`.
@@ -285,18 +309,50 @@ pub fn outcome(
     completed: bool,
     estimate: Option<TokenUsage>,
 ) -> Outcome {
-    if let Some(u) = usage {
-        return Outcome::Settle(u);
+    if completed {
+        if let Some(u) = usage {
+            return Outcome::Settle(u);
+        }
     }
-    if !completed {
-        return Outcome::Release("client_abort");
+    let success = match status {
+        None => {
+            return match usage {
+                Some(u) => Outcome::Settle(u),
+                None if completed => Outcome::Release("no_response"),
+                None => Outcome::Release("client_abort"),
+            }
+        }
+        Some(s) => s < 400,
+    };
+    if !success {
+        return match usage {
+            Some(u) => Outcome::Settle(u),
+            None => Outcome::Release("upstream_error"),
+        };
     }
-    match status {
-        None => Outcome::Release("no_response"),
-        Some(s) if s >= 400 => Outcome::Release("upstream_error"),
-        Some(_) => match estimate {
-            Some(e) if e.input_tokens > 0 || e.output_tokens > 0 => Outcome::Settle(e),
-            _ => Outcome::Release("no_usage"),
+    let estimate = estimate.filter(|e| e.input_tokens > 0 || e.output_tokens > 0);
+    match (usage, estimate) {
+        (Some(u), Some(e)) => Outcome::Settle(larger(u, e)),
+        (Some(u), None) => Outcome::Settle(u),
+        (None, Some(e)) => Outcome::Settle(e),
+        (None, None) => Outcome::Release(if completed {
+            "no_usage"
+        } else {
+            "client_abort"
+        }),
+    }
+}
+
+/// Per token kind, the larger of partial usage `u` and estimate `e`; cached (cheaper)
+/// input counts only when the input count itself comes from the usage.
+fn larger(u: TokenUsage, e: TokenUsage) -> TokenUsage {
+    TokenUsage {
+        input_tokens: u.input_tokens.max(e.input_tokens),
+        output_tokens: u.output_tokens.max(e.output_tokens),
+        cached_input_tokens: if u.input_tokens >= e.input_tokens {
+            u.cached_input_tokens
+        } else {
+            0
         },
     }
 }
@@ -548,7 +604,7 @@ mod tests {
         let u = TokenUsage {
             input_tokens: 5,
             output_tokens: 6,
-            cached_input_tokens: 0,
+            cached_input_tokens: 2,
         };
         let e = TokenUsage {
             input_tokens: 50,
@@ -559,17 +615,41 @@ mod tests {
             outcome(Some(200), Some(u), true, Some(e)),
             Outcome::Settle(u)
         );
+        // A 2xx cut short: never free; the estimate unless more was seen.
         assert_eq!(
             outcome(Some(200), Some(u), false, Some(e)),
-            Outcome::Settle(u)
+            Outcome::Settle(e)
         );
         assert_eq!(
             outcome(Some(200), None, false, Some(e)),
+            Outcome::Settle(e),
+            "a client reset after the provider answered is charged"
+        );
+        let big = TokenUsage {
+            input_tokens: 70,
+            output_tokens: 10,
+            cached_input_tokens: 30,
+        };
+        assert_eq!(
+            outcome(Some(200), Some(big), false, Some(e)),
+            Outcome::Settle(TokenUsage {
+                input_tokens: 70,
+                output_tokens: 60,
+                cached_input_tokens: 30
+            })
+        );
+        assert_eq!(
+            outcome(Some(206), None, false, None),
             Outcome::Release("client_abort")
         );
+        // No status, or an error status: released.
         assert_eq!(
             outcome(None, None, false, Some(e)),
             Outcome::Release("client_abort")
+        );
+        assert_eq!(
+            outcome(Some(500), None, false, Some(e)),
+            Outcome::Release("upstream_error")
         );
         assert_eq!(
             outcome(Some(500), None, true, Some(e)),
@@ -579,6 +659,12 @@ mod tests {
             outcome(Some(429), None, true, Some(e)),
             Outcome::Release("upstream_error")
         );
+        // Usage seen on an error or without a status is still charged.
+        assert_eq!(
+            outcome(Some(400), Some(u), false, Some(e)),
+            Outcome::Settle(u)
+        );
+        assert_eq!(outcome(None, Some(u), false, Some(e)), Outcome::Settle(u));
         assert_eq!(outcome(Some(200), None, true, Some(e)), Outcome::Settle(e));
         assert_eq!(
             outcome(Some(200), None, true, None),
@@ -592,5 +678,24 @@ mod tests {
             outcome(None, None, true, Some(e)),
             Outcome::Release("no_response")
         );
+    }
+
+    #[test]
+    fn release_by_request_fields() {
+        let id = Identity::ApiKey("cak_k".into());
+        let r = ReleaseByRequestRequest::decode(
+            release_by_request_request("req-7:00ff", &id, "authorize_failed").as_slice(),
+        )
+        .unwrap();
+        assert_eq!(r.request_id, "req-7:00ff");
+        assert_eq!(
+            r.credential.unwrap().kind,
+            Some(caracal_proto::v1::agent_credential::Kind::ApiKey(
+                "cak_k".into()
+            ))
+        );
+        assert_eq!(r.reason, "authorize_failed");
+        assert!(retryable(14) && retryable(4) && retryable(13));
+        assert!(!retryable(3) && !retryable(5) && !retryable(9) && !retryable(16));
     }
 }

@@ -12,8 +12,11 @@
 //!   "jwt_metadata_namespace": "envoy.filters.http.jwt_authn",
 //!   "jwt_payload_key": "jwt_payload",
 //!   "jwt_claim": "sub",
-//!   "max_body_bytes": 1048576,
+//!   "max_body_bytes": 33554432,
 //!   "default_max_output_tokens": 4096,
+//!   "max_output_tokens_cap": 65536,
+//!   "refuse_unmatched": true,
+//!   "gateway_token": "dev-only-shared-secret",
 //!   "log_level": "info",
 //!   "routes": [
 //!     {"path_prefix": "/v1/messages", "provider": "anthropic", "upstream_host": "api.anthropic.com"},
@@ -99,6 +102,10 @@ pub struct Route {
     /// Overrides the global `failure_mode` for this route.
     #[serde(default)]
     pub failure_mode: Option<FailureMode>,
+    /// Lets OpenAI Responses `background: true` through (refused by default: the
+    /// usage of a background response never comes back through the gateway).
+    #[serde(default)]
+    pub allow_background: bool,
 }
 
 /// The validated filter configuration.
@@ -130,10 +137,27 @@ pub struct Config {
     /// Largest request body read for estimation; larger requests get 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
-    /// Output tokens reserved when the request sets no limit.
+    /// Output tokens reserved when the request sets no limit (and written into the
+    /// forwarded body as its limit).
     #[serde(default = "default_max_output_tokens")]
     pub default_max_output_tokens: u64,
-    /// LLM routes; the first matching prefix wins, no match = not metered.
+    /// Largest output limit forwarded: a request asking for more is lowered to it.
+    #[serde(default = "default_max_output_tokens_cap")]
+    pub max_output_tokens_cap: u64,
+    /// Refuse (404) requests that reach the filter without matching a route, instead
+    /// of passing them through unmetered. The filter sits in front of the provider
+    /// routes, so an unmatched request would reach a provider with its key injected;
+    /// disable the filter per route (`typed_per_filter_config`) for non-LLM routes.
+    #[serde(default = "default_true")]
+    pub refuse_unmatched: bool,
+    /// Sent as `x-caracal-gateway-token` metadata on every call to the authorization
+    /// service, which refuses hot-path calls without an allowed gateway credential.
+    /// For plain-TCP development setups; production authenticates the gateway with
+    /// mTLS on the authz cluster (a client certificate whose SAN is on the service's
+    /// gateway allowlist) and may leave this unset.
+    #[serde(default)]
+    pub gateway_token: Option<String>,
+    /// LLM routes; the first matching prefix wins.
     pub routes: Vec<Route>,
     /// The filter's log level.
     #[serde(default = "default_log_level")]
@@ -161,11 +185,23 @@ fn default_jwt_payload_key() -> String {
 fn default_jwt_claim() -> String {
     "sub".to_owned()
 }
+/// 32 MiB: what providers accept for a request with images (Anthropic's Messages API
+/// refuses requests above 32 MB; OpenAI's image inputs are bounded by a similar total
+/// payload), so multimodal agents are not refused by default.
 fn default_max_body_bytes() -> u64 {
-    1_048_576
+    32 * 1024 * 1024
 }
 fn default_max_output_tokens() -> u64 {
     4096
+}
+/// 65536: above every current model's usual output limits (GPT-4.1 32k, Claude
+/// Sonnet 4 64k) so honest requests pass unchanged, while bounding what one call can
+/// reserve and produce.
+fn default_max_output_tokens_cap() -> u64 {
+    65_536
+}
+fn default_true() -> bool {
+    true
 }
 fn default_log_level() -> LogLevel {
     LogLevel::Info
@@ -183,10 +219,19 @@ const KNOWN_KEYS: &[&str] = &[
     "jwt_claim",
     "max_body_bytes",
     "default_max_output_tokens",
+    "max_output_tokens_cap",
+    "refuse_unmatched",
+    "gateway_token",
     "routes",
     "log_level",
 ];
-const KNOWN_ROUTE_KEYS: &[&str] = &["path_prefix", "provider", "upstream_host", "failure_mode"];
+const KNOWN_ROUTE_KEYS: &[&str] = &[
+    "path_prefix",
+    "provider",
+    "upstream_host",
+    "failure_mode",
+    "allow_background",
+];
 
 /// Why a configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,6 +306,19 @@ impl Config {
         if self.default_max_output_tokens == 0 {
             return Err(invalid("default_max_output_tokens must be positive"));
         }
+        if self.max_output_tokens_cap == 0 || self.max_output_tokens_cap > u64::from(u32::MAX) {
+            return Err(invalid(
+                "max_output_tokens_cap must be between 1 and 4294967295",
+            ));
+        }
+        if let Some(t) = &self.gateway_token {
+            // Sent as gRPC metadata: visible ASCII only.
+            if t.is_empty() || t.len() > 512 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "gateway_token must be 1-512 visible ASCII characters (no spaces)",
+                ));
+            }
+        }
         if self.routes.is_empty() {
             return Err(invalid("routes must list at least one LLM route"));
         }
@@ -301,7 +359,23 @@ impl Config {
     pub fn settle_timeout(&self) -> Duration {
         Duration::from_millis(self.settle_timeout_ms)
     }
+
+    /// The output limits of requests.
+    pub fn limits(&self) -> crate::estimate::Limits {
+        crate::estimate::Limits {
+            default_max_output_tokens: self.default_max_output_tokens,
+            max_output_tokens_cap: self.max_output_tokens_cap,
+        }
+    }
+
+    /// The gateway token, when one is configured.
+    pub fn gateway_token(&self) -> Option<&str> {
+        self.gateway_token.as_deref()
+    }
 }
+
+/// gRPC metadata name of the gateway token.
+pub const GATEWAY_TOKEN_METADATA: &str = "x-caracal-gateway-token";
 
 /// The path without its query string or fragment.
 pub fn strip_query(path: &str) -> &str {
@@ -352,8 +426,12 @@ mod tests {
         assert_eq!(c.jwt_metadata_namespace, "envoy.filters.http.jwt_authn");
         assert_eq!(c.jwt_payload_key, "jwt_payload");
         assert_eq!(c.jwt_claim, "sub");
-        assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.max_body_bytes, 32 * 1024 * 1024);
         assert_eq!(c.default_max_output_tokens, 4096);
+        assert_eq!(c.max_output_tokens_cap, 65_536);
+        assert!(c.refuse_unmatched);
+        assert_eq!(c.gateway_token(), None);
+        assert!(!c.routes[0].allow_background);
         assert_eq!(c.routes[0].failure_mode, None);
         assert_eq!(c.log_level, LogLevel::Info);
         assert_eq!(c.authz_timeout(), Duration::from_millis(200));
@@ -366,11 +444,22 @@ mod tests {
           "failure_mode": "allow", "identity_sources": ["spiffe", "jwt", "api_key"],
           "jwt_metadata_namespace": "ns", "jwt_payload_key": "payload", "jwt_claim": "agent",
           "max_body_bytes": 2048, "default_max_output_tokens": 100, "log_level": "debug",
+          "max_output_tokens_cap": 500, "refuse_unmatched": false, "gateway_token": "gw-t0ken",
           "routes": [
             {"path_prefix": "/v1/messages", "provider": "anthropic", "upstream_host": "api.anthropic.com", "failure_mode": "deny"},
-            {"path_prefix": "/v1/", "provider": "openai", "upstream_host": "api.openai.com"}
+            {"path_prefix": "/v1/", "provider": "openai", "upstream_host": "api.openai.com", "allow_background": true}
           ]}"#;
-        let (c, _) = Config::parse(json.as_bytes()).unwrap();
+        let (c, w) = Config::parse(json.as_bytes()).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(c.gateway_token(), Some("gw-t0ken"));
+        assert!(!c.refuse_unmatched);
+        let l = c.limits();
+        assert_eq!(
+            (l.default_max_output_tokens, l.max_output_tokens_cap),
+            (100, 500)
+        );
+        assert!(c.routes[1].allow_background);
+        assert!(!c.routes[0].allow_background);
         assert_eq!(c.failure_mode, FailureMode::Allow);
         assert_eq!(c.log_level, LogLevel::Debug);
         assert_eq!(
@@ -430,6 +519,10 @@ mod tests {
             ),
             format!(r#"{{"authz_cluster":"a","max_body_bytes":0,"routes":[{route}]}}"#),
             format!(r#"{{"authz_cluster":"a","default_max_output_tokens":0,"routes":[{route}]}}"#),
+            format!(r#"{{"authz_cluster":"a","max_output_tokens_cap":0,"routes":[{route}]}}"#),
+            format!(r#"{{"authz_cluster":"a","gateway_token":"","routes":[{route}]}}"#),
+            format!(r#"{{"authz_cluster":"a","gateway_token":"a b","routes":[{route}]}}"#),
+            format!(r#"{{"authz_cluster":"a","gateway_token":"x\ny","routes":[{route}]}}"#),
             r#"{"authz_cluster":"a","routes":[{"path_prefix":"v1","provider":"openai","upstream_host":"h"}]}"#.to_owned(),
             r#"{"authz_cluster":"a","routes":[{"path_prefix":"/v1","provider":"gemini","upstream_host":"h"}]}"#.to_owned(),
             r#"{"authz_cluster":"a","routes":[{"path_prefix":"/v1","provider":"openai","upstream_host":"https://h/x"}]}"#.to_owned(),

@@ -20,6 +20,14 @@
 //! For OpenAI streaming chat/completions requests (`"stream": true`) the body is
 //! rewritten to set `stream_options.include_usage = true`, so the final chunk carries
 //! the usage to settle.
+//!
+//! The output reserved is also the output allowed: when the request sets no output
+//! limit, the reserved one is written into the forwarded body (`max_completion_tokens`
+//! for chat, `max_tokens` for completions and Messages, `max_output_tokens` for
+//! Responses), and a limit above the configured maximum is lowered to it. Otherwise a
+//! model could return far more than was reserved. Responses `background: true` is
+//! flagged ([`Prepared::background`]) and refused unless the route allows it: its
+//! usage never comes back through the gateway.
 
 use serde_json::{Map, Value};
 
@@ -77,6 +85,12 @@ impl Api {
         matches!(self, Api::ChatCompletions | Api::Completions)
     }
 
+    /// Whether the filter may change the body (output limit, stream_options), so
+    /// `content-length` cannot be kept.
+    pub fn may_change_body(self) -> bool {
+        cap_field(self).is_some()
+    }
+
     /// Whether the body is read to estimate (and checked to be JSON).
     pub fn reads_body(self) -> bool {
         self != Api::Other
@@ -101,13 +115,50 @@ pub struct Estimate {
 pub struct Prepared {
     /// The estimate for Authorize.
     pub estimate: Estimate,
-    /// A replacement body (streaming usage turned on), when one is needed.
+    /// A replacement body (output limit written, streaming usage turned on), when one
+    /// is needed.
     pub new_body: Option<Vec<u8>>,
+    /// A Responses `background: true` request: its usage never comes back through the
+    /// gateway, so it is refused unless the route allows it.
+    pub background: bool,
 }
+
+/// The refusal text of a background Responses request.
+pub const BACKGROUND_REFUSED: &str = "Background responses (\"background\": true) cannot be metered by this gateway (their usage never comes back through it); send the request without \"background\", or ask the operator to allow background responses on this route.";
 
 /// A body the filter refuses with 400.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BadRequest(pub String);
+
+/// What the route allows a request to ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Output tokens reserved (and written into the body) when the request sets none.
+    pub default_max_output_tokens: u64,
+    /// Largest output limit forwarded; a larger one in the request is lowered to it.
+    pub max_output_tokens_cap: u64,
+}
+
+impl Limits {
+    /// `default_max_output_tokens` for requests without a limit, no lowering of the
+    /// client's own limit.
+    pub fn new(default_max_output_tokens: u64) -> Self {
+        Limits {
+            default_max_output_tokens,
+            max_output_tokens_cap: MAX_ESTIMATE_TOKENS,
+        }
+    }
+}
+
+/// The top-level field holding the per-choice output limit of `api`, if any.
+pub fn cap_field(api: Api) -> Option<&'static str> {
+    match api {
+        Api::ChatCompletions => Some("max_completion_tokens"),
+        Api::Completions | Api::Messages => Some("max_tokens"),
+        Api::Responses => Some("max_output_tokens"),
+        Api::Embeddings | Api::Other => None,
+    }
+}
 
 /// Characters per token of the heuristic.
 pub const CHARS_PER_TOKEN: u64 = 4;
@@ -124,12 +175,8 @@ pub const MAX_ESTIMATE_TOKENS: u64 = u32::MAX as u64;
 const MAX_CHOICES: u64 = 128;
 const MAX_DEPTH: u32 = 64;
 
-/// Estimates `body` for `api` and prepares the body to forward.
-pub fn prepare(
-    api: Api,
-    body: &[u8],
-    default_max_output_tokens: u64,
-) -> Result<Prepared, BadRequest> {
+/// Estimates `body` for `api` and prepares the body to forward (see the module doc).
+pub fn prepare(api: Api, body: &[u8], limits: &Limits) -> Result<Prepared, BadRequest> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| BadRequest(format!("The request body is not valid JSON: {e}")))?;
     let Value::Object(obj) = &value else {
@@ -137,13 +184,103 @@ pub fn prepare(
             "The request body must be a JSON object.".to_owned(),
         ));
     };
-    let estimate = estimate_object(api, obj, default_max_output_tokens);
-    let new_body = if estimate.stream && api.may_rewrite_body() {
-        enable_stream_usage(body, &value)
-    } else {
-        None
+    let background =
+        api == Api::Responses && obj.get("background").and_then(Value::as_bool) == Some(true);
+    let mut edits: Vec<(&'static str, Value)> = Vec::new();
+    let cap = output_cap(api, obj, limits);
+    if let Some(cap) = cap {
+        if api == Api::ChatCompletions {
+            // Lower whichever limit the client set; with none, write
+            // max_completion_tokens (the field every current OpenAI model takes).
+            let mut any = false;
+            for field in ["max_completion_tokens", "max_tokens"] {
+                if obj.contains_key(field) {
+                    any = true;
+                    edits.push((field, Value::from(cap)));
+                }
+            }
+            if !any {
+                edits.push(("max_completion_tokens", Value::from(cap)));
+            }
+        } else if let Some(field) = cap_field(api) {
+            edits.push((field, Value::from(cap)));
+        }
+    }
+    let estimate = estimate_inner(api, obj, limits.default_max_output_tokens, cap);
+    if estimate.stream && api.may_rewrite_body() {
+        match obj.get("stream_options") {
+            Some(Value::Object(so)) if so.get("include_usage") == Some(&Value::Bool(true)) => {}
+            Some(Value::Object(so)) => {
+                let mut so = so.clone();
+                so.insert("include_usage".to_owned(), Value::Bool(true));
+                edits.push(("stream_options", Value::Object(so)));
+            }
+            _ => edits.push(("stream_options", json_include_usage())),
+        }
+    }
+    let new_body = rewrite(body, obj, &edits);
+    Ok(Prepared {
+        estimate,
+        new_body,
+        background,
+    })
+}
+
+fn json_include_usage() -> Value {
+    let mut so = Map::new();
+    so.insert("include_usage".to_owned(), Value::Bool(true));
+    Value::Object(so)
+}
+
+/// The output limit to write into the body: the default when the request sets none,
+/// the cap when it sets more; `None` when the request's own limit stands.
+fn output_cap(api: Api, o: &Map<String, Value>, limits: &Limits) -> Option<u64> {
+    let field = cap_field(api)?;
+    let cap = limits.max_output_tokens_cap.max(1);
+    let given = match api {
+        Api::ChatCompletions => {
+            count_field(o, "max_completion_tokens").or_else(|| count_field(o, "max_tokens"))
+        }
+        _ => count_field(o, field),
     };
-    Ok(Prepared { estimate, new_body })
+    match given {
+        None => Some(limits.default_max_output_tokens.min(cap)),
+        Some(n) if n > cap => Some(cap),
+        Some(_) => None,
+    }
+}
+
+/// The body with the top-level `edits` applied, or `None`
+/// when there are none. When every edited key is new, the original bytes are kept
+/// and the keys are inserted after the opening brace (cheap for large bodies);
+/// otherwise the object is re-serialized.
+fn rewrite(body: &[u8], obj: &Map<String, Value>, edits: &[(&str, Value)]) -> Option<Vec<u8>> {
+    if edits.is_empty() {
+        return None;
+    }
+    if edits.iter().all(|(k, _)| !obj.contains_key(*k)) {
+        let open = body.iter().position(|&b| b == b'{')?;
+        let mut insert = Vec::with_capacity(64);
+        for (k, v) in edits {
+            insert.extend_from_slice(serde_json::to_string(k).ok()?.as_bytes());
+            insert.push(b':');
+            insert.extend_from_slice(serde_json::to_string(v).ok()?.as_bytes());
+            insert.push(b',');
+        }
+        if obj.is_empty() {
+            insert.pop();
+        }
+        let mut out = Vec::with_capacity(body.len() + insert.len());
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(&insert);
+        out.extend_from_slice(&body[open + 1..]);
+        return Some(out);
+    }
+    let mut o = obj.clone();
+    for (k, v) in edits {
+        o.insert((*k).to_owned(), v.clone());
+    }
+    serde_json::to_vec(&Value::Object(o)).ok()
 }
 
 /// Estimates an already parsed request object.
@@ -151,6 +288,17 @@ pub fn estimate_object(
     api: Api,
     o: &Map<String, Value>,
     default_max_output_tokens: u64,
+) -> Estimate {
+    estimate_inner(api, o, default_max_output_tokens, None)
+}
+
+/// [`estimate_object`], with `forced` as the per-choice output limit when set (the
+/// limit written into the forwarded body).
+fn estimate_inner(
+    api: Api,
+    o: &Map<String, Value>,
+    default_max_output_tokens: u64,
+    forced: Option<u64>,
 ) -> Estimate {
     let mut c = Counter::default();
     let model = o
@@ -166,7 +314,8 @@ pub fn estimate_object(
             c.messages(o.get("messages"));
             c.json(o.get("tools"));
             c.json(o.get("functions"));
-            count_field(o, "max_completion_tokens")
+            forced
+                .or_else(|| count_field(o, "max_completion_tokens"))
                 .or_else(|| count_field(o, "max_tokens"))
                 .unwrap_or(default_max_output_tokens)
                 .saturating_mul(choices)
@@ -176,7 +325,8 @@ pub fn estimate_object(
             let prompts = c.prompt(o.get("prompt"));
             c.part(o.get("suffix"), 0);
             let best_of = count_field(o, "best_of").unwrap_or(1).clamp(1, MAX_CHOICES);
-            count_field(o, "max_tokens")
+            forced
+                .or_else(|| count_field(o, "max_tokens"))
                 .unwrap_or(default_max_output_tokens)
                 .saturating_mul(choices.max(best_of))
                 .saturating_mul(prompts.max(1))
@@ -193,14 +343,18 @@ pub fn estimate_object(
             }
             c.part(o.get("instructions"), 0);
             c.json(o.get("tools"));
-            count_field(o, "max_output_tokens").unwrap_or(default_max_output_tokens)
+            forced
+                .or_else(|| count_field(o, "max_output_tokens"))
+                .unwrap_or(default_max_output_tokens)
         }
         Api::Messages => {
             c.fixed(PER_REQUEST_TOKENS);
             c.part(o.get("system"), 0);
             c.messages(o.get("messages"));
             c.json(o.get("tools"));
-            count_field(o, "max_tokens").unwrap_or(default_max_output_tokens)
+            forced
+                .or_else(|| count_field(o, "max_tokens"))
+                .unwrap_or(default_max_output_tokens)
         }
         Api::Other => 0,
     };
@@ -381,9 +535,12 @@ pub fn enable_stream_usage(body: &[u8], value: &Value) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn est(api: Api, body: &str) -> Estimate {
-        prepare(api, body.as_bytes(), 4096).unwrap().estimate
+        prepare(api, body.as_bytes(), &Limits::new(4096))
+            .unwrap()
+            .estimate
     }
 
     #[test]
@@ -460,7 +617,7 @@ mod tests {
         let e = est(Api::ChatCompletions, r#"{"model":"m","messages":[]}"#);
         assert_eq!(e.output_tokens, 4096);
         assert_eq!(e.input_tokens, PER_REQUEST_TOKENS);
-        let e = prepare(Api::ChatCompletions, br#"{"model":"m"}"#, 7)
+        let e = prepare(Api::ChatCompletions, br#"{"model":"m"}"#, &Limits::new(7))
             .unwrap()
             .estimate;
         assert_eq!(e.output_tokens, 7);
@@ -470,7 +627,7 @@ mod tests {
     fn invalid_limits_fall_back_to_default() {
         for v in ["-1", "1.5", "\"100\"", "null", "1e400x"] {
             let body = format!(r#"{{"model":"m","max_tokens":{v}}}"#);
-            match prepare(Api::ChatCompletions, body.as_bytes(), 50) {
+            match prepare(Api::ChatCompletions, body.as_bytes(), &Limits::new(50)) {
                 Ok(p) => assert_eq!(p.estimate.output_tokens, 50, "{v}"),
                 Err(BadRequest(_)) => assert_eq!(v, "1e400x"),
             }
@@ -557,7 +714,7 @@ mod tests {
           "max_output_tokens": 500,
           "stream": true
         }"#;
-        let p = prepare(Api::Responses, body.as_bytes(), 4096).unwrap();
+        let p = prepare(Api::Responses, body.as_bytes(), &Limits::new(4096)).unwrap();
         assert_eq!(p.estimate.output_tokens, 500);
         assert!(p.estimate.stream);
         assert!(p.new_body.is_none(), "Responses streams always carry usage");
@@ -610,23 +767,24 @@ mod tests {
             "{\"a\":1e400}",
         ] {
             assert!(
-                prepare(Api::ChatCompletions, b.as_bytes(), 1).is_err(),
+                prepare(Api::ChatCompletions, b.as_bytes(), &Limits::new(1)).is_err(),
                 "{b:?}"
             );
         }
-        assert!(prepare(Api::ChatCompletions, &[0xff, 0xfe, b'{'], 1).is_err());
+        assert!(prepare(Api::ChatCompletions, &[0xff, 0xfe, b'{'], &Limits::new(1)).is_err());
     }
 
     #[test]
     fn streaming_chat_turns_on_include_usage_keeping_bytes() {
         let body =
             br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-        let p = prepare(Api::ChatCompletions, body, 10).unwrap();
+        let p = prepare(Api::ChatCompletions, body, &Limits::new(10)).unwrap();
         assert!(p.estimate.stream);
+        assert_eq!(p.estimate.output_tokens, 10);
         let nb = p.new_body.unwrap();
         assert_eq!(
             std::str::from_utf8(&nb).unwrap(),
-            r#"{"stream_options":{"include_usage":true},"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#
+            r#"{"max_completion_tokens":10,"stream_options":{"include_usage":true},"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#
         );
         let v: Value = serde_json::from_slice(&nb).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
@@ -635,7 +793,7 @@ mod tests {
     #[test]
     fn streaming_existing_stream_options() {
         let body = br#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1},"temperature":0.2}"#;
-        let nb = prepare(Api::ChatCompletions, body, 10)
+        let nb = prepare(Api::ChatCompletions, body, &Limits::new(10))
             .unwrap()
             .new_body
             .unwrap();
@@ -646,40 +804,153 @@ mod tests {
         assert_eq!(v["stream"], true);
 
         let body = br#"{"model":"m","stream":true,"stream_options":null}"#;
-        let nb = prepare(Api::Completions, body, 10)
+        let nb = prepare(Api::Completions, body, &Limits::new(10))
             .unwrap()
             .new_body
             .unwrap();
         let v: Value = serde_json::from_slice(&nb).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
 
-        let body = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
-        assert!(prepare(Api::ChatCompletions, body, 10)
+        let body = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"max_tokens":3}"#;
+        assert!(prepare(Api::ChatCompletions, body, &Limits::new(10))
             .unwrap()
             .new_body
             .is_none());
     }
 
     #[test]
-    fn non_streaming_and_non_openai_bodies_are_untouched() {
-        let body = br#"{"model":"m","stream":false,"messages":[]}"#;
-        assert!(prepare(Api::ChatCompletions, body, 10)
+    fn bodies_within_their_limits_are_untouched() {
+        let body = br#"{"model":"m","stream":false,"messages":[],"max_completion_tokens":9}"#;
+        assert!(prepare(Api::ChatCompletions, body, &Limits::new(10))
             .unwrap()
             .new_body
             .is_none());
         let body = br#"{"model":"claude","stream":true,"max_tokens":5,"messages":[]}"#;
-        assert!(prepare(Api::Messages, body, 10).unwrap().new_body.is_none());
-        let body = br#"{"model":"e","stream":true,"input":"x"}"#;
-        assert!(prepare(Api::Embeddings, body, 10)
+        assert!(prepare(Api::Messages, body, &Limits::new(10))
             .unwrap()
             .new_body
             .is_none());
+        let body = br#"{"model":"e","stream":true,"input":"x"}"#;
+        assert!(prepare(Api::Embeddings, body, &Limits::new(10))
+            .unwrap()
+            .new_body
+            .is_none());
+    }
+
+    fn limits(default: u64, cap: u64) -> Limits {
+        Limits {
+            default_max_output_tokens: default,
+            max_output_tokens_cap: cap,
+        }
+    }
+
+    fn rewritten(api: Api, body: &str, l: &Limits) -> (Estimate, Value) {
+        let p = prepare(api, body.as_bytes(), l).unwrap();
+        let v = serde_json::from_slice(&p.new_body.expect("rewritten")).unwrap();
+        (p.estimate, v)
+    }
+
+    #[test]
+    fn the_reserved_output_limit_is_written_into_the_body() {
+        let l = limits(300, 1000);
+        // No limit: the reserved default is written, in each API's own field.
+        for (api, body, field) in [
+            (
+                Api::ChatCompletions,
+                r#"{"model":"m","messages":[]}"#,
+                "max_completion_tokens",
+            ),
+            (
+                Api::Completions,
+                r#"{"model":"m","prompt":"x"}"#,
+                "max_tokens",
+            ),
+            (
+                Api::Responses,
+                r#"{"model":"m","input":"x"}"#,
+                "max_output_tokens",
+            ),
+            (
+                Api::Messages,
+                r#"{"model":"m","messages":[]}"#,
+                "max_tokens",
+            ),
+        ] {
+            let (e, v) = rewritten(api, body, &l);
+            assert_eq!(v[field], 300, "{api:?}");
+            assert_eq!(e.output_tokens, 300, "{api:?}");
+            assert_eq!(v["model"], "m");
+        }
+        // A limit above the cap is lowered to it, and the reservation follows.
+        let (e, v) = rewritten(
+            Api::ChatCompletions,
+            r#"{"model":"m","max_tokens":50000,"n":2}"#,
+            &l,
+        );
+        assert_eq!(
+            (v["max_tokens"].clone(), e.output_tokens),
+            (json!(1000), 2000)
+        );
+        assert!(v.get("max_completion_tokens").is_none());
+        let (e, v) = rewritten(
+            Api::ChatCompletions,
+            r#"{"model":"m","max_completion_tokens":5000,"max_tokens":20}"#,
+            &l,
+        );
+        assert_eq!(v["max_completion_tokens"], 1000);
+        assert_eq!(v["max_tokens"], 1000);
+        assert_eq!(e.output_tokens, 1000);
+        let (e, v) = rewritten(Api::Messages, r#"{"model":"c","max_tokens":64000}"#, &l);
+        assert_eq!(
+            (v["max_tokens"].clone(), e.output_tokens),
+            (json!(1000), 1000)
+        );
+        let (e, v) = rewritten(Api::Responses, r#"{"max_output_tokens":1001}"#, &l);
+        assert_eq!(
+            (v["max_output_tokens"].clone(), e.output_tokens),
+            (json!(1000), 1000)
+        );
+        // A default above the cap is capped too.
+        let (e, v) = rewritten(Api::Responses, r#"{}"#, &limits(5000, 700));
+        assert_eq!(
+            (v["max_output_tokens"].clone(), e.output_tokens),
+            (json!(700), 700)
+        );
+        // Invalid limits count as absent: replaced by the default.
+        let (e, v) = rewritten(Api::Completions, r#"{"max_tokens":"lots"}"#, &l);
+        assert_eq!(
+            (v["max_tokens"].clone(), e.output_tokens),
+            (json!(300), 300)
+        );
+        // Within the cap: untouched; embeddings never.
+        for (api, body) in [
+            (Api::Responses, r#"{"max_output_tokens":1000}"#),
+            (Api::Embeddings, r#"{"input":"x"}"#),
+        ] {
+            assert!(prepare(api, body.as_bytes(), &l)
+                .unwrap()
+                .new_body
+                .is_none());
+        }
+    }
+
+    #[test]
+    fn background_responses_are_flagged() {
+        let l = Limits::new(10);
+        let p = prepare(Api::Responses, br#"{"input":"x","background":true}"#, &l).unwrap();
+        assert!(p.background);
+        for (api, body) in [
+            (Api::Responses, r#"{"input":"x","background":false}"#),
+            (Api::ChatCompletions, r#"{"background":true}"#),
+        ] {
+            assert!(!prepare(api, body.as_bytes(), &l).unwrap().background);
+        }
     }
 
     #[test]
     fn leading_whitespace_body_rewrite() {
         let body = b" \n {\"stream\":true}";
-        let nb = prepare(Api::ChatCompletions, body, 1)
+        let nb = prepare(Api::ChatCompletions, body, &Limits::new(1))
             .unwrap()
             .new_body
             .unwrap();

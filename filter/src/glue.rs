@@ -12,12 +12,18 @@
 //! -> body chunks read as they pass (never held back) -> at the end `Settle` or
 //! `Release`; `on_log` catches streams that never ended (client abort).
 //!
-//! Settle and Release are dispatched on behalf of the ROOT context: Envoy cancels the
-//! outstanding calls of an HTTP context when its stream is destroyed, which happens
-//! right after the last response byte, so a call owned by the stream could be cut off.
+//! Settle, Release and ReleaseByRequest are handed to the ROOT context (the thread's
+//! [`Outbox`]), which sends them from its tick: Envoy cancels the outstanding calls of
+//! an HTTP context when its stream is destroyed, right after the last response byte,
+//! and the SDK delivers a call's answer to the context that was active when it was
+//! dispatched, so only calls the root dispatches itself have their answers seen. A
+//! failed call is sent again with backoff (bounded; every one of them is idempotent by
+//! reservation / request id), and failures are counted in the
+//! `caracal_filter_settle_*` metrics (Envoy stats `wasmcustom.caracal_filter_...`).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -25,10 +31,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::authz::{self, CallFailure, CallInfo, Outcome, Verdict};
-use crate::config::{self, strip_query, Config, FailureMode, IdentitySource, Provider, Route};
+use crate::config::{
+    self, strip_query, Config, FailureMode, IdentitySource, Provider, Route, GATEWAY_TOKEN_METADATA,
+};
 use crate::estimate::{self, Api, Estimate};
 use crate::identity::{self, Identity};
 use crate::reply::{self, Refusal, REMAINING_BUDGET_HEADER, RESERVATION_ID_HEADER};
@@ -43,6 +51,95 @@ proxy_wasm::main! {{
 
 thread_local! {
     static REQUEST_COUNTER: Cell<u64> = const { Cell::new(0) };
+    static OUTBOX: RefCell<Outbox> = RefCell::new(Outbox::default());
+}
+
+/// Attempts per Settle / Release / ReleaseByRequest (the first and 3 retries).
+const MAX_ATTEMPTS: u32 = 4;
+/// Wait before retry n (1-based): 200 ms, 400 ms, 800 ms.
+const BACKOFF_MS: [u64; 3] = [200, 400, 800];
+/// Root tick while the outbox holds calls to send; off otherwise.
+const TICK: Duration = Duration::from_millis(5);
+/// Calls waiting to be sent at most (per worker thread); beyond, new ones are dropped
+/// (counted) and their reservations expire.
+const MAX_QUEUED: usize = 100_000;
+
+/// One call that ends a reservation.
+struct Job {
+    method: &'static str,
+    message: Vec<u8>,
+    /// Reservation id or request id, for logs.
+    label: String,
+    x_request_id: Option<String>,
+    /// Attempts already made.
+    attempts: u32,
+    /// Not before this time (ms since the epoch).
+    due_ms: u64,
+}
+
+/// The thread's Settle / Release calls: waiting to be sent, and in flight by token.
+#[derive(Default)]
+struct Outbox {
+    queue: Vec<Job>,
+    in_flight: HashMap<u32, Job>,
+    /// The root's tick is on.
+    ticking: bool,
+}
+
+/// The filter's counters (ids from `define_metric`, per thread).
+#[derive(Clone, Copy, Default)]
+struct Metrics {
+    failures: Option<u32>,
+    retries: Option<u32>,
+    recovered: Option<u32>,
+    dropped: Option<u32>,
+}
+
+thread_local! {
+    static METRICS: Cell<Metrics> = Cell::new(Metrics::default());
+}
+
+fn count(pick: fn(&Metrics) -> Option<u32>) {
+    if let Some(id) = METRICS.with(|m| pick(&m.get())) {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Queues a call for the root to send, and turns its tick on. Called from an HTTP
+/// context: the tick is the root's (`root_id` is made the effective context for it).
+fn enqueue(job: Job, root_id: u32, own_id: u32) {
+    let start_tick = OUTBOX.with(|o| {
+        let mut o = o.borrow_mut();
+        if o.queue.len() >= MAX_QUEUED {
+            error!(
+                "caracal: {} for {} dropped: {} calls already queued; it will expire",
+                job.method,
+                job.label,
+                o.queue.len()
+            );
+            count(|m| m.dropped);
+            return false;
+        }
+        o.queue.push(job);
+        !std::mem::replace(&mut o.ticking, true)
+    });
+    if start_tick {
+        let switched = own_id != root_id && hostcalls::set_effective_context(root_id).is_ok();
+        if let Err(e) = hostcalls::set_tick_period(TICK) {
+            error!("caracal: cannot start the root tick: {e:?}");
+            OUTBOX.with(|o| o.borrow_mut().ticking = false);
+        }
+        if switched {
+            let _ = hostcalls::set_effective_context(own_id);
+        }
+    }
 }
 
 /// The plugin instance: holds the validated configuration.
@@ -51,9 +148,130 @@ struct Root {
     config: Option<Rc<Config>>,
 }
 
-impl Context for Root {}
+impl Root {
+    /// Sends the queued calls that are due.
+    fn send_due(&mut self) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let now = now_ms();
+        let due: Vec<Job> = OUTBOX.with(|o| {
+            let mut o = o.borrow_mut();
+            let (due, wait): (Vec<Job>, Vec<Job>) =
+                o.queue.drain(..).partition(|j| j.due_ms <= now);
+            o.queue = wait;
+            due
+        });
+        for job in due {
+            let mut metadata: Vec<(&str, &[u8])> = Vec::with_capacity(2);
+            if let Some(id) = &job.x_request_id {
+                metadata.push(("x-request-id", id.as_bytes()));
+            }
+            if let Some(token) = config.gateway_token() {
+                metadata.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
+            }
+            let result = hostcalls::dispatch_grpc_call(
+                &authz::grpc_upstream(&config.authz_cluster),
+                authz::SERVICE,
+                job.method,
+                metadata,
+                Some(&job.message),
+                config.settle_timeout(),
+            );
+            if job.attempts > 0 {
+                count(|m| m.retries);
+            }
+            match result {
+                Ok(token) => {
+                    debug!("caracal: {} sent for {}", job.method, job.label);
+                    OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, job));
+                }
+                Err(e) => self.failed(job, &format!("not dispatched ({e:?})"), true),
+            }
+        }
+        let idle = OUTBOX.with(|o| {
+            let mut o = o.borrow_mut();
+            if o.queue.is_empty() {
+                o.ticking = false;
+                true
+            } else {
+                false
+            }
+        });
+        if idle {
+            let _ = hostcalls::set_tick_period(Duration::ZERO);
+        }
+    }
+
+    /// A call failed: counted, logged, and queued again with backoff when worth it.
+    fn failed(&mut self, mut job: Job, why: &str, retry: bool) {
+        count(|m| m.failures);
+        job.attempts += 1;
+        let backoff = usize::try_from(job.attempts - 1)
+            .ok()
+            .and_then(|i| BACKOFF_MS.get(i).copied());
+        match backoff {
+            Some(ms) if retry && job.attempts < MAX_ATTEMPTS => {
+                warn!(
+                    "caracal: {} for {} failed: {why}; retry {} in {ms} ms",
+                    job.method, job.label, job.attempts
+                );
+                job.due_ms = now_ms().saturating_add(ms);
+                let start_tick = OUTBOX.with(|o| {
+                    let mut o = o.borrow_mut();
+                    o.queue.push(job);
+                    !std::mem::replace(&mut o.ticking, true)
+                });
+                if start_tick {
+                    if let Err(e) = hostcalls::set_tick_period(TICK) {
+                        error!("caracal: cannot start the root tick: {e:?}");
+                        OUTBOX.with(|o| o.borrow_mut().ticking = false);
+                    }
+                }
+            }
+            _ => {
+                count(|m| m.dropped);
+                error!(
+                    "caracal: {} for {} failed: {why}; given up after {} attempt(s), the reservation will expire",
+                    job.method, job.label, job.attempts
+                );
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, _response_size: usize) {
+        let Some(job) = OUTBOX.with(|o| o.borrow_mut().in_flight.remove(&token_id)) else {
+            return;
+        };
+        if status_code == 0 {
+            if job.attempts > 0 {
+                count(|m| m.recovered);
+                info!(
+                    "caracal: {} for {} succeeded after {} failed attempt(s)",
+                    job.method, job.label, job.attempts
+                );
+            }
+            return;
+        }
+        let msg = hostcalls::get_grpc_status()
+            .ok()
+            .and_then(|(_, m)| m)
+            .unwrap_or_default();
+        self.failed(
+            job,
+            &format!("gRPC status {status_code} {msg}"),
+            authz::retryable(status_code),
+        );
+    }
+}
 
 impl RootContext for Root {
+    fn on_tick(&mut self) {
+        self.send_due();
+    }
+
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(b)) => b,
@@ -82,6 +300,22 @@ impl RootContext for Root {
                     config.failure_mode
                 );
                 self.config = Some(Rc::new(config));
+                let define = |name: &str| match hostcalls::define_metric(MetricType::Counter, name)
+                {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        warn!("caracal: cannot define metric {name}: {e:?}");
+                        None
+                    }
+                };
+                METRICS.with(|m| {
+                    m.set(Metrics {
+                        failures: define("caracal_filter_settle_failures_total"),
+                        retries: define("caracal_filter_settle_retries_total"),
+                        recovered: define("caracal_filter_settle_recovered_total"),
+                        dropped: define("caracal_filter_settle_dropped_total"),
+                    })
+                });
                 true
             }
             Err(e) => {
@@ -207,16 +441,22 @@ impl Filter {
                 IdentitySource::Spiffe => property(identity::SPIFFE_PROPERTY.to_vec())
                     .and_then(|v| identity::spiffe_from_property(&v))
                     .map(Identity::Spiffe),
-                IdentitySource::Jwt => property(
-                    identity::jwt_property_path(
-                        &config.jwt_metadata_namespace,
-                        &config.jwt_payload_key,
-                        &config.jwt_claim,
+                IdentitySource::Jwt => {
+                    let claim = |name: &str| {
+                        property(
+                            identity::jwt_property_path(
+                                &config.jwt_metadata_namespace,
+                                &config.jwt_payload_key,
+                                name,
+                            )
+                            .to_vec(),
+                        )
+                    };
+                    identity::jwt_identity(
+                        claim(&config.jwt_claim),
+                        claim(identity::JWT_ISSUER_CLAIM),
                     )
-                    .to_vec(),
-                )
-                .and_then(|v| identity::jwt_claim_from_property(&v))
-                .map(Identity::Jwt),
+                }
             };
             if found.is_some() {
                 return found;
@@ -241,16 +481,31 @@ impl Filter {
         if body.len() as u64 > config.max_body_bytes {
             return self.too_large(config);
         }
-        let prepared = match estimate::prepare(self.api, &body, config.default_max_output_tokens) {
+        let prepared = match estimate::prepare(self.api, &body, &config.limits()) {
             Ok(p) => p,
             Err(estimate::BadRequest(msg)) => return self.refuse(Refusal::BadRequest, &msg, None),
         };
+        let body_len = body.len();
+        drop(body);
+        if prepared.background && !self.route.as_ref().is_some_and(|r| r.allow_background) {
+            return self.refuse(Refusal::InvalidRequest, estimate::BACKGROUND_REFUSED, None);
+        }
         if let Some(new_body) = prepared.new_body {
-            // content-length was removed with the headers (see on_http_request_headers).
-            match hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), &new_body) {
-                Ok(()) => debug!("caracal: request {} now streams usage", self.request_id),
-                Err(e) => warn!("caracal: cannot turn on stream usage: {e:?}"),
+            // content-length was removed with the headers (see on_http_request_headers):
+            // the output limit and stream_options may be written in.
+            if let Err(e) =
+                hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_len, &new_body)
+            {
+                // Forwarding without the written limit would let the output exceed
+                // the reservation.
+                error!("caracal: cannot rewrite the request body: {e:?}");
+                return self.refuse(
+                    Refusal::Unavailable,
+                    "The request body could not be prepared.",
+                    None,
+                );
             }
+            debug!("caracal: request {} body rewritten", self.request_id);
         }
         self.estimate = prepared.estimate;
         self.authorize(config, true)
@@ -292,7 +547,7 @@ impl Filter {
             &authz::grpc_upstream(&config.authz_cluster),
             authz::SERVICE,
             authz::AUTHORIZE,
-            self.grpc_metadata(),
+            self.grpc_metadata(config),
             Some(&message),
             config.authz_timeout(),
         ) {
@@ -304,12 +559,17 @@ impl Filter {
         }
     }
 
-    /// Envoy's `x-request-id` travels with the gRPC calls, for tracing.
-    fn grpc_metadata(&self) -> Vec<(&str, &[u8])> {
-        match &self.x_request_id {
-            Some(id) => vec![("x-request-id", id.as_bytes())],
-            None => Vec::new(),
+    /// Envoy's `x-request-id` travels with the gRPC calls, for tracing; the gateway
+    /// token (when configured) authenticates the gateway.
+    fn grpc_metadata<'a>(&'a self, config: &'a Config) -> Vec<(&'a str, &'a [u8])> {
+        let mut m = Vec::with_capacity(2);
+        if let Some(id) = &self.x_request_id {
+            m.push(("x-request-id", id.as_bytes()));
         }
+        if let Some(token) = config.gateway_token() {
+            m.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
+        }
+        m
     }
 
     /// The authorization service could not answer: 503, or fail open per route.
@@ -354,6 +614,7 @@ impl Filter {
                 .unwrap_or_default();
             match authz::grpc_failure(status_code) {
                 CallFailure::Unavailable => {
+                    self.release_by_request("authorize_failed");
                     self.authz_failed(
                         &format!("Authorize failed with gRPC status {status_code} {msg}"),
                         false,
@@ -369,6 +630,7 @@ impl Filter {
         let body = match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
             Ok(b) => b.unwrap_or_default(),
             Err(e) => {
+                self.release_by_request("authorize_unreadable");
                 self.authz_failed(&format!("Authorize answer unreadable: {e:?}"), false);
                 return;
             }
@@ -395,6 +657,7 @@ impl Filter {
                 self.refuse(refusal, &message, remaining);
             }
             Verdict::Unusable(why) => {
+                self.release_by_request("authorize_unusable");
                 self.authz_failed(&why, false);
             }
         }
@@ -431,38 +694,41 @@ impl Filter {
                 }
                 let msg =
                     authz::settle_request(&reservation_id, &u, provider, &self.estimate.model);
-                self.dispatch_detached(authz::SETTLE, &msg, &reservation_id);
+                self.send_detached(authz::SETTLE, msg, reservation_id);
             }
             Outcome::Release(reason) => {
                 let msg = authz::release_request(&reservation_id, reason);
-                self.dispatch_detached(authz::RELEASE, &msg, &reservation_id);
+                self.send_detached(authz::RELEASE, msg, reservation_id);
             }
         }
     }
 
-    /// Sends Settle / Release as the root context, so the call outlives this stream.
-    fn dispatch_detached(&self, method: &str, message: &[u8], reservation_id: &str) {
-        let Some(config) = self.config.as_deref() else {
+    /// An Authorize was sent but its answer is lost (failed, timed out, unusable, or
+    /// the client left): whatever it may have reserved is released by request id (the
+    /// service also refuses to reserve for that id afterwards).
+    fn release_by_request(&self, reason: &str) {
+        let Some(identity) = &self.identity else {
             return;
         };
-        let switched = hostcalls::set_effective_context(self.root_id).is_ok();
-        let result = hostcalls::dispatch_grpc_call(
-            &authz::grpc_upstream(&config.authz_cluster),
-            authz::SERVICE,
-            method,
-            self.grpc_metadata(),
-            Some(message),
-            config.settle_timeout(),
+        let msg = authz::release_by_request_request(&self.request_id, identity, reason);
+        self.send_detached(authz::RELEASE_BY_REQUEST, msg, self.request_id.clone());
+    }
+
+    /// Hands a Settle / Release / ReleaseByRequest to the root context, which sends
+    /// it (and retries it) independently of this stream.
+    fn send_detached(&self, method: &'static str, message: Vec<u8>, label: String) {
+        enqueue(
+            Job {
+                method,
+                message,
+                label,
+                x_request_id: self.x_request_id.clone(),
+                attempts: 0,
+                due_ms: 0,
+            },
+            self.root_id,
+            self.id,
         );
-        if switched {
-            let _ = hostcalls::set_effective_context(self.id);
-        }
-        match result {
-            Ok(_) => debug!("caracal: {method} sent for reservation {reservation_id}"),
-            Err(e) => warn!(
-                "caracal: {method} for reservation {reservation_id} not sent ({e:?}); it will expire"
-            ),
-        }
     }
 }
 
@@ -493,8 +759,29 @@ impl HttpContext for Filter {
                 return self.refuse(Refusal::Unavailable, "Request headers unreadable.", None);
             }
         };
-        let path = header(&headers, ":path").unwrap_or_default();
+        // A path that is not text cannot be matched against the routes: refused, never
+        // passed through (it would reach the provider unmetered).
+        let path = match headers.iter().find(|(k, _)| k == ":path") {
+            None => String::new(),
+            Some((_, v)) => match std::str::from_utf8(v) {
+                Ok(p) => p.to_owned(),
+                Err(_) => {
+                    return self.refuse(
+                        Refusal::NoRoute,
+                        "The request path is not valid UTF-8.",
+                        None,
+                    )
+                }
+            },
+        };
         let Some(route) = config.match_route(&path) else {
+            if config.refuse_unmatched {
+                return self.refuse(
+                    Refusal::NoRoute,
+                    "This gateway meters LLM API routes only; the path matches none.",
+                    None,
+                );
+            }
             return Action::Continue;
         };
         self.route = Some(route.clone());
@@ -534,8 +821,9 @@ impl HttpContext for Filter {
         if end_of_stream {
             return self.refuse(Refusal::BadRequest, "The request body is missing.", None);
         }
-        if self.api.may_rewrite_body() {
-            // The body may grow (stream_options); the headers leave before it is read.
+        if self.api.may_change_body() {
+            // The body may grow (output limit, stream_options); the headers leave
+            // before it is read.
             if let Err(e) =
                 hostcalls::remove_map_value(MapType::HttpRequestHeaders, "content-length")
             {
@@ -670,8 +958,16 @@ impl HttpContext for Filter {
                 );
                 self.finish(self.response_complete);
             }
-            Phase::Authorizing(_) | Phase::AwaitingBody => debug!(
-                "caracal: request {} aborted before authorization completed",
+            Phase::Authorizing(_) => {
+                debug!(
+                    "caracal: request {} aborted while Authorize was in flight",
+                    self.request_id
+                );
+                // Envoy cancels the call, but the service may have reserved already.
+                self.release_by_request("client_abort");
+            }
+            Phase::AwaitingBody => debug!(
+                "caracal: request {} aborted before authorization started",
                 self.request_id
             ),
             _ => {}

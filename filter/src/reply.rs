@@ -16,6 +16,7 @@
 //! | body not JSON | 400 | `invalid_request_error` / `invalid_json` | `invalid_request_error` |
 //! | request the service rejects as invalid | 400 | `invalid_request_error` / `invalid_request` | `invalid_request_error` |
 //! | body too large | 413 | `invalid_request_error` / `request_too_large` | `request_too_large` |
+//! | path matches no metered route / unreadable path | 404 | `invalid_request_error` / `unknown_route` | `not_found_error` |
 //!
 //! Every reply has `content-type: application/json`; budget replies carry
 //! `x-caracal-remaining-budget` when the service reported it; refusals that a retry
@@ -50,6 +51,9 @@ pub enum Refusal {
     InvalidRequest,
     /// The request body is larger than `max_body_bytes` (413).
     TooLarge,
+    /// The path matches no metered route (404): refused rather than passed to a
+    /// provider unmetered.
+    NoRoute,
 }
 
 impl Refusal {
@@ -62,6 +66,7 @@ impl Refusal {
             Refusal::Unavailable => 503,
             Refusal::BadRequest | Refusal::InvalidRequest => 400,
             Refusal::TooLarge => 413,
+            Refusal::NoRoute => 404,
         }
     }
 
@@ -79,6 +84,7 @@ impl Refusal {
             Refusal::BadRequest => ("invalid_request_error", "invalid_json"),
             Refusal::InvalidRequest => ("invalid_request_error", "invalid_request"),
             Refusal::TooLarge => ("invalid_request_error", "request_too_large"),
+            Refusal::NoRoute => ("invalid_request_error", "unknown_route"),
         }
     }
 
@@ -93,6 +99,7 @@ impl Refusal {
             Refusal::Unavailable => "api_error",
             Refusal::BadRequest | Refusal::InvalidRequest => "invalid_request_error",
             Refusal::TooLarge => "request_too_large",
+            Refusal::NoRoute => "not_found_error",
         }
     }
 
@@ -313,6 +320,13 @@ mod tests {
                 "invalid_request_error",
                 "request_too_large",
                 "request_too_large",
+            ),
+            (
+                Refusal::NoRoute,
+                404,
+                "invalid_request_error",
+                "unknown_route",
+                "not_found_error",
             ),
         ];
         for (refusal, status, oa_type, oa_code, an_type) in table {

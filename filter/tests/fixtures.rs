@@ -279,7 +279,7 @@ fn estimate_table() {
     ];
     for (name, api, model, input, output, stream, rewritten) in table {
         let body = fixture(&format!("requests/{name}"));
-        let p = estimate::prepare(api, &body, 4096).unwrap();
+        let p = estimate::prepare(api, &body, &estimate::Limits::new(4096)).unwrap();
         assert_eq!(p.estimate.model, model, "{name}");
         assert_eq!(p.estimate.input_tokens, input, "{name} input");
         assert_eq!(p.estimate.output_tokens, output, "{name} output");

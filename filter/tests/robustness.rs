@@ -192,7 +192,7 @@ proptest! {
     #[test]
     fn huge_and_odd_numbers_in_requests(n in nasty_number(), m in nasty_number(), api in prop::sample::select(APIS.to_vec())) {
         let body = format!(r#"{{"model":"m","max_tokens":{n},"max_completion_tokens":{m},"max_output_tokens":{n},"n":{m},"best_of":{n},"messages":[{{"role":"user","content":"hi"}}],"prompt":"x","input":"y"}}"#);
-        match estimate::prepare(api, body.as_bytes(), 100) {
+        match estimate::prepare(api, body.as_bytes(), &estimate::Limits::new(100)) {
             Ok(p) => {
                 if api == Api::Embeddings || api == Api::Other {
                     prop_assert_eq!(p.estimate.output_tokens, 0);
@@ -208,7 +208,7 @@ proptest! {
 
     #[test]
     fn random_bytes_into_request_parsers(body in prop::collection::vec(any::<u8>(), 0..1024), api in prop::sample::select(APIS.to_vec())) {
-        let _ = estimate::prepare(api, &body, 4096);
+        let _ = estimate::prepare(api, &body, &estimate::Limits::new(4096));
         let _ = Config::parse(&body);
         let _ = authz::verdict(&body);
     }
@@ -220,12 +220,21 @@ proptest! {
             o.insert("stream".to_owned(), Value::Bool(true));
         }
         let body = serde_json::to_vec(&v).unwrap();
-        match estimate::prepare(api, &body, 4096) {
+        match estimate::prepare(api, &body, &estimate::Limits::new(4096)) {
             Ok(p) => {
                 if let Some(nb) = p.new_body {
                     let after: Value = serde_json::from_slice(&nb).unwrap();
-                    prop_assert_eq!(&after["stream_options"]["include_usage"], &Value::Bool(true));
+                    if matches!(api, Api::ChatCompletions | Api::Completions) {
+                        prop_assert_eq!(&after["stream_options"]["include_usage"], &Value::Bool(true));
+                    }
                     prop_assert_eq!(&after["stream"], &Value::Bool(true));
+                    // The forwarded output limit is the one reserved (per choice).
+                    if let Some(field) = estimate::cap_field(api) {
+                        let limit = as_count(&after[field]).or_else(|| as_count(&after["max_tokens"]));
+                        prop_assert!(limit.is_some(), "no output limit forwarded: {}", after);
+                        let limit = limit.unwrap_or(0).min(estimate::MAX_ESTIMATE_TOKENS);
+                        prop_assert!(p.estimate.output_tokens >= limit);
+                    }
                 } else if v.is_object() && matches!(api, Api::ChatCompletions | Api::Completions) {
                     prop_assert_eq!(&v["stream_options"]["include_usage"], &Value::Bool(true));
                 }
@@ -240,7 +249,7 @@ proptest! {
         let body = body.trim_ascii_end();
         // A strict prefix of an object never parses (the closing brace is missing).
         let prefix = &body[..cut.index(body.len())];
-        prop_assert!(estimate::prepare(Api::Messages, prefix, 1).is_err());
+        prop_assert!(estimate::prepare(Api::Messages, prefix, &estimate::Limits::new(1)).is_err());
     }
 
     #[test]
