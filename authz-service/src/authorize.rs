@@ -211,7 +211,15 @@ impl AuthorizationService {
                         v.kind
                     )));
                 }
-                self.catalog.agent_for_identity(&kind, v.value.trim()).await
+                // A JWT claim is an identity only with its issuer: one without `iss`
+                // matches no binding (bindings made before issuers were required too).
+                let issuer = if kind == "jwt" { v.issuer.trim() } else { "" };
+                if kind == "jwt" && issuer.is_empty() {
+                    return Ok(None);
+                }
+                self.catalog
+                    .agent_for_identity(&kind, issuer, v.value.trim())
+                    .await
             }
         };
         found.map_err(Status::from)

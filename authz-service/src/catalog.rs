@@ -71,7 +71,8 @@ pub struct Catalog {
     pool: Pool,
     pepper: String,
     by_key: Cache<[u8; 32], Option<Uuid>>,
-    by_identity: Cache<(String, String), Option<Uuid>>,
+    /// (kind, issuer, value): a JWT claim is only an identity within its issuer.
+    by_identity: Cache<(String, String, String), Option<Uuid>>,
     agents: Cache<Uuid, Option<Arc<AgentView>>>,
     prices: Cache<(String, String), Option<Arc<PriceEntry>>>,
     epoch: AtomicI64,
@@ -161,11 +162,17 @@ impl Catalog {
             .map_err(unwrap_arc)
     }
 
-    /// The agent bound to a verified identity, if any.
-    pub async fn agent_for_identity(&self, kind: &str, value: &str) -> ServiceResult<Option<Uuid>> {
+    /// The agent bound to a verified identity, if any: `(kind, issuer, value)`, the
+    /// issuer being the JWT's `iss` (empty for SPIFFE).
+    pub async fn agent_for_identity(
+        &self,
+        kind: &str,
+        issuer: &str,
+        value: &str,
+    ) -> ServiceResult<Option<Uuid>> {
         let pool = self.pool.clone();
-        let key = (kind.to_owned(), value.to_owned());
-        let (kind, value) = key.clone();
+        let key = (kind.to_owned(), issuer.to_owned(), value.to_owned());
+        let (kind, issuer, value) = key.clone();
         self.by_identity
             .try_get_with(key, async move {
                 use schema::agent_identities::dsl as i;
@@ -173,6 +180,7 @@ impl Catalog {
                 let id: Option<Uuid> = i::agent_identities
                     .select(i::agent_id)
                     .filter(i::kind.eq(kind))
+                    .filter(i::issuer.eq(issuer))
                     .filter(i::value.eq(value))
                     .first(&mut conn)
                     .await

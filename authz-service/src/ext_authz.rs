@@ -199,6 +199,8 @@ fn credential(
     }
     if settings.spiffe {
         // Envoy fills `principal` from the VERIFIED peer certificate (URI SAN first).
+        // Trusted only because the caller of Check is an authenticated gateway (the
+        // gateway interceptor in `server.rs` refuses everyone else).
         if let Some(id) = source
             .map(|p| p.principal.trim())
             .filter(|p| p.starts_with("spiffe://"))
@@ -207,6 +209,7 @@ fn credential(
                 kind: Some(CredentialKind::Verified(pb::VerifiedIdentity {
                     kind: "spiffe".to_owned(),
                     value: id.to_owned(),
+                    issuer: String::new(),
                 })),
             });
         }
@@ -280,6 +283,13 @@ fn refusal(reason: pb::DenyReason) -> Refusal {
             "permission_error",
             "no_price",
             "permission_error",
+        ),
+        // A reused request id whose reservation is already finished: never a free call.
+        R::RequestFinished => (
+            HttpStatusCode::Conflict,
+            "invalid_request_error",
+            "request_finished",
+            "invalid_request_error",
         ),
     };
     Refusal {

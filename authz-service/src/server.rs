@@ -14,12 +14,15 @@ use tokio::{
     sync::{oneshot, watch},
     task::JoinHandle,
 };
-use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig},
+};
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
     admin::{AdminState, AgentAdmin, AllowlistAdmin, PolicyAdmin, PriceBookAdmin},
-    auth::AdminAuth,
+    auth::{AdminAuth, GatewayAuth},
     authorize::{AuthorizationService, Settings},
     budget::{BudgetStore, KeySpace},
     catalog::Catalog,
@@ -88,8 +91,18 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         tracing::info!(?applied, "applied database migrations");
     }
     let pool = db::connect(&config.database).await?;
-    if config.auth.admin_token.is_empty() && config.server.tls.is_none() {
-        tracing::warn!("no admin token and no TLS client CA: the admin API will refuse every call");
+    let has_client_ca = config
+        .server
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca_file.is_some());
+    if config.auth.admin_token.is_empty() && (config.auth.admin_sans.is_empty() || !has_client_ca) {
+        tracing::warn!("no admin token and no admin certificate SANs with a client CA: the admin API will refuse every call");
+    }
+    if config.auth.gateway_token.is_empty()
+        && (config.auth.gateway_sans.is_empty() || !has_client_ca)
+    {
+        tracing::warn!("no gateway token and no gateway certificate SANs with a client CA (auth.gatewayToken, auth.gatewaySans, server.tls.clientCaFile): every Authorize, Settle, Release and ext_authz Check will be refused");
     }
     if config.auth.api_key_pepper.is_empty() {
         tracing::warn!("auth.apiKeyPepper is empty: API-key hashes are unkeyed; set CARACAL_API_KEY_PEPPER in production");
@@ -165,8 +178,12 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
     // Envoy ext_authz (Authorization/Check) on the same hot path as Authorize.
     let ext_authz = crate::ext_authz::ExtAuthzService::new(authorization.clone());
 
-    let auth = AdminAuth::new(&config.auth.admin_token);
+    let auth = AdminAuth::new(&config.auth.admin_token, &config.auth.admin_sans);
     let intercept = move |req| auth.check(req);
+    // The hot path answers gateways only: Settle/Release move money and `verified`
+    // identities / ext_authz `source.principal` are taken on the gateway's word.
+    let gateway = GatewayAuth::new(&config.auth.gateway_token, &config.auth.gateway_sans);
+    let gateway_intercept = move |req| gateway.check(req);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -204,10 +221,16 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         ))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(BudgetAuthorizationServer::from_arc(authorization))
-        .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
-            ext_authz,
+        .add_service(InterceptedService::new(
+            BudgetAuthorizationServer::from_arc(authorization),
+            gateway_intercept.clone(),
         ))
+        .add_service(
+            envoy_types::ext_authz::v3::pb::AuthorizationServer::with_interceptor(
+                ext_authz,
+                gateway_intercept,
+            ),
+        )
         .add_service(AgentServiceServer::with_interceptor(
             AgentAdmin::new(state.clone()),
             intercept.clone(),

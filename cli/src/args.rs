@@ -184,6 +184,10 @@ pub enum IdentityCmd {
         /// e.g. spiffe://cluster.local/ns/agents/sa/my-agent, or a JWT `sub`.
         #[arg(long)]
         value: String,
+        /// The JWT issuer (`iss`, exactly as in the token); required for
+        /// `--kind jwt`: a JWT identity is (issuer, claim). Not for spiffe.
+        #[arg(long, value_name = "ISS", default_value = "")]
+        issuer: String,
     },
     /// Unbind an identity.
     Remove { id: String },

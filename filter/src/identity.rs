@@ -8,7 +8,9 @@
 //! - `spiffe`: the URI SAN of the mTLS peer certificate (Envoy property
 //!   `connection.uri_san_peer_certificate`); only `spiffe://` ids are accepted.
 //! - `jwt`: a claim of a JWT that Envoy's `jwt_authn` filter verified and stored with
-//!   `payload_in_metadata` (property `metadata.filter_metadata.<namespace>.<payload_key>.<claim>`).
+//!   `payload_in_metadata` (property `metadata.filter_metadata.<namespace>.<payload_key>.<claim>`),
+//!   with the token's issuer (`iss`, same payload): an agent is bound to (issuer, claim),
+//!   so one trusted issuer cannot speak for another's subject. No `iss`, no identity.
 //!
 //! Header hygiene: every `x-caracal-*` request header is client-supplied and stripped,
 //! as is any header carrying an agent key, so the key never reaches the provider (Envoy
@@ -35,8 +37,8 @@ pub enum Identity {
     ApiKey(String),
     /// A SPIFFE id from the verified peer certificate.
     Spiffe(String),
-    /// A claim of a verified JWT.
-    Jwt(String),
+    /// A claim of a verified JWT, with the issuer that signed it.
+    Jwt { issuer: String, claim: String },
 }
 
 impl Identity {
@@ -47,10 +49,12 @@ impl Identity {
             Identity::Spiffe(v) => Kind::Verified(VerifiedIdentity {
                 kind: "spiffe".to_owned(),
                 value: v.clone(),
+                issuer: String::new(),
             }),
-            Identity::Jwt(v) => Kind::Verified(VerifiedIdentity {
+            Identity::Jwt { issuer, claim } => Kind::Verified(VerifiedIdentity {
                 kind: "jwt".to_owned(),
-                value: v.clone(),
+                value: claim.clone(),
+                issuer: issuer.clone(),
             }),
         };
         AgentCredential { kind: Some(kind) }
@@ -64,7 +68,7 @@ impl Identity {
                 format!("api_key {shown}…")
             }
             Identity::Spiffe(v) => format!("spiffe {v}"),
-            Identity::Jwt(v) => format!("jwt {v}"),
+            Identity::Jwt { issuer, claim } => format!("jwt {claim} (iss {issuer})"),
         }
     }
 }
@@ -174,6 +178,17 @@ pub fn jwt_claim_from_property(value: &[u8]) -> Option<String> {
     let valid = !s.is_empty() && s.len() <= MAX_IDENTITY_LEN && !s.chars().any(|c| c.is_control());
     valid.then(|| s.to_owned())
 }
+
+/// The JWT identity from the property values of the configured claim and of `iss`
+/// (both from the same verified payload); none unless both are present and valid.
+pub fn jwt_identity(claim: Option<Vec<u8>>, issuer: Option<Vec<u8>>) -> Option<Identity> {
+    let claim = jwt_claim_from_property(&claim?)?;
+    let issuer = jwt_claim_from_property(&issuer?)?;
+    Some(Identity::Jwt { issuer, claim })
+}
+
+/// The registered claim naming a JWT's issuer.
+pub const JWT_ISSUER_CLAIM: &str = "iss";
 
 /// The property path of the SPIFFE id.
 pub const SPIFFE_PROPERTY: [&str; 2] = ["connection", "uri_san_peer_certificate"];
@@ -323,6 +338,31 @@ mod tests {
     }
 
     #[test]
+    fn jwt_identity_needs_claim_and_issuer() {
+        let v = |s: &str| Some(s.as_bytes().to_vec());
+        assert_eq!(
+            jwt_identity(v("agent-7"), v("https://issuer-a.example")),
+            Some(Identity::Jwt {
+                issuer: "https://issuer-a.example".into(),
+                claim: "agent-7".into(),
+            })
+        );
+        // A token without `iss` (or an unreadable one) identifies nobody.
+        assert_eq!(jwt_identity(v("agent-7"), None), None);
+        assert_eq!(jwt_identity(v("agent-7"), v("")), None);
+        assert_eq!(jwt_identity(v("agent-7"), v("a\nb")), None);
+        assert_eq!(jwt_identity(None, v("https://issuer-a.example")), None);
+        assert_eq!(
+            jwt_property_path("ns", "p", JWT_ISSUER_CLAIM),
+            ["metadata", "filter_metadata", "ns", "p", "iss"]
+        );
+        let d = jwt_identity(v("agent-7"), v("https://issuer-a.example"))
+            .map(|i| i.describe())
+            .unwrap_or_default();
+        assert!(d.contains("agent-7") && d.contains("issuer-a"), "{d}");
+    }
+
+    #[test]
     fn missing_identity_messages_name_the_sources() {
         let m = missing_identity_message(&[IdentitySource::ApiKey]);
         assert!(
@@ -345,15 +385,21 @@ mod tests {
             c.kind,
             Some(Kind::Verified(VerifiedIdentity {
                 kind: "spiffe".into(),
-                value: "spiffe://x/y".into()
+                value: "spiffe://x/y".into(),
+                issuer: String::new(),
             }))
         );
-        let c = Identity::Jwt("agent".into()).to_credential();
+        let c = Identity::Jwt {
+            issuer: "https://idp.example".into(),
+            claim: "agent".into(),
+        }
+        .to_credential();
         assert_eq!(
             c.kind,
             Some(Kind::Verified(VerifiedIdentity {
                 kind: "jwt".into(),
-                value: "agent".into()
+                value: "agent".into(),
+                issuer: "https://idp.example".into(),
             }))
         );
         assert!(!Identity::ApiKey("cak_secretsecret".into())

@@ -27,6 +27,11 @@ use tonic::{
 };
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The gateway token every [`TestStack`] accepts on the hot path
+/// (`x-caracal-gateway-token`), as a plain-TCP gateway sends it.
+pub const GATEWAY_TOKEN: &str = "test-gateway-token";
+/// The metadata a gateway sends its token in.
+pub const GATEWAY_TOKEN_HEADER: &str = caracal_authz::auth::GATEWAY_TOKEN_HEADER;
 pub const PEPPER: &str = "test-pepper";
 
 /// Base URL of the PostgreSQL server used by tests (no database name).
@@ -52,6 +57,35 @@ impl Interceptor for Bearer {
 }
 
 pub type Svc = InterceptedService<Channel, Bearer>;
+
+/// Adds `x-caracal-gateway-token: <token>` to every call (the hot path's gateway
+/// credential on plain TCP).
+#[derive(Clone)]
+pub struct GatewayToken(pub Option<String>);
+
+impl Interceptor for GatewayToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            let value: MetadataValue<_> = token
+                .parse()
+                .map_err(|_| Status::internal("bad gateway token"))?;
+            req.metadata_mut().insert(GATEWAY_TOKEN_HEADER, value);
+        }
+        Ok(req)
+    }
+}
+
+/// A hot-path client that authenticates as a gateway.
+pub type GatewaySvc = InterceptedService<Channel, GatewayToken>;
+
+/// A `BudgetAuthorization` client on `channel` sending [`GATEWAY_TOKEN`] (for
+/// services started outside [`TestStack`] with the same gateway token).
+pub fn gateway_client(channel: Channel) -> BudgetAuthorizationClient<GatewaySvc> {
+    BudgetAuthorizationClient::with_interceptor(
+        channel,
+        GatewayToken(Some(GATEWAY_TOKEN.to_owned())),
+    )
+}
 
 /// An Authorize call as the gateway makes it for an OpenAI chat completion: the
 /// agent's key and a fixed USD cost estimate.
@@ -117,6 +151,7 @@ impl TestStack {
         config.database.db_max_overflow = 4;
         config.database.db_pool_timeout = 5;
         config.auth.admin_token = ADMIN_TOKEN.to_owned();
+        config.auth.gateway_token = GATEWAY_TOKEN.to_owned();
         config.auth.api_key_pepper = PEPPER.to_owned();
         let key_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
         config.redis.url = redis_url();
@@ -173,9 +208,17 @@ impl TestStack {
     pub fn prices(&self) -> PriceBookServiceClient<Svc> {
         PriceBookServiceClient::with_interceptor(self.channel.clone(), self.bearer())
     }
-    /// The hot path, as the gateway calls it (no admin credentials).
-    pub fn authz(&self) -> BudgetAuthorizationClient<Channel> {
-        BudgetAuthorizationClient::new(self.channel.clone())
+    /// The hot path, as the gateway calls it: with the gateway token, no admin
+    /// credentials.
+    pub fn authz(&self) -> BudgetAuthorizationClient<GatewaySvc> {
+        gateway_client(self.channel.clone())
+    }
+    /// The hot path with another gateway token (`None`: no token at all).
+    pub fn authz_with(&self, token: Option<&str>) -> BudgetAuthorizationClient<GatewaySvc> {
+        BudgetAuthorizationClient::with_interceptor(
+            self.channel.clone(),
+            GatewayToken(token.map(str::to_owned)),
+        )
     }
 
     /// Creates an agent (optionally under `parent`) and issues it an API key:

@@ -358,11 +358,13 @@ async fn api_keys_are_shown_once_and_stored_hashed() {
 
     // Verified identities: add, duplicate, list, remove.
     let spiffe = "spiffe://cluster.local/ns/agents/sa/keyed";
-    let add = |kind: &str, value: &str| pb::AddIdentityRequest {
+    let add_from = |kind: &str, value: &str, issuer: &str| pb::AddIdentityRequest {
         agent_id: a.id.clone(),
         kind: kind.into(),
         value: value.into(),
+        issuer: issuer.into(),
     };
+    let add = |kind: &str, value: &str| add_from(kind, value, "");
     let ident = agents
         .add_identity(add("spiffe", spiffe))
         .await
@@ -388,8 +390,63 @@ async fn api_keys_are_shown_once_and_stored_hashed() {
             .code(),
         Code::InvalidArgument
     );
-    agents
+    // A JWT identity is (issuer, claim): the issuer is required for jwt, refused
+    // for spiffe, and the same claim under two issuers is two identities.
+    let err = agents
         .add_identity(add("jwt", "agent-keyed@example.com"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("issuer"), "{}", err.message());
+    let err = agents
+        .add_identity(add_from("jwt", "agent-keyed@example.com", "  "))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = agents
+        .add_identity(add_from(
+            "spiffe",
+            "spiffe://cluster.local/ns/agents/sa/other",
+            "https://idp-a.example",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let jwt_a = agents
+        .add_identity(add_from(
+            "jwt",
+            "agent-keyed@example.com",
+            "https://idp-a.example",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            jwt_a.kind.as_str(),
+            jwt_a.issuer.as_str(),
+            jwt_a.value.as_str()
+        ),
+        ("jwt", "https://idp-a.example", "agent-keyed@example.com")
+    );
+    assert_eq!(
+        agents
+            .add_identity(add_from(
+                "jwt",
+                "agent-keyed@example.com",
+                "https://idp-a.example",
+            ))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    agents
+        .add_identity(add_from(
+            "jwt",
+            "agent-keyed@example.com",
+            "https://idp-b.example",
+        ))
         .await
         .unwrap();
     let listed = agents
@@ -399,7 +456,28 @@ async fn api_keys_are_shown_once_and_stored_hashed() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.identities.len(), 2);
+    let mut seen: Vec<(String, String, String)> = listed
+        .identities
+        .iter()
+        .map(|i| (i.kind.clone(), i.issuer.clone(), i.value.clone()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "jwt".to_owned(),
+                "https://idp-a.example".to_owned(),
+                "agent-keyed@example.com".to_owned()
+            ),
+            (
+                "jwt".to_owned(),
+                "https://idp-b.example".to_owned(),
+                "agent-keyed@example.com".to_owned()
+            ),
+            ("spiffe".to_owned(), String::new(), spiffe.to_owned()),
+        ]
+    );
     agents
         .remove_identity(pb::RemoveIdentityRequest {
             id: ident.id.clone(),
@@ -413,7 +491,7 @@ async fn api_keys_are_shown_once_and_stored_hashed() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert_eq!(stack.count("agent_identities").await.unwrap(), 1);
+    assert_eq!(stack.count("agent_identities").await.unwrap(), 2);
 
     // Listing never shows the secret; revocation is idempotent.
     let listed = agents

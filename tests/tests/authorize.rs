@@ -572,6 +572,7 @@ async fn verified_identities_authenticate_agents() {
             agent_id: agent_id.clone(),
             kind: "spiffe".into(),
             value: spiffe.into(),
+            issuer: String::new(),
         })
         .await
         .unwrap();
@@ -581,6 +582,7 @@ async fn verified_identities_authenticate_agents() {
             agent_id: agent_id.clone(),
             kind: "spiffe".into(),
             value: "not-a-spiffe-id".into(),
+            issuer: String::new(),
         })
         .await
         .unwrap_err();
@@ -590,6 +592,7 @@ async fn verified_identities_authenticate_agents() {
         kind: Some(pb::agent_credential::Kind::Verified(pb::VerifiedIdentity {
             kind: "spiffe".into(),
             value: spiffe.into(),
+            issuer: String::new(),
         })),
     });
     let r = stack
@@ -605,6 +608,7 @@ async fn verified_identities_authenticate_agents() {
         kind: Some(pb::agent_credential::Kind::Verified(pb::VerifiedIdentity {
             kind: "spiffe".into(),
             value: "spiffe://cluster.local/ns/x/sa/y".into(),
+            issuer: String::new(),
         })),
     });
     let r = stack.authz().authorize(req).await.unwrap().into_inner();
@@ -712,13 +716,14 @@ async fn admin_changes_through_one_replica_reach_the_others() {
     config.budget.relay_enabled = false;
     config.cache.policy_cache_ttl = 3600; // only the epoch can refresh it in time
     config.auth.api_key_pepper = caracal_tests::PEPPER.to_owned();
+    config.auth.gateway_token = caracal_tests::GATEWAY_TOKEN.to_owned();
     let replica = caracal_authz::serve(config).await.unwrap();
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", replica.grpc_addr))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut b = pb::budget_authorization_client::BudgetAuthorizationClient::new(channel);
+    let mut b = caracal_tests::gateway_client(channel);
 
     let first = b
         .authorize(authorize_req(&key, "rep-0", 1_000))

@@ -172,6 +172,69 @@ async fn runbook_create_agent_key_daily_and_monthly_policies_and_list_them() {
         .await,
     );
     assert_eq!(ident["kind"], "spiffe");
+    // A JWT claim binds under its issuer (`--issuer`), and only with one.
+    let no_issuer = caracal(
+        &stack,
+        &[
+            "agent",
+            "identity",
+            "add",
+            "--agent-id",
+            &agent_id,
+            "--kind",
+            "jwt",
+            "--value",
+            "prod-1",
+        ],
+    )
+    .await;
+    assert_eq!(no_issuer.code, 1, "{}", no_issuer.out);
+    assert!(
+        no_issuer.err.starts_with("error: InvalidArgument:") && no_issuer.err.contains("issuer"),
+        "{}",
+        no_issuer.err
+    );
+    let jwt = json(
+        &caracal(
+            &stack,
+            &[
+                "--output",
+                "json",
+                "agent",
+                "identity",
+                "add",
+                "--agent-id",
+                &agent_id,
+                "--kind",
+                "jwt",
+                "--value",
+                "prod-1",
+                "--issuer",
+                "https://idp.example",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(
+        (&jwt["kind"], &jwt["issuer"], &jwt["value"]),
+        (
+            &serde_json::json!("jwt"),
+            &serde_json::json!("https://idp.example"),
+            &serde_json::json!("prod-1")
+        )
+    );
+    let table = caracal(
+        &stack,
+        &["agent", "identity", "list", "--agent-id", &agent_id],
+    )
+    .await;
+    assert_eq!(table.code, 0, "{}", table.err);
+    assert!(
+        table.out.starts_with("ID") && table.out.contains("ISSUER"),
+        "{}",
+        table.out
+    );
+    assert!(table.out.contains("https://idp.example"), "{}", table.out);
     let idents = json(
         &caracal(
             &stack,
@@ -187,7 +250,14 @@ async fn runbook_create_agent_key_daily_and_monthly_policies_and_list_them() {
         )
         .await,
     );
-    assert_eq!(idents.as_array().unwrap().len(), 1);
+    let idents = idents.as_array().unwrap();
+    assert_eq!(idents.len(), 2);
+    assert!(
+        idents
+            .iter()
+            .any(|i| i["kind"] == "spiffe" && i["issuer"] == ""),
+        "{idents:?}"
+    );
 
     // Agent list shows the agent.
     let agents = json(&caracal(&stack, &["--output", "json", "agent", "list"]).await);

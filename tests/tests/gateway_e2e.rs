@@ -985,6 +985,7 @@ async fn tls_gateway_with_spiffe_agents_and_mtls_to_authz() {
             agent_id: agent_id.clone(),
             kind: "spiffe".into(),
             value: DEV_AGENT_SPIFFE_ID.into(),
+            issuer: String::new(),
         })
         .await
         .unwrap();
@@ -1004,6 +1005,8 @@ async fn tls_gateway_with_spiffe_agents_and_mtls_to_authz() {
     config.database.url = stack.database_url.clone();
     config.database.db_pool_size = 2;
     config.auth.admin_token = caracal_tests::ADMIN_TOKEN.into();
+    // Envoy's client certificate (envoy-client.crt) is the gateway.
+    config.auth.gateway_sans = vec!["spiffe://caracal.local/ns/caracal/sa/gateway".into()];
     config.auth.api_key_pepper = caracal_tests::PEPPER.into();
     config.redis.url = stack.redis_url.clone();
     config.redis.key_prefix = stack.key_prefix.clone();

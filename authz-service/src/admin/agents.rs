@@ -81,6 +81,7 @@ pub struct IdentityRow {
     pub kind: String,
     pub value: String,
     pub created_at: DateTime<Utc>,
+    pub issuer: String,
 }
 
 impl From<IdentityRow> for pb::AgentIdentity {
@@ -91,6 +92,7 @@ impl From<IdentityRow> for pb::AgentIdentity {
             kind: r.kind,
             value: r.value,
             created_at: Some(timestamp(r.created_at)),
+            issuer: r.issuer,
         }
     }
 }
@@ -521,6 +523,26 @@ impl AgentService for AgentAdmin {
                     "a SPIFFE id starts with spiffe://, got {value:?}"
                 )));
             }
+            // A claim means nothing without the issuer that minted it: binding `sub`
+            // alone would let any issuer the gateway trusts speak for this agent.
+            let issuer = req.issuer.trim().to_owned();
+            if kind == "jwt" && issuer.is_empty() {
+                return Err(ServiceError::InvalidArgument(
+                    "a jwt identity needs its issuer (the token's `iss`, exactly)".to_owned(),
+                ));
+            }
+            if kind == "spiffe" && !issuer.is_empty() {
+                return Err(ServiceError::InvalidArgument(
+                    "a spiffe identity takes no issuer (the id names its trust domain)"
+                        .to_owned(),
+                ));
+            }
+            if issuer.len() > 2048 || issuer.chars().any(char::is_control) {
+                return Err(ServiceError::InvalidArgument(
+                    "issuer must be at most 2048 characters, without control characters"
+                        .to_owned(),
+                ));
+            }
             let mut conn = db::conn(&self.state.pool).await?;
             let agent = find_agent(&mut conn, &req.agent_id).await?;
             let row = conn
@@ -530,14 +552,20 @@ impl AgentService for AgentAdmin {
                             agent_identities::id.eq(Uuid::now_v7()),
                             agent_identities::agent_id.eq(agent.id),
                             agent_identities::kind.eq(&kind),
+                            agent_identities::issuer.eq(&issuer),
                             agent_identities::value.eq(&value),
                         ))
                         .returning(IdentityRow::as_returning())
                         .get_result(conn)
                         .await
                         .map_err(|e| match ServiceError::from(e) {
+                            ServiceError::AlreadyExists(_) if issuer.is_empty() => {
+                                ServiceError::AlreadyExists(format!(
+                                    "{kind} identity {value:?} is already bound to an agent"
+                                ))
+                            }
                             ServiceError::AlreadyExists(_) => ServiceError::AlreadyExists(format!(
-                                "{kind} identity {value:?} is already bound to an agent"
+                                "{kind} identity {value:?} of issuer {issuer:?} is already bound to an agent"
                             )),
                             other => other,
                         })?;

@@ -110,6 +110,7 @@ diesel::table! {
         kind -> Text,
         value -> Text,
         created_at -> Timestamptz,
+        issuer -> Text,
     }
 }
 

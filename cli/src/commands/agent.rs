@@ -129,6 +129,7 @@ async fn run_identity(ctx: &Ctx<'_>, cmd: IdentityCmd, out: &mut dyn Write) -> R
             agent_id,
             kind,
             value,
+            issuer,
         } => {
             let kind = match kind {
                 IdentityKind::Spiffe => "spiffe",
@@ -138,12 +139,14 @@ async fn run_identity(ctx: &Ctx<'_>, cmd: IdentityCmd, out: &mut dyn Write) -> R
                 agent_id,
                 kind: kind.to_owned(),
                 value,
+                issuer,
             };
             let i = client.agents().add_identity(request).await?.into_inner();
             let pairs = vec![
                 ("id", i.id.clone()),
                 ("agent", i.agent_id.clone()),
                 ("kind", i.kind.clone()),
+                ("issuer", i.issuer.clone()),
                 ("value", i.value.clone()),
                 ("created", ts_text(i.created_at.as_ref())),
             ];
@@ -168,12 +171,13 @@ async fn run_identity(ctx: &Ctx<'_>, cmd: IdentityCmd, out: &mut dyn Write) -> R
                 .await?
                 .into_inner()
                 .identities;
-            let mut table = Table::new(["ID", "AGENT", "KIND", "VALUE", "CREATED"]);
+            let mut table = Table::new(["ID", "AGENT", "KIND", "ISSUER", "VALUE", "CREATED"]);
             for i in &list {
                 table.row(vec![
                     i.id.clone(),
                     i.agent_id.clone(),
                     i.kind.clone(),
+                    i.issuer.clone(),
                     i.value.clone(),
                     ts_text(i.created_at.as_ref()),
                 ]);
@@ -193,6 +197,7 @@ fn identity_json(i: &pb::AgentIdentity) -> Value {
         "id": i.id,
         "agent_id": i.agent_id,
         "kind": i.kind,
+        "issuer": i.issuer,
         "value": i.value,
         "created_at": ts_json(i.created_at.as_ref()),
     })

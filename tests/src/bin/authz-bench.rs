@@ -183,7 +183,13 @@ impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for H2Serv
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        // The hot path answers gateways only: authenticate as one, as a plain-TCP
+        // gateway does (the bench pays the interceptor like a real deployment).
+        req.headers_mut().insert(
+            caracal_tests::GATEWAY_TOKEN_HEADER,
+            tonic::codegen::http::HeaderValue::from_static(caracal_tests::GATEWAY_TOKEN),
+        );
         Box::pin(self.0.send_request(req))
     }
 }
