@@ -346,8 +346,7 @@ impl Config {
             return bad("budget.finishedMarkerTtl must be at least 1 second");
         }
         // Gateways and admins are separate identities.
-        if !self.auth.gateway_token.is_empty() && self.auth.gateway_token == self.auth.admin_token
-        {
+        if !self.auth.gateway_token.is_empty() && self.auth.gateway_token == self.auth.admin_token {
             return bad("auth.gatewayToken must differ from auth.adminToken");
         }
         if let Some(san) = self
