@@ -20,6 +20,9 @@
 #   SECRETS_DIR=/tmp/caracal-envoy/secrets   (outside the repository on purpose)
 #   TLS_DIR=/tmp/caracal-envoy/tls  CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 #   AUTHZ_SNI=caracal-authz  ENVOY=<repo>/.venv/bin/envoy
+#   GATEWAY_TOKEN=$CARACAL_GATEWAY_TOKEN (empty: none) the token the gateway sends as
+#                   x-caracal-gateway-token to the authz-service on plain TCP (the
+#                   service's auth.gatewayToken); production uses mTLS instead.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,6 +58,7 @@ TLS_DIR="${TLS_DIR:-/tmp/caracal-envoy/tls}"
 CA_BUNDLE="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 AUTHZ_SNI="${AUTHZ_SNI:-caracal-authz}"
 ENVOY="${ENVOY:-$repo/.venv/bin/envoy}"
+GATEWAY_TOKEN="${GATEWAY_TOKEN:-${CARACAL_GATEWAY_TOKEN:-}}"
 
 if $gen_certs; then
   # Development certificates only. Two CAs: ca.crt signs the gateway's and the
@@ -86,6 +90,8 @@ fi
 
 case "$AUTHZ_TIMEOUT_MS" in ''|*[!0-9]*) echo "AUTHZ_TIMEOUT_MS must be a number" >&2; exit 2 ;; esac
 AUTHZ_TIMEOUT_S="$(printf '%d.%03d' $((AUTHZ_TIMEOUT_MS / 1000)) $((AUTHZ_TIMEOUT_MS % 1000)))"
+# The token lands in a JSON string and a YAML string: visible ASCII, no quotes.
+case "$GATEWAY_TOKEN" in *[!A-Za-z0-9._~+/=:@-]*) echo "GATEWAY_TOKEN: use letters, digits and ._~+/=:@- only" >&2; exit 2 ;; esac
 case "$FAILURE_MODE" in
   deny) FAILURE_MODE_ALLOW=false ;;
   allow) FAILURE_MODE_ALLOW=true ;;
@@ -145,6 +151,7 @@ rendered="$(sed \
   -e "s|{{AUTHZ_TIMEOUT_MS}}|$(esc "$AUTHZ_TIMEOUT_MS")|g" \
   -e "s|{{AUTHZ_TIMEOUT_S}}|$(esc "$AUTHZ_TIMEOUT_S")|g" \
   -e "s|{{FAILURE_MODE}}|$(esc "$FAILURE_MODE")|g" \
+  -e "s|{{GATEWAY_TOKEN}}|$(esc "$GATEWAY_TOKEN")|g" \
   -e "s|{{FAILURE_MODE_ALLOW}}|$(esc "$FAILURE_MODE_ALLOW")|g" \
   -e "s|{{WASM_PATH}}|$(esc "$WASM_PATH")|g" \
   -e "s|{{SECRETS_DIR}}|$(esc "$SECRETS_DIR")|g" \

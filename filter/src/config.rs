@@ -151,7 +151,7 @@ pub struct Config {
     #[serde(default = "default_true")]
     pub refuse_unmatched: bool,
     /// Sent as `x-caracal-gateway-token` metadata on every call to the authorization
-    /// service, which refuses hot-path calls without an allowed gateway credential.
+    /// service (empty or absent: not sent), which refuses hot-path calls without an allowed gateway credential.
     /// For plain-TCP development setups; production authenticates the gateway with
     /// mTLS on the authz cluster (a client certificate whose SAN is on the service's
     /// gateway allowlist) and may leave this unset.
@@ -311,9 +311,9 @@ impl Config {
                 "max_output_tokens_cap must be between 1 and 4294967295",
             ));
         }
-        if let Some(t) = &self.gateway_token {
+        if let Some(t) = self.gateway_token() {
             // Sent as gRPC metadata: visible ASCII only.
-            if t.is_empty() || t.len() > 512 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            if t.len() > 512 || !t.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(invalid(
                     "gateway_token must be 1-512 visible ASCII characters (no spaces)",
                 ));
@@ -368,9 +368,10 @@ impl Config {
         }
     }
 
-    /// The gateway token, when one is configured.
+    /// The gateway token, when one is configured (an empty one is none: templates
+    /// render an unset token as `""`).
     pub fn gateway_token(&self) -> Option<&str> {
-        self.gateway_token.as_deref()
+        self.gateway_token.as_deref().filter(|t| !t.is_empty())
     }
 }
 
@@ -432,6 +433,9 @@ mod tests {
         assert!(c.refuse_unmatched);
         assert_eq!(c.gateway_token(), None);
         assert!(!c.routes[0].allow_background);
+        let json = MINIMAL.replace("\"routes\"", "\"gateway_token\":\"\",\"routes\"");
+        let (c, _) = Config::parse(json.as_bytes()).unwrap();
+        assert_eq!(c.gateway_token(), None, "empty = none");
         assert_eq!(c.routes[0].failure_mode, None);
         assert_eq!(c.log_level, LogLevel::Info);
         assert_eq!(c.authz_timeout(), Duration::from_millis(200));
@@ -520,7 +524,6 @@ mod tests {
             format!(r#"{{"authz_cluster":"a","max_body_bytes":0,"routes":[{route}]}}"#),
             format!(r#"{{"authz_cluster":"a","default_max_output_tokens":0,"routes":[{route}]}}"#),
             format!(r#"{{"authz_cluster":"a","max_output_tokens_cap":0,"routes":[{route}]}}"#),
-            format!(r#"{{"authz_cluster":"a","gateway_token":"","routes":[{route}]}}"#),
             format!(r#"{{"authz_cluster":"a","gateway_token":"a b","routes":[{route}]}}"#),
             format!(r#"{{"authz_cluster":"a","gateway_token":"x\ny","routes":[{route}]}}"#),
             r#"{"authz_cluster":"a","routes":[{"path_prefix":"v1","provider":"openai","upstream_host":"h"}]}"#.to_owned(),

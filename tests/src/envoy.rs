@@ -102,6 +102,10 @@ pub struct EnvoyOptions {
     pub edits: Vec<(String, String)>,
     /// Certificates for [`Gateway::WasmTls`] (see [`dev_certs`]).
     pub tls_dir: Option<PathBuf>,
+    /// The gateway token Envoy sends to the authz-service (`x-caracal-gateway-token`);
+    /// [`crate::GATEWAY_TOKEN`] by default, empty for [`Gateway::WasmTls`] (mTLS
+    /// authenticates the gateway there).
+    pub gateway_token: String,
 }
 
 /// The DNS name in the dev authz-service certificate (`AUTHZ_SNI`).
@@ -151,6 +155,11 @@ impl EnvoyOptions {
             authz_timeout_ms: 3000,
             edits: Vec::new(),
             tls_dir: None,
+            gateway_token: if gateway == Gateway::WasmTls {
+                String::new()
+            } else {
+                crate::GATEWAY_TOKEN.to_owned()
+            },
         }
     }
 }
@@ -441,6 +450,7 @@ impl Envoy {
             ("ANTHROPIC_TRANSPORT_SOCKET", RAW_BUFFER.to_owned()),
             ("TLS_DIR", tls_dir),
             ("AUTHZ_SNI", AUTHZ_SNI.to_owned()),
+            ("GATEWAY_TOKEN", opts.gateway_token.clone()),
         ];
         let mut config = render(&template, &vars)?;
         if opts.gateway == Gateway::WasmTls {

@@ -16,6 +16,9 @@
 //!   end with `response.completed` and its usage; Anthropic streams carry usage in
 //!   `message_start` (input) and `message_delta` (output).
 //!
+//! Header `x-mock-chunk-delay-ms: N` spaces the chunks of a stream N ms apart (default
+//! 2), for slow-stream tests.
+//!
 //! Model `fail-500` (or header `x-mock-status: 500`, any 4xx/5xx) makes it answer that
 //! status with an error body in the provider's format. Every request (method, path,
 //! headers, body) is recorded, so tests can check what reached the "provider".
@@ -48,6 +51,8 @@ pub const COMPLETION_TOKENS_HEADER: &str = "x-mock-completion-tokens";
 pub const CACHED_TOKENS_HEADER: &str = "x-mock-cached-tokens";
 /// Request header: answer with this error status instead.
 pub const STATUS_HEADER: &str = "x-mock-status";
+/// Request header: milliseconds between the chunks of a stream.
+pub const CHUNK_DELAY_HEADER: &str = "x-mock-chunk-delay-ms";
 /// Model name that makes the mock answer 500.
 pub const FAIL_MODEL: &str = "fail-500";
 /// Fixed timestamp in answers (deterministic bodies).
@@ -248,6 +253,8 @@ async fn handle(
     }
     let u = usage_for(path, &req, &headers);
     let stream = req["stream"].as_bool().unwrap_or(false);
+    let delay = Duration::from_millis(header_u64(&headers, CHUNK_DELAY_HEADER).unwrap_or(2));
+    let sse = |events: Vec<String>| sse(events, delay);
     match path {
         "/v1/chat/completions" if stream => sse(openai_chat_stream(&req, &model, &u)),
         "/v1/chat/completions" => json_response(StatusCode::OK, openai_chat(&model, &u)),
@@ -667,11 +674,12 @@ fn json_response(status: StatusCode, body: Value) -> Response {
         .unwrap_or_default()
 }
 
-/// A stream delivered as separate chunks a few milliseconds apart, so the gateway
-/// sees events split across body callbacks like with a real provider.
-fn sse(events: Vec<String>) -> Response {
-    let stream = futures::stream::iter(events).then(|e| async move {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+/// A stream delivered as separate chunks `delay` apart (a few milliseconds by
+/// default), so the gateway sees events split across body callbacks like with a real
+/// provider.
+fn sse(events: Vec<String>, delay: Duration) -> Response {
+    let stream = futures::stream::iter(events).then(move |e| async move {
+        tokio::time::sleep(delay).await;
         Ok::<_, Infallible>(e)
     });
     Response::builder()
