@@ -490,7 +490,7 @@ async fn a_corrupt_reservation_does_not_stop_the_sweep() {
     // and a good header with a garbled policy line.
     let bad1 = format!("rsv_{p}_{}", "0".repeat(32));
     let bad2 = format!("rsv_{p}_{}", "1".repeat(32));
-    let bad2_record = format!("L\t100\tUSD\t1\nnot a policy line\n{{}}");
+    let bad2_record = "L\t100\tUSD\t1\nnot a policy line\n{}".to_owned();
     let _: () = redis::pipe()
         .cmd("SET")
         .arg(h.keys.reservation(p, &bad1))

@@ -622,3 +622,99 @@ fn parse_finish(reply: &[Value]) -> Result<FinishOutcome, StoreError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_finished_request_is_a_duplicate_that_says_how_it_ended() {
+        let reply = [
+            bulk("finished"),
+            bulk("D\texpire\t300\t300\tUSD"),
+            Value::Int(7),
+        ];
+        assert_eq!(
+            parse_reserve(&reply, 1).unwrap(),
+            ReserveOutcome::Duplicate {
+                used: vec![7],
+                finished: Some(DoneMarker {
+                    kind: FinishKind::Expire,
+                    reserved: 300,
+                    charged: 300,
+                    currency: "USD".into(),
+                }),
+            }
+        );
+        let live = [bulk("dup"), Value::Int(7), Value::Int(9)];
+        assert_eq!(
+            parse_reserve(&live, 2).unwrap(),
+            ReserveOutcome::Duplicate {
+                used: vec![7, 9],
+                finished: None,
+            }
+        );
+        // A garbled marker is a protocol error, not an allow.
+        assert!(parse_reserve(&[bulk("finished"), bulk("D\tsettle"), Value::Int(7)], 1).is_err());
+    }
+
+    #[test]
+    fn finish_replies_parse() {
+        let late = [
+            bulk("late_settle"),
+            Value::Int(300),
+            Value::Int(500),
+            bulk("USD"),
+            bulk("pol"),
+            Value::Int(1000),
+            Value::Int(500),
+        ];
+        assert_eq!(
+            parse_finish(&late).unwrap(),
+            FinishOutcome::Finished {
+                kind: FinishKind::Settle,
+                late: true,
+                reserved: 300,
+                charged: 500,
+                currency: "USD".into(),
+                policies: vec![PolicyUse {
+                    policy_id: "pol".into(),
+                    limit_micros: 1000,
+                    used_micros: 500,
+                }],
+            }
+        );
+        assert_eq!(
+            parse_finish(&[bulk("tombstone")]).unwrap(),
+            FinishOutcome::Tombstoned
+        );
+        assert_eq!(
+            parse_finish(&[bulk("currency"), bulk("USD")]).unwrap(),
+            FinishOutcome::CurrencyMismatch {
+                reservation_currency: "USD".into()
+            }
+        );
+        // A tombstone of an agent without policies names no currency.
+        assert_eq!(
+            parse_finish(&[bulk("done"), bulk("D\trelease\t0\t0\t")]).unwrap(),
+            FinishOutcome::AlreadyFinished {
+                kind: FinishKind::Release,
+                reserved: 0,
+                charged: 0,
+                currency: String::new(),
+            }
+        );
+    }
+
+    #[test]
+    fn script_refusals_are_per_call_and_connection_trouble_is_not() {
+        let refused = redis::RedisError::from((redis::ErrorKind::Extension, "caracal: corrupt"));
+        assert!(StoreError::from(refused).is_per_call());
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(!StoreError::from(io).is_per_call());
+    }
+}
