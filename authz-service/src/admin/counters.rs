@@ -66,6 +66,11 @@ use crate::{
 /// so `used + estimate > limit` for every request, and a real reserved amount
 /// (admitted requests only, so at most one limit) can never reach it.
 pub const FENCE_MICROS: i64 = 2 * MAX_AMOUNT_MICROS;
+// Refused for any estimate under any limit, and still exact in Lua's doubles (below
+// 2^53) with a limit's worth of spend and of reservations on top.
+const _: () = assert!(
+    FENCE_MICROS > MAX_AMOUNT_MICROS && FENCE_MICROS + 2 * MAX_AMOUNT_MICROS < (1_i64 << 53)
+);
 /// Rolling counters are summed over every `r:<bucket>` field: the fence is a bucket
 /// far in the future, counted by every window until it is removed or expires.
 const FENCE_FIELD: &str = "r:9000000000000000";
@@ -176,32 +181,7 @@ impl CounterGuard {
     /// The counters `p` uses from `now` until the fence would expire: its rolling
     /// counter, or its calendar window keys over that span (first = current).
     pub fn counters_of(&self, partition: u16, p: &PolicyInfo, now: DateTime<Utc>) -> Vec<Counter> {
-        let end = now + self.fence_ttl();
-        let mut out: Vec<Counter> = Vec::new();
-        let mut seen = HashSet::new();
-        let mut push = |at: DateTime<Utc>| {
-            let slot = policy_slot(self.keys(), partition, p, at);
-            if seen.insert(slot.key.clone()) {
-                out.push(Counter {
-                    policy_id: p.id,
-                    agent_id: p.agent_id,
-                    currency: p.currency,
-                    partition,
-                    key: slot.key,
-                    mode: slot.mode,
-                });
-            }
-        };
-        push(now);
-        for k in 1..=MAX_CALENDAR_STEPS {
-            let at = now + Duration::seconds(k * CALENDAR_STEP_S);
-            if at >= end {
-                break;
-            }
-            push(at);
-        }
-        push(end);
-        out
+        counters_over(self.keys(), self.fence_ttl(), partition, p, now)
     }
 
     /// Retires `old` (check that none holds anything in its current window, then
@@ -222,8 +202,12 @@ impl CounterGuard {
         for c in new.iter().filter(|c| !old_keys.contains(c.key.as_str())) {
             groups.entry(c.partition).or_default().1.push(c);
         }
+        // Partitions with counters to check first: a refused change must not have
+        // lifted fences elsewhere before it is refused.
+        let mut groups: Vec<_> = groups.into_values().collect();
+        groups.sort_by_key(|(retiring, _)| retiring.is_empty());
         let mut fenced = Fenced::default();
-        for (retiring, resuming) in groups.values() {
+        for (retiring, resuming) in &groups {
             match self.run(retiring, resuming).await {
                 Ok(None) => fenced.0.extend(retiring.iter().map(|c| (*c).clone())),
                 Ok(Some(busy)) => {
@@ -312,6 +296,42 @@ impl CounterGuard {
             ))),
         }
     }
+}
+
+/// The counters `p` uses from `now` to `now + span` (see [`CounterGuard::counters_of`]).
+fn counters_over(
+    keys: &KeySpace,
+    span: Duration,
+    partition: u16,
+    p: &PolicyInfo,
+    now: DateTime<Utc>,
+) -> Vec<Counter> {
+    let end = now + span;
+    let mut out: Vec<Counter> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut push = |at: DateTime<Utc>| {
+        let slot = policy_slot(keys, partition, p, at);
+        if seen.insert(slot.key.clone()) {
+            out.push(Counter {
+                policy_id: p.id,
+                agent_id: p.agent_id,
+                currency: p.currency,
+                partition,
+                key: slot.key,
+                mode: slot.mode,
+            });
+        }
+    };
+    push(now);
+    for k in 1..=MAX_CALENDAR_STEPS {
+        let at = now + Duration::seconds(k * CALENDAR_STEP_S);
+        if at >= end {
+            break;
+        }
+        push(at);
+    }
+    push(end);
+    out
 }
 
 /// Serialises this transaction with every re-parenting and window change (held
@@ -501,5 +521,64 @@ pub async fn guard_policy_change(
             new.window,
             busy.describe()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(window: TimeWindow, window_type: WindowType) -> PolicyInfo {
+        PolicyInfo {
+            id: Uuid::nil(),
+            agent_id: Uuid::nil(),
+            limit_micros: 1,
+            currency: Currency::parse("USD").unwrap(),
+            window,
+            window_type,
+            on_expiry: OnExpiry::default(),
+        }
+    }
+
+    #[test]
+    fn calendar_counters_cover_every_window_until_the_fence_expires() {
+        let ks = KeySpace::new("k", 4);
+        let now = DateTime::parse_from_rfc3339("2026-12-01T10:30:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let p = policy(TimeWindow::Hourly, WindowType::Calendar);
+        let keys: Vec<String> = counters_over(&ks, Duration::seconds(7200), 1, &p, now)
+            .into_iter()
+            .map(|c| c.key)
+            .collect();
+        let id = Uuid::nil();
+        assert_eq!(
+            keys,
+            ["10", "11", "12"].map(|h| format!("k:{{p1}}:c:{id}:h:2026-12-01T{h}"))
+        );
+        // A rolling window is one counter whatever the span, named by its width.
+        let p = policy(TimeWindow::Daily, WindowType::Rolling);
+        let keys: Vec<String> = counters_over(&ks, Duration::seconds(7200), 1, &p, now)
+            .into_iter()
+            .map(|c| c.key)
+            .collect();
+        assert_eq!(keys, [format!("k:{{p1}}:r:{id}:900")]);
+        // `total` is one counter for both types: switching type keeps it.
+        let a = counters_over(
+            &ks,
+            Duration::seconds(60),
+            1,
+            &policy(TimeWindow::Total, WindowType::Calendar),
+            now,
+        );
+        let b = counters_over(
+            &ks,
+            Duration::seconds(60),
+            1,
+            &policy(TimeWindow::Total, WindowType::Rolling),
+            now,
+        );
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].key, b[0].key);
     }
 }
