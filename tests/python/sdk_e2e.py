@@ -155,6 +155,29 @@ def main():
     step(results, "message_stream", message_stream)
     step(results, "message_over_budget", message_over_budget)
 
+    def chat_image():
+        # A multi-MiB screenshot as a base64 data URL, as computer-use agents send.
+        mib = int(cfg["image_mib"])
+        data = "iVBORw0KGgo" * (mib * 1024 * 1024 // 11)
+        raw = oai.chat.completions.with_raw_response.create(
+            model=cfg["openai_model"],
+            messages=[{"role": "user", "content": [
+                {"type": "text", "text": prompt},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}},
+            ]}],
+            max_tokens=20,
+            extra_headers={"x-mock-completion-tokens": str(cfg["image_tokens"])},
+        )
+        c = raw.parse()
+        return {
+            "status": raw.status_code,
+            "image_bytes": len(data),
+            "usage": c.usage.model_dump() if c.usage else None,
+            "reservation": raw.headers.get("x-caracal-reservation-id"),
+        }
+
+    step(results, "chat_image", chat_image)
+
     print(json.dumps(results, default=str))
 
 

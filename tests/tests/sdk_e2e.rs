@@ -155,6 +155,8 @@ async fn openai_and_anthropic_sdks_are_metered_and_refused_over_budget() {
         "stream_tokens": 23,
         "anthropic_tokens": 19,
         "anthropic_stream_tokens": 29,
+        "image_mib": 4,
+        "image_tokens": 11,
     });
     let script = repo_root().join("tests/python/sdk_e2e.py");
     let (status, stdout, stderr) = run_script(&script, &config.to_string()).await;
@@ -213,11 +215,23 @@ async fn openai_and_anthropic_sdks_are_metered_and_refused_over_budget() {
         "{over}"
     );
 
-    // Charged exactly the priced usage of the four calls.
+    // A 4 MiB image request is accepted (the filter's old 1 MiB default answered 413)
+    // and charged.
+    let image = assert_no_error(&results, "chat_image");
+    assert_eq!(image["status"], 200, "{image}");
+    assert!(
+        image["image_bytes"].as_u64().unwrap() > 4_000_000,
+        "{image}"
+    );
+    assert_eq!(image["usage"]["completion_tokens"], 11);
+    assert!(image["reservation"].as_str().is_some(), "{image}");
+
+    // Charged exactly the priced usage of the five calls.
     let spent = cost(2_500_000, 10_000_000, p, 17)
         + cost(2_500_000, 10_000_000, p, 23)
         + cost(3_000_000, 15_000_000, p, 19)
-        + cost(3_000_000, 15_000_000, p, 29);
+        + cost(3_000_000, 15_000_000, p, 29)
+        + cost(2_500_000, 10_000_000, p, 11);
     let expected = limit - spent;
     let mut last = remaining(&stack, &key).await;
     for _ in 0..150 {
@@ -233,8 +247,10 @@ async fn openai_and_anthropic_sdks_are_metered_and_refused_over_budget() {
         "charged {} instead of {spent}",
         limit - last
     );
-    // Exactly four calls reached the provider (the refused two did not).
-    assert_eq!(mock.requests().len(), 4);
+    // Exactly five calls reached the provider (the refused two did not).
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 5);
+    assert!(seen[4].body.len() > 4_000_000, "{}", seen[4].body.len());
 
     drop(envoy);
     mock.stop().await;
