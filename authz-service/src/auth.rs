@@ -265,7 +265,7 @@ pub fn actor<T>(request: &Request<T>) -> String {
 mod tests {
     use super::*;
 
-    fn req(header: &str, value: Option<&str>) -> Request<()> {
+    fn req(header: &'static str, value: Option<&str>) -> Request<()> {
         let mut r = Request::new(());
         if let Some(a) = value {
             r.metadata_mut()
