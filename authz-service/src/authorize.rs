@@ -5,8 +5,9 @@
 //! checks every policy of the agent and its ancestors and reserves on all of them, or
 //! refuses. Settle and Release (and ReleaseByRequest, which derives the reservation
 //! id from the credential and request id as Authorize does) are one Redis call each;
-//! a Settle after expiry still charges the actual cost (see `budget/lua/finish.lua`). Answers are decisions (allow /
-//! deny with a reason the gateway maps to 429/401/403); gRPC errors are for malformed
+//! a Settle after expiry still charges the actual cost (see `budget/lua/finish.lua`).
+//! Answers are decisions (allow / deny with a reason the gateway maps to
+//! 429/401/403/409); gRPC errors are for malformed
 //! requests (INVALID_ARGUMENT, NOT_FOUND) and for a budget store that is down
 //! (UNAVAILABLE: the gateway fails closed).
 
