@@ -91,6 +91,10 @@ pub enum CallFailure {
     /// The service answered that the request itself is unacceptable: refused even on
     /// fail-open routes (otherwise a malformed request would be a free pass).
     Refuse(Refusal),
+    /// The service does not accept this gateway (gateway token / certificate): a
+    /// gateway misconfiguration the agent cannot fix, answered 503 and never failed
+    /// open (an unauthenticated gateway must not become a free pass).
+    GatewayRejected,
 }
 
 /// Maps a gRPC status code of a failed Authorize.
@@ -98,10 +102,11 @@ pub fn grpc_failure(status: u32) -> CallFailure {
     match status {
         // INVALID_ARGUMENT, OUT_OF_RANGE
         3 | 11 => CallFailure::Refuse(Refusal::InvalidRequest),
-        // UNAUTHENTICATED
-        16 => CallFailure::Refuse(Refusal::Unauthenticated),
-        // NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION
-        5 | 7 | 9 => CallFailure::Refuse(Refusal::Denied),
+        // UNAUTHENTICATED, PERMISSION_DENIED: on the hot path only the gateway's own
+        // credential is checked this way (agents are refused with a DENY answer).
+        7 | 16 => CallFailure::GatewayRejected,
+        // NOT_FOUND, FAILED_PRECONDITION
+        5 | 9 => CallFailure::Refuse(Refusal::Denied),
         // CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, ALREADY_EXISTS, RESOURCE_EXHAUSTED,
         // ABORTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS, anything else
         _ => CallFailure::Unavailable,
@@ -408,11 +413,9 @@ mod tests {
             grpc_failure(11),
             CallFailure::Refuse(Refusal::InvalidRequest)
         );
-        assert_eq!(
-            grpc_failure(16),
-            CallFailure::Refuse(Refusal::Unauthenticated)
-        );
-        for code in [5, 7, 9] {
+        assert_eq!(grpc_failure(16), CallFailure::GatewayRejected);
+        assert_eq!(grpc_failure(7), CallFailure::GatewayRejected);
+        for code in [5, 9] {
             assert_eq!(grpc_failure(code), CallFailure::Refuse(Refusal::Denied));
         }
     }

@@ -624,6 +624,16 @@ impl Filter {
                     let text = format!("The request was rejected by Caracal: {msg}");
                     self.refuse(refusal, &text, None);
                 }
+                CallFailure::GatewayRejected => {
+                    error!(
+                        "caracal: the authz-service does not accept this gateway ({status_code} {msg}): check gateway_token / the mTLS client certificate"
+                    );
+                    self.refuse(
+                        Refusal::Unavailable,
+                        "The gateway is not authorized with the Caracal budget service; contact the operator.",
+                        None,
+                    );
+                }
             }
             return;
         }

@@ -759,3 +759,41 @@ async fn a_multi_mib_image_request_is_accepted_and_charged() {
     assert_eq!(wait_remaining(&gw.stack, &key, expected).await, expected);
     gw.stop().await;
 }
+
+// ------------------------------------------------------------------ gateway token
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_token_is_sent_and_a_wrong_one_is_a_503_never_a_free_pass() {
+    // The configured token: the call is authorized (the service requires it).
+    let gw = Gw::start(false, |_| {}).await;
+    let key = agent(&gw.stack, "tokened").await;
+    let auth = format!("Bearer {key}");
+    let body = json!({"model": "gpt-4o", "max_tokens": 10,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let r = gw
+        .envoy
+        .post_json(CHAT, &[("authorization", &auth)], &body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let authz = gw.stack.server.as_ref().unwrap().grpc_addr.port();
+    let mock_port = gw.mock.port();
+
+    // A wrong token, even on a fail-open route: 503, nothing reaches the provider
+    // (old filter: no token at all, and a gateway refusal read as the agent's 401).
+    for mode in ["deny", "allow"] {
+        let mut opts = EnvoyOptions::new(Gateway::Wasm, authz, mock_port);
+        opts.gateway_token = "not-the-gateway-token".into();
+        opts.failure_mode = mode;
+        let envoy = Envoy::start(opts).await.unwrap();
+        let r = envoy
+            .post_json(CHAT, &[("authorization", &auth)], &body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 503, "{mode}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "authorization_unavailable");
+        drop(envoy);
+    }
+    assert_eq!(gw.mock.requests_started(), 1);
+    gw.stop().await;
+}
