@@ -415,3 +415,26 @@ async fn a_stale_replica_cannot_spend_on_retired_counters() {
     }
     stack.stop().await.unwrap();
 }
+
+/// A change undone at once: the counter the policy returns to loses the fence the
+/// first change put on it (else the policy would refuse everything until the fence
+/// expired, cache TTL + poll interval later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_undone_at_once_lifts_its_fence() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent, key) = stack.agent_with_key("undo", None).await.unwrap();
+    let pol = stack
+        .usd_policy(&agent, "10", "hourly", "rolling", "")
+        .await
+        .unwrap();
+    change_window(&stack, &pol, "monthly", "calendar")
+        .await
+        .unwrap();
+    let back = change_window(&stack, &pol, "hourly", "rolling")
+        .await
+        .unwrap();
+    assert_eq!((back.time_window.as_str(), back.version), ("hourly", 3));
+    let r = authorize_when(&stack, &key, "undone", 3 * USD1, |_| true).await;
+    assert_eq!(remaining_of(&r, &pol), 7 * USD1);
+    stack.stop().await.unwrap();
+}

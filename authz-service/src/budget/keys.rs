@@ -78,6 +78,10 @@ impl KeySpace {
     /// `caracal_domain::window::rolling_bucket_width`), so the width also names
     /// the window. Whether a window change may happen at all while the old
     /// counter holds spend is the admin API's call (`admin::counters`).
+    ///
+    /// Upgrade note: counters written before the width was part of the key
+    /// (`...:r:<policy>`) are not read any more; a rolling window restarts once at
+    /// that upgrade, and the old keys (no TTL) can be deleted after one window.
     pub fn rolling_counter(&self, partition: u16, policy_id: &str, width_s: i64) -> String {
         format!("{}:r:{policy_id}:{width_s}", self.tag(partition))
     }
