@@ -14,8 +14,10 @@
 //!
 //! Certificates are verified by the TLS layer against `server.tls.clientCaFile`; a
 //! verified certificate alone grants nothing, its SAN must be on the list of the API
-//! it calls. Missing or wrong credentials: UNAUTHENTICATED. A valid certificate that
-//! is not on the list (e.g. an admin's certificate on the hot path): PERMISSION_DENIED.
+//! it calls, and a certificate with a SAN on BOTH lists (overlapping prefixes, or one
+//! certificate naming both roles) is neither. Missing or wrong credentials:
+//! UNAUTHENTICATED. A valid certificate that is not on the list (e.g. an admin's
+//! certificate on the hot path): PERMISSION_DENIED.
 
 use std::sync::Arc;
 
@@ -91,11 +93,12 @@ enum Peer {
     None,
     /// A SAN on the allowlist.
     Allowed(String),
-    /// A verified certificate, none of whose SANs is on the allowlist.
+    /// A verified certificate, none of whose SANs is on the allowlist, or one of
+    /// whose SANs belongs to the other role.
     NotAllowed(Vec<String>),
 }
 
-fn peer<T>(request: &Request<T>, allow: &SanAllowlist) -> Peer {
+fn peer<T>(request: &Request<T>, allow: &SanAllowlist, other_role: &SanAllowlist) -> Peer {
     let Some(certs) = request.peer_certs() else {
         return Peer::None;
     };
@@ -103,6 +106,9 @@ fn peer<T>(request: &Request<T>, allow: &SanAllowlist) -> Peer {
         return Peer::None;
     };
     let sans = cert_sans(leaf.as_ref());
+    if sans.iter().any(|s| other_role.matches(s)) {
+        return Peer::NotAllowed(sans);
+    }
     match sans.iter().find(|s| allow.matches(s)) {
         Some(san) => Peer::Allowed(san.clone()),
         None => Peer::NotAllowed(sans),
@@ -125,13 +131,15 @@ fn token_matches(presented: &str, expected: &[u8; 32]) -> bool {
 pub struct GatewayAuth {
     token_digest: Option<Arc<[u8; 32]>>,
     sans: SanAllowlist,
+    admin_sans: SanAllowlist,
 }
 
 impl GatewayAuth {
-    pub fn new(gateway_token: &str, gateway_sans: &[String]) -> Self {
+    pub fn new(gateway_token: &str, gateway_sans: &[String], admin_sans: &[String]) -> Self {
         Self {
             token_digest: digest(gateway_token),
             sans: SanAllowlist::new(gateway_sans),
+            admin_sans: SanAllowlist::new(admin_sans),
         }
     }
 
@@ -147,7 +155,7 @@ impl GatewayAuth {
     }
 
     fn identify(&self, request: &Request<()>) -> Result<GatewayIdentity, Status> {
-        let peer = peer(request, &self.sans);
+        let peer = peer(request, &self.sans, &self.admin_sans);
         if let Peer::Allowed(san) = peer {
             return Ok(GatewayIdentity(format!("mtls:{san}")));
         }
@@ -183,13 +191,15 @@ impl GatewayAuth {
 pub struct AdminAuth {
     token_digest: Option<Arc<[u8; 32]>>,
     sans: SanAllowlist,
+    gateway_sans: SanAllowlist,
 }
 
 impl AdminAuth {
-    pub fn new(admin_token: &str, admin_sans: &[String]) -> Self {
+    pub fn new(admin_token: &str, admin_sans: &[String], gateway_sans: &[String]) -> Self {
         Self {
             token_digest: digest(admin_token),
             sans: SanAllowlist::new(admin_sans),
+            gateway_sans: SanAllowlist::new(gateway_sans),
         }
     }
 
@@ -205,7 +215,7 @@ impl AdminAuth {
     }
 
     fn identify(&self, request: &Request<()>) -> Result<AdminIdentity, Status> {
-        let peer = peer(request, &self.sans);
+        let peer = peer(request, &self.sans, &self.gateway_sans);
         if let Peer::Allowed(san) = peer {
             return Ok(AdminIdentity(format!("mtls:{san}")));
         }
@@ -276,7 +286,7 @@ mod tests {
 
     #[test]
     fn admin_token_rules() {
-        let auth = AdminAuth::new("s3cret", &[]);
+        let auth = AdminAuth::new("s3cret", &[], &[]);
         assert!(auth
             .check(req("authorization", Some("Bearer s3cret")))
             .is_ok());
@@ -295,7 +305,7 @@ mod tests {
             .check(req(GATEWAY_TOKEN_HEADER, Some("s3cret")))
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
-        let disabled = AdminAuth::new("", &[]);
+        let disabled = AdminAuth::new("", &[], &[]);
         assert!(disabled.closed());
         assert!(disabled
             .check(req("authorization", Some("Bearer ")))
@@ -304,7 +314,7 @@ mod tests {
 
     #[test]
     fn gateway_token_rules() {
-        let auth = GatewayAuth::new("gw", &[]);
+        let auth = GatewayAuth::new("gw", &[], &[]);
         assert!(!auth.closed());
         let ok = auth.check(req(GATEWAY_TOKEN_HEADER, Some("gw"))).unwrap();
         assert_eq!(
@@ -323,7 +333,7 @@ mod tests {
             let e = auth.check(req(header, value)).unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{header} {value:?}");
         }
-        let closed = GatewayAuth::new("", &[]);
+        let closed = GatewayAuth::new("", &[], &[]);
         assert!(closed.closed());
         let e = closed
             .check(req(GATEWAY_TOKEN_HEADER, Some("")))

@@ -178,11 +178,19 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
     // Envoy ext_authz (Authorization/Check) on the same hot path as Authorize.
     let ext_authz = crate::ext_authz::ExtAuthzService::new(authorization.clone());
 
-    let auth = AdminAuth::new(&config.auth.admin_token, &config.auth.admin_sans);
+    let auth = AdminAuth::new(
+        &config.auth.admin_token,
+        &config.auth.admin_sans,
+        &config.auth.gateway_sans,
+    );
     let intercept = move |req| auth.check(req);
     // The hot path answers gateways only: Settle/Release move money and `verified`
     // identities / ext_authz `source.principal` are taken on the gateway's word.
-    let gateway = GatewayAuth::new(&config.auth.gateway_token, &config.auth.gateway_sans);
+    let gateway = GatewayAuth::new(
+        &config.auth.gateway_token,
+        &config.auth.gateway_sans,
+        &config.auth.admin_sans,
+    );
     let gateway_intercept = move |req| gateway.check(req);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -430,6 +430,13 @@ fn certificates(dir: &Path) {
         "URI:spiffe://test.local/ns/ops/sa/admin",
         "clientAuth",
     );
+    // One certificate naming both roles is neither.
+    issue(
+        dir,
+        "both",
+        "URI:spiffe://test.local/ns/edge/sa/envoy-2,URI:spiffe://test.local/ns/ops/sa/admin",
+        "clientAuth",
+    );
     issue(
         dir,
         "stranger",
@@ -586,6 +593,18 @@ async fn client_certificates_are_gateways_or_admins_by_san() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let err = AuthorizationClient::new(stranger)
         .check(check_request(""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    let both = tls_channel(addr, dir.path(), Some("both")).await;
+    let err = BudgetAuthorizationClient::new(both.clone())
+        .authorize(authorize("tls-5", 1_000))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = AgentServiceClient::new(both)
+        .list_agents(list())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
