@@ -530,6 +530,8 @@ mod tests {
             (DenyReason::UnknownAgent, Refusal::Unauthenticated),
             (DenyReason::NotAllowed, Refusal::NotAllowed),
             (DenyReason::NoPrice, Refusal::NoPrice),
+            // A finished request id (a replay: the filter's ids carry a nonce).
+            (DenyReason::RequestFinished, Refusal::Denied),
             (DenyReason::Unspecified, Refusal::Denied),
         ];
         for (reason, refusal) in table {

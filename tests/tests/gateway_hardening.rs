@@ -797,3 +797,40 @@ async fn the_gateway_token_is_sent_and_a_wrong_one_is_a_503_never_a_free_pass() 
     assert_eq!(gw.mock.requests_started(), 1);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_authorize_is_in_flight_is_released() {
+    let gw = Gw::start(true, |o| o.authz_timeout_ms = 5000).await;
+    let key = agent(&gw.stack, "impatient").await;
+    // The service reserves at once; its answer reaches Envoy 1.5 s late, and the
+    // client gives up after 300 ms.
+    gw.proxy.as_ref().unwrap().set_delay(1500);
+    let body = json!({"model": "gpt-4o", "max_tokens": 100,
+                      "messages": [{"role": "user", "content": "never mind"}]})
+    .to_string();
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], gw.envoy.port)))
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Reserved by now (the request reached the service at once).
+    assert!(remaining(&gw.stack, &key).await < LIMIT);
+    drop(s);
+    // Old code: held until expiry, then charged (on_expiry charge).
+    assert_eq!(wait_remaining(&gw.stack, &key, LIMIT).await, LIMIT);
+    gw.proxy.as_ref().unwrap().set_delay(0);
+    assert_eq!(
+        settled_remaining(&gw.stack, &key, Duration::from_millis(1800)).await,
+        LIMIT
+    );
+    assert_eq!(gw.mock.requests_started(), 0);
+    gw.stop().await;
+}
