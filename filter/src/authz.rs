@@ -195,6 +195,22 @@ pub fn retryable(status: u32) -> bool {
     matches!(grpc_failure(status), CallFailure::Unavailable)
 }
 
+/// Attempts per Settle / Release / ReleaseByRequest: the first and 3 retries.
+pub const MAX_ATTEMPTS: u32 = 4;
+/// Wait before retry n (1-based): 200 ms, 400 ms, 800 ms (1.4 s in all, well inside
+/// the reservation's expiry).
+pub const BACKOFF_MS: [u64; 3] = [200, 400, 800];
+
+/// How long to wait before sending a call again after its `failed_attempts`-th
+/// failure; `None`: give up (not worth retrying, or out of attempts).
+pub fn retry_delay_ms(failed_attempts: u32, retryable: bool) -> Option<u64> {
+    if !retryable || failed_attempts == 0 || failed_attempts >= MAX_ATTEMPTS {
+        return None;
+    }
+    let i = usize::try_from(failed_attempts - 1).ok()?;
+    BACKOFF_MS.get(i).copied()
+}
+
 /// What an Authorize answer means for the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -701,6 +717,13 @@ mod tests {
         );
         assert_eq!(r.reason, "authorize_failed");
         assert!(retryable(14) && retryable(4) && retryable(13));
+        let delays: Vec<_> = (0..6).map(|n| retry_delay_ms(n, true)).collect();
+        assert_eq!(
+            delays,
+            [None, Some(200), Some(400), Some(800), None, None],
+            "4 attempts in all"
+        );
+        assert_eq!(retry_delay_ms(1, false), None);
         assert!(!retryable(3) && !retryable(5) && !retryable(9) && !retryable(16));
     }
 }

@@ -54,10 +54,6 @@ thread_local! {
     static OUTBOX: RefCell<Outbox> = RefCell::new(Outbox::default());
 }
 
-/// Attempts per Settle / Release / ReleaseByRequest (the first and 3 retries).
-const MAX_ATTEMPTS: u32 = 4;
-/// Wait before retry n (1-based): 200 ms, 400 ms, 800 ms.
-const BACKOFF_MS: [u64; 3] = [200, 400, 800];
 /// Root tick while the outbox holds calls to send; off otherwise.
 const TICK: Duration = Duration::from_millis(5);
 /// Calls waiting to be sent at most (per worker thread); beyond, new ones are dropped
@@ -207,11 +203,8 @@ impl Root {
     fn failed(&mut self, mut job: Job, why: &str, retry: bool) {
         count(|m| m.failures);
         job.attempts += 1;
-        let backoff = usize::try_from(job.attempts - 1)
-            .ok()
-            .and_then(|i| BACKOFF_MS.get(i).copied());
-        match backoff {
-            Some(ms) if retry && job.attempts < MAX_ATTEMPTS => {
+        match authz::retry_delay_ms(job.attempts, retry) {
+            Some(ms) => {
                 warn!(
                     "caracal: {} for {} failed: {why}; retry {} in {ms} ms",
                     job.method, job.label, job.attempts
