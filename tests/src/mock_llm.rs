@@ -16,6 +16,8 @@
 //!   end with `response.completed` and its usage; Anthropic streams carry usage in
 //!   `message_start` (input) and `message_delta` (output).
 //!
+//! Header `x-mock-delay-ms: N` holds the answer (headers included) back N ms (at
+//! most 60 s).
 //! Header `x-mock-chunk-delay-ms: N` spaces the chunks of a stream N ms apart (default
 //! 2), for slow-stream tests.
 //!
@@ -53,6 +55,8 @@ pub const CACHED_TOKENS_HEADER: &str = "x-mock-cached-tokens";
 pub const STATUS_HEADER: &str = "x-mock-status";
 /// Request header: milliseconds between the chunks of a stream.
 pub const CHUNK_DELAY_HEADER: &str = "x-mock-chunk-delay-ms";
+/// Request header: milliseconds to wait before answering at all (a slow provider).
+pub const DELAY_HEADER: &str = "x-mock-delay-ms";
 /// Model name that makes the mock answer 500.
 pub const FAIL_MODEL: &str = "fail-500";
 /// Fixed timestamp in answers (deterministic bodies).
@@ -237,6 +241,9 @@ async fn handle(
         return error(anthropic, StatusCode::BAD_REQUEST, "body is not JSON");
     };
     let model = req["model"].as_str().unwrap_or("mock-model").to_owned();
+    if let Some(ms) = header_u64(&headers, DELAY_HEADER) {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
     let forced = header_u64(&headers, STATUS_HEADER)
         .and_then(|s| u16::try_from(s).ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
