@@ -98,18 +98,19 @@ pub fn plan_request_headers(headers: &[(String, Vec<u8>)]) -> HeaderPlan {
             true
         } else if lower == "authorization" {
             let key = bearer_agent_key(value);
-            let found = key.is_some();
             if from_bearer.is_none() {
                 from_bearer = key;
             }
-            found
+            // Any credential header that mentions an agent key goes, even when it is
+            // not one this filter reads as an identity (`authorization: cak_...`
+            // without a scheme): the upstream must never see an agent key.
+            mentions_agent_key(value)
         } else if lower == "x-api-key" {
             let key = agent_key(value);
-            let found = key.is_some();
             if from_x_api_key.is_none() {
                 from_x_api_key = key;
             }
-            found
+            mentions_agent_key(value)
         } else {
             lower == "accept-encoding"
         };
@@ -119,6 +120,13 @@ pub fn plan_request_headers(headers: &[(String, Vec<u8>)]) -> HeaderPlan {
     }
     plan.api_key = from_dedicated.or(from_bearer).or(from_x_api_key);
     plan
+}
+
+/// Whether a header value contains an agent key prefix anywhere.
+fn mentions_agent_key(value: &[u8]) -> bool {
+    value
+        .windows(AGENT_KEY_PREFIX.len())
+        .any(|w| w == AGENT_KEY_PREFIX.as_bytes())
 }
 
 /// The agent key in a header value, if it is one (`cak_` followed by key characters).
@@ -214,6 +222,27 @@ mod tests {
     }
 
     #[test]
+    fn credential_headers_mentioning_an_agent_key_are_removed() {
+        // Found by the header-hygiene property test: the key came from x-api-key, and
+        // a scheme-less `authorization: cak_...` carrying it went upstream.
+        let h = |k: &str, v: &str| (k.to_owned(), v.as_bytes().to_vec());
+        let plan = plan_request_headers(&[h("authorization", "cak_-"), h("x-api-key", "cak_-")]);
+        assert_eq!(plan.api_key.as_deref(), Some("cak_-"));
+        assert!(
+            plan.remove.contains(&"authorization".to_owned()),
+            "{:?}",
+            plan.remove
+        );
+        assert!(plan.remove.contains(&"x-api-key".to_owned()));
+        let plan = plan_request_headers(&[h("authorization", "Basic cak_x junk")]);
+        assert!(plan.remove.contains(&"authorization".to_owned()));
+        assert_eq!(plan.api_key, None);
+        // A provider key of the client's own stays (the route may pass it through).
+        let plan = plan_request_headers(&[h("authorization", "Bearer sk-abc")]);
+        assert!(plan.remove.is_empty(), "{:?}", plan.remove);
+    }
+
+    #[test]
     fn dedicated_header_key_is_taken_and_stripped() {
         let p = plan_request_headers(&h(&[
             (":path", "/v1/chat/completions"),
@@ -239,9 +268,11 @@ mod tests {
         let p = plan_request_headers(&h(&[("authorization", "Bearer sk-proj-123")]));
         assert_eq!(p.api_key, None);
         assert!(p.remove.is_empty());
+        // Not an identity, but it carries something shaped like an agent key: it
+        // does not go upstream either.
         let p = plan_request_headers(&h(&[("authorization", "Basic cak_abc")]));
         assert_eq!(p.api_key, None);
-        assert!(p.remove.is_empty());
+        assert_eq!(p.remove, vec!["authorization"]);
     }
 
     #[test]
