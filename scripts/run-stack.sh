@@ -24,6 +24,9 @@ BIN="$ROOT/target/debug"
 
 export CARACAL_ADMIN_TOKEN=${CARACAL_ADMIN_TOKEN:-dev-admin-token}
 export CARACAL_API_KEY_PEPPER=${CARACAL_API_KEY_PEPPER:-dev-pepper}
+# What the gateway (Envoy's filter) presents on the hot path; render.sh puts it in the
+# filter config. Production uses mTLS and auth.gatewaySans instead.
+export CARACAL_GATEWAY_TOKEN=${CARACAL_GATEWAY_TOKEN:-dev-gateway-token}
 export CARACAL_DATABASE_URL=${CARACAL_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/caracal}
 export CARACAL_GRPC_ADDR=127.0.0.1:50051 CARACAL_HTTP_ADDR=127.0.0.1:9464
 export CARACAL_SERVER=http://127.0.0.1:50051
