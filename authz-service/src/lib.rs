@@ -10,7 +10,8 @@
 //! - [`db`]: the PostgreSQL pool, embedded migrations and the diesel schema.
 //! - [`error`]: one error type, mapped to the gRPC status a caller can act on.
 //! - [`auth`]: who may call the admin API (admin token or client certificate).
-//! - [`admin`]: the admin gRPC services.
+//! - [`admin`]: the admin gRPC services; [`admin_events`]: their change events
+//!   (PostgreSQL outbox, relayed to Kafka).
 //! - [`authorize`]: the hot path — Authorize, Settle, Release — over [`catalog`]
 //!   (cached agents, policies, prices) and [`budget`] (Redis state, Lua scripts).
 //! - [`sweeper`]: expiry of reservations that were never settled.
@@ -20,6 +21,7 @@
 //! - [`server`]: wires everything into one running server.
 
 pub mod admin;
+pub mod admin_events;
 pub mod auth;
 pub mod authorize;
 pub mod budget;

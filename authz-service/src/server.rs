@@ -165,6 +165,11 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         let relay = OutboxRelay::new(relay_conn, keys.clone(), &config.kafka, owner)
             .context("Kafka producer configuration")?;
         background.push(tokio::spawn(relay.run(background_rx.clone())));
+        // Admin change events: PostgreSQL outbox -> Kafka, one replica at a time.
+        let admin_relay =
+            crate::admin_events::AdminOutboxRelay::new(config.database.url.clone(), &config.kafka)
+                .context("Kafka producer configuration")?;
+        background.push(tokio::spawn(admin_relay.run(background_rx.clone())));
     }
     let authorization = std::sync::Arc::new(AuthorizationService::new(
         catalog,

@@ -9,11 +9,13 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::{
-    bump_config_epoch,
+    commit_change,
     counters::{guard_reparent, PendingFences},
     respond, AdminState,
 };
 use crate::{
+    admin_events::AdminEvent,
+    auth::actor,
     convert::{self, opt_timestamp, timestamp},
     db::{
         self,
@@ -95,6 +97,74 @@ impl From<IdentityRow> for pb::AgentIdentity {
             issuer: r.issuer,
         }
     }
+}
+
+impl AgentRow {
+    /// The fields an admin can change, for change events.
+    pub fn state(&self) -> pb::AgentState {
+        pb::AgentState {
+            name: self.name.clone(),
+            agent_type: self.agent_type.clone(),
+            parent_id: self.parent_id.map(|p| p.to_string()).unwrap_or_default(),
+            metadata_json: self.metadata.to_string(),
+            status: self.status.clone(),
+        }
+    }
+}
+
+impl ApiKeyRow {
+    /// The key as change events show it: id and display prefix, never the hash.
+    pub fn state(&self) -> pb::ApiKeyState {
+        pb::ApiKeyState {
+            key_id: self.id.to_string(),
+            prefix: self.key_prefix.clone(),
+            created_at: Some(timestamp(self.created_at)),
+            revoked_at: opt_timestamp(self.revoked_at),
+        }
+    }
+}
+
+impl IdentityRow {
+    pub fn state(&self) -> pb::IdentityState {
+        pb::IdentityState {
+            identity_id: self.id.to_string(),
+            kind: self.kind.clone(),
+            issuer: self.issuer.clone(),
+            value: self.value.clone(),
+        }
+    }
+}
+
+/// The root of `agent`'s hierarchy (the agent itself when it has no parent): the
+/// Kafka key of every event about the hierarchy.
+pub async fn root_of(conn: &mut AsyncPgConnection, agent: Uuid) -> ServiceResult<Uuid> {
+    Ok(ancestor_chain(conn, agent)
+        .await?
+        .last()
+        .copied()
+        .unwrap_or(agent))
+}
+
+/// An agent lifecycle event about `agent` (its root is looked up in the caller's
+/// transaction, so it is the root after the change).
+async fn lifecycle_event(
+    conn: &mut AsyncPgConnection,
+    actor: &str,
+    kind: &str,
+    agent: Uuid,
+    change: pb::agent_lifecycle_event::Change,
+) -> ServiceResult<AdminEvent> {
+    let root = root_of(conn, agent).await?;
+    Ok(AdminEvent::lifecycle(
+        actor,
+        pb::AgentLifecycleEvent {
+            kind: kind.to_owned(),
+            agent_id: agent.to_string(),
+            root_agent_id: root.to_string(),
+            change: Some(change),
+            ..Default::default()
+        },
+    ))
 }
 
 /// Identity kinds the gateway can verify.
@@ -205,6 +275,7 @@ impl AgentService for AgentAdmin {
         &self,
         request: Request<pb::CreateAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let req = request.into_inner();
             let name = convert::required_text("name", &req.name, 200)?;
@@ -234,7 +305,13 @@ impl AgentService for AgentAdmin {
                             )),
                             other => other,
                         })?;
-                    bump_config_epoch(conn).await?;
+                    let change = pb::agent_lifecycle_event::Change::Agent(pb::AgentChange {
+                        before: None,
+                        after: Some(row.state()),
+                    });
+                    let event =
+                        lifecycle_event(conn, &changed_by, "agent_created", row.id, change).await?;
+                    commit_change(conn, &[event]).await?;
                     Ok(row)
                 })
                 .await?;
@@ -309,6 +386,7 @@ impl AgentService for AgentAdmin {
         &self,
         request: Request<pb::UpdateAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let req = request.into_inner();
             let id = convert::uuid("id", &req.id)?;
@@ -348,6 +426,7 @@ impl AgentService for AgentAdmin {
                         // hold spend (see admin::counters).
                         fences.add(guard_reparent(conn, &guard, id, new_parent).await?);
                     }
+                    let before = current.state();
                     let row = diesel::update(agents::table.filter(agents::id.eq(id)))
                         .set((
                             agents::agent_type.eq(agent_type.unwrap_or(current.agent_type)),
@@ -358,7 +437,13 @@ impl AgentService for AgentAdmin {
                         .returning(AgentRow::as_returning())
                         .get_result(conn)
                         .await?;
-                    bump_config_epoch(conn).await?;
+                    let change = pb::agent_lifecycle_event::Change::Agent(pb::AgentChange {
+                        before: Some(before),
+                        after: Some(row.state()),
+                    });
+                    let event =
+                        lifecycle_event(conn, &changed_by, "agent_updated", id, change).await?;
+                    commit_change(conn, &[event]).await?;
                     Ok(row)
                 })
                 .await;
@@ -373,6 +458,7 @@ impl AgentService for AgentAdmin {
         &self,
         request: Request<pb::DeactivateAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let id = convert::uuid("id", &request.get_ref().id)?;
             let mut conn = db::conn(&self.state.pool).await?;
@@ -392,7 +478,14 @@ impl AgentService for AgentAdmin {
                             .returning(AgentRow::as_returning())
                             .get_result(conn)
                             .await?;
-                        bump_config_epoch(conn).await?;
+                        let change = pb::agent_lifecycle_event::Change::Agent(pb::AgentChange {
+                            before: Some(current.state()),
+                            after: Some(row.state()),
+                        });
+                        let event =
+                            lifecycle_event(conn, &changed_by, "agent_deactivated", id, change)
+                                .await?;
+                        commit_change(conn, &[event]).await?;
                         Ok(row)
                     }
                 })
@@ -408,6 +501,7 @@ impl AgentService for AgentAdmin {
         &self,
         request: Request<pb::IssueApiKeyRequest>,
     ) -> Result<Response<pb::IssueApiKeyResponse>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let agent_key = request.get_ref().agent_id.clone();
             let mut conn = db::conn(&self.state.pool).await?;
@@ -432,7 +526,14 @@ impl AgentService for AgentAdmin {
                         .returning(ApiKeyRow::as_returning())
                         .get_result(conn)
                         .await?;
-                    bump_config_epoch(conn).await?;
+                    let change = pb::agent_lifecycle_event::Change::ApiKey(pb::ApiKeyChange {
+                        before: None,
+                        after: Some(row.state()),
+                    });
+                    let event =
+                        lifecycle_event(conn, &changed_by, "api_key_issued", agent.id, change)
+                            .await?;
+                    commit_change(conn, &[event]).await?;
                     Ok(row)
                 })
                 .await?;
@@ -450,6 +551,7 @@ impl AgentService for AgentAdmin {
         &self,
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let id = convert::uuid("key_id", &request.get_ref().key_id)?;
             let mut conn = db::conn(&self.state.pool).await?;
@@ -471,7 +573,14 @@ impl AgentService for AgentAdmin {
                             .returning(ApiKeyRow::as_returning())
                             .get_result(conn)
                             .await?;
-                    bump_config_epoch(conn).await?;
+                    let change = pb::agent_lifecycle_event::Change::ApiKey(pb::ApiKeyChange {
+                        before: Some(current.state()),
+                        after: Some(row.state()),
+                    });
+                    let event =
+                        lifecycle_event(conn, &changed_by, "api_key_revoked", row.agent_id, change)
+                            .await?;
+                    commit_change(conn, &[event]).await?;
                     Ok(row)
                 })
                 .await?;
@@ -508,6 +617,7 @@ impl AgentService for AgentAdmin {
         &self,
         request: Request<pb::AddIdentityRequest>,
     ) -> Result<Response<pb::AgentIdentity>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let req = request.into_inner();
             let kind = req.kind.trim().to_lowercase();
@@ -569,7 +679,14 @@ impl AgentService for AgentAdmin {
                             )),
                             other => other,
                         })?;
-                    bump_config_epoch(conn).await?;
+                    let change = pb::agent_lifecycle_event::Change::Identity(pb::IdentityChange {
+                        before: None,
+                        after: Some(row.state()),
+                    });
+                    let event =
+                        lifecycle_event(conn, &changed_by, "identity_added", agent.id, change)
+                            .await?;
+                    commit_change(conn, &[event]).await?;
                     Ok(row)
                 })
                 .await?;
@@ -583,17 +700,33 @@ impl AgentService for AgentAdmin {
         &self,
         request: Request<pb::RemoveIdentityRequest>,
     ) -> Result<Response<pb::RemoveIdentityResponse>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let id = convert::uuid("id", &request.get_ref().id)?;
             let mut conn = db::conn(&self.state.pool).await?;
             conn.transaction::<_, ServiceError, _>(async move |conn| {
-                let n = diesel::delete(agent_identities::table.filter(agent_identities::id.eq(id)))
-                    .execute(conn)
-                    .await?;
-                if n == 0 {
-                    return Err(ServiceError::NotFound(format!("identity {id} not found")));
-                }
-                bump_config_epoch(conn).await
+                let removed: IdentityRow =
+                    diesel::delete(agent_identities::table.filter(agent_identities::id.eq(id)))
+                        .returning(IdentityRow::as_returning())
+                        .get_result(conn)
+                        .await
+                        .optional()?
+                        .ok_or_else(|| {
+                            ServiceError::NotFound(format!("identity {id} not found"))
+                        })?;
+                let change = pb::agent_lifecycle_event::Change::Identity(pb::IdentityChange {
+                    before: Some(removed.state()),
+                    after: None,
+                });
+                let event = lifecycle_event(
+                    conn,
+                    &changed_by,
+                    "identity_removed",
+                    removed.agent_id,
+                    change,
+                )
+                .await?;
+                commit_change(conn, &[event]).await
             })
             .await?;
             Ok(pb::RemoveIdentityResponse {})

@@ -11,8 +11,13 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{agents::find_agent, bump_config_epoch, respond, AdminState};
+use super::{
+    agents::{find_agent, root_of},
+    commit_change, respond, AdminState,
+};
 use crate::{
+    admin_events::AdminEvent,
+    auth::actor,
     convert::{self, timestamp},
     db::{self, schema::allowlist_entries},
     error::{ServiceError, ServiceResult},
@@ -40,6 +45,46 @@ impl From<AllowlistRow> for pb::AllowlistEntry {
             created_at: Some(timestamp(r.created_at)),
         }
     }
+}
+
+impl AllowlistRow {
+    pub fn state(&self) -> pb::AllowlistEntryState {
+        pb::AllowlistEntryState {
+            entry_id: self.id.to_string(),
+            target: self.target.clone(),
+            pattern_kind: self.pattern_kind.clone(),
+            pattern: self.pattern.clone(),
+        }
+    }
+}
+
+/// The change event of an allowlist entry added (`removed` false) or removed,
+/// keyed by the root agent of the entry's agent.
+async fn allowlist_event(
+    conn: &mut diesel_async::AsyncPgConnection,
+    actor: &str,
+    row: &AllowlistRow,
+    removed: bool,
+) -> ServiceResult<AdminEvent> {
+    let root = root_of(conn, row.agent_id).await?.to_string();
+    let (kind, before, after) = if removed {
+        ("allowlist_entry_removed", Some(row.state()), None)
+    } else {
+        ("allowlist_entry_added", None, Some(row.state()))
+    };
+    Ok(AdminEvent::policy_change(
+        actor,
+        root.clone(),
+        pb::PolicyChangeEvent {
+            kind: kind.to_owned(),
+            agent_id: row.agent_id.to_string(),
+            root_agent_id: root,
+            change: Some(pb::policy_change_event::Change::Allowlist(
+                pb::AllowlistChange { before, after },
+            )),
+            ..Default::default()
+        },
+    ))
 }
 
 fn parse_target(text: &str) -> ServiceResult<AllowTarget> {
@@ -73,6 +118,7 @@ impl AllowlistService for AllowlistAdmin {
         &self,
         request: Request<pb::AddAllowlistEntryRequest>,
     ) -> Result<Response<pb::AllowlistEntry>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let req = request.into_inner();
             let target = parse_target(&req.target)?;
@@ -103,7 +149,8 @@ impl AllowlistService for AllowlistAdmin {
                             )),
                             other => other,
                         })?;
-                    bump_config_epoch(conn).await?;
+                    let event = allowlist_event(conn, &changed_by, &row, false).await?;
+                    commit_change(conn, &[event]).await?;
                     Ok(row)
                 })
                 .await?;
@@ -117,20 +164,22 @@ impl AllowlistService for AllowlistAdmin {
         &self,
         request: Request<pb::RemoveAllowlistEntryRequest>,
     ) -> Result<Response<pb::RemoveAllowlistEntryResponse>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let id = convert::uuid("id", &request.get_ref().id)?;
             let mut conn = db::conn(&self.state.pool).await?;
             conn.transaction::<_, ServiceError, _>(async move |conn| {
-                let n =
+                let removed: AllowlistRow =
                     diesel::delete(allowlist_entries::table.filter(allowlist_entries::id.eq(id)))
-                        .execute(conn)
-                        .await?;
-                if n == 0 {
-                    return Err(ServiceError::NotFound(format!(
-                        "allowlist entry {id} not found"
-                    )));
-                }
-                bump_config_epoch(conn).await
+                        .returning(AllowlistRow::as_returning())
+                        .get_result(conn)
+                        .await
+                        .optional()?
+                        .ok_or_else(|| {
+                            ServiceError::NotFound(format!("allowlist entry {id} not found"))
+                        })?;
+                let event = allowlist_event(conn, &changed_by, &removed, true).await?;
+                commit_change(conn, &[event]).await
             })
             .await?;
             Ok(pb::RemoveAllowlistEntryResponse {})

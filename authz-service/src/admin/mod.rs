@@ -1,10 +1,12 @@
 //! The admin gRPC services. Each call validates its input completely before it
 //! writes, and writes in one transaction, so a refused call leaves nothing behind.
+//! Every write ends with [`commit_change`]: the config epoch bump and the change's
+//! events ([`crate::admin_events`]), in that same transaction.
 
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use crate::{db::Pool, error::ServiceResult};
+use crate::{admin_events::AdminEvent, db::Pool, error::ServiceResult};
 
 pub mod agents;
 pub mod allowlist;
@@ -37,6 +39,19 @@ pub async fn bump_config_epoch(conn: &mut AsyncPgConnection) -> ServiceResult<()
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// The last step of every admin write, inside its transaction: bumps the config
+/// epoch, then appends the change's events to the admin outbox. In this order: the
+/// epoch row stays locked until the transaction commits, so outbox ids are handed
+/// out in commit order and the relay, reading from the head, keeps every key's
+/// events in order. A transaction that rolls back takes its events with it.
+pub async fn commit_change(
+    conn: &mut AsyncPgConnection,
+    events: &[AdminEvent],
+) -> ServiceResult<()> {
+    bump_config_epoch(conn).await?;
+    crate::admin_events::append(conn, events).await
 }
 
 /// Turns a handler's result into the gRPC answer and records it under

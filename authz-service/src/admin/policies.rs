@@ -17,12 +17,13 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::{
-    agents::find_agent,
-    bump_config_epoch,
+    agents::{find_agent, root_of},
+    commit_change,
     counters::{guard_policy_change, PendingFences},
     respond, AdminState,
 };
 use crate::{
+    admin_events::AdminEvent,
     auth::actor,
     catalog::PolicyInfo,
     convert::{self, money, timestamp},
@@ -64,6 +65,48 @@ impl From<PolicyRow> for pb::Policy {
             updated_at: Some(timestamp(r.updated_at)),
         }
     }
+}
+
+impl PolicyRow {
+    /// The policy's changeable fields, for change events.
+    pub fn state(&self) -> pb::PolicyState {
+        pb::PolicyState {
+            limit: Some(money(self.limit_micros, &self.currency)),
+            time_window: self.time_window.clone(),
+            window_type: self.window_type.clone(),
+            on_expiry: self.on_expiry.clone(),
+            active: self.active,
+            version: self.version,
+        }
+    }
+}
+
+/// The change event of a policy write (`before` absent for a creation), keyed by
+/// the root agent of the policy's agent.
+async fn policy_event(
+    conn: &mut AsyncPgConnection,
+    actor: &str,
+    kind: &str,
+    before: Option<&PolicyRow>,
+    after: &PolicyRow,
+) -> ServiceResult<AdminEvent> {
+    let root = root_of(conn, after.agent_id).await?.to_string();
+    Ok(AdminEvent::policy_change(
+        actor,
+        root.clone(),
+        pb::PolicyChangeEvent {
+            kind: kind.to_owned(),
+            policy_id: after.id.to_string(),
+            agent_id: after.agent_id.to_string(),
+            root_agent_id: root,
+            version: after.version,
+            change: Some(pb::policy_change_event::Change::Policy(pb::PolicyChange {
+                before: before.map(PolicyRow::state),
+                after: Some(after.state()),
+            })),
+            ..Default::default()
+        },
+    ))
 }
 
 #[derive(Queryable, Selectable, Insertable, Debug, Clone)]
@@ -203,13 +246,14 @@ async fn load_policy(
     row.ok_or_else(|| ServiceError::NotFound(format!("policy {id} not found")))
 }
 
-/// Writes a new version of a policy: the row and its history entry, together.
+/// Writes a new version of a policy: the row, its history entry and its change
+/// event (`event_kind`), together.
 async fn write_version(
     conn: &mut AsyncPgConnection,
     current: &PolicyRow,
     fields: PolicyFields,
     active: bool,
-    change_kind: &str,
+    (change_kind, event_kind): (&str, &str),
     changed_by: &str,
 ) -> ServiceResult<PolicyRow> {
     let row = diesel::update(policies::table.filter(policies::id.eq(current.id)))
@@ -230,7 +274,8 @@ async fn write_version(
         .values(PolicyVersionRow::of(&row, change_kind, changed_by))
         .execute(conn)
         .await?;
-    bump_config_epoch(conn).await?;
+    let event = policy_event(conn, changed_by, event_kind, Some(current), &row).await?;
+    commit_change(conn, &[event]).await?;
     Ok(row)
 }
 
@@ -300,7 +345,9 @@ impl PolicyService for PolicyAdmin {
                         .values(PolicyVersionRow::of(&row, "create", &changed_by))
                         .execute(conn)
                         .await?;
-                    bump_config_epoch(conn).await?;
+                    let event =
+                        policy_event(conn, &changed_by, "policy_created", None, &row).await?;
+                    commit_change(conn, &[event]).await?;
                     Ok(row)
                 })
                 .await?;
@@ -409,7 +456,15 @@ impl PolicyService for PolicyAdmin {
                     let before = info_of(&current, &old);
                     let after = info_of(&current, &fields);
                     fences.add(guard_policy_change(conn, &guard, &before, &after).await?);
-                    write_version(conn, &current, fields, active, "update", &changed_by).await
+                    write_version(
+                        conn,
+                        &current,
+                        fields,
+                        active,
+                        ("update", "policy_updated"),
+                        &changed_by,
+                    )
+                    .await
                 })
                 .await;
             pending.settle(&self.state.counters, &result).await;
@@ -436,7 +491,15 @@ impl PolicyService for PolicyAdmin {
                         return Ok(current);
                     }
                     let fields = fields_of(&current)?;
-                    write_version(conn, &current, fields, false, "deactivate", &changed_by).await
+                    write_version(
+                        conn,
+                        &current,
+                        fields,
+                        false,
+                        ("deactivate", "policy_deactivated"),
+                        &changed_by,
+                    )
+                    .await
                 })
                 .await?;
             tracing::info!(policy_id = %row.id, "policy deactivated");

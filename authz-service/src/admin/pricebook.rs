@@ -10,8 +10,10 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use tonic::{Request, Response, Status};
 
-use super::{bump_config_epoch, respond, AdminState};
+use super::{commit_change, respond, AdminState};
 use crate::{
+    admin_events::AdminEvent,
+    auth::actor,
     convert::{self, timestamp},
     db::{self, schema::price_book},
     error::{ServiceError, ServiceResult},
@@ -50,6 +52,40 @@ impl From<PriceRow> for pb::Price {
     }
 }
 
+impl PriceRow {
+    pub fn state(&self) -> pb::PriceState {
+        pb::PriceState {
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+            version: self.version,
+            currency: self.currency.clone(),
+            input_per_mtok_micros: self.input_per_mtok_micros,
+            output_per_mtok_micros: self.output_per_mtok_micros,
+            cached_input_per_mtok_micros: self.cached_input_per_mtok_micros,
+            per_request_micros: self.per_request_micros,
+            effective_at: Some(timestamp(self.effective_at)),
+        }
+    }
+}
+
+/// The change event of a new price version, keyed `provider/model` (one model's
+/// versions stay ordered). `kind`: price_set or price_imported.
+fn price_event(actor: &str, kind: &str, before: Option<&PriceRow>, after: &PriceRow) -> AdminEvent {
+    AdminEvent::policy_change(
+        actor,
+        format!("{}/{}", after.provider, after.model),
+        pb::PolicyChangeEvent {
+            kind: kind.to_owned(),
+            version: after.version,
+            change: Some(pb::policy_change_event::Change::Price(pb::PriceChange {
+                before: before.map(PriceRow::state),
+                after: Some(after.state()),
+            })),
+            ..Default::default()
+        },
+    )
+}
+
 /// A validated price, not yet versioned.
 struct NewPrice {
     provider: String,
@@ -81,23 +117,30 @@ fn validate(req: &pb::SetPriceRequest) -> ServiceResult<NewPrice> {
     })
 }
 
-async fn insert_version(conn: &mut AsyncPgConnection, p: &NewPrice) -> ServiceResult<PriceRow> {
+/// Adds the next version of a model's price; returns the version it supersedes
+/// (if any) and the new one.
+async fn insert_version(
+    conn: &mut AsyncPgConnection,
+    p: &NewPrice,
+) -> ServiceResult<(Option<PriceRow>, PriceRow)> {
     // Serialise version assignment per (provider, model): two concurrent `set`s get
     // consecutive versions instead of one failing on the primary key.
     diesel::sql_query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind::<diesel::sql_types::Text, _>(format!("price_book/{}/{}", p.provider, p.model))
         .execute(conn)
         .await?;
-    let latest: Option<i32> = price_book::table
-        .select(diesel::dsl::max(price_book::version))
+    let latest: Option<PriceRow> = price_book::table
+        .select(PriceRow::as_select())
         .filter(price_book::provider.eq(&p.provider))
         .filter(price_book::model.eq(&p.model))
+        .order(price_book::version.desc())
         .first(conn)
-        .await?;
+        .await
+        .optional()?;
     let row = PriceRow {
         provider: p.provider.clone(),
         model: p.model.clone(),
-        version: latest.unwrap_or(0) + 1,
+        version: latest.as_ref().map_or(0, |l| l.version) + 1,
         currency: p.currency.as_str().to_owned(),
         input_per_mtok_micros: p.input,
         output_per_mtok_micros: p.output,
@@ -105,11 +148,12 @@ async fn insert_version(conn: &mut AsyncPgConnection, p: &NewPrice) -> ServiceRe
         per_request_micros: p.per_request,
         effective_at: Utc::now(),
     };
-    Ok(diesel::insert_into(price_book::table)
+    let row = diesel::insert_into(price_book::table)
         .values(&row)
         .returning(PriceRow::as_returning())
         .get_result(conn)
-        .await?)
+        .await?;
+    Ok((latest, row))
 }
 
 pub struct PriceBookAdmin {
@@ -128,13 +172,15 @@ impl PriceBookService for PriceBookAdmin {
         &self,
         request: Request<pb::SetPriceRequest>,
     ) -> Result<Response<pb::Price>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let price = validate(request.get_ref())?;
             let mut conn = db::conn(&self.state.pool).await?;
             let row = conn
                 .transaction::<_, ServiceError, _>(async move |conn| {
-                    let row = insert_version(conn, &price).await?;
-                    bump_config_epoch(conn).await?;
+                    let (before, row) = insert_version(conn, &price).await?;
+                    let event = price_event(&changed_by, "price_set", before.as_ref(), &row);
+                    commit_change(conn, &[event]).await?;
                     Ok(row)
                 })
                 .await?;
@@ -148,6 +194,7 @@ impl PriceBookService for PriceBookAdmin {
         &self,
         request: Request<pb::ImportPricesRequest>,
     ) -> Result<Response<pb::ImportPricesResponse>, Status> {
+        let changed_by = actor(&request);
         let result: ServiceResult<_> = async {
             let req = request.into_inner();
             if req.prices.is_empty() {
@@ -174,10 +221,18 @@ impl PriceBookService for PriceBookAdmin {
             let rows = conn
                 .transaction::<_, ServiceError, _>(async move |conn| {
                     let mut rows = Vec::with_capacity(prices.len());
+                    let mut events = Vec::with_capacity(prices.len());
                     for p in &prices {
-                        rows.push(insert_version(conn, p).await?);
+                        let (before, row) = insert_version(conn, p).await?;
+                        events.push(price_event(
+                            &changed_by,
+                            "price_imported",
+                            before.as_ref(),
+                            &row,
+                        ));
+                        rows.push(row);
                     }
-                    bump_config_epoch(conn).await?;
+                    commit_change(conn, &events).await?;
                     Ok(rows)
                 })
                 .await?;

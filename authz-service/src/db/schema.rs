@@ -116,3 +116,15 @@ diesel::table! {
 
 diesel::joinable!(agent_identities -> agents (agent_id));
 diesel::allow_tables_to_appear_in_same_query!(agent_identities, agents);
+
+diesel::table! {
+    admin_outbox (id) {
+        id -> Int8,
+        event_id -> Uuid,
+        topic -> Text,
+        key -> Text,
+        event_type -> Text,
+        payload -> Bytea,
+        created_at -> Timestamptz,
+    }
+}
