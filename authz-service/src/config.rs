@@ -4,11 +4,16 @@
 //! `policyCacheTTL`, ...). A YAML file gives the base; every key can be overridden by
 //! an environment variable `CARACAL_<KEY_IN_UPPER_SNAKE_CASE>` (for example
 //! `CARACAL_DB_POOL_SIZE=40`), which is how Kubernetes secrets and per-pod settings
-//! reach the process. Durations are whole seconds, as in the guide.
+//! reach the process. Durations are whole seconds, as in the guide. The loading
+//! helpers and the sections the consumers share (`database`, `kafka`) live in
+//! [`caracal_service_kit`].
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use caracal_service_kit::config::EnvOverrides;
 use serde::Deserialize;
+
+pub use caracal_service_kit::config::{ConfigError, DatabaseConfig};
 
 /// Everything the service reads at start-up.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -85,30 +90,6 @@ pub struct AuthConfig {
     pub gateway_sans: Vec<String>,
     /// Client-certificate SANs that are administrators (same matching).
     pub admin_sans: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
-pub struct DatabaseConfig {
-    /// `postgres://user:pass@host:port/db`.
-    pub url: String,
-    /// Connections kept open (the pool's idle floor).
-    pub db_pool_size: u32,
-    /// Extra connections opened under load, above `dbPoolSize`.
-    pub db_max_overflow: u32,
-    /// Seconds to wait for a free connection before failing with UNAVAILABLE.
-    pub db_pool_timeout: u64,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            url: "postgres://postgres@127.0.0.1:5432/caracal".to_owned(),
-            db_pool_size: 20,
-            db_max_overflow: 10,
-            db_pool_timeout: 30,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,55 +185,17 @@ impl Default for BudgetConfig {
     }
 }
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
-    #[error("environment variable {name}={value:?} is not valid: {reason}")]
-    Env {
-        name: String,
-        value: String,
-        reason: String,
-    },
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
-}
-
 impl Config {
     /// Reads `path` (if given), then applies `CARACAL_*` environment overrides.
     pub fn load(path: Option<&std::path::Path>) -> Result<Self, ConfigError> {
-        let mut config = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                Self::from_yaml(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_owned(),
-                    source,
-                })?
-            }
-            None => Self::default(),
-        };
+        let mut config: Self = caracal_service_kit::config::read_yaml(path)?;
         config.apply_env(|name| std::env::var(name).ok())?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
-        if text.trim().is_empty() {
-            return Ok(Self::default());
-        }
-        serde_yaml::from_str(text)
+        caracal_service_kit::config::from_yaml(text)
     }
 
     /// Applies overrides; `lookup` is `std::env::var` in production, a map in tests.
@@ -288,10 +231,6 @@ impl Config {
             "CARACAL_API_KEY_PEPPER" => self.auth.api_key_pepper, text;
             "CARACAL_GATEWAY_TOKEN" => self.auth.gateway_token, text;
             "CARACAL_FINISHED_MARKER_TTL" => self.budget.finished_marker_ttl, parse;
-            "CARACAL_DATABASE_URL" => self.database.url, text;
-            "CARACAL_DB_POOL_SIZE" => self.database.db_pool_size, parse;
-            "CARACAL_DB_MAX_OVERFLOW" => self.database.db_max_overflow, parse;
-            "CARACAL_DB_POOL_TIMEOUT" => self.database.db_pool_timeout, parse;
             "CARACAL_POLICY_CACHE_TTL" => self.cache.policy_cache_ttl, parse;
             "CARACAL_POLICY_CACHE_MAX_SIZE" => self.cache.policy_cache_max_size, parse;
             "CARACAL_PROVISIONAL_CHARGE_EXPIRATION" => self.reservations.provisional_charge_expiration, parse;
@@ -304,12 +243,10 @@ impl Config {
             "CARACAL_WORKER_THREADS" => self.server.worker_threads, parse;
             "CARACAL_ALLOW_WITHOUT_POLICY" => self.budget.allow_without_policy, parse;
             "CARACAL_RELAY_ENABLED" => self.budget.relay_enabled, parse;
-            "CARACAL_KAFKA_BROKERS" => self.kafka.brokers, text;
-            "CARACAL_KAFKA_SECURITY_PROTOCOL" => self.kafka.security_protocol, text;
-            "CARACAL_KAFKA_SASL_MECHANISM" => self.kafka.sasl_mechanism, text;
-            "CARACAL_KAFKA_SASL_USERNAME" => self.kafka.sasl_username, text;
-            "CARACAL_KAFKA_SASL_PASSWORD" => self.kafka.sasl_password, text;
         }
+        let shared = EnvOverrides::new(&lookup);
+        self.database.apply_env(&shared)?;
+        self.kafka.apply_env(&shared)?;
         Ok(())
     }
 

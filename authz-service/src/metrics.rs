@@ -3,10 +3,6 @@
 //! Names follow the production guide's alert rules (`caracal_*`). Metrics are recorded
 //! with the `metrics` facade; one process-wide Prometheus recorder renders them.
 
-use std::sync::OnceLock;
-
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
 /// Admin API calls, labelled `method` and `code` (gRPC code name).
 pub const ADMIN_REQUESTS: &str = "caracal_admin_requests_total";
 /// Hot-path calls by method and status (allow | deny | ok | error); the guide's
@@ -29,38 +25,13 @@ pub const DB_POOL_CONNECTIONS: &str = "caracal_db_pool_connections";
 /// Idle PostgreSQL connections in the pool (sampled at scrape time).
 pub const DB_POOL_IDLE: &str = "caracal_db_pool_idle_connections";
 
-/// Latency buckets: the hot path lives in the sub-millisecond range, admin calls in
-/// the tens of milliseconds.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Installs the process-wide recorder once (tests start several servers per process).
+/// Installs the process-wide recorder (once; tests start several servers per
+/// process) and describes this service's metrics.
 pub fn init() {
-    HANDLE.get_or_init(|| {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS);
-        let recorder = match builder {
-            Ok(b) => b.build_recorder(),
-            Err(e) => {
-                tracing::warn!(error = %e, "invalid histogram buckets; using defaults");
-                PrometheusBuilder::new().build_recorder()
-            }
-        };
-        let handle = recorder.handle();
-        match metrics::set_global_recorder(recorder) {
-            Ok(()) => {
-                describe();
-                Some(handle)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "a metrics recorder is already installed");
-                None
-            }
-        }
-    });
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    if caracal_service_kit::metrics::init() {
+        DESCRIBED.call_once(describe);
+    }
 }
 
 fn describe() {
@@ -87,11 +58,4 @@ fn describe() {
     metrics::counter!(REDIS_ERRORS).absolute(0);
 }
 
-/// Text exposition of every metric recorded so far.
-pub fn render() -> String {
-    HANDLE
-        .get()
-        .and_then(Option::as_ref)
-        .map(PrometheusHandle::render)
-        .unwrap_or_default()
-}
+pub use caracal_service_kit::metrics::render;

@@ -311,22 +311,15 @@ impl Fields<'_> {
     }
 }
 
-/// The dead-letter record of a poison entry.
+/// The dead-letter record of a poison entry (the envelope every dead letter uses).
 pub fn dlq_record(
     stream: &str,
     entry_id: &str,
     fields: &BTreeMap<String, String>,
     error: &str,
 ) -> Vec<u8> {
-    serde_json::json!({
-        "original_stream": stream,
-        "entry_id": entry_id,
-        "fields": fields,
-        "error": error,
-        "consumer": DLQ_CONSUMER,
-    })
-    .to_string()
-    .into_bytes()
+    caracal_service_kit::dlq::DeadLetter::from_outbox(stream, entry_id, fields, error, DLQ_CONSUMER)
+        .to_json()
 }
 
 /// Entries in all outbox streams of the key space (sum of XLEN).

@@ -1,2 +1,24 @@
-//! Kafka consumers of Caracal's spend events. Placeholder until the consumers issue lands:
-//! ledger-writer, metrics-aggregator and audit-logger will live here.
+//! Kafka consumers of Caracal's events, each its own consumer group and separately
+//! deployable (`caracal-consumers <consumer>`).
+//!
+//! Reading order:
+//! - [`config`]: the consumers' configuration (`database`, `kafka`, `consumer`),
+//!   YAML + `CARACAL_*` overrides like the service.
+//! - [`runner`]: the consumer loop every consumer shares: batches per poll, manual
+//!   commits only after the batch is durable, dead letters, retries that wait
+//!   rather than skip, graceful shutdown.
+//! - [`lag`]: `kafka_consumer_lag{topic,partition,group}`, sampled.
+//! - [`health`]: `/health/live`, `/health/ready`, `/metrics`.
+//! - [`metrics`]: metric names.
+//! - [`ledger`]: the ledger-writer: `caracal.metering.events` -> `ledger_events`.
+//! - [`cli`]: the `caracal-consumers` command line.
+
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod lag;
+pub mod ledger;
+pub mod metrics;
+pub mod runner;
+
+pub use config::ConsumerConfig;

@@ -1,0 +1,105 @@
+//! `caracal-consumers [--config FILE] <consumer>`: one binary, one consumer per
+//! process (each its own consumer group, deployed and scaled on its own).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::ConsumerConfig;
+
+#[derive(Parser)]
+#[command(name = "caracal-consumers", version, about = "Caracal Kafka consumers")]
+struct Args {
+    /// YAML configuration file; `CARACAL_*` environment variables override its keys.
+    #[arg(long, short, env = "CARACAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines (for log shippers) instead of human-readable text.
+    #[arg(long, env = "CARACAL_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// caracal.metering.events -> the ledger_events table (group caracal-ledger-writer).
+    LedgerWriter,
+    /// Every topic -> audit_logs (not built yet).
+    AuditLogger,
+    /// Spend aggregates in Redis and anomaly detection (not built yet).
+    MetricsAggregator,
+    /// Apply pending database migrations and exit.
+    Migrate,
+}
+
+/// Parses the command line and runs the chosen consumer until SIGTERM/SIGINT.
+pub fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let config = ConsumerConfig::load(args.config.as_deref())?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(args.command, config))
+}
+
+async fn run(command: Command, config: ConsumerConfig) -> anyhow::Result<()> {
+    match command {
+        Command::LedgerWriter => {
+            let mut writer = crate::ledger::start(config).await?;
+            tracing::info!(http = %writer.http_addr, "ledger-writer serving /health and /metrics");
+            let stopped = tokio::select! {
+                result = writer.wait() => Some(result),
+                () = shutdown_signal() => None,
+            };
+            match stopped {
+                Some(result) => result.context("ledger-writer stopped"),
+                None => {
+                    tracing::info!("shutting down: finishing the batch in hand");
+                    writer.shutdown().await.context("ledger-writer shutdown")
+                }
+            }
+        }
+        Command::AuditLogger => anyhow::bail!("audit-logger is not built yet (issue 8, item 4)"),
+        Command::MetricsAggregator => {
+            anyhow::bail!("metrics-aggregator is not built yet (issue 8, item 5)")
+        }
+        Command::Migrate => {
+            let applied = caracal_service_kit::db::run_migrations(&config.database.url).await?;
+            tracing::info!(?applied, "migrations applied");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

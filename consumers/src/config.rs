@@ -1,0 +1,208 @@
+//! Consumer configuration: the service's `database` and `kafka` sections plus a
+//! `consumer` section, from a YAML file with `CARACAL_*` environment overrides.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use caracal_service_kit::{
+    config::{ConfigError, DatabaseConfig, EnvOverrides},
+    kafka::KafkaConfig,
+};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub consumer: ConsumerSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsumerSettings {
+    /// `/health/*` and `/metrics` listen address.
+    pub http_addr: SocketAddr,
+    /// Consumer group; empty: the consumer's own (`caracal-ledger-writer`, ...).
+    pub group_id: String,
+    /// Most messages written per batch (one transaction).
+    pub batch_size: usize,
+    /// How long a batch waits to fill after its first message, ms.
+    pub batch_wait_ms: u64,
+    /// Failed attempts at a batch before the consumer reports not ready (it keeps
+    /// retrying the same batch with capped backoff: it never skips).
+    pub max_retries: u32,
+    /// First retry delay, ms; doubles up to `maxBackoffMs`.
+    pub retry_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Group session timeout, ms: how soon a dead replica's partitions move on.
+    pub session_timeout_ms: u64,
+    /// Longest time between polls before the member is dropped from its group, ms;
+    /// also how long a rebalance waits for members that went silent.
+    pub max_poll_interval_ms: u64,
+    /// How often consumer lag is sampled, ms.
+    pub lag_interval_ms: u64,
+    /// Apply pending database migrations at start (serialised across processes).
+    pub run_migrations: bool,
+    /// On SIGTERM, how long the batch in hand may take to be written and committed, s.
+    pub shutdown_grace: u64,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 9465)),
+            group_id: String::new(),
+            batch_size: 2000,
+            batch_wait_ms: 50,
+            max_retries: 5,
+            retry_backoff_ms: 100,
+            max_backoff_ms: 5000,
+            session_timeout_ms: 10_000,
+            max_poll_interval_ms: 300_000,
+            lag_interval_ms: 5000,
+            run_migrations: true,
+            shutdown_grace: 30,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// Reads `path` (if given), then applies `CARACAL_*` environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config: Self = caracal_service_kit::config::read_yaml(path)?;
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies overrides; `lookup` is `std::env::var` in production, a map in tests.
+    pub fn apply_env(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let env = EnvOverrides::new(lookup);
+        self.database.apply_env(&env)?;
+        self.kafka.apply_env(&env)?;
+        let c = &mut self.consumer;
+        env.parse("CARACAL_CONSUMER_HTTP_ADDR", &mut c.http_addr)?;
+        env.text("CARACAL_CONSUMER_GROUP_ID", &mut c.group_id);
+        env.parse("CARACAL_CONSUMER_BATCH_SIZE", &mut c.batch_size)?;
+        env.parse("CARACAL_CONSUMER_BATCH_WAIT_MS", &mut c.batch_wait_ms)?;
+        env.parse("CARACAL_CONSUMER_MAX_RETRIES", &mut c.max_retries)?;
+        env.parse("CARACAL_CONSUMER_RETRY_BACKOFF_MS", &mut c.retry_backoff_ms)?;
+        env.parse("CARACAL_CONSUMER_MAX_BACKOFF_MS", &mut c.max_backoff_ms)?;
+        env.parse(
+            "CARACAL_CONSUMER_SESSION_TIMEOUT_MS",
+            &mut c.session_timeout_ms,
+        )?;
+        env.parse(
+            "CARACAL_CONSUMER_MAX_POLL_INTERVAL_MS",
+            &mut c.max_poll_interval_ms,
+        )?;
+        env.parse("CARACAL_CONSUMER_LAG_INTERVAL_MS", &mut c.lag_interval_ms)?;
+        env.parse("CARACAL_CONSUMER_RUN_MIGRATIONS", &mut c.run_migrations)?;
+        env.parse("CARACAL_CONSUMER_SHUTDOWN_GRACE", &mut c.shutdown_grace)?;
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.database.validate()?;
+        let c = &self.consumer;
+        if c.batch_size == 0 || c.retry_backoff_ms == 0 || c.lag_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "consumer.batchSize, retryBackoffMs and lagIntervalMs must be at least 1"
+                    .to_owned(),
+            ));
+        }
+        // One multi-row INSERT per batch; keep it well inside what one statement should carry.
+        if c.batch_size > 50_000 {
+            return Err(ConfigError::Invalid(
+                "consumer.batchSize must be at most 50000".to_owned(),
+            ));
+        }
+        if c.max_poll_interval_ms < c.session_timeout_ms {
+            return Err(ConfigError::Invalid(
+                "consumer.maxPollIntervalMs must be at least sessionTimeoutMs".to_owned(),
+            ));
+        }
+        if c.max_backoff_ms < c.retry_backoff_ms {
+            return Err(ConfigError::Invalid(
+                "consumer.maxBackoffMs must be at least retryBackoffMs".to_owned(),
+            ));
+        }
+        if self.kafka.brokers.is_empty()
+            || self.kafka.metering_topic.is_empty()
+            || self.kafka.dlq_topic.is_empty()
+        {
+            return Err(ConfigError::Invalid(
+                "kafka.brokers, kafka.meteringTopic and kafka.dlqTopic are required".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The group id, or `default` when none is configured.
+    pub fn group_id(&self, default: &str) -> String {
+        if self.consumer.group_id.is_empty() {
+            default.to_owned()
+        } else {
+            self.consumer.group_id.clone()
+        }
+    }
+
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_millis(self.consumer.batch_wait_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let c: ConsumerConfig =
+            caracal_service_kit::config::from_yaml(include_str!("../config.example.yaml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.consumer.batch_size, 2000);
+        assert_eq!(c.kafka.dlq_topic, "caracal.dlq");
+    }
+
+    #[test]
+    fn yaml_and_env_overrides() {
+        let mut c: ConsumerConfig = caracal_service_kit::config::from_yaml(
+            "database:\n  url: postgres://db/x\nkafka:\n  brokers: k:1\nconsumer:\n  batchSize: 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.consumer.batch_size, 10);
+        assert_eq!(c.group_id("caracal-ledger-writer"), "caracal-ledger-writer");
+        let env: HashMap<&str, &str> = [
+            ("CARACAL_CONSUMER_GROUP_ID", "g2"),
+            ("CARACAL_KAFKA_BROKERS", "k:2"),
+            ("CARACAL_DATABASE_URL", "postgres://db/y"),
+            ("CARACAL_CONSUMER_HTTP_ADDR", "127.0.0.1:0"),
+        ]
+        .into_iter()
+        .collect();
+        c.apply_env(|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(c.group_id("x"), "g2");
+        assert_eq!(c.kafka.brokers, "k:2");
+        assert_eq!(c.database.url, "postgres://db/y");
+        assert_eq!(c.consumer.http_addr.port(), 0);
+        c.validate().unwrap();
+        c.consumer.batch_size = 0;
+        assert!(c.validate().is_err());
+        let err = c
+            .apply_env(|k| (k == "CARACAL_CONSUMER_BATCH_SIZE").then(|| "lots".to_owned()))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("CARACAL_CONSUMER_BATCH_SIZE"),
+            "{err}"
+        );
+        assert!(caracal_service_kit::config::from_yaml::<ConsumerConfig>(
+            "consumer:\n  batchSzie: 1\n"
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,116 @@
+//! What `/health/ready` reports for a consumer, and the probe server.
+//!
+//! Ready means: the database answers, the consumer has joined its group (it has
+//! received an assignment, possibly empty when there are more replicas than
+//! partitions) and it is not stuck retrying a batch (after `maxRetries` failed
+//! attempts it keeps retrying, but reports not ready so the platform sees it).
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::Duration,
+};
+
+use caracal_service_kit::{db::Pool, http::Probe};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+/// Bound on the readiness database check.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Shared between the consumer loop (writer) and the probes (readers).
+#[derive(Default)]
+pub struct HealthState {
+    assigned: AtomicBool,
+    waiting: Mutex<Option<String>>,
+    pool: OnceLock<Pool>,
+}
+
+impl HealthState {
+    pub fn set_assigned(&self, assigned: bool) {
+        self.assigned.store(assigned, Ordering::SeqCst);
+    }
+
+    pub fn assigned(&self) -> bool {
+        self.assigned.load(Ordering::SeqCst)
+    }
+
+    /// `Some(reason)`: stuck retrying (not ready); `None`: making progress.
+    pub fn set_waiting(&self, reason: Option<String>) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = reason;
+        }
+    }
+
+    pub fn waiting(&self) -> Option<String> {
+        self.waiting.lock().ok().and_then(|w| w.clone())
+    }
+
+    /// The database pool, once the consumer has connected.
+    pub fn set_pool(&self, pool: Pool) {
+        let _ = self.pool.set(pool);
+    }
+}
+
+#[derive(Clone)]
+struct ConsumerProbe(Arc<HealthState>);
+
+impl Probe for ConsumerProbe {
+    fn checks(&self) -> impl Future<Output = Vec<(&'static str, Result<(), String>)>> + Send {
+        let state = self.0.clone();
+        async move {
+            let database = match state.pool.get() {
+                Some(pool) => caracal_service_kit::db::ping(pool, CHECK_TIMEOUT).await,
+                None => Err("not connected yet".to_owned()),
+            };
+            let kafka = if state.assigned() {
+                Ok(())
+            } else {
+                Err("no partition assignment yet".to_owned())
+            };
+            let processing = match state.waiting() {
+                None => Ok(()),
+                Some(reason) => Err(format!("retrying a batch: {reason}")),
+            };
+            vec![
+                ("database", database),
+                ("kafka", kafka),
+                ("processing", processing),
+            ]
+        }
+    }
+}
+
+/// Serves `/health/live`, `/health/ready`, `/metrics` on `listener` until `shutdown`.
+pub fn serve(
+    listener: TcpListener,
+    state: Arc<HealthState>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let app = caracal_service_kit::http::router(ConsumerProbe(state));
+    tokio::spawn(async move {
+        let stop = async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::warn!(error = %e, "health server stopped");
+        }
+    })
+}
+
+/// Binds the probe listener (port 0: a free port).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}

@@ -1,0 +1,590 @@
+//! The ledger-writer: `caracal.metering.events` -> `ledger_events`.
+//!
+//! Each message is a [`ChargeEvent`] as the outbox relay encodes it (protobuf
+//! value, key = root agent id, headers `event_id`, `event_type`, `schema_version`).
+//! It is validated ([`decode`]) and written with every field, plus where it was
+//! read (topic, partition, offset). A batch is one multi-row
+//! `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`: one statement,
+//! one transaction, and a redelivered event (same id, same time) changes nothing.
+//! See the migration `*_ledger_events` for the table, its monthly partitions and
+//! the rule for superseded charges (`late_settle`).
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use caracal_proto::v1::{ChargeEvent, Money};
+use caracal_service_kit::db::{self, Pool};
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Integer, Text, Timestamptz};
+use diesel_async::RunQueryDsl;
+use prost::Message as _;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    config::ConsumerConfig,
+    health::{self, HealthState},
+    lag,
+    runner::{self, Handler, RawMessage, Runner},
+};
+
+/// The `consumer` label.
+pub const CONSUMER: &str = "ledger-writer";
+/// The consumer group unless configured otherwise.
+pub const DEFAULT_GROUP: &str = "caracal-ledger-writer";
+/// Event schema versions this writer understands.
+pub const KNOWN_SCHEMA_VERSIONS: &[u32] = &[1];
+/// Largest amount accepted, micro-units (1e9 currency units): anything above is a
+/// corrupt event, and sums of many such stay far inside BIGINT.
+pub const MAX_MICROS: i64 = 1_000_000_000_000_000;
+/// Longest id accepted (the table's CHECK).
+const MAX_ID_LEN: usize = 200;
+/// How often the monthly partitions ahead are (re)created.
+const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
+/// Months created ahead of the current one.
+const PARTITIONS_AHEAD: i32 = 2;
+
+/// One `ledger_events` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerRow {
+    pub event_id: String,
+    pub kind: String,
+    pub reservation_id: String,
+    pub request_id: String,
+    pub agent_id: uuid::Uuid,
+    pub root_agent_id: uuid::Uuid,
+    pub policy_ids: Vec<String>,
+    pub currency: String,
+    pub reserved_micros: i64,
+    pub charged_micros: i64,
+    pub overshoot_micros: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub provider: String,
+    pub model: String,
+    pub price_version: i32,
+    pub schema_version: i32,
+    pub occurred_at: DateTime<Utc>,
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+}
+
+fn text(name: &str, value: &str, required: bool) -> Result<String, String> {
+    if required && value.is_empty() {
+        return Err(format!("{name} is missing"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(format!("{name} is longer than {MAX_ID_LEN} bytes"));
+    }
+    // PostgreSQL text cannot hold NUL.
+    if value.contains('\0') {
+        return Err(format!("{name} contains a NUL character"));
+    }
+    Ok(value.to_owned())
+}
+
+fn agent(name: &str, value: &str) -> Result<uuid::Uuid, String> {
+    if value.is_empty() {
+        return Err(format!("{name} is missing"));
+    }
+    uuid::Uuid::parse_str(value).map_err(|_| format!("{name} is not a UUID: {value:?}"))
+}
+
+fn amount(name: &str, money: Option<&Money>) -> Result<(i64, String), String> {
+    let money = money.ok_or_else(|| format!("{name} is missing"))?;
+    if !(0..=MAX_MICROS).contains(&money.micros) {
+        return Err(format!(
+            "{name} is out of range: {} micros (0..={MAX_MICROS})",
+            money.micros
+        ));
+    }
+    if money.currency.len() != 3 || !money.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "{name}: currency is not three capital letters: {:?}",
+            money.currency
+        ));
+    }
+    Ok((money.micros, money.currency.clone()))
+}
+
+fn tokens(name: &str, n: u64) -> Result<i64, String> {
+    i64::try_from(n).map_err(|_| format!("{name} is out of range: {n}"))
+}
+
+/// Decodes and validates one metering message. The error is the dead-letter reason.
+pub fn decode(msg: &RawMessage) -> Result<LedgerRow, String> {
+    if let Some(v) = msg.header("schema_version") {
+        let v = std::str::from_utf8(v).unwrap_or("");
+        match v.trim().parse::<u32>() {
+            Ok(n) if KNOWN_SCHEMA_VERSIONS.contains(&n) => {}
+            _ => return Err(format!("unknown schema version {v:?} (header)")),
+        }
+    }
+    let payload = msg.payload.as_deref().ok_or("message has no value")?;
+    let ev = ChargeEvent::decode(payload).map_err(|e| format!("not a ChargeEvent: {e}"))?;
+    if !KNOWN_SCHEMA_VERSIONS.contains(&ev.schema_version) {
+        return Err(format!("unknown schema version {}", ev.schema_version));
+    }
+    let kind = match ev.kind.as_str() {
+        k @ ("settle" | "expire_charge" | "late_settle") => k.to_owned(),
+        "" => return Err("kind is missing".to_owned()),
+        other => return Err(format!("unknown kind {other:?}")),
+    };
+    let (reserved, currency) = amount("reserved", ev.reserved.as_ref())?;
+    let (charged, charged_currency) = amount("charged", ev.charged.as_ref())?;
+    if charged_currency != currency {
+        return Err(format!(
+            "reserved and charged differ in currency: {currency} / {charged_currency}"
+        ));
+    }
+    if !(0..=MAX_MICROS).contains(&ev.overshoot_micros) {
+        return Err(format!(
+            "overshoot_micros is out of range: {}",
+            ev.overshoot_micros
+        ));
+    }
+    if ev.price_version < 0 {
+        return Err(format!("price_version is negative: {}", ev.price_version));
+    }
+    let usage = ev.usage.unwrap_or_default();
+    let ts = ev.occurred_at.ok_or("occurred_at is missing")?;
+    let nanos = u32::try_from(ts.nanos).map_err(|_| "occurred_at: bad nanos".to_owned())?;
+    let occurred_at = DateTime::from_timestamp(ts.seconds, nanos)
+        .filter(|t| t.timestamp() > 0)
+        .ok_or_else(|| format!("occurred_at is out of range: {}s", ts.seconds))?;
+    let policy_ids = ev
+        .policy_ids
+        .iter()
+        .map(|p| text("policy_ids", p, true))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(LedgerRow {
+        event_id: text("event_id", &ev.event_id, true)?,
+        kind,
+        reservation_id: text("reservation_id", &ev.reservation_id, true)?,
+        request_id: text("request_id", &ev.request_id, false)?,
+        agent_id: agent("agent_id", &ev.agent_id)?,
+        root_agent_id: agent("root_agent_id", &ev.root_agent_id)?,
+        policy_ids,
+        currency,
+        reserved_micros: reserved,
+        charged_micros: charged,
+        overshoot_micros: ev.overshoot_micros,
+        input_tokens: tokens("input_tokens", usage.input_tokens)?,
+        output_tokens: tokens("output_tokens", usage.output_tokens)?,
+        cached_input_tokens: tokens("cached_input_tokens", usage.cached_input_tokens)?,
+        provider: text("provider", &ev.provider, false)?,
+        model: text("model", &ev.model, false)?,
+        price_version: ev.price_version,
+        // Known versions are small.
+        schema_version: i32::try_from(ev.schema_version).unwrap_or(i32::MAX),
+        occurred_at,
+        kafka_topic: msg.topic.clone(),
+        kafka_partition: msg.partition,
+        kafka_offset: msg.offset,
+    })
+}
+
+const INSERT: &str = "\
+INSERT INTO ledger_events (event_id, kind, reservation_id, request_id, agent_id, root_agent_id,
+    policy_ids, currency, reserved_micros, charged_micros, overshoot_micros, input_tokens,
+    output_tokens, cached_input_tokens, provider, model, price_version, schema_version,
+    occurred_at, kafka_topic, kafka_partition, kafka_offset)
+SELECT e, k, r, rq, a, ra, ARRAY(SELECT jsonb_array_elements_text(p::jsonb)), c, rs, ch, o,
+    it, ot, ct, pv, m, prv, sv, oa, t, kp, ko
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], $7::text[],
+    $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[],
+    $15::text[], $16::text[], $17::int4[], $18::int4[], $19::timestamptz[], $20::text[],
+    $21::int4[], $22::int8[])
+  AS u(e, k, r, rq, a, ra, p, c, rs, ch, o, it, ot, ct, pv, m, prv, sv, oa, t, kp, ko)
+ON CONFLICT DO NOTHING";
+
+/// Writes `rows` in one statement; returns how many were new (the rest were
+/// already in the ledger).
+pub async fn insert_rows(
+    conn: &mut diesel_async::AsyncPgConnection,
+    rows: &[LedgerRow],
+) -> Result<usize, diesel::result::Error> {
+    fn col<T>(rows: &[LedgerRow], f: impl Fn(&LedgerRow) -> T) -> Vec<T> {
+        rows.iter().map(f).collect()
+    }
+    diesel::sql_query(INSERT)
+        .bind::<Array<Text>, _>(col(rows, |r| r.event_id.clone()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.kind.clone()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.reservation_id.clone()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.request_id.clone()))
+        .bind::<Array<diesel::sql_types::Uuid>, _>(col(rows, |r| r.agent_id))
+        .bind::<Array<diesel::sql_types::Uuid>, _>(col(rows, |r| r.root_agent_id))
+        .bind::<Array<Text>, _>(col(rows, |r| {
+            serde_json::to_string(&r.policy_ids).unwrap_or_else(|_| "[]".to_owned())
+        }))
+        .bind::<Array<Text>, _>(col(rows, |r| r.currency.clone()))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.reserved_micros))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.charged_micros))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.overshoot_micros))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.input_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.output_tokens))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.cached_input_tokens))
+        .bind::<Array<Text>, _>(col(rows, |r| r.provider.clone()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.model.clone()))
+        .bind::<Array<Integer>, _>(col(rows, |r| r.price_version))
+        .bind::<Array<Integer>, _>(col(rows, |r| r.schema_version))
+        .bind::<Array<Timestamptz>, _>(col(rows, |r| r.occurred_at))
+        .bind::<Array<Text>, _>(col(rows, |r| r.kafka_topic.clone()))
+        .bind::<Array<Integer>, _>(col(rows, |r| r.kafka_partition))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.kafka_offset))
+        .execute(conn)
+        .await
+}
+
+/// Creates the current month's partition and the next [`PARTITIONS_AHEAD`] when
+/// missing; returns how many were created.
+pub async fn ensure_partitions(pool: &Pool) -> Result<i32, String> {
+    #[derive(diesel::QueryableByName)]
+    struct Created {
+        #[diesel(sql_type = Integer)]
+        n: i32,
+    }
+    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+    let row: Created = diesel::sql_query("SELECT ledger_ensure_partitions($1) AS n")
+        .bind::<Integer, _>(PARTITIONS_AHEAD)
+        .get_result(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.n)
+}
+
+/// The [`Handler`] that writes the ledger.
+pub struct LedgerWriter {
+    pool: Pool,
+}
+
+impl LedgerWriter {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+}
+
+impl Handler for LedgerWriter {
+    type Item = LedgerRow;
+
+    fn name(&self) -> &'static str {
+        CONSUMER
+    }
+
+    fn decode(&self, msg: &RawMessage) -> Result<LedgerRow, String> {
+        decode(msg)
+    }
+
+    fn write(&self, items: &[LedgerRow]) -> impl Future<Output = Result<(), String>> + Send {
+        let pool = self.pool.clone();
+        async move {
+            let mut conn = pool
+                .get()
+                .await
+                .map_err(|e| format!("database unavailable: {e}"))?;
+            let inserted = insert_rows(&mut conn, items)
+                .await
+                .map_err(|e| format!("insert failed: {e}"))?;
+            if inserted < items.len() {
+                tracing::debug!(
+                    duplicates = items.len() - inserted,
+                    "events already in the ledger (redelivery)"
+                );
+            }
+            Ok(())
+        }
+    }
+
+    fn reachable(&self) -> impl Future<Output = bool> + Send {
+        let pool = self.pool.clone();
+        async move { db::ping(&pool, PING_TIMEOUT).await.is_ok() }
+    }
+}
+
+/// Bound on the reachability check.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("binding the health listener: {0}")]
+    Listen(#[from] std::io::Error),
+    #[error(transparent)]
+    Kafka(#[from] runner::RunnerError),
+    #[error("the ledger-writer task failed: {0}")]
+    Task(String),
+}
+
+/// A running ledger-writer (started in-process by [`start`]).
+pub struct RunningLedgerWriter {
+    /// Where `/health/*` and `/metrics` are served.
+    pub http_addr: SocketAddr,
+    pub health: Arc<HealthState>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), LedgerError>>,
+    http: JoinHandle<()>,
+}
+
+impl RunningLedgerWriter {
+    /// Stops polling, finishes and commits the batch in hand, leaves the group.
+    pub async fn shutdown(self) -> Result<(), LedgerError> {
+        let _ = self.shutdown.send(true);
+        let result = self
+            .task
+            .await
+            .map_err(|e| LedgerError::Task(e.to_string()))?;
+        let _ = self.http.await;
+        result
+    }
+
+    /// Waits until the writer stops by itself (it does not, unless it fails).
+    pub async fn wait(&mut self) -> Result<(), LedgerError> {
+        (&mut self.task)
+            .await
+            .map_err(|e| LedgerError::Task(e.to_string()))?
+    }
+}
+
+/// Retries `f` with capped backoff until it succeeds or shutdown is asked for.
+async fn until_ok<T, F, Fut>(what: &str, shutdown: &watch::Receiver<bool>, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying");
+            }
+        }
+        if *shutdown.borrow() {
+            return None;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Starts the ledger-writer: binds `/health` + `/metrics` at once, then (in the
+/// background, retrying until the database answers) applies migrations, creates
+/// the partitions ahead and consumes.
+pub async fn start(config: ConsumerConfig) -> Result<RunningLedgerWriter, LedgerError> {
+    crate::metrics::init();
+    let health = Arc::new(HealthState::default());
+    let (shutdown, rx) = watch::channel(false);
+    let (listener, http_addr) = health::bind(config.consumer.http_addr).await?;
+    let http = health::serve(listener, health.clone(), rx.clone());
+    let group = config.group_id(DEFAULT_GROUP);
+    let state = health.clone();
+    let task: JoinHandle<Result<(), LedgerError>> = tokio::spawn(async move {
+        let shutdown = rx;
+        if config.consumer.run_migrations {
+            let url = config.database.url.clone();
+            let applied = until_ok("applying migrations", &shutdown, || {
+                let url = url.clone();
+                async move { db::run_migrations(&url).await.map_err(|e| e.to_string()) }
+            })
+            .await;
+            let Some(applied) = applied else {
+                return Ok(());
+            };
+            if !applied.is_empty() {
+                tracing::info!(?applied, "migrations applied");
+            }
+        }
+        let Some(pool) = until_ok("connecting to PostgreSQL", &shutdown, || {
+            let database = config.database.clone();
+            async move { db::connect(&database).await.map_err(|e| e.to_string()) }
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        state.set_pool(pool.clone());
+        // Join the group only once the database answers: a member that cannot
+        // write would hold its partitions without progress.
+        let (consumer, producer) = runner::connect(
+            &config.kafka,
+            &config,
+            &group,
+            &[config.kafka.metering_topic.as_str()],
+            state.clone(),
+        )?;
+        let maintenance = {
+            let (pool, mut shutdown) = (pool.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    match ensure_partitions(&pool).await {
+                        Ok(n) if n > 0 => tracing::info!(created = n, "ledger partitions created"),
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(%error, "creating ledger partitions failed; retrying later")
+                        }
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(PARTITIONS_EVERY) => {}
+                        changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
+                    }
+                }
+            })
+        };
+        let lag = lag::spawn_sampler(
+            consumer.clone(),
+            group.clone(),
+            Duration::from_millis(config.consumer.lag_interval_ms),
+            shutdown.clone(),
+        );
+        Runner::new(
+            LedgerWriter::new(pool),
+            consumer.clone(),
+            producer,
+            &config,
+            &group,
+            state,
+        )
+        .run(shutdown)
+        .await;
+        maintenance.abort();
+        let _ = lag.await;
+        // The last handle: dropping it closes the consumer, which leaves the group,
+        // so the partitions move to another replica at once.
+        drop(consumer);
+        Ok(())
+    });
+    Ok(RunningLedgerWriter {
+        http_addr,
+        health,
+        shutdown,
+        task,
+        http,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caracal_proto::v1::TokenUsage;
+
+    fn event() -> ChargeEvent {
+        let money = |micros| Money {
+            currency: "USD".into(),
+            micros,
+            amount: String::new(),
+        };
+        ChargeEvent {
+            schema_version: 1,
+            event_id: "r1/settle".into(),
+            kind: "settle".into(),
+            reservation_id: "r1".into(),
+            request_id: "q1".into(),
+            agent_id: uuid::Uuid::new_v4().to_string(),
+            root_agent_id: uuid::Uuid::new_v4().to_string(),
+            reserved: Some(money(100)),
+            charged: Some(money(150)),
+            overshoot_micros: 50,
+            usage: Some(TokenUsage {
+                input_tokens: 1,
+                output_tokens: 2,
+                cached_input_tokens: 3,
+            }),
+            provider: "openai".into(),
+            model: "gpt".into(),
+            price_version: 4,
+            policy_ids: vec!["p1".into(), "p2".into()],
+            occurred_at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5_000_000,
+            }),
+        }
+    }
+
+    fn msg(ev: &ChargeEvent) -> RawMessage {
+        RawMessage {
+            topic: "caracal.metering.events".into(),
+            partition: 2,
+            offset: 7,
+            key: Some(ev.root_agent_id.clone().into_bytes()),
+            payload: Some(ev.encode_to_vec()),
+            headers: vec![("schema_version".into(), Some(b"1".to_vec()))],
+        }
+    }
+
+    #[test]
+    fn a_charge_event_becomes_its_row() {
+        let ev = event();
+        let row = decode(&msg(&ev)).unwrap();
+        assert_eq!(row.event_id, "r1/settle");
+        assert_eq!(row.charged_micros, 150);
+        assert_eq!(row.overshoot_micros, 50);
+        assert_eq!(row.cached_input_tokens, 3);
+        assert_eq!(row.policy_ids, vec!["p1", "p2"]);
+        assert_eq!(row.occurred_at.timestamp_millis(), 1_700_000_000_005);
+        assert_eq!((row.kafka_partition, row.kafka_offset), (2, 7));
+    }
+
+    #[test]
+    fn poison_is_named() {
+        type Change = Box<dyn Fn(&mut ChargeEvent)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|e: &mut ChargeEvent| e.schema_version = 9),
+                "schema version",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| e.event_id.clear()),
+                "event_id is missing",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| e.agent_id.clear()),
+                "agent_id is missing",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| e.root_agent_id = "x".into()),
+                "not a UUID",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| e.reservation_id.clear()),
+                "reservation_id is missing",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| e.charged.as_mut().unwrap().micros = -1),
+                "out of range",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| {
+                    e.reserved.as_mut().unwrap().micros = MAX_MICROS + 1
+                }),
+                "out of range",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| e.charged.as_mut().unwrap().currency = "usd".into()),
+                "currency",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| e.kind = "refund".into()),
+                "unknown kind",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| e.occurred_at = None),
+                "occurred_at",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| e.model = "a\0b".into()),
+                "NUL",
+            ),
+        ];
+        for (change, reason) in cases {
+            let mut ev = event();
+            change(&mut ev);
+            let err = decode(&msg(&ev)).unwrap_err();
+            assert!(err.contains(reason), "{err} should mention {reason}");
+        }
+        let mut garbage = msg(&event());
+        garbage.payload = Some(vec![0xff; 16]);
+        assert!(decode(&garbage).unwrap_err().contains("not a ChargeEvent"));
+        let mut header = msg(&event());
+        header.headers = vec![("schema_version".into(), Some(b"2".to_vec()))];
+        assert!(decode(&header).unwrap_err().contains("schema version"));
+    }
+}

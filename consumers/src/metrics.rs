@@ -1,0 +1,36 @@
+//! Metric names of the consumers (the guide's alert rules read them).
+
+/// Events written (or recognised as already written), labelled `consumer`.
+pub const EVENTS_PROCESSED: &str = "caracal_consumer_events_processed_total";
+/// Seconds from a batch's first message in hand to its offsets committed.
+pub const PROCESSING_SECONDS: &str = "caracal_consumer_processing_seconds";
+/// Failures, labelled `consumer` and `kind`: `db`, `kafka`, `commit`, `dlq`, `poison`.
+pub const ERRORS: &str = "caracal_consumer_errors_total";
+/// Messages sent to the dead-letter topic, labelled `consumer`.
+pub const DLQ_MESSAGES: &str = "caracal_dlq_messages_total";
+/// High watermark minus committed offset, labelled `topic`, `partition`, `group`.
+pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
+/// Batches written (the size histogram's count), labelled `consumer`.
+pub const BATCH_SIZE: &str = "caracal_consumer_batch_size";
+
+/// Installs the recorder and describes the metrics.
+pub fn init() {
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    if caracal_service_kit::metrics::init() {
+        DESCRIBED.call_once(|| {
+            metrics::describe_counter!(EVENTS_PROCESSED, "Events processed, by consumer");
+            metrics::describe_histogram!(
+                PROCESSING_SECONDS,
+                metrics::Unit::Seconds,
+                "Seconds from a batch in hand to its offsets committed"
+            );
+            metrics::describe_counter!(ERRORS, "Consumer failures, by consumer and kind");
+            metrics::describe_counter!(DLQ_MESSAGES, "Messages sent to the dead-letter topic");
+            metrics::describe_gauge!(
+                CONSUMER_LAG,
+                "Messages not yet committed: high watermark - committed offset"
+            );
+            metrics::describe_histogram!(BATCH_SIZE, "Messages per processed batch");
+        });
+    }
+}

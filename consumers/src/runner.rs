@@ -1,0 +1,523 @@
+//! The consumer loop every consumer shares.
+//!
+//! - One poll gathers a batch (up to `batchSize` messages, waiting at most
+//!   `batchWaitMs` after the first). Messages of a partition arrive in offset order
+//!   and the batch is handled as a whole, so per-partition order is kept.
+//! - Each message is decoded and validated by the [`Handler`]; one that fails is
+//!   poison: it goes to the dead-letter topic (the shared
+//!   [`caracal_service_kit::dlq::DeadLetter`] envelope) and the consumer moves on.
+//! - The good ones are written by the handler in one transaction. A failure (the
+//!   database is down) is retried with capped exponential backoff, indefinitely:
+//!   after `maxRetries` attempts the consumer reports not ready, but it never skips
+//!   a batch and never commits past it. Only when the store answers and still
+//!   refuses the batch after `maxRetries` attempts are the items written one by
+//!   one, and those it refuses go to the dead-letter topic with their retry count.
+//! - Only once the batch is durable (and its dead letters acknowledged by Kafka)
+//!   are its offsets committed, synchronously, with an explicit partition list.
+//!   A crash before the commit replays the batch; the handler's writes are
+//!   idempotent (event ids), so a replay is a no-op.
+//! - On shutdown polling stops, the batch in hand is finished and committed
+//!   (within `shutdownGrace`), and the consumer leaves its group.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use caracal_service_kit::{
+    dlq::DeadLetter,
+    kafka::{consumer_config, producer_config, KafkaConfig},
+};
+use rdkafka::{
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    ClientContext, Offset, TopicPartitionList,
+};
+use tokio::sync::watch;
+
+use crate::{config::ConsumerConfig, health::HealthState, metrics as m};
+
+/// At most one log line per kind of trouble in this interval.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Pause after a failed poll.
+const POLL_ERROR_PAUSE: Duration = Duration::from_millis(200);
+
+/// A consumed message, owned (the batch outlives the poll that read it).
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl RawMessage {
+    fn from_borrowed(msg: &BorrowedMessage<'_>) -> Self {
+        let headers = msg
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    /// The first header named `name` that has a value.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, v)| k == name && v.is_some())
+            .and_then(|(_, v)| v.as_deref())
+    }
+}
+
+/// What a consumer does with its messages.
+pub trait Handler: Send + Sync + 'static {
+    /// A decoded, validated message.
+    type Item: Send + Sync;
+
+    /// The `consumer` label of metrics and logs (`ledger-writer`).
+    fn name(&self) -> &'static str;
+
+    /// Decodes and validates one message; the error (the reason) makes it poison.
+    fn decode(&self, msg: &RawMessage) -> Result<Self::Item, String>;
+
+    /// Writes a batch durably, in one transaction, idempotently (a replay of the
+    /// same items changes nothing). An error is retried.
+    fn write(&self, items: &[Self::Item]) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Whether the store answers at all (a failed write while it answers means
+    /// the items are refused, not that the store is down).
+    fn reachable(&self) -> impl Future<Output = bool> + Send;
+}
+
+/// Tracks the group assignment for readiness.
+pub struct Ctx {
+    health: Arc<HealthState>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                self.health.set_assigned(true);
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                self.health.set_assigned(false);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+pub type KafkaConsumer = StreamConsumer<Ctx>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// Creates the group consumer (subscribed to `topics`) and the dead-letter producer.
+pub fn connect(
+    kafka: &KafkaConfig,
+    config: &ConsumerConfig,
+    group: &str,
+    topics: &[&str],
+    health: Arc<HealthState>,
+) -> Result<(Arc<KafkaConsumer>, FutureProducer), RunnerError> {
+    let mut cc = consumer_config(kafka, group);
+    cc.set(
+        "session.timeout.ms",
+        config.consumer.session_timeout_ms.to_string(),
+    )
+    .set(
+        "heartbeat.interval.ms",
+        (config.consumer.session_timeout_ms / 3)
+            .max(100)
+            .to_string(),
+    )
+    .set(
+        "max.poll.interval.ms",
+        config.consumer.max_poll_interval_ms.to_string(),
+    )
+    .set("fetch.wait.max.ms", "100");
+    let consumer: KafkaConsumer = cc.create_with_context(Ctx { health })?;
+    consumer.subscribe(topics)?;
+    let producer: FutureProducer = producer_config(kafka).create()?;
+    Ok((Arc::new(consumer), producer))
+}
+
+/// Logs a kind of trouble at most once per [`LOG_EVERY`].
+#[derive(Default)]
+struct LogLimit(Option<Instant>);
+
+impl LogLimit {
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        if self.0.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
+            return false;
+        }
+        self.0 = Some(now);
+        true
+    }
+}
+
+/// A message that goes to the dead-letter topic.
+struct Poison<'a> {
+    msg: &'a RawMessage,
+    reason: String,
+    /// Attempts made before giving up (0: decoding/validation, not retried).
+    retries: u32,
+    first_failed: chrono::DateTime<chrono::Utc>,
+}
+
+/// Whether a batch was finished.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Committed,
+    /// Shutdown came while the batch could not be written: it stays uncommitted
+    /// (and is read again by whoever takes the partition).
+    Abandoned,
+}
+
+/// One consumer: its handler, Kafka clients and settings.
+pub struct Runner<H: Handler> {
+    handler: H,
+    consumer: Arc<KafkaConsumer>,
+    producer: FutureProducer,
+    group: String,
+    dlq_topic: String,
+    batch_size: usize,
+    batch_wait: Duration,
+    max_retries: u32,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    grace: Duration,
+    health: Arc<HealthState>,
+    kafka_log: LogLimit,
+    db_log: LogLimit,
+}
+
+impl<H: Handler> Runner<H> {
+    pub fn new(
+        handler: H,
+        consumer: Arc<KafkaConsumer>,
+        producer: FutureProducer,
+        config: &ConsumerConfig,
+        group: &str,
+        health: Arc<HealthState>,
+    ) -> Self {
+        let c = &config.consumer;
+        Self {
+            handler,
+            consumer,
+            producer,
+            group: group.to_owned(),
+            dlq_topic: config.kafka.dlq_topic.clone(),
+            batch_size: c.batch_size.max(1),
+            batch_wait: config.batch_wait(),
+            max_retries: c.max_retries,
+            backoff_min: Duration::from_millis(c.retry_backoff_ms.max(1)),
+            backoff_max: Duration::from_millis(c.max_backoff_ms.max(c.retry_backoff_ms.max(1))),
+            grace: Duration::from_secs(c.shutdown_grace),
+            health,
+            kafka_log: LogLimit::default(),
+            db_log: LogLimit::default(),
+        }
+    }
+
+    /// Consumes until `shutdown` becomes true (or its sender is dropped).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let name = self.handler.name();
+        tracing::info!(consumer = name, group = %self.group, "consumer started");
+        let mut batch: Vec<RawMessage> = Vec::with_capacity(self.batch_size);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let first = tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                msg = self.consumer.recv() => msg.map(|m| RawMessage::from_borrowed(&m)),
+            };
+            match first {
+                Ok(msg) => batch.push(msg),
+                Err(e) => {
+                    self.kafka_trouble(&e.to_string());
+                    tokio::time::sleep(POLL_ERROR_PAUSE).await;
+                    continue;
+                }
+            }
+            let deadline = tokio::time::Instant::now() + self.batch_wait;
+            while batch.len() < self.batch_size && !*shutdown.borrow() {
+                let next = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                    Ok(Ok(msg)) => Ok(Some(RawMessage::from_borrowed(&msg))),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Ok(None),
+                };
+                match next {
+                    Ok(Some(msg)) => batch.push(msg),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.kafka_trouble(&e);
+                        break;
+                    }
+                }
+            }
+            let taken = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
+            if self.process(taken, &shutdown).await == Outcome::Abandoned {
+                break;
+            }
+        }
+        tracing::info!(consumer = name, group = %self.group, "consumer stopped");
+    }
+
+    fn kafka_trouble(&mut self, error: &str) {
+        metrics::counter!(m::ERRORS, "consumer" => self.handler.name(), "kind" => "kafka")
+            .increment(1);
+        if self.kafka_log.allow() {
+            tracing::warn!(consumer = self.handler.name(), %error, "Kafka error (retrying)");
+        }
+    }
+
+    /// When shutdown has been asked for: the moment the batch in hand must be given up.
+    fn give_up_at(&self, shutdown: &watch::Receiver<bool>, at: &mut Option<Instant>) -> bool {
+        if *shutdown.borrow() || shutdown.has_changed().is_err() {
+            let deadline = *at.get_or_insert_with(|| Instant::now() + self.grace);
+            return Instant::now() >= deadline;
+        }
+        false
+    }
+
+    async fn process(
+        &mut self,
+        batch: Vec<RawMessage>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Outcome {
+        let started = Instant::now();
+        let name = self.handler.name();
+        let mut items = Vec::with_capacity(batch.len());
+        // The message of each item (same index), for a dead letter.
+        let mut sources: Vec<&RawMessage> = Vec::with_capacity(batch.len());
+        let mut poison: Vec<Poison<'_>> = Vec::new();
+        for msg in &batch {
+            match self.handler.decode(msg) {
+                Ok(item) => {
+                    items.push(item);
+                    sources.push(msg);
+                }
+                Err(reason) => poison.push(Poison {
+                    msg,
+                    reason,
+                    retries: 0,
+                    first_failed: chrono::Utc::now(),
+                }),
+            }
+        }
+
+        let mut give_up: Option<Instant> = None;
+        if !items.is_empty() {
+            let mut attempt: u32 = 0;
+            let mut backoff = self.backoff_min;
+            let mut first_failed = None;
+            loop {
+                let error = match self.handler.write(&items).await {
+                    Ok(()) => break,
+                    Err(error) => error,
+                };
+                let failed_at = *first_failed.get_or_insert_with(chrono::Utc::now);
+                attempt = attempt.saturating_add(1);
+                metrics::counter!(m::ERRORS, "consumer" => name, "kind" => "db").increment(1);
+                if self.db_log.allow() {
+                    tracing::warn!(consumer = name, %error, attempt, retry_in = ?backoff,
+                        "writing a batch failed; retrying the same batch (nothing is skipped)");
+                }
+                if attempt >= self.max_retries {
+                    // The store answers, yet the batch keeps failing: some item is
+                    // refused. Write them one by one; what the store still refuses
+                    // (while answering) is a dead letter. If the store stops
+                    // answering meanwhile, this is an outage: wait.
+                    if self.handler.reachable().await {
+                        if let Some(refused) = self.isolate(&items, attempt).await {
+                            for (i, reason) in refused {
+                                poison.push(Poison {
+                                    msg: sources[i],
+                                    reason,
+                                    retries: attempt,
+                                    first_failed: failed_at,
+                                });
+                            }
+                            poison.sort_by_key(|p| (p.msg.partition, p.msg.offset));
+                            break;
+                        }
+                    }
+                    self.health.set_waiting(Some(error.clone()));
+                }
+                if self.give_up_at(shutdown, &mut give_up) {
+                    tracing::warn!(
+                        consumer = name,
+                        "shutting down with a batch not written; it stays uncommitted"
+                    );
+                    return Outcome::Abandoned;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(self.backoff_max);
+            }
+            self.health.set_waiting(None);
+        }
+
+        for p in poison {
+            if !self.dead_letter(&p, shutdown, &mut give_up).await {
+                return Outcome::Abandoned;
+            }
+        }
+
+        // The next offset to read, per partition: one past the last of the batch.
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for msg in &batch {
+            let e = next.entry((msg.topic.as_str(), msg.partition)).or_insert(0);
+            *e = (*e).max(msg.offset + 1);
+        }
+        let mut tpl = TopicPartitionList::with_capacity(next.len());
+        for ((topic, partition), offset) in next {
+            if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+                tracing::warn!(error = %e, "cannot build the commit list");
+            }
+        }
+        let consumer = self.consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await;
+        match committed {
+            Ok(Ok(())) => {}
+            // Written but not committed (e.g. the partition moved to another replica
+            // in a rebalance): whoever reads it again writes nothing twice.
+            Ok(Err(e)) => {
+                metrics::counter!(m::ERRORS, "consumer" => name, "kind" => "commit").increment(1);
+                tracing::warn!(consumer = name, error = %e, "offset commit failed; the batch may be read again (idempotent)");
+            }
+            Err(e) => tracing::warn!(consumer = name, error = %e, "offset commit task failed"),
+        }
+        metrics::counter!(m::EVENTS_PROCESSED, "consumer" => name).increment(items.len() as u64);
+        metrics::histogram!(m::PROCESSING_SECONDS, "consumer" => name)
+            .record(started.elapsed().as_secs_f64());
+        // Precision loss only above 2^53 messages per batch.
+        #[allow(clippy::cast_precision_loss)]
+        metrics::histogram!(m::BATCH_SIZE, "consumer" => name).record(batch.len() as f64);
+        Outcome::Committed
+    }
+
+    /// Writes `items` one at a time. `Some(refused)`: every item was written except
+    /// `refused` (index, error), which the store refused while answering. `None`:
+    /// the store stopped answering (an outage, not a bad item).
+    async fn isolate(&self, items: &[H::Item], attempts: u32) -> Option<Vec<(usize, String)>> {
+        let mut refused = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Err(error) = self.handler.write(std::slice::from_ref(item)).await {
+                if !self.handler.reachable().await {
+                    return None;
+                }
+                tracing::warn!(consumer = self.handler.name(), %error, attempts,
+                    "the store refuses this item; sending it to the dead-letter topic");
+                refused.push((i, error));
+            }
+        }
+        Some(refused)
+    }
+
+    /// Sends one poison message to the dead-letter topic and waits for Kafka to
+    /// acknowledge it (retrying like a database failure). False: shutdown came first.
+    async fn dead_letter(
+        &mut self,
+        poison: &Poison<'_>,
+        shutdown: &watch::Receiver<bool>,
+        give_up: &mut Option<Instant>,
+    ) -> bool {
+        let (msg, reason) = (poison.msg, poison.reason.as_str());
+        let name = self.handler.name();
+        metrics::counter!(m::ERRORS, "consumer" => name, "kind" => "poison").increment(1);
+        tracing::warn!(consumer = name, topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+            %reason, "message cannot be processed; sending it to the dead-letter topic");
+        let mut retries: u32 = 0;
+        let mut backoff = self.backoff_min;
+        loop {
+            let letter = DeadLetter::from_kafka(
+                &msg.topic,
+                msg.partition,
+                msg.offset,
+                msg.key.as_deref(),
+                &msg.headers,
+                msg.payload.as_deref(),
+                reason.to_owned(),
+                poison.retries,
+                &self.group,
+                poison.first_failed,
+            );
+            let payload = letter.to_json();
+            let headers = OwnedHeaders::new_with_capacity(2)
+                .insert(Header {
+                    key: "event_type",
+                    value: Some("dead_letter"),
+                })
+                .insert(Header {
+                    key: "consumer",
+                    value: Some(self.group.as_str()),
+                });
+            let key = msg.key.clone().unwrap_or_default();
+            let record = FutureRecord::to(&self.dlq_topic)
+                .key(key.as_slice())
+                .payload(payload.as_slice())
+                .headers(headers);
+            let error = match self.producer.send_result(record) {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => {
+                        metrics::counter!(m::DLQ_MESSAGES, "consumer" => name).increment(1);
+                        if retries > 0 {
+                            self.health.set_waiting(None);
+                        }
+                        return true;
+                    }
+                    Ok(Err((e, _))) => e.to_string(),
+                    Err(_) => "delivery canceled".to_owned(),
+                },
+                Err((e, _)) => e.to_string(),
+            };
+            retries = retries.saturating_add(1);
+            metrics::counter!(m::ERRORS, "consumer" => name, "kind" => "dlq").increment(1);
+            if retries >= self.max_retries {
+                self.health
+                    .set_waiting(Some(format!("dead-letter topic: {error}")));
+            }
+            if self.kafka_log.allow() {
+                tracing::warn!(consumer = name, %error, "sending a dead letter failed; retrying");
+            }
+            if self.give_up_at(shutdown, give_up) {
+                return false;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.backoff_max);
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! What every Caracal process shares: the authz-service and the Kafka consumers
+//! read the same configuration keys, talk to the same PostgreSQL (and run the same
+//! migrations), use the same Kafka client settings, write the same dead-letter
+//! records and serve the same probes.
+//!
+//! Reading order:
+//! - [`config`]: YAML + `CARACAL_*` environment overrides, [`config::DatabaseConfig`].
+//! - [`db`]: the PostgreSQL pool, TLS (`sslmode`) and the embedded migrations.
+//! - [`kafka`]: [`kafka::KafkaConfig`], client/producer/consumer settings, topic creation.
+//! - [`dlq`]: the JSON envelope of a message sent to the dead-letter topic.
+//! - [`http`] and [`metrics`]: `/health/live`, `/health/ready`, `/metrics`.
+
+pub mod config;
+pub mod db;
+pub mod dlq;
+pub mod http;
+pub mod kafka;
+pub mod metrics;

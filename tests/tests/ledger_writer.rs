@@ -1,0 +1,731 @@
+//! The ledger-writer (consumers/) against a real Kafka-protocol broker (tansu) and
+//! a real PostgreSQL: exact ingest with redeliveries, SIGKILL crashes of the real
+//! binary (to come), poison messages to the dead-letter topic, and a database outage.
+//!
+//! Every test has its own broker and its own database.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use caracal_consumers::{config::ConsumerConfig, ledger};
+use caracal_proto::v1::{ChargeEvent, Money, TokenUsage};
+use caracal_service_kit::dlq::DeadLetter;
+use caracal_tests::{
+    kafka::{consume_all, create_topics, Tansu},
+    pg_base,
+};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use prost::Message;
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    ClientConfig,
+};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+};
+
+const METERING: &str = "caracal.metering.events";
+const DLQ: &str = "caracal.dlq";
+const PARTITIONS: i32 = 3;
+
+// ------------------------------------------------------------------ fixtures
+
+/// A fresh database of its own (migrations are the writer's job).
+struct Db {
+    name: String,
+    url: String,
+}
+
+impl Db {
+    async fn create() -> Self {
+        let name = format!("caracal_ledger_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base()))
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432");
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", pg_base());
+        Self { name, url }
+    }
+
+    async fn drop(self) {
+        if let Ok(mut admin) =
+            AsyncPgConnection::establish(&format!("{}/postgres", pg_base())).await
+        {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin)
+            .await;
+        }
+    }
+}
+
+#[derive(diesel::QueryableByName, Debug, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rows: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    distinct_ids: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    charged: i64,
+}
+
+/// Rows, distinct event ids and the sum of charged micros in the ledger (zeros
+/// while the table does not exist yet).
+async fn totals(url: &str) -> Totals {
+    let zero = Totals {
+        rows: 0,
+        distinct_ids: 0,
+        charged: 0,
+    };
+    let Ok(mut conn) = AsyncPgConnection::establish(url).await else {
+        return zero;
+    };
+    diesel::sql_query(
+        "SELECT count(*) AS rows, count(DISTINCT event_id) AS distinct_ids, \
+         coalesce(sum(charged_micros), 0)::int8 AS charged FROM ledger_events",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap_or(zero)
+}
+
+/// Waits until the ledger holds `rows` rows (or `timeout` passes); returns the totals.
+async fn wait_for_rows(url: &str, rows: i64, timeout: Duration) -> Totals {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let t = totals(url).await;
+        if t.rows >= rows || Instant::now() >= deadline {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn money(micros: i64) -> Option<Money> {
+    Some(Money {
+        currency: "USD".to_owned(),
+        micros,
+        amount: String::new(),
+    })
+}
+
+/// A charge event as the outbox relay encodes it.
+fn charge(run: &str, i: u64, root: &uuid::Uuid, agent: &uuid::Uuid) -> ChargeEvent {
+    let charged = 1 + i64::try_from((i * 7919) % 100_000).unwrap();
+    ChargeEvent {
+        schema_version: 1,
+        event_id: format!("{run}-{i}/settle"),
+        kind: "settle".to_owned(),
+        reservation_id: format!("{run}-{i}"),
+        request_id: format!("req-{i}"),
+        agent_id: agent.to_string(),
+        root_agent_id: root.to_string(),
+        reserved: money(charged),
+        charged: money(charged),
+        overshoot_micros: 0,
+        usage: Some(TokenUsage {
+            input_tokens: 10,
+            output_tokens: 20,
+            cached_input_tokens: 0,
+        }),
+        provider: "openai".to_owned(),
+        model: "gpt-4o-mini".to_owned(),
+        price_version: 1,
+        policy_ids: vec![format!("policy-{}", i % 3)],
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp(),
+            nanos: 0,
+        }),
+    }
+}
+
+fn charged(ev: &ChargeEvent) -> i64 {
+    ev.charged.as_ref().map_or(0, |m| m.micros)
+}
+
+/// A message to produce: key, value, `schema_version` header.
+struct Out {
+    key: String,
+    payload: Vec<u8>,
+    event_id: String,
+    schema_version: String,
+}
+
+impl Out {
+    fn event(ev: &ChargeEvent) -> Self {
+        Self {
+            key: ev.root_agent_id.clone(),
+            payload: ev.encode_to_vec(),
+            event_id: ev.event_id.clone(),
+            schema_version: "1".to_owned(),
+        }
+    }
+}
+
+fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        // Not idempotent: tansu refuses some pipelined idempotent batches
+        // (DuplicateSequenceNumber) under a 100,000-message burst. A resent
+        // duplicate is just one more redelivery for the writer to ignore.
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .create()
+        .unwrap()
+}
+
+/// Produces every message (all queued at once, then every delivery awaited) and
+/// returns each one's (partition, offset), in order.
+async fn produce(producer: &FutureProducer, msgs: &[Out]) -> Vec<(i32, i64)> {
+    let mut futures = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: "event_id",
+                value: Some(m.event_id.as_str()),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some("charge"),
+            })
+            .insert(Header {
+                key: "schema_version",
+                value: Some(m.schema_version.as_str()),
+            });
+        let record = FutureRecord::to(METERING)
+            .key(m.key.as_str())
+            .payload(m.payload.as_slice())
+            .headers(headers);
+        match producer.send_result(record) {
+            Ok(f) => futures.push(f),
+            Err((e, _)) => panic!("producer refused a message: {e}"),
+        }
+    }
+    futures::future::join_all(futures)
+        .await
+        .into_iter()
+        .map(|r| {
+            let d = r.expect("delivery canceled").expect("delivery failed");
+            (d.partition, d.offset)
+        })
+        .collect()
+}
+
+fn writer_config(db_url: &str, brokers: &str, group: &str) -> ConsumerConfig {
+    let mut c = ConsumerConfig::default();
+    c.database.url = db_url.to_owned();
+    c.database.db_pool_size = 1;
+    c.database.db_max_overflow = 2;
+    c.database.db_pool_timeout = 2;
+    c.kafka.brokers = brokers.to_owned();
+    c.consumer.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.consumer.group_id = group.to_owned();
+    c.consumer.session_timeout_ms = 6000;
+    c.consumer.lag_interval_ms = 300;
+    c.consumer.batch_wait_ms = 20;
+    c.consumer.max_retries = 3;
+    c.consumer.max_backoff_ms = 1000;
+    c
+}
+
+async fn broker() -> Tansu {
+    let tansu = Tansu::start_new().await.expect("tansu broker");
+    create_topics(&tansu.brokers(), &[METERING, DLQ], PARTITIONS)
+        .await
+        .unwrap();
+    tansu
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await {
+        Ok(Ok(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+        _ => (0, String::new()),
+    }
+}
+
+/// The value of the first sample of `metric` whose labels contain every `labels` part.
+fn metric_value(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
+        .filter(|l| labels.iter().all(|p| l.contains(p)))
+        .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+}
+
+// ------------------------------------------------------------------ a. exact ingest
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_distinct_event_lands_once_and_redeliveries_are_no_ops() {
+    let tansu = broker().await;
+    let db = Db::create().await;
+    let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let writer = ledger::start(writer_config(&db.url, &tansu.brokers(), &group))
+        .await
+        .unwrap();
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let roots: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::new_v4()).collect();
+    let agent = uuid::Uuid::new_v4();
+    let mut events: Vec<ChargeEvent> = (0..2000)
+        .map(|i| charge(&run, i, &roots[(i % 5) as usize], &agent))
+        .collect();
+    // An event of an old month: no monthly partition exists for it, the default
+    // partition takes it.
+    let mut old = charge(&run, 5000, &roots[0], &agent);
+    old.occurred_at = Some(prost_types::Timestamp {
+        seconds: 1_580_000_000,
+        nanos: 0,
+    });
+    events.push(old);
+    // A reservation that expired with a charge and was then settled late: both
+    // rows are kept, the final-charge view takes the late settle.
+    let mut expired = charge(&run, 6000, &roots[1], &agent);
+    expired.event_id = format!("{run}-6000/expire");
+    expired.kind = "expire_charge".to_owned();
+    expired.charged = money(900);
+    let mut late = charge(&run, 6000, &roots[1], &agent);
+    late.event_id = format!("{run}-6000/late");
+    late.kind = "late_settle".to_owned();
+    late.charged = money(400);
+    late.occurred_at = Some(prost_types::Timestamp {
+        seconds: chrono::Utc::now().timestamp() + 1,
+        nanos: 0,
+    });
+    events.push(expired);
+    events.push(late);
+    let expected_sum: i64 = events.iter().map(charged).sum();
+    let distinct = events.len() as i64;
+
+    let p = producer(&tansu.brokers());
+    let mut out: Vec<Out> = events.iter().map(Out::event).collect();
+    // Redeliveries: every tenth event a second time (same bytes, as the relay
+    // resends an entry whose delivery it could not confirm).
+    out.extend(events.iter().step_by(10).map(Out::event));
+    produce(&p, &out).await;
+
+    let t = wait_for_rows(&db.url, distinct, Duration::from_secs(60)).await;
+    assert_eq!(t.rows, distinct, "every distinct event once");
+    // Whatever was still in flight has had time to land twice, if it could.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = totals(&db.url).await;
+    assert_eq!(
+        t,
+        Totals {
+            rows: distinct,
+            distinct_ids: distinct,
+            charged: expected_sum
+        }
+    );
+
+    let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Part {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        part: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let parts: Vec<Part> = diesel::sql_query(
+        "SELECT tableoid::regclass::text AS part, count(*) AS n FROM ledger_events GROUP BY 1",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    let in_default: i64 = parts
+        .iter()
+        .filter(|p| p.part == "ledger_events_default")
+        .map(|p| p.n)
+        .sum();
+    assert_eq!(
+        in_default, 1,
+        "only the 2020 event is outside the monthly partitions"
+    );
+    let this_month = format!("ledger_events_{}", chrono::Utc::now().format("%Y_%m"));
+    assert!(
+        parts
+            .iter()
+            .any(|p| p.part == this_month && p.n >= distinct - 2),
+        "current month partition holds the rest"
+    );
+    #[derive(diesel::QueryableByName)]
+    struct Final {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        kind: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        charged_micros: i64,
+    }
+    let fin: Vec<Final> = diesel::sql_query(
+        "SELECT kind, charged_micros FROM ledger_final_charges WHERE reservation_id = $1",
+    )
+    .bind::<diesel::sql_types::Text, _>(format!("{run}-6000"))
+    .load(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(fin.len(), 1);
+    assert_eq!(
+        (fin[0].kind.as_str(), fin[0].charged_micros),
+        ("late_settle", 400)
+    );
+
+    // Probes and metrics.
+    let (code, body) = http_get(writer.http_addr, "/health/ready").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(http_get(writer.http_addr, "/health/live").await.0, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = http_get(writer.http_addr, "/metrics").await;
+        let processed = metric_value(
+            &metrics,
+            "caracal_consumer_events_processed_total",
+            &["ledger-writer"],
+        );
+        let lags: Vec<f64> = (0..PARTITIONS)
+            .filter_map(|p| {
+                metric_value(
+                    &metrics,
+                    "kafka_consumer_lag",
+                    &[
+                        &format!("group=\"{group}\""),
+                        &format!("partition=\"{p}\""),
+                        METERING,
+                    ],
+                )
+            })
+            .collect();
+        if lags.len() == PARTITIONS as usize && lags.iter().all(|l| *l == 0.0) {
+            assert!(processed.unwrap_or(0.0) >= distinct as f64, "{metrics}");
+            assert!(
+                metrics.contains("caracal_consumer_processing_seconds_bucket"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lag never reached 0 on every partition: {lags:?}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    writer.shutdown().await.unwrap();
+    db.drop().await;
+}
+
+// ------------------------------------------------------------------ c. poison
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_goes_to_the_dlq_with_its_reason_and_the_rest_arrives() {
+    let tansu = broker().await;
+    let db = Db::create().await;
+    // A row the database itself refuses (it passes validation): the writer must
+    // give up on it after its bounded retries, not on the batch around it.
+    caracal_service_kit::db::run_migrations(&db.url)
+        .await
+        .unwrap();
+    let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+    diesel::sql_query(
+        "CREATE FUNCTION refuse_test_row() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.model = 'refuse-me' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF; \
+         RETURN NEW; END $$",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    diesel::sql_query(
+        "CREATE TRIGGER refuse_test_row BEFORE INSERT ON ledger_events \
+         FOR EACH ROW EXECUTE FUNCTION refuse_test_row()",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let config = writer_config(&db.url, &tansu.brokers(), &group);
+    let max_retries = config.consumer.max_retries;
+    let writer = ledger::start(config).await.unwrap();
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let root = uuid::Uuid::new_v4();
+    let good: Vec<ChargeEvent> = (0..300).map(|i| charge(&run, i, &root, &root)).collect();
+    let mut future_version = charge(&run, 1001, &root, &root);
+    future_version.schema_version = 2;
+    let mut negative = charge(&run, 1002, &root, &root);
+    negative.charged = money(-5);
+    let mut no_ids = charge(&run, 1003, &root, &root);
+    no_ids.event_id.clear();
+    no_ids.reservation_id.clear();
+    let mut refused = charge(&run, 1004, &root, &root);
+    refused.model = "refuse-me".to_owned();
+    let garbage = Out {
+        key: root.to_string(),
+        payload: vec![0xff; 16],
+        event_id: "garbage".to_owned(),
+        schema_version: "1".to_owned(),
+    };
+    // Same key (one partition), poison in between the good ones.
+    let mut out: Vec<Out> = Vec::new();
+    out.extend(good[..100].iter().map(Out::event));
+    out.push(garbage);
+    out.extend(good[100..150].iter().map(Out::event));
+    out.push(Out::event(&future_version));
+    out.push(Out::event(&negative));
+    out.extend(good[150..250].iter().map(Out::event));
+    out.push(Out::event(&no_ids));
+    out.extend(good[250..280].iter().map(Out::event));
+    out.push(Out::event(&refused));
+    out.extend(good[280..].iter().map(Out::event));
+    let expected: [(usize, &str, u32); 5] = [
+        (100, "not a ChargeEvent", 0),
+        (151, "unknown schema version 2", 0),
+        (152, "charged is out of range", 0),
+        (253, "event_id is missing", 0),
+        (284, "refused by the test trigger", max_retries),
+    ];
+    let p = producer(&tansu.brokers());
+    let coords = produce(&p, &out).await;
+
+    let t = wait_for_rows(&db.url, good.len() as i64, Duration::from_secs(60)).await;
+    assert_eq!(t.rows, 300);
+    assert_eq!(t.charged, good.iter().map(charged).sum::<i64>());
+
+    let dead = consume_all(&tansu.brokers(), DLQ, 5, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 5, "exactly the five poison messages");
+    let mut letters: Vec<DeadLetter> = dead
+        .iter()
+        .map(|(_, payload, _)| serde_json::from_slice(payload).unwrap())
+        .collect();
+    letters.sort_by_key(|d| d.original_offset);
+    for (letter, (i, reason, retries)) in letters.iter().zip(expected) {
+        assert!(
+            letter.error.contains(reason),
+            "{} should say {reason}",
+            letter.error
+        );
+        assert_eq!(letter.original_topic.as_deref(), Some(METERING));
+        assert_eq!(
+            (letter.original_partition, letter.original_offset),
+            (Some(coords[i].0), Some(coords[i].1))
+        );
+        assert_eq!(letter.consumer, group);
+        assert_eq!(letter.retry_count, retries, "{reason}");
+        assert!(letter.first_failed_at.is_some());
+        let payload = DeadLetter::decode(letter.payload_base64.as_deref().unwrap()).unwrap();
+        assert_eq!(payload, out[i].payload, "the original value, byte for byte");
+        let key = DeadLetter::decode(letter.key_base64.as_deref().unwrap()).unwrap();
+        assert_eq!(key, root.to_string().into_bytes());
+        assert!(letter.headers.iter().any(|h| h.key == "schema_version"));
+    }
+    let (_, metrics) = http_get(writer.http_addr, "/metrics").await;
+    assert!(
+        metric_value(&metrics, "caracal_dlq_messages_total", &["ledger-writer"]).unwrap_or(0.0)
+            >= 5.0,
+        "{metrics}"
+    );
+    writer.shutdown().await.unwrap();
+    db.drop().await;
+}
+
+// ------------------------------------------------------------------ d. database down
+
+/// A TCP proxy in front of PostgreSQL that a test can take down (every connection
+/// cut, new ones closed at once) and bring back.
+struct FlakyProxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    kill: Arc<watch::Sender<u64>>,
+    task: JoinHandle<()>,
+}
+
+impl FlakyProxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let kill = Arc::new(watch::channel(0u64).0);
+        let (d, k) = (down.clone(), kill.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    break;
+                };
+                if AtomicBool::load(&d, Ordering::SeqCst) {
+                    let _ = client.shutdown().await;
+                    continue;
+                }
+                let mut killed = k.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = killed.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            down,
+            kill,
+            task,
+        }
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.kill.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+impl Drop for FlakyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.kill.send_modify(|g| *g += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_loses_and_skips_nothing() {
+    let tansu = broker().await;
+    let db = Db::create().await;
+    let pg: SocketAddr = {
+        let base = pg_base();
+        let hostport = base
+            .rsplit('@')
+            .next()
+            .unwrap_or("127.0.0.1:5432")
+            .to_owned();
+        tokio::net::lookup_host(hostport)
+            .await
+            .unwrap()
+            .next()
+            .unwrap()
+    };
+    let proxy = FlakyProxy::start(pg).await;
+    let proxied = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, db.name);
+    let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let mut config = writer_config(&proxied, &tansu.brokers(), &group);
+    config.consumer.batch_size = 200;
+    let writer = ledger::start(config).await.unwrap();
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let roots: Vec<uuid::Uuid> = (0..6).map(|_| uuid::Uuid::new_v4()).collect();
+    let events: Vec<ChargeEvent> = (0..6000)
+        .map(|i| charge(&run, i, &roots[(i % 6) as usize], &roots[(i % 6) as usize]))
+        .collect();
+    let expected_sum: i64 = events.iter().map(charged).sum();
+    let p = producer(&tansu.brokers());
+    produce(
+        &p,
+        &events[..2000].iter().map(Out::event).collect::<Vec<_>>(),
+    )
+    .await;
+    let t = wait_for_rows(&db.url, 2000, Duration::from_secs(60)).await;
+    assert_eq!(t.rows, 2000);
+
+    // Down for 15 s while events keep coming.
+    proxy.set_down(true);
+    let down_at = Instant::now();
+    let mut saw_unready = false;
+    let mut sent = 2000;
+    while down_at.elapsed() < Duration::from_secs(15) {
+        if sent < 5000 {
+            produce(
+                &p,
+                &events[sent..sent + 500]
+                    .iter()
+                    .map(Out::event)
+                    .collect::<Vec<_>>(),
+            )
+            .await;
+            sent += 500;
+        }
+        let (code, _) = http_get(writer.http_addr, "/health/ready").await;
+        saw_unready |= code == 503;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let during = totals(&db.url).await;
+    assert_eq!(
+        during.rows, 2000,
+        "nothing can be written while the database is away"
+    );
+    assert!(
+        saw_unready,
+        "readiness must drop while the writer cannot write"
+    );
+    proxy.set_down(false);
+    produce(
+        &p,
+        &events[sent..].iter().map(Out::event).collect::<Vec<_>>(),
+    )
+    .await;
+
+    let t = wait_for_rows(&db.url, 6000, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t2 = totals(&db.url).await;
+    assert_eq!(t, t2);
+    assert_eq!(
+        t,
+        Totals {
+            rows: 6000,
+            distinct_ids: 6000,
+            charged: expected_sum
+        },
+        "nothing lost, nothing skipped, nothing twice"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(writer.http_addr, "/health/ready").await.0 != 200 {
+        assert!(Instant::now() < deadline, "ready again after the outage");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (_, metrics) = http_get(writer.http_addr, "/metrics").await;
+    assert!(
+        metric_value(
+            &metrics,
+            "caracal_consumer_errors_total",
+            &["ledger-writer", "kind=\"db\""]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+    writer.shutdown().await.unwrap();
+    drop(proxy);
+    db.drop().await;
+}
