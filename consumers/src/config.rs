@@ -24,6 +24,16 @@ pub struct ConsumerSettings {
     pub http_addr: SocketAddr,
     /// Consumer group; empty: the consumer's own (`caracal-ledger-writer`, ...).
     pub group_id: String,
+    /// Static group membership (`group.instance.id`, e.g. the pod name of a
+    /// StatefulSet): a restarted replica takes its partitions back at once instead
+    /// of waiting for its dead predecessor's session to expire. Empty: dynamic.
+    pub group_instance_id: String,
+    /// Take every partition of the topic directly (`assign`) instead of joining
+    /// the group's partition sharing (`subscribe`). Offsets are still committed to
+    /// the group and resumed from. For a single replica on a broker whose group
+    /// coordinator keeps dead members (tansu 0.6 never expires a SIGKILLed member,
+    /// so its partitions would stay unread).
+    pub assign_all: bool,
     /// Most messages written per batch (one transaction).
     pub batch_size: usize,
     /// How long a batch waits to fill after its first message, ms.
@@ -52,6 +62,8 @@ impl Default for ConsumerSettings {
         Self {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 9465)),
             group_id: String::new(),
+            group_instance_id: String::new(),
+            assign_all: false,
             batch_size: 2000,
             batch_wait_ms: 50,
             max_retries: 5,
@@ -86,6 +98,11 @@ impl ConsumerConfig {
         let c = &mut self.consumer;
         env.parse("CARACAL_CONSUMER_HTTP_ADDR", &mut c.http_addr)?;
         env.text("CARACAL_CONSUMER_GROUP_ID", &mut c.group_id);
+        env.text(
+            "CARACAL_CONSUMER_GROUP_INSTANCE_ID",
+            &mut c.group_instance_id,
+        );
+        env.parse("CARACAL_CONSUMER_ASSIGN_ALL", &mut c.assign_all)?;
         env.parse("CARACAL_CONSUMER_BATCH_SIZE", &mut c.batch_size)?;
         env.parse("CARACAL_CONSUMER_BATCH_WAIT_MS", &mut c.batch_wait_ms)?;
         env.parse("CARACAL_CONSUMER_MAX_RETRIES", &mut c.max_retries)?;

@@ -160,10 +160,35 @@ pub fn connect(
         config.consumer.max_poll_interval_ms.to_string(),
     )
     .set("fetch.wait.max.ms", "100");
+    if !config.consumer.group_instance_id.is_empty() {
+        cc.set("group.instance.id", &config.consumer.group_instance_id);
+    }
     let consumer: KafkaConsumer = cc.create_with_context(Ctx { health })?;
-    consumer.subscribe(topics)?;
+    if config.consumer.assign_all {
+        assign_all(&consumer, topics)?;
+    } else {
+        consumer.subscribe(topics)?;
+    }
     let producer: FutureProducer = producer_config(kafka).create()?;
     Ok((Arc::new(consumer), producer))
+}
+
+/// Takes every partition of `topics`, each from the group's committed offset
+/// (`auto.offset.reset` when there is none).
+fn assign_all(consumer: &KafkaConsumer, topics: &[&str]) -> Result<(), RunnerError> {
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        for t in metadata.topics().iter().filter(|t| t.name() == *topic) {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Stored)?;
+            }
+        }
+    }
+    consumer.assign(&tpl)?;
+    consumer.context().health.set_assigned(true);
+    tracing::info!(partitions = tpl.count(), "partitions assigned (assignAll)");
+    Ok(())
 }
 
 /// Logs a kind of trouble at most once per [`LOG_EVERY`].
@@ -400,6 +425,17 @@ impl<H: Handler> Runner<H> {
         for msg in &batch {
             let e = next.entry((msg.topic.as_str(), msg.partition)).or_insert(0);
             *e = (*e).max(msg.offset + 1);
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let mut first: BTreeMap<(&str, i32), (i64, usize)> = BTreeMap::new();
+            for msg in &batch {
+                let e = first
+                    .entry((msg.topic.as_str(), msg.partition))
+                    .or_insert((msg.offset, 0));
+                e.0 = e.0.min(msg.offset);
+                e.1 += 1;
+            }
+            tracing::debug!(consumer = name, ?first, ?next, "batch written; committing");
         }
         let mut tpl = TopicPartitionList::with_capacity(next.len());
         for ((topic, partition), offset) in next {

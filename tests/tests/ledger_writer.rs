@@ -1,11 +1,12 @@
 //! The ledger-writer (consumers/) against a real Kafka-protocol broker (tansu) and
 //! a real PostgreSQL: exact ingest with redeliveries, SIGKILL crashes of the real
-//! binary (to come), poison messages to the dead-letter topic, and a database outage.
+//! binary, poison messages to the dead-letter topic, and a database outage.
 //!
 //! Every test has its own broker and its own database.
 
 use std::{
     net::SocketAddr,
+    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -727,5 +728,139 @@ async fn a_database_outage_loses_and_skips_nothing() {
     );
     writer.shutdown().await.unwrap();
     drop(proxy);
+    db.drop().await;
+}
+
+// ------------------------------------------------------------------ b. crash
+
+/// The real binary, as a child process of this test.
+fn spawn_writer(db_url: &str, brokers: &str, group: &str, log: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_consumers-under-test"))
+        .arg("ledger-writer")
+        .env("CARACAL_DATABASE_URL", db_url)
+        .env("CARACAL_DB_POOL_SIZE", "1")
+        .env("CARACAL_DB_POOL_TIMEOUT", "5")
+        .env("CARACAL_KAFKA_BROKERS", brokers)
+        .env("CARACAL_CONSUMER_GROUP_ID", group)
+        .env("CARACAL_CONSUMER_HTTP_ADDR", "127.0.0.1:0")
+        .env("CARACAL_CONSUMER_SESSION_TIMEOUT_MS", "6000")
+        // tansu 0.6 never expires a SIGKILLed member of a group (its partitions
+        // stay with the dead member); one replica takes every partition instead,
+        // committing to and resuming from the group's offsets all the same.
+        .env("CARACAL_CONSUMER_ASSIGN_ALL", "true")
+        .env("CARACAL_CONSUMER_BATCH_WAIT_MS", "20")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// A random duration in `lo..hi` ms (uuid v4 bits: no rand dependency here).
+fn random_ms(lo: u64, hi: u64) -> Duration {
+    let r = (uuid::Uuid::new_v4().as_u128() % u128::from(hi - lo)) as u64;
+    Duration::from_millis(lo + r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
+    const N: u64 = 100_000;
+    // In memory: tansu's SQLite storage takes ~1,000 messages/s on this machine.
+    let tansu = Tansu::start_with_storage("memory://tansu/").await.unwrap();
+    create_topics(&tansu.brokers(), &[METERING, DLQ], PARTITIONS)
+        .await
+        .unwrap();
+    let db = Db::create().await;
+    let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("writer.log");
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let roots: Vec<uuid::Uuid> = (0..12).map(|_| uuid::Uuid::new_v4()).collect();
+    let events: Vec<ChargeEvent> = (0..N)
+        .map(|i| {
+            charge(
+                &run,
+                i,
+                &roots[(i % 12) as usize],
+                &roots[(i % 12) as usize],
+            )
+        })
+        .collect();
+    let expected_sum: i64 = events.iter().map(charged).sum();
+    let out: Vec<Out> = events.iter().map(Out::event).collect();
+    drop(events);
+
+    let started = Instant::now();
+    let brokers = tansu.brokers();
+    let producing = tokio::spawn(async move {
+        let p = producer(&brokers);
+        // Paced over ~12 s, so the kills land while the writer is ingesting.
+        for chunk in out.chunks(5_000) {
+            produce(&p, chunk).await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+    });
+
+    let mut child = spawn_writer(&db.url, &tansu.brokers(), &group, &log);
+    for kill in 0..5 {
+        tokio::time::sleep(random_ms(1500, 4000)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let t = totals(&db.url).await;
+        eprintln!("kill {kill}: {} rows after {:?}", t.rows, started.elapsed());
+        child = spawn_writer(&db.url, &tansu.brokers(), &group, &log);
+    }
+    producing.await.unwrap();
+    let produced_at = started.elapsed();
+    let t = wait_for_rows(&db.url, N as i64, Duration::from_secs(120)).await;
+    let elapsed = started.elapsed();
+    eprintln!(
+        "produced in {produced_at:?}; {} rows after {elapsed:?}",
+        t.rows
+    );
+
+    // SIGTERM: the last writer commits what it wrote and exits 0.
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!(
+                "the writer did not exit on SIGTERM; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.success(), "exit status {exit}");
+    let t = totals(&db.url).await;
+    assert_eq!(
+        t,
+        Totals {
+            rows: N as i64,
+            distinct_ids: N as i64,
+            charged: expected_sum
+        },
+        "log:\n{}",
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     db.drop().await;
 }
