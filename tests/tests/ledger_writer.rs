@@ -179,6 +179,11 @@ impl Out {
 }
 
 fn producer(brokers: &str) -> FutureProducer {
+    producer_with(brokers, 10_000)
+}
+
+/// A producer whose record batches hold at most `batch` messages.
+fn producer_with(brokers: &str, batch: usize) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
@@ -186,7 +191,7 @@ fn producer(brokers: &str) -> FutureProducer {
         // (DuplicateSequenceNumber) under a 100,000-message burst. A resent
         // duplicate is just one more redelivery for the writer to ignore.
         .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
+        .set("batch.num.messages", batch.to_string())
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
         .create()
@@ -800,11 +805,16 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
     let started = Instant::now();
     let brokers = tansu.brokers();
     let producing = tokio::spawn(async move {
-        let p = producer(&brokers);
-        // Paced over ~12 s, so the kills land while the writer is ingesting.
+        // One message per record batch: tansu's in-memory storage, asked to fetch
+        // from an offset inside a stored batch, answers with the next batch (the
+        // rest of that batch is never delivered), so a writer restarted at a
+        // committed offset inside a batch would miss events. With one-message
+        // batches every offset starts a batch. (Its SQLite storage is right, but
+        // takes ~1,000 messages/s here.)
+        let p = producer_with(&brokers, 1);
+        // ~3,000 messages/s this way: the kills land while the writer ingests.
         for chunk in out.chunks(5_000) {
             produce(&p, chunk).await;
-            tokio::time::sleep(Duration::from_millis(600)).await;
         }
     });
 
