@@ -874,3 +874,66 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
     );
     db.drop().await;
 }
+
+// ------------------------------------------------------------------ two replicas
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
+    let tansu = broker().await;
+    let db = Db::create().await;
+    caracal_service_kit::db::run_migrations(&db.url)
+        .await
+        .unwrap();
+    let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let mut config = writer_config(&db.url, &tansu.brokers(), &group);
+    config.consumer.batch_size = 100;
+    let a = ledger::start(config.clone()).await.unwrap();
+    let b = ledger::start(config).await.unwrap();
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let roots: Vec<uuid::Uuid> = (0..12).map(|_| uuid::Uuid::new_v4()).collect();
+    let events: Vec<ChargeEvent> = (0..6000)
+        .map(|i| {
+            charge(
+                &run,
+                i,
+                &roots[(i % 12) as usize],
+                &roots[(i % 12) as usize],
+            )
+        })
+        .collect();
+    let expected_sum: i64 = events.iter().map(charged).sum();
+    let out: Vec<Out> = events.iter().map(Out::event).collect();
+    let brokers = tansu.brokers();
+    let producing = tokio::spawn(async move {
+        let p = producer(&brokers);
+        for chunk in out.chunks(500) {
+            produce(&p, chunk).await;
+        }
+    });
+    // Both replicas must have joined and shared the partitions before one leaves.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(a.health.assigned() && b.health.assigned()) {
+        assert!(Instant::now() < deadline, "both replicas get partitions");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mid = wait_for_rows(&db.url, 1500, Duration::from_secs(60)).await;
+    assert!(mid.rows >= 1500);
+    // One replica stops (SIGTERM path: finishes its batch, commits, leaves the group).
+    a.shutdown().await.unwrap();
+    producing.await.unwrap();
+    let t = wait_for_rows(&db.url, 6000, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(t, totals(&db.url).await);
+    assert_eq!(
+        t,
+        Totals {
+            rows: 6000,
+            distinct_ids: 6000,
+            charged: expected_sum
+        },
+        "the remaining replica takes every partition over: nothing lost, nothing twice"
+    );
+    b.shutdown().await.unwrap();
+    db.drop().await;
+}
