@@ -25,6 +25,7 @@
 use std::time::{Duration, Instant};
 
 use caracal_proto::v1 as pb;
+use caracal_service_kit::process::LogLimit;
 use chrono::Utc;
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -75,8 +76,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const DEPTH_EVERY: Duration = Duration::from_secs(1);
 /// On shutdown, how long in-flight deliveries may still take.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// At most one warning per kind of trouble in this interval.
-const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Which topic an admin event goes to (stored as `admin_outbox.topic`; the relay
 /// maps it to the configured topic name, so a rename needs no data migration).
@@ -234,21 +233,6 @@ struct RoundStats {
     shutdown: bool,
 }
 
-/// Logs a kind of trouble at most once per [`LOG_EVERY`].
-#[derive(Debug, Default)]
-struct LogLimit(Option<Instant>);
-
-impl LogLimit {
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if self.0.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
-            return false;
-        }
-        self.0 = Some(now);
-        true
-    }
-}
-
 /// The relay of `admin_outbox` to Kafka. See the module docs.
 pub struct AdminOutboxRelay {
     database_url: String,
@@ -329,7 +313,7 @@ impl AdminOutboxRelay {
                     leader = false;
                     metrics::counter!(ADMIN_OUTBOX_ERRORS).increment(1);
                     let pause = next_backoff(&mut backoff);
-                    if self.db_log.allow() {
+                    if self.db_log.allow().is_some() {
                         tracing::warn!(error = %e, retry_in = ?pause, "admin event relay: database error");
                     }
                     Some(pause)
@@ -460,7 +444,7 @@ impl AdminOutboxRelay {
             if let Some(error) = error {
                 stats.failures += 1;
                 metrics::counter!(ADMIN_OUTBOX_ERRORS).increment(1);
-                if self.kafka_log.allow() {
+                if self.kafka_log.allow().is_some() {
                     tracing::warn!(%error, %topic, row = id, "admin event relay: Kafka delivery failed; will retry");
                 }
                 break;
@@ -537,7 +521,7 @@ impl AdminOutboxRelay {
             Ok(fut) => Some((topic, fut)),
             Err((e, _)) => {
                 metrics::counter!(ADMIN_OUTBOX_ERRORS).increment(1);
-                if self.kafka_log.allow() {
+                if self.kafka_log.allow().is_some() {
                     tracing::warn!(error = %e, %topic, "admin event relay: Kafka producer refused a message; will retry");
                 }
                 None

@@ -66,32 +66,11 @@ async fn run(args: Args, config: Config) -> anyhow::Result<()> {
             let mut server = serve(config).await?;
             tokio::select! {
                 result = server.wait() => result.context("server stopped"),
-                _ = shutdown_signal() => {
+                _ = caracal_service_kit::process::shutdown_signal() => {
                     tracing::info!("shutting down");
                     server.shutdown().await
                 }
             }
         }
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -29,6 +29,7 @@ use std::{
 
 use caracal_domain::money::format_amount;
 use caracal_proto::v1::{ChargeEvent, Decision, DecisionEvent, DenyReason, Money, TokenUsage};
+use caracal_service_kit::process::LogLimit;
 use prost::Message as _;
 use rdkafka::{
     message::{Header, OwnedHeaders},
@@ -74,7 +75,6 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// At most one log line per kind of trouble in this interval.
-const LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often the depth gauge is refreshed.
 const DEPTH_EVERY: Duration = Duration::from_secs(1);
 /// On shutdown, how long in-flight deliveries may still take.
@@ -344,26 +344,6 @@ struct Lease {
     renewed_at: Option<Instant>,
     /// When we last tried to take it.
     tried_at: Option<Instant>,
-}
-
-/// Logs a kind of trouble at most once per [`LOG_EVERY`], counting the rest.
-#[derive(Debug, Default)]
-struct LogLimit {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimit {
-    /// Some(number of occurrences not logged since the last line) when it is time to log.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

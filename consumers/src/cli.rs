@@ -61,7 +61,7 @@ async fn run(command: Command, config: ConsumerConfig) -> anyhow::Result<()> {
             tracing::info!(http = %writer.http_addr, "ledger-writer serving /health and /metrics");
             let stopped = tokio::select! {
                 result = writer.wait() => Some(result),
-                () = shutdown_signal() => None,
+                () = caracal_service_kit::process::shutdown_signal() => None,
             };
             match stopped {
                 Some(result) => result.context("ledger-writer stopped"),
@@ -81,25 +81,4 @@ async fn run(command: Command, config: ConsumerConfig) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

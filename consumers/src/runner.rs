@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use caracal_service_kit::process::LogLimit;
 use caracal_service_kit::{
     dlq::DeadLetter,
     kafka::{consumer_config, producer_config, KafkaConfig},
@@ -40,8 +41,6 @@ use tokio::sync::watch;
 
 use crate::{config::ConsumerConfig, health::HealthState, metrics as m};
 
-/// At most one log line per kind of trouble in this interval.
-const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Pause after a failed poll.
 const POLL_ERROR_PAUSE: Duration = Duration::from_millis(200);
 
@@ -191,21 +190,6 @@ fn assign_all(consumer: &KafkaConsumer, topics: &[&str]) -> Result<(), RunnerErr
     Ok(())
 }
 
-/// Logs a kind of trouble at most once per [`LOG_EVERY`].
-#[derive(Default)]
-struct LogLimit(Option<Instant>);
-
-impl LogLimit {
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if self.0.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
-            return false;
-        }
-        self.0 = Some(now);
-        true
-    }
-}
-
 /// A message that goes to the dead-letter topic.
 struct Poison<'a> {
     msg: &'a RawMessage,
@@ -323,7 +307,7 @@ impl<H: Handler> Runner<H> {
     fn kafka_trouble(&mut self, error: &str) {
         metrics::counter!(m::ERRORS, "consumer" => self.handler.name(), "kind" => "kafka")
             .increment(1);
-        if self.kafka_log.allow() {
+        if self.kafka_log.allow().is_some() {
             tracing::warn!(consumer = self.handler.name(), %error, "Kafka error (retrying)");
         }
     }
@@ -376,7 +360,7 @@ impl<H: Handler> Runner<H> {
                 let failed_at = *first_failed.get_or_insert_with(chrono::Utc::now);
                 attempt = attempt.saturating_add(1);
                 metrics::counter!(m::ERRORS, "consumer" => name, "kind" => "db").increment(1);
-                if self.db_log.allow() {
+                if self.db_log.allow().is_some() {
                     tracing::warn!(consumer = name, %error, attempt, retry_in = ?backoff,
                         "writing a batch failed; retrying the same batch (nothing is skipped)");
                 }
@@ -546,7 +530,7 @@ impl<H: Handler> Runner<H> {
                 self.health
                     .set_waiting(Some(format!("dead-letter topic: {error}")));
             }
-            if self.kafka_log.allow() {
+            if self.kafka_log.allow().is_some() {
                 tracing::warn!(consumer = name, %error, "sending a dead letter failed; retrying");
             }
             if self.give_up_at(shutdown, give_up) {

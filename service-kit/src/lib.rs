@@ -9,6 +9,7 @@
 //! - [`kafka`]: [`kafka::KafkaConfig`], client/producer/consumer settings, topic creation.
 //! - [`dlq`]: the JSON envelope of a message sent to the dead-letter topic.
 //! - [`http`] and [`metrics`]: `/health/live`, `/health/ready`, `/metrics`.
+//! - [`process`]: the stop signal and rate-limited logging of recurring trouble.
 
 pub mod config;
 pub mod db;
@@ -16,3 +17,4 @@ pub mod dlq;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod process;
