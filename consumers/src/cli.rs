@@ -26,8 +26,11 @@ struct Args {
 enum Command {
     /// caracal.metering.events -> the ledger_events table (group caracal-ledger-writer).
     LedgerWriter,
-    /// Every topic -> audit_logs (not built yet).
+    /// Every topic but the DLQ -> the append-only audit_logs table (group
+    /// caracal-audit-logger); runs the retention job at start and daily.
     AuditLogger,
+    /// Delete audit rows older than audit.retentionDays once and exit (for a CronJob).
+    AuditRetention,
     /// Spend aggregates in Redis and anomaly detection (not built yet).
     MetricsAggregator,
     /// Apply pending database migrations and exit.
@@ -71,7 +74,26 @@ async fn run(command: Command, config: ConsumerConfig) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::AuditLogger => anyhow::bail!("audit-logger is not built yet (issue 8, item 4)"),
+        Command::AuditLogger => {
+            let mut logger = crate::audit::start(config).await?;
+            tracing::info!(http = %logger.http_addr, "audit-logger serving /health and /metrics");
+            let stopped = tokio::select! {
+                result = logger.wait() => Some(result),
+                () = caracal_service_kit::process::shutdown_signal() => None,
+            };
+            match stopped {
+                Some(result) => result.context("audit-logger stopped"),
+                None => {
+                    tracing::info!("shutting down: finishing the batch in hand");
+                    logger.shutdown().await.context("audit-logger shutdown")
+                }
+            }
+        }
+        Command::AuditRetention => {
+            let deleted = crate::audit::retention_once(&config).await?;
+            tracing::info!(deleted, "audit retention finished");
+            Ok(())
+        }
         Command::MetricsAggregator => {
             anyhow::bail!("metrics-aggregator is not built yet (issue 8, item 5)")
         }

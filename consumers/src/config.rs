@@ -15,6 +15,27 @@ pub struct ConsumerConfig {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub consumer: ConsumerSettings,
+    /// The audit-logger's own settings (`audit:`).
+    pub audit: AuditSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Audit rows older than this many days (by message time) are deleted by the
+    /// retention job. Default 2555 (7 years).
+    pub retention_days: u32,
+    /// Rows deleted per retention transaction (keeps locks and WAL bursts small).
+    pub retention_batch: u32,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            retention_days: 2555,
+            retention_batch: 5000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +140,9 @@ impl ConsumerConfig {
         env.parse("CARACAL_CONSUMER_LAG_INTERVAL_MS", &mut c.lag_interval_ms)?;
         env.parse("CARACAL_CONSUMER_RUN_MIGRATIONS", &mut c.run_migrations)?;
         env.parse("CARACAL_CONSUMER_SHUTDOWN_GRACE", &mut c.shutdown_grace)?;
+        let a = &mut self.audit;
+        env.parse("CARACAL_AUDIT_RETENTION_DAYS", &mut a.retention_days)?;
+        env.parse("CARACAL_AUDIT_RETENTION_BATCH", &mut a.retention_batch)?;
         Ok(())
     }
 
@@ -145,6 +169,11 @@ impl ConsumerConfig {
         if c.max_backoff_ms < c.retry_backoff_ms {
             return Err(ConfigError::Invalid(
                 "consumer.maxBackoffMs must be at least retryBackoffMs".to_owned(),
+            ));
+        }
+        if self.audit.retention_days == 0 || self.audit.retention_batch == 0 {
+            return Err(ConfigError::Invalid(
+                "audit.retentionDays and audit.retentionBatch must be at least 1".to_owned(),
             ));
         }
         if self.kafka.brokers.is_empty()
@@ -184,6 +213,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.consumer.batch_size, 2000);
         assert_eq!(c.kafka.dlq_topic, "caracal.dlq");
+        assert_eq!(c.audit.retention_days, 2555);
     }
 
     #[test]
@@ -199,6 +229,7 @@ mod tests {
             ("CARACAL_KAFKA_BROKERS", "k:2"),
             ("CARACAL_DATABASE_URL", "postgres://db/y"),
             ("CARACAL_CONSUMER_HTTP_ADDR", "127.0.0.1:0"),
+            ("CARACAL_AUDIT_RETENTION_DAYS", "30"),
         ]
         .into_iter()
         .collect();
@@ -207,6 +238,7 @@ mod tests {
         assert_eq!(c.kafka.brokers, "k:2");
         assert_eq!(c.database.url, "postgres://db/y");
         assert_eq!(c.consumer.http_addr.port(), 0);
+        assert_eq!(c.audit.retention_days, 30);
         c.validate().unwrap();
         c.consumer.batch_size = 0;
         assert!(c.validate().is_err());

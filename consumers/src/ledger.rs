@@ -507,6 +507,7 @@ mod tests {
             key: Some(ev.root_agent_id.clone().into_bytes()),
             payload: Some(ev.encode_to_vec()),
             headers: vec![("schema_version".into(), Some(b"1".to_vec()))],
+            timestamp_ms: None,
         }
     }
 

@@ -11,8 +11,11 @@
 //! - [`health`]: `/health/live`, `/health/ready`, `/metrics`.
 //! - [`metrics`]: metric names.
 //! - [`ledger`]: the ledger-writer: `caracal.metering.events` -> `ledger_events`.
+//! - [`audit`]: the audit-logger: every topic -> append-only `audit_logs`, and
+//!   its retention job.
 //! - [`cli`]: the `caracal-consumers` command line.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod health;

@@ -53,6 +53,8 @@ pub struct RawMessage {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The message timestamp (create or log-append time), Unix ms, when it has one.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl RawMessage {
@@ -72,6 +74,7 @@ impl RawMessage {
             key: msg.key().map(<[u8]>::to_vec),
             payload: msg.payload().map(<[u8]>::to_vec),
             headers,
+            timestamp_ms: msg.timestamp().to_millis(),
         }
     }
 

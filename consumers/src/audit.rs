@@ -1,0 +1,501 @@
+//! The audit-logger: every message of every Caracal topic -> `audit_logs`.
+//!
+//! It subscribes to the metering, decisions, agent-lifecycle and policy-change
+//! topics (not the dead-letter topic, whose letters are copies of messages already
+//! logged from their original topic) with its own consumer group, and stores each
+//! message as is: topic, partition, offset, key, headers, payload bytes, the
+//! `event_type` / `event_id` headers when present and the message timestamp. It
+//! decodes nothing, so practically nothing is poison.
+//!
+//! A batch is one `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING` on
+//! UNIQUE (topic, partition, kafka_offset): a redelivery is a no-op. The table is
+//! append-only in the database (triggers; see the migration `*_audit_logs`); the
+//! only deletes are the retention job's ([`run_retention`]): rows older than
+//! `audit.retentionDays`, in bounded batches, each in a transaction that sets
+//! `caracal.audit_retention = 'on'` locally. The logger runs it at start and then
+//! daily; `caracal-consumers audit-retention` runs it once (for a CronJob).
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use caracal_service_kit::db::{self, Pool};
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Binary, Integer, Nullable, Text, Timestamptz};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    config::ConsumerConfig,
+    health::{self, HealthState},
+    lag,
+    runner::{self, Handler, RawMessage, Runner},
+};
+
+/// The `consumer` label.
+pub const CONSUMER: &str = "audit-logger";
+/// The consumer group unless configured otherwise.
+pub const DEFAULT_GROUP: &str = "caracal-audit-logger";
+/// How often the logger runs the retention job.
+const RETENTION_EVERY: Duration = Duration::from_secs(24 * 3600);
+/// Bound on the reachability check.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest header value kept as `event_type` / `event_id` (longer: left NULL; the
+/// raw header is still in `headers`).
+const MAX_ID_LEN: usize = 200;
+
+/// One `audit_logs` row (without the generated id and ingested_at).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRow {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    /// JSON array text (see [`headers_json`]).
+    pub headers: String,
+    pub payload: Option<Vec<u8>>,
+    pub event_type: Option<String>,
+    pub event_id: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Headers as a JSON array in message order: `{"key", "value"}` for UTF-8 text,
+/// `{"key", "value_hex"}` for other bytes (and text with NUL, which jsonb cannot
+/// hold), `{"key", "value": null}` for a header without a value.
+pub fn headers_json(headers: &[(String, Option<Vec<u8>>)]) -> String {
+    let items: Vec<serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| {
+            // Keys are strings in Kafka, but NUL would break jsonb too.
+            let key = k.replace('\0', "\u{fffd}");
+            match v {
+                None => serde_json::json!({ "key": key, "value": null }),
+                Some(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(text) if !text.contains('\0') => {
+                        serde_json::json!({ "key": key, "value": text })
+                    }
+                    _ => serde_json::json!({ "key": key, "value_hex": hex(bytes) }),
+                },
+            }
+        })
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+/// A header value usable as a text column: UTF-8, no NUL, bounded.
+fn header_text(msg: &RawMessage, name: &str) -> Option<String> {
+    let v = std::str::from_utf8(msg.header(name)?).ok()?;
+    (!v.is_empty() && v.len() <= MAX_ID_LEN && !v.contains('\0')).then(|| v.to_owned())
+}
+
+/// One message as its audit row. Only a message without a usable position is
+/// refused (a broker would never deliver one).
+pub fn to_row(msg: &RawMessage, now: DateTime<Utc>) -> Result<AuditRow, String> {
+    if msg.topic.is_empty() || msg.topic.contains('\0') {
+        return Err("message has no usable topic".to_owned());
+    }
+    if msg.partition < 0 || msg.offset < 0 {
+        return Err(format!(
+            "message has no position: partition {}, offset {}",
+            msg.partition, msg.offset
+        ));
+    }
+    let occurred_at = msg
+        .timestamp_ms
+        .filter(|ms| *ms > 0)
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or(now);
+    Ok(AuditRow {
+        topic: msg.topic.clone(),
+        partition: msg.partition,
+        offset: msg.offset,
+        key: msg.key.clone(),
+        headers: headers_json(&msg.headers),
+        payload: msg.payload.clone(),
+        event_type: header_text(msg, "event_type"),
+        event_id: header_text(msg, "event_id"),
+        occurred_at,
+    })
+}
+
+const INSERT: &str = "\
+INSERT INTO audit_logs (topic, \"partition\", kafka_offset, key, headers, payload, event_type,
+    event_id, occurred_at)
+SELECT t, p, o, k, h::jsonb, v, et, ei, oa
+FROM unnest($1::text[], $2::int4[], $3::int8[], $4::bytea[], $5::text[], $6::bytea[],
+    $7::text[], $8::text[], $9::timestamptz[])
+  AS u(t, p, o, k, h, v, et, ei, oa)
+ON CONFLICT (topic, \"partition\", kafka_offset) DO NOTHING";
+
+/// Writes `rows` in one statement; returns how many were new.
+pub async fn insert_rows(
+    conn: &mut diesel_async::AsyncPgConnection,
+    rows: &[AuditRow],
+) -> Result<usize, diesel::result::Error> {
+    fn col<T>(rows: &[AuditRow], f: impl Fn(&AuditRow) -> T) -> Vec<T> {
+        rows.iter().map(f).collect()
+    }
+    diesel::sql_query(INSERT)
+        .bind::<Array<Text>, _>(col(rows, |r| r.topic.clone()))
+        .bind::<Array<Integer>, _>(col(rows, |r| r.partition))
+        .bind::<Array<BigInt>, _>(col(rows, |r| r.offset))
+        .bind::<Array<Nullable<Binary>>, _>(col(rows, |r| r.key.clone()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.headers.clone()))
+        .bind::<Array<Nullable<Binary>>, _>(col(rows, |r| r.payload.clone()))
+        .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.event_type.clone()))
+        .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.event_id.clone()))
+        .bind::<Array<Timestamptz>, _>(col(rows, |r| r.occurred_at))
+        .execute(conn)
+        .await
+}
+
+/// The [`Handler`] that writes the audit trail.
+pub struct AuditLogger {
+    pool: Pool,
+}
+
+impl AuditLogger {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+}
+
+impl Handler for AuditLogger {
+    type Item = AuditRow;
+
+    fn name(&self) -> &'static str {
+        CONSUMER
+    }
+
+    fn decode(&self, msg: &RawMessage) -> Result<AuditRow, String> {
+        to_row(msg, Utc::now())
+    }
+
+    fn write(&self, items: &[AuditRow]) -> impl Future<Output = Result<(), String>> + Send {
+        let pool = self.pool.clone();
+        async move {
+            let mut conn = pool
+                .get()
+                .await
+                .map_err(|e| format!("database unavailable: {e}"))?;
+            let inserted = insert_rows(&mut conn, items)
+                .await
+                .map_err(|e| format!("insert failed: {e}"))?;
+            if inserted < items.len() {
+                tracing::debug!(
+                    duplicates = items.len() - inserted,
+                    "messages already in the audit log (redelivery)"
+                );
+            }
+            Ok(())
+        }
+    }
+
+    fn reachable(&self) -> impl Future<Output = bool> + Send {
+        let pool = self.pool.clone();
+        async move { db::ping(&pool, PING_TIMEOUT).await.is_ok() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("binding the health listener: {0}")]
+    Listen(#[from] std::io::Error),
+    #[error(transparent)]
+    Kafka(#[from] runner::RunnerError),
+    #[error("database: {0}")]
+    Db(String),
+    #[error("the audit-logger task failed: {0}")]
+    Task(String),
+}
+
+const DELETE_BATCH: &str = "\
+DELETE FROM audit_logs WHERE id IN (
+    SELECT id FROM audit_logs WHERE occurred_at < $1 ORDER BY occurred_at LIMIT $2)";
+
+/// Deletes audit rows whose `occurred_at` is older than `now - retention_days`,
+/// at most `batch` rows per transaction, each transaction with
+/// `SET LOCAL caracal.audit_retention = 'on'` (what the append-only trigger
+/// allows). Returns the number of rows deleted.
+pub async fn run_retention(
+    pool: &Pool,
+    retention_days: u32,
+    batch: u32,
+) -> Result<u64, AuditError> {
+    let cutoff = Utc::now() - chrono::Duration::days(i64::from(retention_days));
+    let batch = i64::from(batch.max(1));
+    let mut conn = pool
+        .get()
+        .await
+        .map_err(|e| AuditError::Db(e.to_string()))?;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    // Bounds the loop: what is expired now, in batches, plus one to see none left.
+    let expired: Count =
+        diesel::sql_query("SELECT count(*) AS n FROM audit_logs WHERE occurred_at < $1")
+            .bind::<Timestamptz, _>(cutoff)
+            .get_result(&mut conn)
+            .await
+            .map_err(|e| AuditError::Db(e.to_string()))?;
+    let rounds = expired.n / batch + 2;
+    let mut deleted: u64 = 0;
+    for _ in 0..rounds {
+        conn.batch_execute("BEGIN; SET LOCAL caracal.audit_retention = 'on'")
+            .await
+            .map_err(|e| AuditError::Db(e.to_string()))?;
+        let n = match diesel::sql_query(DELETE_BATCH)
+            .bind::<Timestamptz, _>(cutoff)
+            .bind::<BigInt, _>(batch)
+            .execute(&mut conn)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = conn.batch_execute("ROLLBACK").await;
+                return Err(AuditError::Db(e.to_string()));
+            }
+        };
+        conn.batch_execute("COMMIT")
+            .await
+            .map_err(|e| AuditError::Db(e.to_string()))?;
+        deleted += n as u64;
+        if (n as i64) < batch {
+            break;
+        }
+    }
+    tracing::info!(deleted, retention_days, %cutoff, "audit retention done");
+    Ok(deleted)
+}
+
+/// `caracal-consumers audit-retention`: applies migrations if configured, runs
+/// the retention job once and returns the rows deleted.
+pub async fn retention_once(config: &ConsumerConfig) -> Result<u64, AuditError> {
+    if config.consumer.run_migrations {
+        db::run_migrations(&config.database.url)
+            .await
+            .map_err(|e| AuditError::Db(e.to_string()))?;
+    }
+    let pool = db::connect(&config.database)
+        .await
+        .map_err(|e| AuditError::Db(e.to_string()))?;
+    run_retention(
+        &pool,
+        config.audit.retention_days,
+        config.audit.retention_batch,
+    )
+    .await
+}
+
+/// A running audit-logger (started in-process by [`start`]).
+pub struct RunningAuditLogger {
+    /// Where `/health/*` and `/metrics` are served.
+    pub http_addr: SocketAddr,
+    pub health: Arc<HealthState>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), AuditError>>,
+    http: JoinHandle<()>,
+}
+
+impl RunningAuditLogger {
+    /// Stops polling, finishes and commits the batch in hand, leaves the group.
+    pub async fn shutdown(self) -> Result<(), AuditError> {
+        let _ = self.shutdown.send(true);
+        let result = self
+            .task
+            .await
+            .map_err(|e| AuditError::Task(e.to_string()))?;
+        let _ = self.http.await;
+        result
+    }
+
+    /// Waits until the logger stops by itself (it does not, unless it fails).
+    pub async fn wait(&mut self) -> Result<(), AuditError> {
+        (&mut self.task)
+            .await
+            .map_err(|e| AuditError::Task(e.to_string()))?
+    }
+}
+
+/// Retries `f` with capped backoff until it succeeds or shutdown is asked for.
+async fn until_ok<T, F, Fut>(what: &str, shutdown: &watch::Receiver<bool>, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(error) => tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying"),
+        }
+        if *shutdown.borrow() {
+            return None;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The topics the audit-logger reads: every topic of the configuration except
+/// the dead-letter topic (non-empty names only).
+pub fn audit_topics(config: &ConsumerConfig) -> Vec<String> {
+    let k = &config.kafka;
+    [
+        &k.metering_topic,
+        &k.decisions_topic,
+        &k.lifecycle_topic,
+        &k.policy_changes_topic,
+    ]
+    .into_iter()
+    .filter(|t| !t.is_empty() && **t != k.dlq_topic)
+    .cloned()
+    .collect()
+}
+
+/// Starts the audit-logger: binds `/health` + `/metrics` at once, then (in the
+/// background, retrying until the database answers) applies migrations, starts
+/// the daily retention job and consumes.
+pub async fn start(config: ConsumerConfig) -> Result<RunningAuditLogger, AuditError> {
+    crate::metrics::init();
+    let health = Arc::new(HealthState::default());
+    let (shutdown, rx) = watch::channel(false);
+    let (listener, http_addr) = health::bind(config.consumer.http_addr).await?;
+    let http = health::serve(listener, health.clone(), rx.clone());
+    let group = config.group_id(DEFAULT_GROUP);
+    let state = health.clone();
+    let task: JoinHandle<Result<(), AuditError>> = tokio::spawn(async move {
+        let shutdown = rx;
+        if config.consumer.run_migrations {
+            let url = config.database.url.clone();
+            let applied = until_ok("applying migrations", &shutdown, || {
+                let url = url.clone();
+                async move { db::run_migrations(&url).await.map_err(|e| e.to_string()) }
+            })
+            .await;
+            let Some(applied) = applied else {
+                return Ok(());
+            };
+            if !applied.is_empty() {
+                tracing::info!(?applied, "migrations applied");
+            }
+        }
+        let Some(pool) = until_ok("connecting to PostgreSQL", &shutdown, || {
+            let database = config.database.clone();
+            async move { db::connect(&database).await.map_err(|e| e.to_string()) }
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        state.set_pool(pool.clone());
+        let topics = audit_topics(&config);
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let (consumer, producer) =
+            runner::connect(&config.kafka, &config, &group, &topic_refs, state.clone())?;
+        let retention = {
+            let (pool, mut shutdown) = (pool.clone(), shutdown.clone());
+            let (days, batch) = (config.audit.retention_days, config.audit.retention_batch);
+            tokio::spawn(async move {
+                loop {
+                    if let Err(error) = run_retention(&pool, days, batch).await {
+                        tracing::warn!(%error, "audit retention failed; retrying at the next run");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(RETENTION_EVERY) => {}
+                        changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
+                    }
+                }
+            })
+        };
+        let lag = lag::spawn_sampler(
+            consumer.clone(),
+            group.clone(),
+            Duration::from_millis(config.consumer.lag_interval_ms),
+            shutdown.clone(),
+        );
+        Runner::new(
+            AuditLogger::new(pool),
+            consumer.clone(),
+            producer,
+            &config,
+            &group,
+            state,
+        )
+        .run(shutdown)
+        .await;
+        retention.abort();
+        let _ = lag.await;
+        drop(consumer);
+        Ok(())
+    });
+    Ok(RunningAuditLogger {
+        http_addr,
+        health,
+        shutdown,
+        task,
+        http,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg() -> RawMessage {
+        RawMessage {
+            topic: "caracal.policy.decisions".into(),
+            partition: 1,
+            offset: 42,
+            key: Some(b"k".to_vec()),
+            payload: Some(vec![0, 159, 146, 150]),
+            headers: vec![
+                ("event_type".into(), Some(b"decision".to_vec())),
+                ("event_id".into(), Some(b"e-1".to_vec())),
+                ("bin".into(), Some(vec![0xff, 0x00])),
+                ("none".into(), None),
+            ],
+            timestamp_ms: Some(1_700_000_000_123),
+        }
+    }
+
+    #[test]
+    fn a_message_becomes_its_row_as_is() {
+        let row = to_row(&msg(), Utc::now()).unwrap();
+        assert_eq!(row.payload, Some(vec![0, 159, 146, 150]));
+        assert_eq!(row.event_type.as_deref(), Some("decision"));
+        assert_eq!(row.event_id.as_deref(), Some("e-1"));
+        assert_eq!(row.occurred_at.timestamp_millis(), 1_700_000_000_123);
+        let h: serde_json::Value = serde_json::from_str(&row.headers).unwrap();
+        assert_eq!(h[0]["value"], "decision");
+        assert_eq!(h[2]["value_hex"], "ff00");
+        assert!(h[3]["value"].is_null());
+    }
+
+    #[test]
+    fn no_timestamp_means_now_and_bad_positions_are_refused() {
+        let now = Utc::now();
+        let mut m = msg();
+        m.timestamp_ms = None;
+        assert_eq!(to_row(&m, now).unwrap().occurred_at, now);
+        m.offset = -1;
+        assert!(to_row(&m, now).unwrap_err().contains("position"));
+    }
+
+    #[test]
+    fn every_topic_but_the_dlq() {
+        let c = ConsumerConfig::default();
+        let topics = audit_topics(&c);
+        assert_eq!(topics.len(), 4);
+        assert!(!topics.contains(&c.kafka.dlq_topic));
+    }
+}

@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS audit_logs;
+DROP FUNCTION IF EXISTS audit_logs_append_only();

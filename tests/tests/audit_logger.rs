@@ -1,0 +1,496 @@
+//! The audit-logger (consumers/src/audit.rs) against a real Kafka-protocol broker
+//! (tansu) and a real PostgreSQL: every message of the four topics lands once,
+//! byte for byte, also when the group re-reads everything; the table refuses
+//! UPDATE, DELETE and TRUNCATE; the retention job deletes exactly the expired rows.
+//!
+//! Every test has its own database (and broker).
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use caracal_consumers::{audit, config::ConsumerConfig};
+use caracal_tests::{
+    kafka::{create_topics, Tansu},
+    pg_base,
+};
+use diesel::sql_types::{BigInt, Bytea, Integer, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use rdkafka::{
+    consumer::{BaseConsumer, CommitMode, Consumer},
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    ClientConfig, Offset, TopicPartitionList,
+};
+
+const TOPICS: [&str; 4] = [
+    "caracal.metering.events",
+    "caracal.policy.decisions",
+    "caracal.agent.lifecycle",
+    "caracal.policy.changes",
+];
+const DLQ: &str = "caracal.dlq";
+const PARTITIONS: i32 = 2;
+
+// ------------------------------------------------------------------ fixtures
+
+struct Db {
+    name: String,
+    url: String,
+}
+
+impl Db {
+    async fn create() -> Self {
+        let name = format!("caracal_audit_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base()))
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432");
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", pg_base());
+        Self { name, url }
+    }
+
+    /// A database with the migrations applied (what the logger does at start).
+    async fn migrated() -> Self {
+        let db = Self::create().await;
+        caracal_service_kit::db::run_migrations(&db.url)
+            .await
+            .unwrap();
+        db
+    }
+
+    async fn drop(self) {
+        if let Ok(mut admin) =
+            AsyncPgConnection::establish(&format!("{}/postgres", pg_base())).await
+        {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin)
+            .await;
+        }
+    }
+}
+
+fn config(db_url: &str, brokers: &str, group: &str) -> ConsumerConfig {
+    let mut c = ConsumerConfig::default();
+    c.database.url = db_url.to_owned();
+    c.database.db_pool_size = 1;
+    c.database.db_max_overflow = 2;
+    c.database.db_pool_timeout = 2;
+    c.kafka.brokers = brokers.to_owned();
+    c.consumer.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.consumer.group_id = group.to_owned();
+    c.consumer.session_timeout_ms = 6000;
+    c.consumer.lag_interval_ms = 300;
+    c.consumer.batch_wait_ms = 20;
+    c.consumer.batch_size = 64;
+    c.consumer.max_retries = 3;
+    c.consumer.max_backoff_ms = 1000;
+    c
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+async fn count(url: &str) -> i64 {
+    let Ok(mut conn) = AsyncPgConnection::establish(url).await else {
+        return 0;
+    };
+    diesel::sql_query("SELECT count(*) AS n FROM audit_logs")
+        .get_result::<Count>(&mut conn)
+        .await
+        .map_or(0, |c| c.n)
+}
+
+async fn wait_for_rows(url: &str, rows: i64, timeout: Duration) -> i64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = count(url).await;
+        if n >= rows || Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What was produced: key, payload, event_type, event_id.
+type Sent = (Option<Vec<u8>>, Vec<u8>, Option<String>, Option<String>);
+
+/// The group's committed offset per (topic, partition) (`None`: nothing committed).
+fn committed(brokers: &str, group: &str) -> BTreeMap<(String, i32), Option<i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for t in TOPICS {
+        for p in 0..PARTITIONS {
+            tpl.add_partition(t, p);
+        }
+    }
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    got.elements()
+        .iter()
+        .map(|e| {
+            let off = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            ((e.topic().to_owned(), e.partition()), off)
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------ a. every message once
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_of_every_topic_lands_once_byte_for_byte_even_when_reread() {
+    let tansu = Tansu::start_new().await.expect("tansu broker");
+    let brokers = tansu.brokers();
+    let mut all: Vec<&str> = TOPICS.to_vec();
+    all.push(DLQ);
+    create_topics(&brokers, &all, PARTITIONS).await.unwrap();
+    let db = Db::create().await;
+    let group = format!("audit-{}", uuid::Uuid::new_v4().simple());
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    // 80 messages per topic (the last 10 of each resend earlier payloads, as a
+    // relay resends what it could not confirm: new offsets, so new rows); binary
+    // payloads, some without key or event headers.
+    let mut futures = Vec::new();
+    let mut sent_meta: Vec<(String, Sent)> = Vec::new();
+    for (ti, topic) in TOPICS.iter().enumerate() {
+        for i in 0..80u32 {
+            let j = if i >= 70 { i - 70 } else { i };
+            let payload: Vec<u8> = (0..(j % 50 + 1))
+                .map(|b| u8::try_from((b * 31 + j * 7 + ti as u32) % 256).unwrap())
+                .chain([0u8, 0xff])
+                .collect();
+            let key = (j % 4 != 0).then(|| format!("key-{ti}-{j}").into_bytes());
+            let with_headers = j % 3 != 0;
+            let event_type = with_headers.then(|| format!("type-{ti}"));
+            let event_id = with_headers.then(|| format!("{topic}/{j}"));
+            let mut headers = OwnedHeaders::new_with_capacity(3);
+            if let (Some(t), Some(id)) = (&event_type, &event_id) {
+                headers = headers
+                    .insert(Header {
+                        key: "event_type",
+                        value: Some(t.as_str()),
+                    })
+                    .insert(Header {
+                        key: "event_id",
+                        value: Some(id.as_str()),
+                    });
+            }
+            headers = headers.insert(Header {
+                key: "schema_version",
+                value: Some("1"),
+            });
+            let mut record = FutureRecord::to(topic)
+                .payload(payload.as_slice())
+                .headers(headers);
+            if let Some(k) = &key {
+                record = record.key(k.as_slice());
+            }
+            match producer.send_result(record) {
+                Ok(f) => futures.push(f),
+                Err((e, _)) => panic!("producer refused a message: {e}"),
+            }
+            sent_meta.push((topic.to_string(), (key, payload, event_type, event_id)));
+        }
+    }
+    // Dead letters are not audited (they copy messages logged from their topic).
+    for i in 0..10 {
+        let payload = format!("{{\"dead\":{i}}}");
+        let f = producer
+            .send_result(FutureRecord::<(), _>::to(DLQ).payload(payload.as_str()))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        futures.push(f);
+    }
+    let deliveries: Vec<(i32, i64)> = futures::future::join_all(futures)
+        .await
+        .into_iter()
+        .map(|r| {
+            let d = r.expect("delivery canceled").expect("delivery failed");
+            (d.partition, d.offset)
+        })
+        .collect();
+    let mut expected: BTreeMap<(String, i32, i64), Sent> = BTreeMap::new();
+    for ((topic, sent), (p, o)) in sent_meta.into_iter().zip(deliveries.iter()) {
+        assert!(
+            expected.insert((topic, *p, *o), sent).is_none(),
+            "unique positions"
+        );
+    }
+    let total = i64::try_from(expected.len()).unwrap();
+    assert_eq!(total, 320);
+
+    // First pass.
+    let logger = audit::start(config(&db.url, &brokers, &group))
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_for_rows(&db.url, total, Duration::from_secs(60)).await,
+        total
+    );
+    let (code, body) = http_get(logger.http_addr, "/health/ready").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, metrics) = http_get(logger.http_addr, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("caracal_consumer_events_processed_total")
+                && l.contains("audit-logger")),
+        "processed metric with consumer=audit-logger"
+    );
+    logger.shutdown().await.unwrap();
+    let before = committed(&brokers, &group);
+    assert_eq!(
+        before.values().filter_map(|o| *o).sum::<i64>(),
+        total,
+        "the first pass committed every message: {before:?}"
+    );
+
+    // Rewind the group to the beginning of every partition: the same group then
+    // reads every message a second time.
+    {
+        let rewinder: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for t in TOPICS {
+            for p in 0..PARTITIONS {
+                tpl.add_partition_offset(t, p, Offset::Offset(0)).unwrap();
+            }
+        }
+        rewinder.commit(&tpl, CommitMode::Sync).unwrap();
+    }
+    let rewound = committed(&brokers, &group);
+    assert!(
+        rewound.values().all(|o| *o == Some(0)),
+        "rewound: {rewound:?}"
+    );
+    let logger = audit::start(config(&db.url, &brokers, &group))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if committed(&brokers, &group) == before || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        committed(&brokers, &group),
+        before,
+        "the second pass re-read every message"
+    );
+    logger.shutdown().await.unwrap();
+
+    // Exactly one row per message, byte for byte.
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        topic: String,
+        #[diesel(sql_type = Integer)]
+        partition: i32,
+        #[diesel(sql_type = BigInt)]
+        kafka_offset: i64,
+        #[diesel(sql_type = Nullable<Bytea>)]
+        key: Option<Vec<u8>>,
+        #[diesel(sql_type = Nullable<Bytea>)]
+        payload: Option<Vec<u8>>,
+        #[diesel(sql_type = Nullable<Text>)]
+        event_type: Option<String>,
+        #[diesel(sql_type = Nullable<Text>)]
+        event_id: Option<String>,
+        #[diesel(sql_type = BigInt)]
+        age_s: i64,
+        #[diesel(sql_type = BigInt)]
+        headers: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT topic, \"partition\", kafka_offset, key, payload, event_type, event_id, \
+         extract(epoch FROM now() - occurred_at)::int8 AS age_s, \
+         jsonb_array_length(headers)::int8 AS headers FROM audit_logs",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), expected.len(), "one row per message, no more");
+    let mut got: BTreeMap<(String, i32, i64), Sent> = BTreeMap::new();
+    for r in rows {
+        assert!(
+            (0..300).contains(&r.age_s),
+            "occurred_at is the message time"
+        );
+        let n_headers = if r.event_id.is_some() { 3 } else { 1 };
+        assert_eq!(r.headers, n_headers);
+        got.insert(
+            (r.topic, r.partition, r.kafka_offset),
+            (
+                r.key,
+                r.payload.unwrap_or_default(),
+                r.event_type,
+                r.event_id,
+            ),
+        );
+    }
+    assert!(got == expected, "rows differ from the produced messages");
+    db.drop().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await {
+        Ok(Ok(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+        _ => (0, String::new()),
+    }
+}
+
+// ------------------------------------------------------------------ b. append-only
+
+#[tokio::test]
+async fn update_delete_and_truncate_are_refused() {
+    let db = Db::migrated().await;
+    let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+    diesel::sql_query(
+        "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, payload, occurred_at) \
+         VALUES ('t', 0, 0, '\\x01'::bytea, now()), ('t', 0, 1, '\\x02'::bytea, now())",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for (what, sql) in [
+        ("UPDATE", "UPDATE audit_logs SET payload = '\\x03'::bytea"),
+        ("DELETE", "DELETE FROM audit_logs WHERE kafka_offset = 0"),
+        ("TRUNCATE", "TRUNCATE audit_logs"),
+    ] {
+        let err = diesel::sql_query(sql).execute(&mut conn).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("audit_logs is append-only: {what} refused")),
+            "{what}: {err}"
+        );
+    }
+    // The retention flag allows DELETE only: an UPDATE stays refused.
+    conn.batch_execute("BEGIN; SET LOCAL caracal.audit_retention = 'on'")
+        .await
+        .unwrap();
+    let err = diesel::sql_query("UPDATE audit_logs SET topic = 'x'")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    conn.batch_execute("ROLLBACK").await.unwrap();
+    assert!(err.to_string().contains("UPDATE refused"), "{err}");
+    // The flag is transaction-local: it does not leak into the session.
+    let err = diesel::sql_query("DELETE FROM audit_logs")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("DELETE refused"), "{err}");
+    assert_eq!(count(&db.url).await, 2);
+    #[derive(diesel::QueryableByName)]
+    struct P {
+        #[diesel(sql_type = Bytea)]
+        payload: Vec<u8>,
+    }
+    let p: Vec<P> = diesel::sql_query("SELECT payload FROM audit_logs ORDER BY kafka_offset")
+        .load(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        p.into_iter().map(|p| p.payload).collect::<Vec<_>>(),
+        vec![vec![1u8], vec![2u8]]
+    );
+    drop(conn);
+    db.drop().await;
+}
+
+// ------------------------------------------------------------------ c. retention
+
+#[tokio::test]
+async fn retention_deletes_exactly_the_expired_rows_in_batches() {
+    let db = Db::migrated().await;
+    let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+    let now = chrono::Utc::now();
+    // 43 expired (31..=73 days old), 26 kept (0..=25 days old) plus one at 29 days.
+    let mut ages: Vec<(i64, bool)> = (31..=73).map(|d| (d, true)).collect();
+    ages.extend((0..=25).map(|d| (d, false)));
+    ages.push((29, false));
+    for (i, (days, _)) in ages.iter().enumerate() {
+        diesel::sql_query(
+            "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, payload, occurred_at) \
+             VALUES ('caracal.policy.decisions', 0, $1, '\\x00'::bytea, $2)",
+        )
+        .bind::<BigInt, _>(i64::try_from(i).unwrap())
+        .bind::<Timestamptz, _>(now - chrono::Duration::days(*days))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let expired = ages.iter().filter(|(_, e)| *e).count() as u64;
+    let kept = ages.len() as i64 - expired as i64;
+    assert_eq!((expired, kept), (43, 27));
+
+    // The `audit-retention` subcommand's path, 7 rows per transaction.
+    let mut c = config(&db.url, "127.0.0.1:1", "unused");
+    c.audit.retention_days = 30;
+    c.audit.retention_batch = 7;
+    let deleted = audit::retention_once(&c).await.unwrap();
+    assert_eq!(deleted, expired);
+    assert_eq!(count(&db.url).await, kept);
+    let oldest: Count = diesel::sql_query(
+        "SELECT coalesce(max(extract(epoch FROM now() - occurred_at)), 0)::int8 / 86400 AS n \
+         FROM audit_logs",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(oldest.n, 29, "the 29-day-old row is kept");
+    // Nothing left to delete; a second run is a no-op.
+    assert_eq!(audit::retention_once(&c).await.unwrap(), 0);
+    assert_eq!(count(&db.url).await, kept);
+    // The job's flag did not leave the retention transactions: a normal delete
+    // is still refused.
+    assert!(diesel::sql_query("DELETE FROM audit_logs")
+        .execute(&mut conn)
+        .await
+        .is_err());
+    drop(conn);
+    db.drop().await;
+}
