@@ -102,6 +102,50 @@ pub enum Command {
     Allowlist(AllowlistArgs),
     /// Model prices (per one million tokens).
     Pricebook(PricebookArgs),
+    /// The audit trail (audit_logs), read directly from PostgreSQL.
+    Audit(AuditArgs),
+}
+
+// ------------------------------------------------------------------ audit
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: AuditCmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Export audit records whose message time is in [--start, --end), oldest first.
+    /// Reads PostgreSQL directly over a read-only session (no admin API call).
+    Export {
+        /// First instant included: RFC 3339 or a UTC date (2026-02-01).
+        #[arg(long, value_name = "TIME", value_parser = time_or_date)]
+        start: DateTime<Utc>,
+        /// First instant excluded: RFC 3339 or a UTC date (2026-02-03).
+        #[arg(long, value_name = "TIME", value_parser = time_or_date)]
+        end: DateTime<Utc>,
+        /// `json`: one JSON object per line; `syslog`: RFC 5424 lines.
+        #[arg(long, value_enum, default_value = "json")]
+        format: AuditFormat,
+        /// Write to this file instead of stdout (`--output` is the global table/json switch).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// PostgreSQL URL of the audit database (a read-only role is enough).
+        #[arg(
+            long,
+            env = "CARACAL_DATABASE_URL",
+            hide_env_values = true,
+            value_name = "URL"
+        )]
+        database_url: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuditFormat {
+    Json,
+    Syslog,
 }
 
 // ------------------------------------------------------------------ agents
@@ -463,6 +507,14 @@ fn json_object(text: &str) -> Result<String, String> {
         Ok(_) => Err("metadata must be a JSON object, e.g. '{\"team\":\"platform\"}'".to_owned()),
         Err(e) => Err(format!("metadata is not valid JSON: {e}")),
     }
+}
+
+/// RFC 3339, or a plain date meaning its UTC midnight.
+fn time_or_date(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d") {
+        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    rfc3339(text)
 }
 
 fn rfc3339(text: &str) -> Result<DateTime<Utc>, String> {

@@ -3,6 +3,7 @@
 
 mod agent;
 mod allowlist;
+mod audit;
 mod policy;
 mod pricebook;
 
@@ -41,6 +42,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Policy(p) => policy::run(&ctx, p.command, out).await,
         Command::Allowlist(a) => allowlist::run(&ctx, a.command, out).await,
         Command::Pricebook(p) => pricebook::run(&ctx, p.command, out).await,
+        Command::Audit(a) => audit::run(a.command, out).await,
     }
 }
 
