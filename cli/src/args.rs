@@ -129,8 +129,13 @@ pub enum AuditCmd {
         #[arg(long, value_enum, default_value = "json")]
         format: AuditFormat,
         /// Write to this file instead of stdout (`--output` is the global table/json switch).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with = "syslog_server")]
         file: Option<PathBuf>,
+        /// Send the lines to a syslog server instead: `udp://HOST:PORT` (one datagram
+        /// per record, RFC 5426) or `tcp://HOST:PORT` (octet counting, RFC 6587).
+        /// Needs `--format syslog`.
+        #[arg(long, value_name = "URL")]
+        syslog_server: Option<String>,
         /// PostgreSQL URL of the audit database (a read-only role is enough).
         #[arg(
             long,

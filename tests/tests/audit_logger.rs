@@ -610,6 +610,90 @@ async fn export_writes_the_range_as_json_and_rfc5424_lines() {
         "{}",
         lines[1]
     );
+    // To a syslog server: UDP, one datagram per record.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let udp_url = format!("udp://{}", udp.local_addr().unwrap());
+    let (code, _, err) = cli(&[
+        "caracal",
+        "audit",
+        "export",
+        "--database-url",
+        &db.url,
+        "--start",
+        "2026-02-05",
+        "--end",
+        "2026-02-06",
+        "--format",
+        "syslog",
+        "--syslog-server",
+        &udp_url,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let mut buf = vec![0u8; 70_000];
+    let mut datagrams = Vec::new();
+    for _ in 0..3 {
+        let n = udp.recv(&mut buf).unwrap();
+        datagrams.push(String::from_utf8(buf[..n].to_vec()).unwrap());
+    }
+    assert_eq!(datagrams, lines, "the same lines, one per datagram");
+    // TCP, octet counting (RFC 6587): "LEN SP MSG" per record.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_url = format!("tcp://{}", tcp.local_addr().unwrap());
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = tcp.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        all
+    });
+    let (code, _, err) = cli(&[
+        "caracal",
+        "audit",
+        "export",
+        "--database-url",
+        &db.url,
+        "--start",
+        "2026-02-05",
+        "--end",
+        "2026-02-06",
+        "--format",
+        "syslog",
+        "--syslog-server",
+        &tcp_url,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let stream = String::from_utf8(reader.join().unwrap()).unwrap();
+    let mut rest = stream.as_str();
+    let mut frames = Vec::new();
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_once(' ').unwrap();
+        let len: usize = len.parse().unwrap();
+        frames.push(tail[..len].to_owned());
+        rest = &tail[len..];
+    }
+    assert_eq!(frames, lines, "the same lines, octet-counted");
+    let (code, _, err) = cli(&[
+        "caracal",
+        "audit",
+        "export",
+        "--database-url",
+        &db.url,
+        "--start",
+        "2026-02-05",
+        "--end",
+        "2026-02-06",
+        "--format",
+        "json",
+        "--syslog-server",
+        &udp_url,
+    ])
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("needs --format syslog"), "{err}");
     // The export session is read-only and the range must make sense.
     let (code, _, err) = cli(&[
         "caracal",

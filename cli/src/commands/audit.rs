@@ -4,6 +4,7 @@
 //! There is no admin RPC for the audit trail yet, so this reads PostgreSQL
 //! directly (`--database-url` / `CARACAL_DATABASE_URL`, TLS as the service
 //! handles it), in a session set READ ONLY: the export cannot change the trail.
+//! Lines go to stdout, a file, or a syslog server over UDP or TCP.
 //! Rows are read in pages of [`PAGE`] (keyset on occurred_at, id), so memory stays
 //! flat whatever the range.
 
@@ -154,11 +155,19 @@ pub async fn run(cmd: AuditCmd, out: &mut dyn Write) -> Result<()> {
         end,
         format,
         file,
+        syslog_server,
         database_url,
     } = cmd;
     if end <= start {
         anyhow::bail!("--end must be after --start");
     }
+    let mut remote = match &syslog_server {
+        Some(_) if format != AuditFormat::Syslog => {
+            anyhow::bail!("--syslog-server needs --format syslog")
+        }
+        Some(url) => Some(Syslog::connect(url)?),
+        None => None,
+    };
     let mut conn: AsyncPgConnection = caracal_service_kit::db::tls::establish(&database_url)
         .await
         .context("cannot connect to the audit database")?;
@@ -207,7 +216,10 @@ pub async fn run(cmd: AuditCmd, out: &mut dyn Write) -> Result<()> {
                 AuditFormat::Json => json_value(r).to_string(),
                 AuditFormat::Syslog => syslog_line(r, &hostname),
             };
-            writeln!(sink, "{line}").context("cannot write the export")?;
+            match remote.as_mut() {
+                Some(server) => server.send(&line)?,
+                None => writeln!(sink, "{line}").context("cannot write the export")?,
+            }
         }
         match page.last() {
             Some(last) if page.len() as i64 == PAGE => after = (last.occurred_at, last.id),
@@ -215,7 +227,78 @@ pub async fn run(cmd: AuditCmd, out: &mut dyn Write) -> Result<()> {
         }
     }
     sink.flush().context("cannot write the export")?;
+    if let Some(server) = remote.as_mut() {
+        server.flush()?;
+    }
     Ok(())
+}
+
+/// Longest record sent in one UDP datagram (IPv4's limit minus headers).
+const MAX_DATAGRAM: usize = 65_000;
+
+/// A syslog destination.
+enum Syslog {
+    /// RFC 5426: one message per datagram.
+    Udp(std::net::UdpSocket),
+    /// RFC 6587 octet counting: `LEN SP MSG`.
+    Tcp(std::io::BufWriter<std::net::TcpStream>),
+}
+
+impl Syslog {
+    fn connect(url: &str) -> Result<Self> {
+        let (scheme, addr) = url.split_once("://").with_context(|| {
+            format!("--syslog-server {url}: expected udp://HOST:PORT or tcp://HOST:PORT")
+        })?;
+        match scheme {
+            "udp" => {
+                let bind = if addr.starts_with('[') {
+                    "[::]:0"
+                } else {
+                    "0.0.0.0:0"
+                };
+                let socket = std::net::UdpSocket::bind(bind).context("cannot open a UDP socket")?;
+                socket
+                    .connect(addr)
+                    .with_context(|| format!("cannot reach syslog server {addr}"))?;
+                Ok(Self::Udp(socket))
+            }
+            "tcp" => {
+                let stream = std::net::TcpStream::connect(addr)
+                    .with_context(|| format!("cannot connect to syslog server {addr}"))?;
+                stream
+                    .set_write_timeout(Some(std::time::Duration::from_secs(30)))
+                    .context("cannot configure the syslog connection")?;
+                Ok(Self::Tcp(std::io::BufWriter::new(stream)))
+            }
+            other => anyhow::bail!("--syslog-server: unknown scheme {other:?} (udp or tcp)"),
+        }
+    }
+
+    fn send(&mut self, line: &str) -> Result<()> {
+        match self {
+            Self::Udp(socket) => {
+                if line.len() > MAX_DATAGRAM {
+                    anyhow::bail!(
+                        "a record of {} bytes does not fit a UDP datagram; use tcp://",
+                        line.len()
+                    );
+                }
+                socket
+                    .send(line.as_bytes())
+                    .context("cannot send to the syslog server")?;
+            }
+            Self::Tcp(stream) => write!(stream, "{} {line}", line.len())
+                .context("cannot send to the syslog server")?,
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let Self::Tcp(stream) = self {
+            stream.flush().context("cannot send to the syslog server")?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
