@@ -713,3 +713,33 @@ async fn export_writes_the_range_as_json_and_rfc5424_lines() {
     drop(conn);
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_logger_runs_retention_at_start() {
+    let db = Db::migrated().await;
+    let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+    let now = chrono::Utc::now();
+    for (offset, days) in [(0i64, 45i64), (1, 31), (2, 10)] {
+        diesel::sql_query(
+            "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, occurred_at) \
+             VALUES ('caracal.agent.lifecycle', 0, $1, $2)",
+        )
+        .bind::<BigInt, _>(offset)
+        .bind::<Timestamptz, _>(now - chrono::Duration::days(days))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    // No broker is needed for the retention job (the consumer keeps retrying Kafka).
+    let mut c = config(&db.url, "127.0.0.1:1", "audit-retention-at-start");
+    c.audit.retention_days = 30;
+    let logger = audit::start(c).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&db.url).await != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(&db.url).await, 1, "only the 10-day-old row is kept");
+    logger.shutdown().await.unwrap();
+    drop(conn);
+    db.drop().await;
+}
