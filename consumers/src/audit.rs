@@ -326,26 +326,6 @@ impl RunningAuditLogger {
     }
 }
 
-/// Retries `f` with capped backoff until it succeeds or shutdown is asked for.
-async fn until_ok<T, F, Fut>(what: &str, shutdown: &watch::Receiver<bool>, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(error) => tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying"),
-        }
-        if *shutdown.borrow() {
-            return None;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
 /// The topics the audit-logger reads: every topic of the configuration except
 /// the dead-letter topic (non-empty names only).
 pub fn audit_topics(config: &ConsumerConfig) -> Vec<String> {
@@ -375,26 +355,7 @@ pub async fn start(config: ConsumerConfig) -> Result<RunningAuditLogger, AuditEr
     let state = health.clone();
     let task: JoinHandle<Result<(), AuditError>> = tokio::spawn(async move {
         let shutdown = rx;
-        if config.consumer.run_migrations {
-            let url = config.database.url.clone();
-            let applied = until_ok("applying migrations", &shutdown, || {
-                let url = url.clone();
-                async move { db::run_migrations(&url).await.map_err(|e| e.to_string()) }
-            })
-            .await;
-            let Some(applied) = applied else {
-                return Ok(());
-            };
-            if !applied.is_empty() {
-                tracing::info!(?applied, "migrations applied");
-            }
-        }
-        let Some(pool) = until_ok("connecting to PostgreSQL", &shutdown, || {
-            let database = config.database.clone();
-            async move { db::connect(&database).await.map_err(|e| e.to_string()) }
-        })
-        .await
-        else {
+        let Some(pool) = runner::database(&config, &shutdown).await else {
             return Ok(());
         };
         state.set_pool(pool.clone());

@@ -344,28 +344,6 @@ impl RunningLedgerWriter {
     }
 }
 
-/// Retries `f` with capped backoff until it succeeds or shutdown is asked for.
-async fn until_ok<T, F, Fut>(what: &str, shutdown: &watch::Receiver<bool>, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying");
-            }
-        }
-        if *shutdown.borrow() {
-            return None;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
 /// Starts the ledger-writer: binds `/health` + `/metrics` at once, then (in the
 /// background, retrying until the database answers) applies migrations, creates
 /// the partitions ahead and consumes.
@@ -379,26 +357,7 @@ pub async fn start(config: ConsumerConfig) -> Result<RunningLedgerWriter, Ledger
     let state = health.clone();
     let task: JoinHandle<Result<(), LedgerError>> = tokio::spawn(async move {
         let shutdown = rx;
-        if config.consumer.run_migrations {
-            let url = config.database.url.clone();
-            let applied = until_ok("applying migrations", &shutdown, || {
-                let url = url.clone();
-                async move { db::run_migrations(&url).await.map_err(|e| e.to_string()) }
-            })
-            .await;
-            let Some(applied) = applied else {
-                return Ok(());
-            };
-            if !applied.is_empty() {
-                tracing::info!(?applied, "migrations applied");
-            }
-        }
-        let Some(pool) = until_ok("connecting to PostgreSQL", &shutdown, || {
-            let database = config.database.clone();
-            async move { db::connect(&database).await.map_err(|e| e.to_string()) }
-        })
-        .await
-        else {
+        let Some(pool) = runner::database(&config, &shutdown).await else {
             return Ok(());
         };
         state.set_pool(pool.clone());
