@@ -15,19 +15,17 @@
 //! `caracal.audit_retention = 'on'` locally. The logger runs it at start and then
 //! daily; `caracal-consumers audit-retention` runs it once (for a CronJob).
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, time::Duration};
 
 use caracal_service_kit::db::{self, Pool};
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Array, BigInt, Binary, Integer, Nullable, Text, Timestamptz};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     config::ConsumerConfig,
-    health::{self, HealthState},
-    lag,
-    runner::{self, Handler, RawMessage, Runner},
+    launch::{launch, Consumer, LaunchError, RunningConsumer},
+    runner::{Handler, RawMessage},
 };
 
 /// The `consumer` label.
@@ -206,14 +204,8 @@ impl Handler for AuditLogger {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("binding the health listener: {0}")]
-    Listen(#[from] std::io::Error),
-    #[error(transparent)]
-    Kafka(#[from] runner::RunnerError),
     #[error("database: {0}")]
     Db(String),
-    #[error("the audit-logger task failed: {0}")]
-    Task(String),
 }
 
 const DELETE_BATCH: &str = "\
@@ -296,36 +288,6 @@ pub async fn retention_once(config: &ConsumerConfig) -> Result<u64, AuditError> 
     .await
 }
 
-/// A running audit-logger (started in-process by [`start`]).
-pub struct RunningAuditLogger {
-    /// Where `/health/*` and `/metrics` are served.
-    pub http_addr: SocketAddr,
-    pub health: Arc<HealthState>,
-    shutdown: watch::Sender<bool>,
-    task: JoinHandle<Result<(), AuditError>>,
-    http: JoinHandle<()>,
-}
-
-impl RunningAuditLogger {
-    /// Stops polling, finishes and commits the batch in hand, leaves the group.
-    pub async fn shutdown(self) -> Result<(), AuditError> {
-        let _ = self.shutdown.send(true);
-        let result = self
-            .task
-            .await
-            .map_err(|e| AuditError::Task(e.to_string()))?;
-        let _ = self.http.await;
-        result
-    }
-
-    /// Waits until the logger stops by itself (it does not, unless it fails).
-    pub async fn wait(&mut self) -> Result<(), AuditError> {
-        (&mut self.task)
-            .await
-            .map_err(|e| AuditError::Task(e.to_string()))?
-    }
-}
-
 /// The topics the audit-logger reads: every topic of the configuration except
 /// the dead-letter topic (non-empty names only).
 pub fn audit_topics(config: &ConsumerConfig) -> Vec<String> {
@@ -343,69 +305,26 @@ pub fn audit_topics(config: &ConsumerConfig) -> Vec<String> {
 }
 
 /// Starts the audit-logger: binds `/health` + `/metrics` at once, then (in the
-/// background, retrying until the database answers) applies migrations, starts
-/// the daily retention job and consumes.
-pub async fn start(config: ConsumerConfig) -> Result<RunningAuditLogger, AuditError> {
-    crate::metrics::init();
-    let health = Arc::new(HealthState::default());
-    let (shutdown, rx) = watch::channel(false);
-    let (listener, http_addr) = health::bind(config.consumer.http_addr).await?;
-    let http = health::serve(listener, health.clone(), rx.clone());
-    let group = config.group_id(DEFAULT_GROUP);
-    let state = health.clone();
-    let task: JoinHandle<Result<(), AuditError>> = tokio::spawn(async move {
-        let shutdown = rx;
-        let Some(pool) = runner::database(&config, &shutdown).await else {
-            return Ok(());
-        };
-        state.set_pool(pool.clone());
-        let topics = audit_topics(&config);
-        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        let (consumer, producer) =
-            runner::connect(&config.kafka, &config, &group, &topic_refs, state.clone())?;
-        let retention = {
-            let (pool, mut shutdown) = (pool.clone(), shutdown.clone());
-            let (days, batch) = (config.audit.retention_days, config.audit.retention_batch);
-            tokio::spawn(async move {
-                loop {
-                    if let Err(error) = run_retention(&pool, days, batch).await {
-                        tracing::warn!(%error, "audit retention failed; retrying at the next run");
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(RETENTION_EVERY) => {}
-                        changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
-                    }
+/// background, retrying until the database answers) applies migrations, runs the
+/// retention job (at start and daily) and consumes.
+pub async fn start(config: ConsumerConfig) -> Result<RunningConsumer, LaunchError> {
+    let topics = audit_topics(&config);
+    let (days, batch) = (config.audit.retention_days, config.audit.retention_batch);
+    launch(
+        config,
+        Consumer {
+            default_group: DEFAULT_GROUP,
+            topics,
+            handler: AuditLogger::new,
+            upkeep_every: RETENTION_EVERY,
+            upkeep: move |pool: Pool| async move {
+                if let Err(error) = run_retention(&pool, days, batch).await {
+                    tracing::warn!(%error, "audit retention failed; retrying at the next run");
                 }
-            })
-        };
-        let lag = lag::spawn_sampler(
-            consumer.clone(),
-            group.clone(),
-            Duration::from_millis(config.consumer.lag_interval_ms),
-            shutdown.clone(),
-        );
-        Runner::new(
-            AuditLogger::new(pool),
-            consumer.clone(),
-            producer,
-            &config,
-            &group,
-            state,
-        )
-        .run(shutdown)
-        .await;
-        retention.abort();
-        let _ = lag.await;
-        drop(consumer);
-        Ok(())
-    });
-    Ok(RunningAuditLogger {
-        http_addr,
-        health,
-        shutdown,
-        task,
-        http,
-    })
+            },
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

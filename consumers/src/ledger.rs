@@ -9,7 +9,7 @@
 //! See the migration `*_ledger_events` for the table, its monthly partitions and
 //! the rule for superseded charges (`late_settle`).
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, time::Duration};
 
 use caracal_proto::v1::{ChargeEvent, Money};
 use caracal_service_kit::db::{self, Pool};
@@ -17,13 +17,11 @@ use chrono::{DateTime, Utc};
 use diesel::sql_types::{Array, BigInt, Integer, Text, Timestamptz};
 use diesel_async::RunQueryDsl;
 use prost::Message as _;
-use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     config::ConsumerConfig,
-    health::{self, HealthState},
-    lag,
-    runner::{self, Handler, RawMessage, Runner},
+    launch::{launch, Consumer, LaunchError, RunningConsumer},
+    runner::{Handler, RawMessage},
 };
 
 /// The `consumer` label.
@@ -304,120 +302,30 @@ impl Handler for LedgerWriter {
 /// Bound on the reachability check.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
-#[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
-    #[error("binding the health listener: {0}")]
-    Listen(#[from] std::io::Error),
-    #[error(transparent)]
-    Kafka(#[from] runner::RunnerError),
-    #[error("the ledger-writer task failed: {0}")]
-    Task(String),
-}
-
-/// A running ledger-writer (started in-process by [`start`]).
-pub struct RunningLedgerWriter {
-    /// Where `/health/*` and `/metrics` are served.
-    pub http_addr: SocketAddr,
-    pub health: Arc<HealthState>,
-    shutdown: watch::Sender<bool>,
-    task: JoinHandle<Result<(), LedgerError>>,
-    http: JoinHandle<()>,
-}
-
-impl RunningLedgerWriter {
-    /// Stops polling, finishes and commits the batch in hand, leaves the group.
-    pub async fn shutdown(self) -> Result<(), LedgerError> {
-        let _ = self.shutdown.send(true);
-        let result = self
-            .task
-            .await
-            .map_err(|e| LedgerError::Task(e.to_string()))?;
-        let _ = self.http.await;
-        result
-    }
-
-    /// Waits until the writer stops by itself (it does not, unless it fails).
-    pub async fn wait(&mut self) -> Result<(), LedgerError> {
-        (&mut self.task)
-            .await
-            .map_err(|e| LedgerError::Task(e.to_string()))?
-    }
-}
-
 /// Starts the ledger-writer: binds `/health` + `/metrics` at once, then (in the
 /// background, retrying until the database answers) applies migrations, creates
-/// the partitions ahead and consumes.
-pub async fn start(config: ConsumerConfig) -> Result<RunningLedgerWriter, LedgerError> {
-    crate::metrics::init();
-    let health = Arc::new(HealthState::default());
-    let (shutdown, rx) = watch::channel(false);
-    let (listener, http_addr) = health::bind(config.consumer.http_addr).await?;
-    let http = health::serve(listener, health.clone(), rx.clone());
-    let group = config.group_id(DEFAULT_GROUP);
-    let state = health.clone();
-    let task: JoinHandle<Result<(), LedgerError>> = tokio::spawn(async move {
-        let shutdown = rx;
-        let Some(pool) = runner::database(&config, &shutdown).await else {
-            return Ok(());
-        };
-        state.set_pool(pool.clone());
-        // Join the group only once the database answers: a member that cannot
-        // write would hold its partitions without progress.
-        let (consumer, producer) = runner::connect(
-            &config.kafka,
-            &config,
-            &group,
-            &[config.kafka.metering_topic.as_str()],
-            state.clone(),
-        )?;
-        let maintenance = {
-            let (pool, mut shutdown) = (pool.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                loop {
-                    match ensure_partitions(&pool).await {
-                        Ok(n) if n > 0 => tracing::info!(created = n, "ledger partitions created"),
-                        Ok(_) => {}
-                        Err(error) => {
-                            tracing::warn!(%error, "creating ledger partitions failed; retrying later")
-                        }
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(PARTITIONS_EVERY) => {}
-                        changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
+/// the partitions ahead (at start and every hour) and consumes.
+pub async fn start(config: ConsumerConfig) -> Result<RunningConsumer, LaunchError> {
+    let topics = vec![config.kafka.metering_topic.clone()];
+    launch(
+        config,
+        Consumer {
+            default_group: DEFAULT_GROUP,
+            topics,
+            handler: LedgerWriter::new,
+            upkeep_every: PARTITIONS_EVERY,
+            upkeep: |pool: Pool| async move {
+                match ensure_partitions(&pool).await {
+                    Ok(n) if n > 0 => tracing::info!(created = n, "ledger partitions created"),
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "creating ledger partitions failed; retrying later")
                     }
                 }
-            })
-        };
-        let lag = lag::spawn_sampler(
-            consumer.clone(),
-            group.clone(),
-            Duration::from_millis(config.consumer.lag_interval_ms),
-            shutdown.clone(),
-        );
-        Runner::new(
-            LedgerWriter::new(pool),
-            consumer.clone(),
-            producer,
-            &config,
-            &group,
-            state,
-        )
-        .run(shutdown)
-        .await;
-        maintenance.abort();
-        let _ = lag.await;
-        // The last handle: dropping it closes the consumer, which leaves the group,
-        // so the partitions move to another replica at once.
-        drop(consumer);
-        Ok(())
-    });
-    Ok(RunningLedgerWriter {
-        http_addr,
-        health,
-        shutdown,
-        task,
-        http,
-    })
+            },
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! - [`runner`]: the consumer loop every consumer shares: batches per poll, manual
 //!   commits only after the batch is durable, dead letters, retries that wait
 //!   rather than skip, graceful shutdown.
+//! - [`launch`]: starting a consumer the same way for all: probes, database,
+//!   group, upkeep job, lag sampler, loop.
 //! - [`lag`]: `kafka_consumer_lag{topic,partition,group}`, sampled.
 //! - [`health`]: `/health/live`, `/health/ready`, `/metrics`.
 //! - [`metrics`]: metric names.
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod health;
 pub mod lag;
+pub mod launch;
 pub mod ledger;
 pub mod metrics;
 pub mod runner;

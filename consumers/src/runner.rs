@@ -28,7 +28,6 @@ use std::{
 
 use caracal_service_kit::process::LogLimit;
 use caracal_service_kit::{
-    db::{self, Pool},
     dlq::DeadLetter,
     kafka::{consumer_config, producer_config, KafkaConfig},
 };
@@ -543,48 +542,5 @@ impl<H: Handler> Runner<H> {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.backoff_max);
         }
-    }
-}
-
-/// What every consumer does before it joins its group: applies the migrations (when
-/// `consumer.runMigrations`) and opens the PostgreSQL pool, each retried with capped
-/// backoff for as long as the database does not answer. `None`: shutdown was asked
-/// for first.
-pub async fn database(config: &ConsumerConfig, shutdown: &watch::Receiver<bool>) -> Option<Pool> {
-    if config.consumer.run_migrations {
-        let url = config.database.url.clone();
-        let applied = until_ok("applying migrations", shutdown, || {
-            let url = url.clone();
-            async move { db::run_migrations(&url).await.map_err(|e| e.to_string()) }
-        })
-        .await?;
-        if !applied.is_empty() {
-            tracing::info!(?applied, "migrations applied");
-        }
-    }
-    until_ok("connecting to PostgreSQL", shutdown, || {
-        let database = config.database.clone();
-        async move { db::connect(&database).await.map_err(|e| e.to_string()) }
-    })
-    .await
-}
-
-/// Retries `f` with capped backoff until it succeeds or shutdown is asked for.
-async fn until_ok<T, F, Fut>(what: &str, shutdown: &watch::Receiver<bool>, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(error) => tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying"),
-        }
-        if *shutdown.borrow() {
-            return None;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }

@@ -1,0 +1,184 @@
+//! Starting a consumer, the same way for every one of them: `/health` + `/metrics`
+//! bound at once, then in the background (retrying until the database answers) the
+//! migrations, the pool, the group membership, the periodic upkeep job of the
+//! consumer (ledger partitions ahead, audit retention), the lag sampler and the
+//! [`Runner`] loop.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use caracal_service_kit::db::{self, Pool};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    config::ConsumerConfig,
+    health::{self, HealthState},
+    lag,
+    runner::{self, Handler, Runner},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("binding the health listener: {0}")]
+    Listen(#[from] std::io::Error),
+    #[error(transparent)]
+    Kafka(#[from] runner::RunnerError),
+    #[error("the consumer task failed: {0}")]
+    Task(String),
+}
+
+/// A consumer started in-process by [`launch`].
+pub struct RunningConsumer {
+    /// Where `/health/*` and `/metrics` are served.
+    pub http_addr: SocketAddr,
+    pub health: Arc<HealthState>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), LaunchError>>,
+    http: JoinHandle<()>,
+}
+
+impl RunningConsumer {
+    /// Stops polling, finishes and commits the batch in hand, leaves the group.
+    pub async fn shutdown(self) -> Result<(), LaunchError> {
+        let _ = self.shutdown.send(true);
+        let result = self
+            .task
+            .await
+            .map_err(|e| LaunchError::Task(e.to_string()))?;
+        let _ = self.http.await;
+        result
+    }
+
+    /// Waits until the consumer stops by itself (it does not, unless it fails).
+    pub async fn wait(&mut self) -> Result<(), LaunchError> {
+        (&mut self.task)
+            .await
+            .map_err(|e| LaunchError::Task(e.to_string()))?
+    }
+}
+
+/// What makes one consumer: its default group, its topics, its handler (built on
+/// the pool) and its upkeep job, run at start and then every `upkeep_every`.
+pub struct Consumer<F, U> {
+    pub default_group: &'static str,
+    pub topics: Vec<String>,
+    pub handler: F,
+    pub upkeep_every: Duration,
+    pub upkeep: U,
+}
+
+/// Starts `consumer` (see the module documentation).
+pub async fn launch<H, F, U, UF>(
+    config: ConsumerConfig,
+    consumer: Consumer<F, U>,
+) -> Result<RunningConsumer, LaunchError>
+where
+    H: Handler,
+    F: FnOnce(Pool) -> H + Send + 'static,
+    U: Fn(Pool) -> UF + Send + 'static,
+    UF: Future<Output = ()> + Send,
+{
+    crate::metrics::init();
+    let health = Arc::new(HealthState::default());
+    let (shutdown, rx) = watch::channel(false);
+    let (listener, http_addr) = health::bind(config.consumer.http_addr).await?;
+    let http = health::serve(listener, health.clone(), rx.clone());
+    let group = config.group_id(consumer.default_group);
+    let state = health.clone();
+    let task: JoinHandle<Result<(), LaunchError>> = tokio::spawn(async move {
+        let shutdown = rx;
+        let Some(pool) = database(&config, &shutdown).await else {
+            return Ok(());
+        };
+        state.set_pool(pool.clone());
+        // Join the group only once the database answers: a member that cannot
+        // write would hold its partitions without progress.
+        let topics: Vec<&str> = consumer.topics.iter().map(String::as_str).collect();
+        let (kafka, producer) =
+            runner::connect(&config.kafka, &config, &group, &topics, state.clone())?;
+        let upkeep = {
+            let (pool, mut shutdown) = (pool.clone(), shutdown.clone());
+            let (job, every) = (consumer.upkeep, consumer.upkeep_every);
+            tokio::spawn(async move {
+                loop {
+                    job(pool.clone()).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {}
+                        changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
+                    }
+                }
+            })
+        };
+        let lag = lag::spawn_sampler(
+            kafka.clone(),
+            group.clone(),
+            Duration::from_millis(config.consumer.lag_interval_ms),
+            shutdown.clone(),
+        );
+        Runner::new(
+            (consumer.handler)(pool),
+            kafka.clone(),
+            producer,
+            &config,
+            &group,
+            state,
+        )
+        .run(shutdown)
+        .await;
+        upkeep.abort();
+        let _ = lag.await;
+        // The last handle: dropping it closes the consumer, which leaves the group,
+        // so the partitions move to another replica at once.
+        drop(kafka);
+        Ok(())
+    });
+    Ok(RunningConsumer {
+        http_addr,
+        health,
+        shutdown,
+        task,
+        http,
+    })
+}
+
+/// What every consumer does before it joins its group: applies the migrations (when
+/// `consumer.runMigrations`) and opens the PostgreSQL pool, each retried with capped
+/// backoff for as long as the database does not answer. `None`: shutdown was asked
+/// for first.
+async fn database(config: &ConsumerConfig, shutdown: &watch::Receiver<bool>) -> Option<Pool> {
+    if config.consumer.run_migrations {
+        let url = config.database.url.clone();
+        let applied = until_ok("applying migrations", shutdown, || {
+            let url = url.clone();
+            async move { db::run_migrations(&url).await.map_err(|e| e.to_string()) }
+        })
+        .await?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "migrations applied");
+        }
+    }
+    until_ok("connecting to PostgreSQL", shutdown, || {
+        let database = config.database.clone();
+        async move { db::connect(&database).await.map_err(|e| e.to_string()) }
+    })
+    .await
+}
+
+/// Retries `f` with capped backoff until it succeeds or shutdown is asked for.
+async fn until_ok<T, F, Fut>(what: &str, shutdown: &watch::Receiver<bool>, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(error) => tracing::warn!(%error, retry_in = ?backoff, "{what} failed; retrying"),
+        }
+        if *shutdown.borrow() {
+            return None;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
