@@ -210,17 +210,8 @@ impl Root {
                     job.method, job.label, job.attempts
                 );
                 job.due_ms = now_ms().saturating_add(ms);
-                let start_tick = OUTBOX.with(|o| {
-                    let mut o = o.borrow_mut();
-                    o.queue.push(job);
-                    !std::mem::replace(&mut o.ticking, true)
-                });
-                if start_tick {
-                    if let Err(e) = hostcalls::set_tick_period(TICK) {
-                        error!("caracal: cannot start the root tick: {e:?}");
-                        OUTBOX.with(|o| o.borrow_mut().ticking = false);
-                    }
-                }
+                // Already the root's own callback: no context switch needed.
+                enqueue(job, self.id, self.id);
             }
             _ => {
                 count(|m| m.dropped);
