@@ -74,7 +74,6 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Backoff after errors: doubles from the first value up to the second.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// At most one log line per kind of trouble in this interval.
 /// How often the depth gauge is refreshed.
 const DEPTH_EVERY: Duration = Duration::from_secs(1);
 /// On shutdown, how long in-flight deliveries may still take.
