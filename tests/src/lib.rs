@@ -40,6 +40,40 @@ pub fn pg_base() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
+/// A fresh PostgreSQL database of one test (`caracal_test_<what>_<uuid>`: the test
+/// script drops what an interrupted run leaves behind by that prefix).
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates an empty database.
+    pub async fn create(what: &str) -> anyhow::Result<Self> {
+        let name = format!("caracal_test_{what}_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base()))
+            .await
+            .context("connecting to PostgreSQL (is it running on 127.0.0.1:5432?)")?;
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        let url = format!("{}/{name}", pg_base());
+        Ok(Self { name, url })
+    }
+
+    /// Drops the database, whoever is still connected.
+    pub async fn drop(self) -> anyhow::Result<()> {
+        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base())).await?;
+        diesel::sql_query(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await?;
+        Ok(())
+    }
+}
+
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
 pub struct Bearer(pub Option<String>);
@@ -135,14 +169,10 @@ impl TestStack {
 
     /// Like [`TestStack::start`], with a chance to change the configuration.
     pub async fn start_with(tune: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
-        let database = format!("caracal_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base()))
-            .await
-            .context("connecting to PostgreSQL (is it running on 127.0.0.1:5432?)")?;
-        diesel::sql_query(format!("CREATE DATABASE {database}"))
-            .execute(&mut admin)
-            .await?;
-        let database_url = format!("{}/{database}", pg_base());
+        let TestDb {
+            name: database,
+            url: database_url,
+        } = TestDb::create("stack").await?;
         let mut config = Config::default();
         config.server.grpc_addr = "127.0.0.1:0".parse()?;
         config.server.http_addr = "127.0.0.1:0".parse()?;
@@ -321,13 +351,11 @@ impl TestStack {
             }
         }
         drop(self.channel);
-        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base())).await?;
-        diesel::sql_query(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.database
-        ))
-        .execute(&mut admin)
-        .await?;
-        Ok(())
+        TestDb {
+            name: self.database,
+            url: self.database_url,
+        }
+        .drop()
+        .await
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use caracal_consumers::{audit, config::ConsumerConfig};
 use caracal_tests::{
     kafka::{create_topics, Tansu},
-    pg_base,
+    TestDb,
 };
 use diesel::sql_types::{BigInt, Bytea, Integer, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -35,46 +35,18 @@ const PARTITIONS: i32 = 2;
 
 // ------------------------------------------------------------------ fixtures
 
-struct Db {
-    name: String,
-    url: String,
+/// A fresh database of this test.
+async fn db() -> TestDb {
+    TestDb::create("audit").await.unwrap()
 }
 
-impl Db {
-    async fn create() -> Self {
-        let name = format!("caracal_audit_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base()))
-            .await
-            .expect("PostgreSQL on 127.0.0.1:5432");
-        diesel::sql_query(format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        let url = format!("{}/{name}", pg_base());
-        Self { name, url }
-    }
-
-    /// A database with the migrations applied (what the logger does at start).
-    async fn migrated() -> Self {
-        let db = Self::create().await;
-        caracal_service_kit::db::run_migrations(&db.url)
-            .await
-            .unwrap();
-        db
-    }
-
-    async fn drop(self) {
-        if let Ok(mut admin) =
-            AsyncPgConnection::establish(&format!("{}/postgres", pg_base())).await
-        {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut admin)
-            .await;
-        }
-    }
+/// A database with the migrations applied (what the logger does at start).
+async fn migrated_db() -> TestDb {
+    let db = db().await;
+    caracal_service_kit::db::run_migrations(&db.url)
+        .await
+        .unwrap();
+    db
 }
 
 fn config(db_url: &str, brokers: &str, group: &str) -> ConsumerConfig {
@@ -162,7 +134,7 @@ async fn every_message_of_every_topic_lands_once_byte_for_byte_even_when_reread(
     let mut all: Vec<&str> = TOPICS.to_vec();
     all.push(DLQ);
     create_topics(&brokers, &all, PARTITIONS).await.unwrap();
-    let db = Db::create().await;
+    let db = db().await;
     let group = format!("audit-{}", uuid::Uuid::new_v4().simple());
 
     let producer: FutureProducer = ClientConfig::new()
@@ -359,7 +331,7 @@ async fn every_message_of_every_topic_lands_once_byte_for_byte_even_when_reread(
         );
     }
     assert!(got == expected, "rows differ from the produced messages");
-    db.drop().await;
+    db.drop().await.unwrap();
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -386,7 +358,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn update_delete_and_truncate_are_refused() {
-    let db = Db::migrated().await;
+    let db = migrated_db().await;
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     diesel::sql_query(
         "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, payload, occurred_at) \
@@ -438,14 +410,14 @@ async fn update_delete_and_truncate_are_refused() {
         vec![vec![1u8], vec![2u8]]
     );
     drop(conn);
-    db.drop().await;
+    db.drop().await.unwrap();
 }
 
 // ------------------------------------------------------------------ c. retention
 
 #[tokio::test]
 async fn retention_deletes_exactly_the_expired_rows_in_batches() {
-    let db = Db::migrated().await;
+    let db = migrated_db().await;
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     let now = chrono::Utc::now();
     // 43 expired (31..=73 days old), 26 kept (0..=25 days old) plus one at 29 days.
@@ -492,7 +464,7 @@ async fn retention_deletes_exactly_the_expired_rows_in_batches() {
         .await
         .is_err());
     drop(conn);
-    db.drop().await;
+    db.drop().await.unwrap();
 }
 
 // ------------------------------------------------------------------ d. export
@@ -510,7 +482,7 @@ async fn cli(args: &[&str]) -> (i32, String, String) {
 
 #[tokio::test]
 async fn export_writes_the_range_as_json_and_rfc5424_lines() {
-    let db = Db::migrated().await;
+    let db = migrated_db().await;
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     let day = |d: u32| {
         chrono::NaiveDate::from_ymd_opt(2026, 2, d)
@@ -711,12 +683,12 @@ async fn export_writes_the_range_as_json_and_rfc5424_lines() {
     assert!(err.contains("--end must be after --start"), "{err}");
     assert_eq!(count(&db.url).await, 15);
     drop(conn);
-    db.drop().await;
+    db.drop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_logger_runs_retention_at_start() {
-    let db = Db::migrated().await;
+    let db = migrated_db().await;
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     let now = chrono::Utc::now();
     for (offset, days) in [(0i64, 45i64), (1, 31), (2, 10)] {
@@ -741,5 +713,5 @@ async fn the_logger_runs_retention_at_start() {
     assert_eq!(count(&db.url).await, 1, "only the 10-day-old row is kept");
     logger.shutdown().await.unwrap();
     drop(conn);
-    db.drop().await;
+    db.drop().await.unwrap();
 }

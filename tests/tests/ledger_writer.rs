@@ -19,7 +19,7 @@ use caracal_proto::v1::{ChargeEvent, Money, TokenUsage};
 use caracal_service_kit::dlq::DeadLetter;
 use caracal_tests::{
     kafka::{consume_all, create_topics, Tansu},
-    pg_base,
+    pg_base, TestDb,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use prost::Message;
@@ -41,38 +41,9 @@ const PARTITIONS: i32 = 3;
 
 // ------------------------------------------------------------------ fixtures
 
-/// A fresh database of its own (migrations are the writer's job).
-struct Db {
-    name: String,
-    url: String,
-}
-
-impl Db {
-    async fn create() -> Self {
-        let name = format!("caracal_ledger_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_base()))
-            .await
-            .expect("PostgreSQL on 127.0.0.1:5432");
-        diesel::sql_query(format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        let url = format!("{}/{name}", pg_base());
-        Self { name, url }
-    }
-
-    async fn drop(self) {
-        if let Ok(mut admin) =
-            AsyncPgConnection::establish(&format!("{}/postgres", pg_base())).await
-        {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut admin)
-            .await;
-        }
-    }
+/// A fresh database of this test.
+async fn db() -> TestDb {
+    TestDb::create("ledger").await.unwrap()
 }
 
 #[derive(diesel::QueryableByName, Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,7 +264,7 @@ fn metric_value(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_distinct_event_lands_once_and_redeliveries_are_no_ops() {
     let tansu = broker().await;
-    let db = Db::create().await;
+    let db = db().await;
     let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
     let writer = ledger::start(writer_config(&db.url, &tansu.brokers(), &group))
         .await
@@ -444,7 +415,7 @@ async fn every_distinct_event_lands_once_and_redeliveries_are_no_ops() {
     }
 
     writer.shutdown().await.unwrap();
-    db.drop().await;
+    db.drop().await.unwrap();
 }
 
 // ------------------------------------------------------------------ c. poison
@@ -452,7 +423,7 @@ async fn every_distinct_event_lands_once_and_redeliveries_are_no_ops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_goes_to_the_dlq_with_its_reason_and_the_rest_arrives() {
     let tansu = broker().await;
-    let db = Db::create().await;
+    let db = db().await;
     // A row the database itself refuses (it passes validation): the writer must
     // give up on it after its bounded retries, not on the batch around it.
     caracal_service_kit::db::run_migrations(&db.url)
@@ -559,7 +530,7 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_the_rest_arrives() {
         "{metrics}"
     );
     writer.shutdown().await.unwrap();
-    db.drop().await;
+    db.drop().await.unwrap();
 }
 
 // ------------------------------------------------------------------ d. database down
@@ -629,7 +600,7 @@ impl Drop for FlakyProxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_and_skips_nothing() {
     let tansu = broker().await;
-    let db = Db::create().await;
+    let db = db().await;
     let pg: SocketAddr = {
         let base = pg_base();
         let hostport = base
@@ -733,7 +704,7 @@ async fn a_database_outage_loses_and_skips_nothing() {
     );
     writer.shutdown().await.unwrap();
     drop(proxy);
-    db.drop().await;
+    db.drop().await.unwrap();
 }
 
 // ------------------------------------------------------------------ b. crash
@@ -781,7 +752,7 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
     create_topics(&tansu.brokers(), &[METERING, DLQ], PARTITIONS)
         .await
         .unwrap();
-    let db = Db::create().await;
+    let db = db().await;
     let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("writer.log");
@@ -872,7 +843,7 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    db.drop().await;
+    db.drop().await.unwrap();
 }
 
 // ------------------------------------------------------------------ two replicas
@@ -880,7 +851,7 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
     let tansu = broker().await;
-    let db = Db::create().await;
+    let db = db().await;
     caracal_service_kit::db::run_migrations(&db.url)
         .await
         .unwrap();
@@ -937,5 +908,5 @@ async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
         "the remaining replica takes every partition over: nothing lost, nothing twice"
     );
     b.shutdown().await.unwrap();
-    db.drop().await;
+    db.drop().await.unwrap();
 }
