@@ -304,6 +304,30 @@ impl TestStack {
             .id)
     }
 
+    /// Sets a per-token price: decimal amounts per million input / output / cached
+    /// input tokens, no per-request price.
+    pub async fn set_token_price(
+        &self,
+        provider: &str,
+        model: &str,
+        currency: &str,
+        [input, output, cached]: [&str; 3],
+    ) -> anyhow::Result<()> {
+        use caracal_proto::v1 as pb;
+        self.prices()
+            .set_price(pb::SetPriceRequest {
+                provider: provider.into(),
+                model: model.into(),
+                currency: currency.into(),
+                input_per_mtok: input.into(),
+                output_per_mtok: output.into(),
+                cached_input_per_mtok: cached.into(),
+                per_request: "0".into(),
+            })
+            .await?;
+        Ok(())
+    }
+
     /// A direct connection to this stack's database, to check what was written.
     pub async fn db(&self) -> anyhow::Result<AsyncPgConnection> {
         Ok(AsyncPgConnection::establish(&self.database_url).await?)

@@ -67,16 +67,7 @@ fn chat_input_estimate(prompt: &str) -> u64 {
 
 async fn set_prices(stack: &TestStack) {
     stack
-        .prices()
-        .set_price(pb::SetPriceRequest {
-            provider: "openai".into(),
-            model: "gpt-4o".into(),
-            currency: USD.into(),
-            input_per_mtok: "2.50".into(),
-            output_per_mtok: "10.00".into(),
-            cached_input_per_mtok: "1.25".into(),
-            per_request: "0".into(),
-        })
+        .set_token_price("openai", "gpt-4o", USD, ["2.50", "10.00", "1.25"])
         .await
         .unwrap();
 }

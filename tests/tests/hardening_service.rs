@@ -395,16 +395,7 @@ async fn settle_refuses_another_currency() {
     let (agent, key) = h.agent("usd-only", None).await;
     let pol = h.policy(&agent, "calendar", "charge").await;
     h.stack
-        .prices()
-        .set_price(pb::SetPriceRequest {
-            provider: "openai".into(),
-            model: "priced-in-eur".into(),
-            currency: "EUR".into(),
-            input_per_mtok: "1.00".into(),
-            output_per_mtok: "1.00".into(),
-            cached_input_per_mtok: "1.00".into(),
-            per_request: String::new(),
-        })
+        .set_token_price("openai", "priced-in-eur", "EUR", ["1.00", "1.00", "1.00"])
         .await
         .unwrap();
     let a = h.authorize(&key, "cur-1", 1_000_000).await;

@@ -21,7 +21,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use caracal_proto::v1 as pb;
 use caracal_tests::{
     envoy::{Envoy, EnvoyOptions, Gateway},
     mock_llm::{
@@ -228,16 +227,7 @@ async fn two_thousand_mixed_calls_never_overspend_and_every_answered_call_is_cha
         .await
         .unwrap();
     stack
-        .prices()
-        .set_price(pb::SetPriceRequest {
-            provider: "openai".into(),
-            model: "gpt-4o".into(),
-            currency: "USD".into(),
-            input_per_mtok: "2.50".into(),
-            output_per_mtok: "10.00".into(),
-            cached_input_per_mtok: "1.25".into(),
-            per_request: "0".into(),
-        })
+        .set_token_price("openai", "gpt-4o", "USD", ["2.50", "10.00", "1.25"])
         .await
         .unwrap();
     // The parent binds: its children together could spend twice its limit.
