@@ -228,6 +228,7 @@ fn charge_event(f: &Fields<'_>) -> Result<ChargeEvent, String> {
             .map(str::to_owned)
             .collect(),
         occurred_at: Some(f.timestamp("at_ms")?),
+        reserved_at: None,
     })
 }
 

@@ -363,6 +363,7 @@ mod tests {
                 seconds: 1_700_000_000,
                 nanos: 5_000_000,
             }),
+            reserved_at: None,
         }
     }
 

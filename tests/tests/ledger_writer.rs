@@ -123,6 +123,7 @@ fn charge(run: &str, i: u64, root: &uuid::Uuid, agent: &uuid::Uuid) -> ChargeEve
             seconds: chrono::Utc::now().timestamp(),
             nanos: 0,
         }),
+        reserved_at: None,
     }
 }
 
