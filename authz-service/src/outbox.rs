@@ -228,7 +228,12 @@ fn charge_event(f: &Fields<'_>) -> Result<ChargeEvent, String> {
             .map(str::to_owned)
             .collect(),
         occurred_at: Some(f.timestamp("at_ms")?),
-        reserved_at: None,
+        // From the reservation's metadata (see `budget::store`): the windows the
+        // charge counts in. Absent for reservations made before it was recorded.
+        reserved_at: match f.opt("reserved_at_ms") {
+            "" => None,
+            _ => Some(f.timestamp("reserved_at_ms")?),
+        },
     })
 }
 
@@ -982,6 +987,7 @@ mod tests {
             ("provider", "anthropic"),
             ("model", "claude"),
             ("at_ms", "1770000000999"),
+            ("reserved_at_ms", "1769999999001"),
         ])
     }
 
@@ -1028,6 +1034,14 @@ mod tests {
         assert_eq!(c.policy_ids, vec!["p1", "p2"]);
         assert_eq!(c.price_version, 3);
         assert_eq!(c.usage.unwrap().cached_input_tokens, 10);
+        let at = c.reserved_at.unwrap();
+        assert_eq!((at.seconds, at.nanos), (1_769_999_999, 1_000_000));
+
+        // A reservation made before reserved_at was recorded: none, not poison.
+        let mut old = charge_entry();
+        old.remove("reserved_at_ms");
+        let c = ChargeEvent::decode(convert_entry(&old).unwrap().payload.as_slice()).unwrap();
+        assert_eq!(c.reserved_at, None);
 
         let mut none = charge_entry();
         none.insert("policy_ids".into(), String::new());

@@ -7,6 +7,7 @@ use anyhow::Context;
 use caracal_proto::v1::{
     agent_service_server::AgentServiceServer, allowlist_service_server::AllowlistServiceServer,
     budget_authorization_server::BudgetAuthorizationServer,
+    ledger_service_server::LedgerServiceServer,
     policy_service_server::PolicyServiceServer, price_book_service_server::PriceBookServiceServer,
 };
 use tokio::{
@@ -21,7 +22,7 @@ use tonic::{
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
-    admin::{AdminState, AgentAdmin, AllowlistAdmin, PolicyAdmin, PriceBookAdmin},
+    admin::{AdminState, AgentAdmin, AllowlistAdmin, LedgerAdmin, PolicyAdmin, PriceBookAdmin},
     auth::{AdminAuth, GatewayAuth},
     authorize::{AuthorizationService, Settings},
     budget::{BudgetStore, KeySpace},
@@ -258,6 +259,10 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         ))
         .add_service(PriceBookServiceServer::with_interceptor(
             PriceBookAdmin::new(state.clone()),
+            intercept.clone(),
+        ))
+        .add_service(LedgerServiceServer::with_interceptor(
+            LedgerAdmin::new(state.clone(), store.clone()),
             intercept,
         ));
 

@@ -90,6 +90,8 @@ pub struct ConnOpts {
 pub enum OutputFormat {
     Table,
     Json,
+    /// Comma-separated values with a header row (RFC 4180 quoting).
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +106,8 @@ pub enum Command {
     Pricebook(PricebookArgs),
     /// The audit trail (audit_logs), read directly from PostgreSQL.
     Audit(AuditArgs),
+    /// The ledger of record: rows, totals, reconciliation with the budget counters.
+    Ledger(crate::ledger::LedgerArgs),
 }
 
 // ------------------------------------------------------------------ audit

@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use caracal_proto::v1::{
     agent_service_client::AgentServiceClient, allowlist_service_client::AllowlistServiceClient,
-    policy_service_client::PolicyServiceClient, price_book_service_client::PriceBookServiceClient,
+    ledger_service_client::LedgerServiceClient, policy_service_client::PolicyServiceClient,
+    price_book_service_client::PriceBookServiceClient,
 };
 use tonic::{
     metadata::{Ascii, MetadataValue},
@@ -82,6 +83,10 @@ impl Connection {
 
     pub fn prices(&self) -> PriceBookServiceClient<Svc> {
         PriceBookServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn ledger(&self) -> LedgerServiceClient<Svc> {
+        LedgerServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 }
 

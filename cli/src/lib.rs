@@ -12,6 +12,7 @@
 pub mod args;
 pub mod client;
 mod commands;
+pub mod ledger;
 pub mod output;
 pub mod price_import;
 
@@ -25,6 +26,8 @@ use crate::args::Cli;
 pub const EXIT_FAILURE: i32 = 1;
 /// Exit code of a command line that does not parse.
 pub const EXIT_USAGE: i32 = 2;
+/// Exit code of `caracal ledger reconcile` when the ledger and the budget counters differ.
+pub const EXIT_DRIFT: i32 = 3;
 
 /// Runs `caracal` with `args` (the program name first), writing results to `out` and
 /// diagnostics to `err`. Returns the process exit code: 0 on success (and for `--help`
@@ -49,7 +52,11 @@ where
         },
         Err(e) => {
             let _ = writeln!(err, "error: {}", describe(&e));
-            EXIT_FAILURE
+            if e.downcast_ref::<ledger::DriftFound>().is_some() {
+                EXIT_DRIFT
+            } else {
+                EXIT_FAILURE
+            }
         }
     }
 }

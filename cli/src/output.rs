@@ -41,6 +41,17 @@ impl Table {
         self.rows.push((cells, notes));
     }
 
+    /// The table as CSV: the header row, then one line per row (notes left out).
+    pub fn render_csv(&self) -> String {
+        let mut text = csv_line(&self.headers);
+        text.push('\n');
+        for (cells, _) in &self.rows {
+            text.push_str(&csv_line(cells));
+            text.push('\n');
+        }
+        text
+    }
+
     /// Renders the table: every column padded to its widest cell, no trailing spaces.
     pub fn render(&self) -> String {
         let columns = self
@@ -104,6 +115,26 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
     text
 }
 
+/// One CSV record (RFC 4180): a field holding a comma, quote or line break is
+/// quoted, its quotes doubled.
+pub fn csv_line<S: AsRef<str>>(cells: &[S]) -> String {
+    let mut line = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        let cell = cell.as_ref();
+        if i > 0 {
+            line.push(',');
+        }
+        if cell.contains([',', '"', '\n', '\r']) {
+            line.push('"');
+            line.push_str(&cell.replace('"', "\"\""));
+            line.push('"');
+        } else {
+            line.push_str(cell);
+        }
+    }
+    line
+}
+
 /// Control characters would break alignment (or drive the terminal): show them escaped.
 fn clean(text: &str) -> String {
     if !text.chars().any(char::is_control) {
@@ -143,6 +174,15 @@ pub fn write_object(
     match format {
         OutputFormat::Json => write_json(out, &json),
         OutputFormat::Table => write_text(out, &key_values(pairs)),
+        OutputFormat::Csv => {
+            let mut text = csv_line(&["field", "value"]);
+            text.push('\n');
+            for (key, value) in pairs {
+                text.push_str(&csv_line(&[*key, value.as_str()]));
+                text.push('\n');
+            }
+            write_text(out, &text)
+        }
     }
 }
 
@@ -156,6 +196,7 @@ pub fn write_list(
     match format {
         OutputFormat::Json => write_json(out, &Value::Array(json)),
         OutputFormat::Table => write_text(out, &table.render()),
+        OutputFormat::Csv => write_text(out, &table.render_csv()),
     }
 }
 

@@ -14,7 +14,7 @@ use std::{future::Future, time::Duration};
 use caracal_proto::v1::{ChargeEvent, Money};
 use caracal_service_kit::db::{self, Pool};
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Integer, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamptz};
 use diesel_async::RunQueryDsl;
 use prost::Message as _;
 
@@ -62,6 +62,9 @@ pub struct LedgerRow {
     pub price_version: i32,
     pub schema_version: i32,
     pub occurred_at: DateTime<Utc>,
+    /// When the reservation was made: the policy windows the charge counts in.
+    /// None for events from before the field existed.
+    pub reserved_at: Option<DateTime<Utc>>,
     pub kafka_topic: String,
     pub kafka_partition: i32,
     pub kafka_offset: i64,
@@ -105,6 +108,13 @@ fn amount(name: &str, money: Option<&Money>) -> Result<(i64, String), String> {
     Ok((money.micros, money.currency.clone()))
 }
 
+fn time(name: &str, ts: &prost_types::Timestamp) -> Result<DateTime<Utc>, String> {
+    let nanos = u32::try_from(ts.nanos).map_err(|_| format!("{name}: bad nanos"))?;
+    DateTime::from_timestamp(ts.seconds, nanos)
+        .filter(|t| t.timestamp() > 0)
+        .ok_or_else(|| format!("{name} is out of range: {}s", ts.seconds))
+}
+
 fn tokens(name: &str, n: u64) -> Result<i64, String> {
     i64::try_from(n).map_err(|_| format!("{name} is out of range: {n}"))
 }
@@ -146,10 +156,14 @@ pub fn decode(msg: &RawMessage) -> Result<LedgerRow, String> {
     }
     let usage = ev.usage.unwrap_or_default();
     let ts = ev.occurred_at.ok_or("occurred_at is missing")?;
-    let nanos = u32::try_from(ts.nanos).map_err(|_| "occurred_at: bad nanos".to_owned())?;
-    let occurred_at = DateTime::from_timestamp(ts.seconds, nanos)
-        .filter(|t| t.timestamp() > 0)
-        .ok_or_else(|| format!("occurred_at is out of range: {}s", ts.seconds))?;
+    let occurred_at = time("occurred_at", &ts)?;
+    // Not checked against occurred_at: the two come from the clocks of the
+    // replicas that reserved and settled, which may differ a little.
+    let reserved_at = ev
+        .reserved_at
+        .as_ref()
+        .map(|t| time("reserved_at", t))
+        .transpose()?;
     let policy_ids = ev
         .policy_ids
         .iter()
@@ -176,6 +190,7 @@ pub fn decode(msg: &RawMessage) -> Result<LedgerRow, String> {
         // Known versions are small.
         schema_version: i32::try_from(ev.schema_version).unwrap_or(i32::MAX),
         occurred_at,
+        reserved_at,
         kafka_topic: msg.topic.clone(),
         kafka_partition: msg.partition,
         kafka_offset: msg.offset,
@@ -186,14 +201,14 @@ const INSERT: &str = "\
 INSERT INTO ledger_events (event_id, kind, reservation_id, request_id, agent_id, root_agent_id,
     policy_ids, currency, reserved_micros, charged_micros, overshoot_micros, input_tokens,
     output_tokens, cached_input_tokens, provider, model, price_version, schema_version,
-    occurred_at, kafka_topic, kafka_partition, kafka_offset)
+    occurred_at, kafka_topic, kafka_partition, kafka_offset, reserved_at)
 SELECT e, k, r, rq, a, ra, ARRAY(SELECT jsonb_array_elements_text(p::jsonb)), c, rs, ch, o,
-    it, ot, ct, pv, m, prv, sv, oa, t, kp, ko
+    it, ot, ct, pv, m, prv, sv, oa, t, kp, ko, rat
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], $7::text[],
     $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[],
     $15::text[], $16::text[], $17::int4[], $18::int4[], $19::timestamptz[], $20::text[],
-    $21::int4[], $22::int8[])
-  AS u(e, k, r, rq, a, ra, p, c, rs, ch, o, it, ot, ct, pv, m, prv, sv, oa, t, kp, ko)
+    $21::int4[], $22::int8[], $23::timestamptz[])
+  AS u(e, k, r, rq, a, ra, p, c, rs, ch, o, it, ot, ct, pv, m, prv, sv, oa, t, kp, ko, rat)
 ON CONFLICT DO NOTHING";
 
 /// Writes `rows` in one statement; returns how many were new (the rest were
@@ -230,6 +245,7 @@ pub async fn insert_rows(
         .bind::<Array<Text>, _>(col(rows, |r| r.kafka_topic.clone()))
         .bind::<Array<Integer>, _>(col(rows, |r| r.kafka_partition))
         .bind::<Array<BigInt>, _>(col(rows, |r| r.kafka_offset))
+        .bind::<Array<Nullable<Timestamptz>>, _>(col(rows, |r| r.reserved_at))
         .execute(conn)
         .await
 }
@@ -363,7 +379,10 @@ mod tests {
                 seconds: 1_700_000_000,
                 nanos: 5_000_000,
             }),
-            reserved_at: None,
+            reserved_at: Some(prost_types::Timestamp {
+                seconds: 1_699_999_990,
+                nanos: 250_000_000,
+            }),
         }
     }
 
@@ -389,6 +408,14 @@ mod tests {
         assert_eq!(row.cached_input_tokens, 3);
         assert_eq!(row.policy_ids, vec!["p1", "p2"]);
         assert_eq!(row.occurred_at.timestamp_millis(), 1_700_000_000_005);
+        assert_eq!(
+            row.reserved_at.map(|t| t.timestamp_millis()),
+            Some(1_699_999_990_250)
+        );
+        // Events from before reserved_at existed still decode.
+        let mut old = ev.clone();
+        old.reserved_at = None;
+        assert_eq!(decode(&msg(&old)).unwrap().reserved_at, None);
         assert_eq!((row.kafka_partition, row.kafka_offset), (2, 7));
     }
 
@@ -437,6 +464,15 @@ mod tests {
             (
                 Box::new(|e: &mut ChargeEvent| e.occurred_at = None),
                 "occurred_at",
+            ),
+            (
+                Box::new(|e: &mut ChargeEvent| {
+                    e.reserved_at = Some(prost_types::Timestamp {
+                        seconds: 0,
+                        nanos: 0,
+                    })
+                }),
+                "reserved_at",
             ),
             (
                 Box::new(|e: &mut ChargeEvent| e.model = "a\0b".into()),

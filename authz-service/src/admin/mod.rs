@@ -11,11 +11,13 @@ use crate::{admin_events::AdminEvent, db::Pool, error::ServiceResult};
 pub mod agents;
 pub mod allowlist;
 pub mod counters;
+pub mod ledger;
 pub mod policies;
 pub mod pricebook;
 
 pub use agents::AgentAdmin;
 pub use allowlist::AllowlistAdmin;
+pub use ledger::LedgerAdmin;
 pub use policies::PolicyAdmin;
 pub use pricebook::PriceBookAdmin;
 

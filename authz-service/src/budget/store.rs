@@ -423,6 +423,9 @@ fn event_meta(req: &ReserveRequest<'_>) -> String {
         provider: &'a str,
         model: &'a str,
         resource: &'a str,
+        /// When the reservation was made (ms): charge events carry it as
+        /// `reserved_at`, the instant whose policy windows the charge counts in.
+        reserved_at_ms: String,
     }
     serde_json::to_string(&Meta {
         request_id: req.request_id,
@@ -432,6 +435,7 @@ fn event_meta(req: &ReserveRequest<'_>) -> String {
         provider: req.provider,
         model: req.model,
         resource: req.resource,
+        reserved_at_ms: req.now_ms.to_string(),
     })
     // Serialising borrowed strings cannot fail; an empty object would be poison.
     .unwrap_or_else(|_| "{}".to_owned())

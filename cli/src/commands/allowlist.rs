@@ -82,7 +82,7 @@ pub async fn run(ctx: &Ctx<'_>, cmd: AllowlistCmd, out: &mut dyn Write) -> Resul
                 OutputFormat::Json => {
                     output::write_json(out, &json!({ "id": id, "removed": true }))
                 }
-                OutputFormat::Table => {
+                OutputFormat::Table | OutputFormat::Csv => {
                     writeln!(out, "Removed allowlist entry {id}.")?;
                     Ok(())
                 }

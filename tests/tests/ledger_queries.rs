@@ -1,0 +1,1133 @@
+//! LedgerService (QueryLedger, LedgerSummary, Reconcile) and `caracal ledger`
+//! against a real authz-service on real PostgreSQL and Redis.
+//!
+//! - Query and summary totals for a three-level hierarchy (root -> child ->
+//!   grandchild), with a late settle that supersedes an expiry charge: exact
+//!   counts, sums, pages, breakdowns.
+//! - Reconcile: real Authorize + Settle (and an expiry followed by a late
+//!   Settle) move the Redis counters; the charge events the scripts wrote to the
+//!   outbox are converted exactly as the relay converts them and written by the
+//!   ledger-writer's own decode + insert. Zero drift; then a changed ledger row
+//!   and a changed counter show up as exactly that drift.
+//! - The `caracal` binary as a process: `ledger query --output csv` and the exit
+//!   code of `ledger reconcile`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use caracal_authz::outbox::{convert_entry, expand_meta, EventKind};
+use caracal_consumers::{
+    ledger::{decode, insert_rows, LedgerRow},
+    runner::RawMessage,
+};
+use caracal_proto::v1::{self as pb, ledger_service_client::LedgerServiceClient};
+use caracal_tests::{authorize_request, Bearer, Svc, TestStack, ADMIN_TOKEN};
+use chrono::{DateTime, Utc};
+use diesel_async::RunQueryDsl;
+use tonic::Code;
+
+fn ledger(stack: &TestStack) -> LedgerServiceClient<Svc> {
+    LedgerServiceClient::with_interceptor(
+        stack.channel.clone(),
+        Bearer(Some(ADMIN_TOKEN.to_owned())),
+    )
+}
+
+fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text)
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn usd(micros: i64) -> pb::Money {
+    pb::Money {
+        currency: "USD".into(),
+        micros,
+        amount: String::new(),
+    }
+}
+
+/// A ledger row as the ledger-writer writes it.
+#[allow(clippy::too_many_arguments)]
+fn row(
+    event_id: &str,
+    kind: &str,
+    agent: &str,
+    root: &str,
+    currency: &str,
+    (reserved, charged): (i64, i64),
+    (input, output, cached): (i64, i64, i64),
+    (provider, model): (&str, &str),
+    occurred_at: &str,
+) -> LedgerRow {
+    let reservation = event_id.split('/').next().unwrap().to_owned();
+    let occurred_at = at(occurred_at);
+    LedgerRow {
+        event_id: event_id.to_owned(),
+        kind: kind.to_owned(),
+        reservation_id: reservation.clone(),
+        request_id: format!("req-{reservation}"),
+        agent_id: agent.parse().unwrap(),
+        root_agent_id: root.parse().unwrap(),
+        policy_ids: vec![],
+        currency: currency.to_owned(),
+        reserved_micros: reserved,
+        charged_micros: charged,
+        overshoot_micros: (charged - reserved).max(0),
+        input_tokens: input,
+        output_tokens: output,
+        cached_input_tokens: cached,
+        provider: provider.to_owned(),
+        model: model.to_owned(),
+        price_version: 1,
+        schema_version: 1,
+        occurred_at,
+        reserved_at: Some(occurred_at - chrono::Duration::seconds(5)),
+        kafka_topic: "caracal.metering.events".to_owned(),
+        kafka_partition: 0,
+        kafka_offset: 0,
+    }
+}
+
+async fn new_agent(stack: &TestStack, name: &str, parent: &str) -> String {
+    stack
+        .agents()
+        .create_agent(pb::CreateAgentRequest {
+            name: name.into(),
+            agent_type: "openai".into(),
+            parent_id: parent.into(),
+            metadata_json: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+fn dates(start: &str, end: &str) -> Option<pb::LedgerTimeRange> {
+    Some(pb::LedgerTimeRange {
+        start_date: start.into(),
+        end_date: end.into(),
+        ..Default::default()
+    })
+}
+
+async fn query_all(
+    stack: &TestStack,
+    agent: &str,
+    range: Option<pb::LedgerTimeRange>,
+    children: bool,
+    page_size: u32,
+) -> (Vec<pb::LedgerEntry>, usize) {
+    let mut client = ledger(stack);
+    let mut token = String::new();
+    let mut entries = Vec::new();
+    let mut pages = 0;
+    for _ in 0..1000 {
+        let page = client
+            .query_ledger(pb::QueryLedgerRequest {
+                agent_id: agent.into(),
+                range: range.clone(),
+                aggregate_children: children,
+                page_size,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.entries.len() <= page_size.max(1) as usize);
+        entries.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return (entries, pages);
+        }
+        token = page.next_page_token;
+    }
+    panic!("more than 1000 pages");
+}
+
+fn ids(entries: &[pb::LedgerEntry]) -> Vec<&str> {
+    entries.iter().map(|e| e.event_id.as_str()).collect()
+}
+
+fn charged_sum(entries: &[pb::LedgerEntry]) -> i64 {
+    entries
+        .iter()
+        .map(|e| e.charged.as_ref().unwrap().micros)
+        .sum()
+}
+
+fn totals<'a>(list: &'a [pb::LedgerTotals], currency: &str) -> &'a pb::LedgerTotals {
+    list.iter()
+        .find(|t| t.currency == currency)
+        .unwrap_or_else(|| panic!("no {currency} totals in {list:?}"))
+}
+
+fn micros(m: &Option<pb::Money>) -> i64 {
+    m.as_ref().unwrap().micros
+}
+
+#[tokio::test]
+async fn query_and_summary_over_a_three_level_hierarchy() {
+    let stack = TestStack::start().await.unwrap();
+    let root = new_agent(&stack, "ledger-root", "").await;
+    let child = new_agent(&stack, "ledger-child", &root).await;
+    let grandchild = new_agent(&stack, "ledger-grandchild", &child).await;
+    let other = new_agent(&stack, "ledger-other", "").await;
+
+    let gpt = ("openai", "gpt-4o");
+    let claude = ("anthropic", "claude-3");
+    let rows = vec![
+        row(
+            "r1/settle",
+            "settle",
+            &root,
+            &root,
+            "USD",
+            (800_000, 1_000_000),
+            (100, 50, 10),
+            gpt,
+            "2026-02-01T10:00:00Z",
+        ),
+        row(
+            "r2/settle",
+            "settle",
+            &root,
+            &root,
+            "USD",
+            (3_000_000, 2_500_000),
+            (200, 100, 0),
+            claude,
+            "2026-02-02T09:00:00Z",
+        ),
+        row(
+            "c1/settle",
+            "settle",
+            &child,
+            &root,
+            "USD",
+            (300_000, 300_000),
+            (30, 10, 5),
+            gpt,
+            "2026-02-01T12:00:00Z",
+        ),
+        // Expired just before midnight, settled late just after: the late settle
+        // carries the final charge (700,000) and supersedes the expiry's 500,000.
+        row(
+            "c2/expire",
+            "expire_charge",
+            &child,
+            &root,
+            "USD",
+            (500_000, 500_000),
+            (0, 0, 0),
+            gpt,
+            "2026-02-02T23:59:00Z",
+        ),
+        row(
+            "c2/settle",
+            "late_settle",
+            &child,
+            &root,
+            "USD",
+            (500_000, 700_000),
+            (70, 30, 0),
+            gpt,
+            "2026-02-03T00:10:00Z",
+        ),
+        row(
+            "c3/settle",
+            "settle",
+            &child,
+            &root,
+            "EUR",
+            (50_000, 50_000),
+            (5, 5, 0),
+            ("openai", "gpt-4o-mini"),
+            "2026-02-02T10:00:00Z",
+        ),
+        row(
+            "g1/settle",
+            "settle",
+            &grandchild,
+            &root,
+            "USD",
+            (400_000, 400_000),
+            (40, 20, 0),
+            claude,
+            "2026-02-03T08:00:00Z",
+        ),
+        // Outside 2026-02-01..=2026-02-03.
+        row(
+            "g2/settle",
+            "settle",
+            &grandchild,
+            &root,
+            "USD",
+            (9_000_000, 9_000_000),
+            (1, 1, 1),
+            claude,
+            "2026-02-04T00:00:00Z",
+        ),
+        row(
+            "g0/settle",
+            "settle",
+            &grandchild,
+            &root,
+            "USD",
+            (8_000_000, 8_000_000),
+            (1, 1, 1),
+            claude,
+            "2026-01-31T23:59:59.999Z",
+        ),
+        // Another hierarchy: never counted.
+        row(
+            "o1/settle",
+            "settle",
+            &other,
+            &other,
+            "USD",
+            (77_000, 77_000),
+            (7, 7, 7),
+            gpt,
+            "2026-02-02T10:00:00Z",
+        ),
+    ];
+    let mut conn = stack.db().await.unwrap();
+    assert_eq!(insert_rows(&mut conn, &rows).await.unwrap(), rows.len());
+    let feb = || dates("2026-02-01", "2026-02-03");
+
+    // The root alone: its two rows.
+    let (own, _) = query_all(&stack, &root, feb(), false, 100).await;
+    assert_eq!(ids(&own), ["r1/settle", "r2/settle"]);
+    assert_eq!(charged_sum(&own), 3_500_000);
+
+    // With every descendant: seven rows in the range, oldest first, every field.
+    let (all, pages) = query_all(&stack, &root, feb(), true, 100).await;
+    assert_eq!(pages, 1);
+    assert_eq!(
+        ids(&all),
+        [
+            "r1/settle",
+            "c1/settle",
+            "r2/settle",
+            "c3/settle",
+            "c2/expire",
+            "c2/settle",
+            "g1/settle"
+        ]
+    );
+    let superseded: Vec<&str> = all
+        .iter()
+        .filter(|e| e.superseded)
+        .map(|e| e.event_id.as_str())
+        .collect();
+    assert_eq!(superseded, ["c2/expire"]);
+    let late = all.iter().find(|e| e.event_id == "c2/settle").unwrap();
+    assert_eq!(late.kind, "late_settle");
+    assert_eq!(late.agent_id, child);
+    assert_eq!(late.root_agent_id, root);
+    assert_eq!(micros(&late.reserved), 500_000);
+    assert_eq!(micros(&late.charged), 700_000);
+    assert_eq!(micros(&late.overshoot), 200_000);
+    assert_eq!(late.charged.as_ref().unwrap().amount, "0.70");
+    assert_eq!(
+        late.usage,
+        Some(pb::TokenUsage {
+            input_tokens: 70,
+            output_tokens: 30,
+            cached_input_tokens: 0
+        })
+    );
+    assert_eq!((late.provider.as_str(), late.model.as_str()), gpt);
+    assert_eq!(late.request_id, "req-c2");
+    assert_eq!(late.price_version, 1);
+    assert_eq!(late.schema_version, 1);
+    assert_eq!(late.kafka_topic, "caracal.metering.events");
+    let occurred = late.occurred_at.unwrap();
+    assert_eq!(occurred.seconds, at("2026-02-03T00:10:00Z").timestamp());
+    assert_eq!(late.reserved_at.unwrap().seconds, occurred.seconds - 5);
+    assert!(late.ingested_at.is_some());
+
+    // Small pages return every row once, in the same order.
+    for size in [1, 2, 3] {
+        let (paged, pages) = query_all(&stack, &root, feb(), true, size).await;
+        assert_eq!(ids(&paged), ids(&all), "page size {size}");
+        assert_eq!(pages, 7usize.div_ceil(size as usize), "page size {size}");
+    }
+    // The boundaries: the start date from 00:00, the end date included to its end.
+    let (one_day, _) = query_all(
+        &stack,
+        &grandchild,
+        dates("2026-02-04", "2026-02-04"),
+        true,
+        10,
+    )
+    .await;
+    assert_eq!(ids(&one_day), ["g2/settle"]);
+    let (jan, _) = query_all(
+        &stack,
+        &grandchild,
+        dates("2026-01-31", "2026-01-31"),
+        false,
+        10,
+    )
+    .await;
+    assert_eq!(ids(&jan), ["g0/settle"]);
+    // The middle level covers itself and the grandchild; no range is all time.
+    let (mid, _) = query_all(&stack, &child, feb(), true, 100).await;
+    assert_eq!(mid.len(), 5);
+    let (g_all, _) = query_all(&stack, &grandchild, None, false, 100).await;
+    assert_eq!(charged_sum(&g_all), 17_400_000);
+
+    // Summary of the root alone, all time.
+    let s = ledger(&stack)
+        .ledger_summary(pb::LedgerSummaryRequest {
+            agent_id: root.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.agent_count, 1);
+    assert_eq!(s.totals.len(), 1);
+    let t = totals(&s.totals, "USD");
+    assert_eq!(
+        (
+            micros(&t.charged),
+            micros(&t.reserved),
+            micros(&t.overshoot)
+        ),
+        (3_500_000, 3_800_000, 200_000)
+    );
+    assert_eq!((t.event_count, t.superseded_count), (2, 0));
+    assert!(s.breakdown.is_empty());
+
+    // The whole hierarchy in the range: the late settle counts, the expiry it
+    // supersedes does not.
+    let summary = |breakdown: pb::LedgerBreakdown| pb::LedgerSummaryRequest {
+        agent_id: root.clone(),
+        range: feb(),
+        aggregate_children: true,
+        breakdown: breakdown as i32,
+    };
+    let s = ledger(&stack)
+        .ledger_summary(summary(pb::LedgerBreakdown::None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.agent_count, 3);
+    assert_eq!(s.totals.len(), 2);
+    let t = totals(&s.totals, "USD");
+    assert_eq!(
+        micros(&t.charged),
+        1_000_000 + 2_500_000 + 300_000 + 700_000 + 400_000
+    );
+    assert_eq!(
+        micros(&t.reserved),
+        800_000 + 3_000_000 + 300_000 + 500_000 + 400_000
+    );
+    assert_eq!(micros(&t.overshoot), 200_000 + 200_000);
+    assert_eq!((t.event_count, t.superseded_count), (5, 1));
+    assert_eq!(
+        (t.input_tokens, t.output_tokens, t.cached_input_tokens),
+        (100 + 200 + 30 + 70 + 40, 50 + 100 + 10 + 30 + 20, 10 + 5)
+    );
+    let eur = totals(&s.totals, "EUR");
+    assert_eq!((micros(&eur.charged), eur.event_count), (50_000, 1));
+
+    // Per model.
+    let s = ledger(&stack)
+        .ledger_summary(summary(pb::LedgerBreakdown::Model))
+        .await
+        .unwrap()
+        .into_inner();
+    let groups: Vec<(String, String, String, i64, i64, i64)> = s
+        .breakdown
+        .iter()
+        .map(|t| {
+            (
+                t.provider.clone(),
+                t.model.clone(),
+                t.currency.clone(),
+                micros(&t.charged),
+                t.event_count,
+                t.superseded_count,
+            )
+        })
+        .collect();
+    let g = |p: &str, m: &str, c: &str, ch: i64, n: i64, sup: i64| {
+        (p.to_owned(), m.to_owned(), c.to_owned(), ch, n, sup)
+    };
+    assert_eq!(
+        groups,
+        [
+            g("anthropic", "claude-3", "USD", 2_900_000, 2, 0),
+            g("openai", "gpt-4o", "USD", 2_000_000, 3, 1),
+            g("openai", "gpt-4o-mini", "EUR", 50_000, 1, 0),
+        ]
+    );
+
+    // Per UTC day (of occurred_at): the late settle is on the 3rd.
+    let s = ledger(&stack)
+        .ledger_summary(summary(pb::LedgerBreakdown::Day))
+        .await
+        .unwrap()
+        .into_inner();
+    let days: Vec<(String, String, i64, i64, i64)> = s
+        .breakdown
+        .iter()
+        .map(|t| {
+            (
+                t.day.clone(),
+                t.currency.clone(),
+                micros(&t.charged),
+                t.event_count,
+                t.superseded_count,
+            )
+        })
+        .collect();
+    let d =
+        |day: &str, c: &str, ch: i64, n: i64, sup: i64| (day.to_owned(), c.to_owned(), ch, n, sup);
+    assert_eq!(
+        days,
+        [
+            d("2026-02-01", "USD", 1_300_000, 2, 0),
+            d("2026-02-02", "EUR", 50_000, 1, 0),
+            d("2026-02-02", "USD", 2_500_000, 1, 1),
+            d("2026-02-03", "USD", 1_100_000, 2, 0),
+        ]
+    );
+    let usd_days: i64 = s
+        .breakdown
+        .iter()
+        .filter(|t| t.currency == "USD")
+        .map(|t| micros(&t.charged))
+        .sum();
+    assert_eq!(usd_days, micros(&totals(&s.totals, "USD").charged));
+
+    // The middle level with its child.
+    let s = ledger(&stack)
+        .ledger_summary(pb::LedgerSummaryRequest {
+            agent_id: child.clone(),
+            range: feb(),
+            aggregate_children: true,
+            breakdown: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.agent_count, 2);
+    assert_eq!(micros(&totals(&s.totals, "USD").charged), 1_400_000);
+
+    // Bad input names the problem.
+    let mut client = ledger(&stack);
+    let query = |agent: &str, range, size: u32, token: &str| pb::QueryLedgerRequest {
+        agent_id: agent.into(),
+        range,
+        aggregate_children: false,
+        page_size: size,
+        page_token: token.into(),
+    };
+    let cases = [
+        (
+            query("not-a-uuid", feb(), 10, ""),
+            Code::InvalidArgument,
+            "agent_id",
+        ),
+        (
+            query(&root, dates("2026-02-03", "2026-02-01"), 10, ""),
+            Code::InvalidArgument,
+            "ends before it starts",
+        ),
+        (
+            query(&root, dates("2026-02-31", ""), 10, ""),
+            Code::InvalidArgument,
+            "start_date",
+        ),
+        (
+            query(&root, feb(), 1001, ""),
+            Code::InvalidArgument,
+            "page_size",
+        ),
+        (
+            query(&root, feb(), 10, "garbage"),
+            Code::InvalidArgument,
+            "page_token",
+        ),
+        (
+            query(&uuid::Uuid::now_v7().to_string(), feb(), 10, ""),
+            Code::NotFound,
+            "not found",
+        ),
+    ];
+    for (request, code, text) in cases {
+        let status = client.query_ledger(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(
+            status.message().contains(text),
+            "{status:?} should say {text}"
+        );
+    }
+    let status = client
+        .ledger_summary(pb::LedgerSummaryRequest {
+            agent_id: root.clone(),
+            breakdown: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // Admin credentials only.
+    let status = LedgerServiceClient::with_interceptor(stack.channel.clone(), Bearer(None))
+        .query_ledger(query(&root, feb(), 10, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    stack.stop().await.unwrap();
+}
+
+// ------------------------------------------------------------- reconcile
+
+/// Writes the charge events waiting in the stack's outbox streams into the ledger,
+/// the way they get there in production: each entry converted by the relay's
+/// `convert_entry` (metadata spread as the relay does), then decoded and written
+/// by the ledger-writer's `decode` + `insert_rows`. Returns the rows written.
+async fn drain_charges_into_ledger(stack: &TestStack) -> Vec<LedgerRow> {
+    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let mut rows = Vec::new();
+    for p in 0..4u16 {
+        let key = format!("{}:{{p{p}}}:outbox", stack.key_prefix);
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        for (offset, e) in entries.ids.iter().enumerate() {
+            let mut fields: HashMap<String, String> = e
+                .map
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        redis::from_redis_value::<String>(v.clone()).unwrap(),
+                    )
+                })
+                .collect();
+            expand_meta(&mut fields).unwrap();
+            let event = convert_entry(&fields).unwrap();
+            if event.kind != EventKind::Charge {
+                continue;
+            }
+            let msg = RawMessage {
+                topic: "caracal.metering.events".into(),
+                partition: i32::from(p),
+                offset: offset as i64,
+                key: Some(event.key.into_bytes()),
+                payload: Some(event.payload),
+                headers: vec![("schema_version".into(), Some(b"1".to_vec()))],
+                timestamp_ms: None,
+            };
+            rows.push(decode(&msg).unwrap());
+        }
+    }
+    let mut conn = stack.db().await.unwrap();
+    insert_rows(&mut conn, &rows).await.unwrap();
+    rows
+}
+
+async fn reconcile(stack: &TestStack, agent: &str) -> pb::ReconcileResponse {
+    ledger(stack)
+        .reconcile(pb::ReconcileRequest {
+            agent_id: agent.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn by_policy(r: &pb::ReconcileResponse) -> HashMap<String, (i64, i64, i64)> {
+    r.policies
+        .iter()
+        .map(|p| {
+            (
+                p.policy_id.clone(),
+                (p.ledger_micros, p.redis_spent_micros, p.drift_micros),
+            )
+        })
+        .collect()
+}
+
+async fn settle(stack: &TestStack, reservation: &str, cost: i64) -> i64 {
+    let s = stack
+        .authz()
+        .settle(pb::SettleRequest {
+            reservation_id: reservation.into(),
+            actual_cost: Some(usd(cost)),
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    micros(&s.charged)
+}
+
+async fn authorize(stack: &TestStack, key: &str, request: &str, estimate: i64) -> String {
+    let r = stack
+        .authz()
+        .authorize(authorize_request(key, request, estimate))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.decision(), pb::Decision::Allow, "{r:?}");
+    r.reservation_id
+}
+
+/// Redis `HINCRBY` on a counter field.
+async fn bump_counter(stack: &TestStack, key: &str, field: &str, by: i64) {
+    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(key)
+        .arg(field)
+        .arg(by)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
+
+/// A stack whose reservations expire after 2 s (swept every second), with a root
+/// agent (daily calendar + hourly rolling policies) and a child (total policy)
+/// that spent through Authorize + Settle, one expiry and one late Settle.
+/// Returns (stack, root, child, policies, sum of Settle charges).
+async fn spent_hierarchy() -> (TestStack, String, String, [String; 3], i64) {
+    let stack = TestStack::start_with(|c| {
+        c.reservations.provisional_charge_expiration = 2;
+        c.reservations.provisional_charge_cleanup_interval = 1;
+    })
+    .await
+    .unwrap();
+    let (root, root_key) = stack.agent_with_key("rec-root", None).await.unwrap();
+    let (child, child_key) = stack
+        .agent_with_key("rec-child", Some(&root))
+        .await
+        .unwrap();
+    let daily = stack
+        .usd_policy(&root, "100.00", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+    let hourly = stack
+        .usd_policy(&root, "50.00", "hourly", "rolling", "charge")
+        .await
+        .unwrap();
+    let total = stack
+        .usd_policy(&child, "20.00", "total", "calendar", "charge")
+        .await
+        .unwrap();
+
+    let mut charged = 0;
+    let a1 = authorize(&stack, &child_key, "a1", 100_000).await;
+    charged += settle(&stack, &a1, 150_000).await;
+    let a2 = authorize(&stack, &child_key, "a2", 200_000).await;
+    charged += settle(&stack, &a2, 80_000).await;
+    let a3 = authorize(&stack, &root_key, "a3", 50_000).await;
+    charged += settle(&stack, &a3, 50_000).await;
+    // Released: no charge.
+    let a5 = authorize(&stack, &root_key, "a5", 70_000).await;
+    stack
+        .authz()
+        .release(pb::ReleaseRequest {
+            reservation_id: a5.clone(),
+            reason: "client_abort".into(),
+        })
+        .await
+        .unwrap();
+    // Expires (charging the 300,000 reserved), then settles late at 120,000.
+    let a4 = authorize(&stack, &child_key, "a4", 300_000).await;
+    let rsv_key = |p: u16| format!("{}:{{p{p}}}:rsv:{a4}", stack.key_prefix);
+    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let started = Instant::now();
+    loop {
+        let mut expired = false;
+        for p in 0..4u16 {
+            let rec: Option<String> = redis::cmd("GET")
+                .arg(rsv_key(p))
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            expired |= rec.is_some_and(|r| r.starts_with("D\texpire\t"));
+        }
+        if expired {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "reservation {a4} never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    charged += settle(&stack, &a4, 120_000).await;
+    assert_eq!(charged, 150_000 + 80_000 + 50_000 + 120_000);
+    (stack, root, child, [daily, hourly, total], charged)
+}
+
+#[tokio::test]
+async fn reconcile_is_zero_when_drained_and_shows_exact_drift() {
+    let (stack, root, child, [daily, hourly, total], charged) = spent_hierarchy().await;
+
+    // Before the pipeline delivered anything: the counters hold every charge,
+    // the ledger none of them.
+    let before = reconcile(&stack, "").await;
+    assert_eq!(before.policies_checked, 3);
+    assert_eq!(before.policies_with_drift, 3);
+    assert_eq!(by_policy(&before)[&total], (0, 350_000, 350_000));
+
+    let rows = drain_charges_into_ledger(&stack).await;
+    let kinds: HashSet<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r.event_id.as_str(), r.kind.as_str()))
+        .collect();
+    assert_eq!(rows.len(), 5, "{kinds:?}");
+    assert_eq!(
+        rows.iter().filter(|r| r.kind == "expire_charge").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(rows.iter().filter(|r| r.kind == "late_settle").count(), 1);
+    // Every charge carries when its reservation was made; the late settle's is
+    // the reservation's, seconds before the settle.
+    for r in &rows {
+        let reserved_at = r
+            .reserved_at
+            .unwrap_or_else(|| panic!("{} has no reserved_at", r.event_id));
+        assert!(reserved_at <= r.occurred_at, "{r:?}");
+    }
+    let late = rows.iter().find(|r| r.kind == "late_settle").unwrap();
+    assert!(late.occurred_at - late.reserved_at.unwrap() >= chrono::Duration::seconds(2));
+    let expire = rows.iter().find(|r| r.kind == "expire_charge").unwrap();
+    assert_eq!(expire.reserved_at, late.reserved_at);
+    assert_eq!(expire.charged_micros, 300_000);
+    // The ledger-writer wrote reserved_at through to the table.
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = stack.db().await.unwrap();
+    let missing: N =
+        diesel::sql_query("SELECT count(*) AS n FROM ledger_events WHERE reserved_at IS NULL")
+            .get_result(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(missing.n, 0);
+
+    // Drained: zero drift, and the ledger total is what Settle returned.
+    let r = reconcile(&stack, "").await;
+    assert_eq!((r.policies_checked, r.policies_with_drift), (3, 0));
+    let all = charged;
+    let child_only = 150_000 + 80_000 + 120_000;
+    assert_eq!(by_policy(&r)[&daily], (all, all, 0));
+    assert_eq!(by_policy(&r)[&hourly], (all, all, 0));
+    assert_eq!(by_policy(&r)[&total], (child_only, child_only, 0));
+    let daily_row = r.policies.iter().find(|p| p.policy_id == daily).unwrap();
+    assert_eq!(
+        (
+            daily_row.time_window.as_str(),
+            daily_row.window_type.as_str()
+        ),
+        ("daily", "calendar")
+    );
+    assert_eq!(daily_row.ledger_events, 4);
+    assert!(daily_row.window_end.is_some());
+    let hourly_row = r.policies.iter().find(|p| p.policy_id == hourly).unwrap();
+    assert!(hourly_row.window_end.is_none());
+    assert!(
+        hourly_row.counter_key.contains(":r:"),
+        "{}",
+        hourly_row.counter_key
+    );
+    // The summary agrees with Settle: one charge per reservation.
+    let s = ledger(&stack)
+        .ledger_summary(pb::LedgerSummaryRequest {
+            agent_id: root.clone(),
+            aggregate_children: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t = totals(&s.totals, "USD");
+    assert_eq!(
+        (micros(&t.charged), t.event_count, t.superseded_count),
+        (all, 4, 1)
+    );
+
+    // One agent only.
+    let only_child = reconcile(&stack, &child).await;
+    assert_eq!(only_child.policies_checked, 1);
+    assert_eq!(only_child.policies[0].policy_id, total);
+
+    // A ledger row 30,000 short: every policy it names drifts by exactly that.
+    let a2_event = rows
+        .iter()
+        .find(|r| r.charged_micros == 80_000)
+        .unwrap()
+        .event_id
+        .clone();
+    let changed = diesel::sql_query(
+        "UPDATE ledger_events SET charged_micros = charged_micros - 30000 WHERE event_id = $1",
+    )
+    .bind::<diesel::sql_types::Text, _>(a2_event.as_str())
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(changed, 1);
+    let r = reconcile(&stack, "").await;
+    assert_eq!(r.policies_with_drift, 3);
+    assert_eq!(by_policy(&r)[&daily], (all - 30_000, all, 30_000));
+    assert_eq!(by_policy(&r)[&hourly], (all - 30_000, all, 30_000));
+    assert_eq!(
+        by_policy(&r)[&total],
+        (child_only - 30_000, child_only, 30_000)
+    );
+    diesel::sql_query(
+        "UPDATE ledger_events SET charged_micros = charged_micros + 30000 WHERE event_id = $1",
+    )
+    .bind::<diesel::sql_types::Text, _>(a2_event.as_str())
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    // A counter 12,345 under the ledger: only that policy drifts, by -12,345.
+    let total_key = r
+        .policies
+        .iter()
+        .find(|p| p.policy_id == total)
+        .unwrap()
+        .counter_key
+        .clone();
+    bump_counter(&stack, &total_key, "s", -12_345).await;
+    let r = reconcile(&stack, "").await;
+    assert_eq!(r.policies_with_drift, 1);
+    assert_eq!(
+        by_policy(&r)[&total],
+        (child_only, child_only - 12_345, -12_345)
+    );
+    assert_eq!(by_policy(&r)[&daily].2, 0);
+
+    // Unknown and malformed agents.
+    let status = ledger(&stack)
+        .reconcile(pb::ReconcileRequest {
+            agent_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = ledger(&stack)
+        .reconcile(pb::ReconcileRequest {
+            agent_id: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    stack.stop().await.unwrap();
+}
+
+// -------------------------------------------------------------------- CLI
+
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+/// Runs the `caracal` binary (built in this package as `caracal-under-test`) as a
+/// process against the stack.
+async fn caracal(stack: &TestStack, args: &[&str]) -> Run {
+    let mut argv: Vec<String> = vec![
+        "--server".into(),
+        stack.grpc_url(),
+        "--admin-token".into(),
+        ADMIN_TOKEN.into(),
+    ];
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_caracal-under-test"))
+            .args(&argv)
+            .env_remove("CARACAL_SERVER")
+            .env_remove("CARACAL_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&output.stdout).into_owned(),
+        err: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn cli_query_csv_and_reconcile_exit_code() {
+    let (stack, root, _child, [_, _, total], charged) = spent_hierarchy().await;
+    let rows = drain_charges_into_ledger(&stack).await;
+    let today = Utc::now().date_naive().to_string();
+
+    // Every row of the hierarchy, in pages of 2, as CSV.
+    let run = caracal(
+        &stack,
+        &[
+            "ledger",
+            "query",
+            "--agent-id",
+            &root,
+            "--start-date",
+            &today,
+            "--end-date",
+            &today,
+            "--aggregate-children",
+            "--page-size",
+            "2",
+            "--output",
+            "csv",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.err);
+    let lines: Vec<&str> = run.out.lines().collect();
+    let header: Vec<&str> = lines[0].split(',').collect();
+    assert_eq!(header.len(), 25, "{}", lines[0]);
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    assert_eq!(lines.len(), 1 + rows.len(), "{}", run.out);
+    let mut seen = HashSet::new();
+    let mut final_sum = 0;
+    for line in &lines[1..] {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), header.len(), "{line}");
+        assert!(
+            seen.insert(cells[col("event_id")].to_owned()),
+            "{line} twice"
+        );
+        assert!(!cells[col("reserved_at")].is_empty(), "{line}");
+        if cells[col("superseded")] == "false" {
+            final_sum += cells[col("charged_micros")].parse::<i64>().unwrap();
+        }
+    }
+    assert_eq!(final_sum, charged);
+    // --limit stops early.
+    let run = caracal(
+        &stack,
+        &[
+            "ledger",
+            "query",
+            "--agent-id",
+            &root,
+            "--aggregate-children",
+            "--limit",
+            "3",
+            "--page-size",
+            "2",
+            "--output",
+            "csv",
+        ],
+    )
+    .await;
+    assert_eq!((run.code, run.out.lines().count()), (0, 4), "{}", run.err);
+
+    // Drained: reconcile exits 0.
+    let run = caracal(&stack, &["ledger", "reconcile"]).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.out, run.err);
+    assert!(
+        run.out.contains("3 policies checked, 0 with drift."),
+        "{}",
+        run.out
+    );
+
+    // Summary in JSON.
+    let run = caracal(
+        &stack,
+        &[
+            "--output",
+            "json",
+            "ledger",
+            "summary",
+            "--agent-id",
+            &root,
+            "--aggregate-children",
+            "--breakdown",
+            "model",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.err);
+    let v: serde_json::Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(v["totals"][0]["charged"]["micros"], charged);
+    assert_eq!(v["breakdown"][0]["model"], "gpt-4o");
+
+    // A counter off by 1,000: the report says so and the exit code is 3.
+    let key = reconcile(&stack, "")
+        .await
+        .policies
+        .into_iter()
+        .find(|p| p.policy_id == total)
+        .unwrap()
+        .counter_key;
+    bump_counter(&stack, &key, "s", 1_000).await;
+    let run = caracal(&stack, &["ledger", "reconcile", "--output", "json"]).await;
+    assert_eq!(run.code, 3, "{}\n{}", run.out, run.err);
+    let v: serde_json::Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(v["policies_with_drift"], 1);
+    let drifting: Vec<&serde_json::Value> = v["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["drift_micros"] != 0)
+        .collect();
+    assert_eq!(drifting.len(), 1);
+    assert_eq!(drifting[0]["policy_id"], total.as_str());
+    assert_eq!(drifting[0]["drift_micros"], 1_000);
+    assert!(run.err.contains("drift in 1 of 3 policies"), "{}", run.err);
+
+    // Bad input fails before or at the server with one line.
+    let run = caracal(
+        &stack,
+        &[
+            "ledger",
+            "query",
+            "--agent-id",
+            &root,
+            "--start-date",
+            "2026-02-03",
+            "--end-date",
+            "2026-02-01",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    assert!(run.err.contains("before"), "{}", run.err);
+    let run = caracal(
+        &stack,
+        &[
+            "ledger",
+            "summary",
+            "--agent-id",
+            &uuid::Uuid::now_v7().to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    assert!(run.err.starts_with("error: NotFound"), "{}", run.err);
+
+    stack.stop().await.unwrap();
+}
