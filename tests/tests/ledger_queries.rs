@@ -871,6 +871,41 @@ async fn reconcile_is_zero_when_drained_and_shows_exact_drift() {
         (all, 4, 1)
     );
 
+    // Windows follow the reservation time: a charge settled now for a reservation
+    // made before the daily window opened counts in yesterday's window, not this
+    // one; a row without reserved_at (older events) falls back to occurred_at.
+    let window_start = daily_row.window_start.unwrap().seconds;
+    let yesterday = DateTime::from_timestamp(window_start - 60, 0).unwrap();
+    let mut previous = row(
+        "rsv-prev/settle",
+        "settle",
+        &root,
+        &root,
+        "USD",
+        (5_000, 5_000),
+        (0, 0, 0),
+        ("openai", "gpt-4o"),
+        &Utc::now().to_rfc3339(),
+    );
+    previous.policy_ids = vec![daily.clone()];
+    previous.reserved_at = Some(yesterday);
+    let mut undated = previous.clone();
+    undated.event_id = "rsv-old/settle".into();
+    undated.reservation_id = "rsv-old".into();
+    undated.charged_micros = 7_000;
+    undated.reserved_at = None;
+    insert_rows(&mut conn, &[previous, undated]).await.unwrap();
+    let r = reconcile(&stack, &root).await;
+    assert_eq!(r.policies_checked, 2);
+    assert_eq!(by_policy(&r)[&daily], (all + 7_000, all, -7_000));
+    assert_eq!(by_policy(&r)[&hourly], (all, all, 0));
+    diesel::sql_query(
+        "DELETE FROM ledger_events WHERE event_id IN ('rsv-prev/settle', 'rsv-old/settle')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
     // One agent only.
     let only_child = reconcile(&stack, &child).await;
     assert_eq!(only_child.policies_checked, 1);
