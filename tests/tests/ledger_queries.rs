@@ -580,6 +580,31 @@ async fn query_and_summary_over_a_three_level_hierarchy() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    // Reflection lists the service (grpcurl needs no proto files).
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut stream = ServerReflectionClient::new(stack.channel.clone())
+        .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "caracal.v1.LedgerService"),
+        "{list:?}"
+    );
+
     // Admin credentials only.
     let status = LedgerServiceClient::with_interceptor(stack.channel.clone(), Bearer(None))
         .query_ledger(query(&root, feb(), 10, ""))
