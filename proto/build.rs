@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "caracal/v1/admin.proto",
         "caracal/v1/authz.proto",
         "caracal/v1/events.proto",
+        "caracal/v1/spend.proto",
         "caracal/v1/ledger.proto",
     ];
     for p in &protos {

@@ -7,8 +7,8 @@ use anyhow::Context;
 use caracal_proto::v1::{
     agent_service_server::AgentServiceServer, allowlist_service_server::AllowlistServiceServer,
     budget_authorization_server::BudgetAuthorizationServer,
-    ledger_service_server::LedgerServiceServer,
-    policy_service_server::PolicyServiceServer, price_book_service_server::PriceBookServiceServer,
+    ledger_service_server::LedgerServiceServer, policy_service_server::PolicyServiceServer,
+    price_book_service_server::PriceBookServiceServer, spend_service_server::SpendServiceServer,
 };
 use tokio::{
     net::TcpListener,
@@ -22,7 +22,10 @@ use tonic::{
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
-    admin::{AdminState, AgentAdmin, AllowlistAdmin, LedgerAdmin, PolicyAdmin, PriceBookAdmin},
+    admin::{
+        AdminState, AgentAdmin, AllowlistAdmin, LedgerAdmin, PolicyAdmin, PriceBookAdmin,
+        SpendAdmin,
+    },
     auth::{AdminAuth, GatewayAuth},
     authorize::{AuthorizationService, Settings},
     budget::{BudgetStore, KeySpace},
@@ -259,6 +262,10 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         ))
         .add_service(PriceBookServiceServer::with_interceptor(
             PriceBookAdmin::new(state.clone()),
+            intercept.clone(),
+        ))
+        .add_service(SpendServiceServer::with_interceptor(
+            SpendAdmin::new(state.clone(), store.clone()),
             intercept.clone(),
         ))
         .add_service(LedgerServiceServer::with_interceptor(

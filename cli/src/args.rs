@@ -108,6 +108,8 @@ pub enum Command {
     Audit(AuditArgs),
     /// The ledger of record: rows, totals, reconciliation with the budget counters.
     Ledger(crate::ledger::LedgerArgs),
+    /// Spend history from the metrics-aggregator: daily spend trend of an agent.
+    Spend(crate::spend::SpendArgs),
 }
 
 // ------------------------------------------------------------------ audit

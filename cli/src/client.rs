@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use caracal_proto::v1::{
     agent_service_client::AgentServiceClient, allowlist_service_client::AllowlistServiceClient,
     ledger_service_client::LedgerServiceClient, policy_service_client::PolicyServiceClient,
-    price_book_service_client::PriceBookServiceClient,
+    price_book_service_client::PriceBookServiceClient, spend_service_client::SpendServiceClient,
 };
 use tonic::{
     metadata::{Ascii, MetadataValue},
@@ -83,6 +83,10 @@ impl Connection {
 
     pub fn prices(&self) -> PriceBookServiceClient<Svc> {
         PriceBookServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    pub fn spend(&self) -> SpendServiceClient<Svc> {
+        SpendServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
     pub fn ledger(&self) -> LedgerServiceClient<Svc> {

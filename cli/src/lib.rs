@@ -6,6 +6,7 @@
 //! - `commands`: one module per resource, from parsed arguments to rendered answers.
 //! - [`output`]: tables, key/value blocks and JSON documents.
 //! - [`price_import`]: reading price files for `pricebook import`.
+//! - [`spend`]: `spend trend`, the daily spend history of an agent.
 //!
 //! [`run`] is the whole program; `main.rs` only wires it to the process.
 
@@ -15,6 +16,7 @@ mod commands;
 pub mod ledger;
 pub mod output;
 pub mod price_import;
+pub mod spend;
 
 use std::{ffi::OsString, io::Write};
 

@@ -31,7 +31,9 @@ enum Command {
     AuditLogger,
     /// Delete audit rows older than audit.retentionDays once and exit (for a CronJob).
     AuditRetention,
-    /// Spend aggregates in Redis and anomaly detection (not built yet).
+    /// caracal.metering.events -> spend per agent / model / hour / day in Redis,
+    /// spend gauges and spending anomalies on caracal.policy.decisions (group
+    /// caracal-metrics-aggregator; needs Redis, not PostgreSQL).
     MetricsAggregator,
     /// Apply pending database migrations and exit.
     Migrate,
@@ -95,7 +97,22 @@ async fn run(command: Command, config: ConsumerConfig) -> anyhow::Result<()> {
             Ok(())
         }
         Command::MetricsAggregator => {
-            anyhow::bail!("metrics-aggregator is not built yet (issue 8, item 5)")
+            let mut aggregator = crate::aggregator::start(config).await?;
+            tracing::info!(http = %aggregator.http_addr, "metrics-aggregator serving /health and /metrics");
+            let stopped = tokio::select! {
+                result = aggregator.wait() => Some(result),
+                () = caracal_service_kit::process::shutdown_signal() => None,
+            };
+            match stopped {
+                Some(result) => result.context("metrics-aggregator stopped"),
+                None => {
+                    tracing::info!("shutting down: finishing the batch in hand");
+                    aggregator
+                        .shutdown()
+                        .await
+                        .context("metrics-aggregator shutdown")
+                }
+            }
         }
         Command::Migrate => {
             let applied = caracal_service_kit::db::run_migrations(&config.database.url).await?;

@@ -1,5 +1,7 @@
 //! Consumer configuration: the service's `database` and `kafka` sections plus a
-//! `consumer` section, from a YAML file with `CARACAL_*` environment overrides.
+//! `consumer` section, the audit-logger's `audit` and the metrics-aggregator's
+//! `redis` and `aggregator` sections, from a YAML file with `CARACAL_*` environment
+//! overrides.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -17,6 +19,53 @@ pub struct ConsumerConfig {
     pub consumer: ConsumerSettings,
     /// The audit-logger's own settings (`audit:`).
     pub audit: AuditSettings,
+    /// The metrics-aggregator's Redis (`redis:`).
+    pub redis: RedisSettings,
+    /// The metrics-aggregator's own settings (`aggregator:`).
+    pub aggregator: AggregatorSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://host:6379[/db]` or `rediss://host:6380` (TLS).
+    pub url: String,
+    /// Key prefix: the authz-service's `redis.keyPrefix`, so `SpendTrend` reads
+    /// the same keys.
+    pub key_prefix: String,
+    /// Connect and response timeout, ms. A write that takes longer fails and is
+    /// retried (the consumer waits; it never skips).
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            key_prefix: "caracal".to_owned(),
+            timeout_ms: 2000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct AggregatorSettings {
+    /// How often the spend gauges are refreshed and every agent that spent in the
+    /// last 24 hours is checked for an anomaly, ms.
+    pub upkeep_interval_ms: u64,
+    /// Agents with their own spend gauge: the top N by spend today (bounds the
+    /// metric's cardinality).
+    pub top_agents: usize,
+}
+
+impl Default for AggregatorSettings {
+    fn default() -> Self {
+        Self {
+            upkeep_interval_ms: 60_000,
+            top_agents: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,6 +192,16 @@ impl ConsumerConfig {
         let a = &mut self.audit;
         env.parse("CARACAL_AUDIT_RETENTION_DAYS", &mut a.retention_days)?;
         env.parse("CARACAL_AUDIT_RETENTION_BATCH", &mut a.retention_batch)?;
+        let r = &mut self.redis;
+        env.text("CARACAL_REDIS_URL", &mut r.url);
+        env.text("CARACAL_REDIS_KEY_PREFIX", &mut r.key_prefix);
+        env.parse("CARACAL_REDIS_TIMEOUT_MS", &mut r.timeout_ms)?;
+        let g = &mut self.aggregator;
+        env.parse(
+            "CARACAL_AGGREGATOR_UPKEEP_INTERVAL_MS",
+            &mut g.upkeep_interval_ms,
+        )?;
+        env.parse("CARACAL_AGGREGATOR_TOP_AGENTS", &mut g.top_agents)?;
         Ok(())
     }
 
@@ -176,12 +235,50 @@ impl ConsumerConfig {
                 "audit.retentionDays and audit.retentionBatch must be at least 1".to_owned(),
             ));
         }
+        self.validate_aggregator()?;
         if self.kafka.brokers.is_empty()
             || self.kafka.metering_topic.is_empty()
             || self.kafka.dlq_topic.is_empty()
         {
             return Err(ConfigError::Invalid(
                 "kafka.brokers, kafka.meteringTopic and kafka.dlqTopic are required".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_aggregator(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+            return Err(ConfigError::Invalid(
+                "redis.url must be a redis:// or rediss:// URL".to_owned(),
+            ));
+        }
+        // The prefix goes into every key; braces would move the hash tag.
+        if r.key_prefix.is_empty()
+            || r.key_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
+        {
+            return Err(ConfigError::Invalid(
+                "redis.keyPrefix must be non-empty, without spaces or braces".to_owned(),
+            ));
+        }
+        if r.timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "redis.timeoutMs must be at least 1".to_owned(),
+            ));
+        }
+        let g = &self.aggregator;
+        if g.upkeep_interval_ms < 100 || g.top_agents > 1000 {
+            return Err(ConfigError::Invalid(
+                "aggregator.upkeepIntervalMs must be at least 100 and aggregator.topAgents at most 1000"
+                    .to_owned(),
+            ));
+        }
+        if self.kafka.decisions_topic.is_empty() {
+            return Err(ConfigError::Invalid(
+                "kafka.decisionsTopic is required (spending anomalies go there)".to_owned(),
             ));
         }
         Ok(())
@@ -214,6 +311,37 @@ mod tests {
         assert_eq!(c.consumer.batch_size, 2000);
         assert_eq!(c.kafka.dlq_topic, "caracal.dlq");
         assert_eq!(c.audit.retention_days, 2555);
+        assert_eq!(c.redis.key_prefix, "caracal");
+        assert_eq!(c.aggregator.top_agents, 100);
+    }
+
+    #[test]
+    fn redis_section_and_overrides() {
+        let mut c: ConsumerConfig = caracal_service_kit::config::from_yaml(
+            "redis:\n  url: rediss://cache:6380\n  keyPrefix: prod\naggregator:\n  topAgents: 10\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.redis.url, "rediss://cache:6380");
+        assert_eq!(c.aggregator.top_agents, 10);
+        let env: HashMap<&str, &str> = [
+            ("CARACAL_REDIS_URL", "redis://127.0.0.1:7000"),
+            ("CARACAL_AGGREGATOR_UPKEEP_INTERVAL_MS", "500"),
+        ]
+        .into_iter()
+        .collect();
+        c.apply_env(|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(c.redis.url, "redis://127.0.0.1:7000");
+        assert_eq!(c.aggregator.upkeep_interval_ms, 500);
+        c.validate().unwrap();
+        for bad in ["http://x", ""] {
+            let mut b = c.clone();
+            b.redis.url = bad.to_owned();
+            assert!(b.validate().is_err(), "{bad}");
+        }
+        let mut b = c.clone();
+        b.redis.key_prefix = "a{b}".to_owned();
+        assert!(b.validate().is_err());
     }
 
     #[test]

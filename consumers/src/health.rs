@@ -1,6 +1,7 @@
 //! What `/health/ready` reports for a consumer, and the probe server.
 //!
-//! Ready means: the database answers, the consumer has joined its group (it has
+//! Ready means: the store answers (PostgreSQL, or the consumer's own store such as
+//! the metrics-aggregator's Redis), the consumer has joined its group (it has
 //! received an assignment, possibly empty when there are more replicas than
 //! partitions) and it is not stuck retrying a batch (after `maxRetries` failed
 //! attempts it keeps retrying, but reports not ready so the platform sees it).
@@ -8,6 +9,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, OnceLock,
@@ -21,12 +23,17 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 /// Bound on the readiness database check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A readiness check of a consumer's store other than PostgreSQL.
+pub type StoreCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
 /// Shared between the consumer loop (writer) and the probes (readers).
 #[derive(Default)]
 pub struct HealthState {
     assigned: AtomicBool,
     waiting: Mutex<Option<String>>,
     pool: OnceLock<Pool>,
+    store: OnceLock<(&'static str, StoreCheck)>,
 }
 
 impl HealthState {
@@ -53,6 +60,11 @@ impl HealthState {
     pub fn set_pool(&self, pool: Pool) {
         let _ = self.pool.set(pool);
     }
+
+    /// For a consumer without PostgreSQL: its store's check, reported as `name`.
+    pub fn set_store_check(&self, name: &'static str, check: StoreCheck) {
+        let _ = self.store.set((name, check));
+    }
 }
 
 #[derive(Clone)]
@@ -62,9 +74,13 @@ impl Probe for ConsumerProbe {
     fn checks(&self) -> impl Future<Output = Vec<(&'static str, Result<(), String>)>> + Send {
         let state = self.0.clone();
         async move {
-            let database = match state.pool.get() {
-                Some(pool) => caracal_service_kit::db::ping(pool, CHECK_TIMEOUT).await,
-                None => Err("not connected yet".to_owned()),
+            let store = match (state.pool.get(), state.store.get()) {
+                (Some(pool), _) => (
+                    "database",
+                    caracal_service_kit::db::ping(pool, CHECK_TIMEOUT).await,
+                ),
+                (None, Some((name, check))) => (*name, check().await),
+                (None, None) => ("database", Err("not connected yet".to_owned())),
             };
             let kafka = if state.assigned() {
                 Ok(())
@@ -75,11 +91,7 @@ impl Probe for ConsumerProbe {
                 None => Ok(()),
                 Some(reason) => Err(format!("retrying a batch: {reason}")),
             };
-            vec![
-                ("database", database),
-                ("kafka", kafka),
-                ("processing", processing),
-            ]
+            vec![store, ("kafka", kafka), ("processing", processing)]
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Starting a consumer, the same way for every one of them: `/health` + `/metrics`
 //! bound at once, then in the background (retrying until the database answers) the
-//! migrations, the pool, the group membership, the periodic upkeep job of the
-//! consumer (ledger partitions ahead, audit retention), the lag sampler and the
-//! [`Runner`] loop.
+//! migrations, the pool (or the consumer's own store: [`launch_with`]), the group
+//! membership, the periodic upkeep job of the consumer (ledger partitions ahead,
+//! audit retention, spend gauges and anomalies), the lag sampler and the [`Runner`]
+//! loop.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -24,6 +25,8 @@ pub enum LaunchError {
     Kafka(#[from] runner::RunnerError),
     #[error("the consumer task failed: {0}")]
     Task(String),
+    #[error("the consumer's store: {0}")]
+    Store(String),
 }
 
 /// A consumer started in-process by [`launch`].
@@ -57,7 +60,7 @@ impl RunningConsumer {
 }
 
 /// What makes one consumer: its default group, its topics, its handler (built on
-/// the pool) and its upkeep job, run at start and then every `upkeep_every`.
+/// the pool, or the consumer's own store) and its upkeep job, run at start and then every `upkeep_every`.
 pub struct Consumer<F, U> {
     pub default_group: &'static str,
     pub topics: Vec<String>,
@@ -66,7 +69,8 @@ pub struct Consumer<F, U> {
     pub upkeep: U,
 }
 
-/// Starts `consumer` (see the module documentation).
+/// Starts `consumer` (see the module documentation) on PostgreSQL: its handler and
+/// upkeep job get the pool.
 pub async fn launch<H, F, U, UF>(
     config: ConsumerConfig,
     consumer: Consumer<F, U>,
@@ -77,6 +81,33 @@ where
     U: Fn(Pool) -> UF + Send + 'static,
     UF: Future<Output = ()> + Send,
 {
+    let settings = config.clone();
+    launch_with(config, consumer, move |state, shutdown| async move {
+        let pool = database(&settings, &shutdown).await?;
+        state.set_pool(pool.clone());
+        Some(pool)
+    })
+    .await
+}
+
+/// Starts `consumer` on a store of its own (the metrics-aggregator's Redis):
+/// `connect` registers the store's readiness check and returns what the handler
+/// and the upkeep job get (`None`: shutdown was asked for first). The consumer
+/// joins its group only once `connect` returned.
+pub async fn launch_with<R, H, F, U, UF, C, CF>(
+    config: ConsumerConfig,
+    consumer: Consumer<F, U>,
+    connect: C,
+) -> Result<RunningConsumer, LaunchError>
+where
+    R: Clone + Send + 'static,
+    H: Handler,
+    F: FnOnce(R) -> H + Send + 'static,
+    U: Fn(R) -> UF + Send + 'static,
+    UF: Future<Output = ()> + Send,
+    C: FnOnce(Arc<HealthState>, watch::Receiver<bool>) -> CF + Send + 'static,
+    CF: Future<Output = Option<R>> + Send,
+{
     crate::metrics::init();
     let health = Arc::new(HealthState::default());
     let (shutdown, rx) = watch::channel(false);
@@ -86,21 +117,20 @@ where
     let state = health.clone();
     let task: JoinHandle<Result<(), LaunchError>> = tokio::spawn(async move {
         let shutdown = rx;
-        let Some(pool) = database(&config, &shutdown).await else {
+        let Some(store) = connect(state.clone(), shutdown.clone()).await else {
             return Ok(());
         };
-        state.set_pool(pool.clone());
-        // Join the group only once the database answers: a member that cannot
+        // Join the group only once the store answers: a member that cannot
         // write would hold its partitions without progress.
         let topics: Vec<&str> = consumer.topics.iter().map(String::as_str).collect();
         let (kafka, producer) =
             runner::connect(&config.kafka, &config, &group, &topics, state.clone())?;
         let upkeep = {
-            let (pool, mut shutdown) = (pool.clone(), shutdown.clone());
+            let (store, mut shutdown) = (store.clone(), shutdown.clone());
             let (job, every) = (consumer.upkeep, consumer.upkeep_every);
             tokio::spawn(async move {
                 loop {
-                    job(pool.clone()).await;
+                    job(store.clone()).await;
                     tokio::select! {
                         () = tokio::time::sleep(every) => {}
                         changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
@@ -115,7 +145,7 @@ where
             shutdown.clone(),
         );
         Runner::new(
-            (consumer.handler)(pool),
+            (consumer.handler)(store),
             kafka.clone(),
             producer,
             &config,
@@ -164,7 +194,11 @@ async fn database(config: &ConsumerConfig, shutdown: &watch::Receiver<bool>) -> 
 }
 
 /// Retries `f` with capped backoff until it succeeds or shutdown is asked for.
-async fn until_ok<T, F, Fut>(what: &str, shutdown: &watch::Receiver<bool>, mut f: F) -> Option<T>
+pub(crate) async fn until_ok<T, F, Fut>(
+    what: &str,
+    shutdown: &watch::Receiver<bool>,
+    mut f: F,
+) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,

@@ -2,8 +2,8 @@
 //! deployable (`caracal-consumers <consumer>`).
 //!
 //! Reading order:
-//! - [`config`]: the consumers' configuration (`database`, `kafka`, `consumer`),
-//!   YAML + `CARACAL_*` overrides like the service.
+//! - [`config`]: the consumers' configuration (`database`, `kafka`, `consumer`,
+//!   `audit`, `redis`, `aggregator`), YAML + `CARACAL_*` overrides like the service.
 //! - [`runner`]: the consumer loop every consumer shares: batches per poll, manual
 //!   commits only after the batch is durable, dead letters, retries that wait
 //!   rather than skip, graceful shutdown.
@@ -15,8 +15,11 @@
 //! - [`ledger`]: the ledger-writer: `caracal.metering.events` -> `ledger_events`.
 //! - [`audit`]: the audit-logger: every topic -> append-only `audit_logs`, and
 //!   its retention job.
+//! - [`aggregator`]: the metrics-aggregator: `caracal.metering.events` -> spend
+//!   per agent / model / hour / day in Redis, spend gauges, spending anomalies.
 //! - [`cli`]: the `caracal-consumers` command line.
 
+pub mod aggregator;
 pub mod audit;
 pub mod cli;
 pub mod config;

@@ -13,6 +13,17 @@ pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
 /// Batches written (the size histogram's count), labelled `consumer`.
 pub const BATCH_SIZE: &str = "caracal_consumer_batch_size";
 
+/// Spend of the current UTC day across agents, micro-units, labelled `currency`
+/// (metrics-aggregator).
+pub const SPEND_TOTAL: &str = "caracal_spend_total_micros";
+/// Spend per second over the last complete minute or hour of `occurred_at`,
+/// labelled `currency`, `window` (`1m`, `1h`).
+pub const SPEND_RATE: &str = "caracal_spend_rate_micros_per_second";
+/// Today's spend of the top agents (`aggregator.topAgents`), labelled `agent_id`, `currency`.
+pub const AGENT_SPEND_TODAY: &str = "caracal_agent_spend_today_micros";
+/// Spending anomalies reported, labelled `currency`.
+pub const ANOMALIES: &str = "caracal_spending_anomalies_detected_total";
+
 /// Installs the recorder and describes the metrics.
 pub fn init() {
     static DESCRIBED: std::sync::Once = std::sync::Once::new();
@@ -31,6 +42,19 @@ pub fn init() {
                 "Messages not yet committed: high watermark - committed offset"
             );
             metrics::describe_histogram!(BATCH_SIZE, "Messages per processed batch");
+            metrics::describe_gauge!(SPEND_TOTAL, "Spend of the current UTC day, micro-units");
+            metrics::describe_gauge!(
+                SPEND_RATE,
+                "Spend per second over the last minute or hour, micro-units"
+            );
+            metrics::describe_gauge!(
+                AGENT_SPEND_TODAY,
+                "Spend of the current UTC day of the top agents, micro-units"
+            );
+            metrics::describe_counter!(
+                ANOMALIES,
+                "Spending anomalies reported (last 24 h > 2x the 7-day daily average)"
+            );
         });
     }
 }

@@ -14,12 +14,14 @@
 //! | [`pricing`] | what a request costs from a price book and token usage |
 //! | [`allowlist`] | fully anchored glob / regex patterns for models and upstream resources |
 //! | [`hierarchy`] | the bounded, acyclic agent tree |
+//! | [`spend`] | the Redis layout of spend history (aggregator and `SpendTrend`) and the anomaly rule |
 
 pub mod allowlist;
 pub mod hierarchy;
 pub mod money;
 pub mod policy;
 pub mod pricing;
+pub mod spend;
 pub mod window;
 
 pub use money::{Currency, Money, MoneyError};

@@ -14,12 +14,14 @@ pub mod counters;
 pub mod ledger;
 pub mod policies;
 pub mod pricebook;
+pub mod spend;
 
 pub use agents::AgentAdmin;
 pub use allowlist::AllowlistAdmin;
 pub use ledger::LedgerAdmin;
 pub use policies::PolicyAdmin;
 pub use pricebook::PriceBookAdmin;
+pub use spend::SpendAdmin;
 
 /// What every admin service needs.
 #[derive(Clone)]

@@ -44,6 +44,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Pricebook(p) => pricebook::run(&ctx, p.command, out).await,
         Command::Audit(a) => audit::run(a.command, out).await,
         Command::Ledger(l) => crate::ledger::run(&ctx, l.command, out).await,
+        Command::Spend(s) => crate::spend::run(&ctx, s.command, out).await,
     }
 }
 
