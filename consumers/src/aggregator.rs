@@ -501,6 +501,10 @@ async fn detect_anomalies(shared: &Shared, now: DateTime<Utc>) -> Result<usize, 
     let today = spend::day_of(now);
     let yesterday = today - Span::days(1);
     let (last, prior) = spend::anomaly_hours(now);
+    let whole_days = match (prior.last(), prior.first()) {
+        (Some(first), Some(last)) => spend::whole_days_within(*first, *last),
+        _ => Vec::new(),
+    };
     let mut reported = 0;
     for currency in &currencies {
         let mut agents: BTreeSet<String> = BTreeSet::new();
@@ -533,16 +537,40 @@ async fn detect_anomalies(shared: &Shared, now: DateTime<Utc>) -> Result<usize, 
             if open.is_empty() {
                 continue;
             }
-            let mut keys = Vec::with_capacity(open.len() * 192);
+            // First the last 24 hours and the whole days of the 7 before: most
+            // agents are ruled out by that lower bound of their prior spend.
+            let mut keys = Vec::with_capacity(open.len() * (24 + whole_days.len()));
             for agent in &open {
                 keys.extend(last.iter().map(|h| k.hour(agent, *h, currency)));
+                keys.extend(whole_days.iter().map(|d| k.day(agent, *d, currency)));
+            }
+            let totals = store.totals_of(&keys).await?;
+            let mut suspects: Vec<(&String, i64)> = Vec::new();
+            for (agent, values) in open
+                .iter()
+                .zip(totals.chunks((24 + whole_days.len()).max(1)))
+            {
+                let last_24h: i64 = values.iter().take(24).sum();
+                let prior_at_least: i64 = values.iter().skip(24).sum();
+                let ruled_out = last_24h <= 0
+                    || (prior_at_least > 0 && !spend::is_anomalous(last_24h, prior_at_least));
+                if !ruled_out {
+                    suspects.push((agent, last_24h));
+                }
+            }
+            if suspects.is_empty() {
+                continue;
+            }
+            let mut keys = Vec::with_capacity(suspects.len() * prior.len());
+            for (agent, _) in &suspects {
                 keys.extend(prior.iter().map(|h| k.hour(agent, *h, currency)));
             }
             let totals = store.totals_of(&keys).await?;
-            for (agent, hours) in open.iter().zip(totals.chunks(192)) {
+            for ((agent, last_24h), hours) in suspects.iter().zip(totals.chunks(prior.len().max(1)))
+            {
                 let window = Window {
-                    last_24h: hours.iter().take(24).sum(),
-                    prior_7d: hours.iter().skip(24).sum(),
+                    last_24h: *last_24h,
+                    prior_7d: hours.iter().sum(),
                 };
                 if spend::is_anomalous(window.last_24h, window.prior_7d)
                     && report(shared, agent, currency, window, now).await?

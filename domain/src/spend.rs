@@ -174,6 +174,27 @@ pub fn anomaly_hours(now: DateTime<Utc>) -> (Vec<DateTime<Utc>>, Vec<DateTime<Ut
     ((0..24).map(hour).collect(), (24..192).map(hour).collect())
 }
 
+/// The UTC days lying wholly inside the hours `first..=last` (hour starts): their
+/// day totals add up to at most the spend of those hours, a cheap lower bound
+/// that rules most agents out of the anomaly rule without reading 168 hours.
+pub fn whole_days_within(first: DateTime<Utc>, last: DateTime<Utc>) -> Vec<NaiveDate> {
+    let end = last + Duration::hours(1);
+    let mut days = Vec::new();
+    let mut day = day_of(first);
+    // At most the days between the two, plus one.
+    for _ in 0..=(end - first).num_days().max(0) + 1 {
+        let start = day.and_time(chrono::NaiveTime::MIN).and_utc();
+        if start >= first && start + Duration::days(1) <= end {
+            days.push(day);
+        }
+        match day.succ_opt() {
+            Some(next) => day = next,
+            None => break,
+        }
+    }
+    days
+}
+
 /// The UTC day of `t`.
 pub fn day_of(t: DateTime<Utc>) -> NaiveDate {
     t.date_naive()
@@ -226,6 +247,24 @@ mod tests {
         assert_eq!(last[23], at("2026-02-09T06:00:00Z"));
         assert_eq!(prior[0], at("2026-02-09T05:00:00Z"));
         assert_eq!(prior[167], at("2026-02-02T06:00:00Z"));
+        // Hours 2026-02-02T06 ..= 2026-02-09T05: whole days 02-03 ..= 02-08.
+        let days = whole_days_within(prior[167], prior[0]);
+        let text: Vec<String> = days.into_iter().map(day_part).collect();
+        assert_eq!(
+            text,
+            [
+                "2026-02-03",
+                "2026-02-04",
+                "2026-02-05",
+                "2026-02-06",
+                "2026-02-07",
+                "2026-02-08"
+            ]
+        );
+        // In the last hour of a day: the prior hours end with a whole day.
+        let (_, prior) = anomaly_hours(at("2026-02-10T23:10:00Z"));
+        assert_eq!(whole_days_within(prior[167], prior[0]).len(), 7);
+        assert!(whole_days_within(prior[0], prior[0]).is_empty());
     }
 
     #[test]
