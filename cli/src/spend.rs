@@ -1,6 +1,7 @@
 //! `caracal spend trend --agent-id ID --days N`: an agent's daily spend over its
 //! last N UTC days (today included, zero days shown), from the spend history the
-//! metrics-aggregator keeps in Redis, over the admin API's SpendService.
+//! metrics-aggregator keeps in Redis, over the admin API's SpendService
+//! (`--output table|json|csv`).
 
 use std::io::Write;
 
@@ -56,10 +57,10 @@ pub async fn run(ctx: &Ctx<'_>, cmd: SpendCmd, out: &mut dyn Write) -> Result<()
                 .spend_trend(request)
                 .await?
                 .into_inner();
-            if ctx.format == OutputFormat::Json {
-                output::write_json(out, &trend_json(&trend, days))
-            } else {
-                output::write_text(out, &trend_table(&trend, days))
+            match ctx.format {
+                OutputFormat::Json => output::write_json(out, &trend_json(&trend, days)),
+                OutputFormat::Csv => output::write_text(out, &table(&trend).render_csv()),
+                OutputFormat::Table => output::write_text(out, &trend_table(&trend, days)),
             }
         }
     }
@@ -101,7 +102,7 @@ fn trend_json(t: &pb::SpendTrendResponse, days: u32) -> Value {
 }
 
 /// One row per day and currency: date, currency, spend, models (largest first).
-fn trend_table(t: &pb::SpendTrendResponse, days: u32) -> String {
+fn table(t: &pb::SpendTrendResponse) -> Table {
     let mut table = Table::new(["DATE", "CURRENCY", "SPEND", "MODELS"]);
     for c in &t.currencies {
         for d in &c.days {
@@ -122,13 +123,18 @@ fn trend_table(t: &pb::SpendTrendResponse, days: u32) -> String {
             ]);
         }
     }
+    table
+}
+
+/// The table, then each currency's total.
+fn trend_table(t: &pb::SpendTrendResponse, days: u32) -> String {
     let mut text = if t.currencies.is_empty() {
         format!(
             "No spend recorded for agent {} in the last {days} days.\n",
             t.agent_id
         )
     } else {
-        table.render()
+        table(t).render()
     };
     for c in &t.currencies {
         text.push_str(&format!(
@@ -185,6 +191,10 @@ mod tests {
             "{text}"
         );
         assert_eq!(lines[3], "Total USD: 2.50 over 2 days");
+        assert_eq!(
+            table(&t).render_csv(),
+            "DATE,CURRENCY,SPEND,MODELS\n2026-02-01,USD,0.00,-\n2026-02-02,USD,2.50,gpt-4o 2.50\n"
+        );
         let v = trend_json(&t, 2);
         assert_eq!(v["currencies"][0]["days"][1]["spend"]["micros"], 2_500_000);
         let empty = pb::SpendTrendResponse {
