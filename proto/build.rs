@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "caracal/v1/authz.proto",
         "caracal/v1/events.proto",
         "caracal/v1/spend.proto",
+        "caracal/v1/dlq.proto",
         "caracal/v1/ledger.proto",
     ];
     for p in &protos {

@@ -27,6 +27,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub budget: BudgetConfig,
     pub kafka: crate::kafka::KafkaConfig,
+    pub dlq: DlqConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +186,32 @@ impl Default for BudgetConfig {
     }
 }
 
+/// The dead-letter queue (`dlq:`): its monitor and the bounds of reads and replays.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct DlqConfig {
+    /// Seconds between reads of the DLQ topic that set `caracal_dlq_size` and
+    /// `caracal_dlq_oldest_message_age_seconds` (also read after every replay).
+    /// 0 turns the monitor off; it runs only where the service talks to Kafka
+    /// (`budget.relayEnabled`).
+    pub monitor_interval: u64,
+    /// Seconds a read of the whole DLQ topic, or a replay's delivery, may take.
+    pub read_timeout: u64,
+    /// Seconds after which a replay that claimed a dead letter and never finished
+    /// (its process died) may be taken over by another replay.
+    pub replay_claim_timeout: u64,
+}
+
+impl Default for DlqConfig {
+    fn default() -> Self {
+        Self {
+            monitor_interval: 30,
+            read_timeout: 30,
+            replay_claim_timeout: 120,
+        }
+    }
+}
+
 impl Config {
     /// Reads `path` (if given), then applies `CARACAL_*` environment overrides.
     pub fn load(path: Option<&std::path::Path>) -> Result<Self, ConfigError> {
@@ -243,6 +270,7 @@ impl Config {
             "CARACAL_WORKER_THREADS" => self.server.worker_threads, parse;
             "CARACAL_ALLOW_WITHOUT_POLICY" => self.budget.allow_without_policy, parse;
             "CARACAL_RELAY_ENABLED" => self.budget.relay_enabled, parse;
+            "CARACAL_DLQ_MONITOR_INTERVAL" => self.dlq.monitor_interval, parse;
         }
         let shared = EnvOverrides::new(&lookup);
         self.database.apply_env(&shared)?;
@@ -281,6 +309,9 @@ impl Config {
         // leaving the live record: a retried Settle would charge again.
         if self.budget.finished_marker_ttl == 0 {
             return bad("budget.finishedMarkerTtl must be at least 1 second");
+        }
+        if self.dlq.read_timeout == 0 || self.dlq.replay_claim_timeout == 0 {
+            return bad("dlq.readTimeout and dlq.replayClaimTimeout must be at least 1 second");
         }
         // Gateways and admins are separate identities.
         if !self.auth.gateway_token.is_empty() && self.auth.gateway_token == self.auth.admin_token {

@@ -15,6 +15,8 @@
 //! - [`authorize`]: the hot path — Authorize, Settle, Release — over [`catalog`]
 //!   (cached agents, policies, prices) and [`budget`] (Redis state, Lua scripts).
 //! - [`sweeper`]: expiry of reservations that were never settled.
+//! - [`dlq_monitor`]: the dead-letter queue's gauges (`caracal_dlq_size`, ...);
+//!   listing and replaying dead letters is [`admin`]'s `DeadLetterService`.
 //! - [`outbox`] and [`kafka`]: the relay of budget events from Redis to Kafka.
 //! - [`keys`]: agent API keys: generation and keyed hashing.
 //! - [`http`] and [`metrics`]: `/health`, `/metrics` and the Prometheus registry.
@@ -29,6 +31,7 @@ pub mod catalog;
 pub mod config;
 pub mod convert;
 pub mod db;
+pub mod dlq_monitor;
 pub mod error;
 pub mod ext_authz;
 pub mod http;

@@ -175,6 +175,25 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
                 .context("Kafka producer configuration")?;
         background.push(tokio::spawn(admin_relay.run(background_rx.clone())));
     }
+    // The dead-letter queue: DeadLetterService reads and replays it; the monitor
+    // sets its gauges, where this process talks to Kafka.
+    let dlq = std::sync::Arc::new(caracal_service_kit::dlq_admin::DlqAdmin::new(
+        &config.kafka,
+        pool.clone(),
+        caracal_service_kit::dlq_admin::Limits {
+            read_timeout: Duration::from_secs(config.dlq.read_timeout),
+            claim_timeout: Duration::from_secs(config.dlq.replay_claim_timeout),
+        },
+    ));
+    let dlq_rescan = std::sync::Arc::new(tokio::sync::Notify::new());
+    if config.budget.relay_enabled && config.dlq.monitor_interval > 0 {
+        background.push(tokio::spawn(crate::dlq_monitor::run(
+            dlq.clone(),
+            Duration::from_secs(config.dlq.monitor_interval),
+            dlq_rescan.clone(),
+            background_rx.clone(),
+        )));
+    }
     let authorization = std::sync::Arc::new(AuthorizationService::new(
         catalog,
         store.clone(),
@@ -260,6 +279,12 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             AllowlistAdmin::new(state.clone()),
             intercept.clone(),
         ))
+        .add_service(
+            caracal_proto::v1::dead_letter_service_server::DeadLetterServiceServer::with_interceptor(
+                crate::admin::DeadLetterAdmin::new(dlq, dlq_rescan),
+                intercept.clone(),
+            ),
+        )
         .add_service(PriceBookServiceServer::with_interceptor(
             PriceBookAdmin::new(state.clone()),
             intercept.clone(),

@@ -106,6 +106,8 @@ pub enum Command {
     Pricebook(PricebookArgs),
     /// The audit trail (audit_logs), read directly from PostgreSQL.
     Audit(AuditArgs),
+    /// The dead-letter queue: list, count, show and replay (once) dead letters.
+    Dlq(crate::dlq::DlqArgs),
     /// The ledger of record: rows, totals, reconciliation with the budget counters.
     Ledger(crate::ledger::LedgerArgs),
     /// Spend history from the metrics-aggregator: daily spend trend of an agent.

@@ -85,6 +85,15 @@ impl Connection {
         PriceBookServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
+    pub fn dead_letters(
+        &self,
+    ) -> caracal_proto::v1::dead_letter_service_client::DeadLetterServiceClient<Svc> {
+        caracal_proto::v1::dead_letter_service_client::DeadLetterServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     pub fn spend(&self) -> SpendServiceClient<Svc> {
         SpendServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }

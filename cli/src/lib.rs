@@ -13,6 +13,7 @@
 pub mod args;
 pub mod client;
 mod commands;
+pub mod dlq;
 pub mod ledger;
 pub mod output;
 pub mod price_import;

@@ -7,13 +7,15 @@
 //! - [`config`]: YAML + `CARACAL_*` environment overrides, [`config::DatabaseConfig`].
 //! - [`db`]: the PostgreSQL pool, TLS (`sslmode`) and the embedded migrations.
 //! - [`kafka`]: [`kafka::KafkaConfig`], client/producer/consumer settings, topic creation.
-//! - [`dlq`]: the JSON envelope of a message sent to the dead-letter topic.
+//! - [`dlq`]: the JSON envelope of a message sent to the dead-letter topic;
+//!   [`dlq_admin`]: reading the dead-letter topic and replaying a dead letter once.
 //! - [`http`] and [`metrics`]: `/health/live`, `/health/ready`, `/metrics`.
 //! - [`process`]: the stop signal and rate-limited logging of recurring trouble.
 
 pub mod config;
 pub mod db;
 pub mod dlq;
+pub mod dlq_admin;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

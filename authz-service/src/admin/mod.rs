@@ -11,6 +11,7 @@ use crate::{admin_events::AdminEvent, db::Pool, error::ServiceResult};
 pub mod agents;
 pub mod allowlist;
 pub mod counters;
+pub mod dlq;
 pub mod ledger;
 pub mod policies;
 pub mod pricebook;
@@ -18,6 +19,7 @@ pub mod spend;
 
 pub use agents::AgentAdmin;
 pub use allowlist::AllowlistAdmin;
+pub use dlq::DeadLetterAdmin;
 pub use ledger::LedgerAdmin;
 pub use policies::PolicyAdmin;
 pub use pricebook::PriceBookAdmin;

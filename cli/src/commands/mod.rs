@@ -43,6 +43,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Allowlist(a) => allowlist::run(&ctx, a.command, out).await,
         Command::Pricebook(p) => pricebook::run(&ctx, p.command, out).await,
         Command::Audit(a) => audit::run(a.command, out).await,
+        Command::Dlq(d) => crate::dlq::run(&ctx, d.command, out).await,
         Command::Ledger(l) => crate::ledger::run(&ctx, l.command, out).await,
         Command::Spend(s) => crate::spend::run(&ctx, s.command, out).await,
     }

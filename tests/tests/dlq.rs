@@ -1,0 +1,840 @@
+//! The dead-letter queue end to end, on a real tansu broker, a real PostgreSQL, the
+//! real ledger-writer and the authz-service's DeadLetterService: poison lands in
+//! `caracal.dlq` with its reason while the good events around it reach the ledger;
+//! counts and the `caracal_dlq_size` / `caracal_dlq_oldest_message_age_seconds`
+//! gauges are exact; once the cause is fixed, a replay delivers the message to the
+//! ledger exactly once and a second replay is refused and changes nothing. Plus the
+//! `caracal dlq` CLI, run as a process.
+//!
+//! "The cause" of the replayable poison: a database trigger that refuses rows of
+//! one model (the ledger-writer dead-letters them after `maxRetries` while the
+//! database answers). Dropping the trigger is the fix.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use caracal_consumers::{config::ConsumerConfig, ledger};
+use caracal_proto::v1::{
+    self as pb, dead_letter_service_client::DeadLetterServiceClient,
+    replay_outcome::Status as Outcome, ChargeEvent, Money, TokenUsage,
+};
+use caracal_tests::{
+    kafka::{consume_all, create_topics, topic_message_count, Tansu},
+    Bearer, Svc, TestStack, ADMIN_TOKEN,
+};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use prost::Message;
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    ClientConfig,
+};
+
+const METERING: &str = "caracal.metering.events";
+const PARTITIONS: i32 = 3;
+const REFUSED_MODEL: &str = "refuse-me";
+
+// ------------------------------------------------------------------ fixtures
+
+fn money(micros: i64) -> Option<Money> {
+    Some(Money {
+        currency: "USD".to_owned(),
+        micros,
+        amount: String::new(),
+    })
+}
+
+/// A charge event as the outbox relay encodes it.
+fn charge(run: &str, i: u64, root: &uuid::Uuid) -> ChargeEvent {
+    let charged = 1 + i64::try_from((i * 7919) % 100_000).unwrap();
+    ChargeEvent {
+        schema_version: 1,
+        event_id: format!("{run}-{i}/settle"),
+        kind: "settle".to_owned(),
+        reservation_id: format!("{run}-{i}"),
+        request_id: format!("req-{i}"),
+        agent_id: root.to_string(),
+        root_agent_id: root.to_string(),
+        reserved: money(charged),
+        charged: money(charged),
+        overshoot_micros: 0,
+        usage: Some(TokenUsage {
+            input_tokens: 10,
+            output_tokens: 20,
+            cached_input_tokens: 0,
+        }),
+        provider: "openai".to_owned(),
+        model: "gpt-4o-mini".to_owned(),
+        price_version: 1,
+        policy_ids: vec!["policy-1".to_owned()],
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp(),
+            nanos: 0,
+        }),
+        reserved_at: None,
+    }
+}
+
+fn charged(ev: &ChargeEvent) -> i64 {
+    ev.charged.as_ref().map_or(0, |m| m.micros)
+}
+
+/// A message to produce: key, value, `event_id` and `schema_version` headers.
+struct Out {
+    key: String,
+    payload: Vec<u8>,
+    event_id: String,
+}
+
+impl Out {
+    fn event(ev: &ChargeEvent) -> Self {
+        Self {
+            key: ev.root_agent_id.clone(),
+            payload: ev.encode_to_vec(),
+            event_id: ev.event_id.clone(),
+        }
+    }
+}
+
+fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+/// Produces every message and returns each one's (partition, offset), in order.
+async fn produce(producer: &FutureProducer, msgs: &[Out]) -> Vec<(i32, i64)> {
+    let mut futures = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: "event_id",
+                value: Some(m.event_id.as_str()),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some("charge"),
+            })
+            .insert(Header {
+                key: "schema_version",
+                value: Some("1"),
+            });
+        let record = FutureRecord::to(METERING)
+            .key(m.key.as_str())
+            .payload(m.payload.as_slice())
+            .headers(headers);
+        match producer.send_result(record) {
+            Ok(f) => futures.push(f),
+            Err((e, _)) => panic!("producer refused a message: {e}"),
+        }
+    }
+    let mut coords = Vec::with_capacity(futures.len());
+    for f in futures {
+        let d = f
+            .await
+            .expect("delivery canceled")
+            .expect("delivery failed");
+        coords.push((d.partition, d.offset));
+    }
+    coords
+}
+
+fn writer_config(db_url: &str, brokers: &str, group: &str, dlq_topic: &str) -> ConsumerConfig {
+    let mut c = ConsumerConfig::default();
+    c.database.url = db_url.to_owned();
+    c.database.db_pool_size = 1;
+    c.database.db_max_overflow = 2;
+    c.database.db_pool_timeout = 2;
+    c.kafka.brokers = brokers.to_owned();
+    c.kafka.dlq_topic = dlq_topic.to_owned();
+    c.consumer.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.consumer.group_id = group.to_owned();
+    c.consumer.session_timeout_ms = 6000;
+    c.consumer.lag_interval_ms = 300;
+    c.consumer.batch_wait_ms = 20;
+    c.consumer.max_retries = 3;
+    c.consumer.max_backoff_ms = 1000;
+    c
+}
+
+/// A broker with the metering and DLQ topics, an authz-service on a fresh database
+/// that watches that DLQ every second, and a trigger in that database refusing
+/// ledger rows of [`REFUSED_MODEL`] (the "cause" a test later fixes).
+async fn setup(dlq_topic: &str) -> (Tansu, TestStack) {
+    let tansu = Tansu::start_new().await.expect("tansu broker");
+    create_topics(&tansu.brokers(), &[METERING, dlq_topic], PARTITIONS)
+        .await
+        .unwrap();
+    let brokers = tansu.brokers();
+    let dlq = dlq_topic.to_owned();
+    let stack = TestStack::start_with(move |c| {
+        c.kafka.brokers = brokers;
+        c.kafka.dlq_topic = dlq;
+        c.kafka.topic_partitions = PARTITIONS;
+        // The service talks to Kafka (relay on), so it runs the DLQ monitor.
+        c.budget.relay_enabled = true;
+        c.dlq.monitor_interval = 1;
+    })
+    .await
+    .unwrap();
+    let mut conn = stack.db().await.unwrap();
+    diesel::sql_query(format!(
+        "CREATE FUNCTION refuse_test_row() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.model = '{REFUSED_MODEL}' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF; \
+         RETURN NEW; END $$"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    diesel::sql_query(
+        "CREATE TRIGGER refuse_test_row BEFORE INSERT ON ledger_events \
+         FOR EACH ROW EXECUTE FUNCTION refuse_test_row()",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    (tansu, stack)
+}
+
+/// The fix: the database accepts those rows again.
+async fn fix_the_cause(stack: &TestStack) {
+    let mut conn = stack.db().await.unwrap();
+    diesel::sql_query("DROP TRIGGER refuse_test_row ON ledger_events")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+fn dlq_client(stack: &TestStack) -> DeadLetterServiceClient<Svc> {
+    DeadLetterServiceClient::with_interceptor(
+        stack.channel.clone(),
+        Bearer(Some(ADMIN_TOKEN.to_owned())),
+    )
+}
+
+#[derive(diesel::QueryableByName, Debug, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rows: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    distinct_ids: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    charged: i64,
+}
+
+async fn totals(url: &str) -> Totals {
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    diesel::sql_query(
+        "SELECT count(*) AS rows, count(DISTINCT event_id) AS distinct_ids, \
+         coalesce(sum(charged_micros), 0)::int8 AS charged FROM ledger_events",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap()
+}
+
+/// Waits until the ledger holds at least `rows` rows (or `timeout` passes).
+async fn wait_for_rows(url: &str, rows: i64, timeout: Duration) -> Totals {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let t = totals(url).await;
+        if t.rows >= rows || Instant::now() >= deadline {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the DLQ holds `total` dead letters (as the service counts them).
+async fn wait_for_dead_letters(
+    client: &mut DeadLetterServiceClient<Svc>,
+    total: u64,
+    timeout: Duration,
+) -> pb::CountDeadLettersResponse {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = client
+            .count_dead_letters(pb::CountDeadLettersRequest::default())
+            .await
+            .map(tonic::Response::into_inner);
+        match c {
+            Ok(c) if c.total >= total || Instant::now() >= deadline => return c,
+            Err(e) if Instant::now() >= deadline => panic!("counting dead letters: {e}"),
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await {
+        Ok(Ok(resp)) => {
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            String::from_utf8_lossy(&body).into_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+/// The value of `metric{topic="<topic>"}` on the service's `/metrics`.
+async fn gauge(stack: &TestStack, metric: &str, topic: &str) -> Option<f64> {
+    let addr = stack.server.as_ref().unwrap().http_addr;
+    let text = http_get(addr, "/metrics").await;
+    let label = format!("topic=\"{topic}\"");
+    text.lines()
+        .filter(|l| l.starts_with(metric) && !l.starts_with('#') && l.contains(&label))
+        .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+}
+
+/// Waits until the DLQ monitor has published `caracal_dlq_size == size`; returns
+/// the last value seen.
+async fn wait_for_dlq_size(stack: &TestStack, topic: &str, size: f64) -> Option<f64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = gauge(stack, "caracal_dlq_size", topic).await;
+        if v == Some(size) || Instant::now() >= deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ------------------------------------------------------------------ gRPC
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_is_dead_lettered_with_its_reason_and_a_fixed_one_replays_exactly_once() {
+    const DLQ: &str = "caracal.dlq";
+    let (tansu, stack) = setup(DLQ).await;
+    let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let config = writer_config(&stack.database_url, &tansu.brokers(), &group, DLQ);
+    let max_retries = config.consumer.max_retries;
+    let writer = ledger::start(config).await.unwrap();
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let root = uuid::Uuid::new_v4();
+    let good: Vec<ChargeEvent> = (0..200).map(|i| charge(&run, i, &root)).collect();
+    let mut future_version = charge(&run, 1001, &root);
+    future_version.schema_version = 2;
+    let mut negative = charge(&run, 1002, &root);
+    negative.charged = money(-5);
+    let mut no_ids = charge(&run, 1003, &root);
+    no_ids.event_id.clear();
+    no_ids.reservation_id.clear();
+    let mut refused = charge(&run, 1004, &root);
+    refused.model = REFUSED_MODEL.to_owned();
+    let garbage = Out {
+        key: root.to_string(),
+        payload: vec![0xff; 16],
+        event_id: "garbage".to_owned(),
+    };
+    // One key (one partition), poison between good events.
+    let mut out: Vec<Out> = Vec::new();
+    out.extend(good[..50].iter().map(Out::event));
+    out.push(garbage);
+    out.extend(good[50..100].iter().map(Out::event));
+    out.push(Out::event(&future_version));
+    out.push(Out::event(&negative));
+    out.extend(good[100..150].iter().map(Out::event));
+    out.push(Out::event(&no_ids));
+    out.extend(good[150..180].iter().map(Out::event));
+    out.push(Out::event(&refused));
+    out.extend(good[180..].iter().map(Out::event));
+    // (index in `out`, reason, retries)
+    let expected: [(usize, &str, u32); 5] = [
+        (50, "not a ChargeEvent: ", 0),
+        (101, "unknown schema version 2", 0),
+        (102, "charged is out of range: -5 micros", 0),
+        (153, "event_id is missing", 0),
+        (184, "refused by the test trigger", max_retries),
+    ];
+    let p = producer(&tansu.brokers());
+    let coords = produce(&p, &out).await;
+    let good_sum: i64 = good.iter().map(charged).sum();
+
+    // The good ones all arrive; exactly the five poison messages are dead letters.
+    let t = wait_for_rows(&stack.database_url, 200, Duration::from_secs(60)).await;
+    assert_eq!(
+        t,
+        Totals {
+            rows: 200,
+            distinct_ids: 200,
+            charged: good_sum
+        }
+    );
+    let mut client = dlq_client(&stack);
+    let count = wait_for_dead_letters(&mut client, 5, Duration::from_secs(60)).await;
+    assert_eq!((count.total, count.pending, count.replayed), (5, 5, 0));
+    assert_eq!(count.dlq_topic, DLQ);
+    assert!(
+        count.oldest_pending_age_seconds > 0.0 && count.oldest_pending_age_seconds < 300.0,
+        "{count:?}"
+    );
+
+    let listed = client
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.next_page_token.is_empty());
+    let mut letters = listed.dead_letters;
+    assert_eq!(letters.len(), 5);
+    letters.sort_by_key(|d| d.original_offset);
+    for (d, (i, reason, retries)) in letters.iter().zip(expected) {
+        assert!(d.error.contains(reason), "{} should say {reason}", d.error);
+        assert_eq!(d.original_topic, METERING);
+        assert_eq!(
+            (d.original_partition, d.original_offset),
+            (Some(coords[i].0), Some(coords[i].1)),
+            "{reason}"
+        );
+        assert_eq!(d.consumer_group, group);
+        assert_eq!(d.retry_count, retries, "{reason}");
+        assert!(d.pending && d.replay.is_none() && d.not_replayable.is_empty());
+        assert_eq!(d.payload_size, out[i].payload.len() as u64);
+        // Lists carry no bytes.
+        assert!(d.payload.is_none() && d.key.is_none());
+        assert_eq!(d.id, format!("{}:{}", d.dlq_partition, d.dlq_offset));
+    }
+    // Filters and paging.
+    let page = |token: &str| pb::ListDeadLettersRequest {
+        page: Some(pb::PageRequest {
+            limit: 2,
+            page_token: token.to_owned(),
+        }),
+        ..Default::default()
+    };
+    let first = client
+        .list_dead_letters(page(""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.dead_letters.len(), 2);
+    let second = client
+        .list_dead_letters(page(&first.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    let third = client
+        .list_dead_letters(page(&second.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (second.dead_letters.len(), third.dead_letters.len()),
+        (2, 1)
+    );
+    assert!(third.next_page_token.is_empty());
+    let mut paged: Vec<String> = [first, second, third]
+        .into_iter()
+        .flat_map(|p| p.dead_letters.into_iter().map(|d| d.id))
+        .collect();
+    paged.dedup();
+    assert_eq!(paged.len(), 5);
+    for (topic, consumer, n) in [
+        (METERING, "", 5),
+        ("caracal.policy.decisions", "", 0),
+        ("", group.as_str(), 5),
+        ("", "caracal-audit-logger", 0),
+    ] {
+        let r = client
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                original_topic: topic.to_owned(),
+                consumer_group: consumer.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.dead_letters.len(), n, "{topic:?} {consumer:?}");
+    }
+
+    // The gauges on the service's /metrics.
+    assert_eq!(wait_for_dlq_size(&stack, DLQ, 5.0).await, Some(5.0));
+    let age = gauge(&stack, "caracal_dlq_oldest_message_age_seconds", DLQ)
+        .await
+        .unwrap();
+    assert!(age > 0.0 && age < 300.0, "{age}");
+
+    // The refused one, whole: the original bytes.
+    let refused_letter = letters[4].clone();
+    let shown = client
+        .get_dead_letter(pb::GetDeadLetterRequest {
+            id: refused_letter.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.payload.as_deref(), Some(out[184].payload.as_slice()));
+    assert_eq!(shown.key.as_deref(), Some(root.to_string().as_bytes()));
+    let header = |d: &pb::DeadLetter, k: &str| {
+        d.headers
+            .iter()
+            .find(|h| h.key == k)
+            .and_then(|h| h.value.clone())
+    };
+    assert_eq!(
+        header(&shown, "event_id").as_deref(),
+        Some(refused.event_id.as_bytes())
+    );
+    for bad in ["0:999999", "x", ""] {
+        let code = client
+            .get_dead_letter(pb::GetDeadLetterRequest { id: bad.into() })
+            .await
+            .unwrap_err()
+            .code();
+        let want = if bad.contains(':') {
+            tonic::Code::NotFound
+        } else {
+            tonic::Code::InvalidArgument
+        };
+        assert_eq!(code, want, "{bad:?}");
+    }
+
+    // The cause is fixed; the replay delivers the event to the ledger, once.
+    fix_the_cause(&stack).await;
+    let metering_before =
+        topic_message_count(&tansu.brokers(), METERING, Duration::from_secs(10)).unwrap();
+    assert_eq!(metering_before, out.len() as i64);
+    let replay = client
+        .replay_dead_letters(pb::ReplayDeadLettersRequest {
+            ids: vec![refused_letter.id.clone(), "0:999999".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((replay.replayed, replay.not_replayed), (1, 1));
+    let done = replay
+        .outcomes
+        .iter()
+        .find(|o| o.id == refused_letter.id)
+        .unwrap();
+    assert_eq!(done.status, Outcome::Replayed as i32, "{}", done.message);
+    let first_replay = done.replay.clone().unwrap();
+    assert_eq!(first_replay.actor, "admin-token");
+    assert_eq!(first_replay.target_topic, METERING);
+    assert_eq!(first_replay.target_partition, coords[184].0);
+    assert!(first_replay.replayed_at.is_some());
+    let missing = replay.outcomes.iter().find(|o| o.id == "0:999999").unwrap();
+    assert_eq!(missing.status, Outcome::NotFound as i32);
+
+    let t = wait_for_rows(&stack.database_url, 201, Duration::from_secs(60)).await;
+    assert_eq!(
+        t,
+        Totals {
+            rows: 201,
+            distinct_ids: 201,
+            charged: good_sum + charged(&refused)
+        }
+    );
+    // The replayed message: the original bytes plus the replay header, once.
+    let metering = consume_all(
+        &tansu.brokers(),
+        METERING,
+        out.len() + 1,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let replayed: Vec<_> = metering
+        .iter()
+        .filter(|(_, _, h)| h.contains_key("caracal-dlq-replay"))
+        .collect();
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0].2["caracal-dlq-replay"], refused_letter.id);
+    assert_eq!(replayed[0].2["event_id"], refused.event_id);
+    assert_eq!(replayed[0].1, out[184].payload);
+    assert_eq!(replayed[0].0, root.to_string());
+
+    // A second replay is refused: when, by whom; nothing is published, nothing changes.
+    let again = client
+        .replay_dead_letters(pb::ReplayDeadLettersRequest {
+            ids: vec![refused_letter.id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.replayed, again.not_replayed), (0, 1));
+    let refusal = &again.outcomes[0];
+    assert_eq!(refusal.status, Outcome::AlreadyReplayed as i32);
+    assert!(
+        refusal.message.contains("already replayed") && refusal.message.contains("admin-token"),
+        "{}",
+        refusal.message
+    );
+    assert_eq!(refusal.replay.as_ref(), Some(&first_replay));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        topic_message_count(&tansu.brokers(), METERING, Duration::from_secs(10)).unwrap(),
+        metering_before + 1
+    );
+    assert_eq!(totals(&stack.database_url).await.rows, 201);
+    let mut conn = stack.db().await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Replays {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        done: i64,
+    }
+    let r: Replays = diesel::sql_query(
+        "SELECT count(*) AS n, count(replayed_at) AS done FROM dlq_replays \
+         WHERE dlq_topic = 'caracal.dlq' AND actor = 'admin-token'",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((r.n, r.done), (1, 1));
+
+    // Pending drops by one: count, list and gauge.
+    let count = client
+        .count_dead_letters(pb::CountDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((count.total, count.pending, count.replayed), (5, 4, 1));
+    let pending = client
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(pending.len(), 4);
+    assert!(pending.iter().all(|d| d.id != refused_letter.id));
+    let all = client
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            include_replayed: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    let shown = all.iter().find(|d| d.id == refused_letter.id).unwrap();
+    assert!(!shown.pending);
+    assert_eq!(shown.replay.as_ref(), Some(&first_replay));
+    assert_eq!(wait_for_dlq_size(&stack, DLQ, 4.0).await, Some(4.0));
+
+    // Replays need the admin credential.
+    let anonymous = DeadLetterServiceClient::with_interceptor(stack.channel.clone(), Bearer(None))
+        .count_dead_letters(pb::CountDeadLettersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+
+    writer.shutdown().await.unwrap();
+    stack.stop().await.unwrap();
+}
+
+// ------------------------------------------------------------------ CLI
+
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+/// Runs the `caracal` binary (built in this package as `caracal-under-test`) as a
+/// process against the stack.
+async fn caracal(stack: &TestStack, args: &[&str]) -> Run {
+    let mut argv: Vec<String> = vec![
+        "--server".into(),
+        stack.grpc_url(),
+        "--admin-token".into(),
+        ADMIN_TOKEN.into(),
+    ];
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_caracal-under-test"))
+            .args(&argv)
+            .env_remove("CARACAL_SERVER")
+            .env_remove("CARACAL_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&output.stdout).into_owned(),
+        err: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn json(run: &Run) -> serde_json::Value {
+    assert_eq!(run.code, 0, "stderr: {}", run.err);
+    serde_json::from_str(&run.out).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.out))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_counts_shows_and_replays_all_pending_once() {
+    // Its own DLQ topic name: the gauges of both tests live in one process.
+    const DLQ: &str = "caracal.dlq.cli";
+    let (tansu, stack) = setup(DLQ).await;
+    let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let writer = ledger::start(writer_config(
+        &stack.database_url,
+        &tansu.brokers(),
+        &group,
+        DLQ,
+    ))
+    .await
+    .unwrap();
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let roots: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::new_v4()).collect();
+    let mut events: Vec<ChargeEvent> = (0..40)
+        .map(|i| charge(&run, i, &roots[(i % 4) as usize]))
+        .collect();
+    // Two events the database refuses until the cause is fixed.
+    for i in [7, 22] {
+        events[i].model = REFUSED_MODEL.to_owned();
+    }
+    let out: Vec<Out> = events.iter().map(Out::event).collect();
+    produce(&producer(&tansu.brokers()), &out).await;
+    let sum: i64 = events.iter().map(charged).sum();
+    let refused_sum = charged(&events[7]) + charged(&events[22]);
+
+    let t = wait_for_rows(&stack.database_url, 38, Duration::from_secs(60)).await;
+    assert_eq!((t.rows, t.charged), (38, sum - refused_sum));
+    wait_for_dead_letters(&mut dlq_client(&stack), 2, Duration::from_secs(60)).await;
+
+    let count = json(&caracal(&stack, &["dlq", "count", "--output", "json"]).await);
+    assert_eq!(count["dlq_topic"], DLQ);
+    assert_eq!(
+        (count["total"].as_u64(), count["pending"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(count["replayed"], 0);
+    let table = caracal(&stack, &["dlq", "count"]).await;
+    assert_eq!(table.code, 0, "{}", table.err);
+    assert!(
+        table
+            .out
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["pending", "2"]),
+        "{}",
+        table.out
+    );
+    assert_eq!(wait_for_dlq_size(&stack, DLQ, 2.0).await, Some(2.0));
+
+    let listed = json(&caracal(&stack, &["dlq", "list", "--output", "json"]).await);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    for d in listed {
+        assert!(
+            d["error"]
+                .as_str()
+                .unwrap()
+                .contains("refused by the test trigger"),
+            "{d}"
+        );
+        assert_eq!(d["status"], "pending");
+        assert_eq!(d["consumer_group"], group.as_str());
+    }
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    let shown = json(&caracal(&stack, &["dlq", "show", "--id", &id, "--output", "json"]).await);
+    assert_eq!(shown["original_offset"], listed[0]["original_offset"]);
+    let which = events
+        .iter()
+        .find(|e| STANDARD.encode(e.encode_to_vec()) == shown["payload_base64"].as_str().unwrap())
+        .expect("the payload is one of the refused events, byte for byte");
+    assert_eq!(which.model, REFUSED_MODEL);
+    let key = STANDARD.encode(which.root_agent_id.as_bytes());
+    assert_eq!(shown["key_base64"], key.as_str());
+    let text = caracal(&stack, &["dlq", "show", "--id", &id]).await;
+    assert_eq!(text.code, 0, "{}", text.err);
+    assert!(text.out.contains("payload_base64"), "{}", text.out);
+    assert!(
+        text.out.contains("refused by the test trigger"),
+        "{}",
+        text.out
+    );
+
+    // Fixed: replay everything pending.
+    fix_the_cause(&stack).await;
+    let replay = caracal(&stack, &["dlq", "replay", "--all"]).await;
+    assert_eq!(replay.code, 0, "{}\n{}", replay.out, replay.err);
+    let outcome = |out: &str, what: &str| {
+        out.lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some(what))
+            .count()
+    };
+    assert_eq!(outcome(&replay.out, "replayed"), 2, "{}", replay.out);
+    let t = wait_for_rows(&stack.database_url, 40, Duration::from_secs(60)).await;
+    assert_eq!(
+        t,
+        Totals {
+            rows: 40,
+            distinct_ids: 40,
+            charged: sum
+        }
+    );
+
+    let count = json(&caracal(&stack, &["dlq", "count", "--output", "json"]).await);
+    assert_eq!(
+        (
+            count["total"].as_u64(),
+            count["pending"].as_u64(),
+            count["replayed"].as_u64()
+        ),
+        (Some(2), Some(0), Some(2))
+    );
+    assert_eq!(count["oldest_pending_age_seconds"], 0.0);
+    assert_eq!(wait_for_dlq_size(&stack, DLQ, 0.0).await, Some(0.0));
+    assert_eq!(
+        gauge(&stack, "caracal_dlq_oldest_message_age_seconds", DLQ).await,
+        Some(0.0)
+    );
+
+    // Nothing is pending: --all replays nothing; a named one is refused (exit 1).
+    let again = json(&caracal(&stack, &["dlq", "replay", "--all", "--output", "json"]).await);
+    assert_eq!(again, serde_json::json!([]));
+    let named = caracal(&stack, &["dlq", "replay", "--id", &id]).await;
+    assert_eq!(named.code, 1, "{}", named.out);
+    assert!(named.out.contains("already_replayed"), "{}", named.out);
+    assert!(named.out.contains("by admin-token"), "{}", named.out);
+    assert!(
+        named.err.contains("1 of 1 dead letters were not replayed"),
+        "{}",
+        named.err
+    );
+    let usage = caracal(&stack, &["dlq", "replay"]).await;
+    assert_eq!(usage.code, 2, "{}", usage.err);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(totals(&stack.database_url).await.rows, 40);
+    assert_eq!(
+        topic_message_count(&tansu.brokers(), METERING, Duration::from_secs(10)).unwrap(),
+        42
+    );
+    let all = json(
+        &caracal(
+            &stack,
+            &["dlq", "list", "--include-replayed", "--output", "json"],
+        )
+        .await,
+    );
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|d| d["status"] == "replayed"
+        && d["replay"]["actor"] == "admin-token"
+        && d["replay"]["target_topic"] == METERING));
+
+    writer.shutdown().await.unwrap();
+    stack.stop().await.unwrap();
+}
