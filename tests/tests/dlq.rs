@@ -180,6 +180,8 @@ async fn setup(dlq_topic: &str) -> (Tansu, TestStack) {
         // The service talks to Kafka (relay on), so it runs the DLQ monitor.
         c.budget.relay_enabled = true;
         c.dlq.monitor_interval = 1;
+        // A broker that stops answering fails a read within this (the outage test).
+        c.dlq.read_timeout = 5;
     })
     .await
     .unwrap();
@@ -836,5 +838,156 @@ async fn cli_counts_shows_and_replays_all_pending_once() {
         && d["replay"]["target_topic"] == METERING));
 
     writer.shutdown().await.unwrap();
+    stack.stop().await.unwrap();
+}
+
+// ------------------------------------------------------------------ interrupted replays, outages
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_replay_is_taken_over_and_the_ledger_still_counts_it_once() {
+    const DLQ: &str = "caracal.dlq.crash";
+    let (mut tansu, stack) = setup(DLQ).await;
+    let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let writer = ledger::start(writer_config(
+        &stack.database_url,
+        &tansu.brokers(),
+        &group,
+        DLQ,
+    ))
+    .await
+    .unwrap();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let root = uuid::Uuid::new_v4();
+    let mut events: Vec<ChargeEvent> = (0..12).map(|i| charge(&run, i, &root)).collect();
+    for i in [3, 8] {
+        events[i].model = REFUSED_MODEL.to_owned();
+    }
+    let out: Vec<Out> = events.iter().map(Out::event).collect();
+    let p = producer(&tansu.brokers());
+    produce(&p, &out).await;
+    let sum: i64 = events.iter().map(charged).sum();
+    assert_eq!(
+        wait_for_rows(&stack.database_url, 10, Duration::from_secs(60))
+            .await
+            .rows,
+        10
+    );
+    let mut client = dlq_client(&stack);
+    wait_for_dead_letters(&mut client, 2, Duration::from_secs(60)).await;
+    let mut letters = client
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    letters.sort_by_key(|d| d.original_offset);
+    let (died_after_publish, in_flight) = (letters[0].id.clone(), letters[1].id.clone());
+    fix_the_cause(&stack).await;
+
+    // A replay of the first one died after the broker took the message and before
+    // the mark: the message is in the topic, the claim (an hour old) is unmarked.
+    // Another replay of the second one is in flight right now (a fresh claim).
+    produce(&p, &out[3..4]).await;
+    let mut conn = stack.db().await.unwrap();
+    for (id, age, actor) in [
+        (&died_after_publish, "1 hour", "mtls:spiffe://ops/crashed"),
+        (&in_flight, "0 seconds", "mtls:spiffe://ops/other"),
+    ] {
+        let (partition, offset) = id.split_once(':').unwrap();
+        diesel::sql_query(format!(
+            "INSERT INTO dlq_replays (dlq_topic, dlq_partition, dlq_offset, actor, claim_id, \
+             claimed_at, target_topic) VALUES ('{DLQ}', {partition}, {offset}, '{actor}', \
+             gen_random_uuid(), now() - interval '{age}', '{METERING}')"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    // The published copy reached the ledger; both dead letters still count as pending.
+    assert_eq!(
+        wait_for_rows(&stack.database_url, 11, Duration::from_secs(60))
+            .await
+            .rows,
+        11
+    );
+    let count = client
+        .count_dead_letters(pb::CountDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((count.total, count.pending), (2, 2));
+    let listed = client
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert!(listed
+        .iter()
+        .all(|d| d.pending && d.replay.as_ref().is_some_and(|r| r.replayed_at.is_none())));
+
+    // The stale claim is taken over and published again; the live one is refused.
+    let replay = client
+        .replay_dead_letters(pb::ReplayDeadLettersRequest {
+            all_pending: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((replay.replayed, replay.not_replayed), (1, 1));
+    let taken = replay
+        .outcomes
+        .iter()
+        .find(|o| o.id == died_after_publish)
+        .unwrap();
+    assert_eq!(taken.status, Outcome::Replayed as i32, "{}", taken.message);
+    assert_eq!(taken.replay.as_ref().unwrap().actor, "admin-token");
+    let busy = replay.outcomes.iter().find(|o| o.id == in_flight).unwrap();
+    assert_eq!(busy.status, Outcome::InProgress as i32);
+    assert!(
+        busy.message.contains("mtls:spiffe://ops/other"),
+        "{}",
+        busy.message
+    );
+
+    // Three copies of the first event reached the topic (original, crashed replay,
+    // takeover); the ledger holds it once.
+    assert_eq!(
+        topic_message_count(&tansu.brokers(), METERING, Duration::from_secs(10)).unwrap(),
+        14
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t = totals(&stack.database_url).await;
+    assert_eq!(
+        t,
+        Totals {
+            rows: 11,
+            distinct_ids: 11,
+            charged: sum - charged(&events[8])
+        }
+    );
+    let count = client
+        .count_dead_letters(pb::CountDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((count.total, count.pending, count.replayed), (2, 1, 1));
+    assert_eq!(wait_for_dlq_size(&stack, DLQ, 1.0).await, Some(1.0));
+
+    // The broker goes away: reads fail within dlq.readTimeout (UNAVAILABLE), and
+    // the gauges keep their last values.
+    writer.shutdown().await.unwrap();
+    tansu.stop().await.unwrap();
+    let started = Instant::now();
+    let status = client
+        .count_dead_letters(pb::CountDeadLettersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("dead-letter topic"), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(gauge(&stack, "caracal_dlq_size", DLQ).await, Some(1.0));
+
     stack.stop().await.unwrap();
 }
