@@ -36,6 +36,9 @@ pub struct RedisSettings {
     /// Connect and response timeout, ms. A write that takes longer fails and is
     /// retried (the consumer waits; it never skips).
     pub timeout_ms: u64,
+    /// PEM bundle of the CA that signs the server's certificate, for `rediss://`
+    /// to a server with a private CA; empty: the system's roots.
+    pub ca_file: String,
 }
 
 impl Default for RedisSettings {
@@ -44,6 +47,7 @@ impl Default for RedisSettings {
             url: "redis://127.0.0.1:6379".to_owned(),
             key_prefix: "caracal".to_owned(),
             timeout_ms: 2000,
+            ca_file: String::new(),
         }
     }
 }
@@ -104,6 +108,13 @@ pub struct ConsumerSettings {
     /// coordinator keeps dead members (tansu 0.6 never expires a SIGKILLed member,
     /// so its partitions would stay unread).
     pub assign_all: bool,
+    /// With `assignAll`: this replica takes only the partitions `p` with
+    /// `p % assignReplicas == assignIndex` (e.g. a StatefulSet's ordinal), so
+    /// several replicas share the partitions without the group protocol. A dead
+    /// replica's partitions wait for its restart (Kubernetes restarts it). Default
+    /// 0 of 1: every partition.
+    pub assign_index: u32,
+    pub assign_replicas: u32,
     /// Most messages written per batch (one transaction).
     pub batch_size: usize,
     /// How long a batch waits to fill after its first message, ms.
@@ -134,6 +145,8 @@ impl Default for ConsumerSettings {
             group_id: String::new(),
             group_instance_id: String::new(),
             assign_all: false,
+            assign_index: 0,
+            assign_replicas: 1,
             batch_size: 2000,
             batch_wait_ms: 50,
             max_retries: 5,
@@ -173,6 +186,8 @@ impl ConsumerConfig {
             &mut c.group_instance_id,
         );
         env.parse("CARACAL_CONSUMER_ASSIGN_ALL", &mut c.assign_all)?;
+        env.parse("CARACAL_CONSUMER_ASSIGN_INDEX", &mut c.assign_index)?;
+        env.parse("CARACAL_CONSUMER_ASSIGN_REPLICAS", &mut c.assign_replicas)?;
         env.parse("CARACAL_CONSUMER_BATCH_SIZE", &mut c.batch_size)?;
         env.parse("CARACAL_CONSUMER_BATCH_WAIT_MS", &mut c.batch_wait_ms)?;
         env.parse("CARACAL_CONSUMER_MAX_RETRIES", &mut c.max_retries)?;
@@ -196,6 +211,7 @@ impl ConsumerConfig {
         env.text("CARACAL_REDIS_URL", &mut r.url);
         env.text("CARACAL_REDIS_KEY_PREFIX", &mut r.key_prefix);
         env.parse("CARACAL_REDIS_TIMEOUT_MS", &mut r.timeout_ms)?;
+        env.text("CARACAL_REDIS_CA_FILE", &mut r.ca_file);
         let g = &mut self.aggregator;
         env.parse(
             "CARACAL_AGGREGATOR_UPKEEP_INTERVAL_MS",
@@ -224,6 +240,12 @@ impl ConsumerConfig {
             return Err(ConfigError::Invalid(
                 "consumer.maxPollIntervalMs must be at least sessionTimeoutMs".to_owned(),
             ));
+        }
+        if c.assign_replicas == 0 || c.assign_index >= c.assign_replicas {
+            return Err(ConfigError::Invalid(format!(
+                "consumer.assignIndex ({}) must be below consumer.assignReplicas ({}, at least 1)",
+                c.assign_index, c.assign_replicas
+            )));
         }
         if c.max_backoff_ms < c.retry_backoff_ms {
             return Err(ConfigError::Invalid(
@@ -262,6 +284,11 @@ impl ConsumerConfig {
         {
             return Err(ConfigError::Invalid(
                 "redis.keyPrefix must be non-empty, without spaces or braces".to_owned(),
+            ));
+        }
+        if !r.ca_file.is_empty() && !r.url.starts_with("rediss://") {
+            return Err(ConfigError::Invalid(
+                "redis.caFile needs a rediss:// URL".to_owned(),
             ));
         }
         if r.timeout_ms == 0 {
@@ -342,6 +369,12 @@ mod tests {
         let mut b = c.clone();
         b.redis.key_prefix = "a{b}".to_owned();
         assert!(b.validate().is_err());
+        // A CA file only means something for TLS.
+        let mut b = c.clone();
+        b.redis.ca_file = "/ca.pem".to_owned();
+        assert!(b.validate().is_err());
+        b.redis.url = "rediss://cache:6380".to_owned();
+        b.validate().unwrap();
     }
 
     #[test]

@@ -167,7 +167,11 @@ pub fn connect(
     }
     let consumer: KafkaConsumer = cc.create_with_context(Ctx { health })?;
     if config.consumer.assign_all {
-        assign_all(&consumer, topics)?;
+        let share = (
+            config.consumer.assign_index,
+            config.consumer.assign_replicas,
+        );
+        assign_all(&consumer, topics, share)?;
     } else {
         consumer.subscribe(topics)?;
     }
@@ -175,15 +179,22 @@ pub fn connect(
     Ok((Arc::new(consumer), producer))
 }
 
-/// Takes every partition of `topics`, each from the group's committed offset
-/// (`auto.offset.reset` when there is none).
-fn assign_all(consumer: &KafkaConsumer, topics: &[&str]) -> Result<(), RunnerError> {
+/// Takes every partition of `topics` that is this replica's share (`p % replicas ==
+/// index`), each from the group's committed offset (`auto.offset.reset` when there
+/// is none).
+fn assign_all(
+    consumer: &KafkaConsumer,
+    topics: &[&str],
+    (index, replicas): (u32, u32),
+) -> Result<(), RunnerError> {
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
         for t in metadata.topics().iter().filter(|t| t.name() == *topic) {
             for p in t.partitions() {
-                tpl.add_partition_offset(topic, p.id(), Offset::Stored)?;
+                if u32::try_from(p.id()).is_ok_and(|id| id % replicas.max(1) == index) {
+                    tpl.add_partition_offset(topic, p.id(), Offset::Stored)?;
+                }
             }
         }
     }

@@ -715,3 +715,137 @@ async fn the_logger_runs_retention_at_start() {
     drop(conn);
     db.drop().await.unwrap();
 }
+
+// ------------------------------------------------------------------ crash
+
+#[derive(diesel::QueryableByName, Debug, PartialEq, Eq)]
+struct AuditTotals {
+    #[diesel(sql_type = BigInt)]
+    rows: i64,
+    #[diesel(sql_type = BigInt)]
+    messages: i64,
+    #[diesel(sql_type = BigInt)]
+    event_ids: i64,
+    #[diesel(sql_type = BigInt)]
+    payload_bytes: i64,
+}
+
+async fn audit_totals(url: &str) -> AuditTotals {
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    diesel::sql_query(
+        "SELECT count(*) AS rows, \
+           count(DISTINCT (topic, \"partition\", kafka_offset)) AS messages, \
+           count(DISTINCT event_id) AS event_ids, \
+           coalesce(sum(length(payload)), 0)::int8 AS payload_bytes \
+         FROM audit_logs",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap()
+}
+
+/// The real audit-logger binary SIGKILLed at five random moments while 100,000
+/// messages arrive on the four topics: afterwards every message is in the audit
+/// trail exactly once (by topic/partition/offset and by event id), and SIGTERM
+/// ends the last process with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_five_times_the_audit_trail_still_holds_every_message_once() {
+    use caracal_tests::consumer_process::{random_ms, terminate, ConsumerProcess};
+    const N: usize = 100_000;
+    // In memory with one-message record batches: see the ledger-writer's crash test
+    // (tansu 0.6's memory storage skips the rest of a batch fetched from inside it).
+    let tansu = Tansu::start_with_storage("memory://tansu/").await.unwrap();
+    let brokers = tansu.brokers();
+    let mut all: Vec<&str> = TOPICS.to_vec();
+    all.push(DLQ);
+    create_topics(&brokers, &all, PARTITIONS).await.unwrap();
+    let db = migrated_db().await;
+    let group = format!("audit-{}", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let logger = ConsumerProcess {
+        binary: env!("CARGO_BIN_EXE_consumers-under-test").into(),
+        subcommand: "audit-logger".into(),
+        database_url: db.url.clone(),
+        brokers: brokers.clone(),
+        group,
+        log: dir.path().join("audit.log"),
+        env: vec![
+            ("CARACAL_CONSUMER_ASSIGN_ALL".into(), "true".into()),
+            ("CARACAL_CONSUMER_RUN_MIGRATIONS".into(), "false".into()),
+        ],
+    };
+
+    let payload_bytes: i64 = (0..N).map(|i| (i % 40 + 10) as i64).sum();
+    let b = brokers.clone();
+    let started = Instant::now();
+    let producing = tokio::spawn(async move {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "1")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .unwrap();
+        for chunk in (0..N).collect::<Vec<_>>().chunks(5_000) {
+            let mut futures = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let payload: Vec<u8> = (0..(i % 40 + 10)).map(|b| (b ^ i) as u8).collect();
+                let id = format!("crash-{i}");
+                let headers = OwnedHeaders::new_with_capacity(2)
+                    .insert(Header {
+                        key: "event_id",
+                        value: Some(id.as_str()),
+                    })
+                    .insert(Header {
+                        key: "event_type",
+                        value: Some("crash-test"),
+                    });
+                let key = format!("agent-{}", i % 16);
+                let record = FutureRecord::to(TOPICS[i % TOPICS.len()])
+                    .key(key.as_str())
+                    .payload(payload.as_slice())
+                    .headers(headers);
+                match producer.send_result(record) {
+                    Ok(f) => futures.push(f),
+                    Err((e, _)) => panic!("producer refused a message: {e}"),
+                }
+            }
+            for d in futures::future::join_all(futures).await {
+                d.expect("delivery canceled").expect("delivery failed");
+            }
+        }
+    });
+
+    let mut child = logger.spawn().unwrap();
+    for kill in 0..5 {
+        tokio::time::sleep(random_ms(1500, 4000)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        eprintln!(
+            "kill {kill}: {} rows after {:?}",
+            count(&db.url).await,
+            started.elapsed()
+        );
+        child = logger.spawn().unwrap();
+    }
+    producing.await.unwrap();
+    let rows = wait_for_rows(&db.url, N as i64, Duration::from_secs(180)).await;
+    eprintln!("{rows} rows after {:?}", started.elapsed());
+    if let Err(e) = terminate(&mut child, Duration::from_secs(30)) {
+        panic!("the logger on SIGTERM: {e}; log:\n{}", logger.log_tail(60));
+    }
+    let n = N as i64;
+    assert_eq!(
+        audit_totals(&db.url).await,
+        AuditTotals {
+            rows: n,
+            messages: n,
+            event_ids: n,
+            payload_bytes,
+        },
+        "every message exactly once; log:\n{}",
+        logger.log_tail(40)
+    );
+    db.drop().await.unwrap();
+}

@@ -6,7 +6,6 @@
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -18,6 +17,7 @@ use caracal_consumers::{config::ConsumerConfig, ledger};
 use caracal_proto::v1::{ChargeEvent, Money, TokenUsage};
 use caracal_service_kit::dlq::DeadLetter;
 use caracal_tests::{
+    consumer_process::{random_ms, terminate, ConsumerProcess},
     kafka::{consume_all, create_topics, Tansu},
     pg_base, TestDb,
 };
@@ -38,6 +38,10 @@ use tokio::{
 const METERING: &str = "caracal.metering.events";
 const DLQ: &str = "caracal.dlq";
 const PARTITIONS: i32 = 3;
+
+/// The tests that run several writers or 100,000 events take turns: side by side on
+/// two cores, tansu's group rebalances and the ingest slow down past their bounds.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ------------------------------------------------------------------ fixtures
 
@@ -637,12 +641,12 @@ async fn a_database_outage_loses_and_skips_nothing() {
     let t = wait_for_rows(&db.url, 2000, Duration::from_secs(60)).await;
     assert_eq!(t.rows, 2000);
 
-    // Down for 15 s while events keep coming.
+    // Down for 20 s while events keep coming.
     proxy.set_down(true);
     let down_at = Instant::now();
     let mut saw_unready = false;
     let mut sent = 2000;
-    while down_at.elapsed() < Duration::from_secs(15) {
+    while down_at.elapsed() < Duration::from_secs(20) {
         if sent < 5000 {
             produce(
                 &p,
@@ -711,42 +715,29 @@ async fn a_database_outage_loses_and_skips_nothing() {
 // ------------------------------------------------------------------ b. crash
 
 /// The real binary, as a child process of this test.
-fn spawn_writer(db_url: &str, brokers: &str, group: &str, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_consumers-under-test"))
-        .arg("ledger-writer")
-        .env("CARACAL_DATABASE_URL", db_url)
-        .env("CARACAL_DB_POOL_SIZE", "1")
-        .env("CARACAL_DB_POOL_TIMEOUT", "5")
-        .env("CARACAL_KAFKA_BROKERS", brokers)
-        .env("CARACAL_CONSUMER_GROUP_ID", group)
-        .env("CARACAL_CONSUMER_HTTP_ADDR", "127.0.0.1:0")
-        .env("CARACAL_CONSUMER_SESSION_TIMEOUT_MS", "6000")
+fn writer_process(
+    db_url: &str,
+    brokers: &str,
+    group: &str,
+    log: &std::path::Path,
+) -> ConsumerProcess {
+    ConsumerProcess {
+        binary: env!("CARGO_BIN_EXE_consumers-under-test").into(),
+        subcommand: "ledger-writer".into(),
+        database_url: db_url.to_owned(),
+        brokers: brokers.to_owned(),
+        group: group.to_owned(),
+        log: log.to_owned(),
         // tansu 0.6 never expires a SIGKILLed member of a group (its partitions
         // stay with the dead member); one replica takes every partition instead,
         // committing to and resuming from the group's offsets all the same.
-        .env("CARACAL_CONSUMER_ASSIGN_ALL", "true")
-        .env("CARACAL_CONSUMER_BATCH_WAIT_MS", "20")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-/// A random duration in `lo..hi` ms (uuid v4 bits: no rand dependency here).
-fn random_ms(lo: u64, hi: u64) -> Duration {
-    let r = (uuid::Uuid::new_v4().as_u128() % u128::from(hi - lo)) as u64;
-    Duration::from_millis(lo + r)
+        env: vec![("CARACAL_CONSUMER_ASSIGN_ALL".into(), "true".into())],
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
+    let _alone = HEAVY.lock().await;
     const N: u64 = 100_000;
     // In memory: tansu's SQLite storage takes ~1,000 messages/s on this machine.
     let tansu = Tansu::start_with_storage("memory://tansu/").await.unwrap();
@@ -790,14 +781,15 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
         }
     });
 
-    let mut child = spawn_writer(&db.url, &tansu.brokers(), &group, &log);
+    let writer = writer_process(&db.url, &tansu.brokers(), &group, &log);
+    let mut child = writer.spawn().unwrap();
     for kill in 0..5 {
         tokio::time::sleep(random_ms(1500, 4000)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let t = totals(&db.url).await;
         eprintln!("kill {kill}: {} rows after {:?}", t.rows, started.elapsed());
-        child = spawn_writer(&db.url, &tansu.brokers(), &group, &log);
+        child = writer.spawn().unwrap();
     }
     producing.await.unwrap();
     let produced_at = started.elapsed();
@@ -809,24 +801,9 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
     );
 
     // SIGTERM: the last writer commits what it wrote and exits 0.
-    let pid = child.id().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!(
-                "the writer did not exit on SIGTERM; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(exit.success(), "exit status {exit}");
+    if let Err(e) = terminate(&mut child, Duration::from_secs(30)) {
+        panic!("the writer on SIGTERM: {e}; log:\n{}", writer.log_tail(60));
+    }
     let t = totals(&db.url).await;
     assert_eq!(
         t,
@@ -836,13 +813,7 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
             charged: expected_sum
         },
         "log:\n{}",
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .join("\n")
+        writer.log_tail(40)
     );
     db.drop().await.unwrap();
 }
@@ -851,6 +822,7 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
+    let _alone = HEAVY.lock().await;
     let tansu = broker().await;
     let db = db().await;
     caracal_service_kit::db::run_migrations(&db.url)
@@ -909,5 +881,95 @@ async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
         "the remaining replica takes every partition over: nothing lost, nothing twice"
     );
     b.shutdown().await.unwrap();
+    db.drop().await.unwrap();
+}
+
+// ------------------------------------------------------------------ two replicas, one SIGKILLed
+
+/// Two real writer processes share the partitions (replica 0 takes the even ones,
+/// replica 1 the odd ones: `assignIndex`/`assignReplicas`, as a StatefulSet's
+/// ordinals would; tansu 0.6 never expires a SIGKILLed member of a group, so the
+/// group protocol cannot hand a dead member's partitions on). Replica 0 is
+/// SIGKILLed at five random moments and restarted while 100,000 events arrive;
+/// afterwards the ledger holds every event exactly once, sum equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_sigkilled_five_times_still_every_event_once() {
+    let _alone = HEAVY.lock().await;
+    const N: u64 = 100_000;
+    let tansu = Tansu::start_with_storage("memory://tansu/").await.unwrap();
+    create_topics(&tansu.brokers(), &[METERING, DLQ], 4)
+        .await
+        .unwrap();
+    let db = db().await;
+    caracal_service_kit::db::run_migrations(&db.url)
+        .await
+        .unwrap();
+    let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let replica = |index: u32| {
+        let mut p = writer_process(
+            &db.url,
+            &tansu.brokers(),
+            &group,
+            &dir.path().join(format!("writer-{index}.log")),
+        );
+        p.env.extend([
+            ("CARACAL_CONSUMER_ASSIGN_INDEX".into(), index.to_string()),
+            ("CARACAL_CONSUMER_ASSIGN_REPLICAS".into(), "2".into()),
+            ("CARACAL_CONSUMER_RUN_MIGRATIONS".into(), "false".into()),
+        ]);
+        p
+    };
+    let (r0, r1) = (replica(0), replica(1));
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let roots: Vec<uuid::Uuid> = (0..16).map(|_| uuid::Uuid::new_v4()).collect();
+    let events: Vec<ChargeEvent> = (0..N)
+        .map(|i| {
+            let root = &roots[(i % 16) as usize];
+            charge(&run, i, root, root)
+        })
+        .collect();
+    let expected_sum: i64 = events.iter().map(charged).sum();
+    let out: Vec<Out> = events.iter().map(Out::event).collect();
+    drop(events);
+    let started = Instant::now();
+    let brokers = tansu.brokers();
+    let producing = tokio::spawn(async move {
+        // One message per record batch: see the single-replica crash test.
+        let p = producer_with(&brokers, 1);
+        for chunk in out.chunks(5_000) {
+            produce(&p, chunk).await;
+        }
+    });
+
+    let mut c1 = r1.spawn().unwrap();
+    let mut c0 = r0.spawn().unwrap();
+    for kill in 0..5 {
+        tokio::time::sleep(random_ms(1500, 4000)).await;
+        c0.kill().unwrap(); // SIGKILL
+        c0.wait().unwrap();
+        let t = totals(&db.url).await;
+        eprintln!("kill {kill}: {} rows after {:?}", t.rows, started.elapsed());
+        c0 = r0.spawn().unwrap();
+    }
+    producing.await.unwrap();
+    let t = wait_for_rows(&db.url, N as i64, Duration::from_secs(120)).await;
+    eprintln!("{} rows after {:?}", t.rows, started.elapsed());
+    for (c, r) in [(&mut c0, &r0), (&mut c1, &r1)] {
+        if let Err(e) = terminate(c, Duration::from_secs(30)) {
+            panic!("a replica on SIGTERM: {e}; log:\n{}", r.log_tail(60));
+        }
+    }
+    assert_eq!(
+        totals(&db.url).await,
+        Totals {
+            rows: N as i64,
+            distinct_ids: N as i64,
+            charged: expected_sum
+        },
+        "log of the killed replica:\n{}",
+        r0.log_tail(40)
+    );
     db.drop().await.unwrap();
 }
