@@ -185,8 +185,20 @@ pub struct SpendStore {
 impl SpendStore {
     /// Connects lazily: a store made while Redis is down works once it is back.
     pub fn new(settings: &RedisSettings) -> Result<Self, String> {
-        let client =
-            redis::Client::open(settings.url.as_str()).map_err(|e| format!("redis.url: {e}"))?;
+        let client = if settings.ca_file.is_empty() {
+            redis::Client::open(settings.url.as_str())
+        } else {
+            let ca = std::fs::read(&settings.ca_file)
+                .map_err(|e| format!("redis.caFile {}: {e}", settings.ca_file))?;
+            redis::Client::build_with_tls(
+                settings.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca),
+                },
+            )
+        }
+        .map_err(|e| format!("redis.url: {e}"))?;
         let timeout = Duration::from_millis(settings.timeout_ms);
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))

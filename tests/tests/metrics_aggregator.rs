@@ -1088,3 +1088,224 @@ async fn spend_trend_prints_the_daily_spend_from_the_aggregator() {
     agg.shutdown().await.unwrap();
     stack.stop().await.unwrap();
 }
+
+// ------------------------------------------------------------------ e. rediss://
+
+/// A redis-server of this test with a TLS port (certificate from a private CA made
+/// with openssl) and a plain port for the test's own reads. Killed on drop.
+struct TlsRedis {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    plain: u16,
+    tls: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(dir: &std::path::Path, program: &str, args: &[&str]) {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TlsRedis {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=caracal-test-ca",
+        ]);
+        run(d, "openssl", &ca);
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(d, "openssl", &csr);
+        std::fs::write(d.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        run(
+            d,
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "srv.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "srv.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext",
+            ],
+        );
+        let (plain, tls) = (free_port(), free_port());
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &plain.to_string(),
+                "--tls-port",
+                &tls.to_string(),
+                "--tls-cert-file",
+                "srv.pem",
+                "--tls-key-file",
+                "srv.key",
+                "--tls-ca-cert-file",
+                "ca.pem",
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let server = Self {
+            child,
+            dir,
+            plain,
+            tls,
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                match redis::Client::open(server.plain_url().as_str()) {
+                    Ok(c) => c.get_multiplexed_async_connection().await.is_ok(),
+                    Err(_) => false,
+                }
+            })
+            .await,
+            "redis-server with TLS started"
+        );
+        server
+    }
+
+    fn plain_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.plain)
+    }
+
+    fn ca(&self) -> String {
+        self.dir.path().join("ca.pem").display().to_string()
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_to_a_server_with_a_private_ca() {
+    let server = TlsRedis::start().await;
+    let tansu = broker().await;
+    let prefix = prefix();
+    let url = format!("rediss://127.0.0.1:{}", server.tls);
+
+    // Without the CA the certificate is not trusted: nothing is written, not ready.
+    let untrusted = aggregator::start(aggregator_config(&tansu.brokers(), &url, &prefix))
+        .await
+        .unwrap();
+    let mut config = aggregator_config(&tansu.brokers(), &url, &prefix);
+    config.redis.ca_file = server.ca();
+    config.validate().unwrap();
+    let agg = aggregator::start(config).await.unwrap();
+
+    let (agent, root) = (Uuid::new_v4(), Uuid::new_v4());
+    let at = Utc::now() - Span::minutes(1);
+    let events: Vec<ChargeEvent> = [("s1", 1_000_001), ("s2", 2_000_002)]
+        .into_iter()
+        .map(|(id, micros)| {
+            Charge {
+                agent,
+                root,
+                id,
+                kind: "settle",
+                reservation: id,
+                model: "gpt-4o",
+                currency: "USD",
+                micros,
+                at,
+            }
+            .event()
+        })
+        .collect();
+    produce(&producer(&tansu.brokers()), &events).await;
+    let key = SpendKeys::new(prefix.clone()).day(&agent.to_string(), at.date_naive(), "USD");
+    let read = || {
+        let (url, key) = (server.plain_url(), key.clone());
+        async move {
+            let mut conn = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let total: Option<i64> = redis::cmd("HGET")
+                .arg(key)
+                .arg("total")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            total
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            read().await == Some(3_000_003)
+        })
+        .await,
+        "counted over TLS"
+    );
+    let (code, body) = http_get(agg.http_addr, "/health/ready").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http_get(untrusted.http_addr, "/health/ready").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("redis"), "{body}");
+    untrusted.shutdown().await.unwrap();
+    agg.shutdown().await.unwrap();
+}
