@@ -991,3 +991,63 @@ async fn an_interrupted_replay_is_taken_over_and_the_ledger_still_counts_it_once
 
     stack.stop().await.unwrap();
 }
+
+// ------------------------------------------------------------------ reflection
+
+#[tokio::test]
+async fn grpcurl_finds_the_dead_letter_service_by_reflection() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let stack = TestStack::start().await.unwrap();
+    let mut reflection = ServerReflectionClient::new(stack.channel.clone());
+    let requests = vec![
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        // What `grpcurl describe caracal.v1.DeadLetterService` asks for.
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "caracal.v1.DeadLetterService".to_owned(),
+            )),
+        },
+    ];
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
+        panic!("unexpected reflection answer: {listed:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "caracal.v1.DeadLetterService"),
+        "{list:?}"
+    );
+    let described = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = described.message_response else {
+        panic!("unexpected reflection answer: {described:?}");
+    };
+    let file = prost_types::FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice())
+        .unwrap();
+    assert_eq!(file.name(), "caracal/v1/dlq.proto");
+    let service = &file.service[0];
+    let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+    assert_eq!(
+        methods,
+        [
+            "ListDeadLetters",
+            "CountDeadLetters",
+            "GetDeadLetter",
+            "ReplayDeadLetters"
+        ]
+    );
+    stack.stop().await.unwrap();
+}
