@@ -1085,6 +1085,41 @@ async fn spend_trend_prints_the_daily_spend_from_the_aggregator() {
         format!("No spend recorded for agent {quiet} in the last 3 days.\n")
     );
 
+    // Listed by reflection; admin credentials only.
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut stream = ServerReflectionClient::new(stack.channel.clone())
+        .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "caracal.v1.SpendService"),
+        "{list:?}"
+    );
+    let status =
+        caracal_proto::v1::spend_service_client::SpendServiceClient::new(stack.channel.clone())
+            .spend_trend(caracal_proto::v1::SpendTrendRequest {
+                agent_id: agent.clone(),
+                days: 3,
+                currency: String::new(),
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
     agg.shutdown().await.unwrap();
     stack.stop().await.unwrap();
 }
