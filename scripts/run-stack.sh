@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Brings up the whole local Caracal stack — PostgreSQL, Redis, the tansu Kafka broker,
-# the authz-service (with its Kafka relay), a mock OpenAI upstream and Envoy running the
-# Caracal wasm filter — walks through the operator runbook with the `caracal` CLI, then
-# sends agent traffic through Envoy until the agent's budget refuses it.
+# the authz-service (with its Kafka relay), the three consumers (ledger-writer,
+# audit-logger, metrics-aggregator), a mock OpenAI upstream and Envoy running the
+# Caracal wasm filter — walks through the operator runbook with the `caracal` CLI,
+# sends agent traffic through Envoy until the agent's budget refuses it, then shows
+# the ledger: what the gateway charged, as the ledger-writer recorded it, with zero
+# drift against the budget counters.
 #   KEEP_RUNNING=1 bash scripts/run-stack.sh   leaves everything up afterwards
-#   (Envoy on 127.0.0.1:8443, admin API on 127.0.0.1:50051, metrics on :9464).
+#   (Envoy on 127.0.0.1:8443, admin API on 127.0.0.1:50051, metrics on :9464,
+#   consumers' /metrics on :9465 ledger-writer, :9466 audit-logger, :9467 aggregator).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -17,7 +21,7 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT 1 FROM pg_database WHERE 
   psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE caracal"
 
 echo "== building (service, CLI, mock upstream, wasm filter)"
-cargo build -q -p caracal-authz -p caracal-cli
+cargo build -q -p caracal-authz -p caracal-cli -p caracal-consumers
 cargo build -q -p caracal-tests --bin mock-llm
 cargo build -q -p caracal-filter --target wasm32-wasip1 --profile wasm
 BIN="$ROOT/target/debug"
@@ -35,7 +39,8 @@ stop_pidfile() {
   if [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; then kill "$(cat "$1")"; sleep 1; fi
   rm -f "$1"
 }
-for f in envoy mock authz tansu; do stop_pidfile "$STATE/$f.pid"; done
+SERVICES="envoy mock ledger-writer audit-logger metrics-aggregator authz tansu"
+for f in $SERVICES; do stop_pidfile "$STATE/$f.pid"; done
 
 echo "== starting the tansu Kafka broker on 127.0.0.1:9092 (data: .local/tansu)"
 mkdir -p "$STATE/tansu"
@@ -50,7 +55,7 @@ echo "== starting caracal-authz-service (log: .local/authz.log)"
 "$BIN/caracal-authz-service" --config authz-service/config.example.yaml >"$STATE/authz.log" 2>&1 &
 echo $! >"$STATE/authz.pid"
 cleanup() {
-  for f in envoy mock authz tansu; do
+  for f in $SERVICES; do
     [ -f "$STATE/$f.pid" ] && kill "$(cat "$STATE/$f.pid")" 2>/dev/null || true
   done
 }
@@ -63,6 +68,23 @@ for _ in $(seq 1 60); do
   sleep 0.5
 done
 curl -fsS http://127.0.0.1:9464/health; echo
+
+echo "== starting the consumers, each its own group (logs: .local/<consumer>.log)"
+port=9465
+for c in ledger-writer audit-logger metrics-aggregator; do
+  CARACAL_CONSUMER_HTTP_ADDR=127.0.0.1:$port "$BIN/caracal-consumers" --config consumers/config.example.yaml "$c" \
+    >"$STATE/$c.log" 2>&1 &
+  echo $! >"$STATE/$c.pid"
+  for _ in $(seq 1 60); do
+    curl -fsS "http://127.0.0.1:$port/health/live" >/dev/null 2>&1 && break
+    if ! kill -0 "$(cat "$STATE/$c.pid")" 2>/dev/null; then
+      echo "$c exited; its log:" >&2; cat "$STATE/$c.log" >&2; exit 1
+    fi
+    sleep 0.5
+  done
+  echo "$c: /health/live $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health/live"), metrics on :$port"
+  port=$((port + 1))
+done
 
 caracal() { echo "\$ caracal $*" >&2; "$BIN/caracal" "$@"; }
 name="demo-agent-$(date +%s)"
@@ -98,6 +120,7 @@ caracal policy create --agent-id "$demo_id" --limit 0.001 --currency USD --time-
 sleep 1.5 # the hot path's caches pick up admin changes within one poll (1 s)
 
 echo "== agent traffic through Envoy (the agent holds only its Caracal key)"
+charged=0 # micro-USD: what the gateway charged, from the provider's reported usage
 for i in $(seq 1 15); do
   code=$(curl -s -o "$STATE/resp.json" -D "$STATE/resp.headers" -w '%{http_code}' \
     http://127.0.0.1:8443/v1/chat/completions \
@@ -106,6 +129,9 @@ for i in $(seq 1 15); do
   remaining=$(grep -i '^x-caracal-remaining-budget:' "$STATE/resp.headers" | tr -d '\r' | cut -d' ' -f2)
   if [ "$code" = 200 ]; then
     usage=$(python3 -c 'import json,sys; u=json.load(open(sys.argv[1]))["usage"]; print(u["prompt_tokens"], "prompt +", u["completion_tokens"], "completion tokens")' "$STATE/resp.json")
+    # gpt-4o: $2.50 / $10.00 per 1M tokens = 2.5 / 10 micro-USD per token, rounded up once.
+    cost=$(python3 -c 'import json,sys; u=json.load(open(sys.argv[1]))["usage"]; print(-(-(u["prompt_tokens"]*25 + u["completion_tokens"]*100)//10))' "$STATE/resp.json")
+    charged=$((charged + cost))
     echo "call $i: HTTP 200 ($usage); remaining budget after reserving: \$$remaining"
   else
     echo "call $i: HTTP $code — refused: $(cat "$STATE/resp.json")"
@@ -114,4 +140,22 @@ for i in $(seq 1 15); do
   sleep 0.3 # let Settle land before the next call, so the printed budget is exact
 done
 echo "== metrics: $(curl -s http://127.0.0.1:9464/metrics | grep -E '^caracal_requests_total' | tr '\n' ' ')"
+
+echo
+echo "== the ledger: waiting for the pipeline to drain (outbox -> Kafka -> ledger-writer)"
+for _ in $(seq 1 60); do
+  got=$(psql -h 127.0.0.1 -U postgres -d caracal -Atc \
+    "SELECT coalesce(sum(charged_micros),0) FROM ledger_final_charges WHERE agent_id = '$demo_id'" 2>/dev/null || echo 0)
+  [ "$got" = "$charged" ] && break
+  sleep 0.5
+done
+today=$(date -u +%F)
+caracal ledger query --agent-id "$demo_id" --start-date "$today" --end-date "$today"
+caracal ledger summary --agent-id "$demo_id" --breakdown model
+printf 'the gateway charged: $%d.%06d (from the provider-reported usage of each answered call)\n' \
+  $((charged / 1000000)) $((charged % 1000000))
+caracal ledger reconcile --agent-id "$demo_id"
+caracal spend trend --agent-id "$demo_id" --days 3
+caracal dlq count
+echo "== consumers: $(curl -s http://127.0.0.1:9465/metrics | grep -E '^caracal_consumer_events_processed_total' | tr '\n' ' ')"
 echo "== done. Envoy on 127.0.0.1:8443, admin API on 127.0.0.1:50051 (token: $CARACAL_ADMIN_TOKEN), metrics on http://127.0.0.1:9464/metrics"

@@ -204,6 +204,58 @@ fn assign_all(
     Ok(())
 }
 
+/// See [`Runner::gather`]. A free function over owned handles, so it can run in a
+/// task of its own while the previous batch is written.
+async fn gather(
+    consumer: Arc<KafkaConsumer>,
+    batch_size: usize,
+    batch_wait: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> (Vec<RawMessage>, Vec<String>) {
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut errors = Vec::new();
+    loop {
+        if *shutdown.borrow() {
+            return (batch, errors);
+        }
+        let first = tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    return (batch, errors);
+                }
+                continue;
+            }
+            msg = consumer.recv() => msg.map(|m| RawMessage::from_borrowed(&m)),
+        };
+        match first {
+            Ok(msg) => {
+                batch.push(msg);
+                break;
+            }
+            Err(e) => {
+                errors.push(e.to_string());
+                tokio::time::sleep(POLL_ERROR_PAUSE).await;
+                // Bounded: report now and then, even while the broker is away.
+                if errors.len() >= 16 {
+                    return (batch, errors);
+                }
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + batch_wait;
+    while batch.len() < batch_size && !*shutdown.borrow() {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(msg)) => batch.push(RawMessage::from_borrowed(&msg)),
+            Ok(Err(e)) => {
+                errors.push(e.to_string());
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    (batch, errors)
+}
+
 /// A message that goes to the dead-letter topic.
 struct Poison<'a> {
     msg: &'a RawMessage,
@@ -269,53 +321,59 @@ impl<H: Handler> Runner<H> {
     }
 
     /// Consumes until `shutdown` becomes true (or its sender is dropped).
+    ///
+    /// While a batch is written, the next one is gathered and decoded (at most one
+    /// batch ahead): the broker and the database work at the same time, and the
+    /// offsets are still committed batch by batch, in order, each only after its own
+    /// write. A batch gathered ahead and not written when the consumer stops is
+    /// simply not committed (whoever reads the partition next reads it again).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let name = self.handler.name();
         tracing::info!(consumer = name, group = %self.group, "consumer started");
-        let mut batch: Vec<RawMessage> = Vec::with_capacity(self.batch_size);
+        let mut ahead: Option<Vec<RawMessage>> = None;
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let first = tokio::select! {
-                changed = shutdown.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    continue;
+            let batch = match ahead.take() {
+                Some(batch) => batch,
+                None => {
+                    let (batch, errors) = self.gather(&mut shutdown).await;
+                    self.kafka_troubles(errors);
+                    batch
                 }
-                msg = self.consumer.recv() => msg.map(|m| RawMessage::from_borrowed(&m)),
             };
-            match first {
-                Ok(msg) => batch.push(msg),
-                Err(e) => {
-                    self.kafka_trouble(&e.to_string());
-                    tokio::time::sleep(POLL_ERROR_PAUSE).await;
-                    continue;
-                }
+            if batch.is_empty() {
+                continue;
             }
-            let deadline = tokio::time::Instant::now() + self.batch_wait;
-            while batch.len() < self.batch_size && !*shutdown.borrow() {
-                let next = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                    Ok(Ok(msg)) => Ok(Some(RawMessage::from_borrowed(&msg))),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Ok(None),
-                };
-                match next {
-                    Ok(Some(msg)) => batch.push(msg),
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.kafka_trouble(&e);
-                        break;
-                    }
-                }
-            }
-            let taken = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
-            if self.process(taken, &shutdown).await == Outcome::Abandoned {
+            let (outcome, next) = self.process(batch, &shutdown).await;
+            if outcome == Outcome::Abandoned {
                 break;
             }
+            ahead = next.filter(|b| !b.is_empty());
         }
         tracing::info!(consumer = name, group = %self.group, "consumer stopped");
+    }
+
+    /// Gathers one batch: waits for a first message (until shutdown), then up to
+    /// `batchSize` messages for at most `batchWait`. Returns the batch and the Kafka
+    /// errors met (logged by the caller).
+    fn gather(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> impl Future<Output = (Vec<RawMessage>, Vec<String>)> + Send + 'static {
+        gather(
+            self.consumer.clone(),
+            self.batch_size,
+            self.batch_wait,
+            shutdown.clone(),
+        )
+    }
+
+    fn kafka_troubles(&mut self, errors: Vec<String>) {
+        for e in errors {
+            self.kafka_trouble(&e);
+        }
     }
 
     fn kafka_trouble(&mut self, error: &str) {
@@ -335,7 +393,33 @@ impl<H: Handler> Runner<H> {
         false
     }
 
+    /// Writes `batch` (dead letters included) and commits its offsets; meanwhile
+    /// gathers the next batch, returned alongside (`None` when the write was given up).
     async fn process(
+        &mut self,
+        batch: Vec<RawMessage>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> (Outcome, Option<Vec<RawMessage>>) {
+        let mut next_shutdown = shutdown.clone();
+        let gathering = tokio::spawn(self.gather(&mut next_shutdown));
+        let outcome = self.write_and_commit(batch, shutdown).await;
+        if outcome == Outcome::Abandoned {
+            gathering.abort();
+            return (outcome, None);
+        }
+        match gathering.await {
+            Ok((next, errors)) => {
+                self.kafka_troubles(errors);
+                (outcome, Some(next))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "gathering the next batch failed");
+                (outcome, None)
+            }
+        }
+    }
+
+    async fn write_and_commit(
         &mut self,
         batch: Vec<RawMessage>,
         shutdown: &watch::Receiver<bool>,

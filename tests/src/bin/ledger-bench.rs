@@ -1,0 +1,315 @@
+//! Ledger-writer ingest benchmark: a backlog of charge events in a real tansu broker,
+//! read once by a bare Kafka consumer (tansu's raw consume rate: fetch and count,
+//! nothing else) and then by the real ledger-writer into a fresh PostgreSQL database,
+//! both in the same run; prints both rates and their ratio.
+//!
+//!   cargo run --release -p caracal-tests --bin ledger-bench -- --events 1000000
+//!
+//! Targets (issue 8): >= 30,000 events/s and >= 0.6 of the raw consume rate.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use caracal_consumers::{config::ConsumerConfig, ledger};
+use caracal_proto::v1::{ChargeEvent, Money, TokenUsage};
+use caracal_tests::{
+    kafka::{create_topics, Tansu},
+    TestDb,
+};
+use clap::Parser;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use prost::Message as _;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    ClientConfig, Message, Offset, TopicPartitionList,
+};
+
+const TOPIC: &str = "caracal.metering.events";
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Ledger-writer ingest rate from a tansu backlog, next to tansu's raw consume rate"
+)]
+struct Args {
+    /// Charge events in the backlog.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: usize,
+    /// Partitions of the metering topic.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// The ledger-writer's batch size (messages per transaction).
+    #[arg(long, default_value_t = 5000)]
+    batch_size: usize,
+    /// tansu storage engine (`memory://tansu/` or `sqlite://tansu.db`).
+    #[arg(long, default_value = "memory://tansu/")]
+    storage: String,
+    /// Distinct agents (root = agent) the events spread over.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+}
+
+fn event(run: &str, i: usize, agent: &str) -> ChargeEvent {
+    let micros = 1 + ((i * 7919) % 100_000) as i64;
+    let money = |m| {
+        Some(Money {
+            currency: "USD".into(),
+            micros: m,
+            amount: String::new(),
+        })
+    };
+    ChargeEvent {
+        schema_version: 1,
+        event_id: format!("{run}-{i}/settle"),
+        kind: "settle".into(),
+        reservation_id: format!("{run}-{i}"),
+        request_id: format!("req-{i}"),
+        agent_id: agent.to_owned(),
+        root_agent_id: agent.to_owned(),
+        reserved: money(micros + 100),
+        charged: money(micros),
+        overshoot_micros: 0,
+        usage: Some(TokenUsage {
+            input_tokens: 120,
+            output_tokens: 340,
+            cached_input_tokens: 0,
+        }),
+        provider: "openai".into(),
+        model: "gpt-4o-mini".into(),
+        price_version: 3,
+        policy_ids: vec![format!("policy-{agent}")],
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp(),
+            nanos: 0,
+        }),
+        reserved_at: Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp() - 1,
+            nanos: 0,
+        }),
+    }
+}
+
+async fn fill(brokers: &str, args: &Args) -> anyhow::Result<i64> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("batch.size", "4000000")
+        .set("queue.buffering.max.messages", "2000000")
+        .set("queue.buffering.max.kbytes", "2097152")
+        .create()?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let agents: Vec<String> = (0..args.agents.max(1))
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    let mut sum = 0i64;
+    let started = Instant::now();
+    for chunk_start in (0..args.events).step_by(50_000) {
+        let end = (chunk_start + 50_000).min(args.events);
+        let mut futures = Vec::with_capacity(end - chunk_start);
+        for i in chunk_start..end {
+            let agent = &agents[i % agents.len()];
+            let ev = event(&run, i, agent);
+            sum += ev.charged.as_ref().map_or(0, |m| m.micros);
+            let payload = ev.encode_to_vec();
+            let headers = OwnedHeaders::new_with_capacity(3)
+                .insert(Header {
+                    key: "event_id",
+                    value: Some(ev.event_id.as_str()),
+                })
+                .insert(Header {
+                    key: "event_type",
+                    value: Some("charge"),
+                })
+                .insert(Header {
+                    key: "schema_version",
+                    value: Some("1"),
+                });
+            let record = FutureRecord::to(TOPIC)
+                .key(agent.as_str())
+                .payload(payload.as_slice())
+                .headers(headers);
+            match producer.send_result(record) {
+                Ok(f) => futures.push(f),
+                Err((e, _)) => bail!("producer refused a message: {e}"),
+            }
+        }
+        for d in futures::future::join_all(futures).await {
+            match d {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => bail!("delivery failed: {e}"),
+                Err(_) => bail!("delivery canceled"),
+            }
+        }
+    }
+    eprintln!(
+        "backlog: {} events produced in {:.1} s",
+        args.events,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(sum)
+}
+
+/// Reads every partition from the start with a bare consumer until `events`
+/// messages arrived; returns the elapsed time.
+fn raw_consume(brokers: &str, partitions: i32, events: usize) -> anyhow::Result<Duration> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("raw-{}", uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(TOPIC, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(1800);
+    let (mut n, mut bytes) = (0usize, 0usize);
+    while n < events {
+        if Instant::now() > deadline {
+            bail!("raw consume: only {n} of {events} messages in 30 min");
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                n += 1;
+                bytes += m.payload().map_or(0, <[u8]>::len);
+            }
+            Some(Err(e)) => eprintln!("raw consume: {e}"),
+            None => {}
+        }
+    }
+    let elapsed = started.elapsed();
+    eprintln!("raw consume: {n} messages, {bytes} payload bytes");
+    Ok(elapsed)
+}
+
+#[derive(diesel::QueryableByName)]
+struct Totals {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    micros: i64,
+}
+
+async fn ledger_totals(conn: &mut AsyncPgConnection) -> anyhow::Result<Totals> {
+    Ok(diesel::sql_query(
+        "SELECT count(*) AS n, coalesce(sum(charged_micros), 0)::int8 AS micros FROM ledger_events",
+    )
+    .get_result(conn)
+    .await?)
+}
+
+/// `caracal_consumer_events_processed_total` from the writer's `/metrics`.
+async fn events_processed(addr: std::net::SocketAddr) -> anyhow::Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("caracal_consumer_events_processed_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let tansu = Tansu::start_with_storage(&args.storage).await?;
+    let brokers = tansu.brokers();
+    create_topics(&brokers, &[TOPIC, "caracal.dlq"], args.partitions).await?;
+    let produced_sum = fill(&brokers, &args).await?;
+
+    let raw = {
+        let b = brokers.clone();
+        let (p, n) = (args.partitions, args.events);
+        tokio::task::spawn_blocking(move || raw_consume(&b, p, n)).await??
+    };
+
+    let db = TestDb::create("ledgerbench").await?;
+    caracal_service_kit::db::run_migrations(&db.url).await?;
+    let mut config = ConsumerConfig::default();
+    config.database.url = db.url.clone();
+    config.database.db_pool_size = 2;
+    config.kafka.brokers = brokers.clone();
+    config.consumer.http_addr = "127.0.0.1:0".parse()?;
+    config.consumer.group_id = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    config.consumer.batch_size = args.batch_size;
+    config.consumer.assign_all = true;
+    let mut conn = AsyncPgConnection::establish(&db.url).await?;
+    let started = Instant::now();
+    let writer = ledger::start(config).await?;
+    // Progress from the writer's own counter (a count(*) every few hundred ms would
+    // take PostgreSQL CPU from the writer it measures); the rows are counted once at
+    // the end.
+    let deadline = started + Duration::from_secs(3600);
+    loop {
+        let written = events_processed(writer.http_addr).await.unwrap_or(0);
+        if written >= args.events as u64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "ledger: only {written} of {} events after an hour",
+                args.events
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ingest = started.elapsed();
+    let totals = ledger_totals(&mut conn).await?;
+    writer.shutdown().await.context("ledger-writer shutdown")?;
+    drop(conn);
+    db.drop().await?;
+    if totals.n != args.events as i64 || totals.micros != produced_sum {
+        bail!(
+            "ledger holds {} rows / {} micros; produced {} / {}",
+            totals.n,
+            totals.micros,
+            args.events,
+            produced_sum
+        );
+    }
+
+    let rate = |d: Duration| args.events as f64 / d.as_secs_f64().max(1e-9);
+    let (raw_rate, ingest_rate) = (rate(raw), rate(ingest));
+    let ratio = ingest_rate / raw_rate;
+    println!(
+        "events={} partitions={} batch={} storage={}",
+        args.events, args.partitions, args.batch_size, args.storage
+    );
+    println!(
+        "tansu raw consume:     {:>9.0} events/s ({:.1} s)",
+        raw_rate,
+        raw.as_secs_f64()
+    );
+    println!(
+        "ledger-writer ingest:  {:>9.0} events/s ({:.1} s, every row checked: count and sum exact)",
+        ingest_rate,
+        ingest.as_secs_f64()
+    );
+    println!(
+        "ratio ingest/raw:      {ratio:>9.2}   targets: >= 30000 events/s {} , >= 0.60 of raw {}",
+        if ingest_rate >= 30_000.0 {
+            "MET"
+        } else {
+            "NOT MET"
+        },
+        if ratio >= 0.6 { "MET" } else { "NOT MET" }
+    );
+    Ok(())
+}
