@@ -17,6 +17,7 @@ use caracal_authz::{config::Config, RunningServer};
 use caracal_proto::v1::{
     agent_service_client::AgentServiceClient, allowlist_service_client::AllowlistServiceClient,
     budget_authorization_client::BudgetAuthorizationClient,
+    ledger_service_client::LedgerServiceClient,
     policy_service_client::PolicyServiceClient, price_book_service_client::PriceBookServiceClient,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -235,6 +236,9 @@ impl TestStack {
     }
     pub fn allowlists(&self) -> AllowlistServiceClient<Svc> {
         AllowlistServiceClient::with_interceptor(self.channel.clone(), self.bearer())
+    }
+    pub fn ledger(&self) -> LedgerServiceClient<Svc> {
+        LedgerServiceClient::with_interceptor(self.channel.clone(), self.bearer())
     }
     pub fn prices(&self) -> PriceBookServiceClient<Svc> {
         PriceBookServiceClient::with_interceptor(self.channel.clone(), self.bearer())

@@ -314,6 +314,26 @@ async fn ledger_totals_equal_the_counters_and_the_reported_costs_after_a_burst_t
         );
     }
 
+    // The operator's view of the same: `caracal ledger reconcile` finds no drift on
+    // any of the four policies, and the totals it compared are the ones above.
+    let report = stack
+        .ledger()
+        .reconcile(caracal_proto::v1::ReconcileRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (report.policies_checked, report.policies_with_drift),
+        (4, 0),
+        "{report:?}"
+    );
+    for p in &report.policies {
+        assert_eq!(p.drift_micros, 0, "{p:?}");
+        assert_eq!(p.ledger_micros, spent(&stack, &p.policy_id).await, "{p:?}");
+    }
+    let reconciled_root = report.policies.iter().find(|p| p.policy_id == p_root);
+    assert_eq!(reconciled_root.map(|p| p.ledger_micros), Some(all));
+
     writer.shutdown().await.unwrap();
     drop(envoy);
     mock.stop().await;
