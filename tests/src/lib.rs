@@ -17,8 +17,8 @@ use caracal_authz::{config::Config, RunningServer};
 use caracal_proto::v1::{
     agent_service_client::AgentServiceClient, allowlist_service_client::AllowlistServiceClient,
     budget_authorization_client::BudgetAuthorizationClient,
-    ledger_service_client::LedgerServiceClient,
-    policy_service_client::PolicyServiceClient, price_book_service_client::PriceBookServiceClient,
+    ledger_service_client::LedgerServiceClient, policy_service_client::PolicyServiceClient,
+    price_book_service_client::PriceBookServiceClient,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use tonic::{

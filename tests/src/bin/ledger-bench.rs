@@ -45,6 +45,10 @@ struct Args {
     /// tansu storage engine (`memory://tansu/` or `sqlite://tansu.db`).
     #[arg(long, default_value = "memory://tansu/")]
     storage: String,
+    /// Ledger-writer replicas sharing the partitions (`assignIndex` / `assignReplicas`),
+    /// in this process: each writes its own batches on its own PostgreSQL connection.
+    #[arg(long, default_value_t = 1)]
+    writers: u32,
     /// Distinct agents (root = agent) the events spread over.
     #[arg(long, default_value_t = 1000)]
     agents: usize,
@@ -250,15 +254,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.consumer.group_id = format!("bench-{}", uuid::Uuid::new_v4().simple());
     config.consumer.batch_size = args.batch_size;
     config.consumer.assign_all = true;
+    config.consumer.assign_replicas = args.writers.max(1);
     let mut conn = AsyncPgConnection::establish(&db.url).await?;
     let started = Instant::now();
-    let writer = ledger::start(config).await?;
+    let mut writers = Vec::new();
+    for index in 0..args.writers.max(1) {
+        let mut c = config.clone();
+        c.consumer.assign_index = index;
+        // Migrations were applied above; replicas would only queue on their lock.
+        c.consumer.run_migrations = false;
+        writers.push(ledger::start(c).await?);
+    }
+    let http_addr = writers
+        .iter()
+        .map(|w| w.http_addr)
+        .next()
+        .context("no writer")?;
     // Progress from the writer's own counter (a count(*) every few hundred ms would
     // take PostgreSQL CPU from the writer it measures); the rows are counted once at
     // the end.
     let deadline = started + Duration::from_secs(3600);
     loop {
-        let written = events_processed(writer.http_addr).await.unwrap_or(0);
+        // One process, one metrics registry: the counter is every writer's sum.
+        let written = events_processed(http_addr).await.unwrap_or(0);
         if written >= args.events as u64 {
             break;
         }
@@ -272,7 +290,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let ingest = started.elapsed();
     let totals = ledger_totals(&mut conn).await?;
-    writer.shutdown().await.context("ledger-writer shutdown")?;
+    for writer in writers {
+        writer.shutdown().await.context("ledger-writer shutdown")?;
+    }
     drop(conn);
     db.drop().await?;
     if totals.n != args.events as i64 || totals.micros != produced_sum {
@@ -289,8 +309,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (raw_rate, ingest_rate) = (rate(raw), rate(ingest));
     let ratio = ingest_rate / raw_rate;
     println!(
-        "events={} partitions={} batch={} storage={}",
-        args.events, args.partitions, args.batch_size, args.storage
+        "events={} partitions={} batch={} writers={} storage={}",
+        args.events, args.partitions, args.batch_size, args.writers, args.storage
     );
     println!(
         "tansu raw consume:     {:>9.0} events/s ({:.1} s)",
