@@ -5,10 +5,16 @@
 //! seeing each other's rows. PostgreSQL comes from `CARACAL_TEST_PG`
 //! (default `postgres://postgres@127.0.0.1:5432`).
 
+pub mod charges;
+pub mod cli_process;
+pub mod consumer_config;
 pub mod consumer_process;
 pub mod envoy;
+pub mod flaky_proxy;
 pub mod kafka;
 pub mod mock_llm;
+pub mod probe;
+pub mod reflection;
 
 use std::time::Duration;
 

@@ -12,7 +12,9 @@ use std::{
 
 use caracal_consumers::{audit, config::ConsumerConfig};
 use caracal_tests::{
+    consumer_config::database_consumer_config,
     kafka::{create_topics, Tansu},
+    probe::http_get,
     TestDb,
 };
 use diesel::sql_types::{BigInt, Bytea, Integer, Nullable, Text, Timestamptz};
@@ -49,21 +51,11 @@ async fn migrated_db() -> TestDb {
     db
 }
 
+/// The audit-logger's configuration: small batches, so a few hundred messages
+/// make several transactions.
 fn config(db_url: &str, brokers: &str, group: &str) -> ConsumerConfig {
-    let mut c = ConsumerConfig::default();
-    c.database.url = db_url.to_owned();
-    c.database.db_pool_size = 1;
-    c.database.db_max_overflow = 2;
-    c.database.db_pool_timeout = 2;
-    c.kafka.brokers = brokers.to_owned();
-    c.consumer.http_addr = "127.0.0.1:0".parse().unwrap();
-    c.consumer.group_id = group.to_owned();
-    c.consumer.session_timeout_ms = 6000;
-    c.consumer.lag_interval_ms = 300;
-    c.consumer.batch_wait_ms = 20;
+    let mut c = database_consumer_config(db_url, brokers, group).unwrap();
     c.consumer.batch_size = 64;
-    c.consumer.max_retries = 3;
-    c.consumer.max_backoff_ms = 1000;
     c
 }
 
@@ -332,26 +324,6 @@ async fn every_message_of_every_topic_lands_once_byte_for_byte_even_when_reread(
     }
     assert!(got == expected, "rows differ from the produced messages");
     db.drop().await.unwrap();
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await {
-        Ok(Ok(resp)) => {
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
-        _ => (0, String::new()),
-    }
 }
 
 // ------------------------------------------------------------------ b. append-only

@@ -10,156 +10,45 @@
 //! one model (the ledger-writer dead-letters them after `maxRetries` while the
 //! database answers). Dropping the trigger is the fix.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use caracal_consumers::{config::ConsumerConfig, ledger};
 use caracal_proto::v1::{
     self as pb, dead_letter_service_client::DeadLetterServiceClient,
-    replay_outcome::Status as Outcome, ChargeEvent, Money, TokenUsage,
+    replay_outcome::Status as Outcome, ChargeEvent,
 };
 use caracal_tests::{
+    charges::{
+        charge_producer, charged, ledger_totals, numbered_charge, produce_charges, usd,
+        wait_for_ledger_rows, ChargeMessage, LedgerTotals, METERING,
+    },
+    cli_process::{run_caracal, Run},
+    consumer_config::database_consumer_config,
     kafka::{consume_all, create_topics, topic_message_count, Tansu},
+    probe::{http_get, metric_value},
     Bearer, Svc, TestStack, ADMIN_TOKEN,
 };
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use prost::Message;
-use rdkafka::{
-    message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
-    ClientConfig,
-};
 
-const METERING: &str = "caracal.metering.events";
 const PARTITIONS: i32 = 3;
 const REFUSED_MODEL: &str = "refuse-me";
 
 // ------------------------------------------------------------------ fixtures
 
-fn money(micros: i64) -> Option<Money> {
-    Some(Money {
-        currency: "USD".to_owned(),
-        micros,
-        amount: String::new(),
-    })
-}
-
-/// A charge event as the outbox relay encodes it.
+/// A charge event as the outbox relay encodes it (agent = root, one policy).
 fn charge(run: &str, i: u64, root: &uuid::Uuid) -> ChargeEvent {
-    let charged = 1 + i64::try_from((i * 7919) % 100_000).unwrap();
     ChargeEvent {
-        schema_version: 1,
-        event_id: format!("{run}-{i}/settle"),
-        kind: "settle".to_owned(),
-        reservation_id: format!("{run}-{i}"),
-        request_id: format!("req-{i}"),
-        agent_id: root.to_string(),
-        root_agent_id: root.to_string(),
-        reserved: money(charged),
-        charged: money(charged),
-        overshoot_micros: 0,
-        usage: Some(TokenUsage {
-            input_tokens: 10,
-            output_tokens: 20,
-            cached_input_tokens: 0,
-        }),
-        provider: "openai".to_owned(),
-        model: "gpt-4o-mini".to_owned(),
-        price_version: 1,
         policy_ids: vec!["policy-1".to_owned()],
-        occurred_at: Some(prost_types::Timestamp {
-            seconds: chrono::Utc::now().timestamp(),
-            nanos: 0,
-        }),
-        reserved_at: None,
+        ..numbered_charge(run, i, root, root)
     }
 }
 
-fn charged(ev: &ChargeEvent) -> i64 {
-    ev.charged.as_ref().map_or(0, |m| m.micros)
-}
-
-/// A message to produce: key, value, `event_id` and `schema_version` headers.
-struct Out {
-    key: String,
-    payload: Vec<u8>,
-    event_id: String,
-}
-
-impl Out {
-    fn event(ev: &ChargeEvent) -> Self {
-        Self {
-            key: ev.root_agent_id.clone(),
-            payload: ev.encode_to_vec(),
-            event_id: ev.event_id.clone(),
-        }
-    }
-}
-
-fn producer(brokers: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap()
-}
-
-/// Produces every message and returns each one's (partition, offset), in order.
-async fn produce(producer: &FutureProducer, msgs: &[Out]) -> Vec<(i32, i64)> {
-    let mut futures = Vec::with_capacity(msgs.len());
-    for m in msgs {
-        let headers = OwnedHeaders::new_with_capacity(3)
-            .insert(Header {
-                key: "event_id",
-                value: Some(m.event_id.as_str()),
-            })
-            .insert(Header {
-                key: "event_type",
-                value: Some("charge"),
-            })
-            .insert(Header {
-                key: "schema_version",
-                value: Some("1"),
-            });
-        let record = FutureRecord::to(METERING)
-            .key(m.key.as_str())
-            .payload(m.payload.as_slice())
-            .headers(headers);
-        match producer.send_result(record) {
-            Ok(f) => futures.push(f),
-            Err((e, _)) => panic!("producer refused a message: {e}"),
-        }
-    }
-    let mut coords = Vec::with_capacity(futures.len());
-    for f in futures {
-        let d = f
-            .await
-            .expect("delivery canceled")
-            .expect("delivery failed");
-        coords.push((d.partition, d.offset));
-    }
-    coords
-}
-
+/// The ledger-writer's configuration, dead-lettering to `dlq_topic`.
 fn writer_config(db_url: &str, brokers: &str, group: &str, dlq_topic: &str) -> ConsumerConfig {
-    let mut c = ConsumerConfig::default();
-    c.database.url = db_url.to_owned();
-    c.database.db_pool_size = 1;
-    c.database.db_max_overflow = 2;
-    c.database.db_pool_timeout = 2;
-    c.kafka.brokers = brokers.to_owned();
+    let mut c = database_consumer_config(db_url, brokers, group).unwrap();
     c.kafka.dlq_topic = dlq_topic.to_owned();
-    c.consumer.http_addr = "127.0.0.1:0".parse().unwrap();
-    c.consumer.group_id = group.to_owned();
-    c.consumer.session_timeout_ms = 6000;
-    c.consumer.lag_interval_ms = 300;
-    c.consumer.batch_wait_ms = 20;
-    c.consumer.max_retries = 3;
-    c.consumer.max_backoff_ms = 1000;
     c
 }
 
@@ -220,39 +109,6 @@ fn dlq_client(stack: &TestStack) -> DeadLetterServiceClient<Svc> {
     )
 }
 
-#[derive(diesel::QueryableByName, Debug, Clone, Copy, PartialEq, Eq)]
-struct Totals {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    rows: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    distinct_ids: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    charged: i64,
-}
-
-async fn totals(url: &str) -> Totals {
-    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
-    diesel::sql_query(
-        "SELECT count(*) AS rows, count(DISTINCT event_id) AS distinct_ids, \
-         coalesce(sum(charged_micros), 0)::int8 AS charged FROM ledger_events",
-    )
-    .get_result(&mut conn)
-    .await
-    .unwrap()
-}
-
-/// Waits until the ledger holds at least `rows` rows (or `timeout` passes).
-async fn wait_for_rows(url: &str, rows: i64, timeout: Duration) -> Totals {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let t = totals(url).await;
-        if t.rows >= rows || Instant::now() >= deadline {
-            return t;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Waits until the DLQ holds `total` dead letters (as the service counts them).
 async fn wait_for_dead_letters(
     client: &mut DeadLetterServiceClient<Svc>,
@@ -273,33 +129,11 @@ async fn wait_for_dead_letters(
     }
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await {
-        Ok(Ok(resp)) => {
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            String::from_utf8_lossy(&body).into_owned()
-        }
-        _ => String::new(),
-    }
-}
-
 /// The value of `metric{topic="<topic>"}` on the service's `/metrics`.
 async fn gauge(stack: &TestStack, metric: &str, topic: &str) -> Option<f64> {
     let addr = stack.server.as_ref().unwrap().http_addr;
-    let text = http_get(addr, "/metrics").await;
-    let label = format!("topic=\"{topic}\"");
-    text.lines()
-        .filter(|l| l.starts_with(metric) && !l.starts_with('#') && l.contains(&label))
-        .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+    let (_, text) = http_get(addr, "/metrics").await;
+    metric_value(&text, metric, &[&format!("topic=\"{topic}\"")])
 }
 
 /// Waits until the DLQ monitor has published `caracal_dlq_size == size`; returns
@@ -332,29 +166,29 @@ async fn poison_is_dead_lettered_with_its_reason_and_a_fixed_one_replays_exactly
     let mut future_version = charge(&run, 1001, &root);
     future_version.schema_version = 2;
     let mut negative = charge(&run, 1002, &root);
-    negative.charged = money(-5);
+    negative.charged = usd(-5);
     let mut no_ids = charge(&run, 1003, &root);
     no_ids.event_id.clear();
     no_ids.reservation_id.clear();
     let mut refused = charge(&run, 1004, &root);
     refused.model = REFUSED_MODEL.to_owned();
-    let garbage = Out {
+    let garbage = ChargeMessage {
         key: root.to_string(),
         payload: vec![0xff; 16],
         event_id: "garbage".to_owned(),
     };
     // One key (one partition), poison between good events.
-    let mut out: Vec<Out> = Vec::new();
-    out.extend(good[..50].iter().map(Out::event));
+    let mut out: Vec<ChargeMessage> = Vec::new();
+    out.extend(good[..50].iter().map(ChargeMessage::event));
     out.push(garbage);
-    out.extend(good[50..100].iter().map(Out::event));
-    out.push(Out::event(&future_version));
-    out.push(Out::event(&negative));
-    out.extend(good[100..150].iter().map(Out::event));
-    out.push(Out::event(&no_ids));
-    out.extend(good[150..180].iter().map(Out::event));
-    out.push(Out::event(&refused));
-    out.extend(good[180..].iter().map(Out::event));
+    out.extend(good[50..100].iter().map(ChargeMessage::event));
+    out.push(ChargeMessage::event(&future_version));
+    out.push(ChargeMessage::event(&negative));
+    out.extend(good[100..150].iter().map(ChargeMessage::event));
+    out.push(ChargeMessage::event(&no_ids));
+    out.extend(good[150..180].iter().map(ChargeMessage::event));
+    out.push(ChargeMessage::event(&refused));
+    out.extend(good[180..].iter().map(ChargeMessage::event));
     // (index in `out`, reason, retries)
     let expected: [(usize, &str, u32); 5] = [
         (50, "not a ChargeEvent: ", 0),
@@ -363,15 +197,15 @@ async fn poison_is_dead_lettered_with_its_reason_and_a_fixed_one_replays_exactly
         (153, "event_id is missing", 0),
         (184, "refused by the test trigger", max_retries),
     ];
-    let p = producer(&tansu.brokers());
-    let coords = produce(&p, &out).await;
+    let p = charge_producer(&tansu.brokers()).unwrap();
+    let coords = produce_charges(&p, &out).await.unwrap();
     let good_sum: i64 = good.iter().map(charged).sum();
 
     // The good ones all arrive; exactly the five poison messages are dead letters.
-    let t = wait_for_rows(&stack.database_url, 200, Duration::from_secs(60)).await;
+    let t = wait_for_ledger_rows(&stack.database_url, 200, Duration::from_secs(60)).await;
     assert_eq!(
         t,
-        Totals {
+        LedgerTotals {
             rows: 200,
             distinct_ids: 200,
             charged: good_sum
@@ -534,10 +368,10 @@ async fn poison_is_dead_lettered_with_its_reason_and_a_fixed_one_replays_exactly
     let missing = replay.outcomes.iter().find(|o| o.id == "0:999999").unwrap();
     assert_eq!(missing.status, Outcome::NotFound as i32);
 
-    let t = wait_for_rows(&stack.database_url, 201, Duration::from_secs(60)).await;
+    let t = wait_for_ledger_rows(&stack.database_url, 201, Duration::from_secs(60)).await;
     assert_eq!(
         t,
-        Totals {
+        LedgerTotals {
             rows: 201,
             distinct_ids: 201,
             charged: good_sum + charged(&refused)
@@ -585,7 +419,7 @@ async fn poison_is_dead_lettered_with_its_reason_and_a_fixed_one_replays_exactly
         topic_message_count(&tansu.brokers(), METERING, Duration::from_secs(10)).unwrap(),
         metering_before + 1
     );
-    assert_eq!(totals(&stack.database_url).await.rows, 201);
+    assert_eq!(ledger_totals(&stack.database_url).await.rows, 201);
     let mut conn = stack.db().await.unwrap();
     #[derive(diesel::QueryableByName)]
     struct Replays {
@@ -645,37 +479,12 @@ async fn poison_is_dead_lettered_with_its_reason_and_a_fixed_one_replays_exactly
 
 // ------------------------------------------------------------------ CLI
 
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
-
 /// Runs the `caracal` binary (built in this package as `caracal-under-test`) as a
 /// process against the stack.
 async fn caracal(stack: &TestStack, args: &[&str]) -> Run {
-    let mut argv: Vec<String> = vec![
-        "--server".into(),
-        stack.grpc_url(),
-        "--admin-token".into(),
-        ADMIN_TOKEN.into(),
-    ];
-    argv.extend(args.iter().map(|a| (*a).to_owned()));
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_caracal-under-test"))
-            .args(&argv)
-            .env_remove("CARACAL_SERVER")
-            .env_remove("CARACAL_ADMIN_TOKEN")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&output.stdout).into_owned(),
-        err: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    run_caracal(env!("CARGO_BIN_EXE_caracal-under-test"), stack, args)
+        .await
+        .unwrap()
 }
 
 fn json(run: &Run) -> serde_json::Value {
@@ -707,12 +516,14 @@ async fn cli_counts_shows_and_replays_all_pending_once() {
     for i in [7, 22] {
         events[i].model = REFUSED_MODEL.to_owned();
     }
-    let out: Vec<Out> = events.iter().map(Out::event).collect();
-    produce(&producer(&tansu.brokers()), &out).await;
+    let out: Vec<ChargeMessage> = events.iter().map(ChargeMessage::event).collect();
+    produce_charges(&charge_producer(&tansu.brokers()).unwrap(), &out)
+        .await
+        .unwrap();
     let sum: i64 = events.iter().map(charged).sum();
     let refused_sum = charged(&events[7]) + charged(&events[22]);
 
-    let t = wait_for_rows(&stack.database_url, 38, Duration::from_secs(60)).await;
+    let t = wait_for_ledger_rows(&stack.database_url, 38, Duration::from_secs(60)).await;
     assert_eq!((t.rows, t.charged), (38, sum - refused_sum));
     wait_for_dead_letters(&mut dlq_client(&stack), 2, Duration::from_secs(60)).await;
 
@@ -778,10 +589,10 @@ async fn cli_counts_shows_and_replays_all_pending_once() {
             .count()
     };
     assert_eq!(outcome(&replay.out, "replayed"), 2, "{}", replay.out);
-    let t = wait_for_rows(&stack.database_url, 40, Duration::from_secs(60)).await;
+    let t = wait_for_ledger_rows(&stack.database_url, 40, Duration::from_secs(60)).await;
     assert_eq!(
         t,
-        Totals {
+        LedgerTotals {
             rows: 40,
             distinct_ids: 40,
             charged: sum
@@ -819,7 +630,7 @@ async fn cli_counts_shows_and_replays_all_pending_once() {
     let usage = caracal(&stack, &["dlq", "replay"]).await;
     assert_eq!(usage.code, 2, "{}", usage.err);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(totals(&stack.database_url).await.rows, 40);
+    assert_eq!(ledger_totals(&stack.database_url).await.rows, 40);
     assert_eq!(
         topic_message_count(&tansu.brokers(), METERING, Duration::from_secs(10)).unwrap(),
         42
@@ -862,12 +673,12 @@ async fn an_interrupted_replay_is_taken_over_and_the_ledger_still_counts_it_once
     for i in [3, 8] {
         events[i].model = REFUSED_MODEL.to_owned();
     }
-    let out: Vec<Out> = events.iter().map(Out::event).collect();
-    let p = producer(&tansu.brokers());
-    produce(&p, &out).await;
+    let out: Vec<ChargeMessage> = events.iter().map(ChargeMessage::event).collect();
+    let p = charge_producer(&tansu.brokers()).unwrap();
+    produce_charges(&p, &out).await.unwrap();
     let sum: i64 = events.iter().map(charged).sum();
     assert_eq!(
-        wait_for_rows(&stack.database_url, 10, Duration::from_secs(60))
+        wait_for_ledger_rows(&stack.database_url, 10, Duration::from_secs(60))
             .await
             .rows,
         10
@@ -887,7 +698,7 @@ async fn an_interrupted_replay_is_taken_over_and_the_ledger_still_counts_it_once
     // A replay of the first one died after the broker took the message and before
     // the mark: the message is in the topic, the claim (an hour old) is unmarked.
     // Another replay of the second one is in flight right now (a fresh claim).
-    produce(&p, &out[3..4]).await;
+    produce_charges(&p, &out[3..4]).await.unwrap();
     let mut conn = stack.db().await.unwrap();
     for (id, age, actor) in [
         (&died_after_publish, "1 hour", "mtls:spiffe://ops/crashed"),
@@ -905,7 +716,7 @@ async fn an_interrupted_replay_is_taken_over_and_the_ledger_still_counts_it_once
     }
     // The published copy reached the ledger; both dead letters still count as pending.
     assert_eq!(
-        wait_for_rows(&stack.database_url, 11, Duration::from_secs(60))
+        wait_for_ledger_rows(&stack.database_url, 11, Duration::from_secs(60))
             .await
             .rows,
         11
@@ -958,10 +769,10 @@ async fn an_interrupted_replay_is_taken_over_and_the_ledger_still_counts_it_once
         14
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let t = totals(&stack.database_url).await;
+    let t = ledger_totals(&stack.database_url).await;
     assert_eq!(
         t,
-        Totals {
+        LedgerTotals {
             rows: 11,
             distinct_ids: 11,
             charged: sum - charged(&events[8])

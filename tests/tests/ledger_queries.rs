@@ -23,7 +23,12 @@ use caracal_consumers::{
     runner::RawMessage,
 };
 use caracal_proto::v1::{self as pb, ledger_service_client::LedgerServiceClient};
-use caracal_tests::{authorize_request, Bearer, Svc, TestStack, ADMIN_TOKEN};
+use caracal_tests::{
+    authorize_request,
+    cli_process::{run_caracal, Run},
+    reflection::reflected_services,
+    Bearer, Svc, TestStack, ADMIN_TOKEN,
+};
 use chrono::{DateTime, Utc};
 use diesel_async::RunQueryDsl;
 use tonic::Code;
@@ -581,28 +586,10 @@ async fn query_and_summary_over_a_three_level_hierarchy() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     // Reflection lists the service (grpcurl needs no proto files).
-    use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
-    };
-    let mut stream = ServerReflectionClient::new(stack.channel.clone())
-        .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        }]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected reflection answer: {response:?}");
-    };
+    let services = reflected_services(stack.channel.clone()).await.unwrap();
     assert!(
-        list.service
-            .iter()
-            .any(|s| s.name == "caracal.v1.LedgerService"),
-        "{list:?}"
+        services.iter().any(|s| s == "caracal.v1.LedgerService"),
+        "{services:?}"
     );
 
     // Admin credentials only.
@@ -1005,37 +992,12 @@ async fn reconcile_is_zero_when_drained_and_shows_exact_drift() {
 
 // -------------------------------------------------------------------- CLI
 
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
-
 /// Runs the `caracal` binary (built in this package as `caracal-under-test`) as a
 /// process against the stack.
 async fn caracal(stack: &TestStack, args: &[&str]) -> Run {
-    let mut argv: Vec<String> = vec![
-        "--server".into(),
-        stack.grpc_url(),
-        "--admin-token".into(),
-        ADMIN_TOKEN.into(),
-    ];
-    argv.extend(args.iter().map(|a| (*a).to_owned()));
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_caracal-under-test"))
-            .args(&argv)
-            .env_remove("CARACAL_SERVER")
-            .env_remove("CARACAL_ADMIN_TOKEN")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&output.stdout).into_owned(),
-        err: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    run_caracal(env!("CARGO_BIN_EXE_caracal-under-test"), stack, args)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]

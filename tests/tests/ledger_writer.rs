@@ -6,36 +6,27 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
-use caracal_consumers::{config::ConsumerConfig, ledger};
-use caracal_proto::v1::{ChargeEvent, Money, TokenUsage};
+use caracal_consumers::ledger;
+use caracal_proto::v1::ChargeEvent;
 use caracal_service_kit::dlq::DeadLetter;
 use caracal_tests::{
+    charges::{
+        burst_charge_producer, charged, ledger_totals, numbered_charge, produce_charges, usd,
+        wait_for_ledger_rows, ChargeMessage, LedgerTotals, METERING,
+    },
+    consumer_config::database_consumer_config,
     consumer_process::{random_ms, terminate, ConsumerProcess},
+    flaky_proxy::FlakyProxy,
     kafka::{consume_all, create_topics, Tansu},
-    pg_base, TestDb,
+    pg_base,
+    probe::{http_get, metric_value},
+    TestDb,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use prost::Message;
-use rdkafka::{
-    message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
-    ClientConfig,
-};
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-    sync::watch,
-    task::JoinHandle,
-};
 
-const METERING: &str = "caracal.metering.events";
 const DLQ: &str = "caracal.dlq";
 const PARTITIONS: i32 = 3;
 
@@ -50,218 +41,12 @@ async fn db() -> TestDb {
     TestDb::create("ledger").await.unwrap()
 }
 
-#[derive(diesel::QueryableByName, Debug, Clone, Copy, PartialEq, Eq)]
-struct Totals {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    rows: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    distinct_ids: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    charged: i64,
-}
-
-/// Rows, distinct event ids and the sum of charged micros in the ledger (zeros
-/// while the table does not exist yet).
-async fn totals(url: &str) -> Totals {
-    let zero = Totals {
-        rows: 0,
-        distinct_ids: 0,
-        charged: 0,
-    };
-    let Ok(mut conn) = AsyncPgConnection::establish(url).await else {
-        return zero;
-    };
-    diesel::sql_query(
-        "SELECT count(*) AS rows, count(DISTINCT event_id) AS distinct_ids, \
-         coalesce(sum(charged_micros), 0)::int8 AS charged FROM ledger_events",
-    )
-    .get_result(&mut conn)
-    .await
-    .unwrap_or(zero)
-}
-
-/// Waits until the ledger holds `rows` rows (or `timeout` passes); returns the totals.
-async fn wait_for_rows(url: &str, rows: i64, timeout: Duration) -> Totals {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let t = totals(url).await;
-        if t.rows >= rows || Instant::now() >= deadline {
-            return t;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn money(micros: i64) -> Option<Money> {
-    Some(Money {
-        currency: "USD".to_owned(),
-        micros,
-        amount: String::new(),
-    })
-}
-
-/// A charge event as the outbox relay encodes it.
-fn charge(run: &str, i: u64, root: &uuid::Uuid, agent: &uuid::Uuid) -> ChargeEvent {
-    let charged = 1 + i64::try_from((i * 7919) % 100_000).unwrap();
-    ChargeEvent {
-        schema_version: 1,
-        event_id: format!("{run}-{i}/settle"),
-        kind: "settle".to_owned(),
-        reservation_id: format!("{run}-{i}"),
-        request_id: format!("req-{i}"),
-        agent_id: agent.to_string(),
-        root_agent_id: root.to_string(),
-        reserved: money(charged),
-        charged: money(charged),
-        overshoot_micros: 0,
-        usage: Some(TokenUsage {
-            input_tokens: 10,
-            output_tokens: 20,
-            cached_input_tokens: 0,
-        }),
-        provider: "openai".to_owned(),
-        model: "gpt-4o-mini".to_owned(),
-        price_version: 1,
-        policy_ids: vec![format!("policy-{}", i % 3)],
-        occurred_at: Some(prost_types::Timestamp {
-            seconds: chrono::Utc::now().timestamp(),
-            nanos: 0,
-        }),
-        reserved_at: None,
-    }
-}
-
-fn charged(ev: &ChargeEvent) -> i64 {
-    ev.charged.as_ref().map_or(0, |m| m.micros)
-}
-
-/// A message to produce: key, value, `schema_version` header.
-struct Out {
-    key: String,
-    payload: Vec<u8>,
-    event_id: String,
-    schema_version: String,
-}
-
-impl Out {
-    fn event(ev: &ChargeEvent) -> Self {
-        Self {
-            key: ev.root_agent_id.clone(),
-            payload: ev.encode_to_vec(),
-            event_id: ev.event_id.clone(),
-            schema_version: "1".to_owned(),
-        }
-    }
-}
-
-fn producer(brokers: &str) -> FutureProducer {
-    producer_with(brokers, 10_000)
-}
-
-/// A producer whose record batches hold at most `batch` messages.
-fn producer_with(brokers: &str, batch: usize) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("acks", "all")
-        // Not idempotent: tansu refuses some pipelined idempotent batches
-        // (DuplicateSequenceNumber) under a 100,000-message burst. A resent
-        // duplicate is just one more redelivery for the writer to ignore.
-        .set("linger.ms", "5")
-        .set("batch.num.messages", batch.to_string())
-        .set("queue.buffering.max.messages", "1000000")
-        .set("queue.buffering.max.kbytes", "1048576")
-        .create()
-        .unwrap()
-}
-
-/// Produces every message (all queued at once, then every delivery awaited) and
-/// returns each one's (partition, offset), in order.
-async fn produce(producer: &FutureProducer, msgs: &[Out]) -> Vec<(i32, i64)> {
-    let mut futures = Vec::with_capacity(msgs.len());
-    for m in msgs {
-        let headers = OwnedHeaders::new_with_capacity(3)
-            .insert(Header {
-                key: "event_id",
-                value: Some(m.event_id.as_str()),
-            })
-            .insert(Header {
-                key: "event_type",
-                value: Some("charge"),
-            })
-            .insert(Header {
-                key: "schema_version",
-                value: Some(m.schema_version.as_str()),
-            });
-        let record = FutureRecord::to(METERING)
-            .key(m.key.as_str())
-            .payload(m.payload.as_slice())
-            .headers(headers);
-        match producer.send_result(record) {
-            Ok(f) => futures.push(f),
-            Err((e, _)) => panic!("producer refused a message: {e}"),
-        }
-    }
-    futures::future::join_all(futures)
-        .await
-        .into_iter()
-        .map(|r| {
-            let d = r.expect("delivery canceled").expect("delivery failed");
-            (d.partition, d.offset)
-        })
-        .collect()
-}
-
-fn writer_config(db_url: &str, brokers: &str, group: &str) -> ConsumerConfig {
-    let mut c = ConsumerConfig::default();
-    c.database.url = db_url.to_owned();
-    c.database.db_pool_size = 1;
-    c.database.db_max_overflow = 2;
-    c.database.db_pool_timeout = 2;
-    c.kafka.brokers = brokers.to_owned();
-    c.consumer.http_addr = "127.0.0.1:0".parse().unwrap();
-    c.consumer.group_id = group.to_owned();
-    c.consumer.session_timeout_ms = 6000;
-    c.consumer.lag_interval_ms = 300;
-    c.consumer.batch_wait_ms = 20;
-    c.consumer.max_retries = 3;
-    c.consumer.max_backoff_ms = 1000;
-    c
-}
-
 async fn broker() -> Tansu {
     let tansu = Tansu::start_new().await.expect("tansu broker");
     create_topics(&tansu.brokers(), &[METERING, DLQ], PARTITIONS)
         .await
         .unwrap();
     tansu
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await {
-        Ok(Ok(resp)) => {
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
-        _ => (0, String::new()),
-    }
-}
-
-/// The value of the first sample of `metric` whose labels contain every `labels` part.
-fn metric_value(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
-        .filter(|l| labels.iter().all(|p| l.contains(p)))
-        .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
 }
 
 // ------------------------------------------------------------------ a. exact ingest
@@ -271,19 +56,20 @@ async fn every_distinct_event_lands_once_and_redeliveries_are_no_ops() {
     let tansu = broker().await;
     let db = db().await;
     let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
-    let writer = ledger::start(writer_config(&db.url, &tansu.brokers(), &group))
-        .await
-        .unwrap();
+    let writer =
+        ledger::start(database_consumer_config(&db.url, &tansu.brokers(), &group).unwrap())
+            .await
+            .unwrap();
 
     let run = uuid::Uuid::new_v4().simple().to_string();
     let roots: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::new_v4()).collect();
     let agent = uuid::Uuid::new_v4();
     let mut events: Vec<ChargeEvent> = (0..2000)
-        .map(|i| charge(&run, i, &roots[(i % 5) as usize], &agent))
+        .map(|i| numbered_charge(&run, i, &agent, &roots[(i % 5) as usize]))
         .collect();
     // An event of an old month: no monthly partition exists for it, the default
     // partition takes it.
-    let mut old = charge(&run, 5000, &roots[0], &agent);
+    let mut old = numbered_charge(&run, 5000, &agent, &roots[0]);
     old.occurred_at = Some(prost_types::Timestamp {
         seconds: 1_580_000_000,
         nanos: 0,
@@ -291,14 +77,14 @@ async fn every_distinct_event_lands_once_and_redeliveries_are_no_ops() {
     events.push(old);
     // A reservation that expired with a charge and was then settled late: both
     // rows are kept, the final-charge view takes the late settle.
-    let mut expired = charge(&run, 6000, &roots[1], &agent);
+    let mut expired = numbered_charge(&run, 6000, &agent, &roots[1]);
     expired.event_id = format!("{run}-6000/expire");
     expired.kind = "expire_charge".to_owned();
-    expired.charged = money(900);
-    let mut late = charge(&run, 6000, &roots[1], &agent);
+    expired.charged = usd(900);
+    let mut late = numbered_charge(&run, 6000, &agent, &roots[1]);
     late.event_id = format!("{run}-6000/late");
     late.kind = "late_settle".to_owned();
-    late.charged = money(400);
+    late.charged = usd(400);
     late.occurred_at = Some(prost_types::Timestamp {
         seconds: chrono::Utc::now().timestamp() + 1,
         nanos: 0,
@@ -308,21 +94,21 @@ async fn every_distinct_event_lands_once_and_redeliveries_are_no_ops() {
     let expected_sum: i64 = events.iter().map(charged).sum();
     let distinct = events.len() as i64;
 
-    let p = producer(&tansu.brokers());
-    let mut out: Vec<Out> = events.iter().map(Out::event).collect();
+    let p = burst_charge_producer(&tansu.brokers(), 10_000).unwrap();
+    let mut out: Vec<ChargeMessage> = events.iter().map(ChargeMessage::event).collect();
     // Redeliveries: every tenth event a second time (same bytes, as the relay
     // resends an entry whose delivery it could not confirm).
-    out.extend(events.iter().step_by(10).map(Out::event));
-    produce(&p, &out).await;
+    out.extend(events.iter().step_by(10).map(ChargeMessage::event));
+    produce_charges(&p, &out).await.unwrap();
 
-    let t = wait_for_rows(&db.url, distinct, Duration::from_secs(60)).await;
+    let t = wait_for_ledger_rows(&db.url, distinct, Duration::from_secs(60)).await;
     assert_eq!(t.rows, distinct, "every distinct event once");
     // Whatever was still in flight has had time to land twice, if it could.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let t = totals(&db.url).await;
+    let t = ledger_totals(&db.url).await;
     assert_eq!(
         t,
-        Totals {
+        LedgerTotals {
             rows: distinct,
             distinct_ids: distinct,
             charged: expected_sum
@@ -451,40 +237,41 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_the_rest_arrives() {
     .await
     .unwrap();
     let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
-    let config = writer_config(&db.url, &tansu.brokers(), &group);
+    let config = database_consumer_config(&db.url, &tansu.brokers(), &group).unwrap();
     let max_retries = config.consumer.max_retries;
     let writer = ledger::start(config).await.unwrap();
 
     let run = uuid::Uuid::new_v4().simple().to_string();
     let root = uuid::Uuid::new_v4();
-    let good: Vec<ChargeEvent> = (0..300).map(|i| charge(&run, i, &root, &root)).collect();
-    let mut future_version = charge(&run, 1001, &root, &root);
+    let good: Vec<ChargeEvent> = (0..300)
+        .map(|i| numbered_charge(&run, i, &root, &root))
+        .collect();
+    let mut future_version = numbered_charge(&run, 1001, &root, &root);
     future_version.schema_version = 2;
-    let mut negative = charge(&run, 1002, &root, &root);
-    negative.charged = money(-5);
-    let mut no_ids = charge(&run, 1003, &root, &root);
+    let mut negative = numbered_charge(&run, 1002, &root, &root);
+    negative.charged = usd(-5);
+    let mut no_ids = numbered_charge(&run, 1003, &root, &root);
     no_ids.event_id.clear();
     no_ids.reservation_id.clear();
-    let mut refused = charge(&run, 1004, &root, &root);
+    let mut refused = numbered_charge(&run, 1004, &root, &root);
     refused.model = "refuse-me".to_owned();
-    let garbage = Out {
+    let garbage = ChargeMessage {
         key: root.to_string(),
         payload: vec![0xff; 16],
         event_id: "garbage".to_owned(),
-        schema_version: "1".to_owned(),
     };
     // Same key (one partition), poison in between the good ones.
-    let mut out: Vec<Out> = Vec::new();
-    out.extend(good[..100].iter().map(Out::event));
+    let mut out: Vec<ChargeMessage> = Vec::new();
+    out.extend(good[..100].iter().map(ChargeMessage::event));
     out.push(garbage);
-    out.extend(good[100..150].iter().map(Out::event));
-    out.push(Out::event(&future_version));
-    out.push(Out::event(&negative));
-    out.extend(good[150..250].iter().map(Out::event));
-    out.push(Out::event(&no_ids));
-    out.extend(good[250..280].iter().map(Out::event));
-    out.push(Out::event(&refused));
-    out.extend(good[280..].iter().map(Out::event));
+    out.extend(good[100..150].iter().map(ChargeMessage::event));
+    out.push(ChargeMessage::event(&future_version));
+    out.push(ChargeMessage::event(&negative));
+    out.extend(good[150..250].iter().map(ChargeMessage::event));
+    out.push(ChargeMessage::event(&no_ids));
+    out.extend(good[250..280].iter().map(ChargeMessage::event));
+    out.push(ChargeMessage::event(&refused));
+    out.extend(good[280..].iter().map(ChargeMessage::event));
     let expected: [(usize, &str, u32); 5] = [
         (100, "not a ChargeEvent", 0),
         (151, "unknown schema version 2", 0),
@@ -492,10 +279,10 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_the_rest_arrives() {
         (253, "event_id is missing", 0),
         (284, "refused by the test trigger", max_retries),
     ];
-    let p = producer(&tansu.brokers());
-    let coords = produce(&p, &out).await;
+    let p = burst_charge_producer(&tansu.brokers(), 10_000).unwrap();
+    let coords = produce_charges(&p, &out).await.unwrap();
 
-    let t = wait_for_rows(&db.url, good.len() as i64, Duration::from_secs(60)).await;
+    let t = wait_for_ledger_rows(&db.url, good.len() as i64, Duration::from_secs(60)).await;
     assert_eq!(t.rows, 300);
     assert_eq!(t.charged, good.iter().map(charged).sum::<i64>());
 
@@ -540,68 +327,6 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_the_rest_arrives() {
 
 // ------------------------------------------------------------------ d. database down
 
-/// A TCP proxy in front of PostgreSQL that a test can take down (every connection
-/// cut, new ones closed at once) and bring back.
-struct FlakyProxy {
-    port: u16,
-    down: Arc<AtomicBool>,
-    kill: Arc<watch::Sender<u64>>,
-    task: JoinHandle<()>,
-}
-
-impl FlakyProxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
-        let kill = Arc::new(watch::channel(0u64).0);
-        let (d, k) = (down.clone(), kill.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    break;
-                };
-                if AtomicBool::load(&d, Ordering::SeqCst) {
-                    let _ = client.shutdown().await;
-                    continue;
-                }
-                let mut killed = k.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = killed.changed() => {}
-                    }
-                });
-            }
-        });
-        Self {
-            port,
-            down,
-            kill,
-            task,
-        }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-        if down {
-            self.kill.send_modify(|g| *g += 1);
-        }
-    }
-}
-
-impl Drop for FlakyProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.kill.send_modify(|g| *g += 1);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_and_skips_nothing() {
     let tansu = broker().await;
@@ -619,26 +344,30 @@ async fn a_database_outage_loses_and_skips_nothing() {
             .next()
             .unwrap()
     };
-    let proxy = FlakyProxy::start(pg).await;
+    let proxy = FlakyProxy::start(pg).await.unwrap();
     let proxied = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, db.name);
     let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
-    let mut config = writer_config(&proxied, &tansu.brokers(), &group);
+    let mut config = database_consumer_config(&proxied, &tansu.brokers(), &group).unwrap();
     config.consumer.batch_size = 200;
     let writer = ledger::start(config).await.unwrap();
 
     let run = uuid::Uuid::new_v4().simple().to_string();
     let roots: Vec<uuid::Uuid> = (0..6).map(|_| uuid::Uuid::new_v4()).collect();
     let events: Vec<ChargeEvent> = (0..6000)
-        .map(|i| charge(&run, i, &roots[(i % 6) as usize], &roots[(i % 6) as usize]))
+        .map(|i| numbered_charge(&run, i, &roots[(i % 6) as usize], &roots[(i % 6) as usize]))
         .collect();
     let expected_sum: i64 = events.iter().map(charged).sum();
-    let p = producer(&tansu.brokers());
-    produce(
+    let p = burst_charge_producer(&tansu.brokers(), 10_000).unwrap();
+    produce_charges(
         &p,
-        &events[..2000].iter().map(Out::event).collect::<Vec<_>>(),
+        &events[..2000]
+            .iter()
+            .map(ChargeMessage::event)
+            .collect::<Vec<_>>(),
     )
-    .await;
-    let t = wait_for_rows(&db.url, 2000, Duration::from_secs(60)).await;
+    .await
+    .unwrap();
+    let t = wait_for_ledger_rows(&db.url, 2000, Duration::from_secs(60)).await;
     assert_eq!(t.rows, 2000);
 
     // Down for 20 s while events keep coming.
@@ -648,21 +377,22 @@ async fn a_database_outage_loses_and_skips_nothing() {
     let mut sent = 2000;
     while down_at.elapsed() < Duration::from_secs(20) {
         if sent < 5000 {
-            produce(
+            produce_charges(
                 &p,
                 &events[sent..sent + 500]
                     .iter()
-                    .map(Out::event)
+                    .map(ChargeMessage::event)
                     .collect::<Vec<_>>(),
             )
-            .await;
+            .await
+            .unwrap();
             sent += 500;
         }
         let (code, _) = http_get(writer.http_addr, "/health/ready").await;
         saw_unready |= code == 503;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let during = totals(&db.url).await;
+    let during = ledger_totals(&db.url).await;
     assert_eq!(
         during.rows, 2000,
         "nothing can be written while the database is away"
@@ -672,19 +402,23 @@ async fn a_database_outage_loses_and_skips_nothing() {
         "readiness must drop while the writer cannot write"
     );
     proxy.set_down(false);
-    produce(
+    produce_charges(
         &p,
-        &events[sent..].iter().map(Out::event).collect::<Vec<_>>(),
+        &events[sent..]
+            .iter()
+            .map(ChargeMessage::event)
+            .collect::<Vec<_>>(),
     )
-    .await;
+    .await
+    .unwrap();
 
-    let t = wait_for_rows(&db.url, 6000, Duration::from_secs(60)).await;
+    let t = wait_for_ledger_rows(&db.url, 6000, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let t2 = totals(&db.url).await;
+    let t2 = ledger_totals(&db.url).await;
     assert_eq!(t, t2);
     assert_eq!(
         t,
-        Totals {
+        LedgerTotals {
             rows: 6000,
             distinct_ids: 6000,
             charged: expected_sum
@@ -753,7 +487,7 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
     let roots: Vec<uuid::Uuid> = (0..12).map(|_| uuid::Uuid::new_v4()).collect();
     let events: Vec<ChargeEvent> = (0..N)
         .map(|i| {
-            charge(
+            numbered_charge(
                 &run,
                 i,
                 &roots[(i % 12) as usize],
@@ -762,7 +496,7 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
         })
         .collect();
     let expected_sum: i64 = events.iter().map(charged).sum();
-    let out: Vec<Out> = events.iter().map(Out::event).collect();
+    let out: Vec<ChargeMessage> = events.iter().map(ChargeMessage::event).collect();
     drop(events);
 
     let started = Instant::now();
@@ -774,10 +508,10 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
         // committed offset inside a batch would miss events. With one-message
         // batches every offset starts a batch. (Its SQLite storage is right, but
         // takes ~1,000 messages/s here.)
-        let p = producer_with(&brokers, 1);
+        let p = burst_charge_producer(&brokers, 1).unwrap();
         // ~3,000 messages/s this way: the kills land while the writer ingests.
         for chunk in out.chunks(5_000) {
-            produce(&p, chunk).await;
+            produce_charges(&p, chunk).await.unwrap();
         }
     });
 
@@ -787,13 +521,13 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
         tokio::time::sleep(random_ms(1500, 4000)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let t = totals(&db.url).await;
+        let t = ledger_totals(&db.url).await;
         eprintln!("kill {kill}: {} rows after {:?}", t.rows, started.elapsed());
         child = writer.spawn().unwrap();
     }
     producing.await.unwrap();
     let produced_at = started.elapsed();
-    let t = wait_for_rows(&db.url, N as i64, Duration::from_secs(120)).await;
+    let t = wait_for_ledger_rows(&db.url, N as i64, Duration::from_secs(120)).await;
     let elapsed = started.elapsed();
     eprintln!(
         "produced in {produced_at:?}; {} rows after {elapsed:?}",
@@ -804,10 +538,10 @@ async fn sigkilled_five_times_the_ledger_still_holds_every_event_once() {
     if let Err(e) = terminate(&mut child, Duration::from_secs(30)) {
         panic!("the writer on SIGTERM: {e}; log:\n{}", writer.log_tail(60));
     }
-    let t = totals(&db.url).await;
+    let t = ledger_totals(&db.url).await;
     assert_eq!(
         t,
-        Totals {
+        LedgerTotals {
             rows: N as i64,
             distinct_ids: N as i64,
             charged: expected_sum
@@ -829,7 +563,7 @@ async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
         .await
         .unwrap();
     let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
-    let mut config = writer_config(&db.url, &tansu.brokers(), &group);
+    let mut config = database_consumer_config(&db.url, &tansu.brokers(), &group).unwrap();
     config.consumer.batch_size = 100;
     let a = ledger::start(config.clone()).await.unwrap();
     let b = ledger::start(config).await.unwrap();
@@ -838,7 +572,7 @@ async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
     let roots: Vec<uuid::Uuid> = (0..12).map(|_| uuid::Uuid::new_v4()).collect();
     let events: Vec<ChargeEvent> = (0..6000)
         .map(|i| {
-            charge(
+            numbered_charge(
                 &run,
                 i,
                 &roots[(i % 12) as usize],
@@ -847,12 +581,12 @@ async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
         })
         .collect();
     let expected_sum: i64 = events.iter().map(charged).sum();
-    let out: Vec<Out> = events.iter().map(Out::event).collect();
+    let out: Vec<ChargeMessage> = events.iter().map(ChargeMessage::event).collect();
     let brokers = tansu.brokers();
     let producing = tokio::spawn(async move {
-        let p = producer(&brokers);
+        let p = burst_charge_producer(&brokers, 10_000).unwrap();
         for chunk in out.chunks(500) {
-            produce(&p, chunk).await;
+            produce_charges(&p, chunk).await.unwrap();
         }
     });
     // Both replicas must have joined and shared the partitions before one leaves.
@@ -863,17 +597,17 @@ async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
         assert!(Instant::now() < deadline, "both replicas get partitions");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mid = wait_for_rows(&db.url, 1500, Duration::from_secs(60)).await;
+    let mid = wait_for_ledger_rows(&db.url, 1500, Duration::from_secs(60)).await;
     assert!(mid.rows >= 1500);
     // One replica stops (SIGTERM path: finishes its batch, commits, leaves the group).
     a.shutdown().await.unwrap();
     producing.await.unwrap();
-    let t = wait_for_rows(&db.url, 6000, Duration::from_secs(90)).await;
+    let t = wait_for_ledger_rows(&db.url, 6000, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(t, totals(&db.url).await);
+    assert_eq!(t, ledger_totals(&db.url).await);
     assert_eq!(
         t,
-        Totals {
+        LedgerTotals {
             rows: 6000,
             distinct_ids: 6000,
             charged: expected_sum
@@ -927,19 +661,19 @@ async fn two_replicas_one_sigkilled_five_times_still_every_event_once() {
     let events: Vec<ChargeEvent> = (0..N)
         .map(|i| {
             let root = &roots[(i % 16) as usize];
-            charge(&run, i, root, root)
+            numbered_charge(&run, i, root, root)
         })
         .collect();
     let expected_sum: i64 = events.iter().map(charged).sum();
-    let out: Vec<Out> = events.iter().map(Out::event).collect();
+    let out: Vec<ChargeMessage> = events.iter().map(ChargeMessage::event).collect();
     drop(events);
     let started = Instant::now();
     let brokers = tansu.brokers();
     let producing = tokio::spawn(async move {
         // One message per record batch: see the single-replica crash test.
-        let p = producer_with(&brokers, 1);
+        let p = burst_charge_producer(&brokers, 1).unwrap();
         for chunk in out.chunks(5_000) {
-            produce(&p, chunk).await;
+            produce_charges(&p, chunk).await.unwrap();
         }
     });
 
@@ -949,12 +683,12 @@ async fn two_replicas_one_sigkilled_five_times_still_every_event_once() {
         tokio::time::sleep(random_ms(1500, 4000)).await;
         c0.kill().unwrap(); // SIGKILL
         c0.wait().unwrap();
-        let t = totals(&db.url).await;
+        let t = ledger_totals(&db.url).await;
         eprintln!("kill {kill}: {} rows after {:?}", t.rows, started.elapsed());
         c0 = r0.spawn().unwrap();
     }
     producing.await.unwrap();
-    let t = wait_for_rows(&db.url, N as i64, Duration::from_secs(120)).await;
+    let t = wait_for_ledger_rows(&db.url, N as i64, Duration::from_secs(120)).await;
     eprintln!("{} rows after {:?}", t.rows, started.elapsed());
     for (c, r) in [(&mut c0, &r0), (&mut c1, &r1)] {
         if let Err(e) = terminate(c, Duration::from_secs(30)) {
@@ -962,8 +696,8 @@ async fn two_replicas_one_sigkilled_five_times_still_every_event_once() {
         }
     }
     assert_eq!(
-        totals(&db.url).await,
-        Totals {
+        ledger_totals(&db.url).await,
+        LedgerTotals {
             rows: N as i64,
             distinct_ids: N as i64,
             charged: expected_sum

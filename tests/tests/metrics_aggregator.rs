@@ -10,37 +10,27 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use caracal_consumers::{aggregator, config::ConsumerConfig};
 use caracal_domain::spend::SpendKeys;
-use caracal_proto::v1::{ChargeEvent, Money, SpendingAnomalyEvent, TokenUsage};
+use caracal_proto::v1::{ChargeEvent, SpendingAnomalyEvent};
 use caracal_service_kit::dlq::DeadLetter;
 use caracal_tests::{
+    charges::{charge_producer, produce_charges, produce_events, Charge, ChargeMessage, METERING},
+    consumer_config::consumer_config,
+    flaky_proxy::FlakyProxy,
     kafka::{consume_all, create_topics, Tansu},
-    redis_url, TestStack, ADMIN_TOKEN,
+    probe::{http_get, metric_value},
+    redis_url,
+    reflection::reflected_services,
+    TestStack, ADMIN_TOKEN,
 };
 use chrono::{DateTime, Duration as Span, Utc};
 use prost::Message;
-use rdkafka::{
-    message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
-    ClientConfig,
-};
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-    sync::watch,
-    task::JoinHandle,
-};
 use uuid::Uuid;
 
-const METERING: &str = "caracal.metering.events";
 const DECISIONS: &str = "caracal.policy.decisions";
 const DLQ: &str = "caracal.dlq";
 const PARTITIONS: i32 = 3;
@@ -60,15 +50,8 @@ fn prefix() -> String {
 }
 
 fn aggregator_config(brokers: &str, redis: &str, prefix: &str) -> ConsumerConfig {
-    let mut c = ConsumerConfig::default();
-    c.kafka.brokers = brokers.to_owned();
-    c.consumer.http_addr = "127.0.0.1:0".parse().unwrap();
-    c.consumer.group_id = format!("aggregator-{}", Uuid::new_v4().simple());
-    c.consumer.session_timeout_ms = 6000;
-    c.consumer.lag_interval_ms = 300;
-    c.consumer.batch_wait_ms = 20;
-    c.consumer.max_retries = 3;
-    c.consumer.max_backoff_ms = 1000;
+    let group = format!("aggregator-{}", Uuid::new_v4().simple());
+    let mut c = consumer_config(brokers, &group).unwrap();
     c.redis.url = redis.to_owned();
     c.redis.key_prefix = prefix.to_owned();
     c.redis.timeout_ms = 1000;
@@ -125,112 +108,6 @@ async fn bucket(key: &str) -> BTreeMap<String, i64> {
     all.into_iter().filter(|(_, v)| *v != 0).collect()
 }
 
-fn money(currency: &str, micros: i64) -> Option<Money> {
-    Some(Money {
-        currency: currency.to_owned(),
-        micros,
-        amount: String::new(),
-    })
-}
-
-/// One charge event, as the outbox relay encodes it.
-struct Charge<'a> {
-    agent: Uuid,
-    root: Uuid,
-    id: &'a str,
-    kind: &'a str,
-    reservation: &'a str,
-    model: &'a str,
-    currency: &'a str,
-    micros: i64,
-    at: DateTime<Utc>,
-}
-
-impl Charge<'_> {
-    fn event(&self) -> ChargeEvent {
-        ChargeEvent {
-            schema_version: 1,
-            event_id: self.id.to_owned(),
-            kind: self.kind.to_owned(),
-            reservation_id: self.reservation.to_owned(),
-            request_id: format!("req-{}", self.reservation),
-            agent_id: self.agent.to_string(),
-            root_agent_id: self.root.to_string(),
-            reserved: money(self.currency, self.micros),
-            charged: money(self.currency, self.micros),
-            overshoot_micros: 0,
-            usage: Some(TokenUsage {
-                input_tokens: 10,
-                output_tokens: 20,
-                cached_input_tokens: 0,
-            }),
-            provider: "openai".to_owned(),
-            model: self.model.to_owned(),
-            price_version: 1,
-            policy_ids: vec![],
-            occurred_at: Some(prost_types::Timestamp {
-                seconds: self.at.timestamp(),
-                nanos: 0,
-            }),
-            reserved_at: None,
-        }
-    }
-}
-
-fn producer(brokers: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap()
-}
-
-/// Produces `events` (key = root agent, the relay's headers) and waits for every ack.
-async fn produce(producer: &FutureProducer, events: &[ChargeEvent]) {
-    let payloads: Vec<(String, Vec<u8>, String)> = events
-        .iter()
-        .map(|e| {
-            (
-                e.root_agent_id.clone(),
-                e.encode_to_vec(),
-                e.event_id.clone(),
-            )
-        })
-        .collect();
-    produce_raw(producer, &payloads).await;
-}
-
-async fn produce_raw(producer: &FutureProducer, msgs: &[(String, Vec<u8>, String)]) {
-    let mut futures = Vec::new();
-    for (key, payload, id) in msgs {
-        let headers = OwnedHeaders::new_with_capacity(3)
-            .insert(Header {
-                key: "event_id",
-                value: Some(id.as_str()),
-            })
-            .insert(Header {
-                key: "event_type",
-                value: Some("charge"),
-            })
-            .insert(Header {
-                key: "schema_version",
-                value: Some("1"),
-            });
-        let record = FutureRecord::to(METERING)
-            .key(key.as_str())
-            .payload(payload.as_slice())
-            .headers(headers);
-        match producer.send_result(record) {
-            Ok(f) => futures.push(f),
-            Err((e, _)) => panic!("producer refused a message: {e}"),
-        }
-    }
-    for r in futures::future::join_all(futures).await {
-        r.expect("delivery canceled").expect("delivery failed");
-    }
-}
-
 /// Waits until `check` holds (or `timeout` passes); returns whether it held.
 async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
@@ -247,34 +124,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await {
-        Ok(Ok(resp)) => {
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
-        _ => (0, String::new()),
-    }
-}
-
-/// The value of the first sample of `metric` whose labels contain every `labels` part.
-fn metric_value(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .filter(|l| labels.iter().all(|p| l.contains(p)))
-        .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
 }
 
 fn day(t: DateTime<Utc>) -> String {
@@ -440,20 +289,26 @@ async fn spend_is_exact_per_agent_model_hour_and_day_once_per_event() {
         ),
     ];
     let events: Vec<ChargeEvent> = charges.iter().map(Charge::event).collect();
-    let p = producer(&tansu.brokers());
-    produce(&p, &events).await;
+    let p = charge_producer(&tansu.brokers()).unwrap();
+    produce_events(&p, &events).await.unwrap();
     // Redeliveries of three of them (the relay resends what it could not confirm),
     // and one garbage message, which goes to the dead-letter topic.
-    produce(
+    produce_events(
         &p,
         &[events[0].clone(), events[7].clone(), events[8].clone()],
     )
-    .await;
-    produce_raw(
+    .await
+    .unwrap();
+    produce_charges(
         &p,
-        &[(root.to_string(), vec![0xff; 12], "garbage".to_owned())],
+        &[ChargeMessage {
+            key: root.to_string(),
+            payload: vec![0xff; 12],
+            event_id: "garbage".to_owned(),
+        }],
     )
-    .await;
+    .await
+    .unwrap();
 
     let finals_a: Vec<(&str, i64, DateTime<Utc>)> = vec![
         ("gpt-4o", 1_250_000, ago(72, 0)),
@@ -637,8 +492,8 @@ async fn a_spike_over_twice_the_weekly_average_is_reported_once() {
             history.push(ev(agent, next(), x - x / 4, at - Span::minutes(30)));
         }
     }
-    let p = producer(&tansu.brokers());
-    produce(&p, &history).await;
+    let p = charge_producer(&tansu.brokers()).unwrap();
+    produce_events(&p, &history).await.unwrap();
     let keys = SpendKeys::new(prefix.clone());
     let history_total = || async {
         let mut total = 0;
@@ -667,7 +522,7 @@ async fn a_spike_over_twice_the_weekly_average_is_reported_once() {
         ev(edge, next(), x, now - Span::hours(1)),
         ev(edge, next(), x, now - Span::hours(23)),
     ];
-    produce(&p, &recent).await;
+    produce_events(&p, &recent).await.unwrap();
 
     let found = consume_all(&tansu.brokers(), DECISIONS, 1, Duration::from_secs(60))
         .await
@@ -721,68 +576,6 @@ async fn a_spike_over_twice_the_weekly_average_is_reported_once() {
 
 // ------------------------------------------------------------------ c. Redis down
 
-/// A TCP proxy in front of Redis that a test can take down (every connection cut,
-/// new ones closed at once) and bring back.
-struct FlakyProxy {
-    port: u16,
-    down: Arc<AtomicBool>,
-    kill: Arc<watch::Sender<u64>>,
-    task: JoinHandle<()>,
-}
-
-impl FlakyProxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
-        let kill = Arc::new(watch::channel(0u64).0);
-        let (d, k) = (down.clone(), kill.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    break;
-                };
-                if d.load(Ordering::SeqCst) {
-                    let _ = client.shutdown().await;
-                    continue;
-                }
-                let mut killed = k.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = killed.changed() => {}
-                    }
-                });
-            }
-        });
-        Self {
-            port,
-            down,
-            kill,
-            task,
-        }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-        if down {
-            self.kill.send_modify(|g| *g += 1);
-        }
-    }
-}
-
-impl Drop for FlakyProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.kill.send_modify(|g| *g += 1);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_loses_and_skips_nothing() {
     let tansu = broker().await;
@@ -801,7 +594,7 @@ async fn a_redis_outage_loses_and_skips_nothing() {
             .next()
             .unwrap()
     };
-    let proxy = FlakyProxy::start(target).await;
+    let proxy = FlakyProxy::start(target).await.unwrap();
     let config = aggregator_config(
         &tansu.brokers(),
         &format!("redis://127.0.0.1:{}", proxy.port),
@@ -838,8 +631,8 @@ async fn a_redis_outage_loses_and_skips_nothing() {
         let k = day_key.clone();
         async move { bucket(&k).await.get("total").copied().unwrap_or(0) }
     };
-    let p = producer(&tansu.brokers());
-    produce(&p, &events[..200]).await;
+    let p = charge_producer(&tansu.brokers()).unwrap();
+    produce_events(&p, &events[..200]).await.unwrap();
     let first = sum(&events[..200]);
     assert!(
         eventually(Duration::from_secs(60), || async { total().await == first }).await,
@@ -850,7 +643,7 @@ async fn a_redis_outage_loses_and_skips_nothing() {
     proxy.set_down(true);
     let down_at = Instant::now();
     let mut saw_unready = false;
-    produce(&p, &events[200..400]).await;
+    produce_events(&p, &events[200..400]).await.unwrap();
     while down_at.elapsed() < Duration::from_secs(10) {
         let (code, _) = http_get(agg.http_addr, "/health/ready").await;
         saw_unready |= code == 503;
@@ -862,9 +655,9 @@ async fn a_redis_outage_loses_and_skips_nothing() {
         "readiness drops while the aggregator cannot write"
     );
     proxy.set_down(false);
-    produce(&p, &events[400..]).await;
+    produce_events(&p, &events[400..]).await.unwrap();
     // Redeliveries after the outage change nothing.
-    produce(&p, &events[150..250]).await;
+    produce_events(&p, &events[150..250]).await.unwrap();
 
     let all = sum(&events);
     assert!(
@@ -972,8 +765,8 @@ async fn spend_trend_prints_the_daily_spend_from_the_aggregator() {
         // Outside the 5 days asked for.
         c("t6", "gpt-4o", 9_000_000, noon(5)),
     ];
-    let p = producer(&tansu.brokers());
-    produce(&p, &events).await;
+    let p = charge_producer(&tansu.brokers()).unwrap();
+    produce_events(&p, &events).await.unwrap();
     let keys = SpendKeys::new(stack.key_prefix.clone());
     let last = keys.day(&agent, today_at.date_naive(), "USD");
     let oldest = keys.day(&agent, noon(5).date_naive(), "USD");
@@ -1086,28 +879,10 @@ async fn spend_trend_prints_the_daily_spend_from_the_aggregator() {
     );
 
     // Listed by reflection; admin credentials only.
-    use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
-    };
-    let mut stream = ServerReflectionClient::new(stack.channel.clone())
-        .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        }]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected reflection answer: {response:?}");
-    };
+    let services = reflected_services(stack.channel.clone()).await.unwrap();
     assert!(
-        list.service
-            .iter()
-            .any(|s| s.name == "caracal.v1.SpendService"),
-        "{list:?}"
+        services.iter().any(|s| s == "caracal.v1.SpendService"),
+        "{services:?}"
     );
     let status =
         caracal_proto::v1::spend_service_client::SpendServiceClient::new(stack.channel.clone())
@@ -1310,7 +1085,9 @@ async fn rediss_to_a_server_with_a_private_ca() {
             .event()
         })
         .collect();
-    produce(&producer(&tansu.brokers()), &events).await;
+    produce_events(&charge_producer(&tansu.brokers()).unwrap(), &events)
+        .await
+        .unwrap();
     let key = SpendKeys::new(prefix.clone()).day(&agent.to_string(), at.date_naive(), "USD");
     let read = || {
         let (url, key) = (server.plain_url(), key.clone());

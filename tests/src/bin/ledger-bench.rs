@@ -11,22 +11,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use caracal_consumers::{config::ConsumerConfig, ledger};
-use caracal_proto::v1::{ChargeEvent, Money, TokenUsage};
+use caracal_proto::v1::{ChargeEvent, TokenUsage};
 use caracal_tests::{
+    charges::{charged, numbered_charge, produce_charges, usd, ChargeMessage, METERING},
     kafka::{create_topics, Tansu},
     TestDb,
 };
 use clap::Parser;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use prost::Message as _;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
-    message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::FutureProducer,
     ClientConfig, Message, Offset, TopicPartitionList,
 };
-
-const TOPIC: &str = "caracal.metering.events";
+use uuid::Uuid;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,43 +52,24 @@ struct Args {
     agents: usize,
 }
 
-fn event(run: &str, i: usize, agent: &str) -> ChargeEvent {
-    let micros = 1 + ((i * 7919) % 100_000) as i64;
-    let money = |m| {
-        Some(Money {
-            currency: "USD".into(),
-            micros: m,
-            amount: String::new(),
-        })
-    };
+/// A backlog event: the tests' numbered charge, with a bench-sized usage, a
+/// reservation above the charge and a price version of its own.
+fn event(run: &str, i: usize, agent: &Uuid) -> ChargeEvent {
+    let base = numbered_charge(run, i as u64, agent, agent);
     ChargeEvent {
-        schema_version: 1,
-        event_id: format!("{run}-{i}/settle"),
-        kind: "settle".into(),
-        reservation_id: format!("{run}-{i}"),
-        request_id: format!("req-{i}"),
-        agent_id: agent.to_owned(),
-        root_agent_id: agent.to_owned(),
-        reserved: money(micros + 100),
-        charged: money(micros),
-        overshoot_micros: 0,
+        reserved: usd(charged(&base) + 100),
         usage: Some(TokenUsage {
             input_tokens: 120,
             output_tokens: 340,
             cached_input_tokens: 0,
         }),
-        provider: "openai".into(),
-        model: "gpt-4o-mini".into(),
         price_version: 3,
         policy_ids: vec![format!("policy-{agent}")],
-        occurred_at: Some(prost_types::Timestamp {
-            seconds: chrono::Utc::now().timestamp(),
-            nanos: 0,
-        }),
         reserved_at: Some(prost_types::Timestamp {
             seconds: chrono::Utc::now().timestamp() - 1,
             nanos: 0,
         }),
+        ..base
     }
 }
 
@@ -104,49 +83,20 @@ async fn fill(brokers: &str, args: &Args) -> anyhow::Result<i64> {
         .set("queue.buffering.max.messages", "2000000")
         .set("queue.buffering.max.kbytes", "2097152")
         .create()?;
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let agents: Vec<String> = (0..args.agents.max(1))
-        .map(|_| uuid::Uuid::new_v4().to_string())
-        .collect();
+    let run = Uuid::new_v4().simple().to_string();
+    let agents: Vec<Uuid> = (0..args.agents.max(1)).map(|_| Uuid::new_v4()).collect();
     let mut sum = 0i64;
     let started = Instant::now();
     for chunk_start in (0..args.events).step_by(50_000) {
         let end = (chunk_start + 50_000).min(args.events);
-        let mut futures = Vec::with_capacity(end - chunk_start);
-        for i in chunk_start..end {
-            let agent = &agents[i % agents.len()];
-            let ev = event(&run, i, agent);
-            sum += ev.charged.as_ref().map_or(0, |m| m.micros);
-            let payload = ev.encode_to_vec();
-            let headers = OwnedHeaders::new_with_capacity(3)
-                .insert(Header {
-                    key: "event_id",
-                    value: Some(ev.event_id.as_str()),
-                })
-                .insert(Header {
-                    key: "event_type",
-                    value: Some("charge"),
-                })
-                .insert(Header {
-                    key: "schema_version",
-                    value: Some("1"),
-                });
-            let record = FutureRecord::to(TOPIC)
-                .key(agent.as_str())
-                .payload(payload.as_slice())
-                .headers(headers);
-            match producer.send_result(record) {
-                Ok(f) => futures.push(f),
-                Err((e, _)) => bail!("producer refused a message: {e}"),
-            }
-        }
-        for d in futures::future::join_all(futures).await {
-            match d {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => bail!("delivery failed: {e}"),
-                Err(_) => bail!("delivery canceled"),
-            }
-        }
+        let msgs: Vec<ChargeMessage> = (chunk_start..end)
+            .map(|i| {
+                let ev = event(&run, i, &agents[i % agents.len()]);
+                sum += charged(&ev);
+                ChargeMessage::event(&ev)
+            })
+            .collect();
+        produce_charges(&producer, &msgs).await?;
     }
     eprintln!(
         "backlog: {} events produced in {:.1} s",
@@ -161,13 +111,13 @@ async fn fill(brokers: &str, args: &Args) -> anyhow::Result<i64> {
 fn raw_consume(brokers: &str, partitions: i32, events: usize) -> anyhow::Result<Duration> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", format!("raw-{}", uuid::Uuid::new_v4().simple()))
+        .set("group.id", format!("raw-{}", Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "100")
         .create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(TOPIC, p, Offset::Beginning)?;
+        tpl.add_partition_offset(METERING, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     let started = Instant::now();
@@ -235,7 +185,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let tansu = Tansu::start_with_storage(&args.storage).await?;
     let brokers = tansu.brokers();
-    create_topics(&brokers, &[TOPIC, "caracal.dlq"], args.partitions).await?;
+    create_topics(&brokers, &[METERING, "caracal.dlq"], args.partitions).await?;
     let produced_sum = fill(&brokers, &args).await?;
 
     let raw = {
@@ -251,7 +201,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.database.db_pool_size = 2;
     config.kafka.brokers = brokers.clone();
     config.consumer.http_addr = "127.0.0.1:0".parse()?;
-    config.consumer.group_id = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    config.consumer.group_id = format!("bench-{}", Uuid::new_v4().simple());
     config.consumer.batch_size = args.batch_size;
     config.consumer.assign_all = true;
     config.consumer.assign_replicas = args.writers.max(1);
