@@ -25,6 +25,7 @@ use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use crate::{
     config::ConsumerConfig,
     launch::{launch, Consumer, LaunchError, RunningConsumer},
+    pg_batch,
     runner::{Handler, RawMessage},
 };
 
@@ -34,8 +35,6 @@ pub const CONSUMER: &str = "audit-logger";
 pub const DEFAULT_GROUP: &str = "caracal-audit-logger";
 /// How often the logger runs the retention job.
 const RETENTION_EVERY: Duration = Duration::from_secs(24 * 3600);
-/// Bound on the reachability check.
-const PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest header value kept as `event_type` / `event_id` (longer: left NULL; the
 /// raw header is still in `headers`).
 const MAX_ID_LEN: usize = 200;
@@ -177,28 +176,16 @@ impl Handler for AuditLogger {
     }
 
     fn write(&self, items: &[AuditRow]) -> impl Future<Output = Result<(), String>> + Send {
-        let pool = self.pool.clone();
-        async move {
-            let mut conn = pool
-                .get()
-                .await
-                .map_err(|e| format!("database unavailable: {e}"))?;
-            let inserted = insert_rows(&mut conn, items)
-                .await
-                .map_err(|e| format!("insert failed: {e}"))?;
-            if inserted < items.len() {
-                tracing::debug!(
-                    duplicates = items.len() - inserted,
-                    "messages already in the audit log (redelivery)"
-                );
-            }
-            Ok(())
-        }
+        pg_batch::write(
+            self.pool.clone(),
+            items,
+            |conn, rows| Box::pin(insert_rows(conn, rows)),
+            "messages already in the audit log (redelivery)",
+        )
     }
 
     fn reachable(&self) -> impl Future<Output = bool> + Send {
-        let pool = self.pool.clone();
-        async move { db::ping(&pool, PING_TIMEOUT).await.is_ok() }
+        pg_batch::reachable(self.pool.clone())
     }
 }
 

@@ -12,7 +12,7 @@
 use std::{future::Future, time::Duration};
 
 use caracal_proto::v1::{ChargeEvent, Money};
-use caracal_service_kit::db::{self, Pool};
+use caracal_service_kit::db::Pool;
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamptz};
 use diesel_async::RunQueryDsl;
@@ -21,6 +21,7 @@ use prost::Message as _;
 use crate::{
     config::ConsumerConfig,
     launch::{launch, Consumer, LaunchError, RunningConsumer},
+    pg_batch,
     runner::{Handler, RawMessage},
 };
 
@@ -299,33 +300,18 @@ impl Handler for LedgerWriter {
     }
 
     fn write(&self, items: &[LedgerRow]) -> impl Future<Output = Result<(), String>> + Send {
-        let pool = self.pool.clone();
-        async move {
-            let mut conn = pool
-                .get()
-                .await
-                .map_err(|e| format!("database unavailable: {e}"))?;
-            let inserted = insert_rows(&mut conn, items)
-                .await
-                .map_err(|e| format!("insert failed: {e}"))?;
-            if inserted < items.len() {
-                tracing::debug!(
-                    duplicates = items.len() - inserted,
-                    "events already in the ledger (redelivery)"
-                );
-            }
-            Ok(())
-        }
+        pg_batch::write(
+            self.pool.clone(),
+            items,
+            |conn, rows| Box::pin(insert_rows(conn, rows)),
+            "events already in the ledger (redelivery)",
+        )
     }
 
     fn reachable(&self) -> impl Future<Output = bool> + Send {
-        let pool = self.pool.clone();
-        async move { db::ping(&pool, PING_TIMEOUT).await.is_ok() }
+        pg_batch::reachable(self.pool.clone())
     }
 }
-
-/// Bound on the reachability check.
-const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Starts the ledger-writer: binds `/health` + `/metrics` at once, then (in the
 /// background, retrying until the database answers) applies migrations, creates

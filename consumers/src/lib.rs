@@ -17,6 +17,7 @@
 //!   its retention job.
 //! - [`aggregator`]: the metrics-aggregator: `caracal.metering.events` -> spend
 //!   per agent / model / hour / day in Redis, spend gauges, spending anomalies.
+//! - [`pg_batch`]: the batch write and reachability check of the PostgreSQL consumers.
 //! - [`cli`]: the `caracal-consumers` command line.
 
 pub mod aggregator;
@@ -28,6 +29,7 @@ pub mod lag;
 pub mod launch;
 pub mod ledger;
 pub mod metrics;
+pub mod pg_batch;
 pub mod runner;
 
 pub use config::ConsumerConfig;
