@@ -29,22 +29,29 @@ pub struct LedgerArgs {
     pub command: LedgerCmd,
 }
 
+/// Whose ledger rows, and when: what `query` and `summary` share.
+#[derive(Debug, Args)]
+pub struct Scope {
+    #[arg(long, value_name = "ID")]
+    agent_id: String,
+    /// First UTC day (YYYY-MM-DD).
+    #[arg(long, value_name = "DATE", value_parser = date)]
+    start_date: Option<NaiveDate>,
+    /// Last UTC day, included (YYYY-MM-DD).
+    #[arg(long, value_name = "DATE", value_parser = date)]
+    end_date: Option<NaiveDate>,
+    /// Also the rows of every descendant agent (any depth).
+    #[arg(long)]
+    aggregate_children: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum LedgerCmd {
     /// Ledger rows of an agent between two UTC dates (end date included), oldest
     /// first; every page, up to --limit. `--output csv` for spreadsheets.
     Query {
-        #[arg(long, value_name = "ID")]
-        agent_id: String,
-        /// First UTC day (YYYY-MM-DD).
-        #[arg(long, value_name = "DATE", value_parser = date)]
-        start_date: Option<NaiveDate>,
-        /// Last UTC day, included (YYYY-MM-DD).
-        #[arg(long, value_name = "DATE", value_parser = date)]
-        end_date: Option<NaiveDate>,
-        /// Also the rows of every descendant agent (any depth).
-        #[arg(long)]
-        aggregate_children: bool,
+        #[command(flatten)]
+        scope: Scope,
         /// Stop after this many rows.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         limit: Option<u32>,
@@ -55,15 +62,8 @@ pub enum LedgerCmd {
     },
     /// Totals of final charges per currency (all time unless dates are given).
     Summary {
-        #[arg(long, value_name = "ID")]
-        agent_id: String,
-        #[arg(long, value_name = "DATE", value_parser = date)]
-        start_date: Option<NaiveDate>,
-        #[arg(long, value_name = "DATE", value_parser = date)]
-        end_date: Option<NaiveDate>,
-        /// The agent and all its descendants.
-        #[arg(long)]
-        aggregate_children: bool,
+        #[command(flatten)]
+        scope: Scope,
         /// Also totals per model or per UTC day.
         #[arg(long, value_enum)]
         breakdown: Option<Breakdown>,
@@ -128,10 +128,13 @@ impl std::error::Error for DriftFound {}
 pub async fn run(ctx: &Ctx<'_>, cmd: LedgerCmd, out: &mut dyn Write) -> Result<()> {
     match cmd {
         LedgerCmd::Query {
-            agent_id,
-            start_date,
-            end_date,
-            aggregate_children,
+            scope:
+                Scope {
+                    agent_id,
+                    start_date,
+                    end_date,
+                    aggregate_children,
+                },
             limit,
             page_size,
         } => {
@@ -184,10 +187,13 @@ pub async fn run(ctx: &Ctx<'_>, cmd: LedgerCmd, out: &mut dyn Write) -> Result<(
             }
         }
         LedgerCmd::Summary {
-            agent_id,
-            start_date,
-            end_date,
-            aggregate_children,
+            scope:
+                Scope {
+                    agent_id,
+                    start_date,
+                    end_date,
+                    aggregate_children,
+                },
             breakdown,
         } => {
             let request = pb::LedgerSummaryRequest {
