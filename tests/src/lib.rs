@@ -339,6 +339,30 @@ impl TestStack {
         Ok(())
     }
 
+    /// The fields of every Redis counter of `policy` (one hash per window: one for
+    /// `total` and calendar windows, one per bucket for rolling ones), as numbers.
+    pub async fn policy_counters(
+        &self,
+        policy: &str,
+    ) -> anyhow::Result<Vec<std::collections::HashMap<String, i64>>> {
+        let client = redis::Client::open(self.redis_url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*:c:{policy}:*", self.key_prefix))
+            .query_async(&mut conn)
+            .await?;
+        let mut counters = Vec::with_capacity(keys.len());
+        for key in keys {
+            counters.push(
+                redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?,
+            );
+        }
+        Ok(counters)
+    }
+
     /// A direct connection to this stack's database, to check what was written.
     pub async fn db(&self) -> anyhow::Result<AsyncPgConnection> {
         Ok(AsyncPgConnection::establish(&self.database_url).await?)

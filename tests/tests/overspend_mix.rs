@@ -190,23 +190,13 @@ async fn outbox_events(stack: &TestStack) -> Vec<HashMap<String, String>> {
 
 /// Spent and still reserved on a policy's counters (a `total` window: one hash).
 async fn counters(stack: &TestStack, policy: &str) -> (i64, i64) {
-    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*:c:{policy}:*", stack.key_prefix))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let counters = stack.policy_counters(policy).await.unwrap();
     assert_eq!(
-        keys.len(),
+        counters.len(),
         1,
-        "one total-window counter for {policy}: {keys:?}"
+        "one total-window counter for {policy}: {counters:?}"
     );
-    let h: HashMap<String, i64> = redis::cmd("HGETALL")
-        .arg(&keys[0])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let h = &counters[0];
     (
         h.get("s").copied().unwrap_or(0),
         h.get("r").copied().unwrap_or(0),

@@ -117,26 +117,13 @@ async fn ledger_rows(stack: &TestStack) -> i64 {
     stack.count("ledger_events").await.unwrap_or(0)
 }
 
-/// Spent on a policy's counter (its one window: the test runs inside it).
+/// Spent on a policy's counters (its one window: the test runs inside it).
 async fn spent(stack: &TestStack, policy: &str) -> i64 {
-    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*:c:{policy}:*", stack.key_prefix))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut total = 0;
-    for key in keys {
-        let s: Option<i64> = redis::cmd("HGET")
-            .arg(&key)
-            .arg("s")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        total += s.unwrap_or(0);
-    }
-    total
+    let counters = stack.policy_counters(policy).await.unwrap();
+    counters
+        .iter()
+        .map(|c| c.get("s").copied().unwrap_or(0))
+        .sum()
 }
 
 /// Entries still in the service's Redis outbox streams (not yet relayed).
