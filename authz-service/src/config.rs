@@ -14,6 +14,7 @@ use caracal_service_kit::config::EnvOverrides;
 use serde::Deserialize;
 
 pub use caracal_service_kit::config::{ConfigError, DatabaseConfig};
+pub use caracal_service_kit::redis::{RedisEndpoint, RedisMode, RedisTls};
 
 /// Everything the service reads at start-up.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -133,10 +134,19 @@ impl Default for ReservationConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:6379` or `rediss://host:6380` (TLS).
+    /// `standalone` (one server at `url`) or `cluster` (Redis Cluster, seeds in
+    /// `nodes`).
+    pub mode: RedisMode,
+    /// Standalone: `redis://host:6379` or `rediss://host:6380` (TLS).
     pub url: String,
+    /// Cluster: seed nodes, `redis://host:port` or `rediss://...`; any reachable
+    /// one gives the client the whole topology.
+    pub nodes: Vec<String>,
+    /// TLS files (the guide's `redis.tls`); TLS itself is the `rediss://` scheme.
+    pub tls: RedisTls,
     /// Hash-tag partitions of the budget state (see `budget::keys`). Fixed for the
-    /// life of the data: changing it moves hierarchies to other keys.
+    /// life of the data: changing it moves hierarchies to other keys. On a cluster,
+    /// several per shard so that they spread over all of them.
     pub partitions: u16,
     pub key_prefix: String,
     /// Connect and response timeout, milliseconds. A call that takes longer fails
@@ -146,16 +156,52 @@ pub struct RedisConfig {
     /// task that batches the commands queued at once into one write: fewer
     /// connections batch better, more spread the work over more cores.
     pub connections: u16,
+    /// Replicas that must hold a reservation or settlement before it is answered
+    /// (`WAIT`): a primary lost right after answering then cannot take an
+    /// acknowledged decision with it. Unset: 1 in cluster mode, 0 standalone.
+    /// When fewer confirm within `replicaAckTimeoutMs` the call fails closed
+    /// (UNAVAILABLE).
+    pub min_replicas_ack: Option<u8>,
+    /// How long to wait for those replicas, milliseconds.
+    pub replica_ack_timeout_ms: u64,
+}
+
+impl RedisConfig {
+    /// The replica acknowledgement in force (see `minReplicasAck`).
+    pub fn replicas_ack(&self) -> u8 {
+        self.min_replicas_ack.unwrap_or(match self.mode {
+            RedisMode::Cluster => 1,
+            RedisMode::Standalone => 0,
+        })
+    }
+
+    /// Where Redis is, for [`caracal_service_kit::redis`].
+    pub fn endpoint(&self, timeout: Duration) -> RedisEndpoint {
+        RedisEndpoint {
+            mode: self.mode,
+            urls: match self.mode {
+                RedisMode::Standalone => vec![self.url.clone()],
+                RedisMode::Cluster => self.nodes.clone(),
+            },
+            tls: self.tls.clone(),
+            timeout,
+        }
+    }
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
+            mode: RedisMode::Standalone,
             url: "redis://127.0.0.1:6379".to_owned(),
+            nodes: Vec::new(),
+            tls: RedisTls::default(),
             partitions: 16,
             key_prefix: "caracal".to_owned(),
             timeout_ms: 1000,
             connections: 1,
+            min_replicas_ack: None,
+            replica_ack_timeout_ms: 100,
         }
     }
 }
@@ -267,10 +313,40 @@ impl Config {
             "CARACAL_REDIS_KEY_PREFIX" => self.redis.key_prefix, text;
             "CARACAL_REDIS_TIMEOUT_MS" => self.redis.timeout_ms, parse;
             "CARACAL_REDIS_CONNECTIONS" => self.redis.connections, parse;
+            "CARACAL_REDIS_REPLICA_ACK_TIMEOUT_MS" => self.redis.replica_ack_timeout_ms, parse;
+            "CARACAL_REDIS_TLS_CA_CERT_FILE" => self.redis.tls.ca_cert_file, text;
+            "CARACAL_REDIS_TLS_CERT_FILE" => self.redis.tls.cert_file, text;
+            "CARACAL_REDIS_TLS_KEY_FILE" => self.redis.tls.key_file, text;
             "CARACAL_WORKER_THREADS" => self.server.worker_threads, parse;
             "CARACAL_ALLOW_WITHOUT_POLICY" => self.budget.allow_without_policy, parse;
             "CARACAL_RELAY_ENABLED" => self.budget.relay_enabled, parse;
             "CARACAL_DLQ_MONITOR_INTERVAL" => self.dlq.monitor_interval, parse;
+        }
+        // Not plain text fields: a mode word, a comma-separated list, an optional count.
+        if let Some(v) = lookup("CARACAL_REDIS_MODE") {
+            self.redis.mode = match v.trim() {
+                "standalone" => RedisMode::Standalone,
+                "cluster" => RedisMode::Cluster,
+                other => {
+                    return Err(ConfigError::Invalid(format!(
+                        "CARACAL_REDIS_MODE: {other:?} is not standalone or cluster"
+                    )))
+                }
+            };
+        }
+        if let Some(v) = lookup("CARACAL_REDIS_NODES") {
+            self.redis.nodes = v
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if let Some(v) = lookup("CARACAL_REDIS_MIN_REPLICAS_ACK") {
+            self.redis.min_replicas_ack = Some(parsed("CARACAL_REDIS_MIN_REPLICAS_ACK", &v)?);
+        }
+        if let Some(v) = lookup("CARACAL_REDIS_TLS_ENABLED") {
+            self.redis.tls.enabled = parsed("CARACAL_REDIS_TLS_ENABLED", &v)?;
         }
         let shared = EnvOverrides::new(&lookup);
         self.database.apply_env(&shared)?;
@@ -326,6 +402,14 @@ impl Config {
             return bad(&format!(
                 "SAN {san:?} is on both auth.gatewaySans and auth.adminSans"
             ));
+        }
+        if let Err(e) = self.redis.endpoint(Duration::from_millis(1)).validate() {
+            return Err(ConfigError::Invalid(e.to_string()));
+        }
+        if self.redis.replicas_ack() > 0 && self.redis.replica_ack_timeout_ms == 0 {
+            return bad(
+                "redis.replicaAckTimeoutMs must be at least 1 when replicas must acknowledge",
+            );
         }
         // The prefix is part of every key, and keys are written into reservation
         // records as tab/newline-separated text (and `{}` would move the hash tag).

@@ -15,6 +15,7 @@
 //! - [`authorize`]: the hot path — Authorize, Settle, Release — over [`catalog`]
 //!   (cached agents, policies, prices) and [`budget`] (Redis state, Lua scripts).
 //! - [`sweeper`]: expiry of reservations that were never settled.
+//! - [`cluster_watch`]: Redis Cluster state, topology and redirection gauges.
 //! - [`dlq_monitor`]: the dead-letter queue's gauges (`caracal_dlq_size`, ...);
 //!   listing and replaying dead letters is [`admin`]'s `DeadLetterService`.
 //! - [`outbox`] and [`kafka`]: the relay of budget events from Redis to Kafka.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod authorize;
 pub mod budget;
 pub mod catalog;
+pub mod cluster_watch;
 pub mod config;
 pub mod convert;
 pub mod db;

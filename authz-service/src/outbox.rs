@@ -30,12 +30,13 @@ use std::{
 use caracal_domain::money::format_amount;
 use caracal_proto::v1::{ChargeEvent, Decision, DecisionEvent, DenyReason, Money, TokenUsage};
 use caracal_service_kit::process::LogLimit;
+use caracal_service_kit::redis::{query_each, RedisConn};
 use prost::Message as _;
 use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{DeliveryFuture, FutureProducer, FutureRecord},
 };
-use redis::{aio::ConnectionManager, Script, Value};
+use redis::{Script, Value};
 use tokio::sync::watch;
 
 use crate::{
@@ -327,17 +328,21 @@ pub fn dlq_record(
         .to_json()
 }
 
-/// Entries in all outbox streams of the key space (sum of XLEN).
+/// Entries in all outbox streams of the key space (sum of XLEN). One call per
+/// partition: the streams live on different slots (and shards, on a cluster).
 pub async fn outbox_depth<C>(conn: &mut C, keys: &KeySpace) -> redis::RedisResult<u64>
 where
     C: redis::aio::ConnectionLike,
 {
-    let mut pipe = redis::pipe();
+    let mut total = 0u64;
     for p in 0..keys.partitions() {
-        pipe.cmd("XLEN").arg(keys.outbox(p));
+        let len: u64 = redis::cmd("XLEN")
+            .arg(keys.outbox(p))
+            .query_async(conn)
+            .await?;
+        total = total.saturating_add(len);
     }
-    let lens: Vec<u64> = pipe.query_async(conn).await?;
-    Ok(lens.iter().sum())
+    Ok(total)
 }
 
 /// One partition's lease as this relay sees it.
@@ -382,7 +387,7 @@ struct Slot {
 
 /// Relays the outbox streams of one key space to Kafka. See the module docs.
 pub struct OutboxRelay {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: KeySpace,
     producer: FutureProducer,
     decisions_topic: String,
@@ -402,7 +407,7 @@ impl OutboxRelay {
     /// `owner` names this relay in the leases; it must be unique per process
     /// (e.g. pod name + a random suffix).
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         keys: KeySpace,
         kafka: &KafkaConfig,
         owner: String,
@@ -608,16 +613,20 @@ impl OutboxRelay {
             return Ok(stats);
         }
 
-        let mut pipe = redis::pipe();
-        for &p in &owned {
-            pipe.cmd("XRANGE")
-                .arg(self.keys.outbox(partition_u16(p)))
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(BATCH);
-        }
-        let batches: Vec<Value> = Self::bounded(pipe.query_async(&mut self.conn)).await?;
+        // One read per partition's stream; on a cluster they live on other shards.
+        let reads = owned
+            .iter()
+            .map(|&p| {
+                let mut cmd = redis::cmd("XRANGE");
+                cmd.arg(self.keys.outbox(partition_u16(p)))
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(BATCH);
+                cmd
+            })
+            .collect();
+        let batches: Vec<Value> = Self::bounded(query_each(&self.conn, reads)).await?;
 
         let mut slots: Vec<Slot> = Vec::new();
         let mut futures: Vec<DeliveryFuture> = Vec::new();
@@ -686,18 +695,17 @@ impl OutboxRelay {
             metrics::counter!(OUTBOX_DLQ).increment(dlq_delivered);
         }
 
-        let mut pipe = redis::pipe();
+        let mut deletes = Vec::new();
         for (p, ids) in delete.iter().enumerate() {
             if !ids.is_empty() {
                 stats.moved += ids.len();
-                pipe.cmd("XDEL")
-                    .arg(self.keys.outbox(partition_u16(p)))
-                    .arg(ids)
-                    .ignore();
+                let mut cmd = redis::cmd("XDEL");
+                cmd.arg(self.keys.outbox(partition_u16(p))).arg(ids);
+                deletes.push(cmd);
             }
         }
         if stats.moved > 0 {
-            Self::bounded(pipe.query_async::<()>(&mut self.conn)).await?;
+            Self::bounded(query_each(&self.conn, deletes)).await?;
         }
         Ok(stats)
     }

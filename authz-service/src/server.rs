@@ -28,7 +28,7 @@ use crate::{
     },
     auth::{AdminAuth, GatewayAuth},
     authorize::{AuthorizationService, Settings},
-    budget::{BudgetStore, KeySpace},
+    budget::{BudgetStore, KeySpace, ReplicaAck},
     catalog::Catalog,
     config::Config,
     db,
@@ -126,12 +126,23 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
     )));
     let keys = KeySpace::new(config.redis.key_prefix.clone(), config.redis.partitions);
     let store = BudgetStore::new(
-        &config.redis.url,
+        &config
+            .redis
+            .endpoint(Duration::from_millis(config.redis.timeout_ms)),
         keys.clone(),
-        Duration::from_millis(config.redis.timeout_ms),
         config.redis.connections,
+        ReplicaAck {
+            replicas: config.redis.replicas_ack(),
+            timeout: Duration::from_millis(config.redis.replica_ack_timeout_ms),
+        },
     )
     .context("Redis configuration")?;
+    if config.redis.mode == crate::config::RedisMode::Cluster {
+        background.push(tokio::spawn(crate::cluster_watch::run(
+            store.clone(),
+            background_rx.clone(),
+        )));
+    }
     // A replica may use a configuration this long after it changed (cache TTL, or
     // the next epoch poll): how long a retired budget counter stays fenced.
     let fence_ttl_s = config
@@ -158,14 +169,14 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         let owner = format!("authz-{}", uuid::Uuid::new_v4().simple());
         // Its own Redis connection: 500-entry XRANGE replies on the hot path's
         // multiplexed connection would delay Authorize calls queued behind them.
-        let relay_conn = BudgetStore::new(
-            &config.redis.url,
-            keys.clone(),
-            Duration::from_millis(config.redis.timeout_ms.max(5_000)),
-            1,
-        )
-        .context("Redis configuration")?
-        .connection();
+        let relay_conn = config
+            .redis
+            .endpoint(Duration::from_millis(config.redis.timeout_ms.max(5_000)))
+            .connect(1)
+            .context("Redis configuration")?
+            .into_iter()
+            .next()
+            .context("Redis: no connection")?;
         let relay = OutboxRelay::new(relay_conn, keys.clone(), &config.kafka, owner)
             .context("Kafka producer configuration")?;
         background.push(tokio::spawn(relay.run(background_rx.clone())));

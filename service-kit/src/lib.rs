@@ -7,6 +7,7 @@
 //! - [`config`]: YAML + `CARACAL_*` environment overrides, [`config::DatabaseConfig`].
 //! - [`db`]: the PostgreSQL pool, TLS (`sslmode`) and the embedded migrations.
 //! - [`kafka`]: [`kafka::KafkaConfig`], client/producer/consumer settings, topic creation.
+//! - [`redis`]: standalone or cluster Redis connections (TLS), readiness, topology.
 //! - [`dlq`]: the JSON envelope of a message sent to the dead-letter topic;
 //!   [`dlq_admin`]: reading the dead-letter topic and replaying a dead letter once.
 //! - [`http`] and [`metrics`]: `/health/live`, `/health/ready`, `/metrics`.
@@ -20,3 +21,4 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod process;
+pub mod redis;

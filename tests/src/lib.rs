@@ -14,6 +14,7 @@ pub mod flaky_proxy;
 pub mod kafka;
 pub mod mock_llm;
 pub mod probe;
+pub mod redis_cluster;
 pub mod reflection;
 
 use std::time::Duration;
@@ -159,10 +160,72 @@ pub fn redis_url() -> String {
     std::env::var("CARACAL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
+/// A standalone Redis endpoint (plain `redis://`).
+pub fn standalone(url: &str, timeout: Duration) -> caracal_service_kit::redis::RedisEndpoint {
+    caracal_service_kit::redis::RedisEndpoint {
+        mode: caracal_service_kit::redis::RedisMode::Standalone,
+        urls: vec![url.to_owned()],
+        tls: Default::default(),
+        timeout,
+    }
+}
+
+/// Whether this test process runs on the shared local Redis Cluster instead of
+/// the standalone server: `CARACAL_TEST_REDIS_MODE=cluster|standalone`, else by
+/// the test binary's name — `tests/cluster_*.rs` include other test files
+/// (`#[path]`) to run the very same tests on the cluster.
+pub fn on_redis_cluster() -> bool {
+    match std::env::var("CARACAL_TEST_REDIS_MODE").as_deref() {
+        Ok("cluster") => true,
+        Ok("standalone") => false,
+        _ => std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .is_some_and(|n| n.starts_with("cluster_")),
+    }
+}
+
+/// Points `redis` at the tests' Redis: the standalone server, or the shared
+/// cluster (started when none runs) with its default replica acknowledgement.
+pub async fn use_test_redis(redis: &mut caracal_authz::config::RedisConfig) -> anyhow::Result<()> {
+    if on_redis_cluster() {
+        redis.mode = caracal_authz::config::RedisMode::Cluster;
+        redis.nodes = redis_cluster::ensure_shared().await?;
+    } else {
+        redis.mode = caracal_authz::config::RedisMode::Standalone;
+        redis.url = redis_url();
+    }
+    Ok(())
+}
+
+/// A connection to the tests' Redis (standalone or the shared cluster).
+pub async fn test_redis() -> anyhow::Result<caracal_service_kit::redis::RedisConn> {
+    let mut config = caracal_authz::config::RedisConfig::default();
+    use_test_redis(&mut config).await?;
+    config
+        .endpoint(Duration::from_secs(5))
+        .connect(1)?
+        .into_iter()
+        .next()
+        .context("no Redis connection")
+}
+
+/// Keys matching `pattern` on the tests' Redis (KEYS; on a cluster, of every
+/// primary).
+pub async fn redis_keys(
+    conn: &mut caracal_service_kit::redis::RedisConn,
+    pattern: &str,
+) -> anyhow::Result<Vec<String>> {
+    Ok(redis::cmd("KEYS").arg(pattern).query_async(conn).await?)
+}
+
 /// A running authz-service on its own database and its own Redis key prefix.
 pub struct TestStack {
     pub key_prefix: String,
     pub redis_url: String,
+    /// The stack's Redis settings (mode, url or cluster seeds, partitions), for a
+    /// second replica or a tool that must reach the same state.
+    pub redis: caracal_authz::config::RedisConfig,
     pub database: String,
     pub database_url: String,
     pub server: Option<RunningServer>,
@@ -192,12 +255,14 @@ impl TestStack {
         config.auth.gateway_token = GATEWAY_TOKEN.to_owned();
         config.auth.api_key_pepper = PEPPER.to_owned();
         let key_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-        config.redis.url = redis_url();
+        use_test_redis(&mut config.redis).await?;
         config.redis.key_prefix = key_prefix.clone();
-        config.redis.partitions = 4;
+        // On a cluster, enough partitions that every shard holds some.
+        config.redis.partitions = if on_redis_cluster() { 16 } else { 4 };
         config.budget.relay_enabled = false;
         tune(&mut config);
         let redis_url = config.redis.url.clone();
+        let redis = config.redis.clone();
         let server = caracal_authz::serve(config).await?;
         let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))?
             .connect_timeout(Duration::from_secs(5))
@@ -206,6 +271,7 @@ impl TestStack {
         Ok(Self {
             key_prefix,
             redis_url,
+            redis,
             database,
             database_url,
             server: Some(server),
@@ -345,12 +411,8 @@ impl TestStack {
         &self,
         policy: &str,
     ) -> anyhow::Result<Vec<std::collections::HashMap<String, i64>>> {
-        let client = redis::Client::open(self.redis_url.as_str())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*:c:{policy}:*", self.key_prefix))
-            .query_async(&mut conn)
-            .await?;
+        let mut conn = self.redis_conn()?;
+        let keys = redis_keys(&mut conn, &format!("{}:*:c:{policy}:*", self.key_prefix)).await?;
         let mut counters = Vec::with_capacity(keys.len());
         for key in keys {
             counters.push(
@@ -361,6 +423,16 @@ impl TestStack {
             );
         }
         Ok(counters)
+    }
+
+    /// A connection to this stack's Redis (standalone or cluster).
+    pub fn redis_conn(&self) -> anyhow::Result<caracal_service_kit::redis::RedisConn> {
+        self.redis
+            .endpoint(Duration::from_secs(5))
+            .connect(1)?
+            .into_iter()
+            .next()
+            .context("no Redis connection")
     }
 
     /// A direct connection to this stack's database, to check what was written.
@@ -387,26 +459,11 @@ impl TestStack {
         if let Some(server) = self.server.take() {
             server.shutdown().await?;
         }
-        if let Ok(client) = redis::Client::open(self.redis_url.as_str()) {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                let mut cursor: u64 = 0;
-                for _ in 0..10_000 {
-                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(format!("{}:*", self.key_prefix))
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn)
-                        .await?;
-                    if !keys.is_empty() {
-                        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
-                    }
-                    cursor = next;
-                    if cursor == 0 {
-                        break;
-                    }
-                }
+        if let Ok(mut conn) = self.redis_conn() {
+            let keys = redis_keys(&mut conn, &format!("{}:*", self.key_prefix)).await?;
+            // One DEL per key: on a cluster they live on different slots.
+            for key in keys {
+                let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
             }
         }
         drop(self.channel);

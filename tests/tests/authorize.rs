@@ -723,9 +723,7 @@ async fn admin_changes_through_one_replica_reach_the_others() {
     config.server.http_addr = "127.0.0.1:0".parse().unwrap();
     config.database.url = stack.database_url.clone();
     config.database.db_pool_size = 2;
-    config.redis.url = stack.redis_url.clone();
-    config.redis.key_prefix = stack.key_prefix.clone();
-    config.redis.partitions = 4;
+    config.redis = stack.redis.clone();
     config.budget.relay_enabled = false;
     config.cache.policy_cache_ttl = 3600; // only the epoch can refresh it in time
     config.auth.api_key_pepper = caracal_tests::PEPPER.to_owned();

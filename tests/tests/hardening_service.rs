@@ -504,10 +504,10 @@ async fn a_corrupt_reservation_does_not_stop_the_sweep() {
     tokio::time::sleep(Duration::from_millis(1_200)).await;
 
     let store = BudgetStore::new(
-        &h.stack.redis_url,
+        &h.stack.redis.endpoint(Duration::from_secs(5)),
         h.keys.clone(),
-        Duration::from_secs(5),
         1,
+        caracal_authz::budget::ReplicaAck::NONE,
     )
     .unwrap();
     let sweep = caracal_authz::sweeper::sweep_once(&store, 60)

@@ -1,4 +1,4 @@
-//! The outbox relay against a real Redis (127.0.0.1:6379) and a real Kafka-protocol
+//! The outbox relay against a real Redis (127.0.0.1:6379, or the local cluster) and a real Kafka-protocol
 //! broker (tansu): events arrive exactly once with the right fields, poison entries
 //! go to the dead-letter topic, and a broker outage delays events without losing or
 //! deleting any.
@@ -17,30 +17,21 @@ use caracal_authz::{
     outbox::{outbox_depth, OutboxRelay},
 };
 use caracal_proto::v1::{ChargeEvent, Decision, DecisionEvent, DenyReason};
+use caracal_service_kit::redis::RedisConn;
 use caracal_tests::kafka::{consume_all, topic_message_count, Consumed, Tansu};
 use prost::Message;
-use redis::aio::ConnectionManager;
 use tokio::{sync::watch, task::JoinHandle};
 
 const AT_MS: i64 = 1_770_000_000_250;
 
 /// A connection of its own (the relay gets another one, as in the service, so big
-/// XRANGE replies never queue the test's calls). Generous response timeout: the
-/// machine running the tests may be busy.
-async fn redis() -> ConnectionManager {
-    let url =
-        std::env::var("CARACAL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let client = redis::Client::open(url).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(Duration::from_secs(5)))
-        .set_connection_timeout(Some(Duration::from_secs(5)));
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        client.get_connection_manager_with_config(config),
-    )
-    .await
-    .expect("Redis connection timed out")
-    .expect("Redis on 127.0.0.1:6379")
+/// XRANGE replies never queue the test's calls): the standalone Redis, or the
+/// shared cluster when this file runs as `cluster_outbox_relay`.
+async fn redis() -> RedisConn {
+    tokio::time::timeout(Duration::from_secs(30), caracal_tests::test_redis())
+        .await
+        .expect("Redis connection timed out")
+        .expect("the tests' Redis")
 }
 
 fn key_space() -> KeySpace {
@@ -55,7 +46,7 @@ fn kafka_config(brokers: &str) -> KafkaConfig {
     }
 }
 
-async fn xadd(conn: &mut ConnectionManager, stream: &str, fields: &[(&str, String)]) -> String {
+async fn xadd(conn: &mut RedisConn, stream: &str, fields: &[(&str, String)]) -> String {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream).arg("*");
     for (k, v) in fields {
@@ -154,7 +145,7 @@ fn release_entry(rsv: &str, agent: &str, root: &str, amount: i64) -> Vec<(&'stat
 }
 
 fn spawn_relay(
-    conn: ConnectionManager,
+    conn: RedisConn,
     ks: &KeySpace,
     cfg: &KafkaConfig,
 ) -> (watch::Sender<bool>, JoinHandle<()>) {
@@ -162,7 +153,7 @@ fn spawn_relay(
 }
 
 fn spawn_relay_as(
-    conn: ConnectionManager,
+    conn: RedisConn,
     ks: &KeySpace,
     cfg: &KafkaConfig,
     owner: &str,
@@ -181,7 +172,7 @@ async fn stop_relay(tx: watch::Sender<bool>, handle: JoinHandle<()>) {
 }
 
 /// Waits (bounded) until the outbox of `ks` is empty; returns how long it took.
-async fn wait_drained(conn: &mut ConnectionManager, ks: &KeySpace, timeout: Duration) -> Duration {
+async fn wait_drained(conn: &mut RedisConn, ks: &KeySpace, timeout: Duration) -> Duration {
     let start = Instant::now();
     loop {
         let depth = outbox_depth(conn, ks).await.unwrap();
@@ -196,7 +187,7 @@ async fn wait_drained(conn: &mut ConnectionManager, ks: &KeySpace, timeout: Dura
     }
 }
 
-async fn cleanup(conn: &mut ConnectionManager, ks: &KeySpace) {
+async fn cleanup(conn: &mut RedisConn, ks: &KeySpace) {
     for p in 0..ks.partitions() {
         let _: () = redis::cmd("DEL")
             .arg(ks.outbox(p))
@@ -477,7 +468,7 @@ async fn broker_outage_delays_but_never_loses_events() {
     let ks = key_space();
     let mut conn = redis().await;
     let mut expected = HashSet::new();
-    let mut pipe = redis::pipe();
+    let mut adds = Vec::with_capacity(N);
     for i in 0..N {
         let root = format!("root-{}", i % 50);
         let rsv = format!(
@@ -487,16 +478,16 @@ async fn broker_outage_delays_but_never_loses_events() {
         );
         expected.insert(format!("{rsv}/settle"));
         let fields = charge_entry(&rsv, "agent", &root, 1_000, 1_000);
-        let cmd = pipe
-            .cmd("XADD")
-            .arg(ks.outbox(ks.partition_of(&root)))
-            .arg("*");
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(ks.outbox(ks.partition_of(&root))).arg("*");
         for (k, v) in &fields {
             cmd.arg(*k).arg(v);
         }
-        cmd.ignore();
+        adds.push(cmd);
     }
-    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    caracal_service_kit::redis::query_each(&conn, adds)
+        .await
+        .unwrap();
     assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), N as u64);
 
     // A relay shut down in the middle of the outage stops within its grace period
@@ -573,7 +564,7 @@ async fn two_relays_share_partitions_through_leases() {
     let ks = key_space();
     let mut conn = redis().await;
 
-    async fn add(conn: &mut ConnectionManager, ks: &KeySpace, n: usize, ids: &mut HashSet<String>) {
+    async fn add(conn: &mut RedisConn, ks: &KeySpace, n: usize, ids: &mut HashSet<String>) {
         for i in 0..n {
             let root = format!("root-{}", i % 20);
             let rsv = format!(
@@ -590,7 +581,7 @@ async fn two_relays_share_partitions_through_leases() {
             .await;
         }
     }
-    async fn holders(conn: &mut ConnectionManager, ks: &KeySpace) -> Vec<Option<String>> {
+    async fn holders(conn: &mut RedisConn, ks: &KeySpace) -> Vec<Option<String>> {
         let mut out = Vec::new();
         for p in 0..ks.partitions() {
             let v: Option<String> = redis::cmd("GET")

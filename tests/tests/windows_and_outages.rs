@@ -7,7 +7,7 @@ use caracal_authz::{
     authorize::policy_slot,
     budget::{
         store::{ReserveOutcome, ReserveRequest},
-        BudgetStore, KeySpace,
+        BudgetStore, KeySpace, ReplicaAck,
     },
     catalog::PolicyInfo,
 };
@@ -17,7 +17,7 @@ use caracal_domain::{
     window::{TimeWindow, WindowType},
 };
 use caracal_proto::v1 as pb;
-use caracal_tests::{redis_url, TestStack};
+use caracal_tests::{redis_url, standalone, TestStack};
 use chrono::{DateTime, Utc};
 use tonic::Code;
 use uuid::Uuid;
@@ -36,10 +36,10 @@ impl Fixture {
     fn new(window: TimeWindow, window_type: WindowType, limit: i64) -> Self {
         let prefix = format!("t{}", Uuid::new_v4().simple());
         let store = BudgetStore::new(
-            &redis_url(),
+            &standalone(&redis_url(), Duration::from_secs(2)),
             KeySpace::new(prefix, 4),
-            Duration::from_secs(2),
             1,
+            ReplicaAck::NONE,
         )
         .unwrap();
         let policy = PolicyInfo {

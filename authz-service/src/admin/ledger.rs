@@ -26,6 +26,7 @@ use caracal_domain::{
     window::{bucket_start, calendar_bounds, rolling_bucket_width},
 };
 use caracal_proto::v1::{self as pb, ledger_service_server::LedgerService};
+use caracal_service_kit::redis::query_each;
 use chrono::{DateTime, Days, NaiveDate, Utc};
 use diesel::{
     prelude::*,
@@ -724,16 +725,24 @@ async fn reconcile(
     drop(conn);
 
     let mut spent = Vec::with_capacity(checks.len());
-    let mut redis = store.connection();
+    let redis = store.connection();
     for batch in checks.chunks(REDIS_BATCH) {
-        let mut pipe = redis::pipe();
-        for c in batch {
-            match c.oldest {
-                None => pipe.cmd("HGET").arg(&c.key).arg("s"),
-                Some(_) => pipe.cmd("HGETALL").arg(&c.key),
-            };
-        }
-        let replies: Vec<Value> = pipe.query_async(&mut redis).await.map_err(|e| {
+        // Counters of different hierarchies live on different slots (shards).
+        let reads = batch
+            .iter()
+            .map(|c| {
+                let mut cmd = match c.oldest {
+                    None => redis::cmd("HGET"),
+                    Some(_) => redis::cmd("HGETALL"),
+                };
+                cmd.arg(&c.key);
+                if c.oldest.is_none() {
+                    cmd.arg("s");
+                }
+                cmd
+            })
+            .collect();
+        let replies: Vec<Value> = query_each(&redis, reads).await.map_err(|e| {
             ServiceError::Unavailable(format!(
                 "budget store unavailable, cannot read counters: {e}"
             ))

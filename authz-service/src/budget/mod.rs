@@ -6,4 +6,4 @@ pub mod keys;
 pub mod store;
 
 pub use keys::KeySpace;
-pub use store::{BudgetStore, PolicySlot};
+pub use store::{BudgetStore, PolicySlot, ReplicaAck};

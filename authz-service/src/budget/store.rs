@@ -12,7 +12,8 @@ use std::{
 };
 
 use caracal_domain::policy::OnExpiry;
-use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, Script, Value};
+use caracal_service_kit::redis::{RedisConn, RedisEndpoint};
+use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
 use super::keys::KeySpace;
 
@@ -40,7 +41,6 @@ impl StoreError {
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        use redis::{ErrorKind, ServerErrorKind};
         match e.kind() {
             // An error reply to this command: a script's error_reply (code
             // "caracal:") or a Lua runtime error ("ERR ...").
@@ -264,47 +264,69 @@ pub enum FinishOutcome {
     CurrencyMismatch { reservation_currency: String },
 }
 
+/// How many replicas must hold a write before it is answered (`WAIT`), and how
+/// long to wait for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaAck {
+    pub replicas: u8,
+    pub timeout: Duration,
+}
+
+impl ReplicaAck {
+    /// Answer as soon as the primary has run the script.
+    pub const NONE: ReplicaAck = ReplicaAck {
+        replicas: 0,
+        timeout: Duration::ZERO,
+    };
+}
+
+/// Metric: decisions refused because too few replicas confirmed them in time.
+pub const REPLICA_ACK_TIMEOUTS: &str = "caracal_redis_wait_timeouts_total";
+/// Metric: failed budget-store calls, by shard (the primary serving the key's slot
+/// at the last topology read; "standalone" for one server).
+pub const SHARD_ERRORS: &str = "caracal_redis_shard_errors_total";
+
 /// Handle to the budget state. Cheap to clone: `redis.connections` multiplexed
-/// connections (each reconnects by itself), used in turn.
+/// connections (each reconnects by itself; on a cluster each follows the
+/// topology), used in turn.
 #[derive(Clone)]
 pub struct BudgetStore {
-    conns: Arc<[ConnectionManager]>,
+    conns: Arc<[RedisConn]>,
     next: Arc<AtomicUsize>,
     keys: KeySpace,
-    authorize: Script,
-    finish: Script,
+    ack: ReplicaAck,
+    authorize: Arc<Script>,
+    finish: Arc<Script>,
+    /// Slot ranges and their primaries (cluster), for the per-shard error label;
+    /// refreshed by [`BudgetStore::refresh_topology`].
+    owners: Arc<std::sync::RwLock<Vec<caracal_service_kit::redis::SlotOwner>>>,
 }
 
 impl BudgetStore {
     /// Connects lazily: the service starts even while Redis is down and answers
     /// UNAVAILABLE until it is back.
     pub fn new(
-        url: &str,
+        endpoint: &RedisEndpoint,
         keys: KeySpace,
-        timeout: Duration,
         connections: u16,
+        ack: ReplicaAck,
     ) -> Result<Self, StoreError> {
-        // TCP_NODELAY: every call is one small request and reply; with Nagle and
-        // delayed ACKs each would wait ~40 ms.
-        let info = redis::IntoConnectionInfo::into_connection_info(url)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client =
-            redis::Client::open(info).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conns = (0..connections.max(1))
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let conns = endpoint
+            .connect(usize::from(connections.max(1)))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        metrics::describe_counter!(
+            REPLICA_ACK_TIMEOUTS,
+            "Budget decisions failed closed because fewer than redis.minReplicasAck replicas confirmed them in time"
+        );
+        metrics::describe_counter!(SHARD_ERRORS, "Failed budget-store calls, by Redis shard");
         Ok(Self {
             conns: conns.into(),
             next: Arc::new(AtomicUsize::new(0)),
             keys,
-            authorize: Script::new(include_str!("lua/authorize.lua")),
-            finish: Script::new(include_str!("lua/finish.lua")),
+            ack,
+            authorize: Arc::new(Script::new(include_str!("lua/authorize.lua"))),
+            finish: Arc::new(Script::new(include_str!("lua/finish.lua"))),
+            owners: Arc::default(),
         })
     }
 
@@ -312,10 +334,98 @@ impl BudgetStore {
         &self.keys
     }
 
+    pub fn replica_ack(&self) -> ReplicaAck {
+        self.ack
+    }
+
     /// One of the connections, in turn.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         self.conns[i].clone()
+    }
+
+    /// Re-reads which primary serves which slots (cluster; no-op standalone).
+    pub async fn refresh_topology(&self) -> Result<(), String> {
+        let owners = self.connection().slot_owners().await?;
+        if let Ok(mut o) = self.owners.write() {
+            *o = owners;
+        }
+        Ok(())
+    }
+
+    fn count_error(&self, key: &str, e: &StoreError) {
+        if !matches!(e, StoreError::Unavailable(_)) {
+            return;
+        }
+        let shard = match self.conns.first() {
+            Some(RedisConn::Cluster(_)) => {
+                let slot = caracal_service_kit::redis::slot_of(key);
+                self.owners
+                    .read()
+                    .ok()
+                    .and_then(|o| caracal_service_kit::redis::owner_of(&o, slot).map(str::to_owned))
+                    .unwrap_or_else(|| "unknown".to_owned())
+            }
+            _ => "standalone".to_owned(),
+        };
+        metrics::counter!(SHARD_ERRORS, "shard" => shard).increment(1);
+    }
+
+    /// Runs one budget script (`cmd` = EVALSHA of `script` with its keys and
+    /// arguments) and, when replicas must acknowledge, `WAIT`s for them in the
+    /// same pipeline: both reach the primary that serves the script's slot on one
+    /// connection, so the `WAIT` covers exactly this write (and any queued before
+    /// it). Fewer confirmations than required fail closed; the write stays on the
+    /// primary, and the callers' retries are idempotent (a retried Authorize finds
+    /// its reservation, a retried Settle its done marker; the gateway releases an
+    /// Authorize that failed).
+    async fn run(&self, script: &Script, cmd: &Cmd, key: &str) -> Result<Vec<Value>, StoreError> {
+        let result = self.run_inner(script, cmd).await;
+        if let Err(e) = &result {
+            self.count_error(key, e);
+        }
+        result
+    }
+
+    async fn run_inner(&self, script: &Script, cmd: &Cmd) -> Result<Vec<Value>, StoreError> {
+        let mut conn = self.connection();
+        let mut loaded = false;
+        loop {
+            let reply: RedisResult<Vec<Value>> = if self.ack.replicas == 0 {
+                cmd.query_async(&mut conn).await
+            } else {
+                let mut pipe = redis::pipe();
+                pipe.add_command(cmd.clone())
+                    .cmd("WAIT")
+                    .arg(self.ack.replicas)
+                    .arg(u64::try_from(self.ack.timeout.as_millis()).unwrap_or(u64::MAX));
+                let (reply, acked): (RedisResult<Vec<Value>>, RedisResult<i64>) =
+                    pipe.ignore_errors().query_async(&mut conn).await?;
+                match (reply, acked) {
+                    (Ok(reply), Ok(n)) if n >= i64::from(self.ack.replicas) => Ok(reply),
+                    (Ok(_), Ok(n)) => {
+                        metrics::counter!(REPLICA_ACK_TIMEOUTS).increment(1);
+                        return Err(StoreError::Unavailable(format!(
+                            "{n} of {} replicas confirmed the write within {:?}",
+                            self.ack.replicas, self.ack.timeout
+                        )));
+                    }
+                    (Ok(_), Err(e)) => {
+                        return Err(StoreError::Unavailable(format!("WAIT failed: {e}")))
+                    }
+                    (Err(e), _) => Err(e),
+                }
+            };
+            match reply {
+                // A server that lost its scripts (restart, failover to a replica
+                // that never saw SCRIPT LOAD): load it (on every node) and retry once.
+                Err(e) if !loaded && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    script.load_async(&mut conn).await?;
+                    loaded = true;
+                }
+                other => return other.map_err(StoreError::from),
+            }
+        }
     }
 
     /// Checks and reserves on every policy, atomically.
@@ -323,12 +433,15 @@ impl BudgetStore {
         let p = req.partition;
         let meta = event_meta(req);
         let record = reservation_record(req);
-        let mut inv = self.authorize.prepare_invoke();
-        inv.key(self.keys.reservation(p, req.reservation_id))
-            .key(self.keys.expiry(p))
-            .key(self.keys.outbox(p));
+        let rsv_key = self.keys.reservation(p, req.reservation_id);
+        let mut inv = redis::cmd("EVALSHA");
+        inv.arg(self.authorize.get_hash())
+            .arg(3 + req.policies.len())
+            .arg(&rsv_key)
+            .arg(self.keys.expiry(p))
+            .arg(self.keys.outbox(p));
         for slot in req.policies {
-            inv.key(&slot.key);
+            inv.arg(&slot.key);
         }
         inv.arg(req.now_ms)
             .arg(req.reservation_id)
@@ -351,18 +464,20 @@ impl BudgetStore {
                 .arg(oldest)
                 .arg(expire_at);
         }
-        let mut conn = self.connection();
-        let reply: Vec<Value> = inv.invoke_async(&mut conn).await?;
+        let reply = self.run(&self.authorize, &inv, &rsv_key).await?;
         parse_reserve(&reply, req.policies.len())
     }
 
     /// Settles, releases or expires a reservation, exactly once.
     pub async fn finish(&self, f: &Finish<'_>) -> Result<FinishOutcome, StoreError> {
         let p = f.partition;
-        let mut inv = self.finish.prepare_invoke();
-        inv.key(self.keys.reservation(p, f.reservation_id))
-            .key(self.keys.expiry(p))
-            .key(self.keys.outbox(p))
+        let rsv_key = self.keys.reservation(p, f.reservation_id);
+        let mut inv = redis::cmd("EVALSHA");
+        inv.arg(self.finish.get_hash())
+            .arg(3)
+            .arg(&rsv_key)
+            .arg(self.keys.expiry(p))
+            .arg(self.keys.outbox(p))
             .arg(f.kind.as_str())
             .arg(f.now_ms)
             .arg(f.reservation_id)
@@ -376,8 +491,7 @@ impl BudgetStore {
             .arg(f.reason)
             .arg(f.currency)
             .arg(if f.tombstone { "1" } else { "0" });
-        let mut conn = self.connection();
-        let reply: Vec<Value> = inv.invoke_async(&mut conn).await?;
+        let reply = self.run(&self.finish, &inv, &rsv_key).await?;
         parse_finish(&reply)
     }
 
@@ -403,11 +517,13 @@ impl BudgetStore {
         Ok(ids)
     }
 
-    /// Answers PING (for readiness).
+    /// Readiness: the server answers PING; a cluster also reports
+    /// `cluster_state:ok` with every primary answering.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.connection();
-        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-        Ok(())
+        self.connection()
+            .check()
+            .await
+            .map_err(StoreError::Unavailable)
     }
 }
 
