@@ -16,6 +16,7 @@ pub mod mock_llm;
 pub mod probe;
 pub mod redis_cluster;
 pub mod reflection;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -459,11 +460,13 @@ impl TestStack {
         if let Some(server) = self.server.take() {
             server.shutdown().await?;
         }
+        // Best effort: a stack whose Redis refused it (a TLS test) wrote nothing.
         if let Ok(mut conn) = self.redis_conn() {
-            let keys = redis_keys(&mut conn, &format!("{}:*", self.key_prefix)).await?;
-            // One DEL per key: on a cluster they live on different slots.
-            for key in keys {
-                let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+            if let Ok(keys) = redis_keys(&mut conn, &format!("{}:*", self.key_prefix)).await {
+                // One DEL per key: on a cluster they live on different slots.
+                for key in keys {
+                    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+                }
             }
         }
         drop(self.channel);

@@ -10,7 +10,7 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -21,8 +21,22 @@ use anyhow::{bail, Context};
 pub const SHARED_BASE_PORT: u16 = 7001;
 const NODES: u16 = 6;
 
-fn cli(port: u16, args: &[&str]) -> Option<String> {
+/// `redis-cli` options for a TLS cluster whose certificates are in `dir`
+/// (see [`crate::tls::TestCerts`]).
+fn tls_args(tls: Option<&Path>) -> Vec<String> {
+    match tls {
+        None => Vec::new(),
+        Some(d) => vec![
+            "--tls".into(),
+            "--cacert".into(),
+            d.join("ca.pem").display().to_string(),
+        ],
+    }
+}
+
+fn cli(tls: Option<&Path>, port: u16, args: &[&str]) -> Option<String> {
     let out = Command::new("redis-cli")
+        .args(tls_args(tls))
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stderr(Stdio::null())
@@ -33,29 +47,33 @@ fn cli(port: u16, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn answers(port: u16) -> bool {
-    cli(port, &["ping"]).is_some_and(|r| r.trim() == "PONG")
+fn answers(tls: Option<&Path>, port: u16) -> bool {
+    cli(tls, port, &["ping"]).is_some_and(|r| r.trim() == "PONG")
 }
 
 /// `cluster_state:ok` with all six nodes known, as `port` sees it, and — when the
 /// node is a replica — its link to its primary up (a replica that never synced
 /// cannot take over).
-fn healthy(port: u16) -> bool {
-    let cluster_ok = cli(port, &["cluster", "info"]).is_some_and(|info| {
+fn healthy(tls: Option<&Path>, port: u16) -> bool {
+    let cluster_ok = cli(tls, port, &["cluster", "info"]).is_some_and(|info| {
         info.contains("cluster_state:ok") && info.contains(&format!("cluster_known_nodes:{NODES}"))
     });
     cluster_ok
-        && cli(port, &["info", "replication"]).is_some_and(|info| {
+        && cli(tls, port, &["info", "replication"]).is_some_and(|info| {
             info.contains("role:master") || info.contains("master_link_status:up")
         })
 }
 
-fn node_args(port: u16, dir: &std::path::Path, node_timeout_ms: u64) -> Vec<String> {
-    [
+fn node_args(port: u16, dir: &Path, node_timeout_ms: u64, tls: Option<&Path>) -> Vec<String> {
+    let (plain, tls_port) = match tls {
+        None => (port, 0),
+        Some(_) => (0, port),
+    };
+    let mut args: Vec<String> = [
         "--bind",
         "127.0.0.1",
         "--port",
-        &port.to_string(),
+        &plain.to_string(),
         "--cluster-enabled",
         "yes",
         "--cluster-config-file",
@@ -77,12 +95,33 @@ fn node_args(port: u16, dir: &std::path::Path, node_timeout_ms: u64) -> Vec<Stri
     ]
     .iter()
     .map(|s| (*s).to_owned())
-    .collect()
+    .collect();
+    if let Some(d) = tls {
+        let file = |f: &str| d.join(f).display().to_string();
+        args.extend([
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cluster".into(),
+            "yes".into(),
+            "--tls-replication".into(),
+            "yes".into(),
+            "--tls-cert-file".into(),
+            file("srv.pem"),
+            "--tls-key-file".into(),
+            file("srv.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.pem"),
+            "--tls-auth-clients".into(),
+            "optional".into(),
+        ]);
+    }
+    args
 }
 
-fn create(ports: &[u16]) -> anyhow::Result<()> {
+fn create(tls: Option<&Path>, ports: &[u16]) -> anyhow::Result<()> {
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let out = Command::new("redis-cli")
+        .args(tls_args(tls))
         .args(["--cluster", "create"])
         .args(&addrs)
         .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -97,10 +136,10 @@ fn create(ports: &[u16]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_healthy(ports: &[u16], within: Duration) -> anyhow::Result<()> {
+async fn wait_healthy(tls: Option<&Path>, ports: &[u16], within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        if ports.iter().all(|&p| healthy(p)) {
+        if ports.iter().all(|&p| healthy(tls, p)) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -122,13 +161,13 @@ pub async fn ensure_shared() -> anyhow::Result<Vec<String>> {
     SHARED
         .get_or_try_init(|| async {
             let ports: Vec<u16> = (SHARED_BASE_PORT..SHARED_BASE_PORT + NODES).collect();
-            if ports.iter().all(|&p| healthy(p)) {
+            if ports.iter().all(|&p| healthy(None, p)) {
                 return Ok(seeds(&ports));
             }
             let root = std::env::temp_dir().join("caracal-redis-cluster");
-            let fresh = !ports.iter().any(|&p| answers(p));
+            let fresh = !ports.iter().any(|&p| answers(None, p));
             for &port in &ports {
-                if answers(port) {
+                if answers(None, port) {
                     continue;
                 }
                 let dir = root.join(port.to_string());
@@ -139,7 +178,7 @@ pub async fn ensure_shared() -> anyhow::Result<Vec<String>> {
                 }
                 std::fs::create_dir_all(&dir)?;
                 let status = Command::new("redis-server")
-                    .args(node_args(port, &dir, 5_000))
+                    .args(node_args(port, &dir, 5_000, None))
                     .args(["--daemonize", "yes", "--logfile"])
                     .arg(dir.join("redis.log"))
                     .status()
@@ -149,16 +188,16 @@ pub async fn ensure_shared() -> anyhow::Result<Vec<String>> {
                 }
             }
             let deadline = Instant::now() + Duration::from_secs(20);
-            while !ports.iter().all(|&p| answers(p)) {
+            while !ports.iter().all(|&p| answers(None, p)) {
                 if Instant::now() > deadline {
                     bail!("Redis Cluster nodes {ports:?} do not answer");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             if fresh {
-                create(&ports)?;
+                create(None, &ports)?;
             }
-            wait_healthy(&ports, Duration::from_secs(60)).await?;
+            wait_healthy(None, &ports, Duration::from_secs(60)).await?;
             Ok(seeds(&ports))
         })
         .await
@@ -169,6 +208,8 @@ pub async fn ensure_shared() -> anyhow::Result<Vec<String>> {
 pub struct LocalCluster {
     pub ports: Vec<u16>,
     dir: PathBuf,
+    /// Certificates directory of a TLS cluster (`rediss://` only).
+    tls: Option<PathBuf>,
     node_timeout_ms: u64,
     nodes: HashMap<u16, Child>,
 }
@@ -178,8 +219,22 @@ impl LocalCluster {
     /// each with one replica). `node_timeout_ms`: how long a primary may be
     /// unreachable before its replica takes over.
     pub async fn start(base_port: u16, node_timeout_ms: u64) -> anyhow::Result<Self> {
+        Self::start_with(base_port, node_timeout_ms, None).await
+    }
+
+    /// Like [`LocalCluster::start`], TLS only (clients, cluster bus, replication)
+    /// with the certificates in `certs` ([`crate::tls::TestCerts`]).
+    pub async fn start_tls(base_port: u16, certs: &Path) -> anyhow::Result<Self> {
+        Self::start_with(base_port, 5_000, Some(certs.to_path_buf())).await
+    }
+
+    async fn start_with(
+        base_port: u16,
+        node_timeout_ms: u64,
+        tls: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let ports: Vec<u16> = (base_port..base_port + NODES).collect();
-        if let Some(p) = ports.iter().find(|&&p| answers(p)) {
+        if let Some(p) = ports.iter().find(|&&p| answers(tls.as_deref(), p)) {
             bail!("port {p} is taken by a running Redis");
         }
         let dir = std::env::temp_dir().join(format!(
@@ -189,21 +244,24 @@ impl LocalCluster {
         let mut cluster = Self {
             ports: ports.clone(),
             dir,
+            tls,
             node_timeout_ms,
             nodes: HashMap::new(),
         };
         for &port in &ports {
             cluster.spawn(port)?;
         }
+        let tls = cluster.tls.clone();
+        let tls = tls.as_deref();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !ports.iter().all(|&p| answers(p)) {
+        while !ports.iter().all(|&p| answers(tls, p)) {
             if Instant::now() > deadline {
                 bail!("Redis Cluster nodes {ports:?} do not answer");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        create(&ports)?;
-        wait_healthy(&ports, Duration::from_secs(60)).await?;
+        create(tls, &ports)?;
+        wait_healthy(tls, &ports, Duration::from_secs(60)).await?;
         Ok(cluster)
     }
 
@@ -211,7 +269,12 @@ impl LocalCluster {
         let dir = self.dir.join(port.to_string());
         std::fs::create_dir_all(&dir)?;
         let child = Command::new("redis-server")
-            .args(node_args(port, &dir, self.node_timeout_ms))
+            .args(node_args(
+                port,
+                &dir,
+                self.node_timeout_ms,
+                self.tls.as_deref(),
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -220,15 +283,23 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// `redis://` (or `rediss://` for a TLS cluster) seed URLs.
     pub fn seeds(&self) -> Vec<String> {
-        seeds(&self.ports)
+        let urls = seeds(&self.ports);
+        match self.tls {
+            None => urls,
+            Some(_) => urls
+                .iter()
+                .map(|u| u.replacen("redis://", "rediss://", 1))
+                .collect(),
+        }
     }
 
     /// The port of the primary serving `key`'s slot.
     pub fn primary_of(&self, key: &str) -> anyhow::Result<u16> {
         let slot = caracal_service_kit::redis::slot_of(key);
         for &port in &self.ports {
-            let Some(nodes) = cli(port, &["cluster", "nodes"]) else {
+            let Some(nodes) = cli(self.tls.as_deref(), port, &["cluster", "nodes"]) else {
                 continue;
             };
             for line in nodes.lines() {
@@ -253,7 +324,8 @@ impl LocalCluster {
 
     /// The port of a replica of the primary on `primary`.
     pub fn replica_of(&self, primary: u16) -> anyhow::Result<u16> {
-        let nodes = cli(primary, &["cluster", "nodes"]).context("CLUSTER NODES")?;
+        let nodes =
+            cli(self.tls.as_deref(), primary, &["cluster", "nodes"]).context("CLUSTER NODES")?;
         let lines: Vec<Vec<&str>> = nodes
             .lines()
             .map(|l| l.split_whitespace().collect())
@@ -280,6 +352,7 @@ impl LocalCluster {
         let replica = self.replica_of(primary)?;
         // DEBUG SLEEP blocks the caller for the whole sleep: run it aside.
         Command::new("redis-cli")
+            .args(tls_args(self.tls.as_deref()))
             .args(["-h", "127.0.0.1", "-p", &replica.to_string()])
             .args(["debug", "sleep", &format!("{:.3}", freeze.as_secs_f64())])
             .stdout(Stdio::null())
@@ -287,7 +360,12 @@ impl LocalCluster {
             .spawn()
             .context("redis-cli debug sleep")?;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        cli(primary, &["client", "kill", "type", "replica"]).context("CLIENT KILL")?;
+        cli(
+            self.tls.as_deref(),
+            primary,
+            &["client", "kill", "type", "replica"],
+        )
+        .context("CLIENT KILL")?;
         Ok(replica)
     }
 
@@ -309,7 +387,10 @@ impl LocalCluster {
         self.ports
             .iter()
             .filter(|p| self.nodes.contains_key(p))
-            .all(|&p| cli(p, &["cluster", "info"]).is_some_and(|i| i.contains("cluster_state:ok")))
+            .all(|&p| {
+                cli(self.tls.as_deref(), p, &["cluster", "info"])
+                    .is_some_and(|i| i.contains("cluster_state:ok"))
+            })
     }
 }
 

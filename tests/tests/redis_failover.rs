@@ -221,6 +221,33 @@ async fn no_acknowledged_decision_is_lost_when_a_primary_dies() {
         "spent counter = sum of acknowledged charges"
     );
     assert!(spent <= limit, "spent {spent} > limit {limit}");
+
+    // What operators see: the refused decisions were counted, and the watcher
+    // reports the cluster whole again (three primaries, state ok) by itself.
+    let http = stack.server.as_ref().unwrap().http_addr;
+    let (_, metrics) = caracal_tests::probe::http_get(http, "/metrics").await;
+    let metric = |name: &str| caracal_tests::probe::metric_value(&metrics, name, &[]);
+    assert!(
+        metric("caracal_redis_wait_timeouts_total").unwrap_or(0.0) >= 1.0,
+        "writes the replica never confirmed were counted: {metrics}"
+    );
+    let mut whole = false;
+    for _ in 0..60 {
+        let (_, m) = caracal_tests::probe::http_get(http, "/metrics").await;
+        let (status, _) = caracal_tests::probe::http_get(http, "/health/ready").await;
+        whole = status == 200
+            && caracal_tests::probe::metric_value(&m, "caracal_redis_cluster_ok", &[]) == Some(1.0)
+            && caracal_tests::probe::metric_value(&m, "caracal_redis_cluster_primaries", &[])
+                == Some(3.0);
+        if whole {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        whole,
+        "cluster reported whole and ready again after the failover"
+    );
     stack.stop().await.unwrap();
     drop(cluster);
 }
