@@ -488,6 +488,48 @@ reservations:
     }
 
     #[test]
+    fn redis_cluster_settings_parse_and_default_to_one_replica_ack() {
+        let yaml = r#"
+redis:
+  mode: cluster
+  nodes: [rediss://10.0.0.1:6379, rediss://10.0.0.2:6379]
+  tls:
+    enabled: true
+    caCertFile: /etc/redis/certs/ca.crt
+"#;
+        let mut c = Config::from_yaml(yaml).unwrap();
+        assert_eq!(c.redis.mode, RedisMode::Cluster);
+        assert_eq!(c.redis.nodes.len(), 2);
+        assert_eq!(c.redis.replicas_ack(), 1);
+        c.validate().unwrap();
+        assert_eq!(Config::default().redis.replicas_ack(), 0);
+        let env: HashMap<&str, &str> = [
+            ("CARACAL_REDIS_NODES", "rediss://a:1, rediss://b:2,"),
+            ("CARACAL_REDIS_MIN_REPLICAS_ACK", "2"),
+        ]
+        .into_iter()
+        .collect();
+        c.apply_env(|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(c.redis.nodes, vec!["rediss://a:1", "rediss://b:2"]);
+        assert_eq!(c.redis.replicas_ack(), 2);
+        // TLS required with a plain seed, a cluster without seeds, a bad mode.
+        let mut plain = c.clone();
+        plain.redis.nodes = vec!["redis://a:1".into()];
+        assert!(plain
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("rediss://"));
+        let mut empty = c.clone();
+        empty.redis.nodes.clear();
+        assert!(empty.validate().is_err());
+        assert!(c
+            .apply_env(|k| (k == "CARACAL_REDIS_MODE").then(|| "sentinel".to_owned()))
+            .is_err());
+        assert!(Config::from_yaml("redis:\n  mode: sentinel\n").is_err());
+    }
+
+    #[test]
     fn finished_marker_ttl_zero_is_refused() {
         let mut c = Config::default();
         c.validate().unwrap();

@@ -8,15 +8,8 @@
 //!
 //!   cargo run --release -p caracal-tests --bin authz-bench -- --seconds 10
 //!
-//! Flags: --seconds N (per run, default 10), --concurrency 1,16,64,
-//! --agents 1,10000, --kafka BROKERS (relay events to Kafka during the run;
-//! default: events stay in the Redis outbox, which the bench deletes afterwards),
-//! --per-connection N (callers per HTTP/2 connection, default 64: one connection,
-//! as from one Envoy worker), --workers N (the service's `server.workerThreads`:
-//! 1 = single-threaded runtime (default), 0 = one per core), --client-threads N
-//! (0 = the callers run on the service's runtime (default); N = on N threads of
-//! their own, like a separate client process), --redis-connections N (the
-//! service's `redis.connections`, default 1).
+//! Flags: `--help`. `--redis-cluster` runs against the local 3-shard cluster,
+//! once with the replica acknowledgement and once without (`--replica-ack 1,0`).
 
 use std::{
     sync::{
@@ -35,56 +28,48 @@ use caracal_proto::v1::{self as pb, budget_authorization_client::BudgetAuthoriza
 use caracal_tests::TestStack;
 use hdrhistogram::Histogram;
 
+/// Authorize+Settle pairs over gRPC against an in-process authz-service.
+#[derive(clap::Parser, Debug)]
+#[command(name = "authz-bench", about)]
 struct Args {
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Concurrent callers, one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
+    /// Agents the callers spread over, one set of runs per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,10000")]
     agents: Vec<usize>,
+    /// Relay events to this Kafka during the run (default: events stay in the
+    /// Redis outbox and are deleted after each run).
+    #[arg(long)]
     kafka: Option<String>,
+    /// Callers per HTTP/2 connection (64: one connection, as from one Envoy worker).
+    #[arg(long, default_value_t = 64)]
     per_connection: usize,
+    /// The service's `server.workerThreads` (1 = single-threaded runtime, 0 = one
+    /// per core).
+    #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// 0: the callers run on the service's runtime; N: on N threads of their own,
+    /// like a separate client process.
+    #[arg(long, default_value_t = 0)]
     client_threads: usize,
+    /// The service's `redis.connections`.
+    #[arg(long, default_value_t = 1)]
     redis_connections: u16,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        seconds: 10,
-        concurrency: vec![1, 16, 64],
-        agents: vec![1, 10_000],
-        kafka: None,
-        per_connection: 64,
-        workers: 1,
-        client_threads: 0,
-        redis_connections: 1,
-    };
-    let mut it = std::env::args().skip(1);
-    let list = |v: Option<String>| -> anyhow::Result<Vec<usize>> {
-        v.context("missing value")?
-            .split(',')
-            .map(|x| x.trim().parse().context("not a number"))
-            .collect()
-    };
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "--seconds" => args.seconds = it.next().context("--seconds N")?.parse()?,
-            "--concurrency" => args.concurrency = list(it.next())?,
-            "--agents" => args.agents = list(it.next())?,
-            "--kafka" => args.kafka = Some(it.next().context("--kafka BROKERS")?),
-            "--per-connection" => {
-                args.per_connection = it.next().context("--per-connection N")?.parse()?
-            }
-            "--workers" => args.workers = it.next().context("--workers N")?.parse()?,
-            "--redis-connections" => {
-                args.redis_connections = it.next().context("--redis-connections N")?.parse()?
-            }
-            "--client-threads" => {
-                args.client_threads = it.next().context("--client-threads N")?.parse()?
-            }
-            "--bench" => {} // passed by `cargo bench`
-            other => anyhow::bail!("unknown flag {other}"),
-        }
-    }
-    Ok(args)
+    /// Run against the local 3-shard Redis Cluster (3 primaries + 3 replicas on
+    /// 127.0.0.1:7001-7006, started when none runs) instead of the standalone
+    /// Redis: once per `--replica-ack` value.
+    #[arg(long)]
+    redis_cluster: bool,
+    /// With --redis-cluster: the `redis.minReplicasAck` values to compare.
+    #[arg(long, value_delimiter = ',', default_value = "1,0")]
+    replica_ack: Vec<u8>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 /// Creates `n` agents, each with a key and a $1,000,000 daily policy, with bulk SQL
@@ -242,16 +227,36 @@ fn cpu_seconds(stat: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Redis's own CPU seconds (user + system) from INFO.
+/// Redis's own CPU seconds (user + system) from INFO: of the server, or of every
+/// node of a cluster (replicas included: replication is part of the cost).
 async fn redis_cpu_seconds(stack: &TestStack) -> anyhow::Result<f64> {
-    let client = redis::Client::open(stack.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
-    Ok(info
-        .lines()
-        .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
-        .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
-        .sum())
+    use caracal_service_kit::redis::RedisConn;
+    use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+    let cpu = |info: &str| -> f64 {
+        info.lines()
+            .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+            .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
+            .sum()
+    };
+    match stack.redis_conn()? {
+        RedisConn::Standalone(mut c) => {
+            let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await?;
+            Ok(cpu(&info))
+        }
+        RedisConn::Cluster(mut c) => {
+            let reply = c
+                .route_command(
+                    redis::cmd("INFO").arg("cpu").clone(),
+                    RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllNodes,
+                        Some(ResponsePolicy::Special),
+                    )),
+                )
+                .await?;
+            let per_node: Vec<(String, String)> = redis::from_redis_value(reply)?;
+            Ok(per_node.iter().map(|(_, info)| cpu(info)).sum())
+        }
+    }
 }
 
 fn histogram() -> Histogram<u64> {
@@ -475,9 +480,8 @@ fn report(
 }
 
 async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
-    let client = redis::Client::open(stack.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    for p in 0..16 {
+    let mut conn = stack.redis_conn()?;
+    for p in 0..stack.redis.partitions {
         let _: () = redis::cmd("DEL")
             .arg(format!("{}:{{p{p}}}:outbox", stack.key_prefix))
             .query_async(&mut conn)
@@ -487,25 +491,12 @@ async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     // As the service binary builds it from `server.workerThreads`.
     caracal_authz::server::runtime(args.workers)?.block_on(bench(args))
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
-    let kafka = args.kafka.clone();
-    let redis_connections = args.redis_connections;
-    let stack = TestStack::start_with(move |c| {
-        c.database.db_pool_size = 4;
-        c.database.db_max_overflow = 4;
-        c.server.max_concurrent_requests = 10_000;
-        c.redis.connections = redis_connections;
-        if let Some(brokers) = kafka {
-            c.budget.relay_enabled = true;
-            c.kafka.brokers = brokers;
-        }
-    })
-    .await?;
     println!(
         "caracal authz bench: Authorize+Settle pairs over gRPC, {} s per run, 127.0.0.1, {} cores",
         args.seconds,
@@ -513,6 +504,43 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    if !args.redis_cluster {
+        println!("redis: standalone");
+        return bench_on(&args, None).await;
+    }
+    let seeds = caracal_tests::redis_cluster::ensure_shared().await?;
+    for ack in &args.replica_ack {
+        println!(
+            "redis: cluster of 3 primaries + 3 replicas ({}), minReplicasAck={ack}",
+            seeds.join(" ")
+        );
+        bench_on(&args, Some((seeds.clone(), *ack))).await?;
+    }
+    Ok(())
+}
+
+/// One set of runs on a fresh stack: standalone Redis, or the cluster at `seeds`
+/// with `minReplicasAck` = the given value.
+async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Result<()> {
+    let kafka = args.kafka.clone();
+    let redis_connections = args.redis_connections;
+    let stack = TestStack::start_with(move |c| {
+        c.database.db_pool_size = 4;
+        c.database.db_max_overflow = 4;
+        c.server.max_concurrent_requests = 10_000;
+        c.redis.connections = redis_connections;
+        if let Some((seeds, ack)) = cluster {
+            c.redis.mode = caracal_authz::config::RedisMode::Cluster;
+            c.redis.nodes = seeds;
+            c.redis.partitions = 16;
+            c.redis.min_replicas_ack = Some(ack);
+        }
+        if let Some(brokers) = kafka {
+            c.budget.relay_enabled = true;
+            c.kafka.brokers = brokers;
+        }
+    })
+    .await?;
     for (ai, agents) in args.agents.iter().enumerate() {
         let keys = Arc::new(seed_agents(&stack, *agents, &ai.to_string()).await?);
         for c in &args.concurrency {
