@@ -154,8 +154,11 @@ pub struct RedisConfig {
     pub timeout_ms: u64,
     /// Multiplexed connections of the hot path, used in turn. Each is driven by one
     /// task that batches the commands queued at once into one write: fewer
-    /// connections batch better, more spread the work over more cores.
-    pub connections: u16,
+    /// connections batch better, more spread the work over more cores. Unset: 1,
+    /// or 8 on a cluster with replica acknowledgement (a `WAIT` holds its
+    /// connection until the replica answers, so decisions queue behind it; 8 let
+    /// them overlap: see README, benchmarks).
+    pub connections: Option<u16>,
     /// Replicas that must hold a reservation or settlement before it is answered
     /// (`WAIT`): a primary lost right after answering then cannot take an
     /// acknowledged decision with it. Unset: 1 in cluster mode, 0 standalone.
@@ -167,6 +170,14 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
+    /// The hot path's connections in force (see `connections`).
+    pub fn hot_path_connections(&self) -> u16 {
+        self.connections.unwrap_or(match self.mode {
+            RedisMode::Cluster if self.replicas_ack() > 0 => 8,
+            _ => 1,
+        })
+    }
+
     /// The replica acknowledgement in force (see `minReplicasAck`).
     pub fn replicas_ack(&self) -> u8 {
         self.min_replicas_ack.unwrap_or(match self.mode {
@@ -199,7 +210,7 @@ impl Default for RedisConfig {
             partitions: 16,
             key_prefix: "caracal".to_owned(),
             timeout_ms: 1000,
-            connections: 1,
+            connections: None,
             min_replicas_ack: None,
             replica_ack_timeout_ms: 100,
         }
@@ -312,7 +323,6 @@ impl Config {
             "CARACAL_REDIS_PARTITIONS" => self.redis.partitions, parse;
             "CARACAL_REDIS_KEY_PREFIX" => self.redis.key_prefix, text;
             "CARACAL_REDIS_TIMEOUT_MS" => self.redis.timeout_ms, parse;
-            "CARACAL_REDIS_CONNECTIONS" => self.redis.connections, parse;
             "CARACAL_REDIS_REPLICA_ACK_TIMEOUT_MS" => self.redis.replica_ack_timeout_ms, parse;
             "CARACAL_REDIS_TLS_CA_CERT_FILE" => self.redis.tls.ca_cert_file, text;
             "CARACAL_REDIS_TLS_CERT_FILE" => self.redis.tls.cert_file, text;
@@ -341,6 +351,9 @@ impl Config {
                 .filter(|n| !n.is_empty())
                 .map(str::to_owned)
                 .collect();
+        }
+        if let Some(v) = lookup("CARACAL_REDIS_CONNECTIONS") {
+            self.redis.connections = Some(parsed("CARACAL_REDIS_CONNECTIONS", &v)?);
         }
         if let Some(v) = lookup("CARACAL_REDIS_MIN_REPLICAS_ACK") {
             self.redis.min_replicas_ack = Some(parsed("CARACAL_REDIS_MIN_REPLICAS_ACK", &v)?);
@@ -373,7 +386,10 @@ impl Config {
         {
             return bad("reservations.provisionalChargeExpiration and provisionalChargeCleanupInterval must be at least 1 second");
         }
-        if self.redis.partitions == 0 || self.redis.timeout_ms == 0 || self.redis.connections == 0 {
+        if self.redis.partitions == 0
+            || self.redis.timeout_ms == 0
+            || self.redis.hot_path_connections() == 0
+        {
             return bad(
                 "redis.partitions, redis.timeoutMs and redis.connections must be at least 1",
             );
@@ -462,7 +478,7 @@ reservations:
         assert_eq!(c.server.max_concurrent_requests, 500);
         assert_eq!(c.cache.policy_cache_ttl, 60);
         assert_eq!(c.server.worker_threads, 1);
-        assert_eq!(c.redis.connections, 2);
+        assert_eq!(c.redis.connections, Some(2));
         let env: HashMap<&str, &str> = [
             ("CARACAL_DB_POOL_SIZE", "40"),
             ("CARACAL_ADMIN_TOKEN", "s3"),
@@ -474,7 +490,7 @@ reservations:
         assert_eq!(c.database.db_pool_size, 40);
         assert_eq!(c.database.db_max_overflow, 10);
         assert_eq!(c.auth.admin_token, "s3");
-        assert_eq!(c.redis.connections, 3);
+        assert_eq!(c.redis.connections, Some(3));
         c.validate().unwrap();
         // A prefix that would break the record format or the hash tag is refused.
         for bad in ["", "a b", "a{b}", "a\tb"] {
@@ -483,7 +499,7 @@ reservations:
             assert!(bad_prefix.validate().is_err(), "{bad:?}");
         }
         let mut no_connections = c.clone();
-        no_connections.redis.connections = 0;
+        no_connections.redis.connections = Some(0);
         assert!(no_connections.validate().is_err());
     }
 
@@ -501,6 +517,7 @@ redis:
         assert_eq!(c.redis.mode, RedisMode::Cluster);
         assert_eq!(c.redis.nodes.len(), 2);
         assert_eq!(c.redis.replicas_ack(), 1);
+        assert_eq!(c.redis.hot_path_connections(), 8);
         c.validate().unwrap();
         assert_eq!(Config::default().redis.replicas_ack(), 0);
         let env: HashMap<&str, &str> = [

@@ -130,7 +130,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             .redis
             .endpoint(Duration::from_millis(config.redis.timeout_ms)),
         keys.clone(),
-        config.redis.connections,
+        config.redis.hot_path_connections(),
         ReplicaAck {
             replicas: config.redis.replicas_ack(),
             timeout: Duration::from_millis(config.redis.replica_ack_timeout_ms),

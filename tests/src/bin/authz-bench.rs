@@ -30,7 +30,7 @@ use hdrhistogram::Histogram;
 
 /// Authorize+Settle pairs over gRPC against an in-process authz-service.
 #[derive(clap::Parser, Debug)]
-#[command(name = "authz-bench", about)]
+#[command(name = "authz-bench")]
 struct Args {
     /// Seconds per run.
     #[arg(long, default_value_t = 10)]
@@ -56,9 +56,10 @@ struct Args {
     /// like a separate client process.
     #[arg(long, default_value_t = 0)]
     client_threads: usize,
-    /// The service's `redis.connections`.
-    #[arg(long, default_value_t = 1)]
-    redis_connections: u16,
+    /// The service's `redis.connections` (default: the service's, 1; 8 on a
+    /// cluster with replica acknowledgement).
+    #[arg(long)]
+    redis_connections: Option<u16>,
     /// Run against the local 3-shard Redis Cluster (3 primaries + 3 replicas on
     /// 127.0.0.1:7001-7006, started when none runs) instead of the standalone
     /// Redis: once per `--replica-ack` value.
@@ -541,6 +542,11 @@ async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Re
         }
     })
     .await?;
+    println!(
+        "redis.connections={} minReplicasAck={}",
+        stack.redis.hot_path_connections(),
+        stack.redis.replicas_ack()
+    );
     for (ai, agents) in args.agents.iter().enumerate() {
         let keys = Arc::new(seed_agents(&stack, *agents, &ai.to_string()).await?);
         for c in &args.concurrency {
