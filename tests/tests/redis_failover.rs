@@ -231,6 +231,13 @@ async fn no_acknowledged_decision_is_lost_when_a_primary_dies() {
         metric("caracal_redis_wait_timeouts_total").unwrap_or(0.0) >= 1.0,
         "writes the replica never confirmed were counted: {metrics}"
     );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("caracal_redis_shard_errors_total{")
+                && l.contains(&format!(":{doomed}\""))),
+        "failed calls counted against the lost primary's shard: {metrics}"
+    );
     let mut whole = false;
     for _ in 0..60 {
         let (_, m) = caracal_tests::probe::http_get(http, "/metrics").await;
@@ -238,7 +245,13 @@ async fn no_acknowledged_decision_is_lost_when_a_primary_dies() {
         whole = status == 200
             && caracal_tests::probe::metric_value(&m, "caracal_redis_cluster_ok", &[]) == Some(1.0)
             && caracal_tests::probe::metric_value(&m, "caracal_redis_cluster_primaries", &[])
-                == Some(3.0);
+                == Some(3.0)
+            && caracal_tests::probe::metric_value(
+                &m,
+                "caracal_redis_redirections",
+                &["kind=\"moved\""],
+            )
+            .is_some();
         if whole {
             break;
         }
