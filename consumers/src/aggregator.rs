@@ -39,13 +39,14 @@ use std::{
 use caracal_domain::spend::{self, SpendKeys};
 use caracal_proto::v1::SpendingAnomalyEvent;
 use caracal_service_kit::kafka::producer_config;
+use caracal_service_kit::redis::{RedisConn, RedisEndpoint, RedisMode, RedisTls};
 use chrono::{DateTime, Duration as Span, Utc};
 use prost::Message as _;
 use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
-use redis::{aio::ConnectionManager, Script};
+use redis::Script;
 
 use crate::{
     config::{ConsumerConfig, RedisSettings},
@@ -176,7 +177,7 @@ fn parse_deltas(text: &str) -> Result<Vec<Delta>, String> {
 /// The aggregator's Redis: the spend keys and the two scripts.
 #[derive(Clone)]
 pub struct SpendStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: SpendKeys,
     count: Arc<Script>,
     totals: Arc<Script>,
@@ -184,29 +185,23 @@ pub struct SpendStore {
 
 impl SpendStore {
     /// Connects lazily: a store made while Redis is down works once it is back.
+    /// (A standalone server: the per-batch pipelines span agents' hash tags.)
     pub fn new(settings: &RedisSettings) -> Result<Self, String> {
-        let client = if settings.ca_file.is_empty() {
-            redis::Client::open(settings.url.as_str())
-        } else {
-            let ca = std::fs::read(&settings.ca_file)
-                .map_err(|e| format!("redis.caFile {}: {e}", settings.ca_file))?;
-            redis::Client::build_with_tls(
-                settings.url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca),
-                },
-            )
-        }
-        .map_err(|e| format!("redis.url: {e}"))?;
-        let timeout = Duration::from_millis(settings.timeout_ms);
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("redis: {e}"))?;
+        let endpoint = RedisEndpoint {
+            mode: RedisMode::Standalone,
+            urls: vec![settings.url.clone()],
+            tls: RedisTls {
+                ca_cert_file: settings.ca_file.clone(),
+                ..RedisTls::default()
+            },
+            timeout: Duration::from_millis(settings.timeout_ms),
+        };
+        let conn = endpoint
+            .connect(1)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .next()
+            .ok_or("redis: no connection")?;
         Ok(Self {
             conn,
             keys: SpendKeys::new(settings.key_prefix.clone()),
