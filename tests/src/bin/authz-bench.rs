@@ -68,6 +68,10 @@ struct Args {
     /// With --redis-cluster: the `redis.minReplicasAck` values to compare.
     #[arg(long, value_delimiter = ',', default_value = "1,0")]
     replica_ack: Vec<u8>,
+    /// Requests per script shape for the Redis-only ceiling (`redis-benchmark`,
+    /// 64 connections, standalone only); 0 skips it.
+    #[arg(long, default_value_t = 300_000)]
+    ceiling_requests: u64,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -454,6 +458,17 @@ async fn run(
     Ok(())
 }
 
+/// Pairs/s of the Redis-only ceiling measured at the start (standalone runs).
+static CEILING: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// The port of a `redis://host:port` URL (6379 when absent).
+fn redis_port(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(6379)
+}
+
 fn report(
     keys: &[String],
     concurrency: usize,
@@ -478,6 +493,12 @@ fn report(
         total.len(),
         errors.load(Ordering::Relaxed)
     );
+    if let Some(ceiling) = CEILING.get() {
+        println!(
+            "    = {:.2} of the Redis-only ceiling ({ceiling:.0} pairs/s)",
+            total.len() as f64 / elapsed / ceiling
+        );
+    }
 }
 
 async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
@@ -507,6 +528,21 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     );
     if !args.redis_cluster {
         println!("redis: standalone");
+        if args.ceiling_requests > 0 {
+            let port = redis_port(&caracal_tests::redis_url());
+            let c = tokio::task::spawn_blocking({
+                let n = args.ceiling_requests;
+                move || caracal_tests::redis_ceiling::measure(port, n, 64)
+            })
+            .await??;
+            println!(
+                "redis-only ceiling (redis-benchmark, EVALSHA of the same shape, 64 connections): reserve {:.0}/s, settle {:.0}/s = {:.0} pairs/s",
+                c.reserve_per_s,
+                c.settle_per_s,
+                c.pairs_per_s()
+            );
+            let _ = CEILING.set(c.pairs_per_s());
+        }
         return bench_on(&args, None).await;
     }
     let seeds = caracal_tests::redis_cluster::ensure_shared().await?;
