@@ -30,9 +30,7 @@
 //!
 //!   cargo run --release -p caracal-tests --bin gateway-bench -- --rate 200 --seconds 10
 //!
-//! Flags: --rate N (req/s of the fixed-rate run, default 200), --seconds N (per run,
-//! default 10), --concurrency N (closed-loop clients, default 16), --warmup N
-//! (requests per gateway before measuring, default 500). Needs what the gateway tests
+//! Flags: `--help`. Needs what the gateway tests
 //! need: PostgreSQL and Redis on 127.0.0.1, Envoy in `.venv` (or
 //! `CARACAL_ENVOY_BIN`), the filter built with `--profile wasm` (done here unless
 //! `CARACAL_FILTER_WASM` names one).
@@ -72,43 +70,29 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Histogram range: 1 µs .. 60 s.
 const HIST_MAX_MICROS: u64 = 60_000_000;
 
+/// Latency and throughput an Envoy route gains from the Caracal filter + authz.
+#[derive(clap::Parser, Debug)]
+#[command(name = "gateway-bench")]
 struct Args {
+    /// Requests per second of the fixed-rate (open-loop) run.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     rate: u64,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
-    concurrency: usize,
+    /// Closed-loop clients of the maximum-throughput run.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
+    /// Requests per gateway before measuring.
+    #[arg(long, default_value_t = 500)]
     warmup: u64,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        rate: 200,
-        seconds: 10,
-        concurrency: 16,
-        warmup: 500,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| -> anyhow::Result<u64> {
-            it.next()
-                .with_context(|| format!("{name} N"))?
-                .parse()
-                .with_context(|| format!("{name}: not a number"))
-        };
-        match flag.as_str() {
-            "--rate" => args.rate = value("--rate")?,
-            "--seconds" => args.seconds = value("--seconds")?,
-            "--concurrency" => args.concurrency = usize::try_from(value("--concurrency")?)?,
-            "--warmup" => args.warmup = value("--warmup")?,
-            "--bench" => {} // passed by `cargo bench`
-            other => anyhow::bail!(
-                "unknown flag {other} (--rate N, --seconds N, --concurrency N, --warmup N)"
-            ),
-        }
-    }
-    anyhow::ensure!(args.rate >= 1, "--rate must be at least 1");
-    anyhow::ensure!(args.seconds >= 1, "--seconds must be at least 1");
-    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
-    Ok(args)
+    Ok(<Args as clap::Parser>::parse())
 }
 
 /// One gateway under test and the request sent to it.
@@ -775,7 +759,7 @@ async fn bench(
     for t in &targets {
         let s = closed_loop(
             t.clone(),
-            args.concurrency,
+            usize::try_from(args.concurrency)?,
             Duration::from_secs(args.seconds),
             u64::MAX,
         )
