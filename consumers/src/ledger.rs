@@ -3,13 +3,15 @@
 //! Each message is a [`ChargeEvent`] as the outbox relay encodes it (protobuf
 //! value, key = root agent id, headers `event_id`, `event_type`, `schema_version`).
 //! It is validated ([`decode`]) and written with every field, plus where it was
-//! read (topic, partition, offset). A batch is one multi-row
-//! `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`: one statement,
-//! one transaction, and a redelivered event (same id, same time) changes nothing.
-//! See the migration `*_ledger_events` for the table, its monthly partitions and
-//! the rule for superseded charges (`late_settle`).
+//! read (topic, partition, offset). A batch is written as two key ranges at once,
+//! each one multi-row `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`
+//! in its own transaction, and two batches may be in flight (offsets are still
+//! committed in order, each after its batch is durable); a redelivered event
+//! (same id, same time) changes nothing. See the migration `*_ledger_events` for
+//! the table, its monthly partitions and the rule for superseded charges
+//! (`late_settle`), and `*_ledger_ingest_indexes` for its key and indexes.
 
-use std::{future::Future, time::Duration};
+use std::{borrow::Borrow, future::Future, pin::Pin, time::Duration};
 
 use caracal_proto::v1::{ChargeEvent, Money};
 use caracal_service_kit::db::Pool;
@@ -41,6 +43,15 @@ const MAX_ID_LEN: usize = 200;
 /// JSON sub-select). Ids containing it are refused in [`decode`].
 const POLICY_SEPARATOR: char = '\u{1f}';
 const POLICY_SEPARATOR_STR: &str = "\u{1f}";
+/// Batches from this size on are written as [`PARALLEL_WRITES`] concurrent
+/// chunks (see [`LedgerWriter`]'s `write`).
+const PARALLEL_MIN_ROWS: usize = 1000;
+/// Chunks of a batch written at once, each on its own connection.
+const PARALLEL_WRITES: usize = 2;
+/// Batches written at once ([`Handler::in_flight`]).
+const IN_FLIGHT: usize = 2;
+/// The debug line of a write that met rows already there.
+const DUPLICATES: &str = "events already in the ledger (redelivery)";
 /// How often the monthly partitions ahead are (re)created.
 const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
 /// Months created ahead of the current one.
@@ -224,40 +235,92 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::uuid
 ON CONFLICT DO NOTHING";
 
 /// Writes `rows` in one statement; returns how many were new (the rest were
-/// already in the ledger).
-pub async fn insert_rows(
+/// already in the ledger). The columns are bound as borrowed arrays: no text is
+/// copied on the way to the wire.
+pub async fn insert_rows<R: Borrow<LedgerRow> + Sync>(
     conn: &mut diesel_async::AsyncPgConnection,
-    rows: &[LedgerRow],
+    rows: &[R],
 ) -> Result<usize, diesel::result::Error> {
-    fn col<T>(rows: &[LedgerRow], f: impl Fn(&LedgerRow) -> T) -> Vec<T> {
-        rows.iter().map(f).collect()
+    fn col<'r, R: Borrow<LedgerRow>, T>(rows: &'r [R], f: impl Fn(&'r LedgerRow) -> T) -> Vec<T> {
+        rows.iter().map(|r| f(r.borrow())).collect()
     }
     diesel::sql_query(INSERT)
-        .bind::<Array<Text>, _>(col(rows, |r| r.event_id.clone()))
-        .bind::<Array<Text>, _>(col(rows, |r| r.kind.clone()))
-        .bind::<Array<Text>, _>(col(rows, |r| r.reservation_id.clone()))
-        .bind::<Array<Text>, _>(col(rows, |r| r.request_id.clone()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.event_id.as_str()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.kind.as_str()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.reservation_id.as_str()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.request_id.as_str()))
         .bind::<Array<diesel::sql_types::Uuid>, _>(col(rows, |r| r.agent_id))
         .bind::<Array<diesel::sql_types::Uuid>, _>(col(rows, |r| r.root_agent_id))
         .bind::<Array<Text>, _>(col(rows, |r| r.policy_ids.join(POLICY_SEPARATOR_STR)))
-        .bind::<Array<Text>, _>(col(rows, |r| r.currency.clone()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.currency.as_str()))
         .bind::<Array<BigInt>, _>(col(rows, |r| r.reserved_micros))
         .bind::<Array<BigInt>, _>(col(rows, |r| r.charged_micros))
         .bind::<Array<BigInt>, _>(col(rows, |r| r.overshoot_micros))
         .bind::<Array<BigInt>, _>(col(rows, |r| r.input_tokens))
         .bind::<Array<BigInt>, _>(col(rows, |r| r.output_tokens))
         .bind::<Array<BigInt>, _>(col(rows, |r| r.cached_input_tokens))
-        .bind::<Array<Text>, _>(col(rows, |r| r.provider.clone()))
-        .bind::<Array<Text>, _>(col(rows, |r| r.model.clone()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.provider.as_str()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.model.as_str()))
         .bind::<Array<Integer>, _>(col(rows, |r| r.price_version))
         .bind::<Array<Integer>, _>(col(rows, |r| r.schema_version))
         .bind::<Array<Timestamptz>, _>(col(rows, |r| r.occurred_at))
-        .bind::<Array<Text>, _>(col(rows, |r| r.kafka_topic.clone()))
+        .bind::<Array<Text>, _>(col(rows, |r| r.kafka_topic.as_str()))
         .bind::<Array<Integer>, _>(col(rows, |r| r.kafka_partition))
         .bind::<Array<BigInt>, _>(col(rows, |r| r.kafka_offset))
         .bind::<Array<Nullable<Timestamptz>>, _>(col(rows, |r| r.reserved_at))
         .execute(conn)
         .await
+}
+
+/// Writes `rows` in one statement on a pooled connection.
+async fn write_rows(pool: Pool, rows: &[&LedgerRow]) -> Result<(), String> {
+    pg_batch::write(
+        pool,
+        rows,
+        |conn, rows| Box::pin(insert_rows(conn, rows)),
+        DUPLICATES,
+    )
+    .await
+}
+
+/// The rows of `items` sorted by primary key `(occurred_at, event_id)`, cut in `n`
+/// ranges (fewer when short) that share no key: copies of one event stay together.
+fn key_chunks(items: &[LedgerRow], n: usize) -> Vec<Vec<&LedgerRow>> {
+    fn key(r: &LedgerRow) -> (DateTime<Utc>, &str) {
+        (r.occurred_at, &r.event_id)
+    }
+    let mut rows: Vec<&LedgerRow> = items.iter().collect();
+    rows.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+    let size = rows.len().div_ceil(n.max(1)).max(1);
+    let mut chunks = Vec::with_capacity(n);
+    while !rows.is_empty() {
+        let mut cut = size.min(rows.len());
+        while cut < rows.len() && key(rows[cut - 1]) == key(rows[cut]) {
+            cut += 1;
+        }
+        let rest = rows.split_off(cut);
+        chunks.push(std::mem::replace(&mut rows, rest));
+    }
+    chunks
+}
+
+/// Writes each chunk in a transaction of its own, all at once.
+fn write_chunks<'a>(
+    pool: Pool,
+    chunks: &'a [Vec<&'a LedgerRow>],
+) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+    Box::pin(async move {
+        match chunks {
+            [] => Ok(()),
+            [one] => write_rows(pool, one).await,
+            _ => {
+                let (low, high) = chunks.split_at(chunks.len() / 2);
+                let (a, b) =
+                    tokio::join!(write_chunks(pool.clone(), low), write_chunks(pool, high));
+                a.and(b)
+            }
+        }
+    })
 }
 
 /// Creates the current month's partition and the next [`PARTITIONS_AHEAD`] when
@@ -299,17 +362,35 @@ impl Handler for LedgerWriter {
         decode(msg)
     }
 
+    /// A batch of [`PARALLEL_MIN_ROWS`] or more is written as [`PARALLEL_WRITES`]
+    /// chunks at once, each in its own transaction on its own connection
+    /// (PostgreSQL spends a backend's CPU per row: several backends share the
+    /// work). The chunks are ranges of the primary key, so no event is in two of
+    /// them (two transactions inserting the same key wait for each other). The
+    /// batch is durable once every chunk is; when one fails the whole batch is
+    /// retried, and the chunks already written are no-ops (`ON CONFLICT DO
+    /// NOTHING`).
     fn write(&self, items: &[LedgerRow]) -> impl Future<Output = Result<(), String>> + Send {
-        pg_batch::write(
-            self.pool.clone(),
-            items,
-            |conn, rows| Box::pin(insert_rows(conn, rows)),
-            "events already in the ledger (redelivery)",
-        )
+        let pool = self.pool.clone();
+        async move {
+            let n = if items.len() < PARALLEL_MIN_ROWS {
+                1
+            } else {
+                PARALLEL_WRITES
+            };
+            let chunks = key_chunks(items, n);
+            write_chunks(pool, &chunks).await
+        }
     }
 
     fn reachable(&self) -> impl Future<Output = bool> + Send {
         pg_batch::reachable(self.pool.clone())
+    }
+
+    /// Two batches at once: while one's last chunk and its commit finish, the
+    /// next one already keeps PostgreSQL busy.
+    fn in_flight(&self) -> usize {
+        IN_FLIGHT
     }
 }
 

@@ -20,9 +20,11 @@
 //!   (within `shutdownGrace`), and the consumer leaves its group.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     future::Future,
-    sync::Arc,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -37,7 +39,7 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
     ClientContext, Offset, TopicPartitionList,
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{config::ConsumerConfig, health::HealthState, metrics as m};
 
@@ -105,6 +107,14 @@ pub trait Handler: Send + Sync + 'static {
     /// Whether the store answers at all (a failed write while it answers means
     /// the items are refused, not that the store is down).
     fn reachable(&self) -> impl Future<Output = bool> + Send;
+
+    /// How many batches may be written at the same time (each in its own
+    /// [`Handler::write`]); their offsets are still committed batch by batch, in
+    /// order, each only once it and every batch before it are durable. 1: one
+    /// batch at a time.
+    fn in_flight(&self) -> usize {
+        1
+    }
 }
 
 /// Tracks the group assignment for readiness.
@@ -204,9 +214,34 @@ fn assign_all(
     Ok(())
 }
 
+/// A gathered batch: its messages, each one's decoding (same index), and the
+/// Kafka errors met while gathering.
+struct Gathered<T> {
+    batch: Vec<RawMessage>,
+    decoded: Vec<Result<T, String>>,
+    errors: Vec<String>,
+}
+
 /// See [`Runner::gather`]. A free function over owned handles, so it can run in a
-/// task of its own while the previous batch is written.
-async fn gather(
+/// task of its own while the previous batch is written; it decodes the batch
+/// there too.
+async fn gather<H: Handler>(
+    consumer: Arc<KafkaConsumer>,
+    handler: Arc<H>,
+    batch_size: usize,
+    batch_wait: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> Gathered<H::Item> {
+    let (batch, errors) = receive(consumer, batch_size, batch_wait, shutdown).await;
+    let decoded = batch.iter().map(|msg| handler.decode(msg)).collect();
+    Gathered {
+        batch,
+        decoded,
+        errors,
+    }
+}
+
+async fn receive(
     consumer: Arc<KafkaConsumer>,
     batch_size: usize,
     batch_wait: Duration,
@@ -274,9 +309,73 @@ enum Outcome {
     Abandoned,
 }
 
+/// A batch whose write has ended.
+struct Written {
+    batch: Vec<RawMessage>,
+    /// Items written (poison excluded).
+    items: usize,
+    started: Instant,
+    outcome: Outcome,
+}
+
+/// A batch being written, or written and waiting for its turn to commit.
+enum Slot<'a> {
+    Writing(Pin<Box<dyn Future<Output = Written> + Send + 'a>>),
+    Done(Written),
+}
+
+/// What [`next_event`] saw first.
+enum Event<T> {
+    /// The oldest batch in flight is written (offsets go in order).
+    Written(Written),
+    /// The next batch is gathered.
+    Gathered(Result<Gathered<T>, tokio::task::JoinError>),
+}
+
+/// Drives every write in flight until the oldest has ended or (when given) the
+/// gathering of the next batch has; `None` when there is nothing to wait for.
+async fn next_event<T>(
+    writing: &mut VecDeque<Slot<'_>>,
+    mut gathering: Option<&mut JoinHandle<Gathered<T>>>,
+) -> Option<Event<T>> {
+    if writing.is_empty() && gathering.is_none() {
+        return None;
+    }
+    std::future::poll_fn(|cx| {
+        for slot in writing.iter_mut() {
+            if let Slot::Writing(write) = slot {
+                if let Poll::Ready(written) = write.as_mut().poll(cx) {
+                    *slot = Slot::Done(written);
+                }
+            }
+        }
+        if matches!(writing.front(), Some(Slot::Done(_))) {
+            if let Some(Slot::Done(written)) = writing.pop_front() {
+                return Poll::Ready(Some(Event::Written(written)));
+            }
+        }
+        if let Some(gathering) = gathering.as_mut() {
+            if let Poll::Ready(joined) = Pin::new(&mut **gathering).poll(cx) {
+                return Poll::Ready(Some(Event::Gathered(joined)));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Whether a rate-limited line may be logged now.
+fn allow(limit: &Mutex<LogLimit>) -> bool {
+    limit
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .allow()
+        .is_some()
+}
+
 /// One consumer: its handler, Kafka clients and settings.
 pub struct Runner<H: Handler> {
-    handler: H,
+    handler: Arc<H>,
     consumer: Arc<KafkaConsumer>,
     producer: FutureProducer,
     group: String,
@@ -288,8 +387,8 @@ pub struct Runner<H: Handler> {
     backoff_max: Duration,
     grace: Duration,
     health: Arc<HealthState>,
-    kafka_log: LogLimit,
-    db_log: LogLimit,
+    kafka_log: Mutex<LogLimit>,
+    db_log: Mutex<LogLimit>,
 }
 
 impl<H: Handler> Runner<H> {
@@ -303,7 +402,7 @@ impl<H: Handler> Runner<H> {
     ) -> Self {
         let c = &config.consumer;
         Self {
-            handler,
+            handler: Arc::new(handler),
             consumer,
             producer,
             group: group.to_owned(),
@@ -315,71 +414,93 @@ impl<H: Handler> Runner<H> {
             backoff_max: Duration::from_millis(c.max_backoff_ms.max(c.retry_backoff_ms.max(1))),
             grace: Duration::from_secs(c.shutdown_grace),
             health,
-            kafka_log: LogLimit::default(),
-            db_log: LogLimit::default(),
+            kafka_log: Mutex::default(),
+            db_log: Mutex::default(),
         }
     }
 
     /// Consumes until `shutdown` becomes true (or its sender is dropped).
     ///
-    /// While a batch is written, the next one is gathered and decoded (at most one
-    /// batch ahead): the broker and the database work at the same time, and the
-    /// offsets are still committed batch by batch, in order, each only after its own
-    /// write. A batch gathered ahead and not written when the consumer stops is
-    /// simply not committed (whoever reads the partition next reads it again).
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// While a batch is written, the next one is gathered and decoded: the broker
+    /// and the store work at the same time. Up to [`Handler::in_flight`] batches are
+    /// written at once; the offsets are still committed batch by batch, in order,
+    /// each only after its own write and the commit of the batch before it. A batch
+    /// not written when the consumer stops is simply not committed (whoever reads
+    /// the partition next reads it again), nor is any batch after it.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let name = self.handler.name();
         tracing::info!(consumer = name, group = %self.group, "consumer started");
-        let mut ahead: Option<Vec<RawMessage>> = None;
+        let depth = self.handler.in_flight().max(1);
+        let mut writing: VecDeque<Slot<'_>> = VecDeque::with_capacity(depth);
+        let mut gathering = Some(tokio::spawn(self.gather(&shutdown)));
         loop {
-            if *shutdown.borrow() {
+            let stopping = *shutdown.borrow() || shutdown.has_changed().is_err();
+            if stopping && writing.is_empty() {
                 break;
             }
-            let batch = match ahead.take() {
-                Some(batch) => batch,
-                None => {
-                    let (batch, errors) = self.gather(&mut shutdown).await;
-                    self.kafka_troubles(errors);
-                    batch
-                }
+            let room = writing.len() < depth;
+            let Some(event) = next_event(&mut writing, gathering.as_mut().filter(|_| room)).await
+            else {
+                break;
             };
-            if batch.is_empty() {
-                continue;
+            match event {
+                Event::Gathered(joined) => {
+                    gathering = None;
+                    match joined {
+                        Ok(mut next) => {
+                            self.kafka_troubles(std::mem::take(&mut next.errors));
+                            // Gathered while stopping: left for whoever reads next.
+                            if !next.batch.is_empty() && !*shutdown.borrow() {
+                                let write = self.write_batch(next, shutdown.clone());
+                                writing.push_back(Slot::Writing(Box::pin(write)));
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "gathering the next batch failed"),
+                    }
+                    if !*shutdown.borrow() {
+                        gathering = Some(tokio::spawn(self.gather(&shutdown)));
+                    }
+                }
+                Event::Written(written) => {
+                    if written.outcome == Outcome::Abandoned {
+                        break;
+                    }
+                    self.commit(written).await;
+                }
             }
-            let (outcome, next) = self.process(batch, &shutdown).await;
-            if outcome == Outcome::Abandoned {
-                break;
-            }
-            ahead = next.filter(|b| !b.is_empty());
+        }
+        if let Some(gathering) = gathering {
+            gathering.abort();
         }
         tracing::info!(consumer = name, group = %self.group, "consumer stopped");
     }
 
     /// Gathers one batch: waits for a first message (until shutdown), then up to
-    /// `batchSize` messages for at most `batchWait`. Returns the batch and the Kafka
-    /// errors met (logged by the caller).
+    /// `batchSize` messages for at most `batchWait`, and decodes them. Returns them
+    /// with the Kafka errors met (logged by the caller).
     fn gather(
         &self,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> impl Future<Output = (Vec<RawMessage>, Vec<String>)> + Send + 'static {
+        shutdown: &watch::Receiver<bool>,
+    ) -> impl Future<Output = Gathered<H::Item>> + Send + 'static {
         gather(
             self.consumer.clone(),
+            self.handler.clone(),
             self.batch_size,
             self.batch_wait,
             shutdown.clone(),
         )
     }
 
-    fn kafka_troubles(&mut self, errors: Vec<String>) {
+    fn kafka_troubles(&self, errors: Vec<String>) {
         for e in errors {
             self.kafka_trouble(&e);
         }
     }
 
-    fn kafka_trouble(&mut self, error: &str) {
+    fn kafka_trouble(&self, error: &str) {
         metrics::counter!(m::ERRORS, "consumer" => self.handler.name(), "kind" => "kafka")
             .increment(1);
-        if self.kafka_log.allow().is_some() {
+        if allow(&self.kafka_log) {
             tracing::warn!(consumer = self.handler.name(), %error, "Kafka error (retrying)");
         }
     }
@@ -393,45 +514,40 @@ impl<H: Handler> Runner<H> {
         false
     }
 
-    /// Writes `batch` (dead letters included) and commits its offsets; meanwhile
-    /// gathers the next batch, returned alongside (`None` when the write was given up).
-    async fn process(
-        &mut self,
-        batch: Vec<RawMessage>,
-        shutdown: &watch::Receiver<bool>,
-    ) -> (Outcome, Option<Vec<RawMessage>>) {
-        let mut next_shutdown = shutdown.clone();
-        let gathering = tokio::spawn(self.gather(&mut next_shutdown));
-        let outcome = self.write_and_commit(batch, shutdown).await;
-        if outcome == Outcome::Abandoned {
-            gathering.abort();
-            return (outcome, None);
-        }
-        match gathering.await {
-            Ok((next, errors)) => {
-                self.kafka_troubles(errors);
-                (outcome, Some(next))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "gathering the next batch failed");
-                (outcome, None)
-            }
+    /// Writes a gathered batch (dead letters included); its offsets are committed
+    /// by the caller, in order ([`Runner::commit`]).
+    async fn write_batch(
+        &self,
+        gathered: Gathered<H::Item>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Written {
+        let started = Instant::now();
+        let (items, outcome) = self
+            .write_items(&gathered.batch, gathered.decoded, &shutdown)
+            .await;
+        Written {
+            batch: gathered.batch,
+            items,
+            started,
+            outcome,
         }
     }
 
-    async fn write_and_commit(
-        &mut self,
-        batch: Vec<RawMessage>,
+    /// Writes the decoded items of `batch` and sends its poison to the dead-letter
+    /// topic; returns how many items were written.
+    async fn write_items(
+        &self,
+        batch: &[RawMessage],
+        decoded: Vec<Result<H::Item, String>>,
         shutdown: &watch::Receiver<bool>,
-    ) -> Outcome {
-        let started = Instant::now();
+    ) -> (usize, Outcome) {
         let name = self.handler.name();
         let mut items = Vec::with_capacity(batch.len());
         // The message of each item (same index), for a dead letter.
         let mut sources: Vec<&RawMessage> = Vec::with_capacity(batch.len());
         let mut poison: Vec<Poison<'_>> = Vec::new();
-        for msg in &batch {
-            match self.handler.decode(msg) {
+        for (msg, decoded) in batch.iter().zip(decoded) {
+            match decoded {
                 Ok(item) => {
                     items.push(item);
                     sources.push(msg);
@@ -458,7 +574,7 @@ impl<H: Handler> Runner<H> {
                 let failed_at = *first_failed.get_or_insert_with(chrono::Utc::now);
                 attempt = attempt.saturating_add(1);
                 metrics::counter!(m::ERRORS, "consumer" => name, "kind" => "db").increment(1);
-                if self.db_log.allow().is_some() {
+                if allow(&self.db_log) {
                     tracing::warn!(consumer = name, %error, attempt, retry_in = ?backoff,
                         "writing a batch failed; retrying the same batch (nothing is skipped)");
                 }
@@ -488,7 +604,7 @@ impl<H: Handler> Runner<H> {
                         consumer = name,
                         "shutting down with a batch not written; it stays uncommitted"
                     );
-                    return Outcome::Abandoned;
+                    return (items.len(), Outcome::Abandoned);
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(self.backoff_max);
@@ -498,9 +614,22 @@ impl<H: Handler> Runner<H> {
 
         for p in poison {
             if !self.dead_letter(&p, shutdown, &mut give_up).await {
-                return Outcome::Abandoned;
+                return (items.len(), Outcome::Abandoned);
             }
         }
+        (items.len(), Outcome::Committed)
+    }
+
+    /// Commits the offsets of a written batch (one past its last message, per
+    /// partition), synchronously.
+    async fn commit(&self, written: Written) {
+        let Written {
+            batch,
+            items,
+            started,
+            ..
+        } = written;
+        let name = self.handler.name();
 
         // The next offset to read, per partition: one past the last of the batch.
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
@@ -538,13 +667,12 @@ impl<H: Handler> Runner<H> {
             }
             Err(e) => tracing::warn!(consumer = name, error = %e, "offset commit task failed"),
         }
-        metrics::counter!(m::EVENTS_PROCESSED, "consumer" => name).increment(items.len() as u64);
+        metrics::counter!(m::EVENTS_PROCESSED, "consumer" => name).increment(items as u64);
         metrics::histogram!(m::PROCESSING_SECONDS, "consumer" => name)
             .record(started.elapsed().as_secs_f64());
         // Precision loss only above 2^53 messages per batch.
         #[allow(clippy::cast_precision_loss)]
         metrics::histogram!(m::BATCH_SIZE, "consumer" => name).record(batch.len() as f64);
-        Outcome::Committed
     }
 
     /// Writes `items` one at a time. `Some(refused)`: every item was written except
@@ -568,7 +696,7 @@ impl<H: Handler> Runner<H> {
     /// Sends one poison message to the dead-letter topic and waits for Kafka to
     /// acknowledge it (retrying like a database failure). False: shutdown came first.
     async fn dead_letter(
-        &mut self,
+        &self,
         poison: &Poison<'_>,
         shutdown: &watch::Receiver<bool>,
         give_up: &mut Option<Instant>,
@@ -628,7 +756,7 @@ impl<H: Handler> Runner<H> {
                 self.health
                     .set_waiting(Some(format!("dead-letter topic: {error}")));
             }
-            if self.kafka_log.allow().is_some() {
+            if allow(&self.kafka_log) {
                 tracing::warn!(consumer = name, %error, "sending a dead letter failed; retrying");
             }
             if self.give_up_at(shutdown, give_up) {
