@@ -496,6 +496,34 @@ mod tests {
     }
 
     #[test]
+    fn chunks_are_key_ranges_and_keep_copies_of_an_event_together() {
+        let base = decode(&msg(&event())).unwrap();
+        let row = |i: i64, id: &str| LedgerRow {
+            event_id: id.to_owned(),
+            occurred_at: DateTime::from_timestamp(1_700_000_000 + i, 0).unwrap(),
+            ..base.clone()
+        };
+        // Out of order, and "c" twice right where a halving would cut.
+        let items = vec![
+            row(4, "e"),
+            row(3, "c"),
+            row(1, "a"),
+            row(3, "c"),
+            row(2, "b"),
+            row(5, "f"),
+        ];
+        let chunks = key_chunks(&items, 2);
+        let ids: Vec<Vec<&str>> = chunks
+            .iter()
+            .map(|c| c.iter().map(|r| r.event_id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, vec![vec!["a", "b", "c", "c"], vec!["e", "f"]]);
+        assert_eq!(key_chunks(&items, 1).len(), 1);
+        assert_eq!(key_chunks(&items, 9).iter().map(Vec::len).sum::<usize>(), 6);
+        assert!(key_chunks(&[], 2).is_empty());
+    }
+
+    #[test]
     fn poison_is_named() {
         type Change = Box<dyn Fn(&mut ChargeEvent)>;
         let cases: Vec<(Change, &str)> = vec![
