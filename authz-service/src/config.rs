@@ -422,10 +422,13 @@ impl Config {
         if let Err(e) = self.redis.endpoint(Duration::from_millis(1)).validate() {
             return Err(ConfigError::Invalid(e.to_string()));
         }
-        if self.redis.replicas_ack() > 0 && self.redis.replica_ack_timeout_ms == 0 {
-            return bad(
-                "redis.replicaAckTimeoutMs must be at least 1 when replicas must acknowledge",
-            );
+        if self.redis.replicas_ack() > 0
+            && (self.redis.replica_ack_timeout_ms == 0
+                || self.redis.replica_ack_timeout_ms >= self.redis.timeout_ms)
+        {
+            // Past timeoutMs the call is cut before WAIT answers: every decision
+            // would fail as a timeout instead of being confirmed.
+            return bad("redis.replicaAckTimeoutMs must be at least 1 and below redis.timeoutMs when replicas must acknowledge");
         }
         // The prefix is part of every key, and keys are written into reservation
         // records as tab/newline-separated text (and `{}` would move the hash tag).
@@ -540,6 +543,13 @@ redis:
         let mut empty = c.clone();
         empty.redis.nodes.clear();
         assert!(empty.validate().is_err());
+        let mut slow_ack = c.clone();
+        slow_ack.redis.replica_ack_timeout_ms = slow_ack.redis.timeout_ms;
+        assert!(slow_ack
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("replicaAckTimeoutMs"));
         assert!(c
             .apply_env(|k| (k == "CARACAL_REDIS_MODE").then(|| "sentinel".to_owned()))
             .is_err());
