@@ -5,9 +5,8 @@
 //! It is validated ([`decode`]) and written with every field, plus where it was
 //! read (topic, partition, offset). A batch is written as two key ranges at once,
 //! each one multi-row `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`
-//! in its own transaction, and two batches may be in flight (offsets are still
-//! committed in order, each after its batch is durable); a redelivered event
-//! (same id, same time) changes nothing. See the migration `*_ledger_events` for
+//! in its own transaction; a redelivered event (same id, same time) changes
+//! nothing. See the migration `*_ledger_events` for
 //! the table, its monthly partitions and the rule for superseded charges
 //! (`late_settle`), and `*_ledger_ingest_indexes` for its key and indexes.
 
@@ -48,8 +47,6 @@ const POLICY_SEPARATOR_STR: &str = "\u{1f}";
 const PARALLEL_MIN_ROWS: usize = 1000;
 /// Chunks of a batch written at once, each on its own connection.
 const PARALLEL_WRITES: usize = 2;
-/// Batches written at once ([`Handler::in_flight`]).
-const IN_FLIGHT: usize = 2;
 /// The debug line of a write that met rows already there.
 const DUPLICATES: &str = "events already in the ledger (redelivery)";
 /// How often the monthly partitions ahead are (re)created.
@@ -385,12 +382,6 @@ impl Handler for LedgerWriter {
 
     fn reachable(&self) -> impl Future<Output = bool> + Send {
         pg_batch::reachable(self.pool.clone())
-    }
-
-    /// Two batches at once: while one's last chunk and its commit finish, the
-    /// next one already keeps PostgreSQL busy.
-    fn in_flight(&self) -> usize {
-        IN_FLIGHT
     }
 }
 
