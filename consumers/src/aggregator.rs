@@ -39,7 +39,7 @@ use std::{
 use caracal_domain::spend::{self, SpendKeys};
 use caracal_proto::v1::SpendingAnomalyEvent;
 use caracal_service_kit::kafka::producer_config;
-use caracal_service_kit::redis::{RedisConn, RedisEndpoint, RedisMode, RedisTls};
+use caracal_service_kit::redis::{query_each, RedisConn};
 use chrono::{DateTime, Duration as Span, Utc};
 use prost::Message as _;
 use rdkafka::{
@@ -185,18 +185,12 @@ pub struct SpendStore {
 
 impl SpendStore {
     /// Connects lazily: a store made while Redis is down works once it is back.
-    /// (A standalone server: the per-batch pipelines span agents' hash tags.)
+    /// A standalone server or a cluster: every script touches one agent's hash
+    /// tag (or the cross-agent `{all}` tag), and what spans agents goes through
+    /// [`query_each`].
     pub fn new(settings: &RedisSettings) -> Result<Self, String> {
-        let endpoint = RedisEndpoint {
-            mode: RedisMode::Standalone,
-            urls: vec![settings.url.clone()],
-            tls: RedisTls {
-                ca_cert_file: settings.ca_file.clone(),
-                ..RedisTls::default()
-            },
-            timeout: Duration::from_millis(settings.timeout_ms),
-        };
-        let conn = endpoint
+        let conn = settings
+            .endpoint()
             .connect(1)
             .map_err(|e| e.to_string())?
             .into_iter()
@@ -223,24 +217,33 @@ impl SpendStore {
             .map_err(|e| e.to_string())
     }
 
-    /// Counts `charges` (each exactly once, whatever was counted before): one
-    /// pipeline of per-agent scripts, then one of cross-agent scripts.
+    /// Counts `charges` (each exactly once, whatever was counted before): the
+    /// per-agent scripts, then the cross-agent ones — each set one pipeline on a
+    /// standalone server, one call per script on a cluster (the agents' keys live
+    /// on different slots).
     pub async fn record(&self, charges: &[LedgerRow]) -> Result<(), String> {
         let mut conn = self.conn.clone();
         let k = &self.keys;
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.count).ignore();
-        for c in charges {
-            let agent = c.agent_id.to_string();
-            let at = c.occurred_at;
-            pipe.invoke_script(
-                self.count
-                    .key(k.seen(&agent, &c.event_id))
-                    .key(k.reservation(&agent, &c.reservation_id))
-                    .key(k.day(&agent, spend::day_of(at), &c.currency))
-                    .key(k.hour(&agent, at, &c.currency))
-                    .key(k.currencies(&agent))
-                    .key(k.root(&agent))
+        // Loaded first (on every node of a cluster), so the EVALSHAs find them; a
+        // node that lost them since fails the batch, which is retried (idempotent).
+        self.count
+            .load_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        let calls = charges
+            .iter()
+            .map(|c| {
+                let agent = c.agent_id.to_string();
+                let at = c.occurred_at;
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.count.get_hash())
+                    .arg(6)
+                    .arg(k.seen(&agent, &c.event_id))
+                    .arg(k.reservation(&agent, &c.reservation_id))
+                    .arg(k.day(&agent, spend::day_of(at), &c.currency))
+                    .arg(k.hour(&agent, at, &c.currency))
+                    .arg(k.currencies(&agent))
+                    .arg(k.root(&agent))
                     .arg(&c.kind)
                     .arg(c.charged_micros.to_string())
                     .arg(spend::model_field(&c.model))
@@ -249,13 +252,17 @@ impl SpendStore {
                     .arg(c.root_agent_id.to_string())
                     .arg(spend::DAY_TTL_S)
                     .arg(spend::HOUR_TTL_S)
-                    .arg(spend::SEEN_TTL_S),
-            );
-        }
-        let counted: Vec<(i64, String)> = pipe
-            .query_async(&mut conn)
+                    .arg(spend::SEEN_TTL_S);
+                cmd
+            })
+            .collect();
+        let counted: Vec<(i64, String)> = query_each(&self.conn, calls)
             .await
-            .map_err(|e| format!("redis: {e}"))?;
+            .map_err(|e| format!("redis: {e}"))?
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("redis: unexpected count reply: {e}"))?;
         if counted.len() != charges.len() {
             return Err(format!(
                 "redis answered {} results for {} events",
@@ -271,36 +278,39 @@ impl SpendStore {
             );
         }
 
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.totals).ignore();
-        let mut any = false;
+        let mut calls = Vec::new();
         for (c, (_, deltas)) in charges.iter().zip(&counted) {
             let deltas = parse_deltas(deltas)?;
             if deltas.is_empty() {
                 continue;
             }
-            any = true;
-            let mut call = self.totals.key(k.all_seen(&c.event_id));
-            call.key(k.all_currencies());
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.totals.get_hash())
+                .arg(2 + 3 * deltas.len())
+                .arg(k.all_seen(&c.event_id))
+                .arg(k.all_currencies());
             for d in &deltas {
-                call.key(k.all_day(spend::day_of(d.at)))
-                    .key(k.all_minute(d.at))
-                    .key(k.ranking(spend::day_of(d.at), &c.currency));
+                cmd.arg(k.all_day(spend::day_of(d.at)))
+                    .arg(k.all_minute(d.at))
+                    .arg(k.ranking(spend::day_of(d.at), &c.currency));
             }
-            call.arg(c.agent_id.to_string())
+            cmd.arg(c.agent_id.to_string())
                 .arg(&c.currency)
                 .arg(spend::SEEN_TTL_S)
                 .arg(spend::DAY_TTL_S)
                 .arg(spend::MINUTE_TTL_S)
                 .arg(spend::RANKING_TTL_S);
             for d in &deltas {
-                call.arg(d.micros.to_string());
+                cmd.arg(d.micros.to_string());
             }
-            pipe.invoke_script(&call).ignore();
+            calls.push(cmd);
         }
-        if any {
-            let () = pipe
-                .query_async(&mut conn)
+        if !calls.is_empty() {
+            self.totals
+                .load_async(&mut conn)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            query_each(&self.conn, calls)
                 .await
                 .map_err(|e| format!("redis: {e}"))?;
         }
@@ -309,16 +319,21 @@ impl SpendStore {
 
     /// Totals (`total` field) of `keys`, 0 for a missing key, in order.
     async fn totals_of(&self, keys: &[String]) -> Result<Vec<i64>, String> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.hget(key, spend::TOTAL_FIELD);
-        }
-        let values: Vec<Option<i64>> = pipe
-            .query_async(&mut conn)
+        let reads = keys
+            .iter()
+            .map(|key| {
+                let mut cmd = redis::cmd("HGET");
+                cmd.arg(key).arg(spend::TOTAL_FIELD);
+                cmd
+            })
+            .collect();
+        query_each(&self.conn, reads)
             .await
-            .map_err(|e| format!("redis: {e}"))?;
-        Ok(values.into_iter().map(Option::unwrap_or_default).collect())
+            .map_err(|e| format!("redis: {e}"))?
+            .into_iter()
+            .map(|v| redis::from_redis_value::<Option<i64>>(v).map(Option::unwrap_or_default))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("redis: unexpected total: {e}"))
     }
 }
 
@@ -528,14 +543,21 @@ async fn detect_anomalies(shared: &Shared, now: DateTime<Utc>) -> Result<usize, 
         let agents: Vec<String> = agents.into_iter().collect();
         for chunk in agents.chunks(AGENTS_PER_PIPELINE) {
             // Already reported today: nothing to read.
-            let mut pipe = redis::pipe();
-            for agent in chunk {
-                pipe.exists(k.anomaly(agent, today));
-            }
-            let flagged: Vec<bool> = pipe
-                .query_async(&mut conn)
+            let checks = chunk
+                .iter()
+                .map(|agent| {
+                    let mut cmd = redis::cmd("EXISTS");
+                    cmd.arg(k.anomaly(agent, today));
+                    cmd
+                })
+                .collect();
+            let flagged: Vec<bool> = query_each(&store.conn, checks)
                 .await
-                .map_err(|e| format!("redis: {e}"))?;
+                .map_err(|e| format!("redis: {e}"))?
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("redis: unexpected EXISTS reply: {e}"))?;
             let open: Vec<&String> = chunk
                 .iter()
                 .zip(flagged)

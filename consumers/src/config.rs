@@ -8,6 +8,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use caracal_service_kit::{
     config::{ConfigError, DatabaseConfig, EnvOverrides},
     kafka::KafkaConfig,
+    redis::{RedisEndpoint, RedisMode, RedisTls},
 };
 use serde::Deserialize;
 
@@ -28,8 +29,13 @@ pub struct ConsumerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisSettings {
+    /// `standalone` (one server at `url`, default) or `cluster` (Redis Cluster,
+    /// seeds in `nodes`): the authz-service's Redis, usually.
+    pub mode: RedisMode,
     /// `redis://host:6379[/db]` or `rediss://host:6380` (TLS).
     pub url: String,
+    /// Cluster seeds, `redis://host:port` or `rediss://...`.
+    pub nodes: Vec<String>,
     /// Key prefix: the authz-service's `redis.keyPrefix`, so `SpendTrend` reads
     /// the same keys.
     pub key_prefix: String,
@@ -39,15 +45,42 @@ pub struct RedisSettings {
     /// PEM bundle of the CA that signs the server's certificate, for `rediss://`
     /// to a server with a private CA; empty: the system's roots.
     pub ca_file: String,
+    /// Client certificate and key (PEM), for servers that require one.
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+impl RedisSettings {
+    /// Where Redis is, for [`caracal_service_kit::redis`].
+    pub fn endpoint(&self) -> RedisEndpoint {
+        RedisEndpoint {
+            mode: self.mode,
+            urls: match self.mode {
+                RedisMode::Standalone => vec![self.url.clone()],
+                RedisMode::Cluster => self.nodes.clone(),
+            },
+            tls: RedisTls {
+                enabled: false,
+                ca_cert_file: self.ca_file.clone(),
+                cert_file: self.cert_file.clone(),
+                key_file: self.key_file.clone(),
+            },
+            timeout: Duration::from_millis(self.timeout_ms),
+        }
+    }
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
         Self {
+            mode: RedisMode::Standalone,
             url: "redis://127.0.0.1:6379".to_owned(),
+            nodes: Vec::new(),
             key_prefix: "caracal".to_owned(),
             timeout_ms: 2000,
             ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
         }
     }
 }
@@ -209,9 +242,22 @@ impl ConsumerConfig {
         env.parse("CARACAL_AUDIT_RETENTION_BATCH", &mut a.retention_batch)?;
         let r = &mut self.redis;
         env.text("CARACAL_REDIS_URL", &mut r.url);
+        env.parse("CARACAL_REDIS_MODE", &mut r.mode)?;
+        let mut nodes = String::new();
+        env.text("CARACAL_REDIS_NODES", &mut nodes);
+        if !nodes.is_empty() {
+            r.nodes = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
         env.text("CARACAL_REDIS_KEY_PREFIX", &mut r.key_prefix);
         env.parse("CARACAL_REDIS_TIMEOUT_MS", &mut r.timeout_ms)?;
         env.text("CARACAL_REDIS_CA_FILE", &mut r.ca_file);
+        env.text("CARACAL_REDIS_CERT_FILE", &mut r.cert_file);
+        env.text("CARACAL_REDIS_KEY_FILE", &mut r.key_file);
         let g = &mut self.aggregator;
         env.parse(
             "CARACAL_AGGREGATOR_UPKEEP_INTERVAL_MS",
@@ -271,11 +317,10 @@ impl ConsumerConfig {
 
     fn validate_aggregator(&self) -> Result<(), ConfigError> {
         let r = &self.redis;
-        if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
-            return Err(ConfigError::Invalid(
-                "redis.url must be a redis:// or rediss:// URL".to_owned(),
-            ));
-        }
+        // Schemes, seeds, the CA file's rediss:// (and a zero timeout).
+        r.endpoint()
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         // The prefix goes into every key; braces would move the hash tag.
         if r.key_prefix.is_empty()
             || r.key_prefix
@@ -284,16 +329,6 @@ impl ConsumerConfig {
         {
             return Err(ConfigError::Invalid(
                 "redis.keyPrefix must be non-empty, without spaces or braces".to_owned(),
-            ));
-        }
-        if !r.ca_file.is_empty() && !r.url.starts_with("rediss://") {
-            return Err(ConfigError::Invalid(
-                "redis.caFile needs a rediss:// URL".to_owned(),
-            ));
-        }
-        if r.timeout_ms == 0 {
-            return Err(ConfigError::Invalid(
-                "redis.timeoutMs must be at least 1".to_owned(),
             ));
         }
         let g = &self.aggregator;

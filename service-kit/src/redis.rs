@@ -43,6 +43,18 @@ impl RedisMode {
     }
 }
 
+impl std::str::FromStr for RedisMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "standalone" => Ok(RedisMode::Standalone),
+            "cluster" => Ok(RedisMode::Cluster),
+            other => Err(format!("{other:?} is not standalone or cluster")),
+        }
+    }
+}
+
 /// `redis.tls` (the guide's keys). TLS itself is chosen by the `rediss://` scheme;
 /// these name the files that go with it.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
