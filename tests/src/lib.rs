@@ -193,6 +193,11 @@ pub async fn use_test_redis(redis: &mut caracal_authz::config::RedisConfig) -> a
     if on_redis_cluster() {
         redis.mode = caracal_authz::config::RedisMode::Cluster;
         redis.nodes = redis_cluster::ensure_shared().await?;
+        // The replica acknowledgement stays on (1); its wait is generous because
+        // the 2-core machine running the tests may be busy (a busy replica is
+        // not what these tests are about: the failover test is).
+        redis.replica_ack_timeout_ms = 1_000;
+        redis.timeout_ms = 3_000;
     } else {
         redis.mode = caracal_authz::config::RedisMode::Standalone;
         redis.url = redis_url();

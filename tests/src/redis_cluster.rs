@@ -51,16 +51,22 @@ fn answers(tls: Option<&Path>, port: u16) -> bool {
     cli(tls, port, &["ping"]).is_some_and(|r| r.trim() == "PONG")
 }
 
-/// `cluster_state:ok` with all six nodes known, as `port` sees it, and — when the
-/// node is a replica — its link to its primary up (a replica that never synced
-/// cannot take over).
+/// `cluster_state:ok` with all six nodes known, as `port` sees it, and its
+/// replication working: a replica's link to its primary up (a replica that never
+/// synced cannot take over), a primary's replica online.
 fn healthy(tls: Option<&Path>, port: u16) -> bool {
     let cluster_ok = cli(tls, port, &["cluster", "info"]).is_some_and(|info| {
         info.contains("cluster_state:ok") && info.contains(&format!("cluster_known_nodes:{NODES}"))
     });
+    // A primary counts a replica for WAIT only once the replica is `online`
+    // (after its first ACK following the sync), so wait for that too.
     cluster_ok
         && cli(tls, port, &["info", "replication"]).is_some_and(|info| {
-            info.contains("role:master") || info.contains("master_link_status:up")
+            (info.contains("role:master")
+                && info
+                    .lines()
+                    .any(|l| l.starts_with("slave0:") && l.contains("state=online")))
+                || info.contains("master_link_status:up")
         })
 }
 

@@ -151,6 +151,9 @@ async fn cluster_over_tls() {
         c.redis.nodes = seeds.clone();
         c.redis.tls = tls.clone();
         c.redis.partitions = 16;
+        // TLS replication on a busy 2-core machine: a generous acknowledgement wait.
+        c.redis.replica_ack_timeout_ms = 1_000;
+        c.redis.timeout_ms = 3_000;
     })
     .await
     .unwrap();
