@@ -29,16 +29,14 @@ const EVERY: Duration = Duration::from_secs(5);
 pub async fn tick(store: &BudgetStore) -> Result<(), String> {
     let check = store.ping().await.map_err(|e| e.to_string());
     metrics::gauge!(CLUSTER_OK).set(if check.is_ok() { 1.0 } else { 0.0 });
-    store.refresh_topology().await?;
-    let conn = store.connection();
-    let owners = conn.slot_owners().await?;
+    let owners = store.refresh_topology().await?;
     let mut primaries: Vec<&str> = owners.iter().map(|o| o.node.as_str()).collect();
     primaries.sort_unstable();
     primaries.dedup();
     // A handful of nodes: exact as f64.
     #[allow(clippy::cast_precision_loss)]
     metrics::gauge!(CLUSTER_PRIMARIES).set(primaries.len() as f64);
-    for r in conn.redirections().await? {
+    for r in store.connection().redirections().await? {
         #[allow(clippy::cast_precision_loss)]
         {
             metrics::gauge!(REDIRECTIONS, "kind" => "moved", "node" => r.node.clone())

@@ -188,15 +188,7 @@ impl RedisConfig {
 
     /// Where Redis is, for [`caracal_service_kit::redis`].
     pub fn endpoint(&self, timeout: Duration) -> RedisEndpoint {
-        RedisEndpoint {
-            mode: self.mode,
-            urls: match self.mode {
-                RedisMode::Standalone => vec![self.url.clone()],
-                RedisMode::Cluster => self.nodes.clone(),
-            },
-            tls: self.tls.clone(),
-            timeout,
-        }
+        RedisEndpoint::new(self.mode, &self.url, &self.nodes, self.tls.clone(), timeout)
     }
 }
 
@@ -334,23 +326,10 @@ impl Config {
         }
         // Not plain text fields: a mode word, a comma-separated list, an optional count.
         if let Some(v) = lookup("CARACAL_REDIS_MODE") {
-            self.redis.mode = match v.trim() {
-                "standalone" => RedisMode::Standalone,
-                "cluster" => RedisMode::Cluster,
-                other => {
-                    return Err(ConfigError::Invalid(format!(
-                        "CARACAL_REDIS_MODE: {other:?} is not standalone or cluster"
-                    )))
-                }
-            };
+            self.redis.mode = parsed("CARACAL_REDIS_MODE", &v)?;
         }
         if let Some(v) = lookup("CARACAL_REDIS_NODES") {
-            self.redis.nodes = v
-                .split(',')
-                .map(str::trim)
-                .filter(|n| !n.is_empty())
-                .map(str::to_owned)
-                .collect();
+            self.redis.nodes = caracal_service_kit::redis::parse_nodes(&v);
         }
         if let Some(v) = lookup("CARACAL_REDIS_CONNECTIONS") {
             self.redis.connections = Some(parsed("CARACAL_REDIS_CONNECTIONS", &v)?);
@@ -431,18 +410,9 @@ impl Config {
             return bad("redis.replicaAckTimeoutMs must be at least 1 and below redis.timeoutMs when replicas must acknowledge");
         }
         // The prefix is part of every key, and keys are written into reservation
-        // records as tab/newline-separated text (and `{}` would move the hash tag).
-        if self.redis.key_prefix.is_empty()
-            || self
-                .redis
-                .key_prefix
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
-        {
-            return bad(
-                "redis.keyPrefix must be non-empty, without spaces, control characters or braces",
-            );
-        }
+        // records as tab/newline-separated text.
+        caracal_service_kit::redis::check_key_prefix(&self.redis.key_prefix)
+            .map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -328,19 +328,15 @@ pub fn dlq_record(
         .to_json()
 }
 
-/// Entries in all outbox streams of the key space (sum of XLEN). One call per
-/// partition: the streams live on different slots (and shards, on a cluster).
-pub async fn outbox_depth<C>(conn: &mut C, keys: &KeySpace) -> redis::RedisResult<u64>
-where
-    C: redis::aio::ConnectionLike,
-{
+/// Entries in all outbox streams of the key space (sum of XLEN): one pipeline on
+/// a standalone server, one call per partition's slot on a cluster.
+pub async fn outbox_depth(conn: &RedisConn, keys: &KeySpace) -> redis::RedisResult<u64> {
+    let lens = (0..keys.partitions())
+        .map(|p| redis::cmd("XLEN").arg(keys.outbox(p)).clone())
+        .collect();
     let mut total = 0u64;
-    for p in 0..keys.partitions() {
-        let len: u64 = redis::cmd("XLEN")
-            .arg(keys.outbox(p))
-            .query_async(conn)
-            .await?;
-        total = total.saturating_add(len);
+    for len in query_each(conn, lens).await? {
+        total = total.saturating_add(redis::from_redis_value::<u64>(len)?);
     }
     Ok(total)
 }
@@ -487,7 +483,7 @@ impl OutboxRelay {
     }
 
     async fn sample_depth(&mut self) {
-        match tokio::time::timeout(REDIS_TIMEOUT, outbox_depth(&mut self.conn, &self.keys)).await {
+        match tokio::time::timeout(REDIS_TIMEOUT, outbox_depth(&self.conn, &self.keys)).await {
             // Precision loss only above 2^53 entries.
             #[allow(clippy::cast_precision_loss)]
             Ok(Ok(depth)) => metrics::gauge!(OUTBOX_DEPTH).set(depth as f64),
@@ -617,13 +613,13 @@ impl OutboxRelay {
         let reads = owned
             .iter()
             .map(|&p| {
-                let mut cmd = redis::cmd("XRANGE");
-                cmd.arg(self.keys.outbox(partition_u16(p)))
+                redis::cmd("XRANGE")
+                    .arg(self.keys.outbox(partition_u16(p)))
                     .arg("-")
                     .arg("+")
                     .arg("COUNT")
-                    .arg(BATCH);
-                cmd
+                    .arg(BATCH)
+                    .clone()
             })
             .collect();
         let batches: Vec<Value> = Self::bounded(query_each(&self.conn, reads)).await?;
@@ -699,9 +695,12 @@ impl OutboxRelay {
         for (p, ids) in delete.iter().enumerate() {
             if !ids.is_empty() {
                 stats.moved += ids.len();
-                let mut cmd = redis::cmd("XDEL");
-                cmd.arg(self.keys.outbox(partition_u16(p))).arg(ids);
-                deletes.push(cmd);
+                deletes.push(
+                    redis::cmd("XDEL")
+                        .arg(self.keys.outbox(partition_u16(p)))
+                        .arg(ids)
+                        .clone(),
+                );
             }
         }
         if stats.moved > 0 {

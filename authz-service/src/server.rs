@@ -172,11 +172,8 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         let relay_conn = config
             .redis
             .endpoint(Duration::from_millis(config.redis.timeout_ms.max(5_000)))
-            .connect(1)
-            .context("Redis configuration")?
-            .into_iter()
-            .next()
-            .context("Redis: no connection")?;
+            .connect_one()
+            .context("Redis configuration")?;
         let relay = OutboxRelay::new(relay_conn, keys.clone(), &config.kafka, owner)
             .context("Kafka producer configuration")?;
         background.push(tokio::spawn(relay.run(background_rx.clone())));

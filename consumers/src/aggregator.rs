@@ -191,11 +191,8 @@ impl SpendStore {
     pub fn new(settings: &RedisSettings) -> Result<Self, String> {
         let conn = settings
             .endpoint()
-            .connect(1)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .next()
-            .ok_or("redis: no connection")?;
+            .connect_one()
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             conn,
             keys: SpendKeys::new(settings.key_prefix.clone()),

@@ -53,20 +53,14 @@ pub struct RedisSettings {
 impl RedisSettings {
     /// Where Redis is, for [`caracal_service_kit::redis`].
     pub fn endpoint(&self) -> RedisEndpoint {
-        RedisEndpoint {
-            mode: self.mode,
-            urls: match self.mode {
-                RedisMode::Standalone => vec![self.url.clone()],
-                RedisMode::Cluster => self.nodes.clone(),
-            },
-            tls: RedisTls {
-                enabled: false,
-                ca_cert_file: self.ca_file.clone(),
-                cert_file: self.cert_file.clone(),
-                key_file: self.key_file.clone(),
-            },
-            timeout: Duration::from_millis(self.timeout_ms),
-        }
+        let tls = RedisTls {
+            enabled: false,
+            ca_cert_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        };
+        let timeout = Duration::from_millis(self.timeout_ms);
+        RedisEndpoint::new(self.mode, &self.url, &self.nodes, tls, timeout)
     }
 }
 
@@ -246,12 +240,7 @@ impl ConsumerConfig {
         let mut nodes = String::new();
         env.text("CARACAL_REDIS_NODES", &mut nodes);
         if !nodes.is_empty() {
-            r.nodes = nodes
-                .split(',')
-                .map(str::trim)
-                .filter(|n| !n.is_empty())
-                .map(str::to_owned)
-                .collect();
+            r.nodes = caracal_service_kit::redis::parse_nodes(&nodes);
         }
         env.text("CARACAL_REDIS_KEY_PREFIX", &mut r.key_prefix);
         env.parse("CARACAL_REDIS_TIMEOUT_MS", &mut r.timeout_ms)?;
@@ -321,16 +310,8 @@ impl ConsumerConfig {
         r.endpoint()
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        // The prefix goes into every key; braces would move the hash tag.
-        if r.key_prefix.is_empty()
-            || r.key_prefix
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
-        {
-            return Err(ConfigError::Invalid(
-                "redis.keyPrefix must be non-empty, without spaces or braces".to_owned(),
-            ));
-        }
+        caracal_service_kit::redis::check_key_prefix(&r.key_prefix)
+            .map_err(ConfigError::Invalid)?;
         let g = &self.aggregator;
         if g.upkeep_interval_ms < 100 || g.top_agents > 1000 {
             return Err(ConfigError::Invalid(

@@ -90,7 +90,42 @@ pub enum RedisSetupError {
     Client(#[from] redis::RedisError),
 }
 
+/// Cluster seeds from a comma-separated list (`CARACAL_REDIS_NODES`).
+pub fn parse_nodes(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 impl RedisEndpoint {
+    /// The server at `url` (standalone) or the seeds `nodes` (cluster).
+    pub fn new(
+        mode: RedisMode,
+        url: &str,
+        nodes: &[String],
+        tls: RedisTls,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            mode,
+            urls: match mode {
+                RedisMode::Standalone => vec![url.to_owned()],
+                RedisMode::Cluster => nodes.to_vec(),
+            },
+            tls,
+            timeout,
+        }
+    }
+
+    /// One connection (see [`RedisEndpoint::connect`]).
+    pub fn connect_one(&self) -> Result<RedisConn, RedisSetupError> {
+        self.connect(1)?
+            .pop()
+            .ok_or_else(|| RedisSetupError::Config("no connection".to_owned()))
+    }
+
     /// Checks the settings (schemes, files, seeds) without connecting.
     pub fn validate(&self) -> Result<(), RedisSetupError> {
         let bad = |m: String| Err(RedisSetupError::Config(m));
@@ -291,28 +326,13 @@ impl RedisConn {
     /// cluster client follows redirections without telling, so the servers' own
     /// counts are the record of how often the topology moved under clients.
     pub async fn redirections(&self) -> Result<Vec<NodeRedirections>, String> {
-        let RedisConn::Cluster(c) = self else {
+        if self.mode() == RedisMode::Standalone {
             return Ok(Vec::new());
-        };
-        let mut c = c.clone();
-        let reply = c
-            .route_command(
-                redis::cmd("INFO").arg("errorstats").clone(),
-                RoutingInfo::MultiNode((
-                    MultipleNodeRoutingInfo::AllMasters,
-                    Some(ResponsePolicy::Special),
-                )),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let pairs: Vec<(String, Value)> = match reply {
-            Value::Map(m) => m
-                .into_iter()
-                .filter_map(|(k, v)| Some((value_text(&k)?, v)))
-                .collect(),
-            other => return Err(format!("INFO errorstats: unexpected reply {other:?}")),
-        };
-        Ok(pairs
+        }
+        let replies = self
+            .on_each_node(redis::cmd("INFO").arg("errorstats"), true)
+            .await?;
+        Ok(replies
             .into_iter()
             .map(|(node, v)| {
                 let info = value_text(&v).unwrap_or_default();
@@ -323,6 +343,42 @@ impl RedisConn {
                 }
             })
             .collect())
+    }
+
+    /// Runs `cmd` on every node of a cluster (only the primaries when
+    /// `primaries_only`), or on the one server: each node's address and reply.
+    pub async fn on_each_node(
+        &self,
+        cmd: &Cmd,
+        primaries_only: bool,
+    ) -> Result<Vec<(String, Value)>, String> {
+        let mut c = match self {
+            RedisConn::Standalone(c) => {
+                let mut c = c.clone();
+                let reply = cmd.query_async(&mut c).await.map_err(|e| e.to_string())?;
+                return Ok(vec![("standalone".to_owned(), reply)]);
+            }
+            RedisConn::Cluster(c) => c.clone(),
+        };
+        let nodes = if primaries_only {
+            MultipleNodeRoutingInfo::AllMasters
+        } else {
+            MultipleNodeRoutingInfo::AllNodes
+        };
+        let reply = c
+            .route_command(
+                cmd.clone(),
+                RoutingInfo::MultiNode((nodes, Some(ResponsePolicy::Special))),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        match reply {
+            Value::Map(m) => Ok(m
+                .into_iter()
+                .filter_map(|(k, v)| Some((value_text(&k)?, v)))
+                .collect()),
+            other => Err(format!("per-node reply expected, got {other:?}")),
+        }
     }
 
     /// The primary serving each slot range, from `CLUSTER SLOTS`; empty for a
@@ -380,6 +436,22 @@ pub struct SlotOwner {
     pub start: u16,
     pub end: u16,
     pub node: String,
+}
+
+/// A key prefix is part of every key: no whitespace or control characters (keys
+/// go into line-based records) and no braces (they would move the hash tag).
+pub fn check_key_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty()
+        || prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
+    {
+        return Err(
+            "redis.keyPrefix must be non-empty, without spaces, control characters or braces"
+                .to_owned(),
+        );
+    }
+    Ok(())
 }
 
 /// The cluster slot of a key, as the servers compute it: CRC16/XMODEM of its hash

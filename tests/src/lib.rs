@@ -164,12 +164,8 @@ pub fn redis_url() -> String {
 
 /// A standalone Redis endpoint (plain `redis://`).
 pub fn standalone(url: &str, timeout: Duration) -> caracal_service_kit::redis::RedisEndpoint {
-    caracal_service_kit::redis::RedisEndpoint {
-        mode: caracal_service_kit::redis::RedisMode::Standalone,
-        urls: vec![url.to_owned()],
-        tls: Default::default(),
-        timeout,
-    }
+    use caracal_service_kit::redis::{RedisEndpoint, RedisMode};
+    RedisEndpoint::new(RedisMode::Standalone, url, &[], Default::default(), timeout)
 }
 
 /// Whether this test process runs on the shared local Redis Cluster instead of
@@ -209,12 +205,7 @@ pub async fn use_test_redis(redis: &mut caracal_authz::config::RedisConfig) -> a
 pub async fn test_redis() -> anyhow::Result<caracal_service_kit::redis::RedisConn> {
     let mut config = caracal_authz::config::RedisConfig::default();
     use_test_redis(&mut config).await?;
-    config
-        .endpoint(Duration::from_secs(5))
-        .connect(1)?
-        .into_iter()
-        .next()
-        .context("no Redis connection")
+    Ok(config.endpoint(Duration::from_secs(5)).connect_one()?)
 }
 
 /// Keys matching `pattern` on the tests' Redis (KEYS; on a cluster, of every
@@ -229,7 +220,6 @@ pub async fn redis_keys(
 /// A running authz-service on its own database and its own Redis key prefix.
 pub struct TestStack {
     pub key_prefix: String,
-    pub redis_url: String,
     /// The stack's Redis settings (mode, url or cluster seeds, partitions), for a
     /// second replica or a tool that must reach the same state.
     pub redis: caracal_authz::config::RedisConfig,
@@ -268,7 +258,6 @@ impl TestStack {
         config.redis.partitions = if on_redis_cluster() { 16 } else { 4 };
         config.budget.relay_enabled = false;
         tune(&mut config);
-        let redis_url = config.redis.url.clone();
         let redis = config.redis.clone();
         let server = caracal_authz::serve(config).await?;
         let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))?
@@ -277,7 +266,6 @@ impl TestStack {
             .await?;
         Ok(Self {
             key_prefix,
-            redis_url,
             redis,
             database,
             database_url,
@@ -420,26 +408,20 @@ impl TestStack {
     ) -> anyhow::Result<Vec<std::collections::HashMap<String, i64>>> {
         let mut conn = self.redis_conn()?;
         let keys = redis_keys(&mut conn, &format!("{}:*:c:{policy}:*", self.key_prefix)).await?;
-        let mut counters = Vec::with_capacity(keys.len());
-        for key in keys {
-            counters.push(
-                redis::cmd("HGETALL")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await?,
-            );
-        }
-        Ok(counters)
+        let reads = keys
+            .iter()
+            .map(|k| redis::cmd("HGETALL").arg(k).clone())
+            .collect();
+        caracal_service_kit::redis::query_each(&conn, reads)
+            .await?
+            .into_iter()
+            .map(|v| Ok(redis::from_redis_value(v)?))
+            .collect()
     }
 
     /// A connection to this stack's Redis (standalone or cluster).
     pub fn redis_conn(&self) -> anyhow::Result<caracal_service_kit::redis::RedisConn> {
-        self.redis
-            .endpoint(Duration::from_secs(5))
-            .connect(1)?
-            .into_iter()
-            .next()
-            .context("no Redis connection")
+        Ok(self.redis.endpoint(Duration::from_secs(5)).connect_one()?)
     }
 
     /// A direct connection to this stack's database, to check what was written.
@@ -470,9 +452,8 @@ impl TestStack {
         if let Ok(mut conn) = self.redis_conn() {
             if let Ok(keys) = redis_keys(&mut conn, &format!("{}:*", self.key_prefix)).await {
                 // One DEL per key: on a cluster they live on different slots.
-                for key in keys {
-                    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
-                }
+                let deletes = keys.iter().map(|k| redis::cmd("DEL").arg(k).clone());
+                caracal_service_kit::redis::query_each(&conn, deletes.collect()).await?;
             }
         }
         drop(self.channel);

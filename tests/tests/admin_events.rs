@@ -717,7 +717,7 @@ async fn second_replica(
     config.auth.admin_token = ADMIN_TOKEN.to_owned();
     config.auth.gateway_token = GATEWAY_TOKEN.to_owned();
     config.auth.api_key_pepper = PEPPER.to_owned();
-    config.redis.url = stack.redis_url.clone();
+    config.redis.url = stack.redis.url.clone();
     config.redis.key_prefix = stack.key_prefix.clone();
     config.redis.partitions = 4;
     config.budget.relay_enabled = true;

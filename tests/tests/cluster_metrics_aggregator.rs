@@ -75,7 +75,7 @@ async fn spend_is_exact_per_agent_and_in_total_on_a_cluster() {
 
     let keys = SpendKeys::new(prefix.clone());
     let day = spend::day_of(now);
-    let conn = endpoint.connect(1).unwrap().remove(0);
+    let conn = endpoint.connect_one().unwrap();
     let expected: Vec<i64> = (0..AGENTS)
         .map(|i| 2 * ((i as i64 + 1) * 1_000 + 7))
         .collect();

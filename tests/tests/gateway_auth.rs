@@ -496,7 +496,7 @@ async fn client_certificates_are_gateways_or_admins_by_san() {
     config.auth.api_key_pepper = PEPPER.into();
     config.auth.gateway_sans = vec!["spiffe://test.local/ns/edge/*".into()];
     config.auth.admin_sans = vec!["spiffe://test.local/ns/ops/sa/admin".into()];
-    config.redis.url = stack.redis_url.clone();
+    config.redis.url = stack.redis.url.clone();
     config.redis.key_prefix = stack.key_prefix.clone();
     config.redis.partitions = 4;
     config.budget.relay_enabled = false;

@@ -888,7 +888,7 @@ async fn ext_authz_check_enforces_a_fixed_per_route_budget() {
     assert_clean_upstream(&seen[2], &key, "anthropic");
 
     // The reservations expire and are CHARGED (not released): the budget stays spent.
-    let client = redis::Client::open(gw.stack.redis_url.as_str()).unwrap();
+    let client = redis::Client::open(gw.stack.redis.url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     for rid in &reservations {
         let mut expired = false;
@@ -1008,7 +1008,7 @@ async fn tls_gateway_with_spiffe_agents_and_mtls_to_authz() {
     // Envoy's client certificate (envoy-client.crt) is the gateway.
     config.auth.gateway_sans = vec!["spiffe://caracal.local/ns/caracal/sa/gateway".into()];
     config.auth.api_key_pepper = caracal_tests::PEPPER.into();
-    config.redis.url = stack.redis_url.clone();
+    config.redis.url = stack.redis.url.clone();
     config.redis.key_prefix = stack.key_prefix.clone();
     config.redis.partitions = 4;
     config.budget.relay_enabled = false;

@@ -63,7 +63,7 @@ impl Harness {
     async fn start(tune: impl FnOnce(&mut caracal_authz::Config)) -> Self {
         let stack = TestStack::start_with(tune).await.unwrap();
         let keys = KeySpace::new(stack.key_prefix.clone(), PARTITIONS);
-        let redis = redis::Client::open(stack.redis_url.as_str())
+        let redis = redis::Client::open(stack.redis.url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
             .await

@@ -79,10 +79,9 @@ async fn events_wait_out_a_broker_outage_and_arrive_exactly_once() {
     assert_eq!(expected.len(), PAIRS);
 
     // While the broker is down every event is still in the outbox.
-    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let conn = stack.redis_conn().unwrap();
     let keys = caracal_authz::budget::KeySpace::new(stack.key_prefix.clone(), 4);
-    let depth = caracal_authz::outbox::outbox_depth(&mut conn, &keys)
+    let depth = caracal_authz::outbox::outbox_depth(&conn, &keys)
         .await
         .unwrap();
     assert_eq!(
@@ -95,7 +94,7 @@ async fn events_wait_out_a_broker_outage_and_arrive_exactly_once() {
     // Bounded wait for the relay to drain the outbox.
     let mut drained = false;
     for _ in 0..600 {
-        if caracal_authz::outbox::outbox_depth(&mut conn, &keys)
+        if caracal_authz::outbox::outbox_depth(&conn, &keys)
             .await
             .unwrap()
             == 0

@@ -609,7 +609,7 @@ async fn query_and_summary_over_a_three_level_hierarchy() {
 /// `convert_entry` (metadata spread as the relay does), then decoded and written
 /// by the ledger-writer's `decode` + `insert_rows`. Returns the rows written.
 async fn drain_charges_into_ledger(stack: &TestStack) -> Vec<LedgerRow> {
-    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let client = redis::Client::open(stack.redis.url.as_str()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
     let mut rows = Vec::new();
     for p in 0..4u16 {
@@ -705,7 +705,7 @@ async fn authorize(stack: &TestStack, key: &str, request: &str, estimate: i64) -
 
 /// Redis `HINCRBY` on a counter field.
 async fn bump_counter(stack: &TestStack, key: &str, field: &str, by: i64) {
-    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let client = redis::Client::open(stack.redis.url.as_str()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
     let _: i64 = redis::cmd("HINCRBY")
         .arg(key)
@@ -765,7 +765,7 @@ async fn spent_hierarchy() -> (TestStack, String, String, [String; 3], i64) {
     // Expires (charging the 300,000 reserved), then settles late at 120,000.
     let a4 = authorize(&stack, &child_key, "a4", 300_000).await;
     let rsv_key = |p: u16| format!("{}:{{p{p}}}:rsv:{a4}", stack.key_prefix);
-    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let client = redis::Client::open(stack.redis.url.as_str()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
     let started = Instant::now();
     loop {

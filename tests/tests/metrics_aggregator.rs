@@ -726,7 +726,7 @@ async fn spend_trend_prints_the_daily_spend_from_the_aggregator() {
     // The aggregator writes under the service's Redis prefix, as in production.
     let agg = aggregator::start(aggregator_config(
         &tansu.brokers(),
-        &stack.redis_url,
+        &stack.redis.url,
         &stack.key_prefix,
     ))
     .await

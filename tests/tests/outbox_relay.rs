@@ -263,7 +263,7 @@ async fn events_arrive_once_with_their_fields() {
         decisions.push((format!("{rsv2}/release"), root.clone(), Decision::Allow));
         charges.push((format!("{rsv}/settle"), root.clone(), 2_750_000 + i));
     }
-    assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), 32);
+    assert_eq!(outbox_depth(&conn, &ks).await.unwrap(), 32);
 
     let (tx, handle) = spawn_relay(redis().await, &ks, &cfg);
     let took = wait_drained(&mut conn, &ks, Duration::from_secs(60)).await;
@@ -364,7 +364,7 @@ async fn events_arrive_once_with_their_fields() {
     }
 
     stop_relay(tx, handle).await;
-    assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), 0);
+    assert_eq!(outbox_depth(&conn, &ks).await.unwrap(), 0);
     cleanup(&mut conn, &ks).await;
 }
 
@@ -488,7 +488,7 @@ async fn broker_outage_delays_but_never_loses_events() {
     caracal_service_kit::redis::query_each(&conn, adds)
         .await
         .unwrap();
-    assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), N as u64);
+    assert_eq!(outbox_depth(&conn, &ks).await.unwrap(), N as u64);
 
     // A relay shut down in the middle of the outage stops within its grace period
     // and leaves every undelivered entry in the outbox.
@@ -500,12 +500,12 @@ async fn broker_outage_delays_but_never_loses_events() {
         "outage test: relay stopped {:?} after the request, deliveries pending",
         stopping.elapsed()
     );
-    assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), N as u64);
+    assert_eq!(outbox_depth(&conn, &ks).await.unwrap(), N as u64);
 
     let (tx, handle) = spawn_relay(redis().await, &ks, &cfg);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        outbox_depth(&mut conn, &ks).await.unwrap(),
+        outbox_depth(&conn, &ks).await.unwrap(),
         N as u64,
         "nothing may leave the outbox while the broker is down"
     );
@@ -548,7 +548,7 @@ async fn broker_outage_delays_but_never_loses_events() {
     assert_eq!(ids, expected);
 
     stop_relay(tx, handle).await;
-    assert_eq!(outbox_depth(&mut conn, &ks).await.unwrap(), 0);
+    assert_eq!(outbox_depth(&conn, &ks).await.unwrap(), 0);
     cleanup(&mut conn, &ks).await;
 }
 

@@ -155,7 +155,7 @@ async fn call(port: u16, i: usize, key: &str) -> Seen {
 
 /// Every event in the stack's outbox streams, fields spread (meta included).
 async fn outbox_events(stack: &TestStack) -> Vec<HashMap<String, String>> {
-    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let client = redis::Client::open(stack.redis.url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut events = Vec::new();
     for p in 0..4u16 {

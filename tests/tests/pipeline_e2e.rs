@@ -128,7 +128,7 @@ async fn spent(stack: &TestStack, policy: &str) -> i64 {
 
 /// Entries still in the service's Redis outbox streams (not yet relayed).
 async fn outbox_backlog(stack: &TestStack) -> i64 {
-    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let client = redis::Client::open(stack.redis.url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut n = 0;
     for p in 0..4u16 {

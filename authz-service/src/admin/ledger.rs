@@ -730,16 +730,9 @@ async fn reconcile(
         // Counters of different hierarchies live on different slots (shards).
         let reads = batch
             .iter()
-            .map(|c| {
-                let mut cmd = match c.oldest {
-                    None => redis::cmd("HGET"),
-                    Some(_) => redis::cmd("HGETALL"),
-                };
-                cmd.arg(&c.key);
-                if c.oldest.is_none() {
-                    cmd.arg("s");
-                }
-                cmd
+            .map(|c| match c.oldest {
+                None => redis::cmd("HGET").arg(&c.key).arg("s").clone(),
+                Some(_) => redis::cmd("HGETALL").arg(&c.key).clone(),
             })
             .collect();
         let replies: Vec<Value> = query_each(&redis, reads).await.map_err(|e| {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use caracal_domain::policy::OnExpiry;
-use caracal_service_kit::redis::{RedisConn, RedisEndpoint};
+use caracal_service_kit::redis::{RedisConn, RedisEndpoint, RedisMode};
 use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
 use super::keys::KeySpace;
@@ -334,31 +334,30 @@ impl BudgetStore {
         &self.keys
     }
 
-    pub fn replica_ack(&self) -> ReplicaAck {
-        self.ack
-    }
-
     /// One of the connections, in turn.
     pub fn connection(&self) -> RedisConn {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         self.conns[i].clone()
     }
 
-    /// Re-reads which primary serves which slots (cluster; no-op standalone).
-    pub async fn refresh_topology(&self) -> Result<(), String> {
+    /// Re-reads which primary serves which slots (cluster; none standalone) and
+    /// returns it.
+    pub async fn refresh_topology(
+        &self,
+    ) -> Result<Vec<caracal_service_kit::redis::SlotOwner>, String> {
         let owners = self.connection().slot_owners().await?;
         if let Ok(mut o) = self.owners.write() {
-            *o = owners;
+            o.clone_from(&owners);
         }
-        Ok(())
+        Ok(owners)
     }
 
     fn count_error(&self, key: &str, e: &StoreError) {
         if !matches!(e, StoreError::Unavailable(_)) {
             return;
         }
-        let shard = match self.conns.first() {
-            Some(RedisConn::Cluster(_)) => {
+        let shard = match self.conns.first().map(RedisConn::mode) {
+            Some(RedisMode::Cluster) => {
                 let slot = caracal_service_kit::redis::slot_of(key);
                 self.owners
                     .read()

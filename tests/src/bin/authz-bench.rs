@@ -235,33 +235,22 @@ fn cpu_seconds(stat: &str) -> f64 {
 /// Redis's own CPU seconds (user + system) from INFO: of the server, or of every
 /// node of a cluster (replicas included: replication is part of the cost).
 async fn redis_cpu_seconds(stack: &TestStack) -> anyhow::Result<f64> {
-    use caracal_service_kit::redis::RedisConn;
-    use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
     let cpu = |info: &str| -> f64 {
         info.lines()
             .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
             .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
             .sum()
     };
-    match stack.redis_conn()? {
-        RedisConn::Standalone(mut c) => {
-            let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await?;
-            Ok(cpu(&info))
-        }
-        RedisConn::Cluster(mut c) => {
-            let reply = c
-                .route_command(
-                    redis::cmd("INFO").arg("cpu").clone(),
-                    RoutingInfo::MultiNode((
-                        MultipleNodeRoutingInfo::AllNodes,
-                        Some(ResponsePolicy::Special),
-                    )),
-                )
-                .await?;
-            let per_node: Vec<(String, String)> = redis::from_redis_value(reply)?;
-            Ok(per_node.iter().map(|(_, info)| cpu(info)).sum())
-        }
+    let replies = stack
+        .redis_conn()?
+        .on_each_node(redis::cmd("INFO").arg("cpu"), false)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut total = 0.0;
+    for (_, reply) in replies {
+        total += cpu(&redis::from_redis_value::<String>(reply)?);
     }
+    Ok(total)
 }
 
 fn histogram() -> Histogram<u64> {
@@ -502,13 +491,12 @@ fn report(
 }
 
 async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
-    let mut conn = stack.redis_conn()?;
-    for p in 0..stack.redis.partitions {
-        let _: () = redis::cmd("DEL")
-            .arg(format!("{}:{{p{p}}}:outbox", stack.key_prefix))
-            .query_async(&mut conn)
-            .await?;
-    }
+    let keys =
+        caracal_authz::budget::KeySpace::new(stack.key_prefix.clone(), stack.redis.partitions);
+    let deletes = (0..keys.partitions())
+        .map(|p| redis::cmd("DEL").arg(keys.outbox(p)).clone())
+        .collect();
+    caracal_service_kit::redis::query_each(&stack.redis_conn()?, deletes).await?;
     Ok(())
 }
 
