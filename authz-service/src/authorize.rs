@@ -43,6 +43,9 @@ use crate::{
 
 /// Longest request id accepted (ids become Redis key parts).
 pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Most calls one FinishBatch may carry (the gateway sends at most 256): bounds
+/// the memory and the Redis work one RPC can ask for.
+pub const MAX_FINISH_BATCH: usize = 512;
 /// Counters of a finished calendar window are kept this long after it ends (for
 /// late settles and for inspection), then Redis drops them.
 const COUNTER_GRACE_S: i64 = 86_400;
@@ -688,6 +691,56 @@ impl AuthorizationService {
     }
 }
 
+impl AuthorizationService {
+    /// One call of a FinishBatch, answered as its unary RPC would be (and counted
+    /// under that RPC's name in the request metrics).
+    async fn finish_call(&self, call: pb::FinishCall) -> pb::FinishResult {
+        use pb::{finish_call::Call, finish_result::Response as Answer};
+        let started = Instant::now();
+        let (method, result) = match call.call {
+            Some(Call::Settle(req)) => ("Settle", self.settle_inner(req).await.map(Answer::Settle)),
+            Some(Call::Release(req)) => (
+                "Release",
+                self.release_inner(req).await.map(Answer::Release),
+            ),
+            Some(Call::ReleaseByRequest(req)) => (
+                "ReleaseByRequest",
+                self.release_by_request_inner(req)
+                    .await
+                    .map(Answer::Release),
+            ),
+            None => (
+                "FinishBatch",
+                Err(Status::invalid_argument(
+                    "a FinishCall must set settle, release or release_by_request",
+                )),
+            ),
+        };
+        observe(method, started, &result, None);
+        match result {
+            Ok(answer) => pb::FinishResult {
+                code: 0,
+                message: String::new(),
+                response: Some(answer),
+            },
+            Err(status) => {
+                tracing::info!(
+                    method,
+                    x_request_id = %call.x_request_id,
+                    code = ?status.code(),
+                    message = status.message(),
+                    "batched call refused"
+                );
+                pb::FinishResult {
+                    code: u32::try_from(i32::from(status.code())).unwrap_or(2),
+                    message: status.message().to_owned(),
+                    response: None,
+                }
+            }
+        }
+    }
+}
+
 fn finished_word(kind: FinishKind) -> &'static str {
     match kind {
         FinishKind::Settle => "settled",
@@ -790,5 +843,23 @@ impl BudgetAuthorization for AuthorizationService {
         let result = self.release_by_request_inner(request.into_inner()).await;
         observe("ReleaseByRequest", started, &result, None);
         result.map(Response::new)
+    }
+
+    /// The calls run concurrently: each is one Redis script call, and concurrent
+    /// calls share the connection's pipeline (one write, one read for many).
+    async fn finish_batch(
+        &self,
+        request: Request<pb::FinishBatchRequest>,
+    ) -> Result<Response<pb::FinishBatchResponse>, Status> {
+        let calls = request.into_inner().calls;
+        if calls.len() > MAX_FINISH_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a FinishBatch holds at most {MAX_FINISH_BATCH} calls, got {}",
+                calls.len()
+            )));
+        }
+        let results =
+            futures::future::join_all(calls.into_iter().map(|c| self.finish_call(c))).await;
+        Ok(Response::new(pb::FinishBatchResponse { results }))
     }
 }

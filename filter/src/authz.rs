@@ -378,6 +378,89 @@ fn larger(u: TokenUsage, e: TokenUsage) -> TokenUsage {
     }
 }
 
+/// Settle, Release and ReleaseByRequest in one call: what a worker's root has queued.
+pub const FINISH_BATCH: &str = "FinishBatch";
+/// Calls per FinishBatch at most (the service accepts 512).
+pub const MAX_BATCH: usize = 256;
+
+/// One queued call for [`finish_batch_request`]: the unary method it stands for and
+/// its encoded request.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchEntry<'a> {
+    pub method: &'a str,
+    pub message: &'a [u8],
+    pub x_request_id: Option<&'a str>,
+}
+
+/// The encoded `FinishBatchRequest` of `entries`, built from the already encoded
+/// unary requests (each goes into its `FinishCall` as it is: no decode, no copy of
+/// the fields). `None` when a method has no place in a FinishBatch (Authorize).
+pub fn finish_batch_request(entries: &[BatchEntry<'_>]) -> Option<Vec<u8>> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    let field = |bytes: &mut Vec<u8>, tag: u32, value: &[u8]| {
+        encode_key(tag, WireType::LengthDelimited, bytes);
+        encode_varint(value.len() as u64, bytes);
+        bytes.extend_from_slice(value);
+    };
+    let mut out = Vec::with_capacity(
+        entries
+            .iter()
+            .map(|e| e.message.len() + e.x_request_id.map_or(0, str::len) + 16)
+            .sum(),
+    );
+    let mut call = Vec::new();
+    for e in entries {
+        // FinishCall: oneof call { settle = 1; release = 2; release_by_request = 3 },
+        // x_request_id = 4.
+        let tag = match e.method {
+            SETTLE => 1,
+            RELEASE => 2,
+            RELEASE_BY_REQUEST => 3,
+            _ => return None,
+        };
+        call.clear();
+        field(&mut call, tag, e.message);
+        if let Some(id) = e.x_request_id {
+            field(&mut call, 4, id.as_bytes());
+        }
+        // FinishBatchRequest: repeated FinishCall calls = 1.
+        out.reserve(call.len() + 1 + encoded_len_varint(call.len() as u64));
+        field(&mut out, 1, &call);
+    }
+    Some(out)
+}
+
+/// The status of one batched call: the gRPC code its unary RPC would have had.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BatchResult {
+    #[prost(uint32, tag = "1")]
+    pub code: u32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// `FinishBatchResponse`, reading only each result's status (the responses of the
+/// calls, fields 3 and 4, are skipped unread).
+#[derive(Clone, PartialEq, prost::Message)]
+struct BatchResults {
+    #[prost(message, repeated, tag = "1")]
+    results: Vec<BatchResult>,
+}
+
+/// The per-call statuses of a FinishBatch answer; an error when it does not decode
+/// or does not answer exactly `calls` calls.
+pub fn finish_batch_results(response: &[u8], calls: usize) -> Result<Vec<BatchResult>, String> {
+    let decoded = BatchResults::decode(response)
+        .map_err(|e| format!("undecodable FinishBatchResponse: {e}"))?;
+    if decoded.results.len() != calls {
+        return Err(format!(
+            "FinishBatchResponse answers {} calls, {calls} were sent",
+            decoded.results.len()
+        ));
+    }
+    Ok(decoded.results)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -725,5 +808,110 @@ mod tests {
         );
         assert_eq!(retry_delay_ms(1, false), None);
         assert!(!retryable(3) && !retryable(5) && !retryable(9) && !retryable(16));
+    }
+
+    #[test]
+    fn a_finish_batch_carries_each_call_as_its_unary_request() {
+        use caracal_proto::v1::{finish_call::Call, FinishBatchRequest};
+        let usage = TokenUsage {
+            input_tokens: 10,
+            output_tokens: 5,
+            cached_input_tokens: 2,
+        };
+        let settle = settle_request("rsv_1_ab", &usage, "openai", "gpt-4o");
+        let release = release_request("rsv_2_cd", "upstream_error");
+        let identity = Identity::ApiKey("cak_x".into());
+        let by_request = release_by_request_request("req-9", &identity, "client_abort");
+        let entries = [
+            BatchEntry {
+                method: SETTLE,
+                message: &settle,
+                x_request_id: Some("trace-a"),
+            },
+            BatchEntry {
+                method: RELEASE,
+                message: &release,
+                x_request_id: None,
+            },
+            BatchEntry {
+                method: RELEASE_BY_REQUEST,
+                message: &by_request,
+                x_request_id: Some("trace-c"),
+            },
+        ];
+        let bytes = finish_batch_request(&entries).unwrap();
+        let decoded = FinishBatchRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(decoded.calls.len(), 3);
+        assert_eq!(
+            decoded.calls[0].call,
+            Some(Call::Settle(
+                SettleRequest::decode(settle.as_slice()).unwrap()
+            ))
+        );
+        assert_eq!(decoded.calls[0].x_request_id, "trace-a");
+        assert_eq!(
+            decoded.calls[1].call,
+            Some(Call::Release(
+                ReleaseRequest::decode(release.as_slice()).unwrap()
+            ))
+        );
+        assert_eq!(decoded.calls[1].x_request_id, "");
+        assert_eq!(
+            decoded.calls[2].call,
+            Some(Call::ReleaseByRequest(
+                ReleaseByRequestRequest::decode(by_request.as_slice()).unwrap()
+            ))
+        );
+        // Authorize has no place in a batch.
+        let authorize = [BatchEntry {
+            method: AUTHORIZE,
+            message: &settle,
+            x_request_id: None,
+        }];
+        assert!(finish_batch_request(&authorize).is_none());
+        assert_eq!(finish_batch_request(&[]), Some(Vec::new()));
+    }
+
+    #[test]
+    fn finish_batch_results_read_the_codes_and_check_the_count() {
+        use caracal_proto::v1::{
+            finish_result::Response, FinishBatchResponse, FinishResult, SettleResponse,
+        };
+        let answer = FinishBatchResponse {
+            results: vec![
+                FinishResult {
+                    code: 0,
+                    message: String::new(),
+                    response: Some(Response::Settle(SettleResponse {
+                        already_settled: true,
+                        ..Default::default()
+                    })),
+                },
+                FinishResult {
+                    code: 5,
+                    message: "reservation rsv_x not found".into(),
+                    response: None,
+                },
+            ],
+        }
+        .encode_to_vec();
+        let results = finish_batch_results(&answer, 2).unwrap();
+        assert_eq!(
+            results,
+            vec![
+                BatchResult {
+                    code: 0,
+                    message: String::new()
+                },
+                BatchResult {
+                    code: 5,
+                    message: "reservation rsv_x not found".into()
+                }
+            ]
+        );
+        assert!(!retryable(results[1].code));
+        // Fewer answers than calls, or garbage: an error (the calls are sent again).
+        assert!(finish_batch_results(&answer, 3).is_err());
+        assert!(finish_batch_results(&[0xff, 0xff, 0xff], 1).is_err());
     }
 }

@@ -113,6 +113,10 @@ pub struct Route {
 pub struct Config {
     /// Envoy cluster (HTTP/2) of the authorization service.
     pub authz_cluster: String,
+    /// `authz_cluster` as the encoded GrpcService every gRPC call names (see
+    /// [`crate::authz::grpc_upstream`]): encoded once here, not per call.
+    #[serde(skip)]
+    pub authz_upstream: String,
     /// Deadline of the Authorize call, in milliseconds.
     #[serde(default = "default_authz_timeout_ms")]
     pub authz_timeout_ms: u64,
@@ -259,8 +263,10 @@ impl Config {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
         let warnings = unknown_keys(&value);
-        let config: Config = serde_json::from_value(value).map_err(|e| invalid(format!("{e}")))?;
+        let mut config: Config =
+            serde_json::from_value(value).map_err(|e| invalid(format!("{e}")))?;
         config.validate()?;
+        config.authz_upstream = crate::authz::grpc_upstream(&config.authz_cluster);
         Ok((config, warnings))
     }
 

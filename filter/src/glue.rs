@@ -13,7 +13,9 @@
 //! `Release`; `on_log` catches streams that never ended (client abort).
 //!
 //! Settle, Release and ReleaseByRequest are handed to the ROOT context (the thread's
-//! [`Outbox`]), which sends them from its tick: Envoy cancels the outstanding calls of
+//! [`Outbox`]), which sends what is due from its tick as one `FinishBatch` call (up to
+//! [`authz::MAX_BATCH`] calls; unary calls to a service that predates FinishBatch):
+//! one gRPC exchange per tick instead of one per agent call. Envoy cancels the outstanding calls of
 //! an HTTP context when its stream is destroyed, right after the last response byte,
 //! and the SDK delivers a call's answer to the context that was active when it was
 //! dispatched, so only calls the root dispatches itself have their answers seen. A
@@ -73,14 +75,28 @@ struct Job {
     due_ms: u64,
 }
 
+/// The calls of one gRPC call in flight.
+enum Flight {
+    /// A unary Settle / Release / ReleaseByRequest.
+    One(Job),
+    /// A FinishBatch, answered per call in this order.
+    Batch(Vec<Job>),
+}
+
 /// The thread's Settle / Release calls: waiting to be sent, and in flight by token.
 #[derive(Default)]
 struct Outbox {
     queue: Vec<Job>,
-    in_flight: HashMap<u32, Job>,
+    in_flight: HashMap<u32, Flight>,
     /// The root's tick is on.
     ticking: bool,
+    /// The service answered FinishBatch with UNIMPLEMENTED (a release before it):
+    /// unary calls from then on.
+    unary: bool,
 }
+
+/// gRPC status UNIMPLEMENTED.
+const UNIMPLEMENTED: u32 = 12;
 
 /// The filter's counters (ids from `define_metric`, per thread).
 #[derive(Clone, Copy, Default)]
@@ -151,38 +167,21 @@ impl Root {
             return;
         };
         let now = now_ms();
-        let due: Vec<Job> = OUTBOX.with(|o| {
+        let (mut due, unary): (Vec<Job>, bool) = OUTBOX.with(|o| {
             let mut o = o.borrow_mut();
             let (due, wait): (Vec<Job>, Vec<Job>) =
                 o.queue.drain(..).partition(|j| j.due_ms <= now);
             o.queue = wait;
-            due
+            (due, o.unary)
         });
-        for job in due {
-            let mut metadata: Vec<(&str, &[u8])> = Vec::with_capacity(2);
-            if let Some(id) = &job.x_request_id {
-                metadata.push(("x-request-id", id.as_bytes()));
+        if unary {
+            for job in due {
+                self.send_one(&config, job);
             }
-            if let Some(token) = config.gateway_token() {
-                metadata.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
-            }
-            let result = hostcalls::dispatch_grpc_call(
-                &authz::grpc_upstream(&config.authz_cluster),
-                authz::SERVICE,
-                job.method,
-                metadata,
-                Some(&job.message),
-                config.settle_timeout(),
-            );
-            if job.attempts > 0 {
-                count(|m| m.retries);
-            }
-            match result {
-                Ok(token) => {
-                    debug!("caracal: {} sent for {}", job.method, job.label);
-                    OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, job));
-                }
-                Err(e) => self.failed(job, &format!("not dispatched ({e:?})"), true),
+        } else {
+            while !due.is_empty() {
+                let rest = due.split_off(due.len().min(authz::MAX_BATCH));
+                self.send_batch(&config, std::mem::replace(&mut due, rest));
             }
         }
         let idle = OUTBOX.with(|o| {
@@ -196,6 +195,142 @@ impl Root {
         });
         if idle {
             let _ = hostcalls::set_tick_period(Duration::ZERO);
+        }
+    }
+
+    /// Sends one call as its unary RPC.
+    fn send_one(&mut self, config: &Config, job: Job) {
+        let mut metadata: Vec<(&str, &[u8])> = Vec::with_capacity(2);
+        if let Some(id) = &job.x_request_id {
+            metadata.push(("x-request-id", id.as_bytes()));
+        }
+        if let Some(token) = config.gateway_token() {
+            metadata.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
+        }
+        let result = hostcalls::dispatch_grpc_call(
+            &config.authz_upstream,
+            authz::SERVICE,
+            job.method,
+            metadata,
+            Some(&job.message),
+            config.settle_timeout(),
+        );
+        if job.attempts > 0 {
+            count(|m| m.retries);
+        }
+        match result {
+            Ok(token) => {
+                debug!("caracal: {} sent for {}", job.method, job.label);
+                OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, Flight::One(job)));
+            }
+            Err(e) => self.failed(job, &format!("not dispatched ({e:?})"), true),
+        }
+    }
+
+    /// Sends calls as one FinishBatch.
+    fn send_batch(&mut self, config: &Config, jobs: Vec<Job>) {
+        let entries: Vec<authz::BatchEntry<'_>> = jobs
+            .iter()
+            .map(|j| authz::BatchEntry {
+                method: j.method,
+                message: &j.message,
+                x_request_id: j.x_request_id.as_deref(),
+            })
+            .collect();
+        let Some(message) = authz::finish_batch_request(&entries) else {
+            // Only Settle / Release / ReleaseByRequest are ever queued.
+            error!("caracal: a queued call has no place in a FinishBatch; sent alone");
+            for job in jobs {
+                self.send_one(config, job);
+            }
+            return;
+        };
+        let mut metadata: Vec<(&str, &[u8])> = Vec::with_capacity(1);
+        if let Some(token) = config.gateway_token() {
+            metadata.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
+        }
+        let result = hostcalls::dispatch_grpc_call(
+            &config.authz_upstream,
+            authz::SERVICE,
+            authz::FINISH_BATCH,
+            metadata,
+            Some(&message),
+            config.settle_timeout(),
+        );
+        for job in jobs.iter().filter(|j| j.attempts > 0) {
+            debug!("caracal: {} for {} sent again", job.method, job.label);
+            count(|m| m.retries);
+        }
+        match result {
+            Ok(token) => {
+                debug!("caracal: FinishBatch of {} call(s) sent", jobs.len());
+                OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, Flight::Batch(jobs)));
+            }
+            Err(e) => {
+                let why = format!("not dispatched ({e:?})");
+                for job in jobs {
+                    self.failed(job, &why, true);
+                }
+            }
+        }
+    }
+
+    /// A call answered OK.
+    fn succeeded(job: &Job) {
+        if job.attempts > 0 {
+            count(|m| m.recovered);
+            info!(
+                "caracal: {} for {} succeeded after {} failed attempt(s)",
+                job.method, job.label, job.attempts
+            );
+        }
+    }
+
+    /// The answer to a FinishBatch.
+    fn on_batch_answer(&mut self, jobs: Vec<Job>, status_code: u32, response_size: usize) {
+        if status_code == UNIMPLEMENTED {
+            // A service without FinishBatch: the calls go again, unary, at once (not a
+            // failed attempt of theirs).
+            warn!("caracal: the authz-service has no FinishBatch; Settle/Release sent one by one");
+            OUTBOX.with(|o| o.borrow_mut().unary = true);
+            for job in jobs {
+                enqueue(job, self.id, self.id);
+            }
+            return;
+        }
+        if status_code != 0 {
+            let msg = hostcalls::get_grpc_status()
+                .ok()
+                .and_then(|(_, m)| m)
+                .unwrap_or_default();
+            let why = format!("FinishBatch gRPC status {status_code} {msg}");
+            let retry = authz::retryable(status_code);
+            for job in jobs {
+                self.failed(job, &why, retry);
+            }
+            return;
+        }
+        let results = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
+            .map_err(|e| format!("FinishBatch answer unreadable: {e:?}"))
+            .and_then(|b| authz::finish_batch_results(&b.unwrap_or_default(), jobs.len()));
+        match results {
+            Ok(results) => {
+                for (job, r) in jobs.into_iter().zip(results) {
+                    if r.code == 0 {
+                        Self::succeeded(&job);
+                    } else {
+                        let why = format!("gRPC status {} {}", r.code, r.message);
+                        self.failed(job, &why, authz::retryable(r.code));
+                    }
+                }
+            }
+            // Every call is idempotent: sent again, an already applied one answers
+            // "already settled / released".
+            Err(why) => {
+                for job in jobs {
+                    self.failed(job, &why, true);
+                }
+            }
         }
     }
 
@@ -225,18 +360,17 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, _response_size: usize) {
-        let Some(job) = OUTBOX.with(|o| o.borrow_mut().in_flight.remove(&token_id)) else {
-            return;
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let job = match OUTBOX.with(|o| o.borrow_mut().in_flight.remove(&token_id)) {
+            None => return,
+            Some(Flight::Batch(jobs)) => {
+                self.on_batch_answer(jobs, status_code, response_size);
+                return;
+            }
+            Some(Flight::One(job)) => job,
         };
         if status_code == 0 {
-            if job.attempts > 0 {
-                count(|m| m.recovered);
-                info!(
-                    "caracal: {} for {} succeeded after {} failed attempt(s)",
-                    job.method, job.label, job.attempts
-                );
-            }
+            Self::succeeded(&job);
             return;
         }
         let msg = hostcalls::get_grpc_status()
@@ -528,7 +662,7 @@ impl Filter {
             self.estimate.output_tokens
         );
         match hostcalls::dispatch_grpc_call(
-            &authz::grpc_upstream(&config.authz_cluster),
+            &config.authz_upstream,
             authz::SERVICE,
             authz::AUTHORIZE,
             self.grpc_metadata(config),

@@ -9,6 +9,7 @@ pub mod charges;
 pub mod cli_process;
 pub mod consumer_config;
 pub mod consumer_process;
+pub mod cpu;
 pub mod envoy;
 pub mod flaky_proxy;
 pub mod kafka;

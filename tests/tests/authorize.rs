@@ -777,3 +777,187 @@ async fn admin_changes_through_one_replica_reach_the_others() {
     replica.shutdown().await.unwrap();
     stack.stop().await.unwrap();
 }
+
+/// FinishBatch answers each call as its unary RPC would: a settle charges once even
+/// when the batch names it twice (the second is `already_settled`), a release frees
+/// its reservation, ReleaseByRequest tombstones a request not yet authorized, and a
+/// bad call is refused on its own without failing its neighbours; a batch above the
+/// limit is refused whole and changes nothing.
+#[tokio::test]
+async fn finish_batch_answers_each_call_like_its_unary_rpc() {
+    use pb::{finish_call::Call, finish_result::Response as Answer};
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = agent(&stack, "batched", None).await;
+    let pol = policy(&stack, &agent_id, "10", "daily", "calendar", "").await;
+    let mut authz = stack.authz();
+    let reserve = |id: &'static str, micros: i64| {
+        let mut c = authz.clone();
+        let req = authorize_req(&key, id, micros);
+        async move {
+            let r = c.authorize(req).await.unwrap().into_inner();
+            assert!(allowed(&r), "{r:?}");
+            r.reservation_id
+        }
+    };
+    let settled = reserve("batch-settle", 300_000).await;
+    let released = reserve("batch-release", 200_000).await;
+    let kept = reserve("batch-kept", 100_000).await;
+    let settle = |rid: &str, micros: i64| pb::FinishCall {
+        call: Some(Call::Settle(pb::SettleRequest {
+            reservation_id: rid.into(),
+            actual_cost: Some(usd(micros)),
+            ..Default::default()
+        })),
+        x_request_id: "trace-1".into(),
+    };
+    let calls = vec![
+        settle(&settled, 250_000),
+        pb::FinishCall {
+            call: Some(Call::Release(pb::ReleaseRequest {
+                reservation_id: released.clone(),
+                reason: "upstream_error".into(),
+            })),
+            x_request_id: String::new(),
+        },
+        // Unknown reservation, malformed id, empty call: refused one by one.
+        settle("rsv_0_00000000000000000000000000000000", 1),
+        settle("not-a-reservation", 1),
+        pb::FinishCall::default(),
+        pb::FinishCall {
+            call: Some(Call::ReleaseByRequest(pb::ReleaseByRequestRequest {
+                request_id: "batch-never-authorized".into(),
+                credential: authorize_req(&key, "x", 0).credential,
+                reason: "client_abort".into(),
+            })),
+            x_request_id: String::new(),
+        },
+        // The same settle twice in one batch (a retry racing the first): charged once.
+        settle(&settled, 250_000),
+    ];
+    let results = authz
+        .finish_batch(pb::FinishBatchRequest { calls })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<u32> = results.iter().map(|r| r.code).collect();
+    assert_eq!(
+        codes,
+        vec![
+            0,
+            0,
+            Code::NotFound as u32,
+            Code::InvalidArgument as u32,
+            Code::InvalidArgument as u32,
+            0,
+            0
+        ],
+        "{results:?}"
+    );
+    let settles: Vec<&pb::SettleResponse> = results
+        .iter()
+        .filter_map(|r| match &r.response {
+            Some(Answer::Settle(s)) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(settles.len(), 2);
+    assert_eq!(
+        settles.iter().filter(|s| s.already_settled).count(),
+        1,
+        "exactly one of the two settles charged"
+    );
+    assert!(settles
+        .iter()
+        .all(|s| s.charged.as_ref().unwrap().micros == 250_000));
+    match &results[1].response {
+        Some(Answer::Release(r)) => assert_eq!(r.released.as_ref().unwrap().micros, 200_000),
+        other => panic!("release answered {other:?}"),
+    }
+    // Room left: 10 USD - 0.25 charged - 0.10 still reserved.
+    let probe = authz
+        .authorize(authorize_req(&key, "batch-probe", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        remaining_of(&probe, &pol),
+        10_000_000 - 250_000 - 100_000 - 1
+    );
+    // The tombstoned request id reserves nothing when its Authorize arrives late.
+    let late = authz
+        .authorize(authorize_req(&key, "batch-never-authorized", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reason(&late), pb::DenyReason::RequestFinished);
+
+    // Over the limit: refused whole, the kept reservation is not settled.
+    let too_many = vec![settle(&kept, 1); caracal_authz::authorize::MAX_FINISH_BATCH + 1];
+    let err = authz
+        .finish_batch(pb::FinishBatchRequest { calls: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let results = authz
+        .finish_batch(pb::FinishBatchRequest {
+            calls: vec![settle(&kept, 100_000)],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 1);
+    match &results[0].response {
+        Some(Answer::Settle(s)) => assert!(!s.already_settled, "{s:?}"),
+        other => panic!("settle answered {other:?}"),
+    }
+    stack.stop().await.unwrap();
+}
+
+/// A calendar counter gets its expiry (window end + one day of grace) when the
+/// first reservation creates it, and keeps it: later reservations no longer set it
+/// again (one Redis call per policy saved), and it never becomes a key without one.
+#[tokio::test]
+async fn calendar_counters_expire_a_day_after_their_window() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = agent(&stack, "expiring", None).await;
+    let pol = policy(&stack, &agent_id, "10", "daily", "calendar", "").await;
+    let mut authz = stack.authz();
+    let mut conn = stack.redis_conn().unwrap();
+    let pattern = format!("{}:*:c:{pol}:*", stack.key_prefix);
+    for i in 0..3 {
+        let r = authz
+            .authorize(authorize_req(&key, &format!("ttl-{i}"), 1_000))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(allowed(&r));
+        let keys = caracal_tests::redis_keys(&mut conn, &pattern)
+            .await
+            .unwrap();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let expire_at: i64 = redis::cmd("EXPIRETIME")
+            .arg(&keys[0])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // The end of today (UTC) + 86,400 s; the test may straddle midnight.
+        let day = |t: chrono::DateTime<chrono::Utc>| {
+            t.date_naive()
+                .succ_opt()
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp()
+                + 86_400
+        };
+        let now = chrono::Utc::now();
+        assert!(
+            expire_at == day(now) || expire_at == day(now - chrono::Duration::seconds(5)),
+            "counter expires at {expire_at}, not a day after its window"
+        );
+    }
+    stack.stop().await.unwrap();
+}

@@ -35,6 +35,9 @@ local npol = tonumber(ARGV[9])
 local HDR, STRIDE = 9, 6
 
 local used = {}
+-- Calendar counters this request creates: only they need their EXPIREAT (it stays
+-- with the key; only these scripts write budget counters, and none removes a TTL).
+local fresh = {}
 local deny = 0
 for i = 1, npol do
   local b = HDR + (i - 1) * STRIDE
@@ -43,6 +46,7 @@ for i = 1, npol do
   if ARGV[b + 3] == 'c' then
     local v = redis.call('HMGET', key, 's', 'r')
     u = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
+    fresh[i] = (not v[1]) and (not v[2])
   else
     -- Rolling window: sum the sub-buckets still in the window; drop older ones.
     local oldest = tonumber(ARGV[b + 5])
@@ -101,7 +105,7 @@ for i = 1, npol do
   if ARGV[b + 3] == 'c' then
     redis.call('HINCRBY', key, 'r', ARGV[3])
     local expire_at = tonumber(ARGV[b + 6])
-    if expire_at > 0 then
+    if expire_at > 0 and fresh[i] then
       redis.call('EXPIREAT', key, expire_at)
     end
   else
