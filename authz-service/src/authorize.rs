@@ -373,7 +373,7 @@ impl AuthorizationService {
         };
         match outcome {
             ReserveOutcome::Allowed { used } => {
-                ::metrics::counter!(metrics::RESERVATIONS, "event" => "created").increment(1);
+                metrics::count(metrics::RESERVATIONS, ("event", "created"), ("", ""));
                 response.decision = pb::Decision::Allow as i32;
                 response.reservation_id = rid;
                 response.remaining = remaining_list(&agent.policies, &used, amount);
@@ -542,7 +542,7 @@ impl AuthorizationService {
                         .increment(1);
                     tracing::info!(reservation = %req.reservation_id, charged, reserved, "settled after expiry");
                 } else {
-                    ::metrics::counter!(metrics::RESERVATIONS, "event" => "settled").increment(1);
+                    metrics::count(metrics::RESERVATIONS, ("event", "settled"), ("", ""));
                 }
                 let overshoot = (charged - reserved).max(0);
                 if overshoot > 0 {
@@ -774,12 +774,15 @@ fn observe<T>(
         (Ok(_), Some((d, _))) => d,
         (Ok(_), None) => "ok",
     };
-    ::metrics::counter!(metrics::REQUESTS, "method" => method, "status" => status).increment(1);
+    metrics::count(metrics::REQUESTS, ("method", method), ("status", status));
     if let Some((d, reason)) = decision {
-        ::metrics::counter!(metrics::DECISIONS, "decision" => d, "reason" => reason).increment(1);
+        metrics::count(metrics::DECISIONS, ("decision", d), ("reason", reason));
     }
-    ::metrics::histogram!(metrics::HOT_PATH_LATENCY, "method" => method)
-        .record(started.elapsed().as_secs_f64());
+    metrics::record(
+        metrics::HOT_PATH_LATENCY,
+        ("method", method),
+        started.elapsed().as_secs_f64(),
+    );
 }
 
 fn reason_label(r: i32) -> &'static str {

@@ -6,13 +6,20 @@
 //! `config_epoch` in its transaction; a watcher polls it and empties the caches when
 //! it moves, so a change made through any replica reaches every replica within one
 //! poll interval (and at worst within the TTL if the database is unreachable).
+//!
+//! The key and agent lookups of every Authorize are answered first by a [`Hot`] map
+//! (a read lock and a hash probe, ~0.1 µs), and only on a miss by moka (~1.5 µs of
+//! bookkeeping per read, measured: 9 % of the service's CPU on the hot path), which
+//! also coalesces concurrent loads of one key from PostgreSQL.
 
 use std::{
+    collections::HashMap,
+    hash::Hash,
     sync::{
-        atomic::{AtomicI64, Ordering},
-        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+        Arc, RwLock,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use caracal_domain::{
@@ -75,7 +82,58 @@ pub struct Catalog {
     by_identity: Cache<(String, String, String), Option<Uuid>>,
     agents: Cache<Uuid, Option<Arc<AgentView>>>,
     prices: Cache<(String, String), Option<Arc<PriceEntry>>>,
+    hot_keys: Hot<[u8; 32], Option<Uuid>>,
+    hot_agents: Hot<Uuid, Option<Arc<AgentView>>>,
+    hot_prices: Hot<(String, String), Option<Arc<PriceEntry>>>,
+    /// Bumped by [`Catalog::invalidate_all`]: a value loaded before a clear is not
+    /// put into a hot map after it.
+    generation: AtomicU64,
     epoch: AtomicI64,
+}
+
+/// The hot path's front cache: a plain map under a read-write lock, entries kept
+/// `ttl` from their insertion, at most `max` of them (when full it is emptied: the
+/// working set is larger than the cache, and moka's eviction behind it decides).
+struct Hot<K, V> {
+    map: RwLock<HashMap<K, (V, Instant)>>,
+    ttl: Duration,
+    max: usize,
+}
+
+impl<K: Hash + Eq, V: Clone> Hot<K, V> {
+    fn new(ttl: Duration, max: u64) -> Self {
+        Self {
+            map: RwLock::new(HashMap::new()),
+            ttl,
+            max: usize::try_from(max).unwrap_or(usize::MAX).max(1),
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        let map = self.map.read().ok()?;
+        let (value, at) = map.get(key)?;
+        (at.elapsed() < self.ttl).then(|| value.clone())
+    }
+
+    /// Keeps `value` unless the caches were emptied since `generation` was read.
+    fn put(&self, key: K, value: V, generation: u64, current: &AtomicU64) {
+        let Ok(mut map) = self.map.write() else {
+            return;
+        };
+        if AtomicU64::load(current, Ordering::SeqCst) != generation {
+            return;
+        }
+        if map.len() >= self.max {
+            map.clear();
+        }
+        map.insert(key, (value, Instant::now()));
+    }
+
+    fn clear(&self) {
+        if let Ok(mut map) = self.map.write() {
+            map.clear();
+        }
+    }
 }
 
 impl Catalog {
@@ -94,12 +152,20 @@ impl Catalog {
             by_identity: cache(ttl, max_size),
             agents: cache(ttl, max_size),
             prices: cache(ttl, max_size),
+            hot_keys: Hot::new(ttl, max_size),
+            hot_agents: Hot::new(ttl, max_size),
+            hot_prices: Hot::new(ttl, max_size),
+            generation: AtomicU64::new(0),
             epoch: AtomicI64::new(-1),
         })
     }
 
     /// Empties every cache (after an admin change).
     pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.hot_keys.clear();
+        self.hot_agents.clear();
+        self.hot_prices.clear();
         self.by_key.invalidate_all();
         self.by_identity.invalidate_all();
         self.agents.invalidate_all();
@@ -144,8 +210,13 @@ impl Catalog {
             return Ok(None);
         }
         let hash = keys::hash(&self.pepper, secret);
+        if let Some(hit) = self.hot_keys.get(&hash) {
+            return Ok(hit);
+        }
+        let generation = AtomicU64::load(&self.generation, Ordering::SeqCst);
         let pool = self.pool.clone();
-        self.by_key
+        let found = self
+            .by_key
             .try_get_with(hash, async move {
                 use schema::agent_api_keys::dsl as k;
                 let mut conn = db::conn(&pool).await?;
@@ -159,7 +230,9 @@ impl Catalog {
                 Ok::<_, ServiceError>(id)
             })
             .await
-            .map_err(unwrap_arc)
+            .map_err(unwrap_arc)?;
+        self.hot_keys.put(hash, found, generation, &self.generation);
+        Ok(found)
     }
 
     /// The agent bound to a verified identity, if any: `(kind, issuer, value)`, the
@@ -193,11 +266,19 @@ impl Catalog {
 
     /// An agent with its hierarchy's policies and its allowlists.
     pub async fn agent(&self, id: Uuid) -> ServiceResult<Option<Arc<AgentView>>> {
+        if let Some(hit) = self.hot_agents.get(&id) {
+            return Ok(hit);
+        }
+        let generation = AtomicU64::load(&self.generation, Ordering::SeqCst);
         let pool = self.pool.clone();
-        self.agents
+        let found = self
+            .agents
             .try_get_with(id, async move { load_agent(&pool, id).await })
             .await
-            .map_err(unwrap_arc)
+            .map_err(unwrap_arc)?;
+        self.hot_agents
+            .put(id, found.clone(), generation, &self.generation);
+        Ok(found)
     }
 
     /// The current price of a model, if the price book has one.
@@ -206,9 +287,15 @@ impl Catalog {
         provider: &str,
         model: &str,
     ) -> ServiceResult<Option<Arc<PriceEntry>>> {
-        let pool = self.pool.clone();
         let key = (provider.to_lowercase(), model.to_owned());
-        self.prices
+        if let Some(hit) = self.hot_prices.get(&key) {
+            return Ok(hit);
+        }
+        let generation = AtomicU64::load(&self.generation, Ordering::SeqCst);
+        let hot_key = key.clone();
+        let pool = self.pool.clone();
+        let found = self
+            .prices
             .try_get_with(key.clone(), async move {
                 use schema::price_book::dsl as p;
                 let mut conn = db::conn(&pool).await?;
@@ -244,7 +331,10 @@ impl Catalog {
                 })))
             })
             .await
-            .map_err(unwrap_arc)
+            .map_err(unwrap_arc)?;
+        self.hot_prices
+            .put(hot_key, found.clone(), generation, &self.generation);
+        Ok(found)
     }
 }
 

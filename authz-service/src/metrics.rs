@@ -59,3 +59,50 @@ fn describe() {
 }
 
 pub use caracal_service_kit::metrics::render;
+
+// The hot path's labelled metrics go through per-thread handles: the `metrics`
+// macros build and hash a key on every call when label values are not literals
+// (measured: ~2 % of the service's CPU per Authorize + Settle).
+thread_local! {
+    static COUNTERS: std::cell::RefCell<
+        std::collections::HashMap<(&'static str, &'static str, &'static str), metrics::Counter>,
+    > = std::cell::RefCell::default();
+    static HISTOGRAMS: std::cell::RefCell<
+        std::collections::HashMap<(&'static str, &'static str), metrics::Histogram>,
+    > = std::cell::RefCell::default();
+}
+
+/// Adds 1 to `name{k1=v1}` (`k2` empty) or `name{k1=v1,k2=v2}`. The label names of
+/// one metric name must always be the same (they are not part of the cache key).
+pub fn count(
+    name: &'static str,
+    (k1, v1): (&'static str, &'static str),
+    (k2, v2): (&'static str, &'static str),
+) {
+    COUNTERS.with(|c| {
+        let Ok(mut c) = c.try_borrow_mut() else {
+            return;
+        };
+        c.entry((name, v1, v2))
+            .or_insert_with(|| {
+                if k2.is_empty() {
+                    metrics::counter!(name, k1 => v1)
+                } else {
+                    metrics::counter!(name, k1 => v1, k2 => v2)
+                }
+            })
+            .increment(1);
+    });
+}
+
+/// Records `value` in histogram `name{k=v}`.
+pub fn record(name: &'static str, (k, v): (&'static str, &'static str), value: f64) {
+    HISTOGRAMS.with(|h| {
+        let Ok(mut h) = h.try_borrow_mut() else {
+            return;
+        };
+        h.entry((name, v))
+            .or_insert_with(|| metrics::histogram!(name, k => v))
+            .record(value);
+    });
+}

@@ -1147,6 +1147,48 @@ async fn reflection_health_and_metrics() {
         "{body}"
     );
     assert!(body.contains("caracal_db_pool_connections"), "{body}");
+
+    // The hot path's metrics (recorded through per-thread handles): nothing else in
+    // this test binary calls Authorize or Settle, so the values are exact.
+    let (agent_id, key) = stack.agent_with_key("metered-calls", None).await.unwrap();
+    stack
+        .usd_policy(&agent_id, "10", "daily", "calendar", "")
+        .await
+        .unwrap();
+    let mut authz = stack.authz();
+    let mut rid = String::new();
+    for i in 0..2 {
+        let r = authz
+            .authorize(caracal_tests::authorize_request(&key, &format!("m-{i}"), 1_000))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.decision, pb::Decision::Allow as i32, "{r:?}");
+        rid = r.reservation_id;
+    }
+    authz
+        .settle(pb::SettleRequest {
+            reservation_id: rid,
+            actual_cost: Some(pb::Money {
+                currency: "USD".into(),
+                micros: 500,
+                amount: String::new(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (_, body) = http_get(&stack.http_url(), "/metrics").await;
+    for line in [
+        "caracal_requests_total{method=\"Authorize\",status=\"allow\"} 2",
+        "caracal_requests_total{method=\"Settle\",status=\"ok\"} 1",
+        "caracal_authorization_decisions_total{decision=\"allow\",reason=\"\"} 2",
+        "caracal_reservations_total{event=\"created\"} 2",
+        "caracal_reservations_total{event=\"settled\"} 1",
+        "caracal_authz_request_duration_seconds_count{method=\"Authorize\"} 2",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line:?} in {body}");
+    }
     stack.stop().await.unwrap();
 }
 
