@@ -1159,7 +1159,11 @@ async fn reflection_health_and_metrics() {
     let mut rid = String::new();
     for i in 0..2 {
         let r = authz
-            .authorize(caracal_tests::authorize_request(&key, &format!("m-{i}"), 1_000))
+            .authorize(caracal_tests::authorize_request(
+                &key,
+                &format!("m-{i}"),
+                1_000,
+            ))
             .await
             .unwrap()
             .into_inner();
