@@ -81,9 +81,16 @@ struct Args {
     /// Seconds per run.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
-    /// Closed-loop clients of the maximum-throughput run.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Closed-loop clients of the maximum-throughput run (enough to saturate the
+    /// filtered gateway: at 16 its longer request path leaves the CPU partly idle).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     concurrency: u64,
+    /// The authz-service's `server.workerThreads`, on a runtime of its own (as a
+    /// separate process would be): 1 = single-threaded, the cheapest per call on a
+    /// small machine. 0 = share this process's runtime with the load generator and
+    /// the mock.
+    #[arg(long, default_value_t = 1)]
+    authz_workers: usize,
     /// Requests per gateway before measuring.
     #[arg(long, default_value_t = 500)]
     warmup: u64,
@@ -631,17 +638,51 @@ async fn main() -> anyhow::Result<()> {
         .len();
 
     let mock = MockLlm::start().await?;
-    let stack = TestStack::start_with(|c| {
-        c.database.db_pool_size = 4;
-        c.database.db_max_overflow = 4;
-        c.server.max_concurrent_requests = 10_000;
-    })
-    .await?;
+    let (stack, service_runtime) = start_stack(args.authz_workers).await?;
     let outcome = bench(&args, &stack, &mock, cores, &load_before, &wasm, wasm_bytes).await;
     mock.stop().await;
     let stopped = stack.stop().await;
+    if let Some((stop, thread)) = service_runtime {
+        let _ = stop.send(());
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     outcome?;
     stopped
+}
+
+/// The authz-service's own runtime: the thread running it and how to end it.
+type ServiceRuntime = (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<anyhow::Result<()>>,
+);
+
+/// Starts the authz-service (TestStack) on a runtime with `workers` threads of its
+/// own, or on this runtime when `workers` is 0.
+async fn start_stack(workers: usize) -> anyhow::Result<(TestStack, Option<ServiceRuntime>)> {
+    fn tune(c: &mut caracal_authz::config::Config) {
+        c.database.db_pool_size = 4;
+        c.database.db_max_overflow = 4;
+        c.server.max_concurrent_requests = 10_000;
+    }
+    if workers == 0 {
+        return Ok((TestStack::start_with(tune).await?, None));
+    }
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("authz-service".into())
+        .spawn(move || -> anyhow::Result<()> {
+            caracal_authz::server::runtime(workers)?.block_on(async move {
+                let _ = started_tx.send(TestStack::start_with(tune).await);
+                // Serve until the bench is done (the stack is stopped from there).
+                let _ = stop_rx.await;
+            });
+            Ok(())
+        })?;
+    let stack = started_rx
+        .await
+        .context("the authz-service thread ended before starting")??;
+    Ok((stack, Some((stop_tx, thread))))
 }
 
 async fn bench(
@@ -707,6 +748,15 @@ async fn bench(
     );
     println!(
         "  baseline = envoy.yaml without the wasm + buffer filters; with filter = envoy.yaml (Authorize + Settle via the in-process authz-service, PostgreSQL + Redis, relay off)"
+    );
+    println!(
+        "  authz-service: server.workerThreads={} ({})",
+        args.authz_workers,
+        if args.authz_workers == 0 {
+            "on this process's runtime"
+        } else {
+            "on a runtime of its own"
+        }
     );
 
     // Warm-up: connections, V8, the key cache of the authz-service, Envoy's upstream
