@@ -825,3 +825,109 @@ async fn a_client_that_leaves_while_authorize_is_in_flight_is_released() {
     assert_eq!(gw.mock.requests_started(), 0);
     gw.stop().await;
 }
+
+// ------------------------------------------------------------------ FinishBatch
+
+/// An authz-service from before FinishBatch: answers it UNIMPLEMENTED and passes
+/// every other call to the real service, counting what it saw.
+struct OldService {
+    real: pb::budget_authorization_client::BudgetAuthorizationClient<caracal_tests::GatewaySvc>,
+    batches: Arc<AtomicU64>,
+    settles: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl pb::budget_authorization_server::BudgetAuthorization for OldService {
+    async fn authorize(
+        &self,
+        r: tonic::Request<pb::AuthorizeRequest>,
+    ) -> Result<tonic::Response<pb::AuthorizeResponse>, tonic::Status> {
+        self.real.clone().authorize(r.into_inner()).await
+    }
+    async fn settle(
+        &self,
+        r: tonic::Request<pb::SettleRequest>,
+    ) -> Result<tonic::Response<pb::SettleResponse>, tonic::Status> {
+        self.settles.fetch_add(1, Ordering::SeqCst);
+        self.real.clone().settle(r.into_inner()).await
+    }
+    async fn release(
+        &self,
+        r: tonic::Request<pb::ReleaseRequest>,
+    ) -> Result<tonic::Response<pb::ReleaseResponse>, tonic::Status> {
+        self.real.clone().release(r.into_inner()).await
+    }
+    async fn release_by_request(
+        &self,
+        r: tonic::Request<pb::ReleaseByRequestRequest>,
+    ) -> Result<tonic::Response<pb::ReleaseResponse>, tonic::Status> {
+        self.real.clone().release_by_request(r.into_inner()).await
+    }
+    async fn finish_batch(
+        &self,
+        _: tonic::Request<pb::FinishBatchRequest>,
+    ) -> Result<tonic::Response<pb::FinishBatchResponse>, tonic::Status> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        Err(tonic::Status::unimplemented("FinishBatch"))
+    }
+}
+
+/// A gateway in front of a service without FinishBatch (a rolling upgrade, filter
+/// first) still charges every call: the batch is answered UNIMPLEMENTED once, its
+/// Settle is sent again as a unary call, and later Settles go unary directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_finish_batch_gets_unary_settles() {
+    let stack = TestStack::start().await.unwrap();
+    set_prices(&stack).await;
+    let mock = MockLlm::start().await.unwrap();
+    let key = agent(&stack, "old-service").await;
+    let (batches, settles) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let old = OldService {
+        real: stack.authz(),
+        batches: batches.clone(),
+        settles: settles.clone(),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::budget_authorization_server::BudgetAuthorizationServer::new(old))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let envoy = Envoy::start(EnvoyOptions::new(Gateway::Wasm, port, mock.port()))
+        .await
+        .unwrap();
+    let auth = format!("Bearer {key}");
+    let mut expected = LIMIT;
+    for (i, prompt) in ["first call to an old service", "second one"]
+        .iter()
+        .enumerate()
+    {
+        let r = envoy
+            .post_json(
+                CHAT,
+                &[("authorization", &auth), (COMPLETION_TOKENS_HEADER, "7")],
+                &json!({"model": "gpt-4o", "max_tokens": 50,
+                        "messages": [{"role": "user", "content": prompt}]}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        expected -= cost(words(prompt), 7);
+        assert_eq!(
+            wait_remaining(&stack, &key, expected).await,
+            expected,
+            "call {i}"
+        );
+    }
+    assert_eq!(batches.load(Ordering::SeqCst), 1, "one FinishBatch tried");
+    assert_eq!(settles.load(Ordering::SeqCst), 2, "both settled unary");
+    assert_eq!(
+        envoy_counter(&envoy, "caracal_filter_settle_dropped_total").await,
+        0
+    );
+    drop(envoy);
+    server.abort();
+    mock.stop().await;
+    stack.stop().await.unwrap();
+}
