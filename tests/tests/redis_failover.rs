@@ -154,17 +154,18 @@ async fn no_acknowledged_decision_is_lost_when_a_primary_dies() {
     // acknowledgements work again. (Restarted before the promotion, a node without
     // persistence would come back empty as primary.)
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let promoted_at = loop {
         match cluster.primary_of(&keys.outbox(keys.partition_of(&root))) {
             Ok(p) if p != doomed => {
-                eprintln!("127.0.0.1:{p} promoted at {:?}", start.elapsed());
-                break;
+                let at = start.elapsed();
+                eprintln!("127.0.0.1:{p} promoted at {at:?}");
+                break at;
             }
             _ => {}
         }
         assert!(Instant::now() < deadline, "no replica was promoted");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     cluster.restart(doomed).unwrap();
 
     for w in workers {
@@ -199,13 +200,16 @@ async fn no_acknowledged_decision_is_lost_when_a_primary_dies() {
         t.settled, t.admitted,
         "every admitted reservation was settled"
     );
-    assert!(t.failed > 0, "the kill made calls fail closed");
+    // The replication cut makes acknowledged writes fail closed (WAIT times out)
+    // before the kill; after it, calls on the dead primary's slots may fail or
+    // merely wait for the promotion (the cluster client retries), by timing.
     assert!(
-        t.successes_at
-            .iter()
-            .any(|s| *s > killed_at + Duration::from_secs(1))
-            && recovered.is_some(),
-        "calls recovered after the failover"
+        t.failed > 0,
+        "calls failed closed while replicas could not confirm"
+    );
+    assert!(
+        t.successes_at.iter().any(|s| *s > promoted_at),
+        "calls recovered after the failover (promoted at {promoted_at:?})"
     );
     assert!(t.denied > 0, "the hierarchy reached its limit");
 
