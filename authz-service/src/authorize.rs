@@ -689,9 +689,7 @@ impl AuthorizationService {
             }
         }
     }
-}
 
-impl AuthorizationService {
     /// One call of a FinishBatch, answered as its unary RPC would be (and counted
     /// under that RPC's name in the request metrics).
     async fn finish_call(&self, call: pb::FinishCall) -> pb::FinishResult {

@@ -7,13 +7,14 @@
 //! it moves, so a change made through any replica reaches every replica within one
 //! poll interval (and at worst within the TTL if the database is unreachable).
 //!
-//! The key and agent lookups of every Authorize are answered first by a [`Hot`] map
-//! (a read lock and a hash probe, ~0.1 µs), and only on a miss by moka (~1.5 µs of
-//! bookkeeping per read, measured: 9 % of the service's CPU on the hot path), which
-//! also coalesces concurrent loads of one key from PostgreSQL.
+//! Each cache is [`Tiered`]: the lookups of every Authorize are answered first by a
+//! plain map (a read lock and a hash probe, ~0.1 µs), and only on a miss by moka
+//! (~1.5 µs of bookkeeping per read, measured: 9 % of the service's CPU on the hot
+//! path), which also coalesces concurrent loads of one key from PostgreSQL.
 
 use std::{
     collections::HashMap,
+    future::Future,
     hash::Hash,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -77,50 +78,74 @@ pub struct PriceEntry {
 pub struct Catalog {
     pool: Pool,
     pepper: String,
-    by_key: Cache<[u8; 32], Option<Uuid>>,
+    by_key: Tiered<[u8; 32], Option<Uuid>>,
     /// (kind, issuer, value): a JWT claim is only an identity within its issuer.
-    by_identity: Cache<(String, String, String), Option<Uuid>>,
-    agents: Cache<Uuid, Option<Arc<AgentView>>>,
-    prices: Cache<(String, String), Option<Arc<PriceEntry>>>,
-    hot_keys: Hot<[u8; 32], Option<Uuid>>,
-    hot_agents: Hot<Uuid, Option<Arc<AgentView>>>,
-    hot_prices: Hot<(String, String), Option<Arc<PriceEntry>>>,
-    /// Bumped by [`Catalog::invalidate_all`]: a value loaded before a clear is not
-    /// put into a hot map after it.
-    generation: AtomicU64,
+    by_identity: Tiered<(String, String, String), Option<Uuid>>,
+    agents: Tiered<Uuid, Option<Arc<AgentView>>>,
+    prices: Tiered<(String, String), Option<Arc<PriceEntry>>>,
     epoch: AtomicI64,
 }
 
-/// The hot path's front cache: a plain map under a read-write lock, entries kept
-/// `ttl` from their insertion, at most `max` of them (when full it is emptied: the
-/// working set is larger than the cache, and moka's eviction behind it decides).
-struct Hot<K, V> {
-    map: RwLock<HashMap<K, (V, Instant)>>,
+/// One catalog cache: a front map under a read-write lock (entries kept `ttl` from
+/// their insertion, at most `max`; when full it is emptied: the working set is
+/// larger than the cache, and moka's eviction behind it decides), then moka, then
+/// the loader (PostgreSQL).
+struct Tiered<K, V> {
+    front: RwLock<HashMap<K, (V, Instant)>>,
+    back: Cache<K, V>,
     ttl: Duration,
     max: usize,
+    /// Bumped by `invalidate_all`: a value loaded before a clear is not put into
+    /// the front map after it.
+    generation: AtomicU64,
 }
 
-impl<K: Hash + Eq, V: Clone> Hot<K, V> {
+impl<K, V> Tiered<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
     fn new(ttl: Duration, max: u64) -> Self {
         Self {
-            map: RwLock::new(HashMap::new()),
+            front: RwLock::new(HashMap::new()),
+            back: Cache::builder().time_to_live(ttl).max_capacity(max).build(),
             ttl,
             max: usize::try_from(max).unwrap_or(usize::MAX).max(1),
+            generation: AtomicU64::new(0),
         }
     }
 
-    fn get(&self, key: &K) -> Option<V> {
-        let map = self.map.read().ok()?;
+    /// The cached value of `key`, else what `load` (given the key) finds.
+    async fn get_or_load<F>(&self, key: K, load: impl FnOnce(&K) -> F) -> ServiceResult<V>
+    where
+        F: Future<Output = ServiceResult<V>>,
+    {
+        if let Some(hit) = self.front_get(&key) {
+            return Ok(hit);
+        }
+        // Not `.load()`: diesel's RunQueryDsl has a method of that name too.
+        let generation = AtomicU64::load(&self.generation, Ordering::SeqCst);
+        let loading = load(&key);
+        let value = self
+            .back
+            .try_get_with(key.clone(), loading)
+            .await
+            .map_err(unwrap_arc)?;
+        self.front_put(key, value.clone(), generation);
+        Ok(value)
+    }
+
+    fn front_get(&self, key: &K) -> Option<V> {
+        let map = self.front.read().ok()?;
         let (value, at) = map.get(key)?;
         (at.elapsed() < self.ttl).then(|| value.clone())
     }
 
-    /// Keeps `value` unless the caches were emptied since `generation` was read.
-    fn put(&self, key: K, value: V, generation: u64, current: &AtomicU64) {
-        let Ok(mut map) = self.map.write() else {
+    fn front_put(&self, key: K, value: V, generation: u64) {
+        let Ok(mut map) = self.front.write() else {
             return;
         };
-        if AtomicU64::load(current, Ordering::SeqCst) != generation {
+        if AtomicU64::load(&self.generation, Ordering::SeqCst) != generation {
             return;
         }
         if map.len() >= self.max {
@@ -129,43 +154,30 @@ impl<K: Hash + Eq, V: Clone> Hot<K, V> {
         map.insert(key, (value, Instant::now()));
     }
 
-    fn clear(&self) {
-        if let Ok(mut map) = self.map.write() {
+    fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut map) = self.front.write() {
             map.clear();
         }
+        self.back.invalidate_all();
     }
 }
 
 impl Catalog {
     pub fn new(pool: Pool, pepper: String, ttl: Duration, max_size: u64) -> Arc<Self> {
-        fn cache<K, V>(ttl: Duration, max: u64) -> Cache<K, V>
-        where
-            K: std::hash::Hash + Eq + Send + Sync + 'static,
-            V: Clone + Send + Sync + 'static,
-        {
-            Cache::builder().time_to_live(ttl).max_capacity(max).build()
-        }
         Arc::new(Self {
             pool,
             pepper,
-            by_key: cache(ttl, max_size),
-            by_identity: cache(ttl, max_size),
-            agents: cache(ttl, max_size),
-            prices: cache(ttl, max_size),
-            hot_keys: Hot::new(ttl, max_size),
-            hot_agents: Hot::new(ttl, max_size),
-            hot_prices: Hot::new(ttl, max_size),
-            generation: AtomicU64::new(0),
+            by_key: Tiered::new(ttl, max_size),
+            by_identity: Tiered::new(ttl, max_size),
+            agents: Tiered::new(ttl, max_size),
+            prices: Tiered::new(ttl, max_size),
             epoch: AtomicI64::new(-1),
         })
     }
 
     /// Empties every cache (after an admin change).
     pub fn invalidate_all(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        self.hot_keys.clear();
-        self.hot_agents.clear();
-        self.hot_prices.clear();
         self.by_key.invalidate_all();
         self.by_identity.invalidate_all();
         self.agents.invalidate_all();
@@ -210,29 +222,23 @@ impl Catalog {
             return Ok(None);
         }
         let hash = keys::hash(&self.pepper, secret);
-        if let Some(hit) = self.hot_keys.get(&hash) {
-            return Ok(hit);
-        }
-        let generation = AtomicU64::load(&self.generation, Ordering::SeqCst);
-        let pool = self.pool.clone();
-        let found = self
-            .by_key
-            .try_get_with(hash, async move {
-                use schema::agent_api_keys::dsl as k;
-                let mut conn = db::conn(&pool).await?;
-                let id: Option<Uuid> = k::agent_api_keys
-                    .select(k::agent_id)
-                    .filter(k::key_hash.eq(hash.to_vec()))
-                    .filter(k::revoked_at.is_null())
-                    .first(&mut conn)
-                    .await
-                    .optional()?;
-                Ok::<_, ServiceError>(id)
+        self.by_key
+            .get_or_load(hash, |hash| {
+                let (pool, hash) = (self.pool.clone(), hash.to_vec());
+                async move {
+                    use schema::agent_api_keys::dsl as k;
+                    let mut conn = db::conn(&pool).await?;
+                    let id: Option<Uuid> = k::agent_api_keys
+                        .select(k::agent_id)
+                        .filter(k::key_hash.eq(hash))
+                        .filter(k::revoked_at.is_null())
+                        .first(&mut conn)
+                        .await
+                        .optional()?;
+                    Ok(id)
+                }
             })
             .await
-            .map_err(unwrap_arc)?;
-        self.hot_keys.put(hash, found, generation, &self.generation);
-        Ok(found)
     }
 
     /// The agent bound to a verified identity, if any: `(kind, issuer, value)`, the
@@ -243,42 +249,36 @@ impl Catalog {
         issuer: &str,
         value: &str,
     ) -> ServiceResult<Option<Uuid>> {
-        let pool = self.pool.clone();
         let key = (kind.to_owned(), issuer.to_owned(), value.to_owned());
-        let (kind, issuer, value) = key.clone();
         self.by_identity
-            .try_get_with(key, async move {
-                use schema::agent_identities::dsl as i;
-                let mut conn = db::conn(&pool).await?;
-                let id: Option<Uuid> = i::agent_identities
-                    .select(i::agent_id)
-                    .filter(i::kind.eq(kind))
-                    .filter(i::issuer.eq(issuer))
-                    .filter(i::value.eq(value))
-                    .first(&mut conn)
-                    .await
-                    .optional()?;
-                Ok::<_, ServiceError>(id)
+            .get_or_load(key, |key| {
+                let pool = self.pool.clone();
+                let (kind, issuer, value) = key.clone();
+                async move {
+                    use schema::agent_identities::dsl as i;
+                    let mut conn = db::conn(&pool).await?;
+                    let id: Option<Uuid> = i::agent_identities
+                        .select(i::agent_id)
+                        .filter(i::kind.eq(kind))
+                        .filter(i::issuer.eq(issuer))
+                        .filter(i::value.eq(value))
+                        .first(&mut conn)
+                        .await
+                        .optional()?;
+                    Ok(id)
+                }
             })
             .await
-            .map_err(unwrap_arc)
     }
 
     /// An agent with its hierarchy's policies and its allowlists.
     pub async fn agent(&self, id: Uuid) -> ServiceResult<Option<Arc<AgentView>>> {
-        if let Some(hit) = self.hot_agents.get(&id) {
-            return Ok(hit);
-        }
-        let generation = AtomicU64::load(&self.generation, Ordering::SeqCst);
-        let pool = self.pool.clone();
-        let found = self
-            .agents
-            .try_get_with(id, async move { load_agent(&pool, id).await })
+        self.agents
+            .get_or_load(id, |&id| {
+                let pool = self.pool.clone();
+                async move { load_agent(&pool, id).await }
+            })
             .await
-            .map_err(unwrap_arc)?;
-        self.hot_agents
-            .put(id, found.clone(), generation, &self.generation);
-        Ok(found)
     }
 
     /// The current price of a model, if the price book has one.
@@ -288,53 +288,46 @@ impl Catalog {
         model: &str,
     ) -> ServiceResult<Option<Arc<PriceEntry>>> {
         let key = (provider.to_lowercase(), model.to_owned());
-        if let Some(hit) = self.hot_prices.get(&key) {
-            return Ok(hit);
-        }
-        let generation = AtomicU64::load(&self.generation, Ordering::SeqCst);
-        let hot_key = key.clone();
-        let pool = self.pool.clone();
-        let found = self
-            .prices
-            .try_get_with(key.clone(), async move {
-                use schema::price_book::dsl as p;
-                let mut conn = db::conn(&pool).await?;
-                let row: Option<(i32, String, i64, i64, i64, i64)> = p::price_book
-                    .select((
-                        p::version,
-                        p::currency,
-                        p::input_per_mtok_micros,
-                        p::output_per_mtok_micros,
-                        p::cached_input_per_mtok_micros,
-                        p::per_request_micros,
-                    ))
-                    .filter(p::provider.eq(&key.0))
-                    .filter(p::model.eq(&key.1))
-                    .order(p::version.desc())
-                    .first(&mut conn)
-                    .await
-                    .optional()?;
-                let Some((version, currency, input, output, cached, per_request)) = row else {
-                    return Ok(None);
-                };
-                let currency = Currency::parse(&currency)
-                    .map_err(|e| ServiceError::Internal(format!("stored price currency: {e}")))?;
-                Ok::<_, ServiceError>(Some(Arc::new(PriceEntry {
-                    price: Price {
-                        input_per_mtok_micros: input,
-                        output_per_mtok_micros: output,
-                        cached_input_per_mtok_micros: cached,
-                        per_request_micros: per_request,
-                        currency,
-                    },
-                    version,
-                })))
+        self.prices
+            .get_or_load(key, |key| {
+                let (pool, key) = (self.pool.clone(), key.clone());
+                async move {
+                    use schema::price_book::dsl as p;
+                    let mut conn = db::conn(&pool).await?;
+                    let row: Option<(i32, String, i64, i64, i64, i64)> = p::price_book
+                        .select((
+                            p::version,
+                            p::currency,
+                            p::input_per_mtok_micros,
+                            p::output_per_mtok_micros,
+                            p::cached_input_per_mtok_micros,
+                            p::per_request_micros,
+                        ))
+                        .filter(p::provider.eq(&key.0))
+                        .filter(p::model.eq(&key.1))
+                        .order(p::version.desc())
+                        .first(&mut conn)
+                        .await
+                        .optional()?;
+                    let Some((version, currency, input, output, cached, per_request)) = row else {
+                        return Ok(None);
+                    };
+                    let currency = Currency::parse(&currency).map_err(|e| {
+                        ServiceError::Internal(format!("stored price currency: {e}"))
+                    })?;
+                    Ok::<_, ServiceError>(Some(Arc::new(PriceEntry {
+                        price: Price {
+                            input_per_mtok_micros: input,
+                            output_per_mtok_micros: output,
+                            cached_input_per_mtok_micros: cached,
+                            per_request_micros: per_request,
+                            currency,
+                        },
+                        version,
+                    })))
+                }
             })
             .await
-            .map_err(unwrap_arc)?;
-        self.hot_prices
-            .put(hot_key, found.clone(), generation, &self.generation);
-        Ok(found)
     }
 }
 

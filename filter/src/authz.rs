@@ -396,7 +396,7 @@ pub struct BatchEntry<'a> {
 /// unary requests (each goes into its `FinishCall` as it is: no decode, no copy of
 /// the fields). `None` when a method has no place in a FinishBatch (Authorize).
 pub fn finish_batch_request(entries: &[BatchEntry<'_>]) -> Option<Vec<u8>> {
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    use prost::encoding::{encode_key, encode_varint, WireType};
     let field = |bytes: &mut Vec<u8>, tag: u32, value: &[u8]| {
         encode_key(tag, WireType::LengthDelimited, bytes);
         encode_varint(value.len() as u64, bytes);
@@ -424,7 +424,6 @@ pub fn finish_batch_request(entries: &[BatchEntry<'_>]) -> Option<Vec<u8>> {
             field(&mut call, 4, id.as_bytes());
         }
         // FinishBatchRequest: repeated FinishCall calls = 1.
-        out.reserve(call.len() + 1 + encoded_len_varint(call.len() as u64));
         field(&mut out, 1, &call);
     }
     Some(out)

@@ -198,27 +198,34 @@ impl Root {
         }
     }
 
-    /// Sends one call as its unary RPC.
-    fn send_one(&mut self, config: &Config, job: Job) {
-        let mut metadata: Vec<(&str, &[u8])> = Vec::with_capacity(2);
-        if let Some(id) = &job.x_request_id {
-            metadata.push(("x-request-id", id.as_bytes()));
-        }
-        if let Some(token) = config.gateway_token() {
-            metadata.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
-        }
-        let result = hostcalls::dispatch_grpc_call(
+    /// Sends `message` to the authz-service's `method` with the Settle deadline.
+    fn dispatch(
+        config: &Config,
+        method: &str,
+        x_request_id: Option<&str>,
+        message: &[u8],
+    ) -> Result<u32, proxy_wasm::types::Status> {
+        hostcalls::dispatch_grpc_call(
             &config.authz_upstream,
             authz::SERVICE,
-            job.method,
-            metadata,
-            Some(&job.message),
+            method,
+            gateway_metadata(config, x_request_id),
+            Some(message),
             config.settle_timeout(),
-        );
+        )
+    }
+
+    /// Sends one call as its unary RPC.
+    fn send_one(&mut self, config: &Config, job: Job) {
         if job.attempts > 0 {
             count(|m| m.retries);
         }
-        match result {
+        match Self::dispatch(
+            config,
+            job.method,
+            job.x_request_id.as_deref(),
+            &job.message,
+        ) {
             Ok(token) => {
                 debug!("caracal: {} sent for {}", job.method, job.label);
                 OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, Flight::One(job)));
@@ -227,7 +234,7 @@ impl Root {
         }
     }
 
-    /// Sends calls as one FinishBatch.
+    /// Sends calls as one FinishBatch (each call's x-request-id travels inside it).
     fn send_batch(&mut self, config: &Config, jobs: Vec<Job>) {
         let entries: Vec<authz::BatchEntry<'_>> = jobs
             .iter()
@@ -245,23 +252,11 @@ impl Root {
             }
             return;
         };
-        let mut metadata: Vec<(&str, &[u8])> = Vec::with_capacity(1);
-        if let Some(token) = config.gateway_token() {
-            metadata.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
-        }
-        let result = hostcalls::dispatch_grpc_call(
-            &config.authz_upstream,
-            authz::SERVICE,
-            authz::FINISH_BATCH,
-            metadata,
-            Some(&message),
-            config.settle_timeout(),
-        );
         for job in jobs.iter().filter(|j| j.attempts > 0) {
             debug!("caracal: {} for {} sent again", job.method, job.label);
             count(|m| m.retries);
         }
-        match result {
+        match Self::dispatch(config, authz::FINISH_BATCH, None, &message) {
             Ok(token) => {
                 debug!("caracal: FinishBatch of {} call(s) sent", jobs.len());
                 OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, Flight::Batch(jobs)));
@@ -275,9 +270,13 @@ impl Root {
         }
     }
 
-    /// A call answered OK.
-    fn succeeded(job: &Job) {
-        if job.attempts > 0 {
+    /// The answer to one call (unary, or one entry of a batch): gRPC `code` and its
+    /// message.
+    fn answered(&mut self, job: Job, code: u32, message: &str) {
+        if code != 0 {
+            let why = format!("gRPC status {code} {message}");
+            self.failed(job, &why, authz::retryable(code));
+        } else if job.attempts > 0 {
             count(|m| m.recovered);
             info!(
                 "caracal: {} for {} succeeded after {} failed attempt(s)",
@@ -299,14 +298,10 @@ impl Root {
             return;
         }
         if status_code != 0 {
-            let msg = hostcalls::get_grpc_status()
-                .ok()
-                .and_then(|(_, m)| m)
-                .unwrap_or_default();
-            let why = format!("FinishBatch gRPC status {status_code} {msg}");
-            let retry = authz::retryable(status_code);
+            // The batch as a whole failed: each call failed the same way.
+            let message = grpc_status_message();
             for job in jobs {
-                self.failed(job, &why, retry);
+                self.answered(job, status_code, &message);
             }
             return;
         }
@@ -316,12 +311,7 @@ impl Root {
         match results {
             Ok(results) => {
                 for (job, r) in jobs.into_iter().zip(results) {
-                    if r.code == 0 {
-                        Self::succeeded(&job);
-                    } else {
-                        let why = format!("gRPC status {} {}", r.code, r.message);
-                        self.failed(job, &why, authz::retryable(r.code));
-                    }
+                    self.answered(job, r.code, &r.message);
                 }
             }
             // Every call is idempotent: sent again, an already applied one answers
@@ -361,27 +351,18 @@ impl Root {
 
 impl Context for Root {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        let job = match OUTBOX.with(|o| o.borrow_mut().in_flight.remove(&token_id)) {
-            None => return,
-            Some(Flight::Batch(jobs)) => {
-                self.on_batch_answer(jobs, status_code, response_size);
-                return;
+        match OUTBOX.with(|o| o.borrow_mut().in_flight.remove(&token_id)) {
+            None => {}
+            Some(Flight::Batch(jobs)) => self.on_batch_answer(jobs, status_code, response_size),
+            Some(Flight::One(job)) => {
+                let message = if status_code == 0 {
+                    String::new()
+                } else {
+                    grpc_status_message()
+                };
+                self.answered(job, status_code, &message);
             }
-            Some(Flight::One(job)) => job,
-        };
-        if status_code == 0 {
-            Self::succeeded(&job);
-            return;
         }
-        let msg = hostcalls::get_grpc_status()
-            .ok()
-            .and_then(|(_, m)| m)
-            .unwrap_or_default();
-        self.failed(
-            job,
-            &format!("gRPC status {status_code} {msg}"),
-            authz::retryable(status_code),
-        );
     }
 }
 
@@ -665,7 +646,7 @@ impl Filter {
             &config.authz_upstream,
             authz::SERVICE,
             authz::AUTHORIZE,
-            self.grpc_metadata(config),
+            gateway_metadata(config, self.x_request_id.as_deref()),
             Some(&message),
             config.authz_timeout(),
         ) {
@@ -675,19 +656,6 @@ impl Filter {
             }
             Err(e) => self.authz_failed(&format!("Authorize not dispatched: {e:?}"), in_callback),
         }
-    }
-
-    /// Envoy's `x-request-id` travels with the gRPC calls, for tracing; the gateway
-    /// token (when configured) authenticates the gateway.
-    fn grpc_metadata<'a>(&'a self, config: &'a Config) -> Vec<(&'a str, &'a [u8])> {
-        let mut m = Vec::with_capacity(2);
-        if let Some(id) = &self.x_request_id {
-            m.push(("x-request-id", id.as_bytes()));
-        }
-        if let Some(token) = config.gateway_token() {
-            m.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
-        }
-        m
     }
 
     /// The authorization service could not answer: 503, or fail open per route.
@@ -726,10 +694,7 @@ impl Filter {
 
     fn on_authorize_answer(&mut self, status_code: u32, response_size: usize) {
         if status_code != 0 {
-            let msg = hostcalls::get_grpc_status()
-                .ok()
-                .and_then(|(_, m)| m)
-                .unwrap_or_default();
+            let msg = grpc_status_message();
             match authz::grpc_failure(status_code) {
                 CallFailure::Unavailable => {
                     self.release_by_request("authorize_failed");
@@ -1101,6 +1066,31 @@ impl HttpContext for Filter {
             _ => {}
         }
     }
+}
+
+/// The metadata of every call to the authz-service: Envoy's `x-request-id` of the
+/// agent call (for tracing) and the gateway token (when configured: it
+/// authenticates the gateway).
+fn gateway_metadata<'a>(
+    config: &'a Config,
+    x_request_id: Option<&'a str>,
+) -> Vec<(&'a str, &'a [u8])> {
+    let mut m = Vec::with_capacity(2);
+    if let Some(id) = x_request_id {
+        m.push(("x-request-id", id.as_bytes()));
+    }
+    if let Some(token) = config.gateway_token() {
+        m.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
+    }
+    m
+}
+
+/// The message of the gRPC status of the call being answered ("" when none).
+fn grpc_status_message() -> String {
+    hostcalls::get_grpc_status()
+        .ok()
+        .and_then(|(_, m)| m)
+        .unwrap_or_default()
 }
 
 /// A property value, `None` when absent or on a host error.

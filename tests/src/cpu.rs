@@ -42,3 +42,32 @@ pub async fn redis_cpu_seconds(stack: &TestStack) -> anyhow::Result<f64> {
     }
     Ok(total)
 }
+
+/// CPU seconds used so far by this process, by Redis and by one more process
+/// (Envoy, say; 0 when none): take one before a run and one after, and subtract.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuSample {
+    pub process: f64,
+    pub redis: f64,
+    pub other: f64,
+}
+
+impl CpuSample {
+    pub async fn take(stack: &TestStack, other_pid: Option<u32>) -> anyhow::Result<Self> {
+        Ok(Self {
+            process: cpu_seconds("/proc/self/stat"),
+            redis: redis_cpu_seconds(stack).await?,
+            other: other_pid.map_or(0.0, pid_cpu_seconds),
+        })
+    }
+
+    /// The CPU used since `before`, in µs per unit of work (`units` of them).
+    pub fn per_unit_since(&self, before: &Self, units: u64) -> Self {
+        let per = |after: f64, before: f64| (after - before) * 1e6 / units.max(1) as f64;
+        Self {
+            process: per(self.process, before.process),
+            redis: per(self.redis, before.redis),
+            other: per(self.other, before.other),
+        }
+    }
+}

@@ -209,6 +209,15 @@ pub async fn test_redis() -> anyhow::Result<caracal_service_kit::redis::RedisCon
     Ok(config.endpoint(Duration::from_secs(5)).connect_one()?)
 }
 
+/// A benchmark target's verdict, as the benches print it.
+pub fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
 /// Keys matching `pattern` on the tests' Redis (KEYS; on a cluster, of every
 /// primary).
 pub async fn redis_keys(
@@ -401,14 +410,23 @@ impl TestStack {
         Ok(())
     }
 
+    /// The Redis keys of `policy`'s counters (one per window or bucket range).
+    pub async fn policy_counter_keys(&self, policy: &str) -> anyhow::Result<Vec<String>> {
+        redis_keys(
+            &mut self.redis_conn()?,
+            &format!("{}:*:c:{policy}:*", self.key_prefix),
+        )
+        .await
+    }
+
     /// The fields of every Redis counter of `policy` (one hash per window: one for
     /// `total` and calendar windows, one per bucket for rolling ones), as numbers.
     pub async fn policy_counters(
         &self,
         policy: &str,
     ) -> anyhow::Result<Vec<std::collections::HashMap<String, i64>>> {
-        let mut conn = self.redis_conn()?;
-        let keys = redis_keys(&mut conn, &format!("{}:*:c:{policy}:*", self.key_prefix)).await?;
+        let conn = self.redis_conn()?;
+        let keys = self.policy_counter_keys(policy).await?;
         let reads = keys
             .iter()
             .map(|k| redis::cmd("HGETALL").arg(k).clone())

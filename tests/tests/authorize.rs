@@ -925,7 +925,6 @@ async fn calendar_counters_expire_a_day_after_their_window() {
     let pol = policy(&stack, &agent_id, "10", "daily", "calendar", "").await;
     let mut authz = stack.authz();
     let mut conn = stack.redis_conn().unwrap();
-    let pattern = format!("{}:*:c:{pol}:*", stack.key_prefix);
     for i in 0..3 {
         let r = authz
             .authorize(authorize_req(&key, &format!("ttl-{i}"), 1_000))
@@ -933,9 +932,7 @@ async fn calendar_counters_expire_a_day_after_their_window() {
             .unwrap()
             .into_inner();
         assert!(allowed(&r));
-        let keys = caracal_tests::redis_keys(&mut conn, &pattern)
-            .await
-            .unwrap();
+        let keys = stack.policy_counter_keys(&pol).await.unwrap();
         assert_eq!(keys.len(), 1, "{keys:?}");
         let expire_at: i64 = redis::cmd("EXPIRETIME")
             .arg(&keys[0])

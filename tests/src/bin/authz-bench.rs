@@ -26,8 +26,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use caracal_proto::v1::{self as pb, budget_authorization_client::BudgetAuthorizationClient};
 use caracal_tests::{
-    cpu::{cpu_seconds, redis_cpu_seconds},
-    TestStack,
+    cpu::{cpu_seconds, CpuSample},
+    met, TestStack,
 };
 use hdrhistogram::Histogram;
 
@@ -288,25 +288,18 @@ async fn callers(
 }
 
 /// Lets the callers run for `seconds`, then stops them; returns the elapsed time
-/// and the CPU seconds this process and Redis used meanwhile.
+/// and the CPU samples before and after.
 async fn measure(
     stack: &TestStack,
     seconds: u64,
     stop: &AtomicBool,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<(f64, CpuSample, CpuSample)> {
     let started = Instant::now();
-    let (process_cpu, redis_cpu) = (
-        cpu_seconds("/proc/self/stat"),
-        redis_cpu_seconds(stack).await?,
-    );
+    let before = CpuSample::take(stack, None).await?;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    Ok((
-        elapsed,
-        cpu_seconds("/proc/self/stat") - process_cpu,
-        redis_cpu_seconds(stack).await? - redis_cpu,
-    ))
+    Ok((elapsed, before, CpuSample::take(stack, None).await?))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -348,14 +341,13 @@ async fn run(
             stop.clone(),
             errors.clone(),
         ));
-        let (elapsed, process_cpu, redis_cpu) = measure(stack, seconds, &stop).await?;
+        let (elapsed, before, after) = measure(stack, seconds, &stop).await?;
         let (total, calls, _) = task.await??;
         report(&keys, concurrency, elapsed, &total, &calls, &errors);
-        let per_pair = |cpu: f64| cpu * 1e6 / total.len().max(1) as f64;
+        let cpu = after.per_unit_since(&before, total.len());
         println!(
             "    cpu per pair: service + load generator {:.0} µs, redis {:.0} µs",
-            per_pair(process_cpu),
-            per_pair(redis_cpu)
+            cpu.process, cpu.redis
         );
         return Ok(());
     }
@@ -392,7 +384,7 @@ async fn run(
         }));
         first += count;
     }
-    let (elapsed, process_cpu, redis_cpu) = measure(stack, seconds, &stop).await?;
+    let (elapsed, before, after) = measure(stack, seconds, &stop).await?;
     let (mut total, mut calls, mut client_cpu) = (histogram(), histogram(), 0.0);
     for h in handles {
         let (p, c, cpu) = tokio::task::spawn_blocking(move || h.join())
@@ -405,12 +397,13 @@ async fn run(
     report(&keys, concurrency, elapsed, &total, &calls, &errors);
     // CPU per pair: where the 2 cores went (the service is the process minus the
     // load threads; the load threads' time runs a little past the window).
-    let per_pair = |cpu: f64| cpu * 1e6 / total.len().max(1) as f64;
+    let cpu = after.per_unit_since(&before, total.len());
+    let client = client_cpu * 1e6 / total.len().max(1) as f64;
     println!(
         "    cpu per pair: service {:.0} µs, load generator {:.0} µs, redis {:.0} µs",
-        per_pair((process_cpu - client_cpu).max(0.0)),
-        per_pair(client_cpu),
-        per_pair(redis_cpu)
+        (cpu.process - client).max(0.0),
+        client,
+        cpu.redis
     );
     Ok(())
 }
@@ -455,7 +448,6 @@ fn report(
         println!("    = {ratio:.2} of the Redis-only ceiling ({ceiling:.0} pairs/s)");
         // Issue 9's targets, stated for the c=64 / 10,000-agent run.
         if concurrency == 64 && keys.len() >= 10_000 {
-            let met = |ok: bool| if ok { "met" } else { "NOT met" };
             println!(
                 "    targets: >= 0.75 of the ceiling {}, p99 per call <= 2 ms {}",
                 met(ratio >= 0.75),

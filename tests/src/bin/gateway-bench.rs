@@ -46,8 +46,9 @@ use anyhow::Context;
 use bytes::Bytes;
 use caracal_proto::v1 as pb;
 use caracal_tests::{
-    cpu::{cpu_seconds, pid_cpu_seconds, redis_cpu_seconds},
+    cpu::CpuSample,
     envoy::{envoy_binary, filter_wasm, Envoy, EnvoyOptions, Gateway},
+    met,
     mock_llm::MockLlm,
     TestStack,
 };
@@ -787,8 +788,8 @@ async fn bench(
     let d999 = ms(&f.latency, 0.999) - ms(&b.latency, 0.999);
     println!(
         "  added by filter+authz: p50={d50:+.3}ms  p99={d99:+.3}ms  p99.9={d999:+.3}ms  (target: p50 <= 0.5 ms {}, p99 <= 1.5 ms {})",
-        if d50 <= 0.5 { "met" } else { "NOT met" },
-        if d99 <= 1.5 { "met" } else { "NOT met" },
+        met(d50 <= 0.5),
+        met(d99 <= 1.5),
     );
     let reference = authorize_fixed_rate(stack, &key, args.rate, args.seconds).await;
     println!(
@@ -808,12 +809,7 @@ async fn bench(
     );
     let mut rates = Vec::new();
     for (t, envoy) in targets.iter().zip([&baseline, &filtered]) {
-        let envoy_pid = envoy.pid().unwrap_or(0);
-        let cpu_before = (
-            pid_cpu_seconds(envoy_pid),
-            cpu_seconds("/proc/self/stat"),
-            redis_cpu_seconds(stack).await.unwrap_or(0.0),
-        );
+        let cpu_before = CpuSample::take(stack, envoy.pid()).await?;
         let s = closed_loop(
             t.clone(),
             usize::try_from(args.concurrency)?,
@@ -821,15 +817,9 @@ async fn bench(
             u64::MAX,
         )
         .await;
-        let per_request = |before: f64, after: f64| (after - before) * 1e6 / s.ok.max(1) as f64;
-        let cpu = (
-            per_request(cpu_before.0, pid_cpu_seconds(envoy_pid)),
-            per_request(cpu_before.1, cpu_seconds("/proc/self/stat")),
-            per_request(
-                cpu_before.2,
-                redis_cpu_seconds(stack).await.unwrap_or(cpu_before.2),
-            ),
-        );
+        let cpu = CpuSample::take(stack, envoy.pid())
+            .await?
+            .per_unit_since(&cpu_before, s.ok);
         let rps = s.ok as f64 / s.elapsed.as_secs_f64().max(1e-9);
         println!(
             "  {:<12} {:>8.0} req/s  p50={:>7.3}ms  p99={:>7.3}ms  {}",
@@ -841,7 +831,7 @@ async fn bench(
         );
         println!(
             "  {:<12} cpu per request: envoy {:.0} µs, this process (load generator + mock + authz-service) {:.0} µs, redis {:.0} µs",
-            "", cpu.0, cpu.1, cpu.2
+            "", cpu.other, cpu.process, cpu.redis
         );
         rates.push(rps);
         mock.clear();
@@ -851,11 +841,7 @@ async fn bench(
         println!(
             "  with filter / baseline: {:.1}% of the baseline's throughput (target >= 35 %: {})",
             100.0 * rates[1] / rates[0],
-            if rates[1] >= 0.35 * rates[0] {
-                "met"
-            } else {
-                "NOT met"
-            }
+            met(rates[1] >= 0.35 * rates[0])
         );
     }
     println!("  load average: {}", loadavg());
