@@ -11,7 +11,11 @@
 //! requests (INVALID_ARGUMENT, NOT_FOUND) and for a budget store that is down
 //! (UNAVAILABLE: the gateway fails closed).
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    pin::Pin,
+    sync::{Arc, Weak},
+    time::Instant,
+};
 
 use caracal_domain::{
     allowlist::is_allowed,
@@ -24,7 +28,10 @@ use caracal_proto::v1::{
     budget_authorization_server::BudgetAuthorization,
 };
 use chrono::{DateTime, Utc};
-use tonic::{Request, Response, Status};
+use futures::{stream::FuturesUnordered, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::{
@@ -46,6 +53,9 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// Most calls one FinishBatch may carry (the gateway sends at most 256): bounds
 /// the memory and the Redis work one RPC can ask for.
 pub const MAX_FINISH_BATCH: usize = 512;
+/// Most calls of one CallStream worked on at once: further ones stay unread (HTTP/2
+/// flow control holds the sender back) until earlier ones are answered.
+pub const MAX_STREAM_IN_FLIGHT: usize = 1024;
 /// Counters of a finished calendar window are kept this long after it ends (for
 /// late settles and for inspection), then Redis drops them.
 const COUNTER_GRACE_S: i64 = 86_400;
@@ -60,15 +70,18 @@ pub struct AuthorizationService {
     catalog: Arc<Catalog>,
     store: BudgetStore,
     settings: Settings,
+    /// Itself, for the task that drives a CallStream (it outlives the RPC method).
+    me: Weak<AuthorizationService>,
 }
 
 impl AuthorizationService {
-    pub fn new(catalog: Arc<Catalog>, store: BudgetStore, settings: Settings) -> Self {
-        Self {
+    pub fn new(catalog: Arc<Catalog>, store: BudgetStore, settings: Settings) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             catalog,
             store,
             settings,
-        }
+            me: me.clone(),
+        })
     }
 }
 
@@ -730,13 +743,127 @@ impl AuthorizationService {
                     "batched call refused"
                 );
                 pb::FinishResult {
-                    code: u32::try_from(i32::from(status.code())).unwrap_or(2),
+                    code: grpc_code(&status),
                     message: status.message().to_owned(),
                     response: None,
                 }
             }
         }
     }
+}
+
+impl AuthorizationService {
+    /// One call of a CallStream, answered as its unary RPC would be (and counted
+    /// under that RPC's name in the request metrics).
+    async fn stream_call(&self, call: pb::StreamCall) -> pb::StreamResult {
+        use pb::{stream_call::Call, stream_result::Response as Answer};
+        let started = Instant::now();
+        let (method, result, decision) = match call.call {
+            Some(Call::Authorize(req)) => {
+                let result = self.authorize_inner(req).await;
+                let decision = decision_of(&result);
+                ("Authorize", result.map(Answer::Authorize), decision)
+            }
+            Some(Call::Settle(req)) => (
+                "Settle",
+                self.settle_inner(req).await.map(Answer::Settle),
+                None,
+            ),
+            Some(Call::Release(req)) => (
+                "Release",
+                self.release_inner(req).await.map(Answer::Release),
+                None,
+            ),
+            Some(Call::ReleaseByRequest(req)) => (
+                "ReleaseByRequest",
+                self.release_by_request_inner(req)
+                    .await
+                    .map(Answer::Release),
+                None,
+            ),
+            None => (
+                "CallStream",
+                Err(Status::invalid_argument(
+                    "a StreamCall must set authorize, settle, release or release_by_request",
+                )),
+                None,
+            ),
+        };
+        observe(method, started, &result, decision);
+        let (code, message, response) = match result {
+            Ok(answer) => (0, String::new(), Some(answer)),
+            Err(status) => {
+                tracing::info!(
+                    method,
+                    x_request_id = %call.x_request_id,
+                    code = ?status.code(),
+                    message = status.message(),
+                    "streamed call refused"
+                );
+                (grpc_code(&status), status.message().to_owned(), None)
+            }
+        };
+        pb::StreamResult {
+            call_id: call.call_id,
+            code,
+            message,
+            response,
+        }
+    }
+
+    /// Reads a CallStream's calls and works on up to [`MAX_STREAM_IN_FLIGHT`] at once,
+    /// answering each as it completes. When the caller stops sending, the calls
+    /// in flight are still answered; when it goes away, they still complete (each
+    /// may have changed a budget: the caller releases the unanswered ones by request
+    /// id) and their answers are dropped.
+    async fn drive_stream(
+        self: Arc<Self>,
+        mut calls: Streaming<pb::StreamCall>,
+        answers: mpsc::Sender<Result<pb::StreamResult, Status>>,
+    ) {
+        let mut working = FuturesUnordered::new();
+        let mut reading = true;
+        let mut caller_gone = false;
+        while reading || !working.is_empty() {
+            tokio::select! {
+                call = calls.message(), if reading && working.len() < MAX_STREAM_IN_FLIGHT => {
+                    match call {
+                        Ok(Some(call)) => working.push(self.stream_call(call)),
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            tracing::debug!(code = ?status.code(), message = status.message(), "call stream broken");
+                            reading = false;
+                        }
+                    }
+                }
+                Some(result) = working.next(), if !working.is_empty() => {
+                    if !caller_gone && answers.send(Ok(result)).await.is_err() {
+                        caller_gone = true;
+                        reading = false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The decision and reason labels of an Authorize answer.
+fn decision_of(
+    result: &Result<pb::AuthorizeResponse, Status>,
+) -> Option<(&'static str, &'static str)> {
+    result.as_ref().ok().map(|r| {
+        let d = if r.decision == pb::Decision::Allow as i32 {
+            "allow"
+        } else {
+            "deny"
+        };
+        (d, reason_label(r.reason))
+    })
+}
+
+/// A status's gRPC code as sent in a batch or stream answer.
+fn grpc_code(status: &Status) -> u32 {
+    u32::try_from(i32::from(status.code())).unwrap_or(2)
 }
 
 fn finished_word(kind: FinishKind) -> &'static str {
@@ -804,14 +931,7 @@ impl BudgetAuthorization for AuthorizationService {
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let started = Instant::now();
         let result = self.authorize_inner(request.into_inner()).await;
-        let decision = result.as_ref().ok().map(|r| {
-            let d = if r.decision == pb::Decision::Allow as i32 {
-                "allow"
-            } else {
-                "deny"
-            };
-            (d, reason_label(r.reason))
-        });
+        let decision = decision_of(&result);
         observe("Authorize", started, &result, decision);
         result.map(Response::new)
     }
@@ -862,5 +982,24 @@ impl BudgetAuthorization for AuthorizationService {
         let results =
             futures::future::join_all(calls.into_iter().map(|c| self.finish_call(c))).await;
         Ok(Response::new(pb::FinishBatchResponse { results }))
+    }
+
+    type CallStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::StreamResult, Status>> + Send + 'static>>;
+
+    /// The calls are driven by a task of their own (see [`Self::drive_stream`]); the
+    /// answers reach the caller through a channel as long as the calls may be in
+    /// flight, so a slow reader holds the task back rather than growing a buffer.
+    async fn call_stream(
+        &self,
+        request: Request<Streaming<pb::StreamCall>>,
+    ) -> Result<Response<Self::CallStreamStream>, Status> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("the service is shutting down"))?;
+        let (answers, out) = mpsc::channel(MAX_STREAM_IN_FLIGHT);
+        tokio::spawn(me.drive_stream(request.into_inner(), answers));
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 }

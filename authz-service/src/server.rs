@@ -202,7 +202,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             background_rx.clone(),
         )));
     }
-    let authorization = std::sync::Arc::new(AuthorizationService::new(
+    let authorization = AuthorizationService::new(
         catalog,
         store.clone(),
         Settings {
@@ -210,7 +210,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             finished_marker_ttl_s: config.budget.finished_marker_ttl,
             allow_without_policy: config.budget.allow_without_policy,
         },
-    ));
+    );
     // Envoy ext_authz (Authorization/Check) on the same hot path as Authorize.
     let ext_authz = crate::ext_authz::ExtAuthzService::new(authorization.clone());
 

@@ -460,6 +460,53 @@ pub fn finish_batch_results(response: &[u8], calls: usize) -> Result<Vec<BatchRe
     Ok(decoded.results)
 }
 
+/// The hot path's calls over one long-lived stream: a worker sends its Authorizes
+/// on it (see `glue`'s `Lane`).
+pub const CALL_STREAM: &str = "CallStream";
+
+/// The encoded `StreamCall` of an Authorize: the encoded `AuthorizeRequest` goes in
+/// as it is (field 3), tagged with `call_id` (field 1) and the agent call's
+/// x-request-id (field 2).
+pub fn stream_authorize_call(
+    call_id: u64,
+    x_request_id: Option<&str>,
+    authorize: &[u8],
+) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let mut out = Vec::with_capacity(authorize.len() + x_request_id.map_or(0, str::len) + 24);
+    encode_key(1, WireType::Varint, &mut out);
+    encode_varint(call_id, &mut out);
+    if let Some(id) = x_request_id {
+        encode_key(2, WireType::LengthDelimited, &mut out);
+        encode_varint(id.len() as u64, &mut out);
+        out.extend_from_slice(id.as_bytes());
+    }
+    encode_key(3, WireType::LengthDelimited, &mut out);
+    encode_varint(authorize.len() as u64, &mut out);
+    out.extend_from_slice(authorize);
+    out
+}
+
+/// A `StreamResult` as the filter reads it: which call it answers, the gRPC status
+/// its unary RPC would have had, and the `AuthorizeResponse` (field 4) still encoded,
+/// for [`verdict`]. Settle / Release answers (fields 5, 6) are skipped unread.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamAnswer {
+    #[prost(uint64, tag = "1")]
+    pub call_id: u64,
+    #[prost(uint32, tag = "2")]
+    pub code: u32,
+    #[prost(string, tag = "3")]
+    pub message: String,
+    #[prost(bytes = "vec", tag = "4")]
+    pub authorize: Vec<u8>,
+}
+
+/// Decodes one message of the CallStream.
+pub fn stream_answer(message: &[u8]) -> Result<StreamAnswer, String> {
+    StreamAnswer::decode(message).map_err(|e| format!("undecodable StreamResult: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

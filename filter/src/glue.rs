@@ -27,7 +27,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use log::{debug, error, info, warn};
@@ -54,6 +54,9 @@ proxy_wasm::main! {{
 thread_local! {
     static REQUEST_COUNTER: Cell<u64> = const { Cell::new(0) };
     static OUTBOX: RefCell<Outbox> = RefCell::new(Outbox::default());
+    static LANE: RefCell<Lane> = RefCell::new(Lane::default());
+    /// The root's tick is on.
+    static TICKING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Root tick while the outbox holds calls to send; off otherwise.
@@ -88,15 +91,82 @@ enum Flight {
 struct Outbox {
     queue: Vec<Job>,
     in_flight: HashMap<u32, Flight>,
-    /// The root's tick is on.
-    ticking: bool,
     /// The service answered FinishBatch with UNIMPLEMENTED (a release before it):
     /// unary calls from then on.
     unary: bool,
 }
 
+/// gRPC status DEADLINE_EXCEEDED.
+const DEADLINE_EXCEEDED: u32 = 4;
 /// gRPC status UNIMPLEMENTED.
 const UNIMPLEMENTED: u32 = 12;
+/// gRPC status UNAVAILABLE.
+const UNAVAILABLE: u32 = 14;
+
+/// Authorize over the worker's CallStream: one long-lived gRPC stream per worker
+/// thread, each Authorize a message on it tagged with a call id. It saves Envoy the
+/// HTTP/2 stream, headers, router and timer a unary call costs (and the service the
+/// same on its side); the answers are the unary RPC's.
+///
+/// The ROOT opens the stream (from its tick, once a first Authorize asked), so the
+/// stream belongs to no agent call and outlives them all; an HTTP context sends on it
+/// with the root made the effective context. An answer arrives at the root, which
+/// makes the waiting HTTP context effective and hands the answer to its [`Filter`]
+/// (shared through a `Weak`; a context that is gone was already released by
+/// request id in `on_log`). Until the service has answered the stream's headers -
+/// and for good when it answers UNIMPLEMENTED (a release before CallStream) -
+/// Authorize goes as a unary call, as before. The root's tick enforces each call's
+/// deadline; a stream that breaks, or answers nothing for a whole deadline, fails
+/// its waiting calls (each is then released by request id and fails closed or open,
+/// as a failed unary Authorize) and is opened again with backoff.
+#[derive(Default)]
+struct Lane {
+    state: LaneState,
+    next_call_id: u64,
+    /// Calls sent on a stream, waiting for their answer, by call id.
+    waiting: HashMap<u64, Waiting>,
+    /// When the stream last answered a call (ms since the epoch).
+    last_answer_ms: u64,
+    /// Opens in a row that failed (backoff).
+    failed_opens: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LaneState {
+    /// Never needed yet (the main thread's root context, which serves no requests,
+    /// stays here): the first Authorize asks for the stream and goes unary.
+    Unopened,
+    /// No stream: the tick opens one from `retry_at_ms` on.
+    Closed { retry_at_ms: u64 },
+    /// Dispatched with this token, headers not answered yet: calls go unary.
+    Opening(u32),
+    /// Calls go on the stream with this token.
+    Open(u32),
+    /// The service has no CallStream: unary for good.
+    Unsupported,
+}
+
+impl Default for LaneState {
+    fn default() -> Self {
+        LaneState::Unopened
+    }
+}
+
+/// A call sent on the stream `token`, waiting for its answer.
+struct Waiting {
+    filter: Weak<RefCell<Filter>>,
+    context_id: u32,
+    token: u32,
+    sent_ms: u64,
+    deadline_ms: u64,
+}
+
+/// Delay before the stream is opened again after `failed` opens in a row failed.
+fn reopen_delay_ms(failed: u32) -> u64 {
+    100u64
+        .saturating_mul(1 << failed.saturating_sub(1).min(7))
+        .min(10_000)
+}
 
 /// The filter's counters (ids from `define_metric`, per thread).
 #[derive(Clone, Copy, Default)]
@@ -105,6 +175,11 @@ struct Metrics {
     retries: Option<u32>,
     recovered: Option<u32>,
     dropped: Option<u32>,
+    /// Authorize calls sent on the CallStream / as unary calls.
+    streamed: Option<u32>,
+    unary: Option<u32>,
+    /// CallStreams that opened (a climbing count is a stream that keeps breaking).
+    stream_opens: Option<u32>,
 }
 
 thread_local! {
@@ -140,17 +215,26 @@ fn enqueue(job: Job, root_id: u32, own_id: u32) {
             return false;
         }
         o.queue.push(job);
-        !std::mem::replace(&mut o.ticking, true)
+        true
     });
     if start_tick {
-        let switched = own_id != root_id && hostcalls::set_effective_context(root_id).is_ok();
-        if let Err(e) = hostcalls::set_tick_period(TICK) {
-            error!("caracal: cannot start the root tick: {e:?}");
-            OUTBOX.with(|o| o.borrow_mut().ticking = false);
-        }
-        if switched {
-            let _ = hostcalls::set_effective_context(own_id);
-        }
+        self::start_tick(root_id, own_id);
+    }
+}
+
+/// Turns the root's tick on (the root, `root_id`, is made the effective context for
+/// it when called from another context, `own_id`).
+fn start_tick(root_id: u32, own_id: u32) {
+    if TICKING.with(|t| t.replace(true)) {
+        return;
+    }
+    let switched = own_id != root_id && hostcalls::set_effective_context(root_id).is_ok();
+    if let Err(e) = hostcalls::set_tick_period(TICK) {
+        error!("caracal: cannot start the root tick: {e:?}");
+        TICKING.with(|t| t.set(false));
+    }
+    if switched {
+        let _ = hostcalls::set_effective_context(own_id);
     }
 }
 
@@ -184,18 +268,140 @@ impl Root {
                 self.send_batch(&config, std::mem::replace(&mut due, rest));
             }
         }
-        let idle = OUTBOX.with(|o| {
-            let mut o = o.borrow_mut();
-            if o.queue.is_empty() {
-                o.ticking = false;
-                true
-            } else {
-                false
-            }
-        });
+    }
+
+    /// Turns the tick off when nothing needs it: no call queued, no streamed call
+    /// waiting (deadlines), no stream to open (while the service is down, the tick
+    /// keeps trying with backoff).
+    fn stop_tick_if_idle(&self) {
+        let idle = OUTBOX.with(|o| o.borrow().queue.is_empty())
+            && LANE.with(|l| {
+                let l = l.borrow();
+                l.waiting.is_empty() && !matches!(l.state, LaneState::Closed { .. })
+            });
         if idle {
+            TICKING.with(|t| t.set(false));
             let _ = hostcalls::set_tick_period(Duration::ZERO);
         }
+    }
+
+    /// The stream's upkeep, from the tick: waiting calls past their deadline fail
+    /// (and a stream that answered nothing for a whole deadline is given up), a
+    /// missing stream is opened.
+    fn tend_lane(&mut self) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let now = now_ms();
+        let (expired, stuck) = LANE.with(|l| {
+            let mut l = l.borrow_mut();
+            let due: Vec<u64> = l
+                .waiting
+                .iter()
+                .filter(|(_, w)| w.deadline_ms <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            let last_answer = l.last_answer_ms;
+            let expired: Vec<(u64, Waiting)> = due
+                .into_iter()
+                .filter_map(|id| l.waiting.remove(&id).map(|w| (id, w)))
+                .collect();
+            let stuck = match l.state {
+                LaneState::Open(token) => expired
+                    .iter()
+                    .any(|(_, w)| w.token == token && w.sent_ms >= last_answer)
+                    .then_some(token),
+                _ => None,
+            };
+            (expired, stuck)
+        });
+        for (call_id, w) in expired {
+            self.deliver(
+                call_id,
+                w,
+                DEADLINE_EXCEEDED,
+                "Authorize timed out (call stream)",
+                &[],
+            );
+        }
+        if let Some(token) = stuck {
+            warn!("caracal: the Authorize stream answered nothing for a whole deadline; opening a new one");
+            let _ = hostcalls::cancel_grpc_stream(token);
+            self.stream_lost(token, "the Authorize stream answered nothing; given up");
+        }
+        let open = LANE.with(
+            |l| matches!(l.borrow().state, LaneState::Closed { retry_at_ms } if retry_at_ms <= now),
+        );
+        if open {
+            match hostcalls::open_grpc_stream(
+                &config.authz_upstream,
+                authz::SERVICE,
+                authz::CALL_STREAM,
+                gateway_metadata(&config, None),
+            ) {
+                Ok(token) => {
+                    debug!("caracal: Authorize stream {token} dispatched");
+                    LANE.with(|l| l.borrow_mut().state = LaneState::Opening(token));
+                }
+                Err(e) => {
+                    warn!("caracal: cannot open the Authorize stream: {e:?}");
+                    LANE.with(|l| {
+                        let mut l = l.borrow_mut();
+                        l.failed_opens = l.failed_opens.saturating_add(1);
+                        l.state = LaneState::Closed {
+                            retry_at_ms: now.saturating_add(reopen_delay_ms(l.failed_opens)),
+                        };
+                    });
+                }
+            }
+        }
+    }
+
+    /// The stream `token` is gone: its waiting calls fail, and it is opened again
+    /// after a backoff.
+    fn stream_lost(&mut self, token: u32, why: &str) {
+        let now = now_ms();
+        let lost: Vec<(u64, Waiting)> = LANE.with(|l| {
+            let mut l = l.borrow_mut();
+            if matches!(l.state, LaneState::Open(t) | LaneState::Opening(t) if t == token) {
+                l.failed_opens = l.failed_opens.saturating_add(1);
+                l.state = LaneState::Closed {
+                    retry_at_ms: now.saturating_add(reopen_delay_ms(l.failed_opens)),
+                };
+            }
+            let ids: Vec<u64> = l
+                .waiting
+                .iter()
+                .filter(|(_, w)| w.token == token)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| l.waiting.remove(&id).map(|w| (id, w)))
+                .collect()
+        });
+        for (call_id, w) in lost {
+            self.deliver(call_id, w, UNAVAILABLE, why, &[]);
+        }
+    }
+
+    /// Hands an answer from the stream to the HTTP context waiting for it (made the
+    /// effective context meanwhile, so its hostcalls act on its own stream).
+    fn deliver(&mut self, call_id: u64, w: Waiting, code: u32, message: &str, body: &[u8]) {
+        let Some(filter) = w.filter.upgrade() else {
+            debug!("caracal: stream call {call_id} answered after its request ended");
+            return;
+        };
+        if hostcalls::set_effective_context(w.context_id).is_err() {
+            debug!("caracal: stream call {call_id}: its HTTP context is gone");
+            return;
+        }
+        match filter.try_borrow_mut() {
+            Ok(mut f) => f.on_stream_answer(call_id, code, message, body),
+            Err(_) => {
+                error!("caracal: stream call {call_id}: its HTTP context is busy; answer dropped")
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.id);
     }
 
     /// Sends `message` to the authz-service's `method` with the Settle deadline.
@@ -350,6 +556,83 @@ impl Root {
 }
 
 impl Context for Root {
+    fn on_grpc_stream_initial_metadata(&mut self, token_id: u32, num_elements: u32) {
+        // A trailers-only answer (UNIMPLEMENTED, UNAUTHENTICATED, ...) comes with no
+        // initial metadata and is followed by the close.
+        LANE.with(|l| {
+            let mut l = l.borrow_mut();
+            if l.state == LaneState::Opening(token_id) && num_elements > 0 {
+                info!("caracal: Authorize stream {token_id} open");
+                l.state = LaneState::Open(token_id);
+                l.failed_opens = 0;
+                count(|m| m.stream_opens);
+            }
+        });
+    }
+
+    fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        let answer = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, message_size)
+            .map_err(|e| format!("unreadable: {e:?}"))
+            .and_then(|b| authz::stream_answer(&b.unwrap_or_default()));
+        let answer = match answer {
+            Ok(a) => a,
+            Err(why) => {
+                // Which call it answers is unknown: that call times out.
+                error!("caracal: an Authorize stream answer was {why}");
+                return;
+            }
+        };
+        let now = now_ms();
+        let waiting = LANE.with(|l| {
+            let mut l = l.borrow_mut();
+            l.last_answer_ms = now;
+            match l.waiting.remove(&answer.call_id) {
+                Some(w) if w.token == token_id => Some(w),
+                Some(w) => {
+                    l.waiting.insert(answer.call_id, w);
+                    None
+                }
+                None => None,
+            }
+        });
+        match waiting {
+            Some(w) => self.deliver(
+                answer.call_id,
+                w,
+                answer.code,
+                &answer.message,
+                &answer.authorize,
+            ),
+            None => debug!(
+                "caracal: stream answer for call {} that no longer waits",
+                answer.call_id
+            ),
+        }
+    }
+
+    fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
+        let message = grpc_status_message();
+        let unsupported = status_code == UNIMPLEMENTED
+            && LANE.with(|l| {
+                let mut l = l.borrow_mut();
+                let ours =
+                    matches!(l.state, LaneState::Opening(t) | LaneState::Open(t) if t == token_id);
+                if ours {
+                    l.state = LaneState::Unsupported;
+                }
+                ours
+            });
+        if unsupported {
+            warn!("caracal: the authz-service has no CallStream; Authorize sent as unary calls");
+        } else {
+            warn!("caracal: Authorize stream {token_id} closed with gRPC status {status_code} {message}");
+        }
+        self.stream_lost(
+            token_id,
+            &format!("the Authorize stream closed (gRPC status {status_code} {message})"),
+        );
+    }
+
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         match OUTBOX.with(|o| o.borrow_mut().in_flight.remove(&token_id)) {
             None => {}
@@ -369,6 +652,8 @@ impl Context for Root {
 impl RootContext for Root {
     fn on_tick(&mut self) {
         self.send_due();
+        self.tend_lane();
+        self.stop_tick_if_idle();
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -413,6 +698,9 @@ impl RootContext for Root {
                         retries: define("caracal_filter_settle_retries_total"),
                         recovered: define("caracal_filter_settle_recovered_total"),
                         dropped: define("caracal_filter_settle_dropped_total"),
+                        streamed: define("caracal_filter_authorize_streamed_total"),
+                        unary: define("caracal_filter_authorize_unary_total"),
+                        stream_opens: define("caracal_filter_authorize_stream_opens_total"),
                     })
                 });
                 true
@@ -425,11 +713,11 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Filter::new(
-            self.config.clone(),
-            self.id,
-            context_id,
-        )))
+        let config = self.config.clone();
+        let root_id = self.id;
+        Some(Box::new(FilterContext(Rc::new_cyclic(|me| {
+            RefCell::new(Filter::new(config, root_id, context_id, me.clone()))
+        }))))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -443,12 +731,40 @@ enum Phase {
     PassThrough,
     /// Headers passed on; holding and buffering the body.
     AwaitingBody,
-    /// Authorize in flight with this token.
-    Authorizing(u32),
+    /// Authorize in flight.
+    Authorizing(AuthorizeCall),
     /// Answered locally.
     Refused,
     /// Forwarded upstream (with or without a reservation).
     Forwarded,
+}
+
+/// How an Authorize in flight was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AuthorizeCall {
+    /// A unary call with this token.
+    Unary(u32),
+    /// On the worker's CallStream with this call id.
+    Stream(u64),
+}
+
+/// What Envoy holds for an HTTP stream: its [`Filter`] in a shared cell, so the root
+/// can hand it an answer that arrived on the worker's CallStream. Callbacks never
+/// nest (Envoy defers what a hostcall would trigger until the callback returns), so
+/// the cell is never borrowed twice; if it were, the request stays paused rather
+/// than the VM trapping.
+struct FilterContext(Rc<RefCell<Filter>>);
+
+impl FilterContext {
+    fn with(&self, busy: Action, f: impl FnOnce(&mut Filter) -> Action) -> Action {
+        match self.0.try_borrow_mut() {
+            Ok(mut filter) => f(&mut filter),
+            Err(_) => {
+                error!("caracal: an HTTP context was re-entered; callback skipped");
+                busy
+            }
+        }
+    }
 }
 
 /// One HTTP stream.
@@ -456,6 +772,8 @@ struct Filter {
     config: Option<Rc<Config>>,
     root_id: u32,
     id: u32,
+    /// Itself, for the root to hand it a streamed Authorize answer.
+    me: Weak<RefCell<Filter>>,
     phase: Phase,
     route: Option<Route>,
     api: Api,
@@ -473,11 +791,12 @@ struct Filter {
 }
 
 impl Filter {
-    fn new(config: Option<Rc<Config>>, root_id: u32, id: u32) -> Self {
+    fn new(config: Option<Rc<Config>>, root_id: u32, id: u32, me: Weak<RefCell<Filter>>) -> Self {
         Filter {
             config,
             root_id,
             id,
+            me,
             phase: Phase::PassThrough,
             route: None,
             api: Api::Other,
@@ -642,6 +961,12 @@ impl Filter {
             self.estimate.input_tokens,
             self.estimate.output_tokens
         );
+        if let Some(call_id) = self.send_on_stream(config, &message) {
+            count(|m| m.streamed);
+            self.phase = Phase::Authorizing(AuthorizeCall::Stream(call_id));
+            return Action::Pause;
+        }
+        count(|m| m.unary);
         match hostcalls::dispatch_grpc_call(
             &config.authz_upstream,
             authz::SERVICE,
@@ -651,10 +976,82 @@ impl Filter {
             config.authz_timeout(),
         ) {
             Ok(token) => {
-                self.phase = Phase::Authorizing(token);
+                self.phase = Phase::Authorizing(AuthorizeCall::Unary(token));
                 Action::Pause
             }
             Err(e) => self.authz_failed(&format!("Authorize not dispatched: {e:?}"), in_callback),
+        }
+    }
+
+    /// Sends an encoded Authorize on the worker's CallStream (see [`Lane`]); `None`
+    /// when no stream is open (the caller sends it unary; the root's tick is opening
+    /// one).
+    fn send_on_stream(&self, config: &Config, authorize: &[u8]) -> Option<u64> {
+        let (token, call_id) = LANE.with(|l| {
+            let mut l = l.borrow_mut();
+            match l.state {
+                LaneState::Open(token) => {
+                    l.next_call_id = l.next_call_id.wrapping_add(1);
+                    (Some(token), l.next_call_id)
+                }
+                LaneState::Unopened => {
+                    l.state = LaneState::Closed { retry_at_ms: 0 };
+                    (None, 0)
+                }
+                _ => (None, 0),
+            }
+        });
+        let Some(token) = token else {
+            // The tick opens it (it is on while the stream is closed).
+            if LANE.with(|l| matches!(l.borrow().state, LaneState::Closed { .. })) {
+                start_tick(self.root_id, self.id);
+            }
+            return None;
+        };
+        let message =
+            authz::stream_authorize_call(call_id, self.x_request_id.as_deref(), authorize);
+        // The stream is the root's: Envoy looks the token up in the effective context.
+        let switched = hostcalls::set_effective_context(self.root_id).is_ok();
+        let sent = hostcalls::send_grpc_stream_message(token, Some(&message), false);
+        if switched {
+            let _ = hostcalls::set_effective_context(self.id);
+        }
+        let now = now_ms();
+        if let Err(e) = sent {
+            // The stream is unusable: the root opens another (this one's waiting calls
+            // time out); this call goes unary.
+            warn!("caracal: cannot send on the Authorize stream: {e:?}");
+            LANE.with(|l| {
+                let mut l = l.borrow_mut();
+                if l.state == LaneState::Open(token) {
+                    l.state = LaneState::Closed { retry_at_ms: now };
+                }
+            });
+            start_tick(self.root_id, self.id);
+            return None;
+        }
+        let timeout_ms = u64::try_from(config.authz_timeout().as_millis()).unwrap_or(u64::MAX);
+        LANE.with(|l| {
+            l.borrow_mut().waiting.insert(
+                call_id,
+                Waiting {
+                    filter: self.me.clone(),
+                    context_id: self.id,
+                    token,
+                    sent_ms: now,
+                    deadline_ms: now.saturating_add(timeout_ms),
+                },
+            )
+        });
+        start_tick(self.root_id, self.id);
+        Some(call_id)
+    }
+
+    /// The root hands over an answer from the CallStream (this context is the
+    /// effective one).
+    fn on_stream_answer(&mut self, call_id: u64, code: u32, message: &str, body: &[u8]) {
+        if self.phase == Phase::Authorizing(AuthorizeCall::Stream(call_id)) {
+            self.on_authorize_answer(code, message, body);
         }
     }
 
@@ -692,9 +1089,9 @@ impl Filter {
         Action::Continue
     }
 
-    fn on_authorize_answer(&mut self, status_code: u32, response_size: usize) {
+    /// An Authorize's answer: gRPC status, its message, and the response when OK.
+    fn on_authorize_answer(&mut self, status_code: u32, msg: &str, body: &[u8]) {
         if status_code != 0 {
-            let msg = grpc_status_message();
             match authz::grpc_failure(status_code) {
                 CallFailure::Unavailable => {
                     self.release_by_request("authorize_failed");
@@ -720,15 +1117,7 @@ impl Filter {
             }
             return;
         }
-        let body = match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
-            Ok(b) => b.unwrap_or_default(),
-            Err(e) => {
-                self.release_by_request("authorize_unreadable");
-                self.authz_failed(&format!("Authorize answer unreadable: {e:?}"), false);
-                return;
-            }
-        };
-        match authz::verdict(&body) {
+        match authz::verdict(body) {
             Verdict::Allow {
                 reservation_id,
                 remaining,
@@ -825,18 +1214,79 @@ impl Filter {
     }
 }
 
-impl Context for Filter {
+impl Context for FilterContext {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        if self.phase == Phase::Authorizing(token_id) {
-            self.on_authorize_answer(status_code, response_size);
+        self.with(Action::Continue, |f| {
+            f.on_grpc_call_response(token_id, status_code, response_size);
+            Action::Continue
+        });
+    }
+}
+
+impl HttpContext for FilterContext {
+    fn on_http_request_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        self.with(Action::Pause, |f| {
+            f.on_http_request_headers(num_headers, end_of_stream)
+        })
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.with(Action::Pause, |f| {
+            f.on_http_request_body(body_size, end_of_stream)
+        })
+    }
+
+    fn on_http_request_trailers(&mut self, num_trailers: usize) -> Action {
+        self.with(Action::Pause, |f| f.on_http_request_trailers(num_trailers))
+    }
+
+    fn on_http_response_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        self.with(Action::Continue, |f| {
+            f.on_http_response_headers(num_headers, end_of_stream)
+        })
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.with(Action::Continue, |f| {
+            f.on_http_response_body(body_size, end_of_stream)
+        })
+    }
+
+    fn on_http_response_trailers(&mut self, num_trailers: usize) -> Action {
+        self.with(Action::Continue, |f| {
+            f.on_http_response_trailers(num_trailers)
+        })
+    }
+
+    fn on_log(&mut self) {
+        self.with(Action::Continue, |f| {
+            f.on_log();
+            Action::Continue
+        });
+    }
+}
+
+/// The HTTP callbacks, called through [`FilterContext`].
+impl Filter {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        if self.phase == Phase::Authorizing(AuthorizeCall::Unary(token_id)) {
+            if status_code != 0 {
+                self.on_authorize_answer(status_code, &grpc_status_message(), &[]);
+                return;
+            }
+            match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
+                Ok(b) => self.on_authorize_answer(0, "", &b.unwrap_or_default()),
+                Err(e) => {
+                    self.release_by_request("authorize_unreadable");
+                    self.authz_failed(&format!("Authorize answer unreadable: {e:?}"), false);
+                }
+            }
         } else if status_code != 0 {
             // A Settle / Release answer that arrived while this stream still lives.
             warn!("caracal: Settle/Release call {token_id} failed with gRPC status {status_code}");
         }
     }
-}
 
-impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(config) = self.config.clone() else {
             return self.refuse(

@@ -915,6 +915,145 @@ async fn finish_batch_answers_each_call_like_its_unary_rpc() {
     stack.stop().await.unwrap();
 }
 
+/// The CallStream answers each call as its unary RPC would, tagged with its call
+/// id: a repeated Authorize gets the same reservation, an unknown key a denial,
+/// malformed and empty calls INVALID_ARGUMENT; the same Settle twice charges once;
+/// after the caller stops sending, the calls in flight are still answered and the
+/// stream ends.
+#[tokio::test]
+async fn call_stream_answers_each_call_like_its_unary_rpc() {
+    use pb::{stream_call::Call, stream_result::Response as Answer};
+    use std::collections::HashMap;
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = agent(&stack, "streaming", None).await;
+    let pol = policy(&stack, &agent_id, "10", "daily", "calendar", "").await;
+    let mut authz = stack.authz();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut answers = authz
+        .call_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let call = |call_id: u64, call: Option<Call>| pb::StreamCall {
+        call_id,
+        x_request_id: format!("trace-{call_id}"),
+        call,
+    };
+    let mut no_id = authorize_req(&key, "x", 1);
+    no_id.request_id.clear();
+    for c in [
+        call(
+            10,
+            Some(Call::Authorize(authorize_req(&key, "stream-a", 300_000))),
+        ),
+        call(
+            11,
+            Some(Call::Authorize(authorize_req(&key, "stream-a", 300_000))),
+        ),
+        call(
+            12,
+            Some(Call::Authorize(authorize_req(
+                "cak_not-a-real-key",
+                "stream-b",
+                1,
+            ))),
+        ),
+        call(13, Some(Call::Authorize(no_id))),
+        call(14, None),
+    ] {
+        tx.send(c).await.unwrap();
+    }
+    let mut got: HashMap<u64, pb::StreamResult> = HashMap::new();
+    for _ in 0..5 {
+        let r = answers
+            .message()
+            .await
+            .unwrap()
+            .expect("an answer per call");
+        assert!(got.insert(r.call_id, r).is_none(), "one answer per call id");
+    }
+    let authorized = |id: u64| match &got[&id].response {
+        Some(Answer::Authorize(a)) => a.clone(),
+        other => panic!("call {id} answered {other:?}"),
+    };
+    let (first, again) = (authorized(10), authorized(11));
+    assert!(allowed(&first), "{first:?}");
+    assert_eq!(
+        first.reservation_id, again.reservation_id,
+        "idempotent by request id"
+    );
+    assert_eq!(reason(&authorized(12)), pb::DenyReason::UnknownAgent);
+    assert_eq!(got[&12].code, 0);
+    assert_eq!(
+        got[&13].code,
+        Code::InvalidArgument as u32,
+        "{:?}",
+        got[&13]
+    );
+    assert_eq!(
+        got[&14].code,
+        Code::InvalidArgument as u32,
+        "{:?}",
+        got[&14]
+    );
+    assert!(got[&13].response.is_none() && got[&14].response.is_none());
+
+    let settle = |call_id: u64| {
+        call(
+            call_id,
+            Some(Call::Settle(pb::SettleRequest {
+                reservation_id: first.reservation_id.clone(),
+                actual_cost: Some(usd(250_000)),
+                ..Default::default()
+            })),
+        )
+    };
+    tx.send(settle(20)).await.unwrap();
+    tx.send(settle(21)).await.unwrap();
+    tx.send(call(
+        22,
+        Some(Call::ReleaseByRequest(pb::ReleaseByRequestRequest {
+            request_id: "stream-never-authorized".into(),
+            credential: authorize_req(&key, "x", 0).credential,
+            reason: "client_abort".into(),
+        })),
+    ))
+    .await
+    .unwrap();
+    // The caller stops sending: what is in flight is still answered, then the end.
+    drop(tx);
+    let mut rest = Vec::new();
+    while let Some(r) = answers.message().await.unwrap() {
+        rest.push(r);
+    }
+    rest.sort_by_key(|r| r.call_id);
+    assert_eq!(
+        rest.iter().map(|r| (r.call_id, r.code)).collect::<Vec<_>>(),
+        vec![(20, 0), (21, 0), (22, 0)]
+    );
+    let charged_once = rest[..2]
+        .iter()
+        .filter(|r| matches!(&r.response, Some(Answer::Settle(s)) if !s.already_settled))
+        .count();
+    assert_eq!(
+        charged_once, 1,
+        "the same settle twice charges once: {rest:?}"
+    );
+    let probe = authz
+        .authorize(authorize_req(&key, "stream-probe", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(remaining_of(&probe, &pol), 10_000_000 - 250_000 - 1);
+    let late = authz
+        .authorize(authorize_req(&key, "stream-never-authorized", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reason(&late), pb::DenyReason::RequestFinished);
+    stack.stop().await.unwrap();
+}
+
 /// A calendar counter gets its expiry (window end + one day of grace) when the
 /// first reservation creates it, and keeps it: later reservations no longer set it
 /// again (one Redis call per policy saved), and it never becomes a key without one.

@@ -289,6 +289,8 @@ impl Gw {
         let mut opts = EnvoyOptions::new(Gateway::Wasm, port, mock.port());
         tune(&mut opts);
         let envoy = Envoy::start(opts).await.unwrap();
+        // Authorize goes over the worker's CallStream from here on.
+        wait_stream_opens(&envoy, 1).await;
         Self {
             stack,
             mock,
@@ -581,6 +583,27 @@ async fn an_authorize_that_timed_out_is_released_by_request_id() {
         settled_remaining(&gw.stack, &key, Duration::from_millis(500)).await,
         LIMIT
     );
+    // The stream that answered nothing within the deadline was given up; calls are
+    // answered again (on a new stream, or unary while it opens) and charged.
+    let prompt = "in time again";
+    let r = gw
+        .envoy
+        .post_json(
+            CHAT,
+            &[
+                ("authorization", &format!("Bearer {key}")),
+                (COMPLETION_TOKENS_HEADER, "6"),
+            ],
+            &json!({"model": "gpt-4o", "max_tokens": 100,
+                    "messages": [{"role": "user", "content": prompt}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let expected = LIMIT - cost(words(prompt), 6);
+    assert_eq!(wait_remaining(&gw.stack, &key, expected).await, expected);
+    // The stuck stream was replaced.
+    wait_stream_opens(&gw.envoy, 2).await;
     gw.stop().await;
 }
 
@@ -830,79 +853,166 @@ async fn a_client_that_leaves_while_authorize_is_in_flight_is_released() {
 
 /// An authz-service from before FinishBatch: answers it UNIMPLEMENTED and passes
 /// every other call to the real service, counting what it saw.
-struct OldService {
-    real: pb::budget_authorization_client::BudgetAuthorizationClient<caracal_tests::GatewaySvc>,
+/// A BudgetAuthorization in front of the real one, counting what reaches it.
+#[derive(Clone, Default)]
+struct FakeService {
+    real: Option<
+        pb::budget_authorization_client::BudgetAuthorizationClient<caracal_tests::GatewaySvc>,
+    >,
+    /// A release before FinishBatch and CallStream: both answer UNIMPLEMENTED.
+    old: bool,
     batches: Arc<AtomicU64>,
     settles: Arc<AtomicU64>,
+    streams: Arc<AtomicU64>,
+    authorizes: Arc<AtomicU64>,
+}
+
+impl FakeService {
+    fn real(
+        &self,
+    ) -> pb::budget_authorization_client::BudgetAuthorizationClient<caracal_tests::GatewaySvc> {
+        self.real.clone().unwrap()
+    }
+
+    async fn serve(self) -> (u16, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(pb::budget_authorization_server::BudgetAuthorizationServer::new(self))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        (port, server)
+    }
 }
 
 #[tonic::async_trait]
-impl pb::budget_authorization_server::BudgetAuthorization for OldService {
+impl pb::budget_authorization_server::BudgetAuthorization for FakeService {
     async fn authorize(
         &self,
         r: tonic::Request<pb::AuthorizeRequest>,
     ) -> Result<tonic::Response<pb::AuthorizeResponse>, tonic::Status> {
-        self.real.clone().authorize(r.into_inner()).await
+        self.authorizes.fetch_add(1, Ordering::SeqCst);
+        self.real().authorize(r.into_inner()).await
     }
     async fn settle(
         &self,
         r: tonic::Request<pb::SettleRequest>,
     ) -> Result<tonic::Response<pb::SettleResponse>, tonic::Status> {
         self.settles.fetch_add(1, Ordering::SeqCst);
-        self.real.clone().settle(r.into_inner()).await
+        self.real().settle(r.into_inner()).await
     }
     async fn release(
         &self,
         r: tonic::Request<pb::ReleaseRequest>,
     ) -> Result<tonic::Response<pb::ReleaseResponse>, tonic::Status> {
-        self.real.clone().release(r.into_inner()).await
+        self.real().release(r.into_inner()).await
     }
     async fn release_by_request(
         &self,
         r: tonic::Request<pb::ReleaseByRequestRequest>,
     ) -> Result<tonic::Response<pb::ReleaseResponse>, tonic::Status> {
-        self.real.clone().release_by_request(r.into_inner()).await
+        self.real().release_by_request(r.into_inner()).await
     }
     async fn finish_batch(
         &self,
-        _: tonic::Request<pb::FinishBatchRequest>,
+        r: tonic::Request<pb::FinishBatchRequest>,
     ) -> Result<tonic::Response<pb::FinishBatchResponse>, tonic::Status> {
         self.batches.fetch_add(1, Ordering::SeqCst);
-        Err(tonic::Status::unimplemented("FinishBatch"))
+        if self.old {
+            return Err(tonic::Status::unimplemented("FinishBatch"));
+        }
+        self.real().finish_batch(r.into_inner()).await
+    }
+    type CallStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::StreamResult, tonic::Status>> + Send>,
+    >;
+    /// Each call is passed to the real service's unary Authorize, one at a time;
+    /// on the FIRST stream, the first call's answer (warm-ups aside) is lost: the
+    /// stream breaks (UNAVAILABLE) after the real service reserved.
+    async fn call_stream(
+        &self,
+        r: tonic::Request<tonic::Streaming<pb::StreamCall>>,
+    ) -> Result<tonic::Response<Self::CallStreamStream>, tonic::Status> {
+        let n = self.streams.fetch_add(1, Ordering::SeqCst);
+        if self.old {
+            return Err(tonic::Status::unimplemented("CallStream"));
+        }
+        let mut calls = r.into_inner();
+        let (real, authorizes) = (self.real(), self.authorizes.clone());
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok(Some(call)) = calls.message().await {
+                let Some(pb::stream_call::Call::Authorize(req)) = call.call else {
+                    continue;
+                };
+                let warm_up = matches!(
+                    req.credential.as_ref().and_then(|c| c.kind.as_ref()),
+                    Some(pb::agent_credential::Kind::ApiKey(k)) if k == WARM_UP_KEY
+                );
+                authorizes.fetch_add(1, Ordering::SeqCst);
+                let result = real.clone().authorize(req).await;
+                if n == 0 && !warm_up {
+                    let lost = tonic::Status::unavailable("stream broken after reserving");
+                    let _ = tx.send(Err(lost)).await;
+                    return;
+                }
+                let answer = match result {
+                    Ok(r) => pb::StreamResult {
+                        call_id: call.call_id,
+                        code: 0,
+                        message: String::new(),
+                        response: Some(pb::stream_result::Response::Authorize(r.into_inner())),
+                    },
+                    Err(s) => pb::StreamResult {
+                        call_id: call.call_id,
+                        code: i32::from(s.code()) as u32,
+                        message: s.message().to_owned(),
+                        response: None,
+                    },
+                };
+                if tx.send(Ok(answer)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
-/// A gateway in front of a service without FinishBatch (a rolling upgrade, filter
-/// first) still charges every call: the batch is answered UNIMPLEMENTED once, its
-/// Settle is sent again as a unary call, and later Settles go unary directly.
+/// A gateway in front of a service without FinishBatch and CallStream (a rolling
+/// upgrade, filter first) still authorizes and charges every call: the batch is
+/// answered UNIMPLEMENTED once, its Settle is sent again as a unary call, and later
+/// Settles go unary directly; the Authorize stream is refused UNIMPLEMENTED, and every
+/// Authorize goes unary (none is lost or failed on the way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_without_finish_batch_gets_unary_settles() {
     let stack = TestStack::start().await.unwrap();
     set_prices(&stack).await;
     let mock = MockLlm::start().await.unwrap();
     let key = agent(&stack, "old-service").await;
-    let (batches, settles) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let old = OldService {
-        real: stack.authz(),
-        batches: batches.clone(),
-        settles: settles.clone(),
+    let old = FakeService {
+        real: Some(stack.authz()),
+        old: true,
+        ..FakeService::default()
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::budget_authorization_server::BudgetAuthorizationServer::new(old))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (batches, settles) = (old.batches.clone(), old.settles.clone());
+    let (streams, authorizes) = (old.streams.clone(), old.authorizes.clone());
+    let (port, server) = old.serve().await;
     let envoy = Envoy::start(EnvoyOptions::new(Gateway::Wasm, port, mock.port()))
         .await
         .unwrap();
     let auth = format!("Bearer {key}");
     let mut expected = LIMIT;
-    for (i, prompt) in ["first call to an old service", "second one"]
-        .iter()
-        .enumerate()
-    {
+    let prompts = [
+        "first call to an old service",
+        "second one",
+        "third, after the stream was refused",
+    ];
+    for (i, prompt) in prompts.iter().enumerate() {
         let r = envoy
             .post_json(
                 CHAT,
@@ -921,11 +1031,195 @@ async fn a_service_without_finish_batch_gets_unary_settles() {
         );
     }
     assert_eq!(batches.load(Ordering::SeqCst), 1, "one FinishBatch tried");
-    assert_eq!(settles.load(Ordering::SeqCst), 2, "both settled unary");
+    assert_eq!(settles.load(Ordering::SeqCst), 3, "all settled unary");
+    assert_eq!(authorizes.load(Ordering::SeqCst), 3, "all authorized unary");
+    // One Envoy worker: the stream is tried once, then never again.
+    assert_eq!(streams.load(Ordering::SeqCst), 1, "one CallStream tried");
     assert_eq!(
         envoy_counter(&envoy, "caracal_filter_settle_dropped_total").await,
         0
     );
+    drop(envoy);
+    server.abort();
+    mock.stop().await;
+    stack.stop().await.unwrap();
+}
+
+// ------------------------------------------------------------------ CallStream
+
+/// The key of the warm-up calls (an unknown agent: each is refused 401).
+const WARM_UP_KEY: &str = "cak_warmup-unknown";
+
+/// Sends warm-up calls (the first Authorize of a worker goes unary and asks for the
+/// stream) until Envoy's filter has opened `n` Authorize streams in all.
+async fn wait_stream_opens(envoy: &Envoy, n: u64) {
+    let name = "caracal_filter_authorize_stream_opens_total";
+    for _ in 0..200 {
+        if envoy_counter(envoy, name).await >= n {
+            return;
+        }
+        let r = envoy
+            .post_json(
+                CHAT,
+                &[("authorization", &format!("Bearer {WARM_UP_KEY}"))],
+                &json!({"model": "gpt-4o", "max_tokens": 1,
+                        "messages": [{"role": "user", "content": "warm up"}]}),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(r.status, 401 | 503), "{} {}", r.status, r.text());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "{name} never reached {n}: {}",
+        envoy_counter(envoy, name).await
+    );
+}
+
+/// Once the stream is open, every Authorize goes on it (none unary) and every call
+/// is charged exactly what it used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_goes_over_the_call_stream_and_charges_exactly() {
+    let gw = Gw::start(false, |_| {}).await;
+    let streamed = "caracal_filter_authorize_streamed_total";
+    let unary = "caracal_filter_authorize_unary_total";
+    let (streamed_before, unary_before) = (
+        envoy_counter(&gw.envoy, streamed).await,
+        envoy_counter(&gw.envoy, unary).await,
+    );
+    let key = agent(&gw.stack, "streamed").await;
+    let auth = format!("Bearer {key}");
+    let mut expected = LIMIT;
+    let prompts = [
+        "one",
+        "two words",
+        "three words here",
+        "and a fourth one",
+        "five",
+    ];
+    for (i, prompt) in prompts.iter().enumerate() {
+        let tokens = 5 + i as u64;
+        let r = gw
+            .envoy
+            .post_json(
+                CHAT,
+                &[
+                    ("authorization", &auth),
+                    (COMPLETION_TOKENS_HEADER, &tokens.to_string()),
+                ],
+                &json!({"model": "gpt-4o", "max_tokens": 50,
+                        "messages": [{"role": "user", "content": prompt}]}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        expected -= cost(words(prompt), tokens);
+    }
+    assert_eq!(wait_remaining(&gw.stack, &key, expected).await, expected);
+    // A denial travels the stream too.
+    let (poor_id, poor) = gw
+        .stack
+        .agent_with_key("streamed-poor", None)
+        .await
+        .unwrap();
+    gw.stack
+        .usd_policy(&poor_id, "0.000001", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+    let r = gw
+        .envoy
+        .post_json(
+            CHAT,
+            &[("authorization", &format!("Bearer {poor}"))],
+            &json!({"model": "gpt-4o", "max_tokens": 50,
+                    "messages": [{"role": "user", "content": "too expensive"}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(
+        envoy_counter(&gw.envoy, streamed).await - streamed_before,
+        6
+    );
+    assert_eq!(envoy_counter(&gw.envoy, unary).await - unary_before, 0);
+    assert_eq!(
+        envoy_counter(&gw.envoy, "caracal_filter_authorize_stream_opens_total").await,
+        1
+    );
+    assert_eq!(gw.mock.requests_started(), 5);
+    gw.stop().await;
+}
+
+/// The stream breaks after the service reserved but before it answered: the call
+/// fails closed at once (not at its deadline), what was reserved is released by
+/// request id, a new stream is opened, and the next call on it is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_call_stream_fails_its_call_closed_and_releases_the_reservation() {
+    let stack = TestStack::start().await.unwrap();
+    set_prices(&stack).await;
+    let mock = MockLlm::start().await.unwrap();
+    let key = agent(&stack, "broken-stream").await;
+    let fake = FakeService {
+        real: Some(stack.authz()),
+        ..FakeService::default()
+    };
+    let (streams, authorizes) = (fake.streams.clone(), fake.authorizes.clone());
+    let (port, server) = fake.serve().await;
+    let mut opts = EnvoyOptions::new(Gateway::Wasm, port, mock.port());
+    opts.authz_timeout_ms = 30_000;
+    let envoy = Envoy::start(opts).await.unwrap();
+    wait_stream_opens(&envoy, 1).await;
+    let warm_ups = authorizes.load(Ordering::SeqCst);
+    let streamed = "caracal_filter_authorize_streamed_total";
+    let (streamed_before, opens_before) = (
+        envoy_counter(&envoy, streamed).await,
+        envoy_counter(&envoy, "caracal_filter_authorize_stream_opens_total").await,
+    );
+    let auth = format!("Bearer {key}");
+    let started = Instant::now();
+    let r = envoy
+        .post_json(
+            CHAT,
+            &[("authorization", &auth)],
+            &json!({"model": "gpt-4o", "max_tokens": 100,
+                    "messages": [{"role": "user", "content": "answer lost"}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "failed at the 30 s deadline, not when the stream broke"
+    );
+    assert_eq!(
+        authorizes.load(Ordering::SeqCst) - warm_ups,
+        1,
+        "the service reserved"
+    );
+    assert_eq!(mock.requests_started(), 0);
+    assert_eq!(wait_remaining(&stack, &key, LIMIT).await, LIMIT, "released");
+    assert_eq!(envoy_counter(&envoy, streamed).await - streamed_before, 1);
+    wait_stream_opens(&envoy, opens_before + 1).await;
+    let (authorizes_before, streamed_before) = (
+        authorizes.load(Ordering::SeqCst),
+        envoy_counter(&envoy, streamed).await,
+    );
+    let prompt = "on the new stream";
+    let r = envoy
+        .post_json(
+            CHAT,
+            &[("authorization", &auth), (COMPLETION_TOKENS_HEADER, "9")],
+            &json!({"model": "gpt-4o", "max_tokens": 100,
+                    "messages": [{"role": "user", "content": prompt}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let expected = LIMIT - cost(words(prompt), 9);
+    assert_eq!(wait_remaining(&stack, &key, expected).await, expected);
+    assert_eq!(streams.load(Ordering::SeqCst), 2);
+    assert_eq!(authorizes.load(Ordering::SeqCst) - authorizes_before, 1);
+    assert_eq!(envoy_counter(&envoy, streamed).await - streamed_before, 1);
     drop(envoy);
     server.abort();
     mock.stop().await;

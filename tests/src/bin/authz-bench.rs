@@ -10,8 +10,11 @@
 //!
 //! Flags: `--help`. `--redis-cluster` runs against the local 3-shard cluster,
 //! once with the replica acknowledgement and once without (`--replica-ack 1,0`).
+//! `--transport unary,stream`: each call as its unary RPC, and each call as a
+//! message on one CallStream per connection (as the gateway sends Authorize).
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -75,9 +78,19 @@ struct Args {
     /// 64 connections, standalone only); 0 skips it.
     #[arg(long, default_value_t = 300_000)]
     ceiling_requests: u64,
+    /// How the calls travel, one set of runs per value: `unary` RPCs, or messages on
+    /// one `CallStream` per HTTP/2 connection (what the gateway does for Authorize).
+    #[arg(long, value_delimiter = ',', default_value = "unary,stream")]
+    transport: Vec<Transport>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Unary,
+    Stream,
 }
 
 /// Creates `n` agents, each with a key and a $1,000,000 daily policy, with bulk SQL
@@ -187,17 +200,103 @@ impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for H2Serv
     }
 }
 
+type Waiting = Arc<std::sync::Mutex<HashMap<u64, tokio::sync::oneshot::Sender<pb::StreamResult>>>>;
+
+/// One `CallStream` shared by the callers of a connection: calls go out through a
+/// channel into the request stream; a reader task hands each answer to the caller
+/// waiting for its call id.
+struct CallLane {
+    calls: tokio::sync::mpsc::Sender<pb::StreamCall>,
+    waiting: Waiting,
+    next_id: AtomicU64,
+}
+
+impl CallLane {
+    async fn open(mut client: BudgetAuthorizationClient<H2Service>) -> anyhow::Result<Self> {
+        let (calls, outgoing) = tokio::sync::mpsc::channel(1024);
+        let mut answers = client
+            .call_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
+        let waiting: Waiting = Arc::default();
+        let w = waiting.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(answer)) = answers.message().await {
+                let to = match w.lock() {
+                    Ok(mut m) => m.remove(&answer.call_id),
+                    Err(_) => None,
+                };
+                if let Some(to) = to {
+                    let _ = to.send(answer);
+                }
+            }
+        });
+        Ok(Self {
+            calls,
+            waiting,
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    async fn call(
+        &self,
+        call: pb::stream_call::Call,
+    ) -> anyhow::Result<pb::stream_result::Response> {
+        let call_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .insert(call_id, tx);
+        self.calls
+            .send(pb::StreamCall {
+                call_id,
+                x_request_id: String::new(),
+                call: Some(call),
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the call stream ended"))?;
+        let answer = rx.await.context("the call stream ended")?;
+        anyhow::ensure!(
+            answer.code == 0,
+            "status {}: {}",
+            answer.code,
+            answer.message
+        );
+        answer.response.context("an OK answer without a response")
+    }
+}
+
+/// How a caller reaches the service.
+enum Caller {
+    Unary(BudgetAuthorizationClient<H2Service>),
+    Stream(Arc<CallLane>),
+}
+
+fn settle_request(reservation_id: String) -> pb::SettleRequest {
+    pb::SettleRequest {
+        reservation_id,
+        actual_cost: Some(pb::Money {
+            currency: "USD".into(),
+            micros: 4_000,
+            amount: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
 /// One Authorize + Settle; returns the latency of each call (µs).
-async fn pair(
-    client: &mut BudgetAuthorizationClient<H2Service>,
-    key: &str,
-    request_id: String,
-) -> anyhow::Result<(u64, u64)> {
+async fn pair(caller: &mut Caller, key: &str, request_id: String) -> anyhow::Result<(u64, u64)> {
+    use pb::{stream_call::Call, stream_result::Response as Answer};
     let t = Instant::now();
-    let r = client
-        .authorize(caracal_tests::authorize_request(key, &request_id, 5_000))
-        .await?
-        .into_inner();
+    let request = caracal_tests::authorize_request(key, &request_id, 5_000);
+    let r = match caller {
+        Caller::Unary(client) => client.authorize(request).await?.into_inner(),
+        Caller::Stream(lane) => match lane.call(Call::Authorize(request)).await? {
+            Answer::Authorize(r) => r,
+            other => anyhow::bail!("not an Authorize answer: {other:?}"),
+        },
+    };
     anyhow::ensure!(
         r.decision == pb::Decision::Allow as i32,
         "denied: {}",
@@ -205,17 +304,15 @@ async fn pair(
     );
     let authorize_us = t.elapsed().as_micros() as u64;
     let t = Instant::now();
-    client
-        .settle(pb::SettleRequest {
-            reservation_id: r.reservation_id,
-            actual_cost: Some(pb::Money {
-                currency: "USD".into(),
-                micros: 4_000,
-                amount: String::new(),
-            }),
-            ..Default::default()
-        })
-        .await?;
+    let settle = settle_request(r.reservation_id);
+    match caller {
+        Caller::Unary(client) => {
+            client.settle(settle).await?;
+        }
+        Caller::Stream(lane) => {
+            lane.call(Call::Settle(settle)).await?;
+        }
+    }
     Ok((authorize_us, t.elapsed().as_micros() as u64))
 }
 
@@ -236,21 +333,34 @@ async fn callers(
     count: usize,
     concurrency: usize,
     per_connection: usize,
+    transport: Transport,
     label: String,
     stop: Arc<AtomicBool>,
     errors: Arc<AtomicU64>,
 ) -> anyhow::Result<Histograms> {
     let mut channels = Vec::new();
+    let mut lanes = Vec::new();
     for _ in 0..count.div_ceil(per_connection) {
-        channels.push(H2Connection::connect(&url).await?);
+        let conn = H2Connection::connect(&url).await?;
+        if transport == Transport::Stream {
+            let client =
+                BudgetAuthorizationClient::with_origin(conn.service.clone(), conn.origin.clone());
+            lanes.push(Arc::new(CallLane::open(client).await?));
+        }
+        channels.push(conn);
     }
     let cpu_before = cpu_seconds("/proc/thread-self/stat");
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..count {
         let w = first + n;
         let conn = &channels[n / per_connection];
-        let mut client =
-            BudgetAuthorizationClient::with_origin(conn.service.clone(), conn.origin.clone());
+        let mut caller = match lanes.get(n / per_connection) {
+            Some(lane) => Caller::Stream(lane.clone()),
+            None => Caller::Unary(BudgetAuthorizationClient::with_origin(
+                conn.service.clone(),
+                conn.origin.clone(),
+            )),
+        };
         let (keys, stop, errors, label) =
             (keys.clone(), stop.clone(), errors.clone(), label.clone());
         tasks.spawn(async move {
@@ -259,7 +369,7 @@ async fn callers(
             while !stop.load(Ordering::Relaxed) {
                 let key = &keys[(w + i as usize * concurrency) % keys.len()];
                 let t = Instant::now();
-                match pair(&mut client, key, format!("b-{label}-{w}-{i}")).await {
+                match pair(&mut caller, key, format!("b-{label}-{w}-{i}")).await {
                     Ok((a, s)) => {
                         let _ = hist.record(t.elapsed().as_micros() as u64);
                         let _ = calls.record(a);
@@ -311,11 +421,15 @@ async fn run(
     label: &str,
     per_connection: usize,
     client_threads: usize,
+    transport: Transport,
 ) -> anyhow::Result<()> {
     // Warm the caches (first use of each key hits PostgreSQL once).
     {
         let channel = H2Connection::connect(&stack.grpc_url()).await?;
-        let mut c = BudgetAuthorizationClient::with_origin(channel.service, channel.origin);
+        let mut c = Caller::Unary(BudgetAuthorizationClient::with_origin(
+            channel.service,
+            channel.origin,
+        ));
         for (i, k) in keys.iter().enumerate() {
             pair(&mut c, k, format!("warm-{label}-{i}")).await?;
         }
@@ -337,6 +451,7 @@ async fn run(
             concurrency,
             concurrency,
             per_connection,
+            transport,
             label.to_owned(),
             stop.clone(),
             errors.clone(),
@@ -377,6 +492,7 @@ async fn run(
                     count,
                     concurrency,
                     per_connection,
+                    transport,
                     label,
                     stop,
                     errors,
@@ -540,19 +656,23 @@ async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Re
     );
     for (ai, agents) in args.agents.iter().enumerate() {
         let keys = Arc::new(seed_agents(&stack, *agents, &ai.to_string()).await?);
-        for c in &args.concurrency {
-            run(
-                &stack,
-                keys.clone(),
-                *c,
-                args.seconds,
-                &format!("{ai}-{c}"),
-                args.per_connection,
-                args.client_threads,
-            )
-            .await?;
-            if args.kafka.is_none() {
-                delete_outbox(&stack).await?;
+        for transport in &args.transport {
+            println!("transport: {transport:?}");
+            for c in &args.concurrency {
+                run(
+                    &stack,
+                    keys.clone(),
+                    *c,
+                    args.seconds,
+                    &format!("{ai}-{c}-{transport:?}"),
+                    args.per_connection,
+                    args.client_threads,
+                    *transport,
+                )
+                .await?;
+                if args.kafka.is_none() {
+                    delete_outbox(&stack).await?;
+                }
             }
         }
     }
