@@ -131,10 +131,11 @@ struct Lane {
     failed_opens: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum LaneState {
     /// Never needed yet (the main thread's root context, which serves no requests,
     /// stays here): the first Authorize asks for the stream and goes unary.
+    #[default]
     Unopened,
     /// No stream: the tick opens one from `retry_at_ms` on.
     Closed { retry_at_ms: u64 },
@@ -144,12 +145,6 @@ enum LaneState {
     Open(u32),
     /// The service has no CallStream: unary for good.
     Unsupported,
-}
-
-impl Default for LaneState {
-    fn default() -> Self {
-        LaneState::Unopened
-    }
 }
 
 /// A call sent on the stream `token`, waiting for its answer.
