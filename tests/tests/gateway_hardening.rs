@@ -7,7 +7,11 @@
 //! - an Authorize that timed out is released by request id (item 5);
 //! - unparsable and unmatched paths are refused, dot segments and double slashes are
 //!   normalised before metering (item 8);
-//! - a multi-MiB image request is accepted and charged (item 12).
+//! - a multi-MiB image request is accepted and charged (item 12);
+//! - issue 9's transports: Settles in FinishBatch and Authorize on the worker's
+//!   CallStream (exact charges, a broken or silent stream fails closed and releases,
+//!   a service without either gets unary calls). `Gw::start` opens the stream, so
+//!   the item tests above run their Authorize over it.
 //!
 //!   cargo test -p caracal-tests --test gateway_hardening
 //!
