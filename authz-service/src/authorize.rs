@@ -29,7 +29,7 @@ use caracal_proto::v1::{
 };
 use chrono::{DateTime, Utc};
 use futures::{stream::FuturesUnordered, Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
@@ -72,15 +72,24 @@ pub struct AuthorizationService {
     settings: Settings,
     /// Itself, for the task that drives a CallStream (it outlives the RPC method).
     me: Weak<AuthorizationService>,
+    /// Turns true when the server shuts down: open CallStreams end (the gateways
+    /// never hang up, so a graceful shutdown would wait for them forever).
+    closing: watch::Receiver<bool>,
 }
 
 impl AuthorizationService {
-    pub fn new(catalog: Arc<Catalog>, store: BudgetStore, settings: Settings) -> Arc<Self> {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        store: BudgetStore,
+        settings: Settings,
+        closing: watch::Receiver<bool>,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             catalog,
             store,
             settings,
             me: me.clone(),
+            closing,
         })
     }
 }
@@ -812,20 +821,27 @@ impl AuthorizationService {
     }
 
     /// Reads a CallStream's calls and works on up to [`MAX_STREAM_IN_FLIGHT`] at once,
-    /// answering each as it completes. When the caller stops sending, the calls
-    /// in flight are still answered; when it goes away, they still complete (each
-    /// may have changed a budget: the caller releases the unanswered ones by request
-    /// id) and their answers are dropped.
+    /// answering each as it completes. When the caller stops sending, or the server
+    /// shuts down, the calls in flight are still answered and the stream then ends
+    /// (OK); when the caller goes away, they still complete (each may have changed a
+    /// budget: the caller releases the unanswered ones by request id) and their
+    /// answers are dropped.
     async fn drive_stream(
         self: Arc<Self>,
         mut calls: Streaming<pb::StreamCall>,
         answers: mpsc::Sender<Result<pb::StreamResult, Status>>,
     ) {
         let mut working = FuturesUnordered::new();
-        let mut reading = true;
+        let mut closing = self.closing.clone();
+        let mut reading = !*closing.borrow_and_update();
         let mut caller_gone = false;
         while reading || !working.is_empty() {
             tokio::select! {
+                _ = closing.changed(), if reading => {
+                    if *closing.borrow_and_update() {
+                        reading = false;
+                    }
+                }
                 call = calls.message(), if reading && working.len() < MAX_STREAM_IN_FLIGHT => {
                     match call {
                         Ok(Some(call)) => working.push(self.stream_call(call)),

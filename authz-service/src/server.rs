@@ -55,6 +55,8 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     shutdown: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// Ends the open CallStreams (before the listener waits for them).
+    streams_stop: watch::Sender<bool>,
     /// Stops the background loops (epoch watcher, sweeper, relay).
     background_stop: watch::Sender<bool>,
     background: Vec<JoinHandle<()>>,
@@ -63,6 +65,7 @@ pub struct RunningServer {
 impl RunningServer {
     /// Stops accepting, lets in-flight calls finish, and waits for the listeners.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.streams_stop.send(true);
         for tx in self.shutdown {
             let _ = tx.send(());
         }
@@ -113,6 +116,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
     }
 
     let (background_stop, background_rx) = watch::channel(false);
+    let (streams_stop, streams_rx) = watch::channel(false);
     let mut background = Vec::new();
     let catalog = Catalog::new(
         pool.clone(),
@@ -210,6 +214,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             finished_marker_ttl_s: config.budget.finished_marker_ttl,
             allow_without_policy: config.budget.allow_without_policy,
         },
+        streams_rx,
     );
     // Envoy ext_authz (Authorization/Check) on the same hot path as Authorize.
     let ext_authz = crate::ext_authz::ExtAuthzService::new(authorization.clone());
@@ -342,6 +347,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         http_addr,
         shutdown: vec![grpc_tx, http_tx],
         tasks: vec![grpc_task, http_task],
+        streams_stop,
         background_stop,
         background,
     })

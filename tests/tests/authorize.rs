@@ -1054,6 +1054,46 @@ async fn call_stream_answers_each_call_like_its_unary_rpc() {
     stack.stop().await.unwrap();
 }
 
+/// A service that shuts down ends its open CallStreams (once the calls in flight
+/// are answered) instead of waiting for the gateways to hang up, which they never
+/// do: a rolling restart must not hang on them until it is killed.
+#[tokio::test]
+async fn shutting_down_ends_open_call_streams() {
+    use pb::stream_call::Call;
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = agent(&stack, "restarting", None).await;
+    policy(&stack, &agent_id, "10", "daily", "calendar", "").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = stack
+        .authz()
+        .call_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(pb::StreamCall {
+        call_id: 1,
+        x_request_id: String::new(),
+        call: Some(Call::Authorize(authorize_req(
+            &key,
+            "before-restart",
+            1_000,
+        ))),
+    })
+    .await
+    .unwrap();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!((first.call_id, first.code), (1, 0));
+    let stopped = tokio::time::timeout(Duration::from_secs(20), stack.stop()).await;
+    assert!(
+        stopped.is_ok(),
+        "the shutdown waited for the open CallStream"
+    );
+    stopped.unwrap().unwrap();
+    // Ended with OK, not cut off: the gateway opens a new stream elsewhere.
+    assert!(matches!(answers.message().await, Ok(None)));
+    drop(tx);
+}
+
 /// A calendar counter gets its expiry (window end + one day of grace) when the
 /// first reservation creates it, and keeps it: later reservations no longer set it
 /// again (one Redis call per policy saved), and it never becomes a key without one.
