@@ -125,6 +125,9 @@ struct Lane {
     next_call_id: u64,
     /// Calls sent on a stream, waiting for their answer, by call id.
     waiting: HashMap<u64, Waiting>,
+    /// Calls of a stream the service ended cleanly without reading them, sent again
+    /// by the root as unary calls: by the unary call's token.
+    resent: HashMap<u32, (u64, Waiting)>,
     /// When the stream last answered a call (ms since the epoch).
     last_answer_ms: u64,
     /// Opens in a row that failed (backoff).
@@ -154,6 +157,10 @@ struct Waiting {
     token: u32,
     sent_ms: u64,
     deadline_ms: u64,
+    /// The encoded AuthorizeRequest and the agent call's x-request-id, to send it
+    /// again as a unary call when the service ends the stream without reading it.
+    authorize: Vec<u8>,
+    x_request_id: Option<String>,
 }
 
 /// Delay before the stream is opened again after `failed` opens in a row failed.
@@ -322,7 +329,11 @@ impl Root {
         if let Some(token) = stuck {
             warn!("caracal: the Authorize stream answered nothing for a whole deadline; opening a new one");
             let _ = hostcalls::cancel_grpc_stream(token);
-            self.stream_lost(token, "the Authorize stream answered nothing; given up");
+            self.stream_lost(
+                token,
+                "the Authorize stream answered nothing; given up",
+                false,
+            );
         }
         let open = LANE.with(
             |l| matches!(l.borrow().state, LaneState::Closed { retry_at_ms } if retry_at_ms <= now),
@@ -352,9 +363,11 @@ impl Root {
         }
     }
 
-    /// The stream `token` is gone: its waiting calls fail, and it is opened again
-    /// after a backoff.
-    fn stream_lost(&mut self, token: u32, why: &str) {
+    /// The stream `token` is gone: it is opened again after a backoff, and its
+    /// waiting calls fail — unless the service ended it cleanly (`unread`: a
+    /// shutting-down service answers every call it read before it ends a stream with
+    /// OK), then they were never applied and are sent again as unary calls.
+    fn stream_lost(&mut self, token: u32, why: &str, unread: bool) {
         let now = now_ms();
         let lost: Vec<(u64, Waiting)> = LANE.with(|l| {
             let mut l = l.borrow_mut();
@@ -375,7 +388,37 @@ impl Root {
                 .collect()
         });
         for (call_id, w) in lost {
-            self.deliver(call_id, w, UNAVAILABLE, why, &[]);
+            if unread {
+                self.resend_unary(call_id, w);
+            } else {
+                self.deliver(call_id, w, UNAVAILABLE, why, &[]);
+            }
+        }
+    }
+
+    /// Sends a waiting call again as a unary Authorize of the root's, with what is
+    /// left of its deadline; the answer is delivered as a stream answer would be.
+    fn resend_unary(&mut self, call_id: u64, w: Waiting) {
+        let Some(config) = self.config.clone() else {
+            return self.deliver(call_id, w, UNAVAILABLE, "not configured", &[]);
+        };
+        let left = w.deadline_ms.saturating_sub(now_ms()).max(1);
+        match hostcalls::dispatch_grpc_call(
+            &config.authz_upstream,
+            authz::SERVICE,
+            authz::AUTHORIZE,
+            gateway_metadata(&config, w.x_request_id.as_deref()),
+            Some(&w.authorize),
+            Duration::from_millis(left),
+        ) {
+            Ok(token) => {
+                count(|m| m.unary);
+                LANE.with(|l| l.borrow_mut().resent.insert(token, (call_id, w)));
+            }
+            Err(e) => {
+                let why = format!("Authorize not dispatched again: {e:?}");
+                self.deliver(call_id, w, UNAVAILABLE, &why, &[]);
+            }
         }
     }
 
@@ -625,12 +668,28 @@ impl Context for Root {
         self.stream_lost(
             token_id,
             &format!("the Authorize stream closed (gRPC status {status_code} {message})"),
+            status_code == 0,
         );
     }
 
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         match OUTBOX.with(|o| o.borrow_mut().in_flight.remove(&token_id)) {
-            None => {}
+            None => {
+                let Some((call_id, w)) = LANE.with(|l| l.borrow_mut().resent.remove(&token_id))
+                else {
+                    return;
+                };
+                if status_code != 0 {
+                    return self.deliver(call_id, w, status_code, &grpc_status_message(), &[]);
+                }
+                match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
+                    Ok(b) => self.deliver(call_id, w, 0, "", &b.unwrap_or_default()),
+                    Err(e) => {
+                        let why = format!("Authorize answer unreadable: {e:?}");
+                        self.deliver(call_id, w, UNAVAILABLE, &why, &[]);
+                    }
+                }
+            }
             Some(Flight::Batch(jobs)) => self.on_batch_answer(jobs, status_code, response_size),
             Some(Flight::One(job)) => {
                 let message = if status_code == 0 {
@@ -1035,6 +1094,8 @@ impl Filter {
                     token,
                     sent_ms: now,
                     deadline_ms: now.saturating_add(timeout_ms),
+                    authorize: authorize.to_vec(),
+                    x_request_id: self.x_request_id.clone(),
                 },
             )
         });

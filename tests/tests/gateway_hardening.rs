@@ -865,6 +865,9 @@ struct FakeService {
     >,
     /// A release before FinishBatch and CallStream: both answer UNIMPLEMENTED.
     old: bool,
+    /// The first stream ends cleanly (OK) at its first call, unread (a service
+    /// shutting down), instead of breaking after reserving.
+    clean_end: bool,
     batches: Arc<AtomicU64>,
     settles: Arc<AtomicU64>,
     streams: Arc<AtomicU64>,
@@ -934,7 +937,8 @@ impl pb::budget_authorization_server::BudgetAuthorization for FakeService {
     >;
     /// Each call is passed to the real service's unary Authorize, one at a time;
     /// on the FIRST stream, the first call's answer (warm-ups aside) is lost: the
-    /// stream breaks (UNAVAILABLE) after the real service reserved.
+    /// stream breaks (UNAVAILABLE) after the real service reserved, or, with
+    /// `clean_end`, the stream ends OK without reading the call.
     async fn call_stream(
         &self,
         r: tonic::Request<tonic::Streaming<pb::StreamCall>>,
@@ -944,7 +948,7 @@ impl pb::budget_authorization_server::BudgetAuthorization for FakeService {
             return Err(tonic::Status::unimplemented("CallStream"));
         }
         let mut calls = r.into_inner();
-        let (real, authorizes) = (self.real(), self.authorizes.clone());
+        let (real, authorizes, clean_end) = (self.real(), self.authorizes.clone(), self.clean_end);
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Ok(Some(call)) = calls.message().await {
@@ -955,6 +959,9 @@ impl pb::budget_authorization_server::BudgetAuthorization for FakeService {
                     req.credential.as_ref().and_then(|c| c.kind.as_ref()),
                     Some(pb::agent_credential::Kind::ApiKey(k)) if k == WARM_UP_KEY
                 );
+                if n == 0 && !warm_up && clean_end {
+                    return;
+                }
                 authorizes.fetch_add(1, Ordering::SeqCst);
                 let result = real.clone().authorize(req).await;
                 if n == 0 && !warm_up {
@@ -1224,6 +1231,62 @@ async fn a_broken_call_stream_fails_its_call_closed_and_releases_the_reservation
     assert_eq!(streams.load(Ordering::SeqCst), 2);
     assert_eq!(authorizes.load(Ordering::SeqCst) - authorizes_before, 1);
     assert_eq!(envoy_counter(&envoy, streamed).await - streamed_before, 1);
+    drop(envoy);
+    server.abort();
+    mock.stop().await;
+    stack.stop().await.unwrap();
+}
+
+/// A service that ends the stream cleanly (OK: it shuts down, and answered all it
+/// read) leaves the calls it did not read unapplied: the gateway sends them again as
+/// unary calls instead of failing them, so a rolling restart costs no agent call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_left_unread_by_a_clean_stream_end_is_sent_again_unary() {
+    let stack = TestStack::start().await.unwrap();
+    set_prices(&stack).await;
+    let mock = MockLlm::start().await.unwrap();
+    let key = agent(&stack, "restart-proof").await;
+    let fake = FakeService {
+        real: Some(stack.authz()),
+        clean_end: true,
+        ..FakeService::default()
+    };
+    let authorizes = fake.authorizes.clone();
+    let (port, server) = fake.serve().await;
+    let envoy = Envoy::start(EnvoyOptions::new(Gateway::Wasm, port, mock.port()))
+        .await
+        .unwrap();
+    wait_stream_opens(&envoy, 1).await;
+    let (streamed, unary) = (
+        "caracal_filter_authorize_streamed_total",
+        "caracal_filter_authorize_unary_total",
+    );
+    let before = (
+        authorizes.load(Ordering::SeqCst),
+        envoy_counter(&envoy, streamed).await,
+        envoy_counter(&envoy, unary).await,
+    );
+    let prompt = "sent during a restart";
+    let r = envoy
+        .post_json(
+            CHAT,
+            &[
+                ("authorization", &format!("Bearer {key}")),
+                (COMPLETION_TOKENS_HEADER, "5"),
+            ],
+            &json!({"model": "gpt-4o", "max_tokens": 100,
+                    "messages": [{"role": "user", "content": prompt}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let expected = LIMIT - cost(words(prompt), 5);
+    assert_eq!(wait_remaining(&stack, &key, expected).await, expected);
+    // Sent on the stream, left unread, then authorized once, unary.
+    assert_eq!(authorizes.load(Ordering::SeqCst) - before.0, 1);
+    assert_eq!(envoy_counter(&envoy, streamed).await - before.1, 1);
+    assert_eq!(envoy_counter(&envoy, unary).await - before.2, 1);
+    assert_eq!(mock.requests_started(), 1);
     drop(envoy);
     server.abort();
     mock.stop().await;
