@@ -737,26 +737,11 @@ impl AuthorizationService {
             ),
         };
         observe(method, started, &result, None);
-        match result {
-            Ok(answer) => pb::FinishResult {
-                code: 0,
-                message: String::new(),
-                response: Some(answer),
-            },
-            Err(status) => {
-                tracing::info!(
-                    method,
-                    x_request_id = %call.x_request_id,
-                    code = ?status.code(),
-                    message = status.message(),
-                    "batched call refused"
-                );
-                pb::FinishResult {
-                    code: grpc_code(&status),
-                    message: status.message().to_owned(),
-                    response: None,
-                }
-            }
+        let (code, message, response) = carried(method, &call.x_request_id, result);
+        pb::FinishResult {
+            code,
+            message,
+            response,
         }
     }
 }
@@ -799,19 +784,7 @@ impl AuthorizationService {
             ),
         };
         observe(method, started, &result, decision);
-        let (code, message, response) = match result {
-            Ok(answer) => (0, String::new(), Some(answer)),
-            Err(status) => {
-                tracing::info!(
-                    method,
-                    x_request_id = %call.x_request_id,
-                    code = ?status.code(),
-                    message = status.message(),
-                    "streamed call refused"
-                );
-                (grpc_code(&status), status.message().to_owned(), None)
-            }
-        };
+        let (code, message, response) = carried(method, &call.x_request_id, result);
         pb::StreamResult {
             call_id: call.call_id,
             code,
@@ -877,9 +850,28 @@ fn decision_of(
     })
 }
 
-/// A status's gRPC code as sent in a batch or stream answer.
-fn grpc_code(status: &Status) -> u32 {
-    u32::try_from(i32::from(status.code())).unwrap_or(2)
+/// A call's outcome as a batch or stream answer carries it: gRPC code (0 = OK),
+/// message, response. A refusal is logged with the agent call's x-request-id (a
+/// unary call's refusal reaches the gateway's log instead).
+fn carried<T>(
+    method: &'static str,
+    x_request_id: &str,
+    result: Result<T, Status>,
+) -> (u32, String, Option<T>) {
+    match result {
+        Ok(answer) => (0, String::new(), Some(answer)),
+        Err(status) => {
+            tracing::info!(
+                method,
+                x_request_id,
+                code = ?status.code(),
+                message = status.message(),
+                "batched or streamed call refused"
+            );
+            let code = u32::try_from(i32::from(status.code())).unwrap_or(2);
+            (code, status.message().to_owned(), None)
+        }
+    }
 }
 
 fn finished_word(kind: FinishKind) -> &'static str {
