@@ -118,7 +118,9 @@ const UNAVAILABLE: u32 = 14;
 /// Authorize goes as a unary call, as before. The root's tick enforces each call's
 /// deadline; a stream that breaks, or answers nothing for a whole deadline, fails
 /// its waiting calls (each is then released by request id and fails closed or open,
-/// as a failed unary Authorize) and is opened again with backoff.
+/// as a failed unary Authorize) and is opened again with backoff. A stream the
+/// service ends with OK (it shuts down, having answered every call it read) left its
+/// waiting calls unapplied: they are sent again as unary calls.
 #[derive(Default)]
 struct Lane {
     state: LaneState,
