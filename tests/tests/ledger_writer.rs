@@ -565,6 +565,11 @@ async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
     let group = format!("ledger-{}", uuid::Uuid::new_v4().simple());
     let mut config = database_consumer_config(&db.url, &tansu.brokers(), &group).unwrap();
     config.consumer.batch_size = 100;
+    // A rebalance waits up to max.poll.interval for members that went silent; on a
+    // loaded CI machine the leaving replica's LeaveGroup can be late, and the 5 min
+    // default would outlast the wait below (seen once: the remaining replica stood
+    // still at 2,500 rows for 90 s). Keep it above the session timeout (10 s).
+    config.consumer.max_poll_interval_ms = 30_000;
     let a = ledger::start(config.clone()).await.unwrap();
     let b = ledger::start(config).await.unwrap();
 
@@ -602,7 +607,7 @@ async fn two_replicas_share_the_partitions_and_one_hands_over_mid_ingest() {
     // One replica stops (SIGTERM path: finishes its batch, commits, leaves the group).
     a.shutdown().await.unwrap();
     producing.await.unwrap();
-    let t = wait_for_ledger_rows(&db.url, 6000, Duration::from_secs(90)).await;
+    let t = wait_for_ledger_rows(&db.url, 6000, Duration::from_secs(180)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(t, ledger_totals(&db.url).await);
     assert_eq!(
