@@ -299,17 +299,9 @@ impl Root {
         let now = now_ms();
         let (expired, stuck) = LANE.with(|l| {
             let mut l = l.borrow_mut();
-            let due: Vec<u64> = l
-                .waiting
-                .iter()
-                .filter(|(_, w)| w.deadline_ms <= now)
-                .map(|(id, _)| *id)
-                .collect();
             let last_answer = l.last_answer_ms;
-            let expired: Vec<(u64, Waiting)> = due
-                .into_iter()
-                .filter_map(|id| l.waiting.remove(&id).map(|w| (id, w)))
-                .collect();
+            let expired: Vec<(u64, Waiting)> =
+                l.waiting.extract_if(|_, w| w.deadline_ms <= now).collect();
             let stuck = match l.state {
                 LaneState::Open(token) => expired
                     .iter()
@@ -379,15 +371,7 @@ impl Root {
                     retry_at_ms: now.saturating_add(reopen_delay_ms(l.failed_opens)),
                 };
             }
-            let ids: Vec<u64> = l
-                .waiting
-                .iter()
-                .filter(|(_, w)| w.token == token)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| l.waiting.remove(&id).map(|w| (id, w)))
-                .collect()
+            l.waiting.extract_if(|_, w| w.token == token).collect()
         });
         for (call_id, w) in lost {
             if unread {
@@ -681,16 +665,8 @@ impl Context for Root {
                 else {
                     return;
                 };
-                if status_code != 0 {
-                    return self.deliver(call_id, w, status_code, &grpc_status_message(), &[]);
-                }
-                match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
-                    Ok(b) => self.deliver(call_id, w, 0, "", &b.unwrap_or_default()),
-                    Err(e) => {
-                        let why = format!("Authorize answer unreadable: {e:?}");
-                        self.deliver(call_id, w, UNAVAILABLE, &why, &[]);
-                    }
-                }
+                let (code, message, body) = unary_answer(status_code, response_size);
+                self.deliver(call_id, w, code, &message, &body);
             }
             Some(Flight::Batch(jobs)) => self.on_batch_answer(jobs, status_code, response_size),
             Some(Flight::One(job)) => {
@@ -1017,11 +993,14 @@ impl Filter {
             self.estimate.input_tokens,
             self.estimate.output_tokens
         );
-        if let Some(call_id) = self.send_on_stream(config, &message) {
-            count(|m| m.streamed);
-            self.phase = Phase::Authorizing(AuthorizeCall::Stream(call_id));
-            return Action::Pause;
-        }
+        let message = match self.send_on_stream(config, message) {
+            Ok(call_id) => {
+                count(|m| m.streamed);
+                self.phase = Phase::Authorizing(AuthorizeCall::Stream(call_id));
+                return Action::Pause;
+            }
+            Err(message) => message,
+        };
         count(|m| m.unary);
         match hostcalls::dispatch_grpc_call(
             &config.authz_upstream,
@@ -1039,33 +1018,37 @@ impl Filter {
         }
     }
 
-    /// Sends an encoded Authorize on the worker's CallStream (see [`Lane`]); `None`
-    /// when no stream is open (the caller sends it unary; the root's tick is opening
-    /// one).
-    fn send_on_stream(&self, config: &Config, authorize: &[u8]) -> Option<u64> {
-        let (token, call_id) = LANE.with(|l| {
+    /// Sends an encoded Authorize on the worker's CallStream (see [`Lane`]) and keeps
+    /// it (for a clean-end re-send) while its answer is awaited; when no stream is open
+    /// it is handed back, to be sent unary (the root's tick is opening one).
+    fn send_on_stream(&self, config: &Config, authorize: Vec<u8>) -> Result<u64, Vec<u8>> {
+        let open = LANE.with(|l| {
             let mut l = l.borrow_mut();
             match l.state {
                 LaneState::Open(token) => {
                     l.next_call_id = l.next_call_id.wrapping_add(1);
-                    (Some(token), l.next_call_id)
+                    Ok((token, l.next_call_id))
                 }
                 LaneState::Unopened => {
                     l.state = LaneState::Closed { retry_at_ms: 0 };
-                    (None, 0)
+                    Err(true)
                 }
-                _ => (None, 0),
+                LaneState::Closed { .. } => Err(true),
+                LaneState::Opening(_) | LaneState::Unsupported => Err(false),
             }
         });
-        let Some(token) = token else {
-            // The tick opens it (it is on while the stream is closed).
-            if LANE.with(|l| matches!(l.borrow().state, LaneState::Closed { .. })) {
-                start_tick(self.root_id, self.id);
+        let (token, call_id) = match open {
+            Ok(open) => open,
+            Err(closed) => {
+                // The tick opens it (it is on while the stream is closed).
+                if closed {
+                    start_tick(self.root_id, self.id);
+                }
+                return Err(authorize);
             }
-            return None;
         };
         let message =
-            authz::stream_authorize_call(call_id, self.x_request_id.as_deref(), authorize);
+            authz::stream_authorize_call(call_id, self.x_request_id.as_deref(), &authorize);
         // The stream is the root's: Envoy looks the token up in the effective context.
         let switched = hostcalls::set_effective_context(self.root_id).is_ok();
         let sent = hostcalls::send_grpc_stream_message(token, Some(&message), false);
@@ -1084,7 +1067,7 @@ impl Filter {
                 }
             });
             start_tick(self.root_id, self.id);
-            return None;
+            return Err(authorize);
         }
         let timeout_ms = u64::try_from(config.authz_timeout().as_millis()).unwrap_or(u64::MAX);
         LANE.with(|l| {
@@ -1096,13 +1079,13 @@ impl Filter {
                     token,
                     sent_ms: now,
                     deadline_ms: now.saturating_add(timeout_ms),
-                    authorize: authorize.to_vec(),
+                    authorize,
                     x_request_id: self.x_request_id.clone(),
                 },
             )
         });
         start_tick(self.root_id, self.id);
-        Some(call_id)
+        Ok(call_id)
     }
 
     /// The root hands over an answer from the CallStream (this context is the
@@ -1328,17 +1311,8 @@ impl HttpContext for FilterContext {
 impl Filter {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         if self.phase == Phase::Authorizing(AuthorizeCall::Unary(token_id)) {
-            if status_code != 0 {
-                self.on_authorize_answer(status_code, &grpc_status_message(), &[]);
-                return;
-            }
-            match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
-                Ok(b) => self.on_authorize_answer(0, "", &b.unwrap_or_default()),
-                Err(e) => {
-                    self.release_by_request("authorize_unreadable");
-                    self.authz_failed(&format!("Authorize answer unreadable: {e:?}"), false);
-                }
-            }
+            let (code, message, body) = unary_answer(status_code, response_size);
+            self.on_authorize_answer(code, &message, &body);
         } else if status_code != 0 {
             // A Settle / Release answer that arrived while this stream still lives.
             warn!("caracal: Settle/Release call {token_id} failed with gRPC status {status_code}");
@@ -1591,6 +1565,23 @@ fn gateway_metadata<'a>(
         m.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
     }
     m
+}
+
+/// A unary Authorize's answer as (gRPC status, its message, the response): an
+/// unreadable response counts as UNAVAILABLE (released by request id, then failed
+/// closed or open like any failed call).
+fn unary_answer(status_code: u32, response_size: usize) -> (u32, String, Vec<u8>) {
+    if status_code != 0 {
+        return (status_code, grpc_status_message(), Vec::new());
+    }
+    match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
+        Ok(b) => (0, String::new(), b.unwrap_or_default()),
+        Err(e) => (
+            UNAVAILABLE,
+            format!("Authorize answer unreadable: {e:?}"),
+            Vec::new(),
+        ),
+    }
 }
 
 /// The message of the gRPC status of the call being answered ("" when none).
