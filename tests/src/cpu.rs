@@ -43,13 +43,80 @@ pub async fn redis_cpu_seconds(stack: &TestStack) -> anyhow::Result<f64> {
     Ok(total)
 }
 
+/// The whole machine's CPU time so far, from the `cpu` line of `/proc/stat` (clock
+/// ticks): over a run, how busy the machine was and how much of its time the
+/// hypervisor gave to other guests ("steal"). A run with steal is not a quiet run,
+/// whatever its figures say: every process in it waited for a CPU it could not see.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// user + nice + system + irq + softirq (guest time is counted inside user).
+    pub busy: u64,
+    /// idle + iowait.
+    pub idle: u64,
+    pub steal: u64,
+}
+
+impl MachineTicks {
+    /// Now (all zero when `/proc/stat` is unreadable: the line then says 0 %).
+    pub fn read() -> Self {
+        std::fs::read_to_string("/proc/stat")
+            .map(|text| Self::parse(&text))
+            .unwrap_or_default()
+    }
+
+    /// From the text of `/proc/stat`.
+    pub fn parse(stat: &str) -> Self {
+        let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+            return Self::default();
+        };
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        Self {
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            idle: at(3) + at(4),
+            steal: at(7),
+        }
+    }
+
+    /// Shares of the machine's CPU time since `before`: (busy, idle, stolen), in %.
+    pub fn shares_since(&self, before: &Self) -> (f64, f64, f64) {
+        let d = |now: u64, then: u64| now.saturating_sub(then) as f64;
+        let (busy, idle, steal) = (
+            d(self.busy, before.busy),
+            d(self.idle, before.idle),
+            d(self.steal, before.steal),
+        );
+        let total = (busy + idle + steal).max(1.0);
+        (
+            100.0 * busy / total,
+            100.0 * idle / total,
+            100.0 * steal / total,
+        )
+    }
+
+    /// One line for a bench's output: the machine over the run since `before`.
+    pub fn describe_since(&self, before: &Self) -> String {
+        let (busy, idle, steal) = self.shares_since(before);
+        format!(
+            "machine over the run: busy {busy:.0} %, idle {idle:.0} %, stolen by the hypervisor {steal:.0} % (quiet: ~0)"
+        )
+    }
+}
+
 /// CPU seconds used so far by this process, by Redis and by one more process
-/// (Envoy, say; 0 when none): take one before a run and one after, and subtract.
+/// (Envoy, say; 0 when none), and the machine's ticks: take one before a run and
+/// one after, and subtract.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuSample {
     pub process: f64,
     pub redis: f64,
     pub other: f64,
+    pub machine: MachineTicks,
 }
 
 impl CpuSample {
@@ -58,6 +125,7 @@ impl CpuSample {
             process: cpu_seconds("/proc/self/stat"),
             redis: redis_cpu_seconds(stack).await?,
             other: other_pid.map_or(0.0, pid_cpu_seconds),
+            machine: MachineTicks::read(),
         })
     }
 
@@ -68,6 +136,34 @@ impl CpuSample {
             process: per(self.process, before.process),
             redis: per(self.redis, before.redis),
             other: per(self.other, before.other),
+            machine: self.machine,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MachineTicks;
+
+    #[test]
+    fn machine_shares_come_from_the_cpu_line() {
+        let before =
+            MachineTicks::parse("cpu  100 0 20 1000 5 0 3 50 0 0\ncpu0 50 0 10 500 2 0 1 25 0 0\n");
+        assert_eq!(
+            before,
+            MachineTicks {
+                busy: 123,
+                idle: 1005,
+                steal: 50
+            }
+        );
+        // +60 busy, +20 idle, +20 stolen ticks.
+        let after = MachineTicks::parse("cpu  150 0 30 1015 10 0 3 70 0 0\n");
+        let (busy, idle, steal) = after.shares_since(&before);
+        assert!((busy - 60.0).abs() < 1e-9, "{busy}");
+        assert!((idle - 20.0).abs() < 1e-9, "{idle}");
+        assert!((steal - 20.0).abs() < 1e-9, "{steal}");
+        assert_eq!(MachineTicks::parse("no cpu line"), MachineTicks::default());
+        assert_eq!(after.shares_since(&after), (0.0, 0.0, 0.0));
     }
 }

@@ -464,6 +464,7 @@ async fn run(
             "    cpu per pair: service + load generator {:.0} µs, redis {:.0} µs",
             cpu.process, cpu.redis
         );
+        println!("    {}", after.machine.describe_since(&before.machine));
         return Ok(());
     }
     let threads = client_threads.clamp(1, concurrency.max(1));
@@ -521,6 +522,7 @@ async fn run(
         client,
         cpu.redis
     );
+    println!("    {}", after.machine.describe_since(&before.machine));
     Ok(())
 }
 

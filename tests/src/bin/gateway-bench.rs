@@ -46,7 +46,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use caracal_proto::v1 as pb;
 use caracal_tests::{
-    cpu::CpuSample,
+    cpu::{CpuSample, MachineTicks},
     envoy::{envoy_binary, filter_wasm, Envoy, EnvoyOptions, Gateway},
     met,
     mock_llm::MockLlm,
@@ -776,8 +776,14 @@ async fn bench(
     );
     let mut fixed = Vec::new();
     for t in &targets {
+        let machine = MachineTicks::read();
         let s = fixed_rate(t.clone(), args.rate, args.seconds).await;
         print_latency(t.name, &s, true);
+        println!(
+            "  {:<12} {}",
+            "",
+            MachineTicks::read().describe_since(&machine)
+        );
         fixed.push(s);
         mock.clear();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -817,9 +823,8 @@ async fn bench(
             u64::MAX,
         )
         .await;
-        let cpu = CpuSample::take(stack, envoy.pid())
-            .await?
-            .per_unit_since(&cpu_before, s.ok);
+        let cpu_after = CpuSample::take(stack, envoy.pid()).await?;
+        let cpu = cpu_after.per_unit_since(&cpu_before, s.ok);
         let rps = s.ok as f64 / s.elapsed.as_secs_f64().max(1e-9);
         println!(
             "  {:<12} {:>8.0} req/s  p50={:>7.3}ms  p99={:>7.3}ms  {}",
@@ -832,6 +837,11 @@ async fn bench(
         println!(
             "  {:<12} cpu per request: envoy {:.0} µs, this process (load generator + mock + authz-service) {:.0} µs, redis {:.0} µs",
             "", cpu.other, cpu.process, cpu.redis
+        );
+        println!(
+            "  {:<12} {}",
+            "",
+            cpu_after.machine.describe_since(&cpu_before.machine)
         );
         rates.push(rps);
         mock.clear();
