@@ -470,11 +470,7 @@ impl<H: Handler> Runner<H> {
             }
         }
         if let Some(gathering) = gathering {
-            // Awaited, not only aborted: the task holds a consumer handle, and the
-            // caller's drop of the last one is what closes the consumer and leaves
-            // the group (an aborted task is dropped later, on the runtime's time).
             gathering.abort();
-            let _ = gathering.await;
         }
         tracing::info!(consumer = name, group = %self.group, "consumer stopped");
     }
