@@ -17,11 +17,12 @@ use caracal_filter::{
 
 const ROUNDS: u32 = 200_000;
 
-/// The body gateway-bench sends.
-const BODY: &[u8] = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello to the benchmark please"}],"max_tokens":16}"#;
+/// The body gateway-bench sends (serde_json's key order).
+const BODY: &[u8] = br#"{"max_tokens":16,"messages":[{"role":"user","content":"Say hello to the benchmark please"}],"model":"gpt-4o"}"#;
 
-/// An OpenAI chat completion as the mock answers it.
-const ANSWER: &[u8] = br#"{"id":"chatcmpl-0123456789","object":"chat.completion","created":1764000000,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hello, benchmark!"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":4,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":0}},"system_fingerprint":"fp_0123456789"}"#;
+/// Shaped as the mock upstream answers it (`tests/src/mock_llm.rs`, `openai_chat`:
+/// 6 prompt + 12 completion tokens; the words stand in for its vocabulary).
+const ANSWER: &[u8] = br#"{"choices":[{"finish_reason":"stop","index":0,"logprobs":null,"message":{"annotations":[],"content":"hello hello hello hello hello hello hello hello hello hello hello hello","refusal":null,"role":"assistant"}}],"created":1700000000,"id":"chatcmpl-mock","model":"gpt-4o","object":"chat.completion","service_tier":"default","system_fingerprint":"fp_mock","usage":{"completion_tokens":12,"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":0,"rejected_prediction_tokens":0},"prompt_tokens":6,"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":0},"total_tokens":18}}"#;
 
 fn per_op(label: &str, mut f: impl FnMut()) -> f64 {
     for _ in 0..ROUNDS / 10 {

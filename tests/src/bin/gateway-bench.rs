@@ -275,6 +275,11 @@ impl Stats {
         self.ok + self.non_200() + self.errors
     }
 
+    /// `n` of this run's requests as a rate over its duration.
+    fn per_second(&self, n: u64) -> f64 {
+        n as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
     /// `ok=… non200=… errors=…` and what went wrong, if anything.
     fn counts(&self) -> String {
         let mut s = format!(
@@ -624,7 +629,7 @@ fn print_latency(label: &str, s: &Stats, with_lag: bool) {
         line += &format!(
             "  send-lag p99={:.3}ms  achieved={:.1} req/s",
             ms(&s.lag, 0.99),
-            s.total() as f64 / s.elapsed.as_secs_f64().max(1e-9)
+            s.per_second(s.total())
         );
     }
     println!("{line}  {}", s.counts());
@@ -688,6 +693,46 @@ async fn start_stack(workers: usize) -> anyhow::Result<(TestStack, Option<Servic
         .await
         .context("the authz-service thread ended before starting")??;
     Ok((stack, Some((stop_tx, thread))))
+}
+
+/// One closed-loop run of `clients` against `t` (served by `envoy`): prints its rate,
+/// latency, CPU per request and the machine's share; returns the rate (req/s).
+async fn throughput_run(
+    stack: &TestStack,
+    t: &Arc<Target>,
+    envoy: &Envoy,
+    clients: u64,
+    seconds: u64,
+) -> anyhow::Result<f64> {
+    let cpu_before = CpuSample::take(stack, envoy.pid()).await?;
+    let s = closed_loop(
+        t.clone(),
+        usize::try_from(clients)?,
+        Duration::from_secs(seconds),
+        u64::MAX,
+    )
+    .await;
+    let cpu_after = CpuSample::take(stack, envoy.pid()).await?;
+    let cpu = cpu_after.per_unit_since(&cpu_before, s.ok);
+    let rps = s.per_second(s.ok);
+    println!(
+        "  {:<12} c={clients:<4} {:>8.0} req/s  p50={:>7.3}ms  p99={:>7.3}ms  {}",
+        t.name,
+        rps,
+        ms(&s.latency, 0.5),
+        ms(&s.latency, 0.99),
+        s.counts()
+    );
+    println!(
+        "  {:<19} cpu per request: envoy {:.0} µs, this process (load generator + mock + authz-service) {:.0} µs, redis {:.0} µs",
+        "", cpu.other, cpu.process, cpu.redis
+    );
+    println!(
+        "  {:<19} {}",
+        "",
+        cpu_after.machine.describe_since(&cpu_before.machine)
+    );
+    Ok(rps)
 }
 
 async fn bench(
@@ -820,34 +865,7 @@ async fn bench(
     let mut best = [0.0_f64; 2];
     for &clients in &args.concurrency {
         for (i, (t, envoy)) in targets.iter().zip([&baseline, &filtered]).enumerate() {
-            let cpu_before = CpuSample::take(stack, envoy.pid()).await?;
-            let s = closed_loop(
-                t.clone(),
-                usize::try_from(clients)?,
-                Duration::from_secs(args.seconds),
-                u64::MAX,
-            )
-            .await;
-            let cpu_after = CpuSample::take(stack, envoy.pid()).await?;
-            let cpu = cpu_after.per_unit_since(&cpu_before, s.ok);
-            let rps = s.ok as f64 / s.elapsed.as_secs_f64().max(1e-9);
-            println!(
-                "  {:<12} c={clients:<4} {:>8.0} req/s  p50={:>7.3}ms  p99={:>7.3}ms  {}",
-                t.name,
-                rps,
-                ms(&s.latency, 0.5),
-                ms(&s.latency, 0.99),
-                s.counts()
-            );
-            println!(
-                "  {:<19} cpu per request: envoy {:.0} µs, this process (load generator + mock + authz-service) {:.0} µs, redis {:.0} µs",
-                "", cpu.other, cpu.process, cpu.redis
-            );
-            println!(
-                "  {:<19} {}",
-                "",
-                cpu_after.machine.describe_since(&cpu_before.machine)
-            );
+            let rps = throughput_run(stack, t, envoy, clients, args.seconds).await?;
             best[i] = best[i].max(rps);
             mock.clear();
             tokio::time::sleep(Duration::from_secs(1)).await;
