@@ -108,23 +108,29 @@ impl MachineTicks {
     }
 }
 
-/// CPU seconds used so far by this process, by Redis and by one more process
-/// (Envoy, say; 0 when none), and the machine's ticks: take one before a run and
-/// one after, and subtract.
+/// CPU seconds used so far by this process, by Redis, by one more process (Envoy,
+/// say) and by an authz-service run as its own process (0 for those not given),
+/// and the machine's ticks: take one before a run and one after, and subtract.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuSample {
     pub process: f64,
     pub redis: f64,
     pub other: f64,
+    pub service: f64,
     pub machine: MachineTicks,
 }
 
 impl CpuSample {
-    pub async fn take(stack: &TestStack, other_pid: Option<u32>) -> anyhow::Result<Self> {
+    pub async fn take(
+        stack: &TestStack,
+        other_pid: Option<u32>,
+        service_pid: Option<u32>,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             process: cpu_seconds("/proc/self/stat"),
             redis: redis_cpu_seconds(stack).await?,
             other: other_pid.map_or(0.0, pid_cpu_seconds),
+            service: service_pid.map_or(0.0, pid_cpu_seconds),
             machine: MachineTicks::read(),
         })
     }
@@ -136,6 +142,7 @@ impl CpuSample {
             process: per(self.process, before.process),
             redis: per(self.redis, before.redis),
             other: per(self.other, before.other),
+            service: per(self.service, before.service),
             machine: self.machine,
         }
     }

@@ -18,6 +18,7 @@ pub mod probe;
 pub mod redis_ceiling;
 pub mod redis_cluster;
 pub mod reflection;
+pub mod service_process;
 pub mod tls;
 
 use std::time::Duration;

@@ -405,11 +405,11 @@ async fn measure(
     stop: &AtomicBool,
 ) -> anyhow::Result<(f64, CpuSample, CpuSample)> {
     let started = Instant::now();
-    let before = CpuSample::take(stack, None).await?;
+    let before = CpuSample::take(stack, None, None).await?;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    Ok((elapsed, before, CpuSample::take(stack, None).await?))
+    Ok((elapsed, before, CpuSample::take(stack, None, None).await?))
 }
 
 #[allow(clippy::too_many_arguments)]

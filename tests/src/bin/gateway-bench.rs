@@ -1,8 +1,9 @@
 //! Latency and throughput the Caracal filter (and the Authorize/Settle it does) add to
 //! an LLM call through Envoy.
 //!
-//! Starts the in-process mock OpenAI/Anthropic upstream, a real authz-service
-//! (in-process, fresh PostgreSQL database, local Redis, no Kafka relay) and two Envoys
+//! Starts the in-process mock OpenAI/Anthropic upstream, the real authz-service as
+//! its own process (the shipped `caracal-authz-service` binary, built here when out of
+//! date; fresh PostgreSQL database, local Redis, no Kafka relay) and two Envoys
 //! (`--concurrency 1` each) in front of the same mock:
 //! - **with filter**: `envoy/envoy.yaml` as shipped (caracal wasm filter + buffer
 //!   filter + router; Authorize before the call, Settle after it);
@@ -27,9 +28,10 @@
 //!
 //! Every response must be a 200 (through the filter also with an
 //! `x-caracal-reservation-id`); anything else is counted and printed, never a panic.
-//! Figures only: no timed assertions. The load generator, the mock and the
-//! authz-service share this process's runtime (one worker per core), so on a small
-//! machine they compete with Envoy for CPU, equally in both runs.
+//! Figures only: no timed assertions. The load generator and the mock share this
+//! process's runtime (one worker per core), so on a small machine they compete with
+//! Envoy and the authz-service for CPU, equally in both runs. CPU per request is
+//! printed per process: Envoy, this one, the authz-service, Redis.
 //!
 //!   cargo run --release -p caracal-tests --bin gateway-bench -- --rate 200 --seconds 10
 //!
@@ -53,6 +55,7 @@ use caracal_tests::{
     envoy::{envoy_binary, filter_wasm, Envoy, EnvoyOptions, Gateway},
     met,
     mock_llm::MockLlm,
+    service_process::{authz_service_binary, ServiceProcess},
     TestStack,
 };
 use hdrhistogram::Histogram;
@@ -90,10 +93,8 @@ struct Args {
     /// the CPU partly idle; at 64 still ~20 % on 2 cores).
     #[arg(long, value_delimiter = ',', default_values_t = [64, 128, 256], value_parser = clap::value_parser!(u64).range(1..))]
     concurrency: Vec<u64>,
-    /// The authz-service's `server.workerThreads`, on a runtime of its own (as a
-    /// separate process would be): 1 = single-threaded, the cheapest per call on a
-    /// small machine. 0 = share this process's runtime with the load generator and
-    /// the mock.
+    /// The authz-service's `server.workerThreads` (`CARACAL_WORKER_THREADS`): 1 =
+    /// single-threaded, the cheapest per call on a small machine; 0 = one per core.
     #[arg(long, default_value_t = 1)]
     authz_workers: usize,
     /// Requests per gateway before measuring.
@@ -638,73 +639,52 @@ fn print_latency(label: &str, s: &Stats, with_lag: bool) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     let load_before = loadavg();
     let wasm = filter_wasm()?;
     let wasm_bytes = std::fs::metadata(&wasm)
         .with_context(|| format!("reading {}", wasm.display()))?
         .len();
 
+    let binary = authz_service_binary()?;
     let mock = MockLlm::start().await?;
-    let (stack, service_runtime) = start_stack(args.authz_workers).await?;
-    let outcome = bench(&args, &stack, &mock, cores, &load_before, &wasm, wasm_bytes).await;
+    let (stack, mut service) = ServiceProcess::start(
+        &binary,
+        &[
+            ("CARACAL_WORKER_THREADS", args.authz_workers.to_string()),
+            ("CARACAL_DB_POOL_SIZE", "4".to_owned()),
+            ("CARACAL_DB_MAX_OVERFLOW", "4".to_owned()),
+            ("CARACAL_MAX_CONCURRENT_REQUESTS", "10000".to_owned()),
+        ],
+    )
+    .await?;
+    let outcome = bench(
+        &args,
+        &stack,
+        &service,
+        &mock,
+        &load_before,
+        &wasm,
+        wasm_bytes,
+    )
+    .await;
     mock.stop().await;
+    service.stop();
     let stopped = stack.stop().await;
-    if let Some((stop, thread)) = service_runtime {
-        let _ = stop.send(());
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    }
     outcome?;
     stopped
-}
-
-/// The authz-service's own runtime: the thread running it and how to end it.
-type ServiceRuntime = (
-    tokio::sync::oneshot::Sender<()>,
-    std::thread::JoinHandle<anyhow::Result<()>>,
-);
-
-/// Starts the authz-service (TestStack) on a runtime with `workers` threads of its
-/// own, or on this runtime when `workers` is 0.
-async fn start_stack(workers: usize) -> anyhow::Result<(TestStack, Option<ServiceRuntime>)> {
-    fn tune(c: &mut caracal_authz::config::Config) {
-        c.database.db_pool_size = 4;
-        c.database.db_max_overflow = 4;
-        c.server.max_concurrent_requests = 10_000;
-    }
-    if workers == 0 {
-        return Ok((TestStack::start_with(tune).await?, None));
-    }
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("authz-service".into())
-        .spawn(move || -> anyhow::Result<()> {
-            caracal_authz::server::runtime(workers)?.block_on(async move {
-                let _ = started_tx.send(TestStack::start_with(tune).await);
-                // Serve until the bench is done (the stack is stopped from there).
-                let _ = stop_rx.await;
-            });
-            Ok(())
-        })?;
-    let stack = started_rx
-        .await
-        .context("the authz-service thread ended before starting")??;
-    Ok((stack, Some((stop_tx, thread))))
 }
 
 /// One closed-loop run of `clients` against `t` (served by `envoy`): prints its rate,
 /// latency, CPU per request and the machine's share; returns the rate (req/s).
 async fn throughput_run(
     stack: &TestStack,
+    service: &ServiceProcess,
     t: &Arc<Target>,
     envoy: &Envoy,
     clients: u64,
     seconds: u64,
 ) -> anyhow::Result<f64> {
-    let cpu_before = CpuSample::take(stack, envoy.pid()).await?;
+    let cpu_before = CpuSample::take(stack, envoy.pid(), Some(service.pid())).await?;
     let s = closed_loop(
         t.clone(),
         usize::try_from(clients)?,
@@ -712,7 +692,7 @@ async fn throughput_run(
         u64::MAX,
     )
     .await;
-    let cpu_after = CpuSample::take(stack, envoy.pid()).await?;
+    let cpu_after = CpuSample::take(stack, envoy.pid(), Some(service.pid())).await?;
     let cpu = cpu_after.per_unit_since(&cpu_before, s.ok);
     let rps = s.per_second(s.ok);
     println!(
@@ -724,8 +704,8 @@ async fn throughput_run(
         s.counts()
     );
     println!(
-        "  {:<19} cpu per request: envoy {:.0} µs, this process (load generator + mock + authz-service) {:.0} µs, redis {:.0} µs",
-        "", cpu.other, cpu.process, cpu.redis
+        "  {:<19} cpu per request: envoy {:.0} µs, this process (load generator + mock) {:.0} µs, authz-service {:.0} µs, redis {:.0} µs",
+        "", cpu.other, cpu.process, cpu.service, cpu.redis
     );
     println!(
         "  {:<19} {}",
@@ -738,18 +718,16 @@ async fn throughput_run(
 async fn bench(
     args: &Args,
     stack: &TestStack,
+    service: &ServiceProcess,
     mock: &MockLlm,
-    cores: usize,
     load_before: &str,
     wasm: &std::path::Path,
     wasm_bytes: u64,
 ) -> anyhow::Result<()> {
-    let authz_port = stack
-        .server
-        .as_ref()
-        .context("authz-service not running")?
-        .grpc_addr
-        .port();
+    let authz_port = service.grpc_port;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let key = seed(stack).await?;
     let filtered = Envoy::start(EnvoyOptions::new(Gateway::Wasm, authz_port, mock.port()))
         .await
@@ -797,16 +775,13 @@ async fn bench(
         envoy_binary()?.display()
     );
     println!(
-        "  baseline = envoy.yaml without the wasm + buffer filters; with filter = envoy.yaml (Authorize + Settle via the in-process authz-service, PostgreSQL + Redis, relay off)"
+        "  baseline = envoy.yaml without the wasm + buffer filters; with filter = envoy.yaml (Authorize + Settle via the authz-service, PostgreSQL + Redis, relay off)"
     );
     println!(
-        "  authz-service: server.workerThreads={} ({})",
-        args.authz_workers,
-        if args.authz_workers == 0 {
-            "on this process's runtime"
-        } else {
-            "on a runtime of its own"
-        }
+        "  authz-service: its own process (pid {}, {}), server.workerThreads={}",
+        service.pid(),
+        service.log.display(),
+        args.authz_workers
     );
 
     // Warm-up: connections, V8, the key cache of the authz-service, Envoy's upstream
@@ -865,7 +840,7 @@ async fn bench(
     let mut best = [0.0_f64; 2];
     for &clients in &args.concurrency {
         for (i, (t, envoy)) in targets.iter().zip([&baseline, &filtered]).enumerate() {
-            let rps = throughput_run(stack, t, envoy, clients, args.seconds).await?;
+            let rps = throughput_run(stack, service, t, envoy, clients, args.seconds).await?;
             best[i] = best[i].max(rps);
             mock.clear();
             tokio::time::sleep(Duration::from_secs(1)).await;

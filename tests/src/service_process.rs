@@ -1,0 +1,213 @@
+//! The authz-service as its own process: the shipped `caracal-authz-service` binary
+//! (its allocator, its runtime, its logging), for benchmarks that must count its CPU
+//! apart from the load generator's and must not share a process with it.
+//!
+//! [`ServiceProcess::start`] creates a fresh database, starts the binary on free
+//! loopback ports with its settings in `CARACAL_*` variables (the same ones an
+//! operator sets) and returns a [`TestStack`] whose gRPC channel reaches it, so the
+//! admin helpers (`agent_with_key`, policies, prices) work unchanged; stop the
+//! process before the stack ([`ServiceProcess::stop`], then `TestStack::stop`).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context};
+use tonic::transport::Channel;
+
+use crate::{
+    envoy::{free_port, repo_root},
+    use_test_redis, TestDb, TestStack, ADMIN_TOKEN, GATEWAY_TOKEN, PEPPER,
+};
+
+/// Longest wait for the service to answer after it was started (it applies the
+/// migrations to a fresh database first).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for it to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A running `caracal-authz-service`.
+pub struct ServiceProcess {
+    child: Child,
+    pub grpc_port: u16,
+    pub log: PathBuf,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` on a fresh database and this machine's test Redis (own key
+    /// prefix, relay off), with `env` applied after the defaults.
+    pub async fn start(
+        binary: &Path,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<(TestStack, ServiceProcess)> {
+        let mut redis = caracal_authz::config::RedisConfig::default();
+        use_test_redis(&mut redis).await?;
+        if redis.mode != caracal_authz::config::RedisMode::Standalone {
+            bail!("the authz-service process runs on the standalone test Redis only");
+        }
+        let key_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+        redis.key_prefix = key_prefix.clone();
+        redis.partitions = 4;
+        let db = TestDb::create("process").await?;
+        let (grpc_port, http_port) = (free_port()?, free_port()?);
+        let log = std::env::temp_dir().join(format!("caracal-authz-{key_prefix}.log"));
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(binary);
+        cmd.env("CARACAL_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
+            .env("CARACAL_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("CARACAL_DATABASE_URL", &db.url)
+            .env("CARACAL_REDIS_MODE", "standalone")
+            .env("CARACAL_REDIS_URL", &redis.url)
+            .env("CARACAL_REDIS_KEY_PREFIX", &key_prefix)
+            .env("CARACAL_REDIS_PARTITIONS", redis.partitions.to_string())
+            .env("CARACAL_RELAY_ENABLED", "false")
+            .env("CARACAL_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("CARACAL_GATEWAY_TOKEN", GATEWAY_TOKEN)
+            .env("CARACAL_API_KEY_PEPPER", PEPPER)
+            .env_remove("CARACAL_CONFIG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut process = ServiceProcess {
+            child,
+            grpc_port,
+            log,
+        };
+        let channel = match process.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                process.stop();
+                let _ = db.drop().await;
+                return Err(e);
+            }
+        };
+        let stack = TestStack {
+            key_prefix,
+            redis,
+            database: db.name,
+            database_url: db.url,
+            server: None,
+            channel,
+        };
+        Ok((stack, process))
+    }
+
+    /// Connects once the service listens; fails when it exits or takes too long.
+    async fn connect(&mut self) -> anyhow::Result<Channel> {
+        let url = format!("http://127.0.0.1:{}", self.grpc_port);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the authz-service exited at start-up ({status}); its log ({}):\n{}",
+                    self.log.display(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            let attempt = Channel::from_shared(url.clone())?
+                .connect_timeout(Duration::from_secs(2))
+                .connect()
+                .await;
+            match attempt {
+                Ok(channel) => return Ok(channel),
+                Err(e) if started.elapsed() > START_TIMEOUT => return Err(anyhow!(e)
+                    .context(format!(
+                    "the authz-service did not listen on {url} within {START_TIMEOUT:?} (log: {})",
+                    self.log.display()
+                ))),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM (a graceful stop), then SIGKILL when it has not exited in time.
+    pub fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        while started.elapsed() < STOP_TIMEOUT {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `caracal-authz-service` binary to run: `CARACAL_AUTHZ_BIN`, else the one
+/// next to the running executable, built (or brought up to date) first with the
+/// same profile, so a bench never measures a stale service.
+pub fn authz_service_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("CARACAL_AUTHZ_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("CARACAL_AUTHZ_BIN={} does not exist", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .context("the running executable has no directory")?;
+    // target/<profile>/<exe>; a test binary lives one level deeper, in deps/.
+    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().context("deps/ without a parent")?
+    } else {
+        dir
+    };
+    let target_dir = profile_dir
+        .parent()
+        .context("the profile directory has no parent")?;
+    let profile = profile_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let cargo_profile = if profile == "debug" { "dev" } else { &profile };
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--profile",
+            cargo_profile,
+            "-p",
+            "caracal-authz",
+            "--bin",
+            "caracal-authz-service",
+        ])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(repo_root())
+        .status()
+        .context("running cargo to build caracal-authz-service")?;
+    if !status.success() {
+        bail!("building caracal-authz-service failed ({status})");
+    }
+    let binary = profile_dir.join("caracal-authz-service");
+    if !binary.is_file() {
+        bail!("{} was not built", binary.display());
+    }
+    Ok(binary)
+}
