@@ -118,11 +118,11 @@ impl ServiceProcess {
                 .await;
             match attempt {
                 Ok(channel) => return Ok(channel),
-                Err(e) if started.elapsed() > START_TIMEOUT => return Err(anyhow!(e)
-                    .context(format!(
-                    "the authz-service did not listen on {url} within {START_TIMEOUT:?} (log: {})",
-                    self.log.display()
-                ))),
+                Err(e) if started.elapsed() > START_TIMEOUT => {
+                    let log = self.log.display();
+                    let why = format!("the authz-service did not listen on {url} in time ({log})");
+                    return Err(anyhow!(e).context(why));
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }

@@ -38,7 +38,8 @@
 //! Flags: `--help`. Needs what the gateway tests
 //! need: PostgreSQL and Redis on 127.0.0.1, Envoy in `.venv` (or
 //! `CARACAL_ENVOY_BIN`), the filter built with `--profile wasm` (done here unless
-//! `CARACAL_FILTER_WASM` names one).
+//! `CARACAL_FILTER_WASM` names one), and `caracal-authz-service` built with the
+//! bench's profile (done here unless `CARACAL_AUTHZ_BIN` names one).
 
 use std::{
     collections::BTreeMap,
