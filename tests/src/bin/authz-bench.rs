@@ -1,8 +1,10 @@
 //! Load benchmark of the hot path: Authorize + Settle pairs over gRPC.
 //!
 //! Starts a real authz-service (in-process, on 127.0.0.1) on a fresh PostgreSQL
-//! database and the local Redis, creates 1 and 10,000 agents with keys and a
-//! generous daily policy, then for each concurrency level drives pairs for a fixed
+//! database and the local Redis, creates 1 and 10,000 agents with keys and generous
+//! policies (`--policies`: 3 by default, daily / weekly / monthly, so every decision
+//! checks and reserves on 3 counters, the shape of the Redis-only ceiling's script),
+//! then for each concurrency level drives pairs for a fixed
 //! time and prints pairs/s, and p50/p99/p99.9 latency of each call (Authorize and
 //! Settle together: what a gateway waits for per RPC) and of a whole pair.
 //!
@@ -47,6 +49,10 @@ struct Args {
     /// Agents the callers spread over, one set of runs per value.
     #[arg(long, value_delimiter = ',', default_value = "1,10000")]
     agents: Vec<usize>,
+    /// Budget policies per agent (1-3: daily, weekly, monthly), i.e. the counters each
+    /// decision checks and reserves on. 3 = the shape of the ceiling's script.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+    policies: u8,
     /// Relay events to this Kafka during the run (default: events stay in the
     /// Redis outbox and are deleted after each run).
     #[arg(long)]
@@ -93,9 +99,15 @@ enum Transport {
     Stream,
 }
 
-/// Creates `n` agents, each with a key and a $1,000,000 daily policy, with bulk SQL
-/// (the admin API would take minutes for 10,000); returns their keys.
-async fn seed_agents(stack: &TestStack, n: usize, tag: &str) -> anyhow::Result<Vec<String>> {
+/// Creates `n` agents, each with a key and `policies` $1,000,000 calendar policies
+/// (daily, weekly, monthly: one counter each), with bulk SQL (the admin API would take
+/// minutes for 10,000); returns their keys.
+async fn seed_agents(
+    stack: &TestStack,
+    n: usize,
+    policies_per_agent: u8,
+    tag: &str,
+) -> anyhow::Result<Vec<String>> {
     use diesel_async::RunQueryDsl;
     let mut conn = stack.db().await?;
     let mut keys = Vec::with_capacity(n);
@@ -112,10 +124,15 @@ async fn seed_agents(stack: &TestStack, n: usize, tag: &str) -> anyhow::Result<V
                 uuid::Uuid::now_v7(),
                 key.display_prefix
             ));
-            policies.push(format!(
-                "('{}', '{agent}', 1000000000000, 'USD', 'daily', 'calendar')",
-                uuid::Uuid::now_v7()
-            ));
+            for window in ["daily", "weekly", "monthly"]
+                .iter()
+                .take(usize::from(policies_per_agent))
+            {
+                policies.push(format!(
+                    "('{}', '{agent}', 1000000000000, 'USD', '{window}', 'calendar')",
+                    uuid::Uuid::now_v7()
+                ));
+            }
             keys.push(key.secret);
         }
         diesel::sql_query(format!(
@@ -593,11 +610,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench(args: Args) -> anyhow::Result<()> {
     println!(
-        "caracal authz bench: Authorize+Settle pairs over gRPC, {} s per run, 127.0.0.1, {} cores",
+        "caracal authz bench: Authorize+Settle pairs over gRPC, {} s per run, 127.0.0.1, {} cores, {} calendar policies per agent (counters per decision)",
         args.seconds,
         std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1)
+            .unwrap_or(1),
+        args.policies
     );
     if !args.redis_cluster {
         println!("redis: standalone");
@@ -657,7 +675,7 @@ async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Re
         stack.redis.replicas_ack()
     );
     for (ai, agents) in args.agents.iter().enumerate() {
-        let keys = Arc::new(seed_agents(&stack, *agents, &ai.to_string()).await?);
+        let keys = Arc::new(seed_agents(&stack, *agents, args.policies, &ai.to_string()).await?);
         for transport in &args.transport {
             println!("transport: {transport:?}");
             for c in &args.concurrency {
