@@ -252,22 +252,8 @@ impl TestStack {
             name: database,
             url: database_url,
         } = TestDb::create("stack").await?;
-        let mut config = Config::default();
-        config.server.grpc_addr = "127.0.0.1:0".parse()?;
-        config.server.http_addr = "127.0.0.1:0".parse()?;
-        config.database.url = database_url.clone();
-        config.database.db_pool_size = 2;
-        config.database.db_max_overflow = 4;
-        config.database.db_pool_timeout = 5;
-        config.auth.admin_token = ADMIN_TOKEN.to_owned();
-        config.auth.gateway_token = GATEWAY_TOKEN.to_owned();
-        config.auth.api_key_pepper = PEPPER.to_owned();
-        let key_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-        use_test_redis(&mut config.redis).await?;
-        config.redis.key_prefix = key_prefix.clone();
-        // On a cluster, enough partitions that every shard holds some.
-        config.redis.partitions = if on_redis_cluster() { 16 } else { 4 };
-        config.budget.relay_enabled = false;
+        let mut config = Self::config(&database_url).await?;
+        let key_prefix = config.redis.key_prefix.clone();
         tune(&mut config);
         let redis = config.redis.clone();
         let server = caracal_authz::serve(config).await?;
@@ -283,6 +269,28 @@ impl TestStack {
             server: Some(server),
             channel,
         })
+    }
+
+    /// The configuration of a stack on `database_url`: free loopback ports, the
+    /// tests' tokens, the tests' Redis under a key prefix of its own, no relay. Also
+    /// what [`service_process::ServiceProcess`] hands its process.
+    pub async fn config(database_url: &str) -> anyhow::Result<Config> {
+        let mut config = Config::default();
+        config.server.grpc_addr = "127.0.0.1:0".parse()?;
+        config.server.http_addr = "127.0.0.1:0".parse()?;
+        config.database.url = database_url.to_owned();
+        config.database.db_pool_size = 2;
+        config.database.db_max_overflow = 4;
+        config.database.db_pool_timeout = 5;
+        config.auth.admin_token = ADMIN_TOKEN.to_owned();
+        config.auth.gateway_token = GATEWAY_TOKEN.to_owned();
+        config.auth.api_key_pepper = PEPPER.to_owned();
+        use_test_redis(&mut config.redis).await?;
+        config.redis.key_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+        // On a cluster, enough partitions that every shard holds some.
+        config.redis.partitions = if on_redis_cluster() { 16 } else { 4 };
+        config.budget.relay_enabled = false;
+        Ok(config)
     }
 
     pub fn grpc_url(&self) -> String {

@@ -18,8 +18,9 @@ use anyhow::{anyhow, bail, Context};
 use tonic::transport::Channel;
 
 use crate::{
+    consumer_process::terminate,
     envoy::{free_port, repo_root},
-    use_test_redis, TestDb, TestStack, ADMIN_TOKEN, GATEWAY_TOKEN, PEPPER,
+    TestDb, TestStack,
 };
 
 /// Longest wait for the service to answer after it was started (it applies the
@@ -42,30 +43,45 @@ impl ServiceProcess {
         binary: &Path,
         env: &[(&str, String)],
     ) -> anyhow::Result<(TestStack, ServiceProcess)> {
-        let mut redis = caracal_authz::config::RedisConfig::default();
-        use_test_redis(&mut redis).await?;
-        if redis.mode != caracal_authz::config::RedisMode::Standalone {
+        let mut config = TestStack::config("").await?;
+        if config.redis.mode != caracal_authz::config::RedisMode::Standalone {
             bail!("the authz-service process runs on the standalone test Redis only");
         }
-        let key_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-        redis.key_prefix = key_prefix.clone();
-        redis.partitions = 4;
         let db = TestDb::create("process").await?;
+        config.database.url = db.url.clone();
+        let redis = config.redis.clone();
+        let key_prefix = redis.key_prefix.clone();
         let (grpc_port, http_port) = (free_port()?, free_port()?);
         let log = std::env::temp_dir().join(format!("caracal-authz-{key_prefix}.log"));
         let log_file = std::fs::File::create(&log)?;
         let mut cmd = Command::new(binary);
+        // The stack's configuration, as an operator sets it: in CARACAL_* variables.
         cmd.env("CARACAL_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
             .env("CARACAL_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
-            .env("CARACAL_DATABASE_URL", &db.url)
+            .env("CARACAL_DATABASE_URL", &config.database.url)
+            .env(
+                "CARACAL_DB_POOL_SIZE",
+                config.database.db_pool_size.to_string(),
+            )
+            .env(
+                "CARACAL_DB_MAX_OVERFLOW",
+                config.database.db_max_overflow.to_string(),
+            )
+            .env(
+                "CARACAL_DB_POOL_TIMEOUT",
+                config.database.db_pool_timeout.to_string(),
+            )
             .env("CARACAL_REDIS_MODE", "standalone")
             .env("CARACAL_REDIS_URL", &redis.url)
             .env("CARACAL_REDIS_KEY_PREFIX", &key_prefix)
             .env("CARACAL_REDIS_PARTITIONS", redis.partitions.to_string())
-            .env("CARACAL_RELAY_ENABLED", "false")
-            .env("CARACAL_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("CARACAL_GATEWAY_TOKEN", GATEWAY_TOKEN)
-            .env("CARACAL_API_KEY_PEPPER", PEPPER)
+            .env(
+                "CARACAL_RELAY_ENABLED",
+                config.budget.relay_enabled.to_string(),
+            )
+            .env("CARACAL_ADMIN_TOKEN", &config.auth.admin_token)
+            .env("CARACAL_GATEWAY_TOKEN", &config.auth.gateway_token)
+            .env("CARACAL_API_KEY_PEPPER", &config.auth.api_key_pepper)
             .env_remove("CARACAL_CONFIG");
         for (k, v) in env {
             cmd.env(k, v);
@@ -134,21 +150,17 @@ impl ServiceProcess {
 
     /// SIGTERM (a graceful stop), then SIGKILL when it has not exited in time.
     pub fn stop(&mut self) {
+        // Once reaped, its PID may belong to another process: no signal then.
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let started = Instant::now();
-        while started.elapsed() < STOP_TIMEOUT {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Err(e) = terminate(&mut self.child, STOP_TIMEOUT) {
+            eprintln!(
+                "authz-service (pid {}): {e:#}; log: {}",
+                self.child.id(),
+                self.log.display()
+            );
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
