@@ -46,13 +46,24 @@ return {'settle', a, rec and 1 or 0}
 /// Ceiling figures: script calls per second of each shape, and pairs per second.
 #[derive(Debug, Clone, Copy)]
 pub struct Ceiling {
-    pub reserve_per_s: f64,
-    pub settle_per_s: f64,
+    pub reserve: Shape,
+    pub settle: Shape,
+}
+
+/// What `redis-benchmark` measured for one script shape: calls/s, and the latency
+/// of one call as its 64 connections saw it (ms). At a closed loop of 64 the
+/// latency is set by the rate (Little: 64 / calls/s on average), so this is the
+/// per-call latency Redis alone gives at the concurrency the service is run at.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 impl Ceiling {
     pub fn pairs_per_s(&self) -> f64 {
-        1.0 / (1.0 / self.reserve_per_s + 1.0 / self.settle_per_s)
+        1.0 / (1.0 / self.reserve.per_s + 1.0 / self.settle.per_s)
     }
 }
 
@@ -76,8 +87,15 @@ fn load(port: u16, script: &str) -> anyhow::Result<String> {
     Ok(sha)
 }
 
-/// Runs `requests` EVALSHA calls of `sha` at `connections` and returns calls/s.
-fn run(port: u16, sha: &str, requests: u64, connections: u16, prefix: &str) -> anyhow::Result<f64> {
+/// Runs `requests` EVALSHA calls of `sha` at `connections` and returns what
+/// `redis-benchmark` measured.
+fn run(
+    port: u16,
+    sha: &str,
+    requests: u64,
+    connections: u16,
+    prefix: &str,
+) -> anyhow::Result<Shape> {
     // Each __rand_int__ is replaced by its own random number below -r: a record
     // key with two of them is (almost always) new; counters spread over 10,000.
     let rec = format!("{prefix}:rsv:__rand_int__:__rand_int__");
@@ -99,15 +117,24 @@ fn run(port: u16, sha: &str, requests: u64, connections: u16, prefix: &str) -> a
         .output()
         .context("redis-benchmark (Debian redis-tools)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    // --csv: a header, then "name","rps","avg",min,p50,p95,p99,max: the rate is the
-    // 7th field from the end (the name may hold anything).
-    let rps = text
-        .lines()
-        .filter_map(|l| l.rsplit("\",\"").nth(6))
-        .filter_map(|v| v.trim_matches('"').parse::<f64>().ok())
-        .next_back();
-    match rps {
-        Some(r) if r > 0.0 && out.status.success() => Ok(r),
+    // --csv: a header, then "name","rps","avg",min,p50,p95,p99,max: the figures are
+    // counted from the end (the name may hold anything).
+    let shape = text.lines().rev().find_map(|l| {
+        let f: Vec<f64> = l
+            .rsplit("\",\"")
+            .take(7)
+            .map(|v| v.trim_matches('"').parse::<f64>())
+            .collect::<Result<_, _>>()
+            .ok()?;
+        // Reversed: max, p99, p95, p50, min, avg, rps.
+        (f.len() == 7).then(|| Shape {
+            per_s: f[6],
+            p50_ms: f[3],
+            p99_ms: f[1],
+        })
+    });
+    match shape {
+        Some(s) if s.per_s > 0.0 && out.status.success() => Ok(s),
         _ => bail!(
             "redis-benchmark printed no rate: {text} {}",
             String::from_utf8_lossy(&out.stderr)
@@ -120,8 +147,8 @@ fn run(port: u16, sha: &str, requests: u64, connections: u16, prefix: &str) -> a
 pub fn measure(port: u16, requests: u64, connections: u16) -> anyhow::Result<Ceiling> {
     let prefix = format!("ceiling-{}", uuid::Uuid::new_v4().simple());
     let (reserve, settle) = (load(port, RESERVE)?, load(port, SETTLE)?);
-    let reserve_per_s = run(port, &reserve, requests, connections, &prefix)?;
-    let settle_per_s = run(port, &settle, requests, connections, &prefix)?;
+    let reserve = run(port, &reserve, requests, connections, &prefix)?;
+    let settle = run(port, &settle, requests, connections, &prefix)?;
     // Clean up: the bench's keys (counters, records) under the prefix.
     let _ = Command::new("sh")
         .arg("-c")
@@ -129,8 +156,5 @@ pub fn measure(port: u16, requests: u64, connections: u16) -> anyhow::Result<Cei
             "redis-cli -h 127.0.0.1 -p {port} --scan --pattern '{prefix}:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p {port} unlink > /dev/null"
         ))
         .status();
-    Ok(Ceiling {
-        reserve_per_s,
-        settle_per_s,
-    })
+    Ok(Ceiling { reserve, settle })
 }

@@ -628,9 +628,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             .await??;
             println!(
                 "redis-only ceiling (redis-benchmark, EVALSHA of the same shape, 64 connections): reserve {:.0}/s, settle {:.0}/s = {:.0} pairs/s",
-                c.reserve_per_s,
-                c.settle_per_s,
+                c.reserve.per_s,
+                c.settle.per_s,
                 c.pairs_per_s()
+            );
+            // What Redis alone gives per call at this concurrency: the floor under
+            // the service's p99 at c=64 (the service adds its own hop on top).
+            println!(
+                "    its own latency per call at 64 connections: reserve p50 {:.3} ms p99 {:.3} ms, settle p50 {:.3} ms p99 {:.3} ms",
+                c.reserve.p50_ms, c.reserve.p99_ms, c.settle.p50_ms, c.settle.p99_ms
             );
             let _ = CEILING.set(c.pairs_per_s());
         }
