@@ -43,6 +43,54 @@ pub async fn redis_cpu_seconds(stack: &TestStack) -> anyhow::Result<f64> {
     Ok(total)
 }
 
+/// How this machine's idle CPUs wait, for the header of a latency run: the cpuidle
+/// driver and governor, and haltpoll's guest poll window when that driver is in use.
+/// On a VM whose idle vCPUs halt at once (`haltpoll.guest_halt_poll_ns=0`), every
+/// hop between processes at a low request rate wakes a halted vCPU (measured here:
+/// an idle Redis PING 0.15-0.20 ms against 0.015 ms back to back).
+pub fn idle_policy() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "?".to_owned())
+    };
+    let mut text = format!(
+        "cpuidle driver {}, governor {}",
+        read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        read("/sys/devices/system/cpu/cpuidle/current_governor_ro"),
+    );
+    let poll_ns = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+    if std::path::Path::new(poll_ns).exists() {
+        text.push_str(&format!(", haltpoll.guest_halt_poll_ns={}", read(poll_ns)));
+    }
+    text
+}
+
+/// A PM QoS request that idle CPUs wake within `max_us` microseconds, held while
+/// this value lives (the kernel drops it when the file closes). With 0 the cpuidle
+/// governor keeps idle CPUs polling instead of halting: what `tuned`'s
+/// latency-performance profile and `cyclictest` do. It is machine-wide, burns idle
+/// CPU, and needs root; a benchmark option, not something the services do.
+pub struct CpuLatencyQos {
+    _file: std::fs::File,
+    pub max_us: i32,
+}
+
+impl CpuLatencyQos {
+    pub fn hold(max_us: i32) -> std::io::Result<Self> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/cpu_dma_latency")?;
+        // The binary form: one native-endian s32.
+        file.write_all(&max_us.to_ne_bytes())?;
+        Ok(Self {
+            _file: file,
+            max_us,
+        })
+    }
+}
+
 /// The whole machine's CPU time so far, from the `cpu` line of `/proc/stat` (clock
 /// ticks): over a run, how busy the machine was and how much of its time the
 /// hypervisor gave to other guests ("steal"). A run with steal is not a quiet run,

@@ -101,6 +101,12 @@ struct Args {
     /// Requests per gateway before measuring.
     #[arg(long, default_value_t = 500)]
     warmup: u64,
+    /// Hold a PM QoS request (`/dev/cpu_dma_latency`, root) that idle CPUs wake within
+    /// this many µs for the whole run; 0 keeps them polling instead of halting, as a
+    /// node tuned for latency does (`tuned` latency-performance). Default: the
+    /// machine as it is.
+    #[arg(long)]
+    cpu_latency_qos: Option<i32>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -640,6 +646,12 @@ fn print_latency(label: &str, s: &Stats, with_lag: bool) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    // Held (when asked for) until main returns, i.e. over every run.
+    let qos = args
+        .cpu_latency_qos
+        .map(caracal_tests::cpu::CpuLatencyQos::hold)
+        .transpose()
+        .context("--cpu-latency-qos: writing /dev/cpu_dma_latency (needs root)")?;
     let load_before = loadavg();
     let wasm = filter_wasm()?;
     let wasm_bytes = std::fs::metadata(&wasm)
@@ -660,6 +672,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let outcome = bench(
         &args,
+        qos.as_ref(),
         &stack,
         &service,
         &mock,
@@ -718,6 +731,7 @@ async fn throughput_run(
 
 async fn bench(
     args: &Args,
+    qos: Option<&caracal_tests::cpu::CpuLatencyQos>,
     stack: &TestStack,
     service: &ServiceProcess,
     mock: &MockLlm,
@@ -774,6 +788,17 @@ async fn bench(
     println!(
         "  {cores} cores, load average before start-up: {load_before}; envoy {} (--concurrency 1 each)",
         envoy_binary()?.display()
+    );
+    println!(
+        "  idle CPUs: {}; {}",
+        caracal_tests::cpu::idle_policy(),
+        match qos {
+            Some(q) => format!(
+                "PM QoS cpu_dma_latency={} µs held over the runs (--cpu-latency-qos)",
+                q.max_us
+            ),
+            None => "no PM QoS request (the machine as it is)".to_owned(),
+        }
     );
     println!(
         "  baseline = envoy.yaml without the wasm + buffer filters; with filter = envoy.yaml (Authorize + Settle via the authz-service, PostgreSQL + Redis, relay off)"
