@@ -73,7 +73,6 @@ pub fn idle_policy() -> String {
 /// CPU, and needs root; a benchmark option, not something the services do.
 pub struct CpuLatencyQos {
     _file: std::fs::File,
-    pub max_us: i32,
 }
 
 impl CpuLatencyQos {
@@ -84,10 +83,7 @@ impl CpuLatencyQos {
             .open("/dev/cpu_dma_latency")?;
         // The binary form: one native-endian s32.
         file.write_all(&max_us.to_ne_bytes())?;
-        Ok(Self {
-            _file: file,
-            max_us,
-        })
+        Ok(Self { _file: file })
     }
 }
 

@@ -647,7 +647,7 @@ fn print_latency(label: &str, s: &Stats, with_lag: bool) {
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     // Held (when asked for) until main returns, i.e. over every run.
-    let qos = args
+    let _qos = args
         .cpu_latency_qos
         .map(caracal_tests::cpu::CpuLatencyQos::hold)
         .transpose()
@@ -672,7 +672,6 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let outcome = bench(
         &args,
-        qos.as_ref(),
         &stack,
         &service,
         &mock,
@@ -731,7 +730,6 @@ async fn throughput_run(
 
 async fn bench(
     args: &Args,
-    qos: Option<&caracal_tests::cpu::CpuLatencyQos>,
     stack: &TestStack,
     service: &ServiceProcess,
     mock: &MockLlm,
@@ -792,11 +790,10 @@ async fn bench(
     println!(
         "  idle CPUs: {}; {}",
         caracal_tests::cpu::idle_policy(),
-        match qos {
-            Some(q) => format!(
-                "PM QoS cpu_dma_latency={} µs held over the runs (--cpu-latency-qos)",
-                q.max_us
-            ),
+        // main holds the request (or has stopped with an error) when it is set.
+        match args.cpu_latency_qos {
+            Some(us) =>
+                format!("PM QoS cpu_dma_latency={us} µs held over the runs (--cpu-latency-qos)"),
             None => "no PM QoS request (the machine as it is)".to_owned(),
         }
     );
