@@ -117,9 +117,21 @@ fn run(
         .output()
         .context("redis-benchmark (Debian redis-tools)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    // --csv: a header, then "name","rps","avg",min,p50,p95,p99,max: the figures are
-    // counted from the end (the name may hold anything).
-    let shape = text.lines().rev().find_map(|l| {
+    let shape = parse_csv(&text);
+    match shape {
+        Some(s) if s.per_s > 0.0 && out.status.success() => Ok(s),
+        _ => bail!(
+            "redis-benchmark printed no rate: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The figures of the last result line of `redis-benchmark --csv`: a header, then
+/// "name","rps","avg",min,p50,p95,p99,max per test. Counted from the end: the name
+/// (the command line) may hold anything, commas and quotes included.
+fn parse_csv(text: &str) -> Option<Shape> {
+    text.lines().rev().find_map(|l| {
         let f: Vec<f64> = l
             .rsplit("\",\"")
             .take(7)
@@ -132,14 +144,7 @@ fn run(
             p50_ms: f[3],
             p99_ms: f[1],
         })
-    });
-    match shape {
-        Some(s) if s.per_s > 0.0 && out.status.success() => Ok(s),
-        _ => bail!(
-            "redis-benchmark printed no rate: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
+    })
 }
 
 /// Measures the ceiling on the Redis at 127.0.0.1:`port` (keys under a prefix of
@@ -157,4 +162,23 @@ pub fn measure(port: u16, requests: u64, connections: u16) -> anyhow::Result<Cei
         ))
         .status();
     Ok(Ceiling { reserve, settle })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_and_latency_come_from_the_last_result_line() {
+        // As redis-benchmark 7.0 prints it, a name with commas and quotes in it.
+        let text = concat!(
+            "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\",\"p50_latency_ms\",\"p95_latency_ms\",\"p99_latency_ms\",\"max_latency_ms\"\n",
+            "\"EVALSHA abc 6 k \"{\"a\":1,\"b\":2}\"\",\"30312.15\",\"2.101\",\"0.312\",\"2.015\",\"3.001\",\"3.655\",\"9.871\"\n",
+        );
+        let s = parse_csv(text).expect("a result line");
+        assert_eq!(s.per_s, 30312.15);
+        assert_eq!(s.p50_ms, 2.015);
+        assert_eq!(s.p99_ms, 3.655);
+        assert!(parse_csv("\"test\",\"rps\"\nERR unknown command\n").is_none());
+    }
 }
