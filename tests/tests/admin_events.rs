@@ -6,7 +6,6 @@
 
 use std::{collections::HashMap, collections::HashSet, time::Duration};
 
-use caracal_authz::config::Config;
 use caracal_proto::v1::{
     self as pb, agent_lifecycle_event::Change as AgentChangeKind,
     agent_service_client::AgentServiceClient, policy_change_event::Change as PolicyChangeKind,
@@ -14,7 +13,7 @@ use caracal_proto::v1::{
 };
 use caracal_tests::{
     kafka::{consume_all, topic_message_count, Consumed, Tansu},
-    Bearer, Svc, TestStack, ADMIN_TOKEN, GATEWAY_TOKEN, PEPPER,
+    Bearer, Svc, TestStack, ADMIN_TOKEN,
 };
 use prost::Message;
 use tonic::{transport::Channel, Code};
@@ -707,19 +706,9 @@ async fn second_replica(
     stack: &TestStack,
     brokers: &str,
 ) -> (caracal_authz::RunningServer, Channel) {
-    let mut config = Config::default();
-    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
-    config.server.http_addr = "127.0.0.1:0".parse().unwrap();
-    config.database.url = stack.database_url.clone();
-    config.database.db_pool_size = 2;
-    config.database.db_max_overflow = 4;
-    config.database.db_pool_timeout = 5;
-    config.auth.admin_token = ADMIN_TOKEN.to_owned();
-    config.auth.gateway_token = GATEWAY_TOKEN.to_owned();
-    config.auth.api_key_pepper = PEPPER.to_owned();
-    config.redis.url = stack.redis.url.clone();
-    config.redis.key_prefix = stack.key_prefix.clone();
-    config.redis.partitions = 4;
+    // The stack's own settings (tokens, pool), on the stack's database and Redis state.
+    let mut config = TestStack::config(&stack.database_url).await.unwrap();
+    config.redis = stack.redis.clone();
     config.budget.relay_enabled = true;
     config.kafka.brokers = brokers.to_owned();
     config.kafka.topic_partitions = 3;

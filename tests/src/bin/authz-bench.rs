@@ -633,7 +633,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 c.pairs_per_s()
             );
             // What Redis alone gives per call at this concurrency: the floor under
-            // the service's p99 at c=64 (the service adds its own hop on top).
+            // the service's p99 at c=64 (the service cannot answer before Redis does).
             println!(
                 "    its own latency per call at 64 connections: reserve p50 {:.3} ms p99 {:.3} ms, settle p50 {:.3} ms p99 {:.3} ms",
                 c.reserve.p50_ms, c.reserve.p99_ms, c.settle.p50_ms, c.settle.p99_ms
