@@ -106,6 +106,9 @@ pub struct EnvoyOptions {
     /// [`crate::GATEWAY_TOKEN`] by default, empty for [`Gateway::WasmTls`] (mTLS
     /// authenticates the gateway there).
     pub gateway_token: String,
+    /// Envoy's worker threads (`--concurrency`). 1 in tests: one worker keeps a
+    /// test's requests on one wasm VM and its Authorize stream.
+    pub workers: u16,
 }
 
 /// The DNS name in the dev authz-service certificate (`AUTHZ_SNI`).
@@ -160,6 +163,7 @@ impl EnvoyOptions {
             } else {
                 crate::GATEWAY_TOKEN.to_owned()
             },
+            workers: 1,
         }
     }
 }
@@ -486,7 +490,8 @@ impl Envoy {
         let child = Command::new(envoy_binary()?)
             .arg("-c")
             .arg(&config_path)
-            .args(["--disable-hot-restart", "--concurrency", "1"])
+            .args(["--disable-hot-restart", "--concurrency"])
+            .arg(opts.workers.max(1).to_string())
             // CARACAL_ENVOY_LOG_LEVEL=debug (or trace) for a closer look.
             .args([
                 "--log-level",
@@ -573,6 +578,38 @@ impl Envoy {
         h.extend_from_slice(headers);
         self.request("POST", path, &h, Some(body.to_string().as_bytes()))
             .await
+    }
+
+    /// Connections the gateway listener accepted, per worker thread (index = worker),
+    /// from Envoy's admin `/stats` (`listener.<address>.worker_<n>.downstream_cx_total`).
+    pub async fn connections_per_worker(&self) -> anyhow::Result<Vec<u64>> {
+        let stats = http_request(self.admin_port, "GET", "/stats", &[], None).await?;
+        let listener = format!("_{}.worker_", self.port);
+        let mut per_worker: Vec<u64> = Vec::new();
+        for line in stats.text().lines() {
+            let Some((name, value)) = line.split_once(": ") else {
+                continue;
+            };
+            let Some(rest) = name
+                .strip_suffix(".downstream_cx_total")
+                .and_then(|n| n.split_once(&listener))
+                .map(|(_, worker)| worker)
+            else {
+                continue;
+            };
+            let worker: usize = rest.parse().context("worker index in /stats")?;
+            if per_worker.len() <= worker {
+                per_worker.resize(worker + 1, 0);
+            }
+            per_worker[worker] = value.trim().parse().context("counter in /stats")?;
+        }
+        if per_worker.is_empty() {
+            bail!(
+                "no per-worker listener stats in /stats for port {}",
+                self.port
+            );
+        }
+        Ok(per_worker)
     }
 
     /// Kills Envoy (by its PID) and waits for it.

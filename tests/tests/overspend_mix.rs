@@ -11,6 +11,8 @@
 //! - every call the client saw answered 2xx (completely or not) was charged;
 //! - no call that got an upstream 5xx, or that ended before any answer, was charged.
 //!
+//! Run with one Envoy worker thread and with two (each worker its own wasm VM).
+//!
 //!   cargo test -p caracal-tests --test overspend_mix
 
 use std::{
@@ -205,6 +207,18 @@ async fn counters(stack: &TestStack, policy: &str) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_mixed_calls_never_overspend_and_every_answered_call_is_charged() {
+    mixed_calls(1).await;
+}
+
+/// The same through an Envoy with two worker threads, as gateways run in production
+/// (one per core): each worker has its own wasm VM, root context, Authorize stream
+/// and Settle batches, and the calls of one agent land on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guarantee_holds_when_envoy_runs_two_workers() {
+    mixed_calls(2).await;
+}
+
+async fn mixed_calls(envoy_workers: u16) {
     let stack = TestStack::start_with(|c| {
         c.reservations.provisional_charge_expiration = EXPIRY_S;
         c.reservations.provisional_charge_cleanup_interval = 1;
@@ -213,9 +227,12 @@ async fn two_thousand_mixed_calls_never_overspend_and_every_answered_call_is_cha
     .unwrap();
     let mock = MockLlm::start().await.unwrap();
     let port = stack.server.as_ref().unwrap().grpc_addr.port();
-    let envoy = Envoy::start(EnvoyOptions::new(Gateway::Wasm, port, mock.port()))
-        .await
-        .unwrap();
+    let envoy = Envoy::start(EnvoyOptions {
+        workers: envoy_workers,
+        ..EnvoyOptions::new(Gateway::Wasm, port, mock.port())
+    })
+    .await
+    .unwrap();
     stack
         .set_token_price("openai", "gpt-4o", "USD", ["2.50", "10.00", "1.25"])
         .await
@@ -256,6 +273,21 @@ async fn two_thousand_mixed_calls_never_overspend_and_every_answered_call_is_cha
     for t in tasks {
         seen.push(t.await.unwrap());
     }
+    // Every worker took calls (each call is its own connection).
+    let per_worker = envoy.connections_per_worker().await.unwrap();
+    assert_eq!(
+        per_worker.len(),
+        usize::from(envoy_workers),
+        "{per_worker:?}"
+    );
+    assert!(
+        per_worker.iter().all(|&n| n > 0),
+        "a worker took no calls: {per_worker:?}"
+    );
+    assert!(
+        per_worker.iter().sum::<u64>() >= CALLS as u64,
+        "{per_worker:?}"
+    );
 
     // Let every Settle/Release the filter sends after the answers land, and the
     // expiries: no live reservation, and no new event for a second (bounded wait).

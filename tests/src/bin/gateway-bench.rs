@@ -98,6 +98,11 @@ struct Args {
     /// single-threaded, the cheapest per call on a small machine; 0 = one per core.
     #[arg(long, default_value_t = 1)]
     authz_workers: usize,
+    /// Envoy's worker threads (`--concurrency`), the same for both gateways.
+    /// Default: one per core, Envoy's own default and how gateways run in production
+    /// (with 1 the single worker thread caps both gateways below the machine's CPU).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    envoy_workers: Option<u16>,
     /// Requests per gateway before measuring.
     #[arg(long, default_value_t = 500)]
     warmup: u64,
@@ -742,16 +747,19 @@ async fn bench(
         .map(|n| n.get())
         .unwrap_or(1);
     let key = seed(stack).await?;
-    let filtered = Envoy::start(EnvoyOptions::new(Gateway::Wasm, authz_port, mock.port()))
+    let envoy_workers = args
+        .envoy_workers
+        .unwrap_or_else(|| u16::try_from(cores).unwrap_or(u16::MAX));
+    let options = |gateway| EnvoyOptions {
+        workers: envoy_workers,
+        ..EnvoyOptions::new(gateway, authz_port, mock.port())
+    };
+    let filtered = Envoy::start(options(Gateway::Wasm))
         .await
         .context("starting Envoy with the filter")?;
-    let baseline = Envoy::start(EnvoyOptions::new(
-        Gateway::Baseline,
-        authz_port,
-        mock.port(),
-    ))
-    .await
-    .context("starting the baseline Envoy")?;
+    let baseline = Envoy::start(options(Gateway::Baseline))
+        .await
+        .context("starting the baseline Envoy")?;
 
     let body = Bytes::from(
         serde_json::json!({
@@ -798,7 +806,7 @@ async fn bench(
         }
     );
     println!(
-        "  baseline = envoy.yaml without the wasm + buffer filters; with filter = envoy.yaml (Authorize + Settle via the authz-service, PostgreSQL + Redis, relay off)"
+        "  baseline = envoy.yaml without the wasm + buffer filters; with filter = envoy.yaml (Authorize + Settle via the authz-service, PostgreSQL + Redis, relay off); Envoy --concurrency {envoy_workers} (worker threads) for both"
     );
     println!(
         "  authz-service: its own process (pid {}, {}), server.workerThreads={}",
