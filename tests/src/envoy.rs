@@ -491,7 +491,7 @@ impl Envoy {
             .arg("-c")
             .arg(&config_path)
             .args(["--disable-hot-restart", "--concurrency"])
-            .arg(opts.workers.max(1).to_string())
+            .arg(opts.workers.to_string())
             // CARACAL_ENVOY_LOG_LEVEL=debug (or trace) for a closer look.
             .args([
                 "--log-level",
@@ -580,28 +580,34 @@ impl Envoy {
             .await
     }
 
-    /// Connections the gateway listener accepted, per worker thread (index = worker),
-    /// from Envoy's admin `/stats` (`listener.<address>.worker_<n>.downstream_cx_total`).
+    /// Envoy's counters and gauges from its admin `/stats` (`name: value` lines;
+    /// histograms, whose values are not integers, are left out).
+    pub async fn stats(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let r = http_request(self.admin_port, "GET", "/stats", &[], None).await?;
+        Ok(r.text()
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter_map(|(k, v)| Some((k.trim().to_owned(), v.trim().parse().ok()?)))
+            .collect())
+    }
+
+    /// Connections the gateway listener accepted, per worker thread (index = worker):
+    /// `listener.<address>_<port>.worker_<n>.downstream_cx_total`.
     pub async fn connections_per_worker(&self) -> anyhow::Result<Vec<u64>> {
-        let stats = http_request(self.admin_port, "GET", "/stats", &[], None).await?;
         let listener = format!("_{}.worker_", self.port);
         let mut per_worker: Vec<u64> = Vec::new();
-        for line in stats.text().lines() {
-            let Some((name, value)) = line.split_once(": ") else {
-                continue;
-            };
-            let Some(rest) = name
+        for (name, value) in self.stats().await? {
+            let Some((_, worker)) = name
                 .strip_suffix(".downstream_cx_total")
                 .and_then(|n| n.split_once(&listener))
-                .map(|(_, worker)| worker)
             else {
                 continue;
             };
-            let worker: usize = rest.parse().context("worker index in /stats")?;
+            let worker: usize = worker.parse().context("worker index in /stats")?;
             if per_worker.len() <= worker {
                 per_worker.resize(worker + 1, 0);
             }
-            per_worker[worker] = value.trim().parse().context("counter in /stats")?;
+            per_worker[worker] = value;
         }
         if per_worker.is_empty() {
             bail!(

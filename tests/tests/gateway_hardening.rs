@@ -151,15 +151,13 @@ fn amount_micros(text: &str) -> i64 {
 
 /// Envoy's counter `name` (admin /stats), 0 when absent.
 async fn envoy_counter(envoy: &Envoy, name: &str) -> u64 {
-    let r = http_request(envoy.admin_port, "GET", "/stats", &[], None)
+    envoy
+        .stats()
         .await
-        .unwrap();
-    r.text()
-        .lines()
-        .filter_map(|l| l.split_once(": "))
-        .find(|(k, _)| k.trim().ends_with(name))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.ends_with(name))
+        .map_or(0, |(_, v)| v)
 }
 
 // ------------------------------------------------------------ a controllable proxy
