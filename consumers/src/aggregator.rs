@@ -54,7 +54,7 @@ use crate::{
     launch::{launch_with, until_ok, Consumer, LaunchError, RunningConsumer},
     ledger::{self, LedgerRow},
     metrics as m,
-    runner::{Handler, RawMessage, RunnerError},
+    runner::{Handler, RawMessage, RunnerError, WriteError},
 };
 
 /// The `consumer` label.
@@ -360,10 +360,10 @@ impl Handler for MetricsAggregator {
         ledger::decode(msg)
     }
 
-    fn write(&self, items: &[LedgerRow]) -> impl Future<Output = Result<(), String>> + Send {
+    fn write(&self, items: &[LedgerRow]) -> impl Future<Output = Result<(), WriteError>> + Send {
         let store = self.store.clone();
         let items = items.to_vec();
-        async move { store.record(&items).await }
+        async move { store.record(&items).await.map_err(WriteError::from) }
     }
 
     fn reachable(&self) -> impl Future<Output = bool> + Send {

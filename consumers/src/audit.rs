@@ -26,7 +26,7 @@ use crate::{
     config::ConsumerConfig,
     launch::{launch, Consumer, LaunchError, RunningConsumer},
     pg_batch,
-    runner::{Handler, RawMessage},
+    runner::{Handler, RawMessage, WriteError},
 };
 
 /// The `consumer` label.
@@ -175,7 +175,7 @@ impl Handler for AuditLogger {
         to_row(msg, Utc::now())
     }
 
-    fn write(&self, items: &[AuditRow]) -> impl Future<Output = Result<(), String>> + Send {
+    fn write(&self, items: &[AuditRow]) -> impl Future<Output = Result<(), WriteError>> + Send {
         pg_batch::write(
             self.pool.clone(),
             items,

@@ -129,6 +129,17 @@ pub struct ConsumerSettings {
     /// StatefulSet): a restarted replica takes its partitions back at once instead
     /// of waiting for its dead predecessor's session to expire. Empty: dynamic.
     pub group_instance_id: String,
+    /// How a replica gets its partitions: `leases` (default; PostgreSQL advisory
+    /// locks, see `lease.rs`: no group protocol, a dead replica's partitions move on
+    /// as soon as its database session ends), `group` (Kafka's consumer-group
+    /// protocol: needs a broker whose coordinator expires dead members, e.g. Apache
+    /// Kafka; tansu 0.6 does not), or `static` (`assignAll` below).
+    pub assignment: Assignment,
+    /// How often a replica renews and rebalances its partition leases, ms.
+    pub lease_interval_ms: u64,
+    /// A partition with lag whose committed offset has not moved for this long is
+    /// stalled: readiness drops and `caracal_consumer_stalled_partitions` counts it.
+    pub stall_seconds: u64,
     /// Take every partition of the topic directly (`assign`) instead of joining
     /// the group's partition sharing (`subscribe`). Offsets are still committed to
     /// the group and resumed from. For a single replica on a broker whose group
@@ -171,6 +182,9 @@ impl Default for ConsumerSettings {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 9465)),
             group_id: String::new(),
             group_instance_id: String::new(),
+            assignment: Assignment::Leases,
+            lease_interval_ms: 1000,
+            stall_seconds: 60,
             assign_all: false,
             assign_index: 0,
             assign_replicas: 1,
@@ -188,7 +202,42 @@ impl Default for ConsumerSettings {
     }
 }
 
+/// How a replica gets its partitions (`consumer.assignment`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Assignment {
+    Leases,
+    Group,
+    Static,
+}
+
+impl std::str::FromStr for Assignment {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "leases" => Ok(Self::Leases),
+            "group" => Ok(Self::Group),
+            "static" => Ok(Self::Static),
+            other => Err(format!("{other:?} is not leases, group or static")),
+        }
+    }
+}
+
 impl ConsumerConfig {
+    /// How this replica gets its partitions: `assignAll: true` is `static`
+    /// whatever `assignment` says (it predates the key).
+    pub fn assignment(&self) -> Assignment {
+        if self.consumer.assign_all {
+            Assignment::Static
+        } else {
+            self.consumer.assignment
+        }
+    }
+
+    pub fn lease_interval(&self) -> Duration {
+        Duration::from_millis(self.consumer.lease_interval_ms)
+    }
+
     /// Reads `path` (if given), then applies `CARACAL_*` environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut config: Self = caracal_service_kit::config::read_yaml(path)?;
@@ -212,6 +261,12 @@ impl ConsumerConfig {
             "CARACAL_CONSUMER_GROUP_INSTANCE_ID",
             &mut c.group_instance_id,
         );
+        env.parse("CARACAL_CONSUMER_ASSIGNMENT", &mut c.assignment)?;
+        env.parse(
+            "CARACAL_CONSUMER_LEASE_INTERVAL_MS",
+            &mut c.lease_interval_ms,
+        )?;
+        env.parse("CARACAL_CONSUMER_STALL_SECONDS", &mut c.stall_seconds)?;
         env.parse("CARACAL_CONSUMER_ASSIGN_ALL", &mut c.assign_all)?;
         env.parse("CARACAL_CONSUMER_ASSIGN_INDEX", &mut c.assign_index)?;
         env.parse("CARACAL_CONSUMER_ASSIGN_REPLICAS", &mut c.assign_replicas)?;
@@ -281,6 +336,12 @@ impl ConsumerConfig {
                 "consumer.assignIndex ({}) must be below consumer.assignReplicas ({}, at least 1)",
                 c.assign_index, c.assign_replicas
             )));
+        }
+        if c.lease_interval_ms < 100 || c.stall_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "consumer.leaseIntervalMs must be at least 100 and consumer.stallSeconds at least 1"
+                    .to_owned(),
+            ));
         }
         if c.max_backoff_ms < c.retry_backoff_ms {
             return Err(ConfigError::Invalid(

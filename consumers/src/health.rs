@@ -3,8 +3,10 @@
 //! Ready means: the store answers (PostgreSQL, or the consumer's own store such as
 //! the metrics-aggregator's Redis), the consumer has joined its group (it has
 //! received an assignment, possibly empty when there are more replicas than
-//! partitions) and it is not stuck retrying a batch (after `maxRetries` failed
-//! attempts it keeps retrying, but reports not ready so the platform sees it).
+//! partitions; with partition leases: its lease session works), it is not stuck
+//! retrying a batch (after `maxRetries` failed attempts it keeps retrying, but
+//! reports not ready so the platform sees it), and no partition of its topics is
+//! stalled (lag, and no commit for `consumer.stallSeconds`, whoever owns it).
 
 use std::{
     future::Future,
@@ -20,6 +22,8 @@ use std::{
 use caracal_service_kit::{db::Pool, http::Probe};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
+use crate::lease::Leases;
+
 /// Bound on the readiness database check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -31,6 +35,9 @@ pub type StoreCheck =
 #[derive(Default)]
 pub struct HealthState {
     assigned: AtomicBool,
+    leases: OnceLock<Arc<Leases>>,
+    /// Partitions with lag whose committed offset stands still (see [`crate::lag`]).
+    stalled: Mutex<Vec<String>>,
     waiting: Mutex<Option<String>>,
     pool: OnceLock<Pool>,
     store: OnceLock<(&'static str, StoreCheck)>,
@@ -41,8 +48,33 @@ impl HealthState {
         self.assigned.store(assigned, Ordering::SeqCst);
     }
 
+    /// Whether the consumer has its partitions: a group assignment (possibly
+    /// empty), or with partition leases a working lease session.
     pub fn assigned(&self) -> bool {
-        self.assigned.load(Ordering::SeqCst)
+        match self.leases.get() {
+            Some(leases) => leases.session_ok(),
+            None => self.assigned.load(Ordering::SeqCst),
+        }
+    }
+
+    /// With partition leases: what this replica holds.
+    pub fn set_leases(&self, leases: Arc<Leases>) {
+        let _ = self.leases.set(leases);
+    }
+
+    pub fn leases(&self) -> Option<&Arc<Leases>> {
+        self.leases.get()
+    }
+
+    /// The partitions that have lag and no commit for `consumer.stallSeconds`.
+    pub fn set_stalled(&self, stalled: Vec<String>) {
+        if let Ok(mut s) = self.stalled.lock() {
+            *s = stalled;
+        }
+    }
+
+    pub fn stalled(&self) -> Vec<String> {
+        self.stalled.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// `Some(reason)`: stuck retrying (not ready); `None`: making progress.
@@ -82,16 +114,34 @@ impl Probe for ConsumerProbe {
                 (None, Some((name, check))) => (*name, check().await),
                 (None, None) => ("database", Err("not connected yet".to_owned())),
             };
-            let kafka = if state.assigned() {
+            let kafka = if !state.assigned() {
+                Err(if state.leases().is_some() {
+                    "no partition lease session (PostgreSQL)".to_owned()
+                } else {
+                    "no partition assignment yet".to_owned()
+                })
+            } else {
+                Ok(())
+            };
+            let stalled = state.stalled();
+            let progress = if stalled.is_empty() {
                 Ok(())
             } else {
-                Err("no partition assignment yet".to_owned())
+                Err(format!(
+                    "stalled: lag and no commit on {}",
+                    stalled.join(", ")
+                ))
             };
             let processing = match state.waiting() {
                 None => Ok(()),
                 Some(reason) => Err(format!("retrying a batch: {reason}")),
             };
-            vec![store, ("kafka", kafka), ("processing", processing)]
+            vec![
+                store,
+                ("kafka", kafka),
+                ("processing", processing),
+                ("progress", progress),
+            ]
         }
     }
 }

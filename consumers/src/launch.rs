@@ -11,10 +11,11 @@ use caracal_service_kit::db::{self, Pool};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    config::ConsumerConfig,
+    config::{Assignment, ConsumerConfig},
     health::{self, HealthState},
     lag,
-    runner::{self, Handler, Runner},
+    lease::{self, LeaseSettings, Leases},
+    runner::{self, Handler, Progress, Runner},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +126,30 @@ where
         let topics: Vec<&str> = consumer.topics.iter().map(String::as_str).collect();
         let (kafka, producer) =
             runner::connect(&config.kafka, &config, &group, &topics, state.clone())?;
+        let progress = Arc::new(Progress::default());
+        // Partition leases live in PostgreSQL: every consumer has a database URL
+        // for them (the metrics-aggregator too, though it writes to Redis).
+        let (leases, lease_stop) = match config.assignment() {
+            Assignment::Leases => {
+                let leases = Arc::new(Leases::default());
+                state.set_leases(leases.clone());
+                let (stop, stopped) = watch::channel(false);
+                let task = lease::spawn(
+                    LeaseSettings {
+                        url: config.database.url.clone(),
+                        group: group.clone(),
+                        topics: consumer.topics.clone(),
+                        interval: config.lease_interval(),
+                    },
+                    kafka.clone(),
+                    progress.clone(),
+                    leases.clone(),
+                    stopped,
+                );
+                (Some(leases), Some((stop, task)))
+            }
+            Assignment::Group | Assignment::Static => (None, None),
+        };
         let upkeep = {
             let (store, mut shutdown) = (store.clone(), shutdown.clone());
             let (job, every) = (consumer.upkeep, consumer.upkeep_every);
@@ -139,9 +164,15 @@ where
             })
         };
         let lag = lag::spawn_sampler(
-            kafka.clone(),
-            group.clone(),
-            Duration::from_millis(config.consumer.lag_interval_ms),
+            lag::Sampler {
+                consumer: kafka.clone(),
+                group: group.clone(),
+                topics: consumer.topics.clone(),
+                every: Duration::from_millis(config.consumer.lag_interval_ms),
+                stall_after: Duration::from_secs(config.consumer.stall_seconds),
+                progress: progress.clone(),
+                health: state.clone(),
+            },
             shutdown.clone(),
         );
         Runner::new(
@@ -151,11 +182,19 @@ where
             &config,
             &group,
             state,
+            progress,
+            leases,
         )
         .run(shutdown)
         .await;
         upkeep.abort();
         let _ = lag.await;
+        // The last batch is committed: now the leases may go (closing the lease
+        // session frees them for the other replicas at once).
+        if let Some((stop, task)) = lease_stop {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
         // The last handle: dropping it closes the consumer, which leaves the group,
         // so the partitions move to another replica at once.
         drop(kafka);

@@ -23,7 +23,7 @@ use crate::{
     config::ConsumerConfig,
     launch::{launch, Consumer, LaunchError, RunningConsumer},
     pg_batch,
-    runner::{Handler, RawMessage},
+    runner::{Handler, RawMessage, WriteError},
 };
 
 /// The `consumer` label.
@@ -270,7 +270,7 @@ pub async fn insert_rows<R: Borrow<LedgerRow> + Sync>(
 }
 
 /// Writes `rows` in one statement on a pooled connection.
-async fn write_rows(pool: Pool, rows: &[&LedgerRow]) -> Result<(), String> {
+async fn write_rows(pool: Pool, rows: &[&LedgerRow]) -> Result<(), WriteError> {
     pg_batch::write(
         pool,
         rows,
@@ -305,7 +305,7 @@ fn key_chunks(items: &[LedgerRow], n: usize) -> Vec<Vec<&LedgerRow>> {
 fn write_chunks<'a>(
     pool: Pool,
     chunks: &'a [Vec<&'a LedgerRow>],
-) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+) -> Pin<Box<dyn Future<Output = Result<(), WriteError>> + Send + 'a>> {
     Box::pin(async move {
         match chunks {
             [] => Ok(()),
@@ -367,7 +367,7 @@ impl Handler for LedgerWriter {
     /// batch is durable once every chunk is; when one fails the whole batch is
     /// retried, and the chunks already written are no-ops (`ON CONFLICT DO
     /// NOTHING`).
-    fn write(&self, items: &[LedgerRow]) -> impl Future<Output = Result<(), String>> + Send {
+    fn write(&self, items: &[LedgerRow]) -> impl Future<Output = Result<(), WriteError>> + Send {
         let pool = self.pool.clone();
         async move {
             let n = if items.len() < PARALLEL_MIN_ROWS {

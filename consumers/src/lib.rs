@@ -9,7 +9,10 @@
 //!   rather than skip, graceful shutdown.
 //! - [`launch`]: starting a consumer the same way for all: probes, database,
 //!   group, upkeep job, lag sampler, loop.
-//! - [`lag`]: `kafka_consumer_lag{topic,partition,group}`, sampled.
+//! - [`lease`]: which replica reads which partition: PostgreSQL advisory locks,
+//!   no Kafka group protocol (a dead replica's partitions move on at once).
+//! - [`lag`]: `kafka_consumer_lag{topic,partition,group}` and stalled partitions,
+//!   sampled.
 //! - [`health`]: `/health/live`, `/health/ready`, `/metrics`.
 //! - [`metrics`]: metric names.
 //! - [`ledger`]: the ledger-writer: `caracal.metering.events` -> `ledger_events`.
@@ -27,6 +30,7 @@ pub mod config;
 pub mod health;
 pub mod lag;
 pub mod launch;
+pub mod lease;
 pub mod ledger;
 pub mod metrics;
 pub mod pg_batch;

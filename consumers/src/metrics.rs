@@ -10,6 +10,15 @@ pub const ERRORS: &str = "caracal_consumer_errors_total";
 pub const DLQ_MESSAGES: &str = "caracal_dlq_messages_total";
 /// High watermark minus committed offset, labelled `topic`, `partition`, `group`.
 pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
+/// Partitions with lag whose committed offset has not moved for
+/// `consumer.stallSeconds`, labelled `group` (alert `CaracalConsumerStalled`).
+pub const STALLED_PARTITIONS: &str = "caracal_consumer_stalled_partitions";
+/// Partitions whose lease this replica holds, labelled `group`.
+pub const PARTITIONS_OWNED: &str = "caracal_consumer_partitions_owned";
+/// Live replicas of the group holding a lease session, labelled `group`.
+pub const LEASE_MEMBERS: &str = "caracal_consumer_lease_members";
+/// Lease sessions lost or not opened, labelled `group`.
+pub const LEASE_ERRORS: &str = "caracal_consumer_lease_errors_total";
 /// Batches written (the size histogram's count), labelled `consumer`.
 pub const BATCH_SIZE: &str = "caracal_consumer_batch_size";
 
@@ -42,6 +51,16 @@ pub fn init() {
                 "Messages not yet committed: high watermark - committed offset"
             );
             metrics::describe_histogram!(BATCH_SIZE, "Messages per processed batch");
+            metrics::describe_gauge!(
+                STALLED_PARTITIONS,
+                "Partitions with lag and no commit for consumer.stallSeconds"
+            );
+            metrics::describe_gauge!(PARTITIONS_OWNED, "Partition leases held by this replica");
+            metrics::describe_gauge!(
+                LEASE_MEMBERS,
+                "Replicas of the group holding a lease session"
+            );
+            metrics::describe_counter!(LEASE_ERRORS, "Partition lease sessions lost or not opened");
             metrics::describe_gauge!(SPEND_TOTAL, "Spend of the current UTC day, micro-units");
             metrics::describe_gauge!(
                 SPEND_RATE,

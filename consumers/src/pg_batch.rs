@@ -5,7 +5,10 @@
 use std::{future::Future, pin::Pin, time::Duration};
 
 use caracal_service_kit::db::{self, Pool};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::AsyncPgConnection;
+
+use crate::runner::{Fault, WriteError};
 
 /// How long a reachability check may take.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
@@ -25,18 +28,43 @@ pub async fn write<T: Sync>(
     items: &[T],
     insert: Insert<T>,
     duplicates_are: &'static str,
-) -> Result<(), String> {
+) -> Result<(), WriteError> {
     let mut conn = pool
         .get()
         .await
-        .map_err(|e| format!("database unavailable: {e}"))?;
-    let inserted = insert(&mut conn, items)
-        .await
-        .map_err(|e| format!("insert failed: {e}"))?;
+        .map_err(|e| WriteError::store(format!("database unavailable: {e}")))?;
+    let inserted = insert(&mut conn, items).await.map_err(|e| WriteError {
+        fault: fault(&e),
+        message: format!("insert failed: {e}"),
+    })?;
     if inserted < items.len() {
         tracing::debug!(duplicates = items.len() - inserted, "{duplicates_are}");
     }
     Ok(())
+}
+
+/// Whose fault a failed insert is. Only an integrity-constraint violation (SQLSTATE
+/// class 23, as diesel-async classifies it) or a row that cannot be encoded is the
+/// row's own; everything else (read-only transaction 25006, disk full 53100, no
+/// privilege 42501, a lost connection, ...) is the database's state, retried for as
+/// long as it lasts. diesel-async keeps no SQLSTATE beyond class 23 and 25006, so a
+/// data exception (class 22) counts as the database's too: it then stalls visibly
+/// (not ready, `caracal_consumer_stalled_partitions`) instead of leaving the ledger.
+/// [`crate::ledger::decode`] refuses what would raise one (lengths, ranges, NUL).
+pub fn fault(error: &DieselError) -> Fault {
+    match error {
+        DieselError::DatabaseError(
+            DatabaseErrorKind::UniqueViolation
+            | DatabaseErrorKind::ForeignKeyViolation
+            | DatabaseErrorKind::NotNullViolation
+            | DatabaseErrorKind::CheckViolation
+            | DatabaseErrorKind::ExclusionViolation
+            | DatabaseErrorKind::RestrictViolation,
+            _,
+        )
+        | DieselError::SerializationError(_) => Fault::Item,
+        _ => Fault::Store,
+    }
 }
 
 /// Whether PostgreSQL answers at all.

@@ -23,7 +23,10 @@ use std::{
     collections::{BTreeMap, VecDeque},
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
+    },
     task::Poll,
     time::{Duration, Instant},
 };
@@ -39,9 +42,17 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
     ClientContext, Offset, TopicPartitionList,
 };
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
 
-use crate::{config::ConsumerConfig, health::HealthState, metrics as m};
+use crate::{
+    config::{Assignment, ConsumerConfig},
+    health::HealthState,
+    lease::{Leases, PartitionState, TopicPartition},
+    metrics as m,
+};
 
 /// Pause after a failed poll.
 const POLL_ERROR_PAUSE: Duration = Duration::from_millis(200);
@@ -89,6 +100,49 @@ impl RawMessage {
     }
 }
 
+/// Why a store refused a write: decides whether its items may ever become dead
+/// letters (issue 22 item 3: a database that answers but refuses every write, a
+/// read-only failover target or a full disk, must not empty the ledger into the
+/// dead-letter topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The item itself (a constraint it breaks): after `maxRetries`, the items are
+    /// written one by one and those refused this way are dead letters.
+    Item,
+    /// The store's state (down, read-only, out of space, permissions, overloaded):
+    /// retried for as long as it lasts, never a dead letter.
+    Store,
+    /// Not known: an item refused while the store answers a ping is a dead letter
+    /// (the metrics-aggregator's Redis scripts).
+    Unknown,
+}
+
+/// A failed [`Handler::write`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct WriteError {
+    pub message: String,
+    pub fault: Fault,
+}
+
+impl WriteError {
+    pub fn store(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            fault: Fault::Store,
+        }
+    }
+}
+
+impl From<String> for WriteError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            fault: Fault::Unknown,
+        }
+    }
+}
+
 /// What a consumer does with its messages.
 pub trait Handler: Send + Sync + 'static {
     /// A decoded, validated message.
@@ -101,8 +155,9 @@ pub trait Handler: Send + Sync + 'static {
     fn decode(&self, msg: &RawMessage) -> Result<Self::Item, String>;
 
     /// Writes a batch durably, in one transaction, idempotently (a replay of the
-    /// same items changes nothing). An error is retried.
-    fn write(&self, items: &[Self::Item]) -> impl Future<Output = Result<(), String>> + Send;
+    /// same items changes nothing). An error is retried; its [`Fault`] decides
+    /// whether an item can end as a dead letter.
+    fn write(&self, items: &[Self::Item]) -> impl Future<Output = Result<(), WriteError>> + Send;
 
     /// Whether the store answers at all (a failed write while it answers means
     /// the items are refused, not that the store is down).
@@ -114,6 +169,80 @@ pub trait Handler: Send + Sync + 'static {
     /// batch at a time.
     fn in_flight(&self) -> usize {
         1
+    }
+}
+
+/// What the runner tells the lease task and the lag sampler: batches in flight,
+/// commits made, and per partition the offset committed last (and when) and the
+/// end offset last sampled.
+#[derive(Default)]
+pub struct Progress {
+    in_flight: AtomicUsize,
+    commits: AtomicU64,
+    committed_now: Notify,
+    partitions: Mutex<BTreeMap<TopicPartition, PartitionState>>,
+}
+
+impl Progress {
+    fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n, Ordering::SeqCst);
+        if n == 0 {
+            self.committed_now.notify_waiters();
+        }
+    }
+
+    fn committed(&self, offsets: &[(TopicPartition, i64)]) {
+        let now = chrono::Utc::now();
+        {
+            let mut parts = self
+                .partitions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (tp, offset) in offsets {
+                let state = parts.entry(tp.clone()).or_default();
+                state.committed = Some(*offset);
+                state.committed_at = Some(now);
+            }
+        }
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.committed_now.notify_waiters();
+    }
+
+    /// Records a partition's high watermark (the lag sampler's).
+    pub fn set_end(&self, tp: &TopicPartition, end: i64) {
+        let mut parts = self
+            .partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        parts.entry(tp.clone()).or_default().end = Some(end);
+    }
+
+    /// What this replica knows of `tp`.
+    pub fn state(&self, tp: &TopicPartition) -> Option<PartitionState> {
+        let parts = self
+            .partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        parts.get(tp).cloned()
+    }
+
+    /// Waits until every batch in flight now (and the one being gathered) has
+    /// committed, or none is in flight, or `timeout`. True: drained.
+    pub async fn drained_after(&self, timeout: Duration) -> bool {
+        let start = self.commits.load(Ordering::SeqCst);
+        let need = self.in_flight.load(Ordering::SeqCst) as u64 + 1;
+        let wait = async {
+            loop {
+                let notified = self.committed_now.notified();
+                if self.in_flight.load(Ordering::SeqCst) == 0
+                    || self.commits.load(Ordering::SeqCst) >= start + need
+                {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 }
 
@@ -148,7 +277,9 @@ pub enum RunnerError {
     Kafka(#[from] rdkafka::error::KafkaError),
 }
 
-/// Creates the group consumer (subscribed to `topics`) and the dead-letter producer.
+/// Creates the consumer and the dead-letter producer. With `assignment: group` it
+/// subscribes to `topics`; `static` assigns its share at once; `leases` assigns
+/// nothing here (the lease task does, partition by partition).
 pub fn connect(
     kafka: &KafkaConfig,
     config: &ConsumerConfig,
@@ -176,14 +307,16 @@ pub fn connect(
         cc.set("group.instance.id", &config.consumer.group_instance_id);
     }
     let consumer: KafkaConsumer = cc.create_with_context(Ctx { health })?;
-    if config.consumer.assign_all {
-        let share = (
-            config.consumer.assign_index,
-            config.consumer.assign_replicas,
-        );
-        assign_all(&consumer, topics, share)?;
-    } else {
-        consumer.subscribe(topics)?;
+    match config.assignment() {
+        Assignment::Static => {
+            let share = (
+                config.consumer.assign_index,
+                config.consumer.assign_replicas,
+            );
+            assign_all(&consumer, topics, share)?;
+        }
+        Assignment::Group => consumer.subscribe(topics)?,
+        Assignment::Leases => {}
     }
     let producer: FutureProducer = producer_config(kafka).create()?;
     Ok((Arc::new(consumer), producer))
@@ -389,9 +522,13 @@ pub struct Runner<H: Handler> {
     health: Arc<HealthState>,
     kafka_log: Mutex<LogLimit>,
     db_log: Mutex<LogLimit>,
+    progress: Arc<Progress>,
+    /// With partition leases: only partitions still leased are committed.
+    leases: Option<Arc<Leases>>,
 }
 
 impl<H: Handler> Runner<H> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         handler: H,
         consumer: Arc<KafkaConsumer>,
@@ -399,6 +536,8 @@ impl<H: Handler> Runner<H> {
         config: &ConsumerConfig,
         group: &str,
         health: Arc<HealthState>,
+        progress: Arc<Progress>,
+        leases: Option<Arc<Leases>>,
     ) -> Self {
         let c = &config.consumer;
         Self {
@@ -416,6 +555,8 @@ impl<H: Handler> Runner<H> {
             health,
             kafka_log: Mutex::default(),
             db_log: Mutex::default(),
+            progress,
+            leases,
         }
     }
 
@@ -434,6 +575,7 @@ impl<H: Handler> Runner<H> {
         let mut writing: VecDeque<Slot<'_>> = VecDeque::with_capacity(depth);
         let mut gathering = Some(tokio::spawn(self.gather(&shutdown)));
         loop {
+            self.progress.set_in_flight(writing.len());
             let stopping = *shutdown.borrow() || shutdown.has_changed().is_err();
             if stopping && writing.is_empty() {
                 break;
@@ -472,6 +614,7 @@ impl<H: Handler> Runner<H> {
         if let Some(gathering) = gathering {
             gathering.abort();
         }
+        self.progress.set_in_flight(0);
         tracing::info!(consumer = name, group = %self.group, "consumer stopped");
     }
 
@@ -579,11 +722,12 @@ impl<H: Handler> Runner<H> {
                         "writing a batch failed; retrying the same batch (nothing is skipped)");
                 }
                 if attempt >= self.max_retries {
-                    // The store answers, yet the batch keeps failing: some item is
-                    // refused. Write them one by one; what the store still refuses
-                    // (while answering) is a dead letter. If the store stops
-                    // answering meanwhile, this is an outage: wait.
-                    if self.handler.reachable().await {
+                    // The batch keeps failing. When the store refuses it for an
+                    // item's sake (or cannot say why, and answers), write the items
+                    // one by one; what is still refused that way is a dead letter.
+                    // A refusal for the store's own state (read-only, disk full) or
+                    // a store that stops answering is an outage: wait.
+                    if error.fault != Fault::Store && self.handler.reachable().await {
                         if let Some(refused) = self.isolate(&items, attempt).await {
                             for (i, reason) in refused {
                                 poison.push(Poison {
@@ -597,7 +741,7 @@ impl<H: Handler> Runner<H> {
                             break;
                         }
                     }
-                    self.health.set_waiting(Some(error.clone()));
+                    self.health.set_waiting(Some(error.message.clone()));
                 }
                 if self.give_up_at(shutdown, &mut give_up) {
                     tracing::warn!(
@@ -648,17 +792,32 @@ impl<H: Handler> Runner<H> {
             }
             tracing::debug!(consumer = name, ?first, ?next, "batch written; committing");
         }
+        // A partition whose lease this replica gave up (or lost) is another's now:
+        // committing it could move that replica's offset back. Its rows are written
+        // (idempotent); the new owner reads them again.
+        let next: Vec<(TopicPartition, i64)> = next
+            .into_iter()
+            .filter(|((topic, partition), _)| {
+                self.leases
+                    .as_ref()
+                    .is_none_or(|l| l.owns(topic, *partition))
+            })
+            .map(|((topic, partition), offset)| ((topic.to_owned(), partition), offset))
+            .collect();
         let mut tpl = TopicPartitionList::with_capacity(next.len());
-        for ((topic, partition), offset) in next {
-            if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+        for ((topic, partition), offset) in &next {
+            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
                 tracing::warn!(error = %e, "cannot build the commit list");
             }
         }
         let consumer = self.consumer.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await;
+        let committed = if next.is_empty() {
+            Ok(Ok(()))
+        } else {
+            tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await
+        };
         match committed {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => self.progress.committed(&next),
             // Written but not committed (e.g. the partition moved to another replica
             // in a rebalance): whoever reads it again writes nothing twice.
             Ok(Err(e)) => {
@@ -676,13 +835,18 @@ impl<H: Handler> Runner<H> {
     }
 
     /// Writes `items` one at a time. `Some(refused)`: every item was written except
-    /// `refused` (index, error), which the store refused while answering. `None`:
-    /// the store stopped answering (an outage, not a bad item).
+    /// `refused` (index, error), which the store refused for the item's sake while
+    /// answering. `None`: the store stopped answering or refused for its own state
+    /// (an outage, not a bad item).
     async fn isolate(&self, items: &[H::Item], attempts: u32) -> Option<Vec<(usize, String)>> {
         let mut refused = Vec::new();
         for (i, item) in items.iter().enumerate() {
             if let Err(error) = self.handler.write(std::slice::from_ref(item)).await {
-                if !self.handler.reachable().await {
+                let WriteError {
+                    message: error,
+                    fault,
+                } = error;
+                if fault == Fault::Store || !self.handler.reachable().await {
                     return None;
                 }
                 tracing::warn!(consumer = self.handler.name(), %error, attempts,
