@@ -83,7 +83,8 @@ where
     UF: Future<Output = ()> + Send,
 {
     let settings = config.clone();
-    launch_with(config, consumer, move |state, shutdown| async move {
+    let assignment = config.assignment();
+    start(config, consumer, assignment, move |state, shutdown| async move {
         let pool = database(&settings, &shutdown).await?;
         state.set_pool(pool.clone());
         Some(pool)
@@ -94,10 +95,34 @@ where
 /// Starts `consumer` on a store of its own (the metrics-aggregator's Redis):
 /// `connect` registers the store's readiness check and returns what the handler
 /// and the upkeep job get (`None`: shutdown was asked for first). The consumer
-/// joins its group only once `connect` returned.
+/// joins its group only once `connect` returned. Partition leases live in
+/// PostgreSQL, which such a consumer does not use: `assignment: leases` means the
+/// Kafka group protocol here (`static` works as everywhere).
 pub async fn launch_with<R, H, F, U, UF, C, CF>(
     config: ConsumerConfig,
     consumer: Consumer<F, U>,
+    connect: C,
+) -> Result<RunningConsumer, LaunchError>
+where
+    R: Clone + Send + 'static,
+    H: Handler,
+    F: FnOnce(R) -> H + Send + 'static,
+    U: Fn(R) -> UF + Send + 'static,
+    UF: Future<Output = ()> + Send,
+    C: FnOnce(Arc<HealthState>, watch::Receiver<bool>) -> CF + Send + 'static,
+    CF: Future<Output = Option<R>> + Send,
+{
+    let assignment = match config.assignment() {
+        Assignment::Leases => Assignment::Group,
+        other => other,
+    };
+    start(config, consumer, assignment, connect).await
+}
+
+async fn start<R, H, F, U, UF, C, CF>(
+    config: ConsumerConfig,
+    consumer: Consumer<F, U>,
+    assignment: Assignment,
     connect: C,
 ) -> Result<RunningConsumer, LaunchError>
 where
@@ -125,11 +150,10 @@ where
         // write would hold its partitions without progress.
         let topics: Vec<&str> = consumer.topics.iter().map(String::as_str).collect();
         let (kafka, producer) =
-            runner::connect(&config.kafka, &config, &group, &topics, state.clone())?;
+            runner::connect(&config, assignment, &group, &topics, state.clone())?;
         let progress = Arc::new(Progress::default());
-        // Partition leases live in PostgreSQL: every consumer has a database URL
-        // for them (the metrics-aggregator too, though it writes to Redis).
-        let (leases, lease_stop) = match config.assignment() {
+        // Partition leases: a task of their own on the consumer's database.
+        let (leases, lease_stop) = match assignment {
             Assignment::Leases => {
                 let leases = Arc::new(Leases::default());
                 state.set_leases(leases.clone());

@@ -34,7 +34,7 @@ use std::{
 use caracal_service_kit::process::LogLimit;
 use caracal_service_kit::{
     dlq::DeadLetter,
-    kafka::{consumer_config, producer_config, KafkaConfig},
+    kafka::{consumer_config, producer_config},
 };
 use rdkafka::{
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
@@ -281,12 +281,13 @@ pub enum RunnerError {
 /// subscribes to `topics`; `static` assigns its share at once; `leases` assigns
 /// nothing here (the lease task does, partition by partition).
 pub fn connect(
-    kafka: &KafkaConfig,
     config: &ConsumerConfig,
+    assignment: Assignment,
     group: &str,
     topics: &[&str],
     health: Arc<HealthState>,
 ) -> Result<(Arc<KafkaConsumer>, FutureProducer), RunnerError> {
+    let kafka = &config.kafka;
     let mut cc = consumer_config(kafka, group);
     cc.set(
         "session.timeout.ms",
@@ -307,7 +308,7 @@ pub fn connect(
         cc.set("group.instance.id", &config.consumer.group_instance_id);
     }
     let consumer: KafkaConsumer = cc.create_with_context(Ctx { health })?;
-    match config.assignment() {
+    match assignment {
         Assignment::Static => {
             let share = (
                 config.consumer.assign_index,
