@@ -115,8 +115,11 @@ impl Probe for ConsumerProbe {
                 (None, None) => ("database", Err("not connected yet".to_owned())),
             };
             let kafka = if !state.assigned() {
-                Err(if state.leases().is_some() {
-                    "no partition lease session (PostgreSQL)".to_owned()
+                Err(if let Some(leases) = state.leases() {
+                    format!(
+                        "no partition lease session (PostgreSQL): {}",
+                        leases.last_error().unwrap_or_else(|| "starting".to_owned())
+                    )
                 } else {
                     "no partition assignment yet".to_owned()
                 })

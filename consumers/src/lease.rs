@@ -48,7 +48,7 @@ use std::{
 
 use caracal_service_kit::db::tls;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use rdkafka::{consumer::Consumer, Offset, TopicPartitionList};
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -79,6 +79,8 @@ pub struct Leases {
     session_ok: AtomicBool,
     /// Live replicas of the group, as of the last tick.
     members: AtomicUsize,
+    /// Why the session is down, for readiness.
+    last_error: Mutex<Option<String>>,
 }
 
 impl Leases {
@@ -94,6 +96,18 @@ impl Leases {
 
     pub fn session_ok(&self) -> bool {
         AtomicBool::load(&self.session_ok, Ordering::SeqCst)
+    }
+
+    /// Why the lease session is down (None while it works).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = error;
     }
 
     pub fn members(&self) -> usize {
@@ -184,11 +198,10 @@ impl Session {
             .map_err(|e| format!("connecting: {e}"))?;
         // A replica that vanishes without closing its socket (node lost, network
         // cut) holds its locks until the server notices: about 5 + 3 x 2 s.
-        diesel::sql_query(
+        conn.batch_execute(
             "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
              SET tcp_keepalives_count = 3; SET application_name = 'caracal-lease'",
         )
-        .execute(&mut conn)
         .await
         .map_err(|e| format!("session settings: {e}"))?;
         let ns = member_namespace(&settings.group);
@@ -383,6 +396,7 @@ impl Task {
         match tokio::time::timeout(TICK_TIMEOUT, self.balance()).await {
             Ok(Ok(())) => {
                 self.leases.session_ok.store(true, Ordering::SeqCst);
+                self.leases.set_error(None);
                 true
             }
             Ok(Err(error)) => self.lost(&error),
@@ -398,6 +412,7 @@ impl Task {
         metrics::counter!(m::LEASE_ERRORS, "group" => self.settings.group.clone()).increment(1);
         self.session = None;
         self.leases.session_ok.store(false, Ordering::SeqCst);
+        self.leases.set_error(Some(error.to_owned()));
         let owned: Vec<TopicPartition> = std::mem::take(&mut *self.leases.lock())
             .into_iter()
             .collect();
