@@ -85,6 +85,32 @@ pub fn json_value(r: &AuditRecord) -> serde_json::Value {
     })
 }
 
+/// Whether `c` could end a line for some reader: the control characters (C0,
+/// DEL, C1 with NEL) and the Unicode line and paragraph separators.
+fn breaks_lines(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// The record as one JSON line (without the newline). serde_json escapes the C0
+/// controls; DEL, the C1 controls and U+2028/U+2029 (raw in its output, and line
+/// ends for some readers) become `\uXXXX` too. They only occur inside JSON
+/// strings, where that escape means the same character.
+pub fn json_line(r: &AuditRecord) -> String {
+    let text = json_value(r).to_string();
+    if !text.chars().any(breaks_lines) {
+        return text;
+    }
+    let mut s = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if breaks_lines(c) {
+            s.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
 /// An RFC 5424 header field: printable US-ASCII without spaces, at most `max`
 /// characters; `-` (NILVALUE) when nothing is left.
 fn field(text: &str, max: usize) -> String {
@@ -100,19 +126,33 @@ fn field(text: &str, max: usize) -> String {
     }
 }
 
-/// An SD-PARAM value: `"`, `\` and `]` escaped with a backslash (RFC 5424 6.3.3).
+/// An SD-PARAM value: `"`, `\` and `]` escaped with a backslash (RFC 5424 6.3.3),
+/// and every character that could end the line (CR, LF, the other control
+/// characters, U+2028/U+2029) written as `\n`, `\r`, `\t` or `\uXXXX`: a value
+/// (an event id from a Kafka header, say) can never start a forged record. A
+/// receiver reads those as the literal backslash sequences (RFC 5424 leaves a
+/// backslash before any other character as is); a literal backslash is always
+/// `\\`, so the escapes stay unambiguous.
 fn sd_value(text: &str) -> String {
     let mut s = String::with_capacity(text.len());
     for c in text.chars() {
-        if matches!(c, '"' | '\\' | ']') {
-            s.push('\\');
+        match c {
+            '"' | '\\' | ']' => {
+                s.push('\\');
+                s.push(c);
+            }
+            '\n' => s.push_str("\\n"),
+            '\r' => s.push_str("\\r"),
+            '\t' => s.push_str("\\t"),
+            c if breaks_lines(c) => s.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => s.push(c),
         }
-        s.push(c);
     }
     s
 }
 
-/// The record as one RFC 5424 line (without the newline):
+/// The record as one RFC 5424 line (without the newline; none inside: see
+/// [`sd_value`] and [`json_line`]):
 /// `<110>1 TIMESTAMP HOSTNAME caracal - MSGID [caracal@32473 topic= partition= offset= event_id=] BOM JSON`.
 /// MSGID is the event type; the message is the JSON record, UTF-8 with its BOM.
 pub fn syslog_line(r: &AuditRecord, hostname: &str) -> String {
@@ -131,7 +171,7 @@ pub fn syslog_line(r: &AuditRecord, hostname: &str) -> String {
         time(&r.occurred_at),
         field(hostname, 255),
         field(r.event_type.as_deref().unwrap_or(""), 32),
-        json_value(r)
+        json_line(r)
     )
 }
 
@@ -213,7 +253,7 @@ pub async fn run(cmd: AuditCmd, out: &mut dyn Write) -> Result<()> {
             .context("cannot read audit records")?;
         for r in &page {
             let line = match format {
-                AuditFormat::Json => json_value(r).to_string(),
+                AuditFormat::Json => json_line(r),
                 AuditFormat::Syslog => syslog_line(r, &hostname),
             };
             match remote.as_mut() {
@@ -339,5 +379,48 @@ mod tests {
         r.event_type = None;
         r.event_id = None;
         assert!(syslog_line(&r, "").contains(" - caracal - - [caracal@32473 topic="));
+    }
+
+    /// A header (event id, event type) or header value holding a newline and a
+    /// forged syslog header must not start a second record: one row, one line.
+    #[test]
+    fn a_row_is_always_one_line() {
+        let forged = "x\n<13>1 2026-01-01T00:00:00Z evil caracal - forged - oops";
+        let mut r = record();
+        r.event_id = Some(forged.to_owned());
+        r.event_type = Some(format!("t\r\n{forged}"));
+        r.topic = format!("caracal.policy.changes\r{forged}");
+        r.headers = serde_json::json!([
+            {"key": "event_id", "value": forged},
+            {"key": "x\u{2028}y", "value": "a\u{85}b\u{2029}c\u{7f}"},
+        ])
+        .to_string();
+        let line = syslog_line(&r, "host\n1");
+        let breaks = |s: &str| {
+            s.chars()
+                .filter(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+                .count()
+        };
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert_eq!(breaks(&line), 0, "{line:?}");
+        // Escaped, not dropped: the SD-PARAMs still say what the row holds.
+        assert!(
+            line.contains(
+                "event_id=\"x\\n<13>1 2026-01-01T00:00:00Z evil caracal - forged - oops\""
+            ),
+            "{line}"
+        );
+        assert!(line.contains("topic=\"caracal.policy.changes\\r"), "{line}");
+        // The JSON message parses back to the row's values.
+        let json: serde_json::Value =
+            serde_json::from_str(line.split('\u{feff}').nth(1).unwrap()).unwrap();
+        assert_eq!(json["event_id"], forged);
+        assert_eq!(json["headers"][1]["value"], "a\u{85}b\u{2029}c\u{7f}");
+
+        let json_line = json_line(&r);
+        assert_eq!(json_line.lines().count(), 1, "{json_line}");
+        assert_eq!(breaks(&json_line), 0, "{json_line:?}");
+        let back: serde_json::Value = serde_json::from_str(&json_line).unwrap();
+        assert_eq!(back, json_value(&r));
     }
 }
