@@ -15,6 +15,7 @@ pub mod client;
 mod commands;
 pub mod dlq;
 pub mod ledger;
+pub mod ledger_status;
 pub mod output;
 pub mod price_import;
 pub mod spend;
@@ -29,7 +30,8 @@ use crate::args::Cli;
 pub const EXIT_FAILURE: i32 = 1;
 /// Exit code of a command line that does not parse.
 pub const EXIT_USAGE: i32 = 2;
-/// Exit code of `caracal ledger reconcile` when the ledger and the budget counters differ.
+/// Exit code of `caracal ledger reconcile` when the ledger and the budget counters
+/// differ, and of `caracal ledger status` when a partition is stalled.
 pub const EXIT_DRIFT: i32 = 3;
 
 /// Runs `caracal` with `args` (the program name first), writing results to `out` and
@@ -55,7 +57,9 @@ where
         },
         Err(e) => {
             let _ = writeln!(err, "error: {}", describe(&e));
-            if e.downcast_ref::<ledger::DriftFound>().is_some() {
+            if e.downcast_ref::<ledger::DriftFound>().is_some()
+                || e.downcast_ref::<ledger_status::Stalled>().is_some()
+            {
                 EXIT_DRIFT
             } else {
                 EXIT_FAILURE

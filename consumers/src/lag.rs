@@ -159,7 +159,8 @@ pub fn spawn_sampler(s: Sampler, mut shutdown: watch::Receiver<bool>) -> JoinHan
                 .set(stalled.len() as f64);
             s.health.set_stalled(stalled);
             for p in sampled {
-                s.progress.set_end(&(p.topic.clone(), p.partition), p.high);
+                s.progress
+                    .sampled(&(p.topic.clone(), p.partition), p.committed, p.high);
                 #[allow(clippy::cast_precision_loss)]
                 metrics::gauge!(CONSUMER_LAG, "topic" => p.topic, "partition" => p.partition.to_string(), "group" => s.group.clone()).set(p.lag as f64);
             }

@@ -84,11 +84,16 @@ where
 {
     let settings = config.clone();
     let assignment = config.assignment();
-    start(config, consumer, assignment, move |state, shutdown| async move {
-        let pool = database(&settings, &shutdown).await?;
-        state.set_pool(pool.clone());
-        Some(pool)
-    })
+    start(
+        config,
+        consumer,
+        assignment,
+        move |state, shutdown| async move {
+            let pool = database(&settings, &shutdown).await?;
+            state.set_pool(pool.clone());
+            Some(pool)
+        },
+    )
     .await
 }
 

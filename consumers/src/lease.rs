@@ -107,7 +107,10 @@ impl Leases {
     }
 
     fn set_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = error;
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = error;
     }
 
     pub fn members(&self) -> usize {
@@ -317,9 +320,13 @@ impl Session {
 /// lag sampler's watermarks).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PartitionState {
+    /// The offset this replica committed last, and when.
     pub committed: Option<i64>,
     pub committed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The partition's high watermark when last sampled.
     pub end: Option<i64>,
+    /// The group's committed offset when last sampled (whoever committed it).
+    pub group_committed: Option<i64>,
 }
 
 /// The lease task's state between ticks.
@@ -508,6 +515,28 @@ impl Task {
             }
             if !got.is_empty() {
                 self.take(&got).await?;
+            }
+        }
+        // Partitions nobody holds (a moment in a handover, or a problem) are
+        // recorded as such, with the group's offsets: `caracal ledger status`
+        // must see a partition that no replica reads.
+        let mine = self.leases.owned();
+        let free: Vec<(TopicPartition, Option<PartitionState>)> = self
+            .partitions
+            .iter()
+            .filter(|tp| !taken.contains(*tp) && !mine.contains(tp))
+            .map(|tp| {
+                let state = self.progress.state(tp).map(|s| PartitionState {
+                    committed: s.group_committed,
+                    committed_at: None,
+                    ..s
+                });
+                (tp.clone(), state)
+            })
+            .collect();
+        if let Some(session) = self.session.as_mut() {
+            if let Err(error) = session.report(&group, &free, false).await {
+                tracing::debug!(%error, "recording the free partitions failed");
             }
         }
         self.gauges();

@@ -208,13 +208,16 @@ impl Progress {
         self.committed_now.notify_waiters();
     }
 
-    /// Records a partition's high watermark (the lag sampler's).
-    pub fn set_end(&self, tp: &TopicPartition, end: i64) {
+    /// Records a partition's high watermark and the group's committed offset (the
+    /// lag sampler's).
+    pub fn sampled(&self, tp: &TopicPartition, group_committed: Option<i64>, end: i64) {
         let mut parts = self
             .partitions
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        parts.entry(tp.clone()).or_default().end = Some(end);
+        let state = parts.entry(tp.clone()).or_default();
+        state.end = Some(end);
+        state.group_committed = group_committed;
     }
 
     /// What this replica knows of `tp`.

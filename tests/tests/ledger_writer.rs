@@ -215,15 +215,19 @@ async fn every_distinct_event_lands_once_and_redeliveries_are_no_ops() {
 async fn poison_goes_to_the_dlq_with_its_reason_and_the_rest_arrives() {
     let tansu = broker().await;
     let db = db().await;
-    // A row the database itself refuses (it passes validation): the writer must
-    // give up on it after its bounded retries, not on the batch around it.
+    // A row the database itself refuses for the row's sake (it passes validation;
+    // a constraint, SQLSTATE class 23): the writer must give up on it after its
+    // bounded retries, not on the batch around it. (A refusal for the database's
+    // state, e.g. read-only, is retried instead: see
+    // a_database_that_refuses_writes_loses_nothing_to_the_dlq.)
     caracal_service_kit::db::run_migrations(&db.url)
         .await
         .unwrap();
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     diesel::sql_query(
         "CREATE FUNCTION refuse_test_row() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF NEW.model = 'refuse-me' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF; \
+         BEGIN IF NEW.model = 'refuse-me' THEN \
+           RAISE EXCEPTION 'refused by the test trigger' USING ERRCODE = 'check_violation'; END IF; \
          RETURN NEW; END $$",
     )
     .execute(&mut conn)
@@ -680,6 +684,33 @@ async fn sigkilled_ten_times_the_ledger_still_holds_every_event_once() {
 
 // ------------------------------------------------------------------ stalls are visible
 
+/// `caracal ledger status --output json` for `group`: exit code and output.
+async fn ledger_status(db_url: &str, group: &str) -> (i32, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = caracal_cli::run(
+        [
+            "caracal",
+            "--output",
+            "json",
+            "ledger",
+            "status",
+            "--group",
+            group,
+            "--stall-seconds",
+            "2",
+            "--database-url",
+            db_url,
+        ],
+        &mut out,
+        &mut err,
+    )
+    .await;
+    if code != 0 {
+        eprintln!("caracal ledger status: {}", String::from_utf8_lossy(&err));
+    }
+    (code, String::from_utf8_lossy(&out).into_owned())
+}
+
 /// A partition no replica can read (its lease held elsewhere: here by the test's
 /// own PostgreSQL session, as a hung owner would) shows: after
 /// `consumer.stallSeconds` with lag and no commit, readiness drops naming it,
@@ -787,6 +818,31 @@ async fn a_partition_nobody_reads_is_reported_stalled_until_taken_over() {
         "offsets committed = rows written: {rows:?}"
     );
 
+    // The operator's view: `caracal ledger status` names it and exits 3.
+    let (code, status) = ledger_status(&db.url, &group).await;
+    assert_eq!(code, 3, "{status}");
+    let doc: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let states: Vec<(i64, String)> = doc["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["partition"].as_i64().unwrap(),
+                p["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (0, "STALLED".to_owned()),
+            (1, "ok".to_owned()),
+            (2, "ok".to_owned())
+        ],
+        "{status}"
+    );
+
     // The hung owner goes away: its lease is free, the writer takes it.
     drop(holder);
     let t = wait_for_ledger_rows(&db.url, 960, Duration::from_secs(30)).await;
@@ -807,7 +863,7 @@ async fn a_partition_nobody_reads_is_reported_stalled_until_taken_over() {
             "caracal_consumer_stalled_partitions",
             &[&format!("group=\"{group}\"")],
         );
-        if code == 200 && stalled == Some(0.0) {
+        if code == 200 && stalled == Some(0.0) && ledger_status(&db.url, &group).await.0 == 0 {
             break;
         }
         assert!(Instant::now() < deadline, "still stalled: {code} {body}");
