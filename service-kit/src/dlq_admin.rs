@@ -13,7 +13,10 @@
 //!   (`dlq_replays`, unique on DLQ topic/partition/offset): claim the row, produce with
 //!   `acks=all` and wait for the broker's delivery report, then mark the row done. A
 //!   dead letter whose row is marked is never replayed again (the answer says when
-//!   and by whom it was).
+//!   and by whom it was). Only to the deployment's own topics
+//!   ([`DlqAdmin::replay_targets`]): the envelope's topic is data (anyone who can
+//!   write to the DLQ topic can name any topic), so a dead letter naming another
+//!   topic, or the DLQ itself, is refused before anything is claimed or published.
 //!
 //! Pending = in the topic and not (yet) marked replayed: what `caracal_dlq_size`
 //! counts.
@@ -353,6 +356,38 @@ impl DlqAdmin {
         &self.topic
     }
 
+    /// The topics a replay may publish to: the deployment's metering, decisions,
+    /// lifecycle and policy-change topics (what its consumers read and so
+    /// dead-letter); not the DLQ topic (a replay there would only dead-letter the
+    /// message again).
+    pub fn replay_targets(&self) -> [&str; 4] {
+        [
+            &self.kafka.metering_topic,
+            &self.kafka.decisions_topic,
+            &self.kafka.lifecycle_topic,
+            &self.kafka.policy_changes_topic,
+        ]
+    }
+
+    /// Why `d` cannot be replayed, if it cannot: [`StoredDeadLetter::not_replayable`],
+    /// or an original topic that is not one of [`Self::replay_targets`].
+    pub fn replay_refusal(&self, d: &StoredDeadLetter) -> Option<String> {
+        d.not_replayable()
+            .or_else(|| self.foreign_topic(d.original_topic().unwrap_or_default()))
+    }
+
+    /// The refusal of a replay to `topic`, unless it is one of ours.
+    fn foreign_topic(&self, topic: &str) -> Option<String> {
+        let targets = self.replay_targets();
+        if targets.contains(&topic) && topic != self.topic {
+            return None;
+        }
+        Some(format!(
+            "its original topic {topic:?} is not one a replay may publish to ({}): refused, nothing published",
+            targets.join(", ")
+        ))
+    }
+
     /// Every dead letter now in the topic, in id order, with its replay.
     /// `with_bytes: false` leaves out keys, headers and payloads (for counting).
     pub async fn read(&self, with_bytes: bool) -> Result<Vec<StoredDeadLetter>, DlqError> {
@@ -444,7 +479,7 @@ impl DlqAdmin {
                 )));
                 continue;
             }
-            if let Some(reason) = d.not_replayable() {
+            if let Some(reason) = self.replay_refusal(d) {
                 outcomes[i] = Some(ReplayOutcome::NotReplayable(reason));
                 continue;
             }
@@ -557,6 +592,10 @@ impl DlqAdmin {
                 .transpose()
         };
         let topic = letter.original_topic.as_deref().unwrap_or_default();
+        // Checked before the claim too; here so that no path publishes elsewhere.
+        if let Some(refusal) = self.foreign_topic(topic) {
+            return Err(refusal);
+        }
         let key = bytes(letter.key_base64.as_deref())?;
         let payload = bytes(letter.payload_base64.as_deref())?;
         let id = d.id.to_string();

@@ -803,6 +803,163 @@ async fn an_interrupted_replay_is_taken_over_and_the_ledger_still_counts_it_once
     stack.stop().await.unwrap();
 }
 
+// ------------------------------------------------------------------ foreign topics
+
+/// A dead letter naming a topic that is not one of the deployment's (anyone who
+/// can write to the DLQ topic can forge one) is refused: nothing published,
+/// nothing claimed; a dead letter of ours in the same call still replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_naming_a_foreign_topic_is_refused_and_nothing_is_published() {
+    use caracal_service_kit::dlq::DeadLetter;
+    use rdkafka::producer::FutureRecord;
+
+    const DLQ: &str = "caracal.dlq.foreign";
+    const EVIL: &str = "evil.topic";
+    let (tansu, stack) = setup(DLQ).await;
+    // The foreign topic exists: a replay to it would go through.
+    create_topics(&tansu.brokers(), &[EVIL], 1).await.unwrap();
+    let letter = |topic: &str, offset: i64| {
+        DeadLetter::from_kafka(
+            topic,
+            0,
+            offset,
+            Some(b"k"),
+            &[("event_id".to_owned(), Some(b"e-1".to_vec()))],
+            Some(b"payload"),
+            "forged".to_owned(),
+            0,
+            "caracal-ledger-writer",
+            chrono::Utc::now(),
+        )
+        .to_json()
+    };
+    let p = charge_producer(&tansu.brokers()).unwrap();
+    let mut ids = Vec::new();
+    for (topic, offset) in [(EVIL, 7), (METERING, 8), (DLQ, 9)] {
+        let json = letter(topic, offset);
+        let delivered = p
+            .send(
+                FutureRecord::<(), [u8]>::to(DLQ)
+                    .partition(0)
+                    .payload(json.as_slice()),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        ids.push(format!("{}:{}", delivered.partition, delivered.offset));
+    }
+    let (evil, ours, loop_back) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
+    let mut client = dlq_client(&stack);
+    assert_eq!(
+        wait_for_dead_letters(&mut client, 3, Duration::from_secs(60))
+            .await
+            .pending,
+        3
+    );
+
+    let replay = client
+        .replay_dead_letters(pb::ReplayDeadLettersRequest {
+            ids: ids.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let outcome = |id: &str| replay.outcomes.iter().find(|o| o.id == id).unwrap().clone();
+    let refused = outcome(&evil);
+    assert_eq!(
+        refused.status,
+        Outcome::NotReplayable as i32,
+        "{}: {}",
+        refused.status,
+        refused.message
+    );
+    assert!(refused.message.contains(EVIL), "{}", refused.message);
+    assert!(refused.replay.is_none());
+    // The DLQ itself is no replay target either (a replay would only dead-letter
+    // the message again).
+    let looped = outcome(&loop_back);
+    assert_eq!(
+        looped.status,
+        Outcome::NotReplayable as i32,
+        "{}",
+        looped.message
+    );
+    assert!(looped.message.contains(DLQ), "{}", looped.message);
+    let replayed = outcome(&ours);
+    assert_eq!(
+        replayed.status,
+        Outcome::Replayed as i32,
+        "{}",
+        replayed.message
+    );
+    assert_eq!((replay.replayed, replay.not_replayed), (1, 2));
+
+    // Nothing reached the foreign topic; only our dead letter was claimed.
+    assert_eq!(
+        topic_message_count(&tansu.brokers(), EVIL, Duration::from_secs(10)).unwrap(),
+        0
+    );
+    assert_eq!(
+        topic_message_count(&tansu.brokers(), METERING, Duration::from_secs(10)).unwrap(),
+        1
+    );
+    #[derive(diesel::QueryableByName)]
+    struct Claim {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        dlq_partition: i32,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        dlq_offset: i64,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        target_topic: String,
+    }
+    let mut conn = stack.db().await.unwrap();
+    let claims: Vec<Claim> = diesel::sql_query(
+        "SELECT dlq_partition, dlq_offset, target_topic FROM dlq_replays WHERE dlq_topic = $1",
+    )
+    .bind::<diesel::sql_types::Text, _>(DLQ)
+    .load(&mut conn)
+    .await
+    .unwrap();
+    let claims: Vec<(String, String)> = claims
+        .into_iter()
+        .map(|c| {
+            (
+                format!("{}:{}", c.dlq_partition, c.dlq_offset),
+                c.target_topic,
+            )
+        })
+        .collect();
+    assert_eq!(claims, [(ours.clone(), METERING.to_owned())]);
+    let count = client
+        .count_dead_letters(pb::CountDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((count.total, count.pending, count.replayed), (3, 2, 1));
+
+    // Asked again (and with all_pending), still refused, still nothing published.
+    let again = client
+        .replay_dead_letters(pb::ReplayDeadLettersRequest {
+            all_pending: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.replayed, again.not_replayed), (0, 2));
+    assert!(again
+        .outcomes
+        .iter()
+        .all(|o| o.status == Outcome::NotReplayable as i32));
+    assert_eq!(
+        topic_message_count(&tansu.brokers(), EVIL, Duration::from_secs(10)).unwrap(),
+        0
+    );
+
+    stack.stop().await.unwrap();
+}
+
 // ------------------------------------------------------------------ reflection
 
 #[tokio::test]
