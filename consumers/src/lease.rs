@@ -270,7 +270,7 @@ impl Session {
         &mut self,
         group: &str,
         rows: &[(TopicPartition, Option<PartitionState>)],
-        owned: bool,
+        whose: Whose,
     ) -> Result<(), String> {
         if rows.is_empty() {
             return Ok(());
@@ -289,8 +289,15 @@ impl Session {
             .iter()
             .map(|(_, s)| s.as_ref().and_then(|s| s.committed_at))
             .collect();
-        let owner = owned.then(|| self.owner.clone());
-        diesel::sql_query(
+        let owner = (whose == Whose::Mine).then(|| self.owner.clone());
+        // Another replica's row is its own to write: only make sure one exists,
+        // and refresh it while nobody claims it (a holder that never reports).
+        let only_unclaimed = if whose == Whose::Another {
+            " WHERE c.owner IS NULL"
+        } else {
+            ""
+        };
+        diesel::sql_query(format!(
             "INSERT INTO consumer_partitions AS c \
                (group_id, topic, kafka_partition, owner, committed_offset, end_offset, last_commit_at, updated_at) \
              SELECT $1, t, p, $2, o, e, a, now() \
@@ -300,8 +307,8 @@ impl Session {
                committed_offset = COALESCE(EXCLUDED.committed_offset, c.committed_offset), \
                end_offset = COALESCE(EXCLUDED.end_offset, c.end_offset), \
                last_commit_at = COALESCE(EXCLUDED.last_commit_at, c.last_commit_at), \
-               updated_at = now()",
-        )
+               updated_at = now(){only_unclaimed}",
+        ))
         .bind::<Text, _>(group)
         .bind::<Nullable<Text>, _>(owner)
         .bind::<Array<Text>, _>(topics)
@@ -314,6 +321,17 @@ impl Session {
         .map(|_| ())
         .map_err(|e| format!("recording the partitions' progress: {e}"))
     }
+}
+
+/// Whose partitions a [`Session::report`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Whose {
+    /// This replica's: it is the owner.
+    Mine,
+    /// Nobody holds them: owner cleared.
+    Nobody,
+    /// Another session holds them.
+    Another,
 }
 
 /// Where this replica stands on one partition (from the runner's commits and the
@@ -517,26 +535,39 @@ impl Task {
                 self.take(&got).await?;
             }
         }
-        // Partitions nobody holds (a moment in a handover, or a problem) are
-        // recorded as such, with the group's offsets: `caracal ledger status`
-        // must see a partition that no replica reads.
+        // Partitions nobody holds (a moment in a handover, or a problem) and
+        // partitions held by sessions that never report (a hung owner) are recorded
+        // too, with the group's offsets: `caracal ledger status` must see a
+        // partition that no replica reads.
         let mine = self.leases.owned();
-        let free: Vec<(TopicPartition, Option<PartitionState>)> = self
+        let theirs = |tp: &TopicPartition| {
+            let state = self.progress.state(tp).map(|s| PartitionState {
+                committed: s.group_committed,
+                committed_at: None,
+                ..s
+            });
+            (tp.clone(), state)
+        };
+        let others: Vec<_> = self
             .partitions
             .iter()
-            .filter(|tp| !taken.contains(*tp) && !mine.contains(tp))
-            .map(|tp| {
-                let state = self.progress.state(tp).map(|s| PartitionState {
-                    committed: s.group_committed,
-                    committed_at: None,
-                    ..s
-                });
-                (tp.clone(), state)
-            })
+            .filter(|tp| !mine.contains(tp))
+            .collect();
+        let free: Vec<_> = others
+            .iter()
+            .filter(|tp| !taken.contains(**tp))
+            .map(|tp| theirs(tp))
+            .collect();
+        let held: Vec<_> = others
+            .iter()
+            .filter(|tp| taken.contains(**tp))
+            .map(|tp| theirs(tp))
             .collect();
         if let Some(session) = self.session.as_mut() {
-            if let Err(error) = session.report(&group, &free, false).await {
-                tracing::debug!(%error, "recording the free partitions failed");
+            for (rows, whose) in [(free, Whose::Nobody), (held, Whose::Another)] {
+                if let Err(error) = session.report(&group, &rows, whose).await {
+                    tracing::debug!(%error, "recording the other partitions failed");
+                }
             }
         }
         self.gauges();
@@ -599,7 +630,10 @@ impl Task {
             .iter()
             .map(|tp| (tp.clone(), self.progress.state(tp)))
             .collect();
-        if let Err(error) = session.report(&self.settings.group, &rows, false).await {
+        if let Err(error) = session
+            .report(&self.settings.group, &rows, Whose::Nobody)
+            .await
+        {
             tracing::debug!(%error, "recording the partitions' progress failed");
         }
         tracing::info!(
@@ -633,7 +667,9 @@ impl Task {
         let Some(session) = self.session.as_mut() else {
             return Err("no session".to_owned());
         };
-        session.report(&self.settings.group, &rows, true).await
+        session
+            .report(&self.settings.group, &rows, Whose::Mine)
+            .await
     }
 
     fn gauges(&self) {
@@ -656,7 +692,10 @@ impl Task {
                 .iter()
                 .map(|tp| (tp.clone(), self.progress.state(tp)))
                 .collect();
-            if let Err(error) = session.report(&self.settings.group, &rows, false).await {
+            if let Err(error) = session
+                .report(&self.settings.group, &rows, Whose::Nobody)
+                .await
+            {
                 tracing::debug!(%error, "recording the last progress failed");
             }
         }
