@@ -7,12 +7,27 @@
 //! currency, in total and per model (key layout: [`caracal_domain::spend`]).
 //!
 //! Exactly once per event id: one Lua script per event ([`COUNT_SCRIPT`]) checks
-//! the agent's `seen` marker, counts and sets the marker in one atomic step. The
-//! marker keeps the deltas the event applied, so a second script
-//! ([`TOTALS_SCRIPT`], with its own marker) can add them to the cross-agent totals
-//! (day totals, minute totals for the rate, the day's ranking of agents) even
-//! when a crash came between the two: a batch is committed only after both.
-//! Both scripts touch one Redis Cluster slot each (the agent's hash tag, `{all}`).
+//! the agent's `seen` marker and the event set of the event's day bucket, counts,
+//! and records the event in both, in one atomic step. The marker keeps the deltas
+//! the event applied, so a second script ([`TOTALS_SCRIPT`], with its own marker)
+//! can add them to the cross-agent totals (day totals, minute totals for the rate,
+//! the day's ranking of agents) even when a crash came between the two: a batch
+//! is committed only after both. Both scripts touch one Redis Cluster slot each
+//! (the agent's hash tag, `{all}`).
+//!
+//! The markers live 9 days ([`spend::SEEN_TTL_S`]), the day buckets 400
+//! ([`spend::DAY_TTL_S`]): a `dlq replay` or an offset reset can bring an event
+//! back long after its marker is gone. The day's event set catches it: dedupe
+//! per day bucket, one set member (the event id) per counted event, with the
+//! bucket's TTL set by the same counts, so it dies with the bucket it protects
+//! and memory follows the day buckets' retention (a set member, not a key with
+//! its own expiry, per event). An event found there counts nothing and adds
+//! nothing to the cross-agent totals (its share was added when it was counted).
+//! Events older than [`spend::MAX_EVENT_AGE_S`] (a day less than the sets live)
+//! count nothing at all, so whenever an event could count again its id is still
+//! in its day's set, whatever else kept its buckets alive (a late settle's
+//! correction, other agents' spend in the cross-agent day totals). The hour
+//! buckets (9 days) die before their day's set.
 //!
 //! A `late_settle` supersedes its reservation's `expire_charge`: the reservation's
 //! record says what the expiry counted and in which buckets; the late settle takes
@@ -73,15 +88,17 @@ const ANOMALY_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Counts one event for its agent (see the module documentation).
 ///
-/// KEYS: seen, reservation, day, hour, currencies, root.
+/// KEYS: seen, reservation, day, hour, currencies, root, day events.
 /// ARGV: kind, charged micros, model field, occurred_at (s), currency, root agent
-/// id, day TTL, hour TTL, seen TTL.
-/// Returns {1, deltas} when counted now, {0, deltas} when counted before; deltas
+/// id, day TTL, hour TTL, seen TTL, event id.
+/// Returns {1, deltas} when counted now, {0, deltas} when counted before (deltas
+/// empty once the seen marker is gone: the cross-agent totals have them); deltas
 /// are `<occurred_at s>:<micros>` joined by commas (amounts stay strings: Lua's
 /// doubles would print large ones as 1e+15).
 pub const COUNT_SCRIPT: &str = r"
 local prev = redis.call('GET', KEYS[1])
 if prev then return {0, prev} end
+if redis.call('SISMEMBER', KEYS[7], ARGV[10]) == 1 then return {0, ''} end
 local kind, amount, field, ts = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local day_ttl, hour_ttl, seen_ttl = ARGV[7], ARGV[8], ARGV[9]
 local deltas = {}
@@ -114,6 +131,8 @@ end
 redis.call('SADD', KEYS[5], ARGV[5])
 redis.call('EXPIRE', KEYS[5], day_ttl)
 redis.call('SET', KEYS[6], ARGV[6], 'EX', day_ttl)
+redis.call('SADD', KEYS[7], ARGV[10])
+redis.call('EXPIRE', KEYS[7], day_ttl)
 local enc = table.concat(deltas, ',')
 redis.call('SET', KEYS[1], enc, 'EX', seen_ttl)
 return {1, enc}
@@ -217,8 +236,26 @@ impl SpendStore {
     /// Counts `charges` (each exactly once, whatever was counted before): the
     /// per-agent scripts, then the cross-agent ones — each set one pipeline on a
     /// standalone server, one call per script on a cluster (the agents' keys live
-    /// on different slots).
-    pub async fn record(&self, charges: &[LedgerRow]) -> Result<(), String> {
+    /// on different slots). Charges that occurred more than
+    /// [`spend::MAX_EVENT_AGE_S`] before `now` count nothing.
+    pub async fn record(&self, charges: &[LedgerRow], now: DateTime<Utc>) -> Result<(), String> {
+        let oldest = i64::try_from(spend::MAX_EVENT_AGE_S)
+            .ok()
+            .and_then(Span::try_seconds)
+            .and_then(|age| now.checked_sub_signed(age))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let (charges, too_old): (Vec<&LedgerRow>, Vec<&LedgerRow>) =
+            charges.iter().partition(|c| c.occurred_at >= oldest);
+        if !too_old.is_empty() {
+            tracing::info!(
+                events = too_old.len(),
+                oldest = %oldest,
+                "events older than the day buckets' retention: not counted"
+            );
+        }
+        if charges.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.conn.clone();
         let k = &self.keys;
         // Loaded first (on every node of a cluster), so the EVALSHAs find them; a
@@ -234,13 +271,14 @@ impl SpendStore {
                 let at = c.occurred_at;
                 let mut cmd = redis::cmd("EVALSHA");
                 cmd.arg(self.count.get_hash())
-                    .arg(6)
+                    .arg(7)
                     .arg(k.seen(&agent, &c.event_id))
                     .arg(k.reservation(&agent, &c.reservation_id))
                     .arg(k.day(&agent, spend::day_of(at), &c.currency))
                     .arg(k.hour(&agent, at, &c.currency))
                     .arg(k.currencies(&agent))
                     .arg(k.root(&agent))
+                    .arg(k.day_events(&agent, spend::day_of(at), &c.currency))
                     .arg(&c.kind)
                     .arg(c.charged_micros.to_string())
                     .arg(spend::model_field(&c.model))
@@ -249,7 +287,8 @@ impl SpendStore {
                     .arg(c.root_agent_id.to_string())
                     .arg(spend::DAY_TTL_S)
                     .arg(spend::HOUR_TTL_S)
-                    .arg(spend::SEEN_TTL_S);
+                    .arg(spend::SEEN_TTL_S)
+                    .arg(&c.event_id);
                 cmd
             })
             .collect();
@@ -363,7 +402,12 @@ impl Handler for MetricsAggregator {
     fn write(&self, items: &[LedgerRow]) -> impl Future<Output = Result<(), WriteError>> + Send {
         let store = self.store.clone();
         let items = items.to_vec();
-        async move { store.record(&items).await.map_err(WriteError::from) }
+        async move {
+            store
+                .record(&items, Utc::now())
+                .await
+                .map_err(WriteError::from)
+        }
     }
 
     fn reachable(&self) -> impl Future<Output = bool> + Send {

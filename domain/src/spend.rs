@@ -9,8 +9,14 @@
 //!   [`TOTAL_FIELD`] plus one [`model_field`] per model, exact integer micros,
 //!   bucketed by the charge's `occurred_at` (UTC). Days kept [`DAY_TTL_S`], hours
 //!   [`HOUR_TTL_S`] (enough for the anomaly rule's 8 days).
-//! - `...:seen:<event id>`: the event was counted (the deltas it applied), kept
-//!   [`SEEN_TTL_S`]: a redelivery counts nothing.
+//! - `...:day:<YYYY-MM-DD>:<CUR>:events`: the ids of the events counted in that
+//!   day bucket (set), kept [`DAY_TTL_S`] after its last addition: a redelivery
+//!   however late (a `dlq replay`, an offset reset) counts nothing. Only events
+//!   of the last [`MAX_EVENT_AGE_S`] are counted, so an event's id is still in
+//!   its set whenever it could count again.
+//! - `...:seen:<event id>`: the event was just counted (the deltas it applied, for
+//!   the cross-agent totals after a crash between the aggregator's two steps),
+//!   kept [`SEEN_TTL_S`].
 //! - `...:rsv:<reservation id>`: what an `expire_charge` counted and where, so a
 //!   `late_settle` replaces it by the final charge.
 //! - `...:currencies`: the currencies the agent spent in; `...:root`: its root agent.
@@ -27,9 +33,15 @@ pub const TOTAL_FIELD: &str = "total";
 pub const DAY_TTL_S: u64 = 400 * 86_400;
 /// Hour buckets: the anomaly rule reads 8 days of them; a day more of margin.
 pub const HOUR_TTL_S: u64 = 9 * 86_400;
-/// Counted-event markers and reservation records: longer than any redelivery or
-/// late settle can come (the hour buckets they correct live as long).
+/// Counted-event markers (with the deltas for the cross-agent totals) and
+/// reservation records: longer than any late settle can come (the hour buckets
+/// they correct live as long). A redelivery after them is caught by the day's
+/// event set ([`SpendKeys::day_events`]).
 pub const SEEN_TTL_S: u64 = 9 * 86_400;
+/// Events that occurred longer ago than this count nothing: their day buckets
+/// are at the end of their retention, and their day's event set (kept
+/// [`DAY_TTL_S`], a day longer) could be gone when they come again.
+pub const MAX_EVENT_AGE_S: u64 = DAY_TTL_S - 86_400;
 /// Minute buckets across agents (the spend rate reads the last hour).
 pub const MINUTE_TTL_S: u64 = 2 * 3600;
 /// The day's ranking of agents by spend (today's and yesterday's are read).
@@ -106,6 +118,12 @@ impl SpendKeys {
     /// An agent's spend of one UTC hour (any instant inside it) in one currency (hash).
     pub fn hour(&self, agent_id: &str, t: DateTime<Utc>, currency: &str) -> String {
         format!("{}:hour:{}:{currency}", self.agent(agent_id), hour_part(t))
+    }
+
+    /// Ids of the events counted in the agent's day bucket (set; same day and
+    /// currency as [`Self::day`]).
+    pub fn day_events(&self, agent_id: &str, day: NaiveDate, currency: &str) -> String {
+        format!("{}:events", self.day(agent_id, day, currency))
     }
 
     /// Marker of a counted event.
@@ -219,6 +237,10 @@ mod tests {
         assert_eq!(
             k.hour("a1", t, "EUR"),
             "caracal:spend:{a1}:hour:2026-02-01T13:EUR"
+        );
+        assert_eq!(
+            k.day_events("a1", day_of(t), "USD"),
+            "caracal:spend:{a1}:day:2026-02-01:USD:events"
         );
         assert_eq!(k.seen("a1", "r/settle"), "caracal:spend:{a1}:seen:r/settle");
         assert_eq!(k.reservation("a1", "r"), "caracal:spend:{a1}:rsv:r");

@@ -14,7 +14,7 @@ use std::{
 };
 
 use caracal_consumers::{aggregator, config::ConsumerConfig};
-use caracal_domain::spend::SpendKeys;
+use caracal_domain::spend::{self, SpendKeys};
 use caracal_proto::v1::{ChargeEvent, SpendingAnomalyEvent};
 use caracal_service_kit::dlq::DeadLetter;
 use caracal_tests::{
@@ -439,6 +439,194 @@ async fn spend_is_exact_per_agent_model_hour_and_day_once_per_event() {
     let (code, body) = http_get(agg.http_addr, "/health/ready").await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("redis"), "{body}");
+
+    agg.shutdown().await.unwrap();
+    drop_keys(&prefix).await;
+}
+
+// ------------------------------------------------------------------ a2. late redeliveries
+
+/// Deletes every key of `prefix` whose TTL, as Redis reports it, is at most
+/// `ttl_s` seconds: what is left of the keys once `ttl_s` seconds pass without a
+/// write. Returns the deleted keys.
+async fn expire_keys_living_at_most(prefix: &str, ttl_s: u64) -> Vec<String> {
+    let mut conn = redis().await;
+    let mut cursor: u64 = 0;
+    let mut gone = Vec::new();
+    for _ in 0..10_000 {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for key in keys {
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if ttl > 0 && ttl as u64 <= ttl_s {
+                let _: i64 = redis::cmd("DEL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                gone.push(key);
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    gone
+}
+
+async fn ttl(key: &str) -> i64 {
+    redis::cmd("TTL")
+        .arg(key)
+        .query_async(&mut redis().await)
+        .await
+        .unwrap()
+}
+
+/// A `dlq replay` or an offset reset redelivers events long after they were
+/// counted, when their seen markers (9 days) are gone but their day buckets (400
+/// days) are not: they count nothing, a superseded expiry stays superseded, and
+/// an event older than the day buckets' retention counts nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_redelivered_after_its_seen_marker_expired_counts_once() {
+    let tansu = broker().await;
+    let prefix = prefix();
+    let keys = SpendKeys::new(prefix.clone());
+    let config = aggregator_config(&tansu.brokers(), &redis_url(), &prefix);
+    let agg = aggregator::start(config).await.unwrap();
+
+    // A currency of its own: this aggregator's gauges touch no other test's.
+    let cur = "XRE";
+    let (a, b, root) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let at = Utc::now() - Span::minutes(1);
+    let c = |agent: Uuid,
+             id: &'static str,
+             kind: &'static str,
+             rsv: &'static str,
+             micros: i64,
+             at: DateTime<Utc>| Charge {
+        agent,
+        root,
+        id,
+        kind,
+        reservation: rsv,
+        model: "gpt-4o",
+        currency: cur,
+        micros,
+        at,
+    };
+    // A settle; an expiry charge settled late for less (only the 400_000 counts).
+    let first = vec![
+        c(a, "r1/settle", "settle", "r1", 1_500_000, at).event(),
+        c(a, "r2/expire", "expire_charge", "r2", 900_000, at).event(),
+        c(
+            a,
+            "r2/late",
+            "late_settle",
+            "r2",
+            400_000,
+            at + Span::seconds(1),
+        )
+        .event(),
+    ];
+    let spent = 1_500_000 + 400_000;
+    let (a_id, b_id) = (a.to_string(), b.to_string());
+    let a_day = keys.day(&a_id, at.date_naive(), cur);
+    let a_hour = keys.hour(&a_id, at, cur);
+    let b_day = keys.day(&b_id, at.date_naive(), cur);
+    let all_day = keys.all_day(at.date_naive());
+    let all_total = || {
+        let k = all_day.clone();
+        async move {
+            redis::cmd("HGET")
+                .arg(&k)
+                .arg(cur)
+                .query_async::<Option<i64>>(&mut redis().await)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    let once = BTreeMap::from([
+        ("total".to_owned(), spent),
+        ("model:gpt-4o".to_owned(), spent),
+    ]);
+
+    let p = charge_producer(&tansu.brokers()).unwrap();
+    produce_events(&p, &first).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            bucket(&a_day).await.get("total") == Some(&spent) && all_total().await == spent
+        })
+        .await,
+        "counted: {:?}, all agents {}",
+        bucket(&a_day).await,
+        all_total().await
+    );
+    assert_eq!(bucket(&a_day).await, once);
+
+    // Nine days later: every key that lives at most as long as a seen marker is
+    // gone (seen markers, reservation records, hour buckets, rankings...).
+    let gone = expire_keys_living_at_most(&prefix, spend::SEEN_TTL_S).await;
+    assert!(
+        gone.contains(&keys.seen(&a_id, "r1/settle")),
+        "the seen marker lives at most {} s: {gone:?}",
+        spend::SEEN_TTL_S
+    );
+    assert!(gone.contains(&a_hour), "{gone:?}");
+    assert!(!gone.contains(&a_day), "{gone:?}");
+    assert!(ttl(&a_day).await > spend::SEEN_TTL_S as i64);
+
+    // The same three events again (a DLQ replay, an offset reset), one from 400
+    // days ago, then a marker event of another agent: same root, so the same
+    // partition, processed after the others.
+    let old_at = at - Span::days(400);
+    let mut again = first.clone();
+    again.push(c(a, "r0/settle", "settle", "r0", 7_000_000, old_at).event());
+    again.push(c(b, "s1/settle", "settle", "s1", 1, at).event());
+    produce_events(&p, &again).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            bucket(&b_day).await.get("total") == Some(&1)
+        })
+        .await,
+        "marker event counted"
+    );
+    assert_eq!(
+        bucket(&a_day).await,
+        once,
+        "redelivered events counted again in the day bucket"
+    );
+    assert_eq!(all_total().await, spent + 1, "day total across agents");
+    assert_eq!(
+        bucket(&a_hour).await,
+        BTreeMap::new(),
+        "an expired hour bucket stays expired"
+    );
+    assert_eq!(
+        bucket(&keys.day(&a_id, old_at.date_naive(), cur)).await,
+        BTreeMap::new(),
+        "an event older than the day buckets' retention counts nothing"
+    );
+    // What remembers the counted events lives as long as the day bucket.
+    let events = format!("{a_day}:events");
+    assert!(
+        ttl(&events).await >= ttl(&a_day).await,
+        "{events}: {} s, day bucket {} s",
+        ttl(&events).await,
+        ttl(&a_day).await
+    );
 
     agg.shutdown().await.unwrap();
     drop_keys(&prefix).await;
