@@ -63,9 +63,9 @@ pub type TopicPartition = (String, i32);
 /// Member slots per group: at most this many replicas hold leases at once.
 const MAX_MEMBERS: i32 = 256;
 /// Bound on one lease tick's database work; longer counts as a lost session.
-const TICK_TIMEOUT: Duration = Duration::from_secs(10);
+const TICK_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a partition given up waits for the batches in flight to commit.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the topics' partition lists are read again from Kafka.
 const METADATA_EVERY: Duration = Duration::from_secs(30);
 /// Bound on a metadata request.
