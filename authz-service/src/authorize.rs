@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use crate::{
     budget::{
-        keys::{partition_of_reservation, reservation_id_for},
+        keys::{partition_of_reservation, reservation_id as reservation_id_of, reservation_stem},
         store::{
             Finish, FinishKind, FinishOutcome, PolicySlot, ReserveOutcome, ReserveRequest,
             SlotMode, StoreError,
@@ -50,6 +50,11 @@ use crate::{
 
 /// Longest request id accepted (ids become Redis key parts).
 pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Longest provider and model accepted, in bytes: the ledger-writer's cap on the
+/// text of a charge (`consumers::ledger`, `MAX_ID_LEN`). Authorize refuses what the
+/// ledger would refuse (longer, or holding NUL), so every charge it makes reaches
+/// the ledger; the price book holds no longer model.
+pub const MAX_TEXT_BYTES: usize = 200;
 /// Most calls one FinishBatch may carry (the gateway sends at most 256): bounds
 /// the memory and the Redis work one RPC can ask for.
 pub const MAX_FINISH_BATCH: usize = 512;
@@ -116,6 +121,24 @@ fn validate_request_id(id: &str) -> Result<(), Status> {
     {
         return Err(Status::invalid_argument(format!(
             "request_id must be 1-{MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:-]"
+        )));
+    }
+    Ok(())
+}
+
+/// Provider and model as the ledger will store them: at most [`MAX_TEXT_BYTES`]
+/// bytes, no NUL (PostgreSQL text cannot hold it). Empty is allowed (a cost given
+/// for a call without a model).
+fn validate_text(field: &str, value: &str) -> Result<(), Status> {
+    if value.len() > MAX_TEXT_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field} is longer than {MAX_TEXT_BYTES} bytes ({} bytes)",
+            value.len()
+        )));
+    }
+    if value.contains('\0') {
+        return Err(Status::invalid_argument(format!(
+            "{field} contains a NUL character"
         )));
     }
     Ok(())
@@ -258,6 +281,8 @@ impl AuthorizationService {
         req: pb::AuthorizeRequest,
     ) -> Result<pb::AuthorizeResponse, Status> {
         validate_request_id(&req.request_id)?;
+        validate_text("provider", &req.provider)?;
+        validate_text("model", &req.model)?;
         let Some(agent_id) = self.resolve_agent(req.credential.as_ref()).await? else {
             return Ok(deny(
                 pb::DenyReason::UnknownAgent,
@@ -358,15 +383,20 @@ impl AuthorizationService {
             .map(|p| policy_slot(keys, partition, p, now))
             .collect();
         let agent_id = agent.agent_id.to_string();
-        let rid = reservation_id_for(partition, &agent_id, &req.request_id);
+        let stem = reservation_stem(partition, &agent_id, &req.request_id);
         let now_ms = now.timestamp_millis();
+        // The reservation this call makes if the request is new: the stem and this
+        // call's time as its generation, so a request id used again after the last
+        // reservation's marker aged out gets a reservation (and event ids) of its
+        // own. A retry is answered with the id the record holds.
+        let rid = reservation_id_of(&stem, now_ms);
         let ttl_ms =
             i64::try_from(self.settings.reservation_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
         let allow_event = format!("{rid}/authorize");
         // A refusal makes no reservation, but its id names the request: the same
         // request refused again in the same millisecond is the same decision.
         // (No random UUID here: it cost a getrandom call on every Authorize.)
-        let deny_event = format!("{rid}/deny/{now_ms}");
+        let deny_event = format!("{stem}/deny/{now_ms}");
         let outcome = self
             .store
             .reserve(&ReserveRequest {
@@ -401,18 +431,20 @@ impl AuthorizationService {
                 response.remaining = remaining_list(&agent.policies, &used, amount);
             }
             ReserveOutcome::Duplicate {
+                reservation_id,
                 used,
                 finished: None,
             } => {
                 // The live reservation already counts in `used`: what remains is
                 // limit - used.
                 response.decision = pb::Decision::Allow as i32;
-                response.reservation_id = rid;
+                response.reservation_id = reservation_id;
                 response.message =
                     "retry of an authorized request: original reservation".to_owned();
                 response.remaining = remaining_list(&agent.policies, &used, 0);
             }
             ReserveOutcome::Duplicate {
+                reservation_id,
                 used,
                 finished: Some(done),
             } => {
@@ -421,7 +453,7 @@ impl AuthorizationService {
                 // ids). The reservation id names the finished reservation.
                 response.decision = pb::Decision::Deny as i32;
                 response.reason = pb::DenyReason::RequestFinished as i32;
-                response.reservation_id = rid;
+                response.reservation_id = reservation_id;
                 response.remaining = remaining_list(&agent.policies, &used, 0);
                 response.message = format!(
                     "request {:?} was already made and its reservation is {} (charged {} {}); \
@@ -464,13 +496,11 @@ impl AuthorizationService {
         kind: FinishKind,
         partition: u16,
         reservation_id: &'a str,
-        event_id: &'a str,
     ) -> Finish<'a> {
         Finish::new(
             kind,
             partition,
             reservation_id,
-            event_id,
             Utc::now().timestamp_millis(),
             self.settings.finished_marker_ttl_s,
         )
@@ -529,7 +559,6 @@ impl AuthorizationService {
                 ))
             }
         };
-        let event_id = format!("{}/settle", req.reservation_id);
         let outcome = self
             .store
             .finish(&Finish {
@@ -539,12 +568,7 @@ impl AuthorizationService {
                 cached_input_tokens: usage.cached_input_tokens,
                 price_version,
                 currency: currency.as_str(),
-                ..self.finish_of(
-                    FinishKind::Settle,
-                    partition,
-                    &req.reservation_id,
-                    &event_id,
-                )
+                ..self.finish_of(FinishKind::Settle, partition, &req.reservation_id)
             })
             .await
             .map_err(store_error)?;
@@ -640,7 +664,9 @@ impl AuthorizationService {
             return Err(Status::not_found("unknown agent"));
         };
         let partition = self.store.keys().partition_of(&agent.root_id.to_string());
-        let rid = reservation_id_for(partition, &agent_id.to_string(), &req.request_id);
+        // The stem alone: the generation of the request's reservation is not known
+        // here; the script releases whichever the record holds.
+        let rid = reservation_stem(partition, &agent_id.to_string(), &req.request_id);
         // The tombstone names the currency the agent's policies count in.
         let currency = agent
             .policies
@@ -660,7 +686,6 @@ impl AuthorizationService {
         reason: &str,
         tombstone: Option<&str>,
     ) -> Result<pb::ReleaseResponse, Status> {
-        let event_id = format!("{reservation_id}/release");
         let reason = if reason.trim().is_empty() {
             "released"
         } else {
@@ -672,7 +697,7 @@ impl AuthorizationService {
                 reason,
                 currency: tombstone.unwrap_or_default(),
                 tombstone: tombstone.is_some(),
-                ..self.finish_of(FinishKind::Release, partition, reservation_id, &event_id)
+                ..self.finish_of(FinishKind::Release, partition, reservation_id)
             })
             .await
             .map_err(store_error)?;

@@ -56,7 +56,6 @@ pub async fn sweep_once(
                 .due_reservations(partition, now_ms, skip, BATCH)
                 .await?;
             for rid in &due {
-                let event_id = format!("{rid}/expire");
                 let outcome = store
                     .finish(&Finish {
                         reason: "expired",
@@ -64,7 +63,6 @@ pub async fn sweep_once(
                             FinishKind::Expire,
                             partition,
                             rid,
-                            &event_id,
                             now_ms,
                             finished_marker_ttl_s,
                         )

@@ -35,7 +35,12 @@ pub const KNOWN_SCHEMA_VERSIONS: &[u32] = &[1];
 /// Largest amount accepted, micro-units (1e9 currency units): anything above is a
 /// corrupt event, and sums of many such stay far inside BIGINT.
 pub const MAX_MICROS: i64 = 1_000_000_000_000_000;
-/// Longest id accepted (the table's CHECK).
+/// Longest text accepted, in bytes: ids (the table's CHECK on event and
+/// reservation ids), request id, provider, model. Authorize refuses a longer
+/// provider or model (authz-service `authorize::MAX_TEXT_BYTES`, the same 200
+/// bytes), and the price book a longer model, so every charge the hot path makes
+/// fits: what the ledger dead-letters for its text was never charged by a current
+/// authz-service.
 const MAX_ID_LEN: usize = 200;
 /// Joins a row's policy ids into one text for the batch's arrays (PostgreSQL has no
 /// ragged arrays; `string_to_array` splits it back, ~40 % cheaper per row than a

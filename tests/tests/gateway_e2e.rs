@@ -895,7 +895,11 @@ async fn ext_authz_check_enforces_a_fixed_per_route_budget() {
         for _ in 0..150 {
             // The record becomes a done marker ("D\t<mode>...") when it ends.
             let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*:rsv:{rid}", gw.stack.key_prefix))
+                .arg(format!(
+                    "{}:*:rsv:{}",
+                    gw.stack.key_prefix,
+                    caracal_authz::budget::keys::split_reservation_id(rid).0
+                ))
                 .query_async(&mut conn)
                 .await
                 .unwrap();

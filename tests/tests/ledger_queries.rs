@@ -764,7 +764,8 @@ async fn spent_hierarchy() -> (TestStack, String, String, [String; 3], i64) {
         .unwrap();
     // Expires (charging the 300,000 reserved), then settles late at 120,000.
     let a4 = authorize(&stack, &child_key, "a4", 300_000).await;
-    let rsv_key = |p: u16| format!("{}:{{p{p}}}:rsv:{a4}", stack.key_prefix);
+    let keys = caracal_authz::budget::KeySpace::new(stack.key_prefix.as_str(), 4);
+    let rsv_key = |p: u16| keys.reservation(p, &a4);
     let client = redis::Client::open(stack.redis.url.as_str()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
     let started = Instant::now();

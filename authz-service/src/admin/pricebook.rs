@@ -104,10 +104,36 @@ fn price_field(name: &str, text: &str) -> ServiceResult<i64> {
     parse_price_per_mtok(text).map_err(|e| ServiceError::invalid(name, e))
 }
 
+/// Longest provider, in bytes, as stored (lowercased, which can lengthen it).
+const MAX_PROVIDER_BYTES: usize = 64;
+
+/// Provider and model lengths count bytes, not characters: the hot path refuses a
+/// model longer than [`crate::authorize::MAX_TEXT_BYTES`] (the ledger's cap), so
+/// the price book holds none no call could name (200 characters of 'é' are 400
+/// bytes).
+fn within_bytes(field: &str, value: String, max_bytes: usize) -> ServiceResult<String> {
+    if value.len() > max_bytes {
+        return Err(ServiceError::InvalidArgument(format!(
+            "{field} is longer than {max_bytes} bytes ({} bytes)",
+            value.len()
+        )));
+    }
+    Ok(value)
+}
+
 fn validate(req: &pb::SetPriceRequest) -> ServiceResult<NewPrice> {
+    use crate::authorize::MAX_TEXT_BYTES;
     Ok(NewPrice {
-        provider: convert::required_text("provider", &req.provider, 64)?.to_lowercase(),
-        model: convert::required_text("model", &req.model, 200)?,
+        provider: within_bytes(
+            "provider",
+            convert::required_text("provider", &req.provider, MAX_PROVIDER_BYTES)?.to_lowercase(),
+            MAX_PROVIDER_BYTES,
+        )?,
+        model: within_bytes(
+            "model",
+            convert::required_text("model", &req.model, MAX_TEXT_BYTES)?,
+            MAX_TEXT_BYTES,
+        )?,
         currency: Currency::parse(&req.currency)
             .map_err(|e| ServiceError::invalid("currency", e))?,
         input: price_field("input_per_mtok", &req.input_per_mtok)?,

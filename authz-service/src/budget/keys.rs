@@ -47,11 +47,16 @@ impl KeySpace {
         format!("{}:{{p{partition}}}", self.prefix)
     }
 
-    /// A reservation: its live record (`L...`) until it is settled, released or
-    /// expired, then a marker of how it ended (`D...`, kept `finishedMarkerTtl`) that
-    /// answers retries of the Settle and of the Authorize that made it.
+    /// The reservation of a request: its live record (`L...`) until it is
+    /// settled, released or expired, then a marker of how it ended (`D...`, kept
+    /// `finishedMarkerTtl`) that answers retries of the Settle and of the
+    /// Authorize that made it. One key per (agent, request id): a reservation id's
+    /// generation (see [`reservation_id`]) is not part of it, so every
+    /// reservation of a request id, and a retried Authorize that does not know
+    /// the generation yet, find the same key.
     pub fn reservation(&self, partition: u16, reservation_id: &str) -> String {
-        format!("{}:rsv:{reservation_id}", self.tag(partition))
+        let (stem, _) = split_reservation_id(reservation_id);
+        format!("{}:rsv:{stem}", self.tag(partition))
     }
     /// Reservations of the partition by expiry time (zset, score = ms).
     pub fn expiry(&self, partition: u16) -> String {
@@ -87,14 +92,30 @@ impl KeySpace {
     }
 }
 
-/// Reservation ids carry their partition (`rsv_<partition>_<32 hex>`), so Settle and
-/// Release find the hierarchy's keys without a lookup.
+/// Reservation ids carry their partition, so Settle and Release find the
+/// hierarchy's keys without a lookup: `rsv_<partition>_<32 hex>_<generation>`.
 ///
-/// The hex part is derived from the agent and its request id (SHA-256, first 128
-/// bits): a retried Authorize names the same reservation, so the reservation's own
-/// record is the idempotency key and no separate request key is written. Request ids
-/// are per agent: two agents using the same id get different reservations.
-pub fn reservation_id_for(partition: u16, agent_id: &str, request_id: &str) -> String {
+/// The stem, `rsv_<partition>_<32 hex>`, is derived from the agent and its request
+/// id (SHA-256, first 128 bits; [`reservation_stem`]): a retried Authorize names the
+/// same record, so the record is the idempotency key and no separate request key
+/// is written. Request ids are per agent: two agents using the same id get
+/// different reservations.
+///
+/// The generation is the time (ms) of the Authorize that made the reservation. A
+/// request id used again once the done marker of its earlier reservation has aged
+/// out (`finishedMarkerTtl`) makes a new reservation in the same record; the
+/// generation gives it an id of its own, and so event ids of its own
+/// (`<reservation id>/settle` ...): the ledger keeps one final charge per
+/// reservation id and deduplicates on event ids. Two reservations of one request
+/// id are at least `finishedMarkerTtl` apart (the second is made only after the
+/// first's marker is gone), so their generations differ as long as the replicas'
+/// clocks agree that closely. The scripts refuse an id whose generation is not
+/// the record's (an id of an earlier reservation never finishes a later one).
+///
+/// Ids without a generation (the stem alone) were issued before generations
+/// existed, and name the request's record whatever its generation: they still
+/// work, and ReleaseByRequest, which cannot know the generation, uses them.
+pub fn reservation_stem(partition: u16, agent_id: &str, request_id: &str) -> String {
     use sha2::{Digest, Sha256};
     use std::fmt::Write as _;
     let digest = Sha256::new()
@@ -110,14 +131,45 @@ pub fn reservation_id_for(partition: u16, agent_id: &str, request_id: &str) -> S
     id
 }
 
-/// The partition encoded in a reservation id, if it is well formed.
-pub fn partition_of_reservation(reservation_id: &str, partitions: u16) -> Option<u16> {
-    let rest = reservation_id.strip_prefix("rsv_")?;
+/// The id of the reservation of generation `generation` (the Authorize's time, ms)
+/// of a request's stem (see [`reservation_stem`]).
+pub fn reservation_id(stem: &str, generation: i64) -> String {
+    format!("{stem}_{generation}")
+}
+
+/// Longest generation accepted: the digits of `i64::MAX`.
+const MAX_GENERATION_DIGITS: usize = 19;
+
+/// A reservation id's stem and generation (None: the id names none). An id that
+/// is not well formed is its own stem.
+pub fn split_reservation_id(reservation_id: &str) -> (&str, Option<&str>) {
+    match reservation_id.rsplit_once('_') {
+        Some((stem, generation))
+            if (1..=MAX_GENERATION_DIGITS).contains(&generation.len())
+                && generation.bytes().all(|b| b.is_ascii_digit())
+                && well_formed_stem(stem).is_some() =>
+        {
+            (stem, Some(generation))
+        }
+        _ => (reservation_id, None),
+    }
+}
+
+/// The partition of a well-formed stem, `rsv_<partition>_<32 hex>`.
+fn well_formed_stem(stem: &str) -> Option<u16> {
+    let rest = stem.strip_prefix("rsv_")?;
     let (p, id) = rest.split_once('_')?;
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let p: u16 = p.parse().ok()?;
+    p.parse().ok()
+}
+
+/// The partition encoded in a reservation id (with or without its generation), if
+/// it is well formed.
+pub fn partition_of_reservation(reservation_id: &str, partitions: u16) -> Option<u16> {
+    let (stem, _) = split_reservation_id(reservation_id);
+    let p = well_formed_stem(stem)?;
     (p < partitions).then_some(p)
 }
 
@@ -156,18 +208,18 @@ mod tests {
 
     #[test]
     fn reservation_ids_round_trip_and_reject_garbage() {
-        let id = reservation_id_for(7, "agent-a", "req-1");
-        assert_eq!(partition_of_reservation(&id, 16), Some(7));
-        // Same agent and request id: same reservation; another agent: another one.
-        assert_eq!(id, reservation_id_for(7, "agent-a", "req-1"));
-        assert_ne!(id, reservation_id_for(7, "agent-b", "req-1"));
-        assert_ne!(id, reservation_id_for(7, "agent-a", "req-2"));
+        let stem = reservation_stem(7, "agent-a", "req-1");
+        assert_eq!(partition_of_reservation(&stem, 16), Some(7));
+        // Same agent and request id: same stem; another agent: another one.
+        assert_eq!(stem, reservation_stem(7, "agent-a", "req-1"));
+        assert_ne!(stem, reservation_stem(7, "agent-b", "req-1"));
+        assert_ne!(stem, reservation_stem(7, "agent-a", "req-2"));
         // No ambiguity from concatenation.
         assert_ne!(
-            reservation_id_for(7, "ab", "c"),
-            reservation_id_for(7, "a", "bc")
+            reservation_stem(7, "ab", "c"),
+            reservation_stem(7, "a", "bc")
         );
-        assert_eq!(partition_of_reservation(&id, 4), None);
+        assert_eq!(partition_of_reservation(&stem, 4), None);
         for bad in [
             "",
             "rsv_",
@@ -175,8 +227,35 @@ mod tests {
             "rsv_x_0190",
             "abc",
             "rsv_1_zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
+            "rsv_1_0123456789abcdef0123456789abcdef_",
+            "rsv_1_0123456789abcdef0123456789abcdef_12x",
+            "rsv_1_0123456789abcdef0123456789abcdef_12345678901234567890",
+            "rsv_1_0123456789abcdef_1733400000000",
         ] {
             assert_eq!(partition_of_reservation(bad, 16), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn generations_name_reservations_of_one_request_in_one_record() {
+        let ks = KeySpace::new("caracal", 16);
+        let stem = reservation_stem(3, "agent-a", "req-1");
+        let first = reservation_id(&stem, 1_733_400_000_000);
+        let second = reservation_id(&stem, 1_733_486_400_000);
+        assert_ne!(first, second);
+        assert_eq!(
+            split_reservation_id(&first),
+            (stem.as_str(), Some("1733400000000"))
+        );
+        assert_eq!(split_reservation_id(&stem), (stem.as_str(), None));
+        assert_eq!(partition_of_reservation(&first, 16), Some(3));
+        // One record per request: the stem, either generation, same key.
+        assert_eq!(ks.reservation(3, &first), ks.reservation(3, &second));
+        assert_eq!(ks.reservation(3, &first), ks.reservation(3, &stem));
+        assert!(ks.reservation(3, &first).ends_with(&format!(":rsv:{stem}")));
+        // An id that is not well formed is its own stem (nothing is cut off).
+        for odd in ["x", "rsv_1_ab_123", "a_1"] {
+            assert_eq!(split_reservation_id(odd), (odd, None));
         }
     }
 }

@@ -15,7 +15,7 @@ use caracal_domain::policy::OnExpiry;
 use caracal_service_kit::redis::{RedisConn, RedisEndpoint, RedisMode};
 use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
-use super::keys::KeySpace;
+use super::keys::{split_reservation_id, KeySpace};
 
 /// Redis is down, slow, refused one call, or answered something the scripts never
 /// return.
@@ -79,12 +79,16 @@ pub struct PolicySlot {
 }
 
 /// Everything a reservation needs; ids are made by the caller so retries are stable
-/// (the reservation id is derived from the agent and the request id, see
-/// [`super::keys::reservation_id_for`]: its record is the idempotency key).
+/// (the reservation id's stem is derived from the agent and the request id, see
+/// [`super::keys::reservation_stem`]: its record is the idempotency key).
 #[derive(Debug)]
 pub struct ReserveRequest<'a> {
     pub partition: u16,
     pub request_id: &'a str,
+    /// The id of the reservation this request makes if it is new:
+    /// `<stem>_<generation>` (see [`super::keys::reservation_id`]; the generation
+    /// is stored with it). A retry finds the stem's record and is answered with
+    /// the id it holds. A bare stem makes a reservation without a generation.
     pub reservation_id: &'a str,
     pub amount_micros: i64,
     pub now_ms: i64,
@@ -104,11 +108,13 @@ pub struct ReserveRequest<'a> {
 pub enum ReserveOutcome {
     /// Reserved on every policy; `used[i]` = spent + reserved of policy i before.
     Allowed { used: Vec<i64> },
-    /// This agent already made this request; nothing was reserved. `finished`:
-    /// None while its reservation is live (it stands), else how it ended (the
-    /// request must not be admitted again). `used[i]` = spent + reserved of policy
-    /// i now.
+    /// This agent already made this request; nothing was reserved.
+    /// `reservation_id`: the reservation the request's record holds (made by an
+    /// earlier Authorize). `finished`: None while it is live (it stands), else how
+    /// it ended (the request must not be admitted again). `used[i]` = spent +
+    /// reserved of policy i now.
     Duplicate {
+        reservation_id: String,
         used: Vec<i64>,
         finished: Option<DoneMarker>,
     },
@@ -173,14 +179,18 @@ impl DoneMarker {
     }
 }
 
-/// How a reservation ends.
+/// How a reservation ends. Its event's id is `<reservation id>/<kind>`
+/// (`.../settle`, `.../release`, `.../expire`), made by the script from the
+/// reservation's full id (a stem alone, as ReleaseByRequest names it, gets the
+/// record's generation).
 #[derive(Debug, Clone)]
 pub struct Finish<'a> {
     pub kind: FinishKind,
     pub partition: u16,
+    /// As the caller names it: `<stem>_<generation>`, or a stem alone (any
+    /// generation).
     pub reservation_id: &'a str,
     pub now_ms: i64,
-    pub event_id: &'a str,
     /// Settle only: the actual cost.
     pub cost_micros: i64,
     pub input_tokens: u64,
@@ -206,7 +216,6 @@ impl<'a> Finish<'a> {
         kind: FinishKind,
         partition: u16,
         reservation_id: &'a str,
-        event_id: &'a str,
         now_ms: i64,
         done_ttl_s: u64,
     ) -> Self {
@@ -215,7 +224,6 @@ impl<'a> Finish<'a> {
             partition,
             reservation_id,
             now_ms,
-            event_id,
             cost_micros: 0,
             input_tokens: 0,
             output_tokens: 0,
@@ -256,7 +264,8 @@ pub enum FinishOutcome {
         charged: i64,
         currency: String,
     },
-    /// No such reservation (never made, or its marker has aged out).
+    /// No such reservation (never made, or its marker has aged out, or the record
+    /// holds another reservation of the request id than the one named).
     Unknown,
     /// A release with `tombstone` found no reservation and left a released marker.
     Tombstoned,
@@ -430,9 +439,10 @@ impl BudgetStore {
     /// Checks and reserves on every policy, atomically.
     pub async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
         let p = req.partition;
-        let meta = event_meta(req);
+        let (stem, generation) = split_reservation_id(req.reservation_id);
+        let meta = event_meta(req, generation);
         let record = reservation_record(req);
-        let rsv_key = self.keys.reservation(p, req.reservation_id);
+        let rsv_key = self.keys.reservation(p, stem);
         let mut inv = redis::cmd("EVALSHA");
         inv.arg(self.authorize.get_hash())
             .arg(3 + req.policies.len())
@@ -450,7 +460,8 @@ impl BudgetStore {
             .arg(record)
             .arg(req.allow_event_id)
             .arg(req.deny_event_id)
-            .arg(req.policies.len());
+            .arg(req.policies.len())
+            .arg(stem);
         for slot in req.policies {
             let (mode, bucket, oldest, expire_at) = match slot.mode {
                 SlotMode::Calendar { expire_at_s } => ("c", 0, 0, expire_at_s),
@@ -470,7 +481,8 @@ impl BudgetStore {
     /// Settles, releases or expires a reservation, exactly once.
     pub async fn finish(&self, f: &Finish<'_>) -> Result<FinishOutcome, StoreError> {
         let p = f.partition;
-        let rsv_key = self.keys.reservation(p, f.reservation_id);
+        let (stem, generation) = split_reservation_id(f.reservation_id);
+        let rsv_key = self.keys.reservation(p, stem);
         let mut inv = redis::cmd("EVALSHA");
         inv.arg(self.finish.get_hash())
             .arg(3)
@@ -479,10 +491,10 @@ impl BudgetStore {
             .arg(self.keys.outbox(p))
             .arg(f.kind.as_str())
             .arg(f.now_ms)
-            .arg(f.reservation_id)
+            .arg(stem)
             .arg(f.done_ttl_s)
             .arg(f.cost_micros)
-            .arg(f.event_id)
+            .arg(generation.unwrap_or_default())
             .arg(f.input_tokens)
             .arg(f.output_tokens)
             .arg(f.cached_input_tokens)
@@ -527,8 +539,10 @@ impl BudgetStore {
 }
 
 /// What every event of a reservation carries, as the JSON object the outbox relay
-/// merges into the entry's fields (one stream field instead of seven).
-fn event_meta(req: &ReserveRequest<'_>) -> String {
+/// merges into the entry's fields (one stream field instead of seven). It is also
+/// the last line of the reservation's record, where `generation` names the
+/// reservation among those of its request id (the scripts read it there).
+fn event_meta(req: &ReserveRequest<'_>, generation: Option<&str>) -> String {
     #[derive(serde::Serialize)]
     struct Meta<'a> {
         request_id: &'a str,
@@ -541,6 +555,9 @@ fn event_meta(req: &ReserveRequest<'_>) -> String {
         /// When the reservation was made (ms): charge events carry it as
         /// `reserved_at`, the instant whose policy windows the charge counts in.
         reserved_at_ms: String,
+        /// The reservation id's generation (see `keys::reservation_id`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        generation: Option<&'a str>,
     }
     serde_json::to_string(&Meta {
         request_id: req.request_id,
@@ -551,6 +568,7 @@ fn event_meta(req: &ReserveRequest<'_>) -> String {
         model: req.model,
         resource: req.resource,
         reserved_at_ms: req.now_ms.to_string(),
+        generation,
     })
     // Serialising borrowed strings cannot fail; an empty object would be poison.
     .unwrap_or_else(|_| "{}".to_owned())
@@ -645,20 +663,28 @@ fn parse_reserve(reply: &[Value], npol: usize) -> Result<ReserveOutcome, StoreEr
             Ok(ReserveOutcome::Denied { index, used })
         }
         "dup" | "finished" => {
+            let reservation_id = reply
+                .get(1)
+                .and_then(text)
+                .ok_or_else(|| protocol("dup: reservation id"))?;
             let (finished, from) = if tag == "finished" {
                 let line = reply
-                    .get(1)
+                    .get(2)
                     .and_then(text)
                     .ok_or_else(|| protocol("finished marker"))?;
-                (Some(DoneMarker::parse(&line)?), 2)
+                (Some(DoneMarker::parse(&line)?), 3)
             } else {
-                (None, 1)
+                (None, 2)
             };
             let used = ints(from)?;
             if used.len() != npol {
                 return Err(protocol("dup: wrong number of policies"));
             }
-            Ok(ReserveOutcome::Duplicate { used, finished })
+            Ok(ReserveOutcome::Duplicate {
+                reservation_id,
+                used,
+                finished,
+            })
         }
         other => Err(protocol(&format!("unknown reply {other:?}"))),
     }
@@ -754,12 +780,14 @@ mod tests {
     fn a_finished_request_is_a_duplicate_that_says_how_it_ended() {
         let reply = [
             bulk("finished"),
+            bulk("rsv_1_x_17"),
             bulk("D\texpire\t300\t300\tUSD"),
             Value::Int(7),
         ];
         assert_eq!(
             parse_reserve(&reply, 1).unwrap(),
             ReserveOutcome::Duplicate {
+                reservation_id: "rsv_1_x_17".into(),
                 used: vec![7],
                 finished: Some(DoneMarker {
                     kind: FinishKind::Expire,
@@ -769,16 +797,26 @@ mod tests {
                 }),
             }
         );
-        let live = [bulk("dup"), Value::Int(7), Value::Int(9)];
+        let live = [bulk("dup"), bulk("rsv_1_x"), Value::Int(7), Value::Int(9)];
         assert_eq!(
             parse_reserve(&live, 2).unwrap(),
             ReserveOutcome::Duplicate {
+                reservation_id: "rsv_1_x".into(),
                 used: vec![7, 9],
                 finished: None,
             }
         );
         // A garbled marker is a protocol error, not an allow.
-        assert!(parse_reserve(&[bulk("finished"), bulk("D\tsettle"), Value::Int(7)], 1).is_err());
+        assert!(parse_reserve(
+            &[
+                bulk("finished"),
+                bulk("r"),
+                bulk("D\tsettle"),
+                Value::Int(7)
+            ],
+            1
+        )
+        .is_err());
     }
 
     #[test]

@@ -5,26 +5,34 @@
 -- Redis Cluster slot.
 --
 -- Kept to the fewest and cheapest Redis calls (this script and finish.lua are most
--- of Redis's CPU): the reservation id is derived from (agent, request id), so its
--- record doubles as the idempotency key; the record and the event metadata are
--- built by the service as single strings and stored as they came.
+-- of Redis's CPU): the reservation id's stem is derived from (agent, request id), so
+-- its record doubles as the idempotency key; the record and the event metadata are
+-- built by the service as single strings and stored as they came. The id's
+-- generation (the time of the Authorize that made it) tells apart the reservations
+-- of a request id used again after the done marker of its last one aged out.
 --
--- KEYS[1] reservation key (string: the live record "L...", or "D..." once finished)
+-- KEYS[1] reservation key of the request (string: the live record "L...", or "D..."
+--         once finished; one key for every reservation of the request id)
 -- KEYS[2] expiry index    (zset: reservation id by expiry time, ms)
 -- KEYS[3] outbox          (stream: events to relay to Kafka)
 -- KEYS[3+i] counter of policy i (calendar: hash {s, r}; rolling: hash {s:<b>, r:<b>})
 --
--- ARGV[1] now (ms)            ARGV[2] reservation id   ARGV[3] amount (micros)
--- ARGV[4] expires at (ms)     ARGV[5] event metadata (JSON, copied into events)
+-- ARGV[1] now (ms)            ARGV[2] reservation id this request would make
+--                             (<stem>_<generation>)      ARGV[3] amount (micros)
+-- ARGV[4] expires at (ms)     ARGV[5] event metadata (JSON, copied into events; with
+--                             "generation":"<ms>", which names the reservation)
 -- ARGV[6] reservation record without its last line (the metadata, appended here)
 -- ARGV[7] allow-event id      ARGV[8] deny-event id
--- ARGV[9] number of policies
+-- ARGV[9] number of policies  ARGV[10] the request's reservation id stem
 -- then 6 per policy: policy id, limit, mode ('c'|'r'), bucket (rolling), oldest
 --                    counted bucket (rolling), counter expire-at (s, 0 = never)
 --
 -- Returns {'allow', used_1..used_n} | {'deny', index, used_1..used_n} |
---         {'dup', used_1..used_n} | {'finished', done-marker line, used_1..used_n}
--- where used_i = spent + reserved of policy i before this request ('dup': now).
+--         {'dup', reservation id, used_1..used_n} |
+--         {'finished', reservation id, done-marker line, used_1..used_n}
+-- where used_i = spent + reserved of policy i before this request ('dup': now), and
+-- the reservation id is the one the record holds (the stem and the generation in its
+-- text; the stem alone for a record made before generations, or a tombstone).
 
 -- Numbers reach Redis as strings: Lua would print large ones as 1e+15, so amounts are
 -- passed through as the decimal text they arrived in.
@@ -32,7 +40,7 @@ local existing = redis.call('EXISTS', KEYS[1])
 
 local amount = tonumber(ARGV[3])
 local npol = tonumber(ARGV[9])
-local HDR, STRIDE = 9, 6
+local HDR, STRIDE = 10, 6
 
 local used = {}
 -- Calendar counters this request creates: only they need their EXPIREAT (it stays
@@ -75,15 +83,20 @@ end
 -- request id before this Authorize arrived): refused, reserving nothing, with how
 -- it ended; answering allow would give a client that reuses request ids a free call.
 if existing == 1 then
-  local rec = redis.call('GET', KEYS[1])
-  local out = {'dup'}
-  if rec and string.sub(rec, 1, 1) == 'D' then
+  local rec = redis.call('GET', KEYS[1]) or ''
+  -- The reservation the record holds (made by an earlier Authorize of this request,
+  -- at another time): its generation is in the record's text.
+  local rid = ARGV[10]
+  local gen = string.match(rec, '"generation":"(%d+)"')
+  if gen then rid = rid .. '_' .. gen end
+  local out = {'dup', rid}
+  if string.sub(rec, 1, 1) == 'D' then
     local head = string.match(rec, '^[^\n]*')
     redis.call('XADD', KEYS[3], '*',
       'type', 'decision', 'kind', 'authorize', 'decision', 'deny', 'reason', 'request_finished',
-      'event_id', ARGV[8], 'reservation_id', ARGV[2], 'amount', ARGV[3], 'at_ms', ARGV[1],
+      'event_id', ARGV[8], 'reservation_id', rid, 'amount', ARGV[3], 'at_ms', ARGV[1],
       'meta', ARGV[5])
-    out = {'finished', head}
+    out = {'finished', rid, head}
   end
   for i = 1, npol do out[#out + 1] = used[i] end
   return out

@@ -13,10 +13,21 @@
 -- The counter keys are read from the reservation record; they carry the same hash
 -- tag as the declared keys, so they live in the same Redis Cluster slot.
 --
+-- Which reservation: KEYS[1] is the record of a request id (see authorize.lua), and a
+-- request id used again after the marker of its last reservation aged out makes a
+-- new reservation there. The caller names the reservation by its id, stem and
+-- generation (ARGV[3], ARGV[6]); an id whose generation is not the record's is
+-- 'unknown' (an id of an earlier reservation never finishes a later one). An id
+-- without a generation (issued before generations existed, or ReleaseByRequest's)
+-- names whatever the record holds, but for expiry: the sweeper expires exactly the
+-- id it found in the expiry index. Events carry the record's reservation id, and
+-- their event id is `<reservation id>/<mode>`.
+--
 -- KEYS[1] reservation key   KEYS[2] expiry index   KEYS[3] outbox
 -- ARGV[1] mode: settle | release | expire
--- ARGV[2] now (ms)          ARGV[3] reservation id   ARGV[4] done-marker TTL (s)
--- ARGV[5] actual cost (settle; micros)  ARGV[6] event id
+-- ARGV[2] now (ms)          ARGV[3] reservation id stem   ARGV[4] done-marker TTL (s)
+-- ARGV[5] actual cost (settle; micros)
+-- ARGV[6] generation the caller's reservation id names ('' = none)
 -- ARGV[7] input tokens  ARGV[8] output tokens  ARGV[9] cached input tokens
 -- ARGV[10] price version  ARGV[11] release reason
 -- ARGV[12] currency: settle: the actual cost's ('' = unchecked), refused unless it is
@@ -29,10 +40,12 @@
 --   L <amount> <currency> <number of policies>
 --   per policy: <counter key> <policy id> <limit> <c|r> <bucket> <bucket width s>
 --               <older buckets counted> <charge|release on expiry>
---   <event metadata (JSON)>
+--   <event metadata (JSON; "generation":"<ms>" since generations exist)>
 -- The done marker: D <mode> <reserved> <charged> <currency>
 -- An expire marker goes on with the policy and metadata lines of the live record
--- (what a late Settle needs); only its first line is ever returned.
+-- (what a late Settle needs); a settle or release marker with the generation alone,
+-- {"generation":"<ms>"} (a tombstone has none). Only the first line is ever
+-- returned.
 --
 -- Returns {'unknown'} | {'tombstone'} | {'done', first line of the marker} |
 --         {'currency', reservation currency} (settle refused, nothing changed) |
@@ -41,16 +54,33 @@
 
 local POLICY_LINE = '^([^\t]+)\t([^\t]+)\t(%-?%d+)\t([cr])\t(%-?%d+)\t(%d+)\t(%d+)\t(%a+)$'
 
+local GENERATION = '"generation":"(%d+)"'
+local stem, named = ARGV[3], ARGV[6]
+local given = stem
+if named ~= '' then given = stem .. '_' .. named end
+
 local rec = redis.call('GET', KEYS[1])
 if not rec then
   -- Never made, or its marker aged out: make sure the sweeper stops visiting it.
-  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('ZREM', KEYS[2], given)
   if ARGV[1] == 'release' and ARGV[13] == '1' then
     redis.call('SET', KEYS[1], 'D\trelease\t0\t0\t' .. ARGV[12], 'EX', tonumber(ARGV[4]))
     return {'tombstone'}
   end
   return {'unknown'}
 end
+
+local gen = string.match(rec, GENERATION)
+-- The sweeper expires exactly the reservation it found in the expiry index: a bare
+-- stem there (from before generations) never expires a later reservation.
+if (named ~= '' or (gen and ARGV[1] == 'expire')) and named ~= gen then
+  -- Another reservation of the request id (the named one ended and its marker aged
+  -- out), or a record that cannot confirm the generation: not the named one.
+  redis.call('ZREM', KEYS[2], given)
+  return {'unknown'}
+end
+local rid = stem
+if gen then rid = stem .. '_' .. gen end
 
 local mode = ARGV[1]
 local now_ms = tonumber(ARGV[2])
@@ -59,7 +89,7 @@ local late = false
 if string.sub(rec, 1, 1) == 'D' then
   if mode ~= 'settle' or string.sub(head, 1, 9) ~= 'D\texpire\t' or not string.find(rec, '\n') then
     -- Done already (a retry, or another way first): nothing for the sweeper here.
-    redis.call('ZREM', KEYS[2], ARGV[3])
+    redis.call('ZREM', KEYS[2], rid, given)
     return {'done', head}
   end
   late = true
@@ -183,14 +213,15 @@ end
 out[3] = charged
 local charged_s = string.format('%d', charged)
 
-redis.call('ZREM', KEYS[2], ARGV[3])
+local event_id = rid .. '/' .. mode
+redis.call('ZREM', KEYS[2], rid, given)
 if mode == 'settle' or charged > 0 then
   -- A late settle's event carries the reservation's final charge (the actual
   -- cost): it supersedes the expire_charge event of the same reservation.
   local kind = 'settle'
   if late then kind = 'late_settle' elseif mode == 'expire' then kind = 'expire_charge' end
   redis.call('XADD', KEYS[3], '*',
-    'type', 'charge', 'kind', kind, 'event_id', ARGV[6], 'reservation_id', ARGV[3],
+    'type', 'charge', 'kind', kind, 'event_id', event_id, 'reservation_id', rid,
     'reserved', amount_s, 'charged', charged_s, 'input_tokens', ARGV[7],
     'output_tokens', ARGV[8], 'cached_input_tokens', ARGV[9], 'price_version', ARGV[10],
     'policy_ids', table.concat(charged_ids, ','), 'at_ms', ARGV[2], 'meta', meta)
@@ -199,14 +230,18 @@ else
   if mode == 'expire' then kind = 'expire_release' end
   redis.call('XADD', KEYS[3], '*',
     'type', 'decision', 'kind', kind, 'decision', 'allow', 'reason', ARGV[11],
-    'event_id', ARGV[6], 'reservation_id', ARGV[3], 'amount', amount_s,
+    'event_id', event_id, 'reservation_id', rid, 'amount', amount_s,
     'at_ms', ARGV[2], 'meta', meta)
 end
 
 local marker = 'D\t' .. mode .. '\t' .. amount_s .. '\t' .. charged_s .. '\t' .. currency
 if mode == 'expire' then
-  -- Keep what a late Settle needs: the policy lines and the event metadata.
+  -- Keep what a late Settle needs: the policy lines and the event metadata (which
+  -- holds the generation).
   marker = marker .. string.sub(rec, #head + 1)
+elseif gen then
+  -- Keep the generation: a retry names this reservation, an older id does not.
+  marker = marker .. '\n{"generation":"' .. gen .. '"}'
 end
 redis.call('SET', KEYS[1], marker, 'EX', tonumber(ARGV[4]))
 return out
