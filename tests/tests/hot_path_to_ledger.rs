@@ -470,3 +470,185 @@ async fn authorize_and_the_price_book_refuse_text_the_ledger_would_refuse() {
     );
     stack.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn reservations_made_before_generations_still_finish_by_their_old_ids() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = stack.agent_with_key("upgraded", None).await.unwrap();
+    let pol = stack
+        .usd_policy(&agent_id, "10", "daily", "calendar", "")
+        .await
+        .unwrap();
+    let mut authz = stack.authz();
+    const R: &str = "made-before-the-upgrade";
+    let made = authz
+        .authorize(authorize_request(&key, R, 1_000_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(allowed(&made), "{made:?}");
+    let (stem, generation) =
+        caracal_authz::budget::keys::split_reservation_id(&made.reservation_id);
+    let generation = generation.unwrap().to_owned();
+    let stem = stem.to_owned();
+
+    // Rewrite it as a release without generations wrote it: no generation in the
+    // record, the stem alone in the expiry index.
+    let keys = KeySpace::new(stack.key_prefix.clone(), stack.redis.partitions);
+    let p = partition_of_reservation(&stem, stack.redis.partitions).unwrap();
+    let mut conn = redis(&stack).await;
+    let record: String = redis::cmd("GET")
+        .arg(keys.reservation(p, &stem))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let generation_field = format!(",\"generation\":\"{generation}\"");
+    assert_eq!(record.matches(&generation_field).count(), 1, "{record}");
+    let score: i64 = redis::cmd("ZSCORE")
+        .arg(keys.expiry(p))
+        .arg(&made.reservation_id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(keys.reservation(p, &stem))
+        .arg(record.replace(&generation_field, ""))
+        .ignore()
+        .cmd("ZREM")
+        .arg(keys.expiry(p))
+        .arg(&made.reservation_id)
+        .ignore()
+        .cmd("ZADD")
+        .arg(keys.expiry(p))
+        .arg(score)
+        .arg(&stem)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // A retried Authorize names it by the stem; an id with a generation the record
+    // cannot confirm finishes nothing; the stem settles it, once.
+    let retry = authz
+        .authorize(authorize_request(&key, R, 1_000_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(allowed(&retry), "{retry:?}");
+    assert_eq!(retry.reservation_id, stem);
+    let err = settle(&mut authz, &made.reservation_id, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let s = settle(&mut authz, &stem, 250_000).await.unwrap();
+    assert_eq!(
+        (s.charged.unwrap().micros, s.already_settled),
+        (250_000, false)
+    );
+    let s = settle(&mut authz, &stem, 250_000).await.unwrap();
+    assert_eq!(
+        (s.charged.unwrap().micros, s.already_settled),
+        (250_000, true)
+    );
+
+    let charges: Vec<LedgerRow> = ledger_view_of_charges(&stack)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        charges
+            .iter()
+            .map(|c| (
+                c.reservation_id.as_str(),
+                c.event_id.as_str(),
+                c.charged_micros
+            ))
+            .collect::<Vec<_>>(),
+        [(stem.as_str(), format!("{stem}/settle").as_str(), 250_000)]
+    );
+    let indexed: i64 = redis::cmd("ZCARD")
+        .arg(keys.expiry(p))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(indexed, 0);
+    let marker: String = redis::cmd("GET")
+        .arg(keys.reservation(p, &stem))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(marker, "D\tsettle\t1000000\t250000\tUSD");
+    let late = authz
+        .authorize(authorize_request(&key, R, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        pb::DenyReason::try_from(late.reason).unwrap(),
+        pb::DenyReason::RequestFinished
+    );
+    assert_eq!(late.reservation_id, stem);
+    assert_eq!(remaining_of(&late, &pol), 10_000_000 - 250_000);
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_sweeper_expires_only_the_reservation_its_index_names() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent_id, key) = stack.agent_with_key("indexed", None).await.unwrap();
+    stack
+        .usd_policy(&agent_id, "10", "daily", "calendar", "")
+        .await
+        .unwrap();
+    let live = stack
+        .authz()
+        .authorize(authorize_request(&key, "live", 1_000_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(allowed(&live), "{live:?}");
+    let stem = caracal_authz::budget::keys::split_reservation_id(&live.reservation_id)
+        .0
+        .to_owned();
+    let partitions = stack.redis.partitions;
+    let keys = KeySpace::new(stack.key_prefix.clone(), partitions);
+    let p = partition_of_reservation(&stem, partitions).unwrap();
+    let mut conn = redis(&stack).await;
+    // A due entry naming the request's stem (left from before generations): it is
+    // not the live reservation, which is due only later.
+    let _: () = redis::cmd("ZADD")
+        .arg(keys.expiry(p))
+        .arg(0)
+        .arg(&stem)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let store = caracal_authz::budget::BudgetStore::new(
+        &stack.redis.endpoint(std::time::Duration::from_secs(5)),
+        keys.clone(),
+        1,
+        caracal_authz::budget::ReplicaAck::NONE,
+    )
+    .unwrap();
+    let sweep = caracal_authz::sweeper::sweep_once(&store, 60)
+        .await
+        .unwrap();
+    assert_eq!((sweep.expired, sweep.failed), (0, 0), "{sweep:?}");
+    let record: String = redis::cmd("GET")
+        .arg(keys.reservation(p, &stem))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(record.starts_with("L\t"), "{record:?}");
+    let index: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.expiry(p))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(index, [live.reservation_id.clone()]);
+    stack.stop().await.unwrap();
+}
