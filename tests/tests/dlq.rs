@@ -77,7 +77,8 @@ async fn setup(dlq_topic: &str) -> (Tansu, TestStack) {
     let mut conn = stack.db().await.unwrap();
     diesel::sql_query(format!(
         "CREATE FUNCTION refuse_test_row() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF NEW.model = '{REFUSED_MODEL}' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF; \
+         BEGIN IF NEW.model = '{REFUSED_MODEL}' THEN \
+           RAISE EXCEPTION 'refused by the test trigger' USING ERRCODE = 'check_violation'; END IF; \
          RETURN NEW; END $$"
     ))
     .execute(&mut conn)
