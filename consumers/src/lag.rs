@@ -85,8 +85,9 @@ pub fn sample(
 /// stalled.
 #[derive(Debug, Default)]
 pub struct StallWatch {
-    /// Per partition: the committed offset last seen and since when it stands.
-    seen: BTreeMap<TopicPartition, (Option<i64>, Instant)>,
+    /// Per partition: the committed offset last seen and since when it has stood
+    /// with lag behind it.
+    seen: BTreeMap<TopicPartition, (Option<i64>, Instant, bool)>,
 }
 
 impl StallWatch {
@@ -101,14 +102,17 @@ impl StallWatch {
         let mut seen = BTreeMap::new();
         for s in sample {
             let key = (s.topic.clone(), s.partition);
+            // The clock runs from the first sample that saw lag at this committed
+            // offset: an idle partition (no lag for hours) that gets a message is
+            // not stalled at once.
             let since = match self.seen.get(&key) {
-                Some((committed, since)) if *committed == s.committed => *since,
+                Some((committed, since, true)) if *committed == s.committed => *since,
                 _ => now,
             };
             if s.lag > 0 && now.duration_since(since) >= after {
                 stalled.push(format!("{}/{}", s.topic, s.partition));
             }
-            seen.insert(key, (s.committed, since));
+            seen.insert(key, (s.committed, since, s.lag > 0));
         }
         self.seen = seen;
         stalled
@@ -207,6 +211,16 @@ mod tests {
         // Caught up: no lag, not stalled however long it stands.
         let t5 = t4 + Duration::from_secs(60);
         assert!(w.observe(&[lag(0, Some(12), 12)], t5, after).is_empty());
+        // Idle for an hour with nothing to read, then a message arrives: the clock
+        // starts now, not an hour ago.
+        let t6 = t5 + Duration::from_secs(3600);
+        assert!(w.observe(&[lag(0, Some(12), 12)], t6, after).is_empty());
+        let t7 = t6 + Duration::from_secs(1);
+        assert!(w.observe(&[lag(0, Some(12), 13)], t7, after).is_empty());
+        let t8 = t7 + Duration::from_secs(9);
+        assert!(w.observe(&[lag(0, Some(12), 13)], t8, after).is_empty());
+        let t9 = t7 + Duration::from_secs(10);
+        assert_eq!(w.observe(&[lag(0, Some(12), 13)], t9, after).len(), 1);
         // Nothing ever committed while messages wait: stalled too.
         let mut w = StallWatch::default();
         w.observe(&[lag(2, None, 3)], t0, after);
