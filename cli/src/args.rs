@@ -124,8 +124,9 @@ pub struct AuditArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
-    /// Export audit records whose message time is in [--start, --end), oldest first.
-    /// Reads PostgreSQL directly over a read-only session (no admin API call).
+    /// Export audit records written (ingested) in [--start, --end), oldest first; the
+    /// producer's own timestamp is in each record but does not select it. Reads
+    /// PostgreSQL directly over a read-only session (no admin API call).
     Export {
         /// First instant included: RFC 3339 or a UTC date (2026-02-01).
         #[arg(long, value_name = "TIME", value_parser = time_or_date)]

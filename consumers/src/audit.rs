@@ -8,18 +8,26 @@
 //! decodes nothing, so practically nothing is poison.
 //!
 //! A batch is one `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING` on
-//! UNIQUE (topic, partition, kafka_offset): a redelivery is a no-op. The table is
-//! append-only in the database (triggers; see the migration `*_audit_logs`); the
-//! only deletes are the retention job's ([`run_retention`]): rows older than
-//! `audit.retentionDays`, in bounded batches, each in a transaction that sets
-//! `caracal.audit_retention = 'on'` locally. The logger runs it at start and then
-//! daily; `caracal-consumers audit-retention` runs it once (for a CronJob).
+//! UNIQUE (topic, partition, kafka_offset, message_hash), the hash being
+//! `audit_message_hash()` of the message itself (key, payload, timestamp, headers;
+//! migration `*_audit_message_identity`): a redelivery is a no-op, and a different
+//! message at a position already used (a re-created topic, a migrated cluster) is
+//! kept. The table is append-only in the database (triggers; migrations
+//! `*_audit_logs`, `*_database_roles`); the only deletes are the retention job's
+//! ([`run_retention`]): rows ingested more than `audit.retentionDays` ago (by
+//! `ingested_at`, the database's clock, never the producer's timestamp), in bounded
+//! batches, each in a transaction that sets `caracal.audit_retention = 'on'`
+//! locally, by a role that is a member of `caracal_audit_retention` (the trigger
+//! checks both). `caracal-consumers audit-retention` runs it once (for a CronJob,
+//! with the retention role's credentials); the logger runs it at start and daily
+//! only when its own role may delete (a development setup), and otherwise leaves it
+//! to that job.
 
 use std::{future::Future, time::Duration};
 
 use caracal_service_kit::db::{self, Pool};
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Binary, Integer, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Binary, Bool, Integer, Nullable, Text, Timestamptz};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 
 use crate::{
@@ -39,7 +47,8 @@ const RETENTION_EVERY: Duration = Duration::from_secs(24 * 3600);
 /// raw header is still in `headers`).
 const MAX_ID_LEN: usize = 200;
 
-/// One `audit_logs` row (without the generated id and ingested_at).
+/// One `audit_logs` row (without the generated id, ingested_at, and message_hash,
+/// which the database computes from these columns and `timestamp_ms`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditRow {
     pub topic: String,
@@ -51,7 +60,12 @@ pub struct AuditRow {
     pub payload: Option<Vec<u8>>,
     pub event_type: Option<String>,
     pub event_id: Option<String>,
+    /// The message timestamp, or the time it was decoded when it had none. What the
+    /// producer said: kept, but retention and export go by `ingested_at`.
     pub occurred_at: DateTime<Utc>,
+    /// The message's own timestamp (ms; `None` when it had none): part of the
+    /// message's identity (`audit_message_hash`).
+    pub timestamp_ms: Option<i64>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -104,9 +118,10 @@ pub fn to_row(msg: &RawMessage, now: DateTime<Utc>) -> Result<AuditRow, String> 
             msg.partition, msg.offset
         ));
     }
-    let occurred_at = msg
+    let timestamp_ms = msg
         .timestamp_ms
-        .filter(|ms| *ms > 0)
+        .filter(|ms| *ms > 0 && DateTime::from_timestamp_millis(*ms).is_some());
+    let occurred_at = timestamp_ms
         .and_then(DateTime::from_timestamp_millis)
         .unwrap_or(now);
     Ok(AuditRow {
@@ -119,17 +134,20 @@ pub fn to_row(msg: &RawMessage, now: DateTime<Utc>) -> Result<AuditRow, String> 
         event_type: header_text(msg, "event_type"),
         event_id: header_text(msg, "event_id"),
         occurred_at,
+        timestamp_ms,
     })
 }
 
+/// ingested_at is left to the database (its default, `now()`): the logger's role may
+/// not set it.
 const INSERT: &str = "\
 INSERT INTO audit_logs (topic, \"partition\", kafka_offset, key, headers, payload, event_type,
-    event_id, occurred_at)
-SELECT t, p, o, k, h::jsonb, v, et, ei, oa
+    event_id, occurred_at, message_hash)
+SELECT t, p, o, k, h::jsonb, v, et, ei, oa, audit_message_hash(k, h::jsonb, v, ts)
 FROM unnest($1::text[], $2::int4[], $3::int8[], $4::bytea[], $5::text[], $6::bytea[],
-    $7::text[], $8::text[], $9::timestamptz[])
-  AS u(t, p, o, k, h, v, et, ei, oa)
-ON CONFLICT (topic, \"partition\", kafka_offset) DO NOTHING";
+    $7::text[], $8::text[], $9::timestamptz[], $10::int8[])
+  AS u(t, p, o, k, h, v, et, ei, oa, ts)
+ON CONFLICT (topic, \"partition\", kafka_offset, message_hash) DO NOTHING";
 
 /// Writes `rows` in one statement; returns how many were new.
 pub async fn insert_rows(
@@ -149,6 +167,7 @@ pub async fn insert_rows(
         .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.event_type.clone()))
         .bind::<Array<Nullable<Text>>, _>(col(rows, |r| r.event_id.clone()))
         .bind::<Array<Timestamptz>, _>(col(rows, |r| r.occurred_at))
+        .bind::<Array<Nullable<BigInt>>, _>(col(rows, |r| r.timestamp_ms))
         .execute(conn)
         .await
 }
@@ -189,43 +208,90 @@ impl Handler for AuditLogger {
     }
 }
 
+/// The database role whose members may delete audit rows (the retention job's);
+/// the append-only trigger checks it (migration `*_database_roles`).
+pub const RETENTION_ROLE: &str = "caracal_audit_retention";
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("database: {0}")]
     Db(String),
+    #[error(
+        "database role {role} may not delete audit rows: run the retention job as a \
+         member of {RETENTION_ROLE} (README \"Database roles\")"
+    )]
+    NotRetentionRole { role: String },
 }
 
 const DELETE_BATCH: &str = "\
 DELETE FROM audit_logs WHERE id IN (
-    SELECT id FROM audit_logs WHERE occurred_at < $1 ORDER BY occurred_at LIMIT $2)";
+    SELECT id FROM audit_logs WHERE ingested_at < $1 ORDER BY ingested_at, id LIMIT $2)";
 
-/// Deletes audit rows whose `occurred_at` is older than `now - retention_days`,
-/// at most `batch` rows per transaction, each transaction with
-/// `SET LOCAL caracal.audit_retention = 'on'` (what the append-only trigger
-/// allows). Returns the number of rows deleted.
+/// Whether this session's role may delete audit rows: a member of
+/// [`RETENTION_ROLE`] (a superuser counts as a member of every role). Asked first
+/// so a role that may not gets a plain answer instead of the trigger's refusal.
+async fn check_retention_role(
+    conn: &mut diesel_async::AsyncPgConnection,
+) -> Result<(), AuditError> {
+    #[derive(diesel::QueryableByName)]
+    struct May {
+        #[diesel(sql_type = Text)]
+        role: String,
+        #[diesel(sql_type = Bool)]
+        may: bool,
+    }
+    let may: May = diesel::sql_query(
+        "SELECT current_user::text AS role, \
+           coalesce(pg_has_role(current_user, to_regrole($1), 'MEMBER'), false) AS may",
+    )
+    .bind::<Text, _>(RETENTION_ROLE)
+    .get_result(conn)
+    .await
+    .map_err(|e| AuditError::Db(e.to_string()))?;
+    if may.may {
+        Ok(())
+    } else {
+        Err(AuditError::NotRetentionRole { role: may.role })
+    }
+}
+
+/// Deletes audit rows ingested more than `retention_days` ago (`ingested_at`, the
+/// database's clock: a producer's timestamp, however old, does not shorten a
+/// row's life), at most `batch` rows per transaction, each transaction with
+/// `SET LOCAL caracal.audit_retention = 'on'`. Only a member of
+/// [`RETENTION_ROLE`] may ([`AuditError::NotRetentionRole`] otherwise; the
+/// append-only trigger wants both). Returns the number of rows deleted.
 pub async fn run_retention(
     pool: &Pool,
     retention_days: u32,
     batch: u32,
 ) -> Result<u64, AuditError> {
-    let cutoff = Utc::now() - chrono::Duration::days(i64::from(retention_days));
     let batch = i64::from(batch.max(1));
+    let days = i32::try_from(retention_days).unwrap_or(i32::MAX);
     let mut conn = pool
         .get()
         .await
         .map_err(|e| AuditError::Db(e.to_string()))?;
+    check_retention_role(&mut conn).await?;
     #[derive(diesel::QueryableByName)]
-    struct Count {
+    struct Expired {
+        #[diesel(sql_type = Timestamptz)]
+        cutoff: DateTime<Utc>,
         #[diesel(sql_type = BigInt)]
         n: i64,
     }
-    // Bounds the loop: what is expired now, in batches, plus one to see none left.
-    let expired: Count =
-        diesel::sql_query("SELECT count(*) AS n FROM audit_logs WHERE occurred_at < $1")
-            .bind::<Timestamptz, _>(cutoff)
-            .get_result(&mut conn)
-            .await
-            .map_err(|e| AuditError::Db(e.to_string()))?;
+    // The cutoff on the clock that wrote ingested_at; the count bounds the loop:
+    // what is expired now, in batches, plus one to see none left.
+    let expired: Expired = diesel::sql_query(
+        "WITH c AS (SELECT now() - make_interval(days => $1) AS cutoff) \
+         SELECT c.cutoff, (SELECT count(*) FROM audit_logs WHERE ingested_at < c.cutoff) AS n \
+         FROM c",
+    )
+    .bind::<Integer, _>(days)
+    .get_result(&mut conn)
+    .await
+    .map_err(|e| AuditError::Db(e.to_string()))?;
+    let cutoff = expired.cutoff;
     let rounds = expired.n / batch + 2;
     let mut deleted: u64 = 0;
     for _ in 0..rounds {
@@ -293,7 +359,7 @@ pub fn audit_topics(config: &ConsumerConfig) -> Vec<String> {
 
 /// Starts the audit-logger: binds `/health` + `/metrics` at once, then (in the
 /// background, retrying until the database answers) applies migrations, runs the
-/// retention job (at start and daily) and consumes.
+/// retention job (at start and daily, when its role may delete) and consumes.
 pub async fn start(config: ConsumerConfig) -> Result<RunningConsumer, LaunchError> {
     let topics = audit_topics(&config);
     let (days, batch) = (config.audit.retention_days, config.audit.retention_batch);
@@ -305,8 +371,17 @@ pub async fn start(config: ConsumerConfig) -> Result<RunningConsumer, LaunchErro
             handler: AuditLogger::new,
             upkeep_every: RETENTION_EVERY,
             upkeep: move |pool: Pool| async move {
-                if let Err(error) = run_retention(&pool, days, batch).await {
-                    tracing::warn!(%error, "audit retention failed; retrying at the next run");
+                match run_retention(&pool, days, batch).await {
+                    Ok(_) => {}
+                    // The production setup: the logger's role only inserts, the
+                    // retention job (its own role) deletes.
+                    Err(AuditError::NotRetentionRole { role }) => tracing::info!(
+                        %role,
+                        "audit retention left to the retention job: this role may not delete"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "audit retention failed; retrying at the next run")
+                    }
                 }
             },
         },

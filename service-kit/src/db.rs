@@ -64,6 +64,12 @@ pub async fn run_migrations(url: &str) -> Result<Vec<String>, DbError> {
         .execute(&mut lock_conn)
         .await
         .map_err(|e| DbError::Migration(format!("taking the migration lock: {e}")))?;
+    if up_to_date(&mut lock_conn).await {
+        let _ = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+            .execute(&mut lock_conn)
+            .await;
+        return Ok(Vec::new());
+    }
     let url = url.to_owned();
     let applied = tokio::task::spawn_blocking(move || {
         // The same TLS handling as the pool: connect async, then wrap for the
@@ -86,6 +92,36 @@ pub async fn run_migrations(url: &str) -> Result<Vec<String>, DbError> {
         .execute(&mut lock_conn)
         .await;
     applied
+}
+
+/// Whether every embedded migration is recorded as applied. Checked before diesel's
+/// harness, which starts with `CREATE TABLE IF NOT EXISTS __diesel_schema_migrations`:
+/// PostgreSQL refuses that to a role without CREATE on the schema even when the table
+/// exists, and the service's and consumers' own roles have none (README "Database
+/// roles"; they may read the table). Any doubt (no table, an unreadable list) means
+/// "run the harness", which then applies or fails as before.
+async fn up_to_date(conn: &mut AsyncPgConnection) -> bool {
+    use diesel::migration::MigrationSource;
+    #[derive(diesel::QueryableByName)]
+    struct Applied {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        version: String,
+    }
+    let Ok(applied) =
+        diesel::sql_query("SELECT version::text AS version FROM __diesel_schema_migrations")
+            .load::<Applied>(conn)
+            .await
+    else {
+        return false;
+    };
+    let applied: std::collections::HashSet<String> =
+        applied.into_iter().map(|a| a.version).collect();
+    match MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS) {
+        Ok(all) => all
+            .iter()
+            .all(|m| applied.contains(&m.name().version().to_string())),
+        Err(_) => false,
+    }
 }
 
 /// `SELECT 1` on a pooled connection, bounded by `timeout`: the readiness check.

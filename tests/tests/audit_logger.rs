@@ -86,6 +86,38 @@ async fn wait_for_rows(url: &str, rows: i64, timeout: Duration) -> i64 {
     }
 }
 
+/// An audit row written by hand (as the tests' superuser, who may set
+/// ingested_at), its message_hash computed as the logger's insert computes it.
+/// `headers` is the JSON array text; event_type / event_id are taken from it.
+async fn insert_audit_row(
+    conn: &mut AsyncPgConnection,
+    topic: &str,
+    offset: i64,
+    headers: &str,
+    payload: &[u8],
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    ingested_at: chrono::DateTime<chrono::Utc>,
+) {
+    diesel::sql_query(
+        "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, headers, payload, \
+           event_type, event_id, occurred_at, ingested_at, message_hash) \
+         SELECT $1, 0, $2, h, $4, \
+           jsonb_path_query_first(h, '$[*] ? (@.key == \"event_type\").value') #>> '{}', \
+           jsonb_path_query_first(h, '$[*] ? (@.key == \"event_id\").value') #>> '{}', \
+           $5, $6, audit_message_hash(NULL, h, $4, NULL) \
+         FROM (SELECT $3::jsonb AS h) AS x",
+    )
+    .bind::<Text, _>(topic)
+    .bind::<BigInt, _>(offset)
+    .bind::<Text, _>(headers)
+    .bind::<Bytea, _>(payload)
+    .bind::<Timestamptz, _>(occurred_at)
+    .bind::<Timestamptz, _>(ingested_at)
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
 /// What was produced: key, payload, event_type, event_id.
 type Sent = (Option<Vec<u8>>, Vec<u8>, Option<String>, Option<String>);
 
@@ -332,13 +364,9 @@ async fn every_message_of_every_topic_lands_once_byte_for_byte_even_when_reread(
 async fn update_delete_and_truncate_are_refused() {
     let db = migrated_db().await;
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
-    diesel::sql_query(
-        "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, payload, occurred_at) \
-         VALUES ('t', 0, 0, '\\x01'::bytea, now()), ('t', 0, 1, '\\x02'::bytea, now())",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    let now = chrono::Utc::now();
+    insert_audit_row(&mut conn, "t", 0, "[]", &[1], now, now).await;
+    insert_audit_row(&mut conn, "t", 1, "[]", &[2], now, now).await;
     for (what, sql) in [
         ("UPDATE", "UPDATE audit_logs SET payload = '\\x03'::bytea"),
         ("DELETE", "DELETE FROM audit_logs WHERE kafka_offset = 0"),
@@ -392,20 +420,23 @@ async fn retention_deletes_exactly_the_expired_rows_in_batches() {
     let db = migrated_db().await;
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     let now = chrono::Utc::now();
-    // 43 expired (31..=73 days old), 26 kept (0..=25 days old) plus one at 29 days.
+    // 43 expired (written 31..=73 days ago), 26 kept (0..=25 days) plus one at 29
+    // days. Retention goes by when a row was written (ingested_at), not by the
+    // producer's timestamp: here every message claims to be from today.
     let mut ages: Vec<(i64, bool)> = (31..=73).map(|d| (d, true)).collect();
     ages.extend((0..=25).map(|d| (d, false)));
     ages.push((29, false));
     for (i, (days, _)) in ages.iter().enumerate() {
-        diesel::sql_query(
-            "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, payload, occurred_at) \
-             VALUES ('caracal.policy.decisions', 0, $1, '\\x00'::bytea, $2)",
+        insert_audit_row(
+            &mut conn,
+            "caracal.policy.decisions",
+            i64::try_from(i).unwrap(),
+            "[]",
+            &[0],
+            now,
+            now - chrono::Duration::days(*days),
         )
-        .bind::<BigInt, _>(i64::try_from(i).unwrap())
-        .bind::<Timestamptz, _>(now - chrono::Duration::days(*days))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        .await;
     }
     let expired = ages.iter().filter(|(_, e)| *e).count() as u64;
     let kept = ages.len() as i64 - expired as i64;
@@ -419,7 +450,7 @@ async fn retention_deletes_exactly_the_expired_rows_in_batches() {
     assert_eq!(deleted, expired);
     assert_eq!(count(&db.url).await, kept);
     let oldest: Count = diesel::sql_query(
-        "SELECT coalesce(max(extract(epoch FROM now() - occurred_at)), 0)::int8 / 86400 AS n \
+        "SELECT coalesce(max(extract(epoch FROM now() - ingested_at)), 0)::int8 / 86400 AS n \
          FROM audit_logs",
     )
     .get_result(&mut conn)
@@ -463,29 +494,37 @@ async fn export_writes_the_range_as_json_and_rfc5424_lines() {
             .unwrap()
             .and_utc()
     };
-    // Feb 1..=5 at noon, 3 rows a day (offsets 3d+i); the export takes Feb 2 and 3.
+    // Feb 1..=5 at noon, 3 rows a day (offsets 3d+i), each written when it says it
+    // happened; the export takes Feb 2 and 3. One more row claims Feb 3 but was
+    // written on Feb 10: the export goes by when a row was written.
     for d in 1..=5u32 {
         for i in 0..3i64 {
-            diesel::sql_query(
-                "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, key, headers, \
-                 payload, event_type, event_id, occurred_at) \
-                 VALUES ('caracal.policy.changes', 0, $1, NULL, \
-                 '[{\"key\":\"event_type\",\"value\":\"policy_updated\"}]', $2, \
-                 'policy_updated', $3, $4)",
+            let at = day(d) + chrono::Duration::minutes(i);
+            insert_audit_row(
+                &mut conn,
+                "caracal.policy.changes",
+                i64::from(d) * 3 + i,
+                &format!(
+                    "[{{\"key\":\"event_type\",\"value\":\"policy_updated\"}},\
+                     {{\"key\":\"event_id\",\"value\":\"ev-{d}-{i}\"}}]"
+                ),
+                &[u8::try_from(d).unwrap(), 0xff, u8::try_from(i).unwrap()],
+                at,
+                at,
             )
-            .bind::<BigInt, _>(i64::from(d) * 3 + i)
-            .bind::<Bytea, _>(vec![
-                u8::try_from(d).unwrap(),
-                0xff,
-                u8::try_from(i).unwrap(),
-            ])
-            .bind::<Text, _>(format!("ev-{d}-{i}"))
-            .bind::<Timestamptz, _>(day(d) + chrono::Duration::minutes(i))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+            .await;
         }
     }
+    insert_audit_row(
+        &mut conn,
+        "caracal.policy.changes",
+        100,
+        "[{\"key\":\"event_id\",\"value\":\"ev-late\"}]",
+        &[0],
+        day(3),
+        day(10),
+    )
+    .await;
     let (code, out, err) = cli(&[
         "caracal",
         "audit",
@@ -653,7 +692,7 @@ async fn export_writes_the_range_as_json_and_rfc5424_lines() {
     .await;
     assert_eq!(code, 1);
     assert!(err.contains("--end must be after --start"), "{err}");
-    assert_eq!(count(&db.url).await, 15);
+    assert_eq!(count(&db.url).await, 16);
     drop(conn);
     db.drop().await.unwrap();
 }
@@ -664,15 +703,16 @@ async fn the_logger_runs_retention_at_start() {
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     let now = chrono::Utc::now();
     for (offset, days) in [(0i64, 45i64), (1, 31), (2, 10)] {
-        diesel::sql_query(
-            "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, occurred_at) \
-             VALUES ('caracal.agent.lifecycle', 0, $1, $2)",
+        insert_audit_row(
+            &mut conn,
+            "caracal.agent.lifecycle",
+            offset,
+            "[]",
+            &[],
+            now,
+            now - chrono::Duration::days(days),
         )
-        .bind::<BigInt, _>(offset)
-        .bind::<Timestamptz, _>(now - chrono::Duration::days(days))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        .await;
     }
     // No broker is needed for the retention job (the consumer keeps retrying Kafka).
     let mut c = config(&db.url, "127.0.0.1:1", "audit-retention-at-start");
@@ -819,5 +859,681 @@ async fn sigkilled_five_times_the_audit_trail_still_holds_every_message_once() {
         "every message exactly once; log:\n{}",
         logger.log_tail(40)
     );
+    db.drop().await.unwrap();
+}
+
+// ------------------------------------------------------------------ database roles (issue 22 item 4)
+
+/// Runs `sql` as the test server's superuser, in the `postgres` database (roles
+/// are cluster-wide) or in `db`.
+async fn as_admin(db: Option<&TestDb>, sql: &str) -> Result<(), String> {
+    let url = match db {
+        Some(db) => db.url.clone(),
+        None => format!("{}/postgres", caracal_tests::pg_base()),
+    };
+    let mut conn = AsyncPgConnection::establish(&url)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.batch_execute(sql).await.map_err(|e| e.to_string())
+}
+
+/// A LOGIN role of one test: a unique name (roles are cluster-wide), dropped by
+/// [`LoginRole::drop`] once the test's database is gone.
+struct LoginRole {
+    name: String,
+}
+
+impl LoginRole {
+    /// `CREATE ROLE <unique name> LOGIN PASSWORD 'test' <options>` (e.g.
+    /// `IN ROLE caracal_audit_logger`).
+    async fn create(what: &str, options: &str) -> Result<Self, String> {
+        let name = format!(
+            "caracal_test_{what}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        as_admin(
+            None,
+            &format!("CREATE ROLE {name} LOGIN PASSWORD 'test' {options}"),
+        )
+        .await?;
+        Ok(Self { name })
+    }
+
+    /// `db`'s URL with this role as the user.
+    fn url(&self, db: &TestDb) -> String {
+        let (scheme, rest) = db.url.split_once("://").unwrap();
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        format!("{scheme}://{}:test@{host}", self.name)
+    }
+
+    async fn connect(&self, db: &TestDb) -> AsyncPgConnection {
+        AsyncPgConnection::establish(&self.url(db)).await.unwrap()
+    }
+
+    async fn drop(self) {
+        as_admin(None, &format!("DROP ROLE IF EXISTS {}", self.name))
+            .await
+            .unwrap();
+    }
+}
+
+/// A message as the broker hands it to the logger.
+fn raw_message(
+    topic: &str,
+    offset: i64,
+    payload: &[u8],
+    event_id: &str,
+    timestamp_ms: Option<i64>,
+) -> caracal_consumers::runner::RawMessage {
+    caracal_consumers::runner::RawMessage {
+        topic: topic.to_owned(),
+        partition: 0,
+        offset,
+        key: Some(b"agent-1".to_vec()),
+        payload: Some(payload.to_vec()),
+        headers: vec![
+            ("event_type".into(), Some(b"decision".to_vec())),
+            ("event_id".into(), Some(event_id.as_bytes().to_vec())),
+            ("bin".into(), Some(vec![0xff, 0x00])),
+            ("none".into(), None),
+        ],
+        timestamp_ms,
+    }
+}
+
+/// Writes `msgs` the way the logger does; returns how many rows were new.
+async fn log_messages(
+    conn: &mut AsyncPgConnection,
+    msgs: &[caracal_consumers::runner::RawMessage],
+) -> Result<usize, diesel::result::Error> {
+    let rows: Vec<audit::AuditRow> = msgs
+        .iter()
+        .map(|m| audit::to_row(m, chrono::Utc::now()).unwrap())
+        .collect();
+    audit::insert_rows(conn, &rows).await
+}
+
+/// `DELETE FROM audit_logs` in a transaction that set the retention flag.
+async fn delete_with_flag(conn: &mut AsyncPgConnection) -> Result<usize, String> {
+    conn.batch_execute("BEGIN; SET LOCAL caracal.audit_retention = 'on'")
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = diesel::sql_query("DELETE FROM audit_logs")
+        .execute(conn)
+        .await
+        .map_err(|e| e.to_string());
+    let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    conn.batch_execute(end).await.map_err(|e| e.to_string())?;
+    r
+}
+
+/// The flag alone no longer deletes: the table's owner (a non-superuser migrator)
+/// and a role someone granted DELETE both set `caracal.audit_retention` and are
+/// refused by the trigger, since neither is a member of caracal_audit_retention.
+#[tokio::test]
+async fn the_retention_flag_alone_lets_no_role_delete_audit_rows() {
+    let owner = LoginRole::create("owner", "CREATEROLE").await.unwrap();
+    let granted = LoginRole::create("granted", "").await.unwrap();
+    let db = db().await;
+    as_admin(
+        None,
+        &format!("ALTER DATABASE {} OWNER TO {}", db.name, owner.name),
+    )
+    .await
+    .unwrap();
+    // Migrated by the owner, as a deployment's migrator does.
+    caracal_service_kit::db::run_migrations(&owner.url(&db))
+        .await
+        .unwrap();
+    as_admin(
+        Some(&db),
+        &format!(
+            "GRANT SELECT, INSERT, DELETE ON audit_logs TO {}",
+            granted.name
+        ),
+    )
+    .await
+    .unwrap();
+    let t = "caracal.policy.decisions";
+    let mut conn = owner.connect(&db).await;
+    let new = log_messages(
+        &mut conn,
+        &[
+            raw_message(t, 0, b"a", "e-0", Some(1_700_000_000_000)),
+            raw_message(t, 1, b"b", "e-1", Some(1_700_000_000_001)),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(new, 2);
+
+    let by_owner = delete_with_flag(&mut conn).await;
+    assert!(
+        matches!(&by_owner, Err(e) if e.contains("audit_logs is append-only: DELETE refused")),
+        "the owner with the retention flag: {by_owner:?}"
+    );
+    let mut granted_conn = granted.connect(&db).await;
+    let by_granted = delete_with_flag(&mut granted_conn).await;
+    assert!(
+        matches!(&by_granted, Err(e) if e.contains("audit_logs is append-only: DELETE refused")),
+        "a role granted DELETE, with the retention flag: {by_granted:?}"
+    );
+    assert_eq!(count(&db.url).await, 2);
+    drop((conn, granted_conn));
+    db.drop().await.unwrap();
+    owner.drop().await;
+    granted.drop().await;
+}
+
+/// ledger_events is append-only like audit_logs: UPDATE, DELETE and TRUNCATE are
+/// refused by triggers, even to a superuser, on the table and on a partition.
+#[tokio::test]
+async fn ledger_events_refuses_update_delete_and_truncate() {
+    let db = migrated_db().await;
+    let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+    insert_ledger_event(&mut conn, "rsv-1/settle", "now()")
+        .await
+        .unwrap();
+    // Older than every monthly partition: the default partition's.
+    insert_ledger_event(&mut conn, "rsv-0/settle", "'2020-01-15T00:00:00Z'")
+        .await
+        .unwrap();
+    for (what, sql) in [
+        ("UPDATE", "UPDATE ledger_events SET charged_micros = 0"),
+        ("DELETE", "DELETE FROM ledger_events"),
+        ("DELETE", "DELETE FROM ledger_events_default"),
+        ("TRUNCATE", "TRUNCATE ledger_events"),
+        ("TRUNCATE", "TRUNCATE ledger_events_default"),
+    ] {
+        let r = diesel::sql_query(sql)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| e.to_string());
+        assert!(
+            matches!(&r, Err(e) if e.contains(&format!("ledger_events is append-only: {what} refused"))),
+            "{sql}: {r:?}"
+        );
+    }
+    let current = format!("ledger_events_{}", chrono::Utc::now().format("%Y_%m"));
+    let r = diesel::sql_query(format!("TRUNCATE {current}"))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| e.to_string());
+    assert!(
+        matches!(&r, Err(e) if e.contains("ledger_events is append-only: TRUNCATE refused")),
+        "TRUNCATE {current}: {r:?}"
+    );
+    let n: Count =
+        diesel::sql_query("SELECT count(*) AS n FROM ledger_events WHERE charged_micros = 100")
+            .get_result(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(n.n, 2, "the rows are unchanged");
+    drop(conn);
+    db.drop().await.unwrap();
+}
+
+/// One charge row of `ledger_events`; `occurred_at` is SQL.
+async fn insert_ledger_event(
+    conn: &mut AsyncPgConnection,
+    event_id: &str,
+    occurred_at: &str,
+) -> Result<usize, String> {
+    diesel::sql_query(format!(
+        "INSERT INTO ledger_events (event_id, kind, reservation_id, agent_id, root_agent_id, \
+           currency, reserved_micros, charged_micros, overshoot_micros, schema_version, \
+           occurred_at, kafka_topic, kafka_partition, kafka_offset) \
+         VALUES ($1, 'settle', $1, gen_random_uuid(), gen_random_uuid(), 'USD', 100, 100, 0, 1, \
+           {occurred_at}, 'caracal.metering.events', 0, 0)"
+    ))
+    .bind::<Text, _>(event_id)
+    .execute(conn)
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Each process's role may do what that process does and nothing else: the
+/// audit-logger inserts (not ingested_at) and reads audit rows but cannot change
+/// or delete them, nor touch the ledger; the ledger-writer inserts ledger rows and
+/// creates partitions (moving rows out of the default partition) through
+/// ledger_ensure_partitions(), but cannot change the ledger or read the audit
+/// trail; the authz-service runs on its own role (migrations up to date, an admin
+/// write through the CLI); the retention role deletes expired audit rows, and
+/// only with the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_process_role_may_do_its_work_and_nothing_more() {
+    let db = migrated_db().await;
+    let logger = LoginRole::create("logger", "IN ROLE caracal_audit_logger")
+        .await
+        .unwrap();
+    let writer = LoginRole::create("writer", "IN ROLE caracal_ledger_writer")
+        .await
+        .unwrap();
+    let authz = LoginRole::create("authz", "IN ROLE caracal_authz")
+        .await
+        .unwrap();
+    let retention = LoginRole::create("retention", "IN ROLE caracal_audit_retention")
+        .await
+        .unwrap();
+    let denied = |r: Result<usize, diesel::result::Error>, what: &str| {
+        let e = r.map_err(|e| e.to_string());
+        assert!(
+            matches!(&e, Err(m) if m.contains("permission denied")),
+            "{what}: {e:?}"
+        );
+    };
+
+    // The audit-logger.
+    assert_eq!(
+        caracal_service_kit::db::run_migrations(&logger.url(&db))
+            .await
+            .unwrap(),
+        Vec::<String>::new(),
+        "up to date: nothing to apply, and no CREATE needed to find out"
+    );
+    let mut conn = logger.connect(&db).await;
+    let t = "caracal.agent.lifecycle";
+    let msgs = [
+        raw_message(t, 0, b"a", "e-0", Some(1_700_000_000_000)),
+        raw_message(t, 1, b"b", "e-1", None),
+    ];
+    assert_eq!(log_messages(&mut conn, &msgs).await.unwrap(), 2);
+    assert_eq!(
+        log_messages(&mut conn, &msgs).await.unwrap(),
+        0,
+        "redelivery"
+    );
+    let by_logger = delete_with_flag(&mut conn).await;
+    assert!(
+        matches!(&by_logger, Err(e) if e.contains("permission denied")),
+        "{by_logger:?}"
+    );
+    for sql in [
+        "UPDATE audit_logs SET payload = NULL",
+        "TRUNCATE audit_logs",
+        "INSERT INTO audit_logs (topic, \"partition\", kafka_offset, occurred_at, \
+         message_hash, ingested_at) VALUES ('t', 0, 9, now(), sha256('x'), now() - interval '9 years')",
+        "SELECT 1 FROM ledger_events",
+    ] {
+        denied(diesel::sql_query(sql).execute(&mut conn).await, sql);
+    }
+    diesel::sql_query(
+        "INSERT INTO consumer_partitions (group_id, topic, kafka_partition, owner) \
+         VALUES ('caracal-audit-logger', 'x', 0, 'me') \
+         ON CONFLICT (group_id, topic, kafka_partition) DO UPDATE SET owner = EXCLUDED.owner",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    diesel::sql_query("SELECT 1 FROM pg_locks WHERE locktype = 'advisory'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+
+    // The ledger-writer.
+    let mut conn = writer.connect(&db).await;
+    insert_ledger_event(&mut conn, "rsv-w/settle", "now()")
+        .await
+        .unwrap();
+    // A row of a month five ahead lands in the default partition; creating that
+    // month's partition (as the owner, inside the function) moves it there.
+    let mut admin = AsyncPgConnection::establish(&db.url).await.unwrap();
+    insert_ledger_event(
+        &mut admin,
+        "rsv-ahead/settle",
+        "date_trunc('month', now()) + interval '5 months 1 day'",
+    )
+    .await
+    .unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Created {
+        #[diesel(sql_type = Integer)]
+        n: i32,
+    }
+    let created: Created = diesel::sql_query("SELECT ledger_ensure_partitions(6) AS n")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(created.n, 4, "months +3 .. +6");
+    #[derive(diesel::QueryableByName)]
+    struct Part {
+        #[diesel(sql_type = Text)]
+        part: String,
+    }
+    let part: Part = diesel::sql_query(
+        "SELECT tableoid::regclass::text AS part FROM ledger_events WHERE event_id = 'rsv-ahead/settle'",
+    )
+    .get_result(&mut admin)
+    .await
+    .unwrap();
+    use chrono::Datelike;
+    let ahead = (chrono::Utc::now().date_naive().with_day(1).unwrap() + chrono::Months::new(5))
+        .format("ledger_events_%Y_%m")
+        .to_string();
+    assert_eq!(part.part, ahead, "moved out of the default partition");
+    for sql in [
+        "UPDATE ledger_events SET charged_micros = 0",
+        "DELETE FROM ledger_events",
+        "TRUNCATE ledger_events",
+        "SELECT 1 FROM ledger_events_default",
+        "SELECT 1 FROM audit_logs",
+    ] {
+        denied(diesel::sql_query(sql).execute(&mut conn).await, sql);
+    }
+    // The move flag is the owner's only: set by hand it changes nothing.
+    conn.batch_execute("SET caracal.ledger_partition_move = 'on'")
+        .await
+        .unwrap();
+    denied(
+        diesel::sql_query("DELETE FROM ledger_events")
+            .execute(&mut conn)
+            .await,
+        "DELETE with the move flag",
+    );
+    drop(conn);
+
+    // The authz-service, on its own role.
+    let mut service = caracal_tests::TestStack::config(&authz.url(&db))
+        .await
+        .unwrap();
+    service.database.db_pool_size = 1;
+    let server = caracal_authz::serve(service).await.unwrap();
+    let (code, out, err) = cli(&[
+        "caracal",
+        "--server",
+        &format!("http://{}", server.grpc_addr),
+        "--admin-token",
+        caracal_tests::ADMIN_TOKEN,
+        "agent",
+        "create",
+        "--name",
+        "roles-agent",
+        "--type",
+        "openai",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    server.shutdown().await.unwrap();
+    let mut conn = authz.connect(&db).await;
+    diesel::sql_query("SELECT 1 FROM ledger_final_charges")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for sql in [
+        "SELECT 1 FROM audit_logs",
+        "INSERT INTO consumer_partitions (group_id, topic, kafka_partition) VALUES ('g', 't', 0)",
+        "UPDATE ledger_events SET charged_micros = 0",
+    ] {
+        denied(diesel::sql_query(sql).execute(&mut conn).await, sql);
+    }
+    drop(conn);
+
+    // The retention job.
+    let mut conn = retention.connect(&db).await;
+    let plain = diesel::sql_query("DELETE FROM audit_logs")
+        .execute(&mut conn)
+        .await
+        .map_err(|e| e.to_string());
+    assert!(
+        matches!(&plain, Err(e) if e.contains("audit_logs is append-only: DELETE refused")),
+        "the retention role without the flag: {plain:?}"
+    );
+    drop(conn);
+    let mut c = config(&retention.url(&db), "127.0.0.1:1", "unused");
+    c.audit.retention_days = 0;
+    c.consumer.run_migrations = true;
+    assert_eq!(audit::retention_once(&c).await.unwrap(), 2);
+    assert_eq!(count(&db.url).await, 0);
+    drop(admin);
+
+    db.drop().await.unwrap();
+    for role in [logger, writer, authz, retention] {
+        role.drop().await;
+    }
+}
+
+// ------------------------------------------------------------------ ingest time (issue 22 item 9)
+
+/// A producer's timestamp chooses nothing: a message stamped ten years back is
+/// kept by retention (30 days) and exported by the day it was written.
+#[tokio::test]
+async fn a_message_stamped_ten_years_back_is_kept_and_exported_by_its_ingest_time() {
+    let db = migrated_db().await;
+    let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+    let ten_years_ago = chrono::Utc::now() - chrono::Duration::days(3653);
+    let t = "caracal.policy.changes";
+    let new = log_messages(
+        &mut conn,
+        &[raw_message(
+            t,
+            0,
+            b"old stamp",
+            "e-old",
+            Some(ten_years_ago.timestamp_millis()),
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(new, 1);
+    let mut c = config(&db.url, "127.0.0.1:1", "unused");
+    c.audit.retention_days = 30;
+    let deleted = audit::retention_once(&c).await.unwrap();
+    assert_eq!(
+        deleted, 0,
+        "retention deleted the row stamped ten years back"
+    );
+    assert_eq!(count(&db.url).await, 1);
+
+    let today = chrono::Utc::now().date_naive();
+    let (start, end) = (
+        today.to_string(),
+        (today + chrono::Days::new(1)).to_string(),
+    );
+    let (code, out, err) = cli(&[
+        "caracal",
+        "audit",
+        "export",
+        "--database-url",
+        &db.url,
+        "--start",
+        &start,
+        "--end",
+        &end,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "exported by the day it was written: {out}");
+    assert_eq!(lines[0]["event_id"], "e-old");
+    assert_eq!(
+        lines[0]["occurred_at"].as_str().unwrap()[..10],
+        ten_years_ago.format("%Y-%m-%d").to_string(),
+        "the producer's timestamp is still in the record"
+    );
+    drop(conn);
+    db.drop().await.unwrap();
+}
+
+// ------------------------------------------------------------------ identity (issue 22 item 5)
+
+/// A position is not an identity: after a topic is re-created, a different
+/// message at an offset already logged is a new row; the same message again is
+/// still a redelivery.
+#[tokio::test]
+async fn a_different_message_at_a_logged_position_is_kept_and_a_redelivery_is_not() {
+    let db = migrated_db().await;
+    let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+    let t = "caracal.metering.events";
+    let first = raw_message(t, 0, b"before re-creation", "e-1", Some(1_700_000_000_000));
+    assert_eq!(log_messages(&mut conn, &[first.clone()]).await.unwrap(), 1);
+    // The topic re-created: offset 0 again, another event.
+    let second = raw_message(t, 0, b"after re-creation", "e-2", Some(1_800_000_000_000));
+    let new = log_messages(&mut conn, &[second.clone()]).await.unwrap();
+    assert_eq!(
+        new, 1,
+        "the new message at offset 0 was dropped as a redelivery"
+    );
+    // Messages that differ only in a header value, or only in the timestamp, are
+    // different messages too.
+    let mut third = first.clone();
+    third.headers[2].1 = Some(vec![0xff, 0x01]);
+    let mut fourth = first.clone();
+    fourth.timestamp_ms = Some(1_700_000_000_001);
+    assert_eq!(
+        log_messages(&mut conn, &[third.clone(), fourth.clone()])
+            .await
+            .unwrap(),
+        2
+    );
+    // Redeliveries of all four, in one batch and again: nothing new.
+    let all = [first, second, third, fourth];
+    assert_eq!(log_messages(&mut conn, &all).await.unwrap(), 0);
+    assert_eq!(log_messages(&mut conn, &all).await.unwrap(), 0);
+    assert_eq!(count(&db.url).await, 4);
+    #[derive(diesel::QueryableByName)]
+    struct P {
+        #[diesel(sql_type = Nullable<Bytea>)]
+        payload: Option<Vec<u8>>,
+    }
+    let payloads: Vec<P> =
+        diesel::sql_query("SELECT payload FROM audit_logs WHERE kafka_offset = 0 ORDER BY id")
+            .load(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        payloads
+            .into_iter()
+            .filter_map(|p| p.payload)
+            .collect::<Vec<_>>(),
+        vec![
+            b"before re-creation".to_vec(),
+            b"after re-creation".to_vec(),
+            b"before re-creation".to_vec(),
+            b"before re-creation".to_vec()
+        ]
+    );
+    drop(conn);
+    db.drop().await.unwrap();
+}
+
+/// The group's committed offset of partition 0 of `topic` once it is `offset`
+/// (or whatever it is after a minute).
+async fn committed_at(brokers: &str, group: &str, topic: &str, offset: i64) -> Option<i64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let at = committed(brokers, group)
+            .get(&(topic.to_owned(), 0))
+            .copied()
+            .flatten();
+        if at == Some(offset) || Instant::now() >= deadline {
+            return at;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The same through a broker: the logger logs a message at offset 0, the topic is
+/// re-created (here: a fresh broker, the same group and database), and the new
+/// topic's first message, at offset 0 again and stamped ten years back by its
+/// producer, is kept; and kept by retention. Re-reading it is a no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_topic_is_recreated_its_new_messages_are_logged() {
+    let db = migrated_db().await;
+    let group = format!("audit-{}", uuid::Uuid::new_v4().simple());
+    let topic = TOPICS[1];
+    let produce = |brokers: String, payload: &'static str, id: &'static str, ts: i64| async move {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("acks", "all")
+            .create()
+            .unwrap();
+        let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+            key: "event_id",
+            value: Some(id),
+        });
+        let d = producer
+            .send(
+                FutureRecord::to(topic)
+                    .partition(0)
+                    .key("agent-1")
+                    .payload(payload)
+                    .headers(headers)
+                    .timestamp(ts),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        (d.partition, d.offset)
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+
+    let old = Tansu::start_new().await.expect("tansu broker");
+    create_topics(&old.brokers(), &TOPICS, PARTITIONS)
+        .await
+        .unwrap();
+    assert_eq!(produce(old.brokers(), "first", "e-1", now_ms).await, (0, 0));
+    let logger = audit::start(config(&db.url, &old.brokers(), &group))
+        .await
+        .unwrap();
+    assert_eq!(wait_for_rows(&db.url, 1, Duration::from_secs(60)).await, 1);
+    logger.shutdown().await.unwrap();
+    drop(old);
+
+    let new = Tansu::start_new().await.expect("tansu broker");
+    create_topics(&new.brokers(), &TOPICS, PARTITIONS)
+        .await
+        .unwrap();
+    let ten_years_ago = now_ms - 3653 * 86_400_000;
+    assert_eq!(
+        produce(new.brokers(), "second", "e-2", ten_years_ago).await,
+        (0, 0)
+    );
+    let mut c = config(&db.url, &new.brokers(), &group);
+    c.audit.retention_days = 30;
+    let logger = audit::start(c).await.unwrap();
+    assert_eq!(
+        committed_at(&new.brokers(), &group, topic, 1).await,
+        Some(1),
+        "the logger read it"
+    );
+    logger.shutdown().await.unwrap();
+    assert_eq!(
+        count(&db.url).await,
+        2,
+        "the re-created topic's message at offset 0 is kept"
+    );
+    // Retention at the logger's start ran as well; a second run deletes nothing.
+    let mut c = config(&db.url, "127.0.0.1:1", "unused");
+    c.audit.retention_days = 30;
+    assert_eq!(audit::retention_once(&c).await.unwrap(), 0);
+
+    // The group re-reads the partition: a redelivery, nothing new.
+    {
+        let rewinder: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", new.brokers())
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Offset(0))
+            .unwrap();
+        rewinder.commit(&tpl, CommitMode::Sync).unwrap();
+    }
+    let logger = audit::start(config(&db.url, &new.brokers(), &group))
+        .await
+        .unwrap();
+    assert_eq!(
+        committed_at(&new.brokers(), &group, topic, 1).await,
+        Some(1),
+        "re-read"
+    );
+    logger.shutdown().await.unwrap();
+    assert_eq!(count(&db.url).await, 2, "a redelivery adds nothing");
     db.drop().await.unwrap();
 }

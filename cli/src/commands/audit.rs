@@ -5,8 +5,10 @@
 //! directly (`--database-url` / `CARACAL_DATABASE_URL`, TLS as the service
 //! handles it), in a session set READ ONLY: the export cannot change the trail.
 //! Lines go to stdout, a file, or a syslog server over UDP or TCP.
-//! Rows are read in pages of [`PAGE`] (keyset on occurred_at, id), so memory stays
-//! flat whatever the range.
+//! The range is on `ingested_at`, when the audit-logger wrote the row (the
+//! database's clock), not on the producer's Kafka timestamp (`occurred_at`, which
+//! whoever produces chooses; it is in every record). Rows are read in pages of
+//! [`PAGE`] (keyset on ingested_at, id), so memory stays flat whatever the range.
 
 use std::{fs::File, io::Write};
 
@@ -185,8 +187,8 @@ const SELECT: &str = "\
 SELECT id, topic, \"partition\", kafka_offset, key, headers::text AS headers, payload,
     event_type, event_id, occurred_at, ingested_at
 FROM audit_logs
-WHERE occurred_at >= $1 AND occurred_at < $2 AND (occurred_at, id) > ($3, $4)
-ORDER BY occurred_at, id
+WHERE ingested_at >= $1 AND ingested_at < $2 AND (ingested_at, id) > ($3, $4)
+ORDER BY ingested_at, id
 LIMIT $5";
 
 pub async fn run(cmd: AuditCmd, out: &mut dyn Write) -> Result<()> {
@@ -230,7 +232,7 @@ pub async fn run(cmd: AuditCmd, out: &mut dyn Write) -> Result<()> {
         n: i64,
     }
     let total: Count = diesel::sql_query(
-        "SELECT count(*) AS n FROM audit_logs WHERE occurred_at >= $1 AND occurred_at < $2",
+        "SELECT count(*) AS n FROM audit_logs WHERE ingested_at >= $1 AND ingested_at < $2",
     )
     .bind::<Timestamptz, _>(start)
     .bind::<Timestamptz, _>(end)
@@ -262,7 +264,7 @@ pub async fn run(cmd: AuditCmd, out: &mut dyn Write) -> Result<()> {
             }
         }
         match page.last() {
-            Some(last) if page.len() as i64 == PAGE => after = (last.occurred_at, last.id),
+            Some(last) if page.len() as i64 == PAGE => after = (last.ingested_at, last.id),
             _ => break,
         }
     }
