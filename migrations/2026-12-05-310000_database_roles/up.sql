@@ -188,7 +188,9 @@ BEGIN
         EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM %I', r);
         EXECUTE format('REVOKE ALL ON FUNCTION ledger_ensure_partitions(INTEGER) FROM %I', r);
         -- Every process checks at start that the schema is up to date.
-        EXECUTE format('GRANT SELECT ON __diesel_schema_migrations TO %I', r);
+        IF to_regclass('__diesel_schema_migrations') IS NOT NULL THEN
+            EXECUTE format('GRANT SELECT ON __diesel_schema_migrations TO %I', r);
+        END IF;
     END LOOP;
 
     IF to_regrole('caracal_authz') IS NOT NULL THEN
