@@ -321,8 +321,23 @@ async fn a_request_id_reused_after_its_marker_aged_out_gets_new_ids() {
             .unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{stale}: {err:?}");
     }
-    // ReleaseByRequest (the gateway never learnt the id) finds the live one, and
-    // its release event and expiry-index entry are the third reservation's.
+    // The live reservation is still due for expiry: its index entry (the stem,
+    // one per record) outlived the stale calls.
+    let p = partition_of_reservation(&third.reservation_id, stack.redis.partitions).unwrap();
+    let keys = KeySpace::new(stack.key_prefix.clone(), stack.redis.partitions);
+    let index: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.expiry(p))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis(&stack).await)
+        .await
+        .unwrap();
+    assert_eq!(
+        index,
+        [caracal_authz::budget::keys::split_reservation_id(&third.reservation_id).0]
+    );
+    // ReleaseByRequest (the gateway never learnt the id) finds the live one: its
+    // release event is the third reservation's, and the index entry goes.
     let rel = authz
         .release_by_request(pb::ReleaseByRequestRequest {
             request_id: R.into(),
@@ -348,8 +363,6 @@ async fn a_request_id_reused_after_its_marker_aged_out_gets_new_ids() {
         releases[0]["event_id"],
         format!("{}/release", third.reservation_id)
     );
-    let p = partition_of_reservation(&third.reservation_id, stack.redis.partitions).unwrap();
-    let keys = KeySpace::new(stack.key_prefix.clone(), stack.redis.partitions);
     let indexed: i64 = redis::cmd("ZCARD")
         .arg(keys.expiry(p))
         .query_async(&mut redis(&stack).await)
@@ -492,11 +505,19 @@ async fn reservations_made_before_generations_still_finish_by_their_old_ids() {
     let generation = generation.unwrap().to_owned();
     let stem = stem.to_owned();
 
-    // Rewrite it as a release without generations wrote it: no generation in the
-    // record, the stem alone in the expiry index.
+    // The expiry index names the record by its stem, as before generations.
     let keys = KeySpace::new(stack.key_prefix.clone(), stack.redis.partitions);
     let p = partition_of_reservation(&stem, stack.redis.partitions).unwrap();
     let mut conn = redis(&stack).await;
+    let index: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.expiry(p))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(index, [stem.as_str()]);
+    // Rewrite the record as a release without generations wrote it.
     let record: String = redis::cmd("GET")
         .arg(keys.reservation(p, &stem))
         .query_async(&mut conn)
@@ -504,26 +525,9 @@ async fn reservations_made_before_generations_still_finish_by_their_old_ids() {
         .unwrap();
     let generation_field = format!(",\"generation\":\"{generation}\"");
     assert_eq!(record.matches(&generation_field).count(), 1, "{record}");
-    let score: i64 = redis::cmd("ZSCORE")
-        .arg(keys.expiry(p))
-        .arg(&made.reservation_id)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::pipe()
-        .cmd("SET")
+    let _: () = redis::cmd("SET")
         .arg(keys.reservation(p, &stem))
         .arg(record.replace(&generation_field, ""))
-        .ignore()
-        .cmd("ZREM")
-        .arg(keys.expiry(p))
-        .arg(&made.reservation_id)
-        .ignore()
-        .cmd("ZADD")
-        .arg(keys.expiry(p))
-        .arg(score)
-        .arg(&stem)
-        .ignore()
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -591,64 +595,5 @@ async fn reservations_made_before_generations_still_finish_by_their_old_ids() {
     );
     assert_eq!(late.reservation_id, stem);
     assert_eq!(remaining_of(&late, &pol), 10_000_000 - 250_000);
-    stack.stop().await.unwrap();
-}
-
-#[tokio::test]
-async fn the_sweeper_expires_only_the_reservation_its_index_names() {
-    let stack = TestStack::start().await.unwrap();
-    let (agent_id, key) = stack.agent_with_key("indexed", None).await.unwrap();
-    stack
-        .usd_policy(&agent_id, "10", "daily", "calendar", "")
-        .await
-        .unwrap();
-    let live = stack
-        .authz()
-        .authorize(authorize_request(&key, "live", 1_000_000))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(allowed(&live), "{live:?}");
-    let stem = caracal_authz::budget::keys::split_reservation_id(&live.reservation_id)
-        .0
-        .to_owned();
-    let partitions = stack.redis.partitions;
-    let keys = KeySpace::new(stack.key_prefix.clone(), partitions);
-    let p = partition_of_reservation(&stem, partitions).unwrap();
-    let mut conn = redis(&stack).await;
-    // A due entry naming the request's stem (left from before generations): it is
-    // not the live reservation, which is due only later.
-    let _: () = redis::cmd("ZADD")
-        .arg(keys.expiry(p))
-        .arg(0)
-        .arg(&stem)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let store = caracal_authz::budget::BudgetStore::new(
-        &stack.redis.endpoint(std::time::Duration::from_secs(5)),
-        keys.clone(),
-        1,
-        caracal_authz::budget::ReplicaAck::NONE,
-    )
-    .unwrap();
-    let sweep = caracal_authz::sweeper::sweep_once(&store, 60)
-        .await
-        .unwrap();
-    assert_eq!((sweep.expired, sweep.failed), (0, 0), "{sweep:?}");
-    let record: String = redis::cmd("GET")
-        .arg(keys.reservation(p, &stem))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(record.starts_with("L\t"), "{record:?}");
-    let index: Vec<String> = redis::cmd("ZRANGE")
-        .arg(keys.expiry(p))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(index, [live.reservation_id.clone()]);
     stack.stop().await.unwrap();
 }

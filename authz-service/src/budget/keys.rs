@@ -58,7 +58,9 @@ impl KeySpace {
         let (stem, _) = split_reservation_id(reservation_id);
         format!("{}:rsv:{stem}", self.tag(partition))
     }
-    /// Reservations of the partition by expiry time (zset, score = ms).
+    /// Live reservations of the partition by expiry time (zset, score = ms). Members
+    /// are reservation id stems, one per record: each names the reservation its
+    /// record holds (a new reservation of the request id replaces the score).
     pub fn expiry(&self, partition: u16) -> String {
         format!("{}:expiry", self.tag(partition))
     }
@@ -114,7 +116,8 @@ impl KeySpace {
 ///
 /// Ids without a generation (the stem alone) were issued before generations
 /// existed, and name the request's record whatever its generation: they still
-/// work, and ReleaseByRequest, which cannot know the generation, uses them.
+/// work, and ReleaseByRequest, which cannot know the generation, and the expiry
+/// index (see [`KeySpace::expiry`]) use them.
 pub fn reservation_stem(partition: u16, agent_id: &str, request_id: &str) -> String {
     use sha2::{Digest, Sha256};
     use std::fmt::Write as _;

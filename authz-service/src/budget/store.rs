@@ -507,7 +507,8 @@ impl BudgetStore {
     }
 
     /// Reservations of a partition whose expiry time has passed, oldest first:
-    /// at most `limit`, after the first `skip`.
+    /// at most `limit`, after the first `skip`. They are named by their stems (see
+    /// [`KeySpace::expiry`]), which [`BudgetStore::finish`] takes as they are.
     pub async fn due_reservations(
         &self,
         partition: u16,

@@ -13,7 +13,8 @@
 --
 -- KEYS[1] reservation key of the request (string: the live record "L...", or "D..."
 --         once finished; one key for every reservation of the request id)
--- KEYS[2] expiry index    (zset: reservation id by expiry time, ms)
+-- KEYS[2] expiry index    (zset: reservation id stem by expiry time, ms: one entry
+--         per record, which names the reservation the record holds)
 -- KEYS[3] outbox          (stream: events to relay to Kafka)
 -- KEYS[3+i] counter of policy i (calendar: hash {s, r}; rolling: hash {s:<b>, r:<b>})
 --
@@ -127,7 +128,7 @@ for i = 1, npol do
 end
 
 redis.call('SET', KEYS[1], ARGV[6] .. ARGV[5])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[10])
 redis.call('XADD', KEYS[3], '*',
   'type', 'decision', 'kind', 'authorize', 'decision', 'allow', 'event_id', ARGV[7],
   'reservation_id', ARGV[2], 'amount', ARGV[3], 'at_ms', ARGV[1], 'meta', ARGV[5])

@@ -18,10 +18,11 @@
 -- new reservation there. The caller names the reservation by its id, stem and
 -- generation (ARGV[3], ARGV[6]); an id whose generation is not the record's is
 -- 'unknown' (an id of an earlier reservation never finishes a later one). An id
--- without a generation (issued before generations existed, or ReleaseByRequest's)
--- names whatever the record holds, but for expiry: the sweeper expires exactly the
--- id it found in the expiry index. Events carry the record's reservation id, and
--- their event id is `<reservation id>/<mode>`.
+-- without a generation (issued before generations existed, ReleaseByRequest's, or
+-- the sweeper's: the expiry index holds stems, one entry per record, its score the
+-- expiry of the reservation the record holds) names whatever the record holds.
+-- Events carry the record's reservation id, and their event id is
+-- `<reservation id>/<mode>`.
 --
 -- KEYS[1] reservation key   KEYS[2] expiry index   KEYS[3] outbox
 -- ARGV[1] mode: settle | release | expire
@@ -56,13 +57,11 @@ local POLICY_LINE = '^([^\t]+)\t([^\t]+)\t(%-?%d+)\t([cr])\t(%-?%d+)\t(%d+)\t(%d
 
 local GENERATION = '"generation":"(%d+)"'
 local stem, named = ARGV[3], ARGV[6]
-local given = stem
-if named ~= '' then given = stem .. '_' .. named end
 
 local rec = redis.call('GET', KEYS[1])
 if not rec then
   -- Never made, or its marker aged out: make sure the sweeper stops visiting it.
-  redis.call('ZREM', KEYS[2], given)
+  redis.call('ZREM', KEYS[2], stem)
   if ARGV[1] == 'release' and ARGV[13] == '1' then
     redis.call('SET', KEYS[1], 'D\trelease\t0\t0\t' .. ARGV[12], 'EX', tonumber(ARGV[4]))
     return {'tombstone'}
@@ -71,12 +70,10 @@ if not rec then
 end
 
 local gen = string.match(rec, GENERATION)
--- The sweeper expires exactly the reservation it found in the expiry index: a bare
--- stem there (from before generations) never expires a later reservation.
-if (named ~= '' or (gen and ARGV[1] == 'expire')) and named ~= gen then
+if named ~= '' and named ~= gen then
   -- Another reservation of the request id (the named one ended and its marker aged
-  -- out), or a record that cannot confirm the generation: not the named one.
-  redis.call('ZREM', KEYS[2], given)
+  -- out), or a record that cannot confirm the generation: not the named one. The
+  -- index entry, if any, is the record's reservation's: left alone.
   return {'unknown'}
 end
 local rid = stem
@@ -89,7 +86,7 @@ local late = false
 if string.sub(rec, 1, 1) == 'D' then
   if mode ~= 'settle' or string.sub(head, 1, 9) ~= 'D\texpire\t' or not string.find(rec, '\n') then
     -- Done already (a retry, or another way first): nothing for the sweeper here.
-    redis.call('ZREM', KEYS[2], rid, given)
+    redis.call('ZREM', KEYS[2], stem)
     return {'done', head}
   end
   late = true
@@ -214,7 +211,7 @@ out[3] = charged
 local charged_s = string.format('%d', charged)
 
 local event_id = rid .. '/' .. mode
-redis.call('ZREM', KEYS[2], rid, given)
+redis.call('ZREM', KEYS[2], stem)
 if mode == 'settle' or charged > 0 then
   -- A late settle's event carries the reservation's final charge (the actual
   -- cost): it supersedes the expire_charge event of the same reservation.
