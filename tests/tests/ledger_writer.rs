@@ -441,17 +441,24 @@ async fn a_database_outage_loses_and_skips_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // The outage is counted: as failed writes when a batch was in hand, and as
+    // lost lease sessions (the writer stops reading while it cannot hold leases,
+    // so it may have had no batch to fail).
     let (_, metrics) = http_get(writer.http_addr, "/metrics").await;
-    assert!(
-        metric_value(
-            &metrics,
-            "caracal_consumer_errors_total",
-            &["ledger-writer", "kind=\"db\""]
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{metrics}"
-    );
+    let db_errors = metric_value(
+        &metrics,
+        "caracal_consumer_errors_total",
+        &["ledger-writer", "kind=\"db\""],
+    )
+    .unwrap_or(0.0);
+    let lease_errors = metric_value(
+        &metrics,
+        "caracal_consumer_lease_errors_total",
+        &[&format!("group=\"{group}\"")],
+    )
+    .unwrap_or(0.0);
+    assert!(lease_errors >= 1.0, "{metrics}");
+    assert!(db_errors + lease_errors >= 2.0, "{metrics}");
     writer.shutdown().await.unwrap();
     drop(proxy);
     db.drop().await.unwrap();
