@@ -912,6 +912,12 @@ async fn reconcile_is_zero_when_drained_and_shows_exact_drift() {
     assert_eq!(r.policies_checked, 2);
     assert_eq!(by_policy(&r)[&daily], (all + 7_000, all, -7_000));
     assert_eq!(by_policy(&r)[&hourly], (all, all, 0));
+    // ledger_events is append-only (triggers, on every partition): editing it by
+    // hand, as these drift checks do, takes a superuser session in replica mode.
+    diesel::sql_query("SET session_replication_role = replica")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     diesel::sql_query(
         "DELETE FROM ledger_events WHERE event_id IN ('rsv-prev/settle', 'rsv-old/settle')",
     )
@@ -954,6 +960,10 @@ async fn reconcile_is_zero_when_drained_and_shows_exact_drift() {
     .execute(&mut conn)
     .await
     .unwrap();
+    diesel::sql_query("SET session_replication_role = DEFAULT")
+        .execute(&mut conn)
+        .await
+        .unwrap();
 
     // A counter 12,345 under the ledger: only that policy drifts, by -12,345.
     let total_key = r
