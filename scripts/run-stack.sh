@@ -9,6 +9,11 @@
 #   KEEP_RUNNING=1 bash scripts/run-stack.sh   leaves everything up afterwards
 #   (Envoy on 127.0.0.1:8443, admin API on 127.0.0.1:50051, metrics on :9464,
 #   consumers' /metrics on :9465 ledger-writer, :9466 audit-logger, :9467 aggregator).
+# Database roles (README "Database roles"): the migrations run as the migrator (here the
+# local cluster's superuser, CARACAL_MIGRATOR_URL), then each process connects as its own
+# LOGIN user, a member of its group role: caracal_authz_svc, caracal_ledger_writer_svc,
+# caracal_audit_logger_svc, caracal_audit_retention_job (password CARACAL_DB_PASSWORD).
+# The consumers get no admin token; the metrics-aggregator no database at all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -31,7 +36,9 @@ export CARACAL_API_KEY_PEPPER=${CARACAL_API_KEY_PEPPER:-dev-pepper}
 # What the gateway (Envoy's filter) presents on the hot path; render.sh puts it in the
 # filter config. Production uses mTLS and auth.gatewaySans instead.
 export CARACAL_GATEWAY_TOKEN=${CARACAL_GATEWAY_TOKEN:-dev-gateway-token}
-export CARACAL_DATABASE_URL=${CARACAL_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/caracal}
+MIGRATOR_URL=${CARACAL_MIGRATOR_URL:-postgres://postgres@127.0.0.1:5432/caracal}
+DB_PASSWORD=${CARACAL_DB_PASSWORD:-dev-db-password}
+db_url() { echo "postgres://$1:$DB_PASSWORD@127.0.0.1:5432/caracal"; }
 export CARACAL_GRPC_ADDR=127.0.0.1:50051 CARACAL_HTTP_ADDR=127.0.0.1:9464
 export CARACAL_SERVER=http://127.0.0.1:50051
 
@@ -51,8 +58,28 @@ TANSU=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
 echo $! >"$STATE/tansu.pid"
 for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null && break; sleep 0.5; done
 export CARACAL_KAFKA_BROKERS=127.0.0.1:9092
-echo "== starting caracal-authz-service (log: .local/authz.log)"
-"$BIN/caracal-authz-service" --config authz-service/config.example.yaml >"$STATE/authz.log" 2>&1 &
+
+echo "== migrations as the migrator (it owns the schema), then one LOGIN user per process"
+CARACAL_DATABASE_URL=$MIGRATOR_URL "$BIN/caracal-authz-service" --config authz-service/config.example.yaml \
+  migrate >"$STATE/migrate.log" 2>&1 || { cat "$STATE/migrate.log" >&2; exit 1; }
+# The migration created the group roles (NOLOGIN) and granted them what each process
+# needs; the users only log in and inherit that.
+for pair in caracal_authz_svc:caracal_authz caracal_ledger_writer_svc:caracal_ledger_writer \
+  caracal_audit_logger_svc:caracal_audit_logger caracal_audit_retention_job:caracal_audit_retention; do
+  user=${pair%%:*} group=${pair#*:}
+  psql "$MIGRATOR_URL" -q -v ON_ERROR_STOP=1 <<SQL
+DO \$\$ BEGIN
+  IF to_regrole('$user') IS NULL THEN CREATE ROLE $user LOGIN; END IF;
+END \$\$;
+ALTER ROLE $user LOGIN PASSWORD '$DB_PASSWORD';
+GRANT $group TO $user;
+SQL
+done
+echo "users: caracal_authz_svc, caracal_ledger_writer_svc, caracal_audit_logger_svc, caracal_audit_retention_job"
+
+echo "== starting caracal-authz-service as caracal_authz_svc (log: .local/authz.log)"
+CARACAL_DATABASE_URL=$(db_url caracal_authz_svc) \
+  "$BIN/caracal-authz-service" --config authz-service/config.example.yaml >"$STATE/authz.log" 2>&1 &
 echo $! >"$STATE/authz.pid"
 cleanup() {
   for f in $SERVICES; do
@@ -69,11 +96,17 @@ for _ in $(seq 1 60); do
 done
 curl -fsS http://127.0.0.1:9464/health; echo
 
-echo "== starting the consumers, each its own group (logs: .local/<consumer>.log)"
+echo "== starting the consumers, each its own group and database user, no admin token (logs: .local/<consumer>.log)"
 port=9465
 for c in ledger-writer audit-logger metrics-aggregator; do
-  CARACAL_CONSUMER_HTTP_ADDR=127.0.0.1:$port "$BIN/caracal-consumers" --config consumers/config.example.yaml "$c" \
-    >"$STATE/$c.log" 2>&1 &
+  case $c in
+    ledger-writer) db=(CARACAL_DATABASE_URL="$(db_url caracal_ledger_writer_svc)") ;;
+    audit-logger) db=(CARACAL_DATABASE_URL="$(db_url caracal_audit_logger_svc)") ;;
+    *) db=() ;; # Redis only
+  esac
+  env -u CARACAL_ADMIN_TOKEN -u CARACAL_API_KEY_PEPPER -u CARACAL_GATEWAY_TOKEN -u CARACAL_DATABASE_URL \
+    "${db[@]}" CARACAL_CONSUMER_RUN_MIGRATIONS=false CARACAL_CONSUMER_HTTP_ADDR=127.0.0.1:$port \
+    "$BIN/caracal-consumers" --config consumers/config.example.yaml "$c" >"$STATE/$c.log" 2>&1 &
   echo $! >"$STATE/$c.pid"
   for _ in $(seq 1 60); do
     curl -fsS "http://127.0.0.1:$port/health/live" >/dev/null 2>&1 && break
@@ -144,7 +177,7 @@ echo "== metrics: $(curl -s http://127.0.0.1:9464/metrics | grep -E '^caracal_re
 echo
 echo "== the ledger: waiting for the pipeline to drain (outbox -> Kafka -> ledger-writer)"
 for _ in $(seq 1 60); do
-  got=$(psql -h 127.0.0.1 -U postgres -d caracal -Atc \
+  got=$(psql "$(db_url caracal_authz_svc)" -Atc \
     "SELECT coalesce(sum(charged_micros),0) FROM ledger_final_charges WHERE agent_id = '$demo_id'" 2>/dev/null || echo 0)
   [ "$got" = "$charged" ] && break
   sleep 0.5
@@ -157,5 +190,10 @@ printf 'the gateway charged: $%d.%06d (from the provider-reported usage of each 
 caracal ledger reconcile --agent-id "$demo_id"
 caracal spend trend --agent-id "$demo_id" --days 3
 caracal dlq count
+echo "== audit retention, as its own role (the audit-logger's may not delete; a CronJob in k8s)"
+env -u CARACAL_ADMIN_TOKEN CARACAL_DATABASE_URL="$(db_url caracal_audit_retention_job)" CARACAL_CONSUMER_RUN_MIGRATIONS=false \
+  "$BIN/caracal-consumers" --config consumers/config.example.yaml audit-retention 2>&1 | tail -n 1
+echo "== the audit trail: $(psql "$MIGRATOR_URL" -Atc 'SELECT count(*) FROM audit_logs') messages, append-only:"
+psql "$(db_url caracal_audit_logger_svc)" -Atc "DELETE FROM audit_logs" 2>&1 | sed 's/^/   caracal_audit_logger_svc: /' || true
 echo "== consumers: $(curl -s http://127.0.0.1:9465/metrics | grep -E '^caracal_consumer_events_processed_total' | tr '\n' ' ')"
 echo "== done. Envoy on 127.0.0.1:8443, admin API on 127.0.0.1:50051 (token: $CARACAL_ADMIN_TOKEN), metrics on http://127.0.0.1:9464/metrics"
