@@ -5,8 +5,10 @@
 //!   page, so a long range does not have to fit in memory.
 //! - `summary` totals final charges (one per reservation: a late settle replaces
 //!   the expiry charge) per currency, optionally per model or per UTC day.
-//! - `reconcile` compares, per active policy and its current window, the ledger
-//!   with the Redis budget counter. Drift makes the command exit with
+//! - `reconcile` compares, per active policy and its current window (or, with
+//!   `--start [--end]`, every window of every policy in that period), and per
+//!   currency, the ledger with the Redis budget counter. Drift makes the command
+//!   exit with
 //!   [`EXIT_DRIFT`](crate::EXIT_DRIFT) after printing the report, so a script
 //!   or a CronJob can alert on it.
 
@@ -14,7 +16,7 @@ use std::io::Write;
 
 use anyhow::{bail, Result};
 use caracal_proto::v1 as pb;
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
@@ -68,12 +70,20 @@ pub enum LedgerCmd {
         #[arg(long, value_enum)]
         breakdown: Option<Breakdown>,
     },
-    /// Ledger charges against the Redis budget counters, per active policy in its
-    /// current window. Exits with code 3 when any policy drifts.
+    /// Ledger charges against the Redis budget counters, per policy window and
+    /// currency: each active policy's current window, or with --start every window
+    /// of every policy (active or not) in a period. Exits with code 3 on drift.
     Reconcile {
         /// Only this agent's policies (default: every agent).
         #[arg(long, value_name = "ID")]
         agent_id: Option<String>,
+        /// Reconcile a period from this UTC date (YYYY-MM-DD) or time (RFC 3339):
+        /// every window that overlaps it, of every policy, active or not.
+        #[arg(long, value_name = "DATE|TIME", value_parser = instant)]
+        start: Option<Instant>,
+        /// End of the period: a UTC date (included) or time (excluded); default now.
+        #[arg(long, value_name = "DATE|TIME", value_parser = instant, requires = "start")]
+        end: Option<Instant>,
     },
 }
 
@@ -86,6 +96,74 @@ pub enum Breakdown {
 fn date(text: &str) -> Result<NaiveDate, String> {
     NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d")
         .map_err(|_| format!("expected a UTC date such as 2026-02-01, got {text:?}"))
+}
+
+/// A bound of a reconciliation period: a UTC day or an instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instant {
+    Date(NaiveDate),
+    Time(DateTime<Utc>),
+}
+
+impl Instant {
+    /// Where the bound falls: a start date at its 00:00, an end date (included) at
+    /// the next day's.
+    fn at(self, end: bool) -> Option<DateTime<Utc>> {
+        match self {
+            Instant::Time(t) => Some(t),
+            Instant::Date(d) if end => d
+                .succ_opt()
+                .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc()),
+            Instant::Date(d) => Some(d.and_time(chrono::NaiveTime::MIN).and_utc()),
+        }
+    }
+}
+
+fn instant(text: &str) -> Result<Instant, String> {
+    if let Ok(d) = date(text) {
+        return Ok(Instant::Date(d));
+    }
+    DateTime::parse_from_rfc3339(text.trim())
+        .map(|t| Instant::Time(t.with_timezone(&Utc)))
+        .map_err(|_| {
+            format!(
+                "expected a UTC date such as 2026-02-01 or a time such as \
+                 2026-02-01T10:00:00Z, got {text:?}"
+            )
+        })
+}
+
+/// The period of `reconcile --start [--end]`.
+fn period(start: Option<Instant>, end: Option<Instant>) -> Result<Option<pb::LedgerTimeRange>> {
+    let Some(start) = start else {
+        if end.is_some() {
+            bail!("--end needs --start");
+        }
+        return Ok(None);
+    };
+    if let (Some(s), Some(e)) = (start.at(false), end.and_then(|e| e.at(true))) {
+        if e <= s {
+            bail!("the period ends ({e}) before it starts ({s}); an end date is included");
+        }
+    }
+    let mut range = pb::LedgerTimeRange::default();
+    match start {
+        Instant::Date(d) => range.start_date = d.to_string(),
+        Instant::Time(t) => range.start_time = Some(timestamp_of(t)),
+    }
+    match end {
+        None => {}
+        Some(Instant::Date(d)) => range.end_date = d.to_string(),
+        Some(Instant::Time(t)) => range.end_time = Some(timestamp_of(t)),
+    }
+    Ok(Some(range))
+}
+
+fn timestamp_of(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
 }
 
 fn range(start: Option<NaiveDate>, end: Option<NaiveDate>) -> Result<Option<pb::LedgerTimeRange>> {
@@ -215,9 +293,14 @@ pub async fn run(ctx: &Ctx<'_>, cmd: LedgerCmd, out: &mut dyn Write) -> Result<(
                 .into_inner();
             write_summary(out, ctx.format, &summary, breakdown)
         }
-        LedgerCmd::Reconcile { agent_id } => {
+        LedgerCmd::Reconcile {
+            agent_id,
+            start,
+            end,
+        } => {
             let request = pb::ReconcileRequest {
                 agent_id: agent_id.unwrap_or_default(),
+                range: period(start, end)?,
             };
             let report = ctx
                 .connect()
@@ -560,7 +643,19 @@ const RECONCILE_COLUMNS: &[&str] = &[
     "redis_spent_micros",
     "drift_micros",
     "counter_key",
+    "counter_state",
+    "policy_currency",
 ];
+
+/// present | missing | expired (what became of the window's counter).
+fn counter_state(p: &pb::PolicyReconciliation) -> &'static str {
+    match p.counter_state() {
+        pb::CounterState::Present => "present",
+        pb::CounterState::Missing => "missing",
+        pb::CounterState::Expired => "expired",
+        pb::CounterState::Unspecified => "",
+    }
+}
 
 fn write_reconcile(
     out: &mut dyn Write,
@@ -572,8 +667,13 @@ fn write_reconcile(
             out,
             &json!({
                 "checked_at": ts_json(r.checked_at.as_ref()),
+                "period_start": ts_json(r.period_start.as_ref()),
+                "period_end": ts_json(r.period_end.as_ref()),
                 "policies_checked": r.policies_checked,
                 "policies_with_drift": r.policies_with_drift,
+                "windows_checked": r.windows_checked,
+                "windows_with_drift": r.windows_with_drift,
+                "windows_expired": r.windows_expired,
                 "policies": r.policies.iter().map(|p| json!({
                     "policy_id": p.policy_id,
                     "agent_id": p.agent_id,
@@ -587,6 +687,8 @@ fn write_reconcile(
                     "redis_spent_micros": p.redis_spent_micros,
                     "drift_micros": p.drift_micros,
                     "counter_key": p.counter_key,
+                    "counter_state": counter_state(p),
+                    "policy_currency": p.policy_currency,
                 })).collect::<Vec<_>>(),
             }),
         ),
@@ -606,6 +708,8 @@ fn write_reconcile(
                     p.redis_spent_micros.to_string(),
                     p.drift_micros.to_string(),
                     p.counter_key.clone(),
+                    counter_state(p).to_owned(),
+                    p.policy_currency.clone(),
                 ];
                 writeln!(out, "{}", csv_line(&cells))?;
             }
@@ -620,8 +724,11 @@ fn write_reconcile(
                 "LEDGER",
                 "REDIS SPENT",
                 "DRIFT",
+                "COUNTER",
             ]);
             for p in &r.policies {
+                // A row of charges in another currency than the policy's.
+                let foreign = !p.policy_currency.is_empty() && p.policy_currency != p.currency;
                 table.row(vec![
                     p.policy_id.clone(),
                     p.agent_id.clone(),
@@ -630,6 +737,11 @@ fn write_reconcile(
                     format!("{} {}", micros_text(p.ledger_micros), p.currency),
                     micros_text(p.redis_spent_micros),
                     micros_text(p.drift_micros),
+                    if foreign {
+                        format!("not {}", p.policy_currency)
+                    } else {
+                        counter_state(p).to_owned()
+                    },
                 ]);
             }
             let mut text = table.render();
@@ -637,6 +749,17 @@ fn write_reconcile(
                 "\n{} policies checked, {} with drift.\n",
                 r.policies_checked, r.policies_with_drift
             ));
+            if let Some(start) = r.period_start.as_ref() {
+                text.push_str(&format!(
+                    "Period {} .. {}: {} windows, {} with drift, {} not compared (counters \
+                     expired).\n",
+                    ts_text(Some(start)),
+                    ts_text(r.period_end.as_ref()),
+                    r.windows_checked,
+                    r.windows_with_drift,
+                    r.windows_expired
+                ));
+            }
             output::write_text(out, &text)
         }
     }
@@ -658,6 +781,30 @@ mod tests {
             (r.start_date.as_str(), r.end_date.as_str()),
             ("2026-02-01", "2026-02-03")
         );
+    }
+
+    #[test]
+    fn reconcile_periods_take_dates_or_times() {
+        let d = |s: &str| Some(instant(s).unwrap());
+        assert_eq!(period(None, None).unwrap(), None);
+        let r = period(d("2026-02-01"), None).unwrap().unwrap();
+        assert_eq!(
+            (r.start_date.as_str(), r.end_date.as_str()),
+            ("2026-02-01", "")
+        );
+        // One day: start and end date the same (the end date is included).
+        assert!(period(d("2026-02-01"), d("2026-02-01")).is_ok());
+        let r = period(d("2026-02-01T10:00:00Z"), d("2026-02-01T11:00:00+01:00"))
+            .map(|r| r.map(|r| r.start_time.map(|t| t.seconds)));
+        assert!(r.is_err(), "11:00+01:00 is 10:00Z: an empty period");
+        let r = period(d("2026-02-01T10:00:00Z"), d("2026-02-02"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.start_time.map(|t| t.seconds), Some(1_769_940_000));
+        assert_eq!(r.end_date, "2026-02-02");
+        assert!(period(d("2026-02-03"), d("2026-02-01")).is_err());
+        assert!(period(None, d("2026-02-01")).is_err());
+        assert!(instant("yesterday").is_err());
     }
 
     #[test]

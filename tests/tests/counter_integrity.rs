@@ -438,3 +438,123 @@ async fn a_change_undone_at_once_lifts_its_fence() {
     assert_eq!(remaining_of(&r, &pol), 7 * USD1);
     stack.stop().await.unwrap();
 }
+
+async fn change_currency(
+    stack: &TestStack,
+    policy: &str,
+    currency: &str,
+) -> Result<pb::Policy, tonic::Status> {
+    stack
+        .policies()
+        .update_policy(pb::UpdatePolicyRequest {
+            id: policy.into(),
+            currency: Some(currency.into()),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Issue 22 item 6: budget counters hold micros without a currency, so a currency
+/// change keeps the counters; with spend (or an open reservation) in them, the
+/// USD spend would count against the JPY limit. Refused then; allowed when the
+/// counters are empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn currency_change_with_spend_or_reservations_is_refused() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent, key) = stack.agent_with_key("cur-spent", None).await.unwrap();
+    let daily = stack
+        .usd_policy(&agent, "10", "daily", "calendar", "")
+        .await
+        .unwrap();
+    spend(&stack, &key, "spent", 3 * USD1).await;
+
+    let err = change_currency(&stack, &daily, "JPY").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(&daily), "{}", err.message());
+    assert!(err.message().contains("3.00 USD"), "{}", err.message());
+    assert!(err.message().contains("JPY"), "{}", err.message());
+    let p = stack
+        .policies()
+        .get_policy(pb::GetPolicyRequest { id: daily.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (p.limit.unwrap().currency.as_str(), p.version),
+        ("USD", 1),
+        "a refused change changes nothing"
+    );
+    // A currency change together with a window change is refused the same way.
+    let err = stack
+        .policies()
+        .update_policy(pb::UpdatePolicyRequest {
+            id: daily.clone(),
+            currency: Some("JPY".into()),
+            time_window: Some("monthly".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // The same currency named again is no change.
+    let same = change_currency(&stack, &daily, "USD").await.unwrap();
+    assert_eq!(same.limit.unwrap().currency, "USD");
+
+    // An open reservation alone (nothing spent yet) holds the counter too: a
+    // rolling policy of another agent with $2 reserved.
+    let (agent2, key2) = stack.agent_with_key("cur-open", None).await.unwrap();
+    let rolling = stack
+        .usd_policy(&agent2, "10", "hourly", "rolling", "")
+        .await
+        .unwrap();
+    let open = authorize(&stack, &key2, "open", 2 * USD1).await;
+    assert!(allowed(&open), "{open:?}");
+    let err = change_currency(&stack, &rolling, "JPY").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("2.00 USD"), "{}", err.message());
+    // Released: the counter holds nothing any more and the change goes through.
+    stack
+        .authz()
+        .release(pb::ReleaseRequest {
+            reservation_id: open.reservation_id,
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let changed = change_currency(&stack, &rolling, "JPY").await.unwrap();
+    assert_eq!(
+        (changed.limit.unwrap().currency.as_str(), changed.version),
+        ("JPY", 2)
+    );
+
+    // A policy whose counters never held anything changes currency freely, and
+    // then counts in the new currency.
+    let (agent3, key3) = stack.agent_with_key("cur-empty", None).await.unwrap();
+    let empty = stack
+        .usd_policy(&agent3, "10", "monthly", "calendar", "")
+        .await
+        .unwrap();
+    let changed = change_currency(&stack, &empty, "EUR").await.unwrap();
+    assert_eq!(
+        (changed.limit.unwrap().currency.as_str(), changed.version),
+        ("EUR", 2)
+    );
+    let mut last = None;
+    for i in 0..60 {
+        let mut req = caracal_tests::authorize_request(&key3, &format!("eur-{i}"), USD1);
+        if let Some(m) = req.estimated_cost.as_mut() {
+            m.currency = "EUR".into();
+        }
+        let r = stack.authz().authorize(req).await.unwrap().into_inner();
+        if allowed(&r) {
+            assert_eq!(remaining_of(&r, &empty), 9 * USD1);
+            last = None;
+            break;
+        }
+        last = Some(r);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(last.is_none(), "EUR never allowed: {last:?}");
+    stack.stop().await.unwrap();
+}

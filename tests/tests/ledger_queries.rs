@@ -658,6 +658,7 @@ async fn reconcile(stack: &TestStack, agent: &str) -> pb::ReconcileResponse {
     ledger(stack)
         .reconcile(pb::ReconcileRequest {
             agent_id: agent.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -986,6 +987,7 @@ async fn reconcile_is_zero_when_drained_and_shows_exact_drift() {
     let status = ledger(&stack)
         .reconcile(pb::ReconcileRequest {
             agent_id: uuid::Uuid::now_v7().to_string(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -993,6 +995,7 @@ async fn reconcile_is_zero_when_drained_and_shows_exact_drift() {
     let status = ledger(&stack)
         .reconcile(pb::ReconcileRequest {
             agent_id: "x".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -1161,6 +1164,468 @@ async fn cli_query_csv_and_reconcile_exit_code() {
     .await;
     assert_eq!(run.code, 1);
     assert!(run.err.starts_with("error: NotFound"), "{}", run.err);
+
+    stack.stop().await.unwrap();
+}
+
+// ------------------------------------------------ reconcile over a period
+
+async fn reconcile_range(
+    stack: &TestStack,
+    agent: &str,
+    start: &str,
+    end: &str,
+) -> pb::ReconcileResponse {
+    ledger(stack)
+        .reconcile(pb::ReconcileRequest {
+            agent_id: agent.into(),
+            range: dates(start, end),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The rows of `policy` whose window starts at `start`.
+fn rows_at<'a>(
+    r: &'a pb::ReconcileResponse,
+    policy: &str,
+    start: DateTime<Utc>,
+) -> Vec<&'a pb::PolicyReconciliation> {
+    r.policies
+        .iter()
+        .filter(|p| {
+            p.policy_id == policy
+                && p.window_start.as_ref().map(|t| t.seconds) == Some(start.timestamp())
+        })
+        .collect()
+}
+
+/// The one row of `policy` whose window starts at `start`.
+fn row_at<'a>(
+    r: &'a pb::ReconcileResponse,
+    policy: &str,
+    start: DateTime<Utc>,
+) -> &'a pb::PolicyReconciliation {
+    let rows = rows_at(r, policy, start);
+    assert_eq!(rows.len(), 1, "policy {policy} at {start}: {r:#?}");
+    rows[0]
+}
+
+/// (ledger, redis, drift, counter state) of a row.
+fn compared(p: &pb::PolicyReconciliation) -> (i64, i64, i64, pb::CounterState) {
+    (
+        p.ledger_micros,
+        p.redis_spent_micros,
+        p.drift_micros,
+        p.counter_state(),
+    )
+}
+
+fn midnight(d: chrono::NaiveDate) -> DateTime<Utc> {
+    d.and_time(chrono::NaiveTime::MIN).and_utc()
+}
+
+/// A final USD (or other) charge of `micros` naming `policy`, reserved at `reserved_at`.
+fn charge_row(
+    id: &str,
+    agent: &str,
+    policy: &str,
+    currency: &str,
+    micros: i64,
+    reserved_at: DateTime<Utc>,
+) -> LedgerRow {
+    let occurred = (reserved_at + chrono::Duration::seconds(5)).to_rfc3339();
+    let mut r = row(
+        &format!("{id}/settle"),
+        "settle",
+        agent,
+        agent,
+        currency,
+        (micros, micros),
+        (0, 0, 0),
+        ("openai", "gpt-4o"),
+        &occurred,
+    );
+    r.policy_ids = vec![policy.to_owned()];
+    r.reserved_at = Some(reserved_at);
+    r
+}
+
+/// Issue 22 item 6: a loss in a window that is no longer the current one (a
+/// ledger charge yesterday's counter lacks, a counter with no charge behind it, a
+/// lost counter, a rolling bucket outside the current hour), on active and
+/// inactive policies, is invisible to today's reconcile and seen over a period.
+#[tokio::test]
+async fn reconcile_over_a_period_sees_every_window_and_inactive_policies() {
+    let stack = TestStack::start().await.unwrap();
+    let (root, key) = stack.agent_with_key("period-root", None).await.unwrap();
+    let daily = |_: ()| stack.usd_policy(&root, "100", "daily", "calendar", "charge");
+    let lacks = daily(()).await.unwrap();
+    let extra = daily(()).await.unwrap();
+    let lost = daily(()).await.unwrap();
+    let rolling = stack
+        .usd_policy(&root, "100", "hourly", "rolling", "charge")
+        .await
+        .unwrap();
+    // Today: real spend on all four policies, drained into the ledger.
+    let a = authorize(&stack, &key, "today", 40_000).await;
+    let spent = settle(&stack, &a, 30_000).await;
+    assert_eq!(drain_charges_into_ledger(&stack).await.len(), 1);
+
+    let now = Utc::now();
+    let today = now.date_naive();
+    let yesterday = today.pred_opt().unwrap();
+    let keys =
+        caracal_authz::budget::KeySpace::new(stack.key_prefix.clone(), stack.redis.partitions);
+    let partition = keys.partition_of(&root);
+    let day_key = |policy: &str, d: chrono::NaiveDate| {
+        keys.calendar_counter(partition, policy, &format!("d:{d}"))
+    };
+    let noon_yesterday = midnight(yesterday) + chrono::Duration::hours(12);
+    let old_day = today - chrono::Days::new(10);
+    let mut conn = stack.db().await.unwrap();
+    insert_rows(
+        &mut conn,
+        &[
+            // Yesterday: 5,000 charged to `lacks`, whose counter has 3,000...
+            charge_row("y-lacks", &root, &lacks, "USD", 5_000, noon_yesterday),
+            // ...and 6,000 to `lost`, whose counter is gone.
+            charge_row("y-lost", &root, &lost, "USD", 6_000, noon_yesterday),
+            // Ten days ago: a charge whose window's counter expired long since.
+            charge_row(
+                "old-lacks",
+                &root,
+                &lacks,
+                "USD",
+                8_000,
+                midnight(old_day) + chrono::Duration::hours(1),
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    bump_counter(&stack, &day_key(&lacks, yesterday), "s", 3_000).await;
+    // `extra`'s counter has 4,000 that no charge accounts for.
+    bump_counter(&stack, &day_key(&extra, yesterday), "s", 4_000).await;
+    // Two hours ago, outside the rolling hour: 700 in a bucket, no charge behind it.
+    let bucket = (now - chrono::Duration::hours(2))
+        .timestamp()
+        .div_euclid(60);
+    bump_counter(
+        &stack,
+        &keys.rolling_counter(partition, &rolling, 60),
+        &format!("s:{bucket}"),
+        700,
+    )
+    .await;
+    // A deactivated policy's windows are still the record.
+    stack
+        .policies()
+        .deactivate_policy(pb::DeactivatePolicyRequest { id: extra.clone() })
+        .await
+        .unwrap();
+
+    // Today's reconcile (active policies, current windows) sees nothing wrong.
+    let r = reconcile(&stack, &root).await;
+    assert_eq!(
+        (r.policies_checked, r.policies_with_drift),
+        (3, 0),
+        "{r:#?}"
+    );
+    for p in &r.policies {
+        assert_eq!(
+            (p.ledger_micros, p.redis_spent_micros),
+            (spent, spent),
+            "{p:?}"
+        );
+    }
+
+    // From yesterday on: every window of every policy.
+    let r = reconcile_range(&stack, &root, &yesterday.to_string(), "").await;
+    let y = midnight(yesterday);
+    use pb::CounterState::{Expired, Missing, Present};
+    assert_eq!(
+        compared(row_at(&r, &lacks, y)),
+        (5_000, 3_000, -2_000, Present)
+    );
+    assert_eq!(compared(row_at(&r, &extra, y)), (0, 4_000, 4_000, Present));
+    assert_eq!(compared(row_at(&r, &lost, y)), (6_000, 0, -6_000, Missing));
+    let old_bucket = DateTime::from_timestamp(bucket * 60, 0).unwrap();
+    let b = row_at(&r, &rolling, old_bucket);
+    assert_eq!(compared(b), (0, 700, 700, Present));
+    assert_eq!(b.window_end.as_ref().unwrap().seconds, (bucket + 1) * 60);
+    for policy in [&lacks, &extra, &lost] {
+        let p = row_at(&r, policy, midnight(today));
+        assert_eq!(compared(p), (spent, spent, 0, Present), "{policy}");
+        assert_eq!(
+            (p.currency.as_str(), p.policy_currency.as_str()),
+            ("USD", "USD")
+        );
+    }
+    let current: Vec<_> = r
+        .policies
+        .iter()
+        .filter(|p| {
+            p.policy_id == rolling
+                && p.window_start.as_ref().unwrap().seconds
+                    > b.window_start.as_ref().unwrap().seconds
+        })
+        .collect();
+    assert_eq!(current.len(), 1, "{r:#?}");
+    assert_eq!(compared(current[0]), (spent, spent, 0, Present));
+    assert_eq!(r.policies.len(), 8, "{r:#?}");
+    assert_eq!(
+        (r.policies_checked, r.policies_with_drift),
+        (4, 4),
+        "the inactive policy is checked"
+    );
+    assert_eq!(
+        (r.windows_checked, r.windows_with_drift, r.windows_expired),
+        (8, 4, 0)
+    );
+    assert_eq!(r.period_start.as_ref().unwrap().seconds, y.timestamp());
+    assert!(r.period_end.as_ref().unwrap().seconds >= now.timestamp());
+
+    // Yesterday only (the end date is included): today's windows are out.
+    let r = reconcile_range(
+        &stack,
+        &root,
+        &yesterday.to_string(),
+        &yesterday.to_string(),
+    )
+    .await;
+    assert_eq!(r.policies.len(), 3, "{r:#?}");
+    assert_eq!((r.policies_with_drift, r.windows_with_drift), (3, 3));
+
+    // Ten days ago: the counter expired by design; the charge is shown, not drift.
+    let r = reconcile_range(&stack, &root, &old_day.to_string(), &old_day.to_string()).await;
+    assert_eq!(r.policies.len(), 1, "{r:#?}");
+    assert_eq!(
+        compared(row_at(&r, &lacks, midnight(old_day))),
+        (8_000, 0, 0, Expired)
+    );
+    assert_eq!(
+        (
+            r.policies_with_drift,
+            r.windows_with_drift,
+            r.windows_expired
+        ),
+        (0, 0, 1)
+    );
+
+    // A start is required; an end before the start is refused.
+    let status = ledger(&stack)
+        .reconcile(pb::ReconcileRequest {
+            agent_id: root.clone(),
+            range: dates("", &today.to_string()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = ledger(&stack)
+        .reconcile(pb::ReconcileRequest {
+            agent_id: root.clone(),
+            range: dates(&today.to_string(), &yesterday.to_string()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // The CLI: today's reconcile exits 0; with --start yesterday, 3.
+    let run = caracal(&stack, &["ledger", "reconcile", "--agent-id", &root]).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.out, run.err);
+    let run = caracal(
+        &stack,
+        &[
+            "--output",
+            "json",
+            "ledger",
+            "reconcile",
+            "--agent-id",
+            &root,
+            "--start",
+            &yesterday.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 3, "{}\n{}", run.out, run.err);
+    let v: serde_json::Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(v["policies_with_drift"], 4);
+    let missing: Vec<&serde_json::Value> = v["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["counter_state"] == "missing")
+        .collect();
+    assert_eq!(missing.len(), 1, "{}", run.out);
+    assert_eq!(missing[0]["policy_id"], lost.as_str());
+    assert_eq!(missing[0]["drift_micros"], -6_000);
+    assert!(run.err.contains("drift in 4 of 4 policies"), "{}", run.err);
+    let run = caracal(
+        &stack,
+        &[
+            "--output",
+            "csv",
+            "ledger",
+            "reconcile",
+            "--agent-id",
+            &root,
+            "--start",
+            &yesterday.to_string(),
+            "--end",
+            &yesterday.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 3, "{}\n{}", run.out, run.err);
+    let lines: Vec<&str> = run.out.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", run.out);
+    assert!(lines[0].contains("counter_state"), "{}", lines[0]);
+    let run = caracal(&stack, &["ledger", "reconcile", "--start", "yesterday"]).await;
+    assert_eq!(run.code, 2, "{}\n{}", run.out, run.err);
+
+    stack.stop().await.unwrap();
+}
+
+/// Issue 22 item 6: charges in a currency other than the policy's are drift of
+/// their own, never summed into the policy's; a policy whose currency changed is
+/// reconciled in the currency it had in each window.
+#[tokio::test]
+async fn reconcile_keeps_currencies_apart() {
+    let stack = TestStack::start().await.unwrap();
+    let (agent, key) = stack.agent_with_key("cur-agent", None).await.unwrap();
+    let usd_policy = stack
+        .usd_policy(&agent, "100", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+    let a = authorize(&stack, &key, "usd", 40_000).await;
+    let spent = settle(&stack, &a, 30_000).await;
+    drain_charges_into_ledger(&stack).await;
+    let now = Utc::now();
+    let mut conn = stack.db().await.unwrap();
+    // 9,000 EUR naming the USD policy (a counter that counted them would hold
+    // micros of two currencies).
+    insert_rows(
+        &mut conn,
+        &[charge_row(
+            "eur",
+            &agent,
+            &usd_policy,
+            "EUR",
+            9_000,
+            now - chrono::Duration::minutes(1),
+        )],
+    )
+    .await
+    .unwrap();
+    let r = reconcile(&stack, &agent).await;
+    let rows: Vec<_> = r
+        .policies
+        .iter()
+        .filter(|p| p.policy_id == usd_policy)
+        .collect();
+    assert_eq!(rows.len(), 2, "{r:#?}");
+    let usd = rows.iter().find(|p| p.currency == "USD").unwrap();
+    assert_eq!(
+        (usd.ledger_micros, usd.redis_spent_micros, usd.drift_micros),
+        (spent, spent, 0),
+        "EUR charges are not summed into the USD row"
+    );
+    let eur = rows.iter().find(|p| p.currency == "EUR").unwrap();
+    assert_eq!(eur.policy_currency, "USD");
+    assert_eq!(
+        (
+            eur.ledger_micros,
+            eur.ledger_events,
+            eur.redis_spent_micros,
+            eur.drift_micros
+        ),
+        (9_000, 1, 0, -9_000)
+    );
+    assert_eq!(
+        (
+            r.policies_with_drift,
+            r.windows_checked,
+            r.windows_with_drift
+        ),
+        (1, 2, 1)
+    );
+
+    // A policy that counted USD until today and EUR from now on: yesterday's
+    // window is reconciled in USD, today's in EUR; no drift either way.
+    let (other, _) = stack.agent_with_key("cur-history", None).await.unwrap();
+    let hist = stack
+        .usd_policy(&other, "100", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+    let today = now.date_naive();
+    let yesterday = today.pred_opt().unwrap();
+    let keys =
+        caracal_authz::budget::KeySpace::new(stack.key_prefix.clone(), stack.redis.partitions);
+    let partition = keys.partition_of(&other);
+    let day_key = |d: chrono::NaiveDate| keys.calendar_counter(partition, &hist, &format!("d:{d}"));
+    insert_rows(
+        &mut conn,
+        &[charge_row(
+            "hist-y",
+            &other,
+            &hist,
+            "USD",
+            1_000,
+            midnight(yesterday) + chrono::Duration::hours(12),
+        )],
+    )
+    .await
+    .unwrap();
+    bump_counter(&stack, &day_key(yesterday), "s", 1_000).await;
+    let changed = stack
+        .policies()
+        .update_policy(pb::UpdatePolicyRequest {
+            id: hist.clone(),
+            currency: Some("EUR".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.limit.unwrap().currency, "EUR");
+    insert_rows(
+        &mut conn,
+        &[charge_row(
+            "hist-t",
+            &other,
+            &hist,
+            "EUR",
+            2_000,
+            Utc::now(),
+        )],
+    )
+    .await
+    .unwrap();
+    bump_counter(&stack, &day_key(today), "s", 2_000).await;
+    let r = reconcile_range(&stack, &other, &yesterday.to_string(), "").await;
+    let y = row_at(&r, &hist, midnight(yesterday));
+    assert_eq!(
+        (
+            y.currency.as_str(),
+            y.policy_currency.as_str(),
+            y.ledger_micros,
+            y.drift_micros
+        ),
+        ("USD", "USD", 1_000, 0)
+    );
+    let t = row_at(&r, &hist, midnight(today));
+    assert_eq!(
+        (
+            t.currency.as_str(),
+            t.policy_currency.as_str(),
+            t.ledger_micros,
+            t.drift_micros
+        ),
+        ("EUR", "EUR", 2_000, 0)
+    );
+    assert_eq!((r.policies_with_drift, r.windows_checked), (0, 2), "{r:#?}");
 
     stack.stop().await.unwrap();
 }

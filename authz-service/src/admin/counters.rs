@@ -40,6 +40,19 @@
 //! What the new keys count: spend from the moment the change takes effect. The old
 //! ancestors of a re-parented agent keep its past spend (it was spent under them);
 //! its new ancestors count its spend from the move on, like any new child.
+//!
+//! Currency (issue 22 item 6). Counter keys do not name a currency: a currency
+//! change keeps the policy's counters, and the micros already in them would count
+//! in the new currency (3 USD spent read as 3 JPY of a JPY limit). So a currency
+//! change is refused while the counters it keeps (and, with a window change too,
+//! the ones it moves to) hold spend or open reservations in their current window,
+//! like a window change. It cannot be fenced: the new configuration uses the same
+//! keys, and a fence there would refuse every request of the policy until it
+//! expired. What remains is a replica whose cache still has the old currency
+//! (until its next epoch poll, `configPollInterval`): it may reserve in the old
+//! currency on the kept counter after the check. Such charges show in `caracal
+//! ledger reconcile`, which reports charges in another currency than the policy's
+//! as drift of their own.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -48,6 +61,7 @@ use caracal_domain::{
     policy::OnExpiry,
     window::{TimeWindow, WindowType},
 };
+use caracal_service_kit::redis::query_each;
 use chrono::{DateTime, Duration, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -237,6 +251,40 @@ impl CounterGuard {
         }
     }
 
+    /// The first of `counters` that holds spend or open reservations in its current
+    /// window (a fence not counted), read without changing anything: what
+    /// counter_fence.lua's check counts, for a change that keeps the counters.
+    pub async fn held(&self, counters: &[Counter]) -> ServiceResult<Option<Busy>> {
+        let reads = counters
+            .iter()
+            .map(|c| redis::cmd("HGETALL").arg(&c.key).clone())
+            .collect();
+        let replies = query_each(&self.store.connection(), reads)
+            .await
+            .map_err(|e| {
+                ServiceError::Unavailable(format!(
+                    "budget store unavailable, cannot check the budget counters this change affects: {e}"
+                ))
+            })?;
+        if replies.len() != counters.len() {
+            return Err(ServiceError::Internal(format!(
+                "budget store answered {} of {} counter reads",
+                replies.len(),
+                counters.len()
+            )));
+        }
+        for (c, reply) in counters.iter().zip(&replies) {
+            let used = used_of(reply, &c.mode)?;
+            if used != 0 {
+                return Ok(Some(Busy {
+                    counter: c.clone(),
+                    used_micros: used,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     async fn run(
         &self,
         retiring: &[&Counter],
@@ -296,6 +344,48 @@ impl CounterGuard {
             ))),
         }
     }
+}
+
+/// Spent + reserved in a counter's current window, from its `HGETALL` reply, a fence
+/// excluded (the rule of `used` in counter_fence.lua).
+fn used_of(reply: &Value, mode: &SlotMode) -> ServiceResult<i64> {
+    let bad = || ServiceError::Internal(format!("unexpected budget counter reply {reply:?}"));
+    let text = |v: &Value| -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
+            _ => None,
+        }
+    };
+    let pairs: Vec<(&Value, &Value)> = match reply {
+        Value::Array(items) => items.chunks_exact(2).map(|c| (&c[0], &c[1])).collect(),
+        Value::Map(items) => items.iter().map(|(k, v)| (k, v)).collect(),
+        Value::Nil => Vec::new(),
+        _ => return Err(bad()),
+    };
+    let mut used: i64 = 0;
+    for (field, value) in pairs {
+        let field = text(field).ok_or_else(bad)?;
+        let amount: i64 = text(value).and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+        let counts = match mode {
+            SlotMode::Calendar { .. } => match field.as_str() {
+                "s" => Some(amount),
+                "r" if amount >= FENCE_MICROS => Some(amount - FENCE_MICROS),
+                "r" => Some(amount),
+                _ => None,
+            },
+            SlotMode::Rolling { oldest, .. } => {
+                let bucket = field.get(2..).and_then(|b| b.parse::<i64>().ok());
+                match bucket {
+                    Some(b) if field != FENCE_FIELD && b >= *oldest => Some(amount),
+                    _ => None,
+                }
+            }
+        };
+        used = used.saturating_add(counts.unwrap_or(0));
+    }
+    Ok(used)
 }
 
 /// The counters `p` uses from `now` to `now + span` (see [`CounterGuard::counters_of`]).
@@ -484,7 +574,9 @@ pub async fn guard_reparent(
 /// A policy change from `old` to `new` (same policy), in the caller's transaction,
 /// before the row is written: when the change moves the policy to other counters
 /// (window, calendar/rolling), refused while the old counter holds spend or
-/// reservations in its current window, fenced otherwise.
+/// reservations in its current window, fenced otherwise. A currency change is
+/// refused while the counters it keeps or moves to hold anything in their current
+/// window (their micros have no currency).
 pub async fn guard_policy_change(
     conn: &mut AsyncPgConnection,
     guard: &CounterGuard,
@@ -493,14 +585,16 @@ pub async fn guard_policy_change(
 ) -> ServiceResult<Fenced> {
     let now = Utc::now();
     // Compare in any partition first: no Redis call (and no lock) for changes that
-    // keep the counters (limit, on_expiry, activation).
+    // keep the counters and the currency (limit, on_expiry, activation).
     let same = |a: &[Counter], b: &[Counter]| {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.key == y.key)
     };
-    if same(
+    let same_counters = same(
         &guard.counters_of(0, old, now),
         &guard.counters_of(0, new, now),
-    ) {
+    );
+    let currency_changes = old.currency != new.currency;
+    if same_counters && !currency_changes {
         return Ok(Fenced::default());
     }
     lock_hierarchies(conn).await?;
@@ -508,6 +602,36 @@ pub async fn guard_policy_change(
     let partition = guard.keys().partition_of(&root.to_string());
     let from = guard.counters_of(partition, old, now);
     let to = guard.counters_of(partition, new, now);
+    if currency_changes {
+        // Whatever these counters hold is in the old currency.
+        let kept: HashSet<&str> = from.iter().map(|c| c.key.as_str()).collect();
+        let mut counted = from.clone();
+        counted.extend(
+            to.iter()
+                .filter(|c| !kept.contains(c.key.as_str()))
+                .map(|c| Counter {
+                    currency: old.currency,
+                    ..c.clone()
+                }),
+        );
+        if let Some(busy) = guard.held(&counted).await? {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "cannot change the currency of policy {} ({} -> {}): {}; budget counters \
+                 hold amounts without a currency, so that would count as {}. Wait until \
+                 that window has passed (or its reservations are settled), or deactivate \
+                 this policy and create a new one in {}",
+                old.id,
+                old.currency,
+                new.currency,
+                busy.describe(),
+                new.currency,
+                new.currency
+            )));
+        }
+        if same_counters {
+            return Ok(Fenced::default());
+        }
+    }
     match guard.retire(&from, &to).await? {
         Ok(fenced) => Ok(fenced),
         Err(busy) => Err(ServiceError::FailedPrecondition(format!(

@@ -13,21 +13,45 @@
 //!
 //! Reconcile. A charge counts in the policy windows open when its reservation was
 //! made (`reserved_at`): the settle, expiry or late settle of a reservation all
-//! write to the counters recorded in it. So for each active policy, the ledger side
-//! is the final charges naming the policy whose `reserved_at` (`occurred_at` for
-//! rows from before it was recorded) falls in the policy's current window, and the
-//! Redis side is the spent field(s) of the counter the hot path uses now: the
-//! calendar window's hash, or the rolling window's buckets from the oldest still
-//! counted. Reserved amounts are not compared: open reservations are not charges.
+//! write to the counters recorded in it. So the ledger side of a window is the
+//! final charges naming the policy whose `reserved_at` (`occurred_at` for rows
+//! from before it was recorded) falls in it, and the Redis side is the spent
+//! field(s) of its counter: a calendar window's hash, or a rolling counter's
+//! buckets. Reserved amounts are not compared: open reservations are not charges.
+//!
+//! Which windows. Without a period, each active policy's current window (what the
+//! hot path counts now). With one, every window of every policy, active or not,
+//! that overlaps it: each calendar window, and a rolling counter's buckets (those
+//! of the current window, and older ones still in the counter). The windows are
+//! those the policy had at the time: its version history splits it into eras of
+//! one window and type (one set of counters), each compared over its own time
+//! only, so a window change does not show the old counters' charges as drift.
+//!
+//! Currencies. Counters hold micros without a currency; a window's counter counts
+//! in the currency the policy had when it last counted there (a currency change
+//! is refused while a counter holds anything: admin::counters). Charges of the
+//! window in that currency are compared with the counter; charges in any other
+//! currency are a row of their own and drift whatever the counter says (the hot
+//! path never reserves in another currency than the policy's, so such a charge
+//! was counted where it does not belong).
+//!
+//! Counters that are gone. A calendar counter expires a day after its window
+//! (`COUNTER_GRACE_S`): a window older than that is shown, not compared. A missing
+//! counter of a more recent window is read as 0 (a lost counter is drift). Rolling
+//! buckets older than the current window are dropped by the hot path: those still
+//! there are compared, the others only shown.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use caracal_domain::{
     hierarchy::MAX_HIERARCHY_DEPTH,
-    window::{bucket_start, calendar_bounds, rolling_bucket_width},
+    money::Currency,
+    window::{bucket_index, bucket_start, calendar_bounds, TimeWindow, WindowType},
 };
 use caracal_proto::v1::{self as pb, ledger_service_server::LedgerService};
 use caracal_service_kit::redis::query_each;
-use chrono::{DateTime, Days, NaiveDate, Utc};
+use chrono::{DateTime, Days, Duration, NaiveDate, Utc};
 use diesel::{
     prelude::*,
     sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz},
@@ -42,7 +66,10 @@ use crate::{
     authorize::policy_slot,
     budget::{store::SlotMode, BudgetStore},
     convert::{self, from_timestamp, money, timestamp},
-    db::{self, schema::policies},
+    db::{
+        self,
+        schema::{policies, policy_versions},
+    },
     error::{ServiceError, ServiceResult},
 };
 
@@ -509,6 +536,10 @@ async fn ledger_summary(
 
 // -------------------------------------------------------------- reconcile
 
+/// Most windows (calendar windows, rolling counters) one Reconcile call compares:
+/// name an agent, or reconcile a shorter period, for more.
+pub const MAX_RECONCILE_WINDOWS: usize = 50_000;
+
 #[derive(QueryableByName)]
 struct Root {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
@@ -521,7 +552,7 @@ struct Root {
 async fn roots(
     conn: &mut AsyncPgConnection,
     agents: &[Uuid],
-) -> ServiceResult<std::collections::HashMap<Uuid, Uuid>> {
+) -> ServiceResult<HashMap<Uuid, Uuid>> {
     let rows: Vec<Root> = diesel::sql_query(format!(
         "WITH RECURSIVE chain(agent_id, cur, depth) AS ( \
             SELECT id, id, 0 FROM agents WHERE id = ANY($1) \
@@ -538,110 +569,621 @@ async fn roots(
     Ok(rows.into_iter().map(|r| (r.agent_id, r.root)).collect())
 }
 
-#[derive(QueryableByName)]
+/// A stretch of a policy's history that counted in the same counters: consecutive
+/// versions with the same window (and type; `total` is one counter for both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Era {
+    /// The first era reaches back without limit (a charge reserved just before the
+    /// policy row's commit still names it).
+    from: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+    window: TimeWindow,
+    window_type: WindowType,
+}
+
+/// A policy to reconcile: as it is now, its history, its hierarchy's partition.
+struct Subject {
+    info: crate::catalog::PolicyInfo,
+    partition: u16,
+    eras: Vec<Era>,
+    /// Never empty.
+    currencies: Currencies,
+}
+
+impl Subject {
+    /// The policy's currency at `t`.
+    fn currency_at(&self, t: DateTime<Utc>) -> Currency {
+        self.currencies
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= t)
+            .or(<[_]>::first(&self.currencies))
+            .map_or(self.info.currency, |(_, c)| *c)
+    }
+}
+
+/// A policy's currency over time: (from, currency), oldest first.
+type Currencies = Vec<(DateTime<Utc>, Currency)>;
+
+/// One version of a policy: (currency, time_window, window_type, changed_at).
+type Version = (String, String, String, DateTime<Utc>);
+
+/// Eras and currencies of a policy from its versions (oldest first); the policy as
+/// it is now when it has no versions.
+fn history(
+    info: &crate::catalog::PolicyInfo,
+    versions: &[Version],
+) -> ServiceResult<(Vec<Era>, Currencies)> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        ServiceError::Internal(format!("stored version of policy {}: {what}: {e}", info.id))
+    };
+    let mut eras: Vec<Era> = Vec::new();
+    let mut currencies = Vec::new();
+    for (i, (currency, window, window_type, changed_at)) in versions.iter().enumerate() {
+        let currency = Currency::parse(currency).map_err(|e| bad("currency", &e))?;
+        let window: TimeWindow = window.parse().map_err(|e| bad("time_window", &e))?;
+        let window_type: WindowType = window_type.parse().map_err(|e| bad("window_type", &e))?;
+        let from = if i == 0 {
+            DateTime::<Utc>::MIN_UTC
+        } else {
+            *changed_at
+        };
+        currencies.push((from, currency));
+        match eras.last_mut() {
+            Some(last)
+                if last.window == window
+                    && (window == TimeWindow::Total || last.window_type == window_type) => {}
+            last => {
+                if let Some(last) = last {
+                    last.until = Some(from);
+                }
+                eras.push(Era {
+                    from,
+                    until: None,
+                    window,
+                    window_type,
+                });
+            }
+        }
+    }
+    if eras.is_empty() {
+        eras.push(Era {
+            from: DateTime::<Utc>::MIN_UTC,
+            until: None,
+            window: info.window,
+            window_type: info.window_type,
+        });
+        currencies.push((DateTime::<Utc>::MIN_UTC, info.currency));
+    }
+    Ok((eras, currencies))
+}
+
+/// How a counter key is read and reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TargetKind {
+    /// One calendar window (or `total`).
+    Calendar {
+        start: DateTime<Utc>,
+        end: Option<DateTime<Utc>>,
+        /// When the counter expires by design (s; 0 = never).
+        expire_at_s: i64,
+    },
+    /// A rolling counter: the bucket ranges (inclusive) compared, and the oldest
+    /// and newest bucket the hot path counts now when the policy counts in this
+    /// key now.
+    Rolling {
+        width_s: i64,
+        ranges: Vec<(i64, i64)>,
+        current: Option<(i64, i64)>,
+    },
+}
+
+/// A counter key to read, and the rows it makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    subject: usize,
+    key: String,
+    window: TimeWindow,
+    window_type: WindowType,
+    kind: TargetKind,
+    /// The policy's current window (no range): always reported.
+    always: bool,
+    /// The latest time the policy counted in this key (for the currency it counted in).
+    last_use: DateTime<Utc>,
+}
+
+/// Reservation times whose final charges belong to a target: `[lo, hi)`, by
+/// rolling bucket of `width_s` seconds (0: as a whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Span {
+    target: usize,
+    lo: DateTime<Utc>,
+    hi: Option<DateTime<Utc>>,
+    width_s: i64,
+}
+
+fn min_end(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// What a reconciliation reads: counter keys, and the ledger spans of each.
+#[derive(Default)]
+struct Plan {
+    targets: Vec<Target>,
+    by_key: HashMap<String, usize>,
+    spans: Vec<Span>,
+}
+
+impl Plan {
+    /// Adds the span `[lo, hi)` of `key` (a new target, or one already planned:
+    /// the same counter in another era).
+    fn add(&mut self, new: Target, lo: DateTime<Utc>, hi: Option<DateTime<Utc>>) {
+        let ti = match self.by_key.get(&new.key) {
+            Some(&ti) => {
+                let t = &mut self.targets[ti];
+                t.last_use = t.last_use.max(new.last_use);
+                if let (
+                    TargetKind::Rolling {
+                        ranges, current, ..
+                    },
+                    TargetKind::Rolling {
+                        ranges: more,
+                        current: now_current,
+                        ..
+                    },
+                ) = (&mut t.kind, new.kind)
+                {
+                    ranges.extend(more);
+                    if now_current.is_some() {
+                        *current = now_current;
+                    }
+                }
+                ti
+            }
+            None => {
+                self.by_key.insert(new.key.clone(), self.targets.len());
+                self.targets.push(new);
+                self.targets.len() - 1
+            }
+        };
+        let width_s = match &self.targets[ti].kind {
+            TargetKind::Rolling { width_s, .. } => *width_s,
+            TargetKind::Calendar { .. } => 0,
+        };
+        self.spans.push(Span {
+            target: ti,
+            lo,
+            hi,
+            width_s,
+        });
+    }
+}
+
+/// Targets and spans: without `period`, each subject's current window (its last
+/// era); with one (`[start, end)`, end <= now), every window of every era that
+/// overlaps it.
+fn plan(
+    keys: &crate::budget::KeySpace,
+    subjects: &[Subject],
+    period: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    now: DateTime<Utc>,
+) -> ServiceResult<(Vec<Target>, Vec<Span>)> {
+    let mut plan = Plan::default();
+    let too_many = || {
+        ServiceError::FailedPrecondition(format!(
+            "the reconciliation covers more than {MAX_RECONCILE_WINDOWS} windows: reconcile \
+             a shorter period, or one agent at a time (agent_id)"
+        ))
+    };
+    for (si, s) in subjects.iter().enumerate() {
+        let eras = match period {
+            None => s.eras.last().into_iter().collect::<Vec<_>>(),
+            Some(_) => s.eras.iter().collect(),
+        };
+        for era in eras {
+            let (lo, hi) = match period {
+                None => (now, now),
+                Some((start, end)) => {
+                    let lo = start.max(era.from);
+                    let hi = era.until.map_or(end, |u| u.min(end));
+                    if lo >= hi {
+                        continue;
+                    }
+                    (lo, hi)
+                }
+            };
+            let info = crate::catalog::PolicyInfo {
+                window: era.window,
+                window_type: era.window_type,
+                ..s.info.clone()
+            };
+            let target = |key: String, kind: TargetKind, span_hi: Option<DateTime<Utc>>| Target {
+                subject: si,
+                key,
+                window: era.window,
+                window_type: era.window_type,
+                kind,
+                always: period.is_none(),
+                last_use: span_hi.map_or(now, |h| h.min(now)),
+            };
+            let slot = policy_slot(keys, s.partition, &info, now);
+            match slot.mode {
+                SlotMode::Rolling {
+                    oldest,
+                    bucket: newest,
+                    width_s,
+                } => {
+                    let width = Duration::seconds(width_s);
+                    let start_of = |b: i64| {
+                        bucket_start(b, width).ok_or_else(|| {
+                            ServiceError::Internal(format!(
+                                "policy {}: bucket {b} out of range",
+                                s.info.id
+                            ))
+                        })
+                    };
+                    let (first, last, span_hi) = match period {
+                        None => (oldest, i64::MAX, None),
+                        Some(_) => {
+                            let last = bucket_index(hi - Duration::nanoseconds(1), width);
+                            let end = start_of(last.saturating_add(1))?;
+                            (bucket_index(lo, width), last, min_end(Some(end), era.until))
+                        }
+                    };
+                    let span_lo = start_of(first)?.max(era.from);
+                    let kind = TargetKind::Rolling {
+                        width_s,
+                        ranges: vec![(first, last)],
+                        current: era.until.is_none().then_some((oldest, newest)),
+                    };
+                    plan.add(target(slot.key, kind, span_hi), span_lo, span_hi);
+                }
+                SlotMode::Calendar { .. } => {
+                    let mut at = if period.is_none() { now } else { lo };
+                    loop {
+                        if plan.spans.len() >= MAX_RECONCILE_WINDOWS {
+                            return Err(too_many());
+                        }
+                        let bounds = calendar_bounds(era.window, at);
+                        let slot = policy_slot(keys, s.partition, &info, bounds.start);
+                        let expire_at_s = match slot.mode {
+                            SlotMode::Calendar { expire_at_s } => expire_at_s,
+                            SlotMode::Rolling { .. } => 0,
+                        };
+                        let kind = TargetKind::Calendar {
+                            start: bounds.start,
+                            end: bounds.end,
+                            expire_at_s,
+                        };
+                        let span_hi = min_end(bounds.end, era.until);
+                        plan.add(
+                            target(slot.key, kind, span_hi),
+                            bounds.start.max(era.from),
+                            span_hi,
+                        );
+                        match bounds.end {
+                            Some(end) if period.is_some() && end < hi => at = end,
+                            _ => break,
+                        }
+                    }
+                }
+            }
+            if plan.spans.len() > MAX_RECONCILE_WINDOWS {
+                return Err(too_many());
+            }
+        }
+    }
+    Ok((plan.targets, plan.spans))
+}
+
+#[derive(QueryableByName, Debug)]
 struct LedgerSide {
+    #[diesel(sql_type = Integer)]
+    span: i32,
     #[diesel(sql_type = Text)]
-    policy_id: String,
+    currency: String,
+    #[diesel(sql_type = BigInt)]
+    bucket: i64,
     #[diesel(sql_type = BigInt)]
     micros: i64,
     #[diesel(sql_type = BigInt)]
     events: i64,
 }
 
-/// Final charges per policy whose reservation time is in its check's window.
+/// (micros, events) per currency.
+type ByCurrency = BTreeMap<String, (i64, i64)>;
+
+/// The final charges of each target: per rolling bucket (0 for a calendar window)
+/// and currency.
 async fn ledger_side(
     conn: &mut AsyncPgConnection,
-    checks: &[Check],
-) -> ServiceResult<std::collections::HashMap<String, (i64, i64)>> {
-    let Some(min_lo) = checks.iter().map(|c| c.start).min() else {
-        return Ok(Default::default());
+    subjects: &[Subject],
+    targets: &[Target],
+    spans: &[Span],
+) -> ServiceResult<Vec<BTreeMap<i64, ByCurrency>>> {
+    let mut out = vec![BTreeMap::new(); targets.len()];
+    let Some(min_lo) = spans.iter().map(|s| s.lo).min() else {
+        return Ok(out);
     };
     let sql = format!(
-        "WITH w(pid, lo, hi) AS ( \
-            SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) \
+        "WITH w(pid, idx, lo, hi, width) AS ( \
+            SELECT * FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::timestamptz[], \
+                $5::bigint[]) \
         ), charges AS ( \
-            SELECT p.pid, e.charged_micros, e.event_id, \
+            SELECT p.pid, e.currency, e.charged_micros, \
                 coalesce(e.reserved_at, e.occurred_at) AS at \
             FROM ledger_events e CROSS JOIN LATERAL unnest(e.policy_ids) AS p(pid) \
-            WHERE e.occurred_at >= $4::timestamptz - interval '{CLOCK_SKEW_MARGIN}' \
+            WHERE e.occurred_at >= $6::timestamptz - interval '{CLOCK_SKEW_MARGIN}' \
+              AND p.pid = ANY($1) \
               AND NOT {SUPERSEDED} \
         ) \
-        SELECT w.pid AS policy_id, coalesce(sum(c.charged_micros), 0)::bigint AS micros, \
-            count(c.event_id) AS events \
-        FROM w LEFT JOIN charges c \
+        SELECT w.idx AS span, c.currency, \
+            CASE WHEN w.width > 0 THEN floor(extract(epoch FROM c.at) / w.width)::bigint \
+                ELSE 0 END AS bucket, \
+            sum(c.charged_micros)::bigint AS micros, count(*) AS events \
+        FROM w JOIN charges c \
           ON c.pid = w.pid AND c.at >= w.lo AND (w.hi IS NULL OR c.at < w.hi) \
-        GROUP BY w.pid"
+        GROUP BY 1, 2, 3"
     );
+    let pid = |s: &Span| subjects[targets[s.target].subject].info.id.to_string();
     let rows: Vec<LedgerSide> = diesel::sql_query(sql)
-        .bind::<Array<Text>, _>(
-            checks
-                .iter()
-                .map(|c| c.policy.id.to_string())
+        .bind::<Array<Text>, _>(spans.iter().map(pid).collect::<Vec<_>>())
+        .bind::<Array<Integer>, _>(
+            (0..spans.len())
+                .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
                 .collect::<Vec<_>>(),
         )
-        .bind::<Array<Timestamptz>, _>(checks.iter().map(|c| c.start).collect::<Vec<_>>())
-        .bind::<Array<Nullable<Timestamptz>>, _>(checks.iter().map(|c| c.end).collect::<Vec<_>>())
+        .bind::<Array<Timestamptz>, _>(spans.iter().map(|s| s.lo).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Timestamptz>>, _>(spans.iter().map(|s| s.hi).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(spans.iter().map(|s| s.width_s).collect::<Vec<_>>())
         .bind::<Timestamptz, _>(min_lo)
         .load(conn)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| (r.policy_id, (r.micros, r.events)))
-        .collect())
+    for r in rows {
+        let Some(span) = usize::try_from(r.span).ok().and_then(|i| spans.get(i)) else {
+            continue;
+        };
+        let sums = out[span.target]
+            .entry(r.bucket)
+            .or_default()
+            .entry(r.currency)
+            .or_insert((0, 0));
+        sums.0 = sums.0.saturating_add(r.micros);
+        sums.1 += r.events;
+    }
+    Ok(out)
 }
 
-/// The spent value of a counter: the calendar hash's `s`, or the sum of a rolling
-/// counter's `s:<bucket>` fields from `oldest` on (what the hot path counts).
-fn spent_of(reply: &Value, oldest: Option<i64>) -> ServiceResult<i64> {
-    let int = |v: &Value| -> Option<i64> {
+/// A counter hash's integer fields (`HGETALL` reply); empty when there is no key.
+fn counter_fields(reply: &Value) -> ServiceResult<Vec<(String, i64)>> {
+    let text = |v: &Value| -> Option<String> {
         match v {
-            Value::Int(i) => Some(*i),
-            Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-            Value::SimpleString(s) => s.parse().ok(),
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
             _ => None,
         }
     };
     let bad = || ServiceError::Internal(format!("unexpected budget counter reply {reply:?}"));
-    match oldest {
-        None => match reply {
-            Value::Nil => Ok(0),
-            v => int(v).ok_or_else(bad),
-        },
-        Some(oldest) => {
-            let pairs: Vec<(&Value, &Value)> = match reply {
-                Value::Array(items) => items.chunks_exact(2).map(|c| (&c[0], &c[1])).collect(),
-                Value::Map(items) => items.iter().map(|(k, v)| (k, v)).collect(),
-                Value::Nil => Vec::new(),
-                _ => return Err(bad()),
-            };
-            let mut sum: i64 = 0;
-            for (field, value) in pairs {
-                let field = match field {
-                    Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                    Value::SimpleString(s) => s.clone(),
-                    _ => return Err(bad()),
-                };
-                let Some(bucket) = field.strip_prefix("s:") else {
-                    continue;
-                };
-                match bucket.parse::<i64>() {
-                    Ok(b) if b >= oldest => sum = sum.saturating_add(int(value).ok_or_else(bad)?),
-                    _ => {}
-                }
-            }
-            Ok(sum)
+    let pairs: Vec<(&Value, &Value)> = match reply {
+        Value::Array(items) => items.chunks_exact(2).map(|c| (&c[0], &c[1])).collect(),
+        Value::Map(items) => items.iter().map(|(k, v)| (k, v)).collect(),
+        Value::Nil => Vec::new(),
+        _ => return Err(bad()),
+    };
+    pairs
+        .into_iter()
+        .map(|(k, v)| {
+            let field = text(k).ok_or_else(bad)?;
+            let value = text(v).and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+            Ok((field, value))
+        })
+        .collect()
+}
+
+/// One reported row before it becomes a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    target: usize,
+    currency: Currency,
+    row_currency: String,
+    start: DateTime<Utc>,
+    end: Option<DateTime<Utc>>,
+    ledger_micros: i64,
+    ledger_events: i64,
+    redis_micros: i64,
+    state: pb::CounterState,
+}
+
+impl Row {
+    fn foreign(&self) -> bool {
+        self.row_currency != self.currency.as_str()
+    }
+
+    /// Redis - ledger where compared; a charge in another currency is drift whatever
+    /// the counter.
+    fn drift(&self) -> i64 {
+        if self.foreign() {
+            return self.ledger_micros.saturating_neg();
+        }
+        match self.state {
+            pb::CounterState::Expired => 0,
+            _ => self.redis_micros.saturating_sub(self.ledger_micros),
         }
     }
 }
 
-/// One active policy's counter and window now.
-struct Check {
-    policy: crate::catalog::PolicyInfo,
-    key: String,
-    /// Rolling: the oldest bucket counted.
-    oldest: Option<i64>,
-    start: DateTime<Utc>,
-    end: Option<DateTime<Utc>>,
+/// The rows of one target from its counter's fields and its ledger charges.
+fn rows_of(
+    ti: usize,
+    target: &Target,
+    subject: &Subject,
+    fields: &[(String, i64)],
+    ledger: &BTreeMap<i64, ByCurrency>,
+    now: DateTime<Utc>,
+) -> ServiceResult<Vec<Row>> {
+    let present = !fields.is_empty();
+    let before = |t: DateTime<Utc>| t - Duration::microseconds(1);
+    let mut rows = Vec::new();
+    match &target.kind {
+        TargetKind::Calendar {
+            start,
+            end,
+            expire_at_s,
+        } => {
+            let spent = fields.iter().find(|(f, _)| f == "s").map_or(0, |(_, v)| *v);
+            let state = if present {
+                pb::CounterState::Present
+            } else if *expire_at_s > 0 && *expire_at_s <= now.timestamp() {
+                pb::CounterState::Expired
+            } else {
+                pb::CounterState::Missing
+            };
+            let currency = subject.currency_at(before(target.last_use));
+            let empty = ByCurrency::new();
+            let charges = ledger.get(&0).unwrap_or(&empty);
+            let own = charges.get(currency.as_str()).copied().unwrap_or((0, 0));
+            let row = |row_currency: &str, (micros, events): (i64, i64), redis| Row {
+                target: ti,
+                currency,
+                row_currency: row_currency.to_owned(),
+                start: *start,
+                end: *end,
+                ledger_micros: micros,
+                ledger_events: events,
+                redis_micros: redis,
+                state,
+            };
+            if target.always || present || own.1 > 0 {
+                rows.push(row(currency.as_str(), own, spent));
+            }
+            for (c, sums) in charges {
+                if c != currency.as_str() && sums.1 > 0 {
+                    rows.push(row(c, *sums, 0));
+                }
+            }
+        }
+        TargetKind::Rolling {
+            width_s,
+            ranges,
+            current,
+        } => {
+            let width = Duration::seconds(*width_s);
+            let start_of = |b: i64| {
+                bucket_start(b, width).ok_or_else(|| {
+                    ServiceError::Internal(format!("{}: bucket {b} out of range", target.key))
+                })
+            };
+            let spent: BTreeMap<i64, i64> = fields
+                .iter()
+                .filter_map(|(f, v)| Some((f.strip_prefix("s:")?.parse::<i64>().ok()?, *v)))
+                .collect();
+            let in_range = |b: i64| ranges.iter().any(|(f, l)| (*f..=*l).contains(&b));
+            let current_ranges: Vec<(i64, i64)> = match current {
+                // Buckets after the newest (a reservation clock ahead) are current too.
+                Some((oldest, _)) => ranges
+                    .iter()
+                    .map(|(f, l)| ((*f).max(*oldest), *l))
+                    .filter(|(f, l)| f <= l)
+                    .collect(),
+                None => Vec::new(),
+            };
+            let in_current = |b: i64| current_ranges.iter().any(|(f, l)| (*f..=*l).contains(&b));
+            // (class, policy currency, row currency) -> (first, last bucket, ledger, redis)
+            // class: 0 = the current window, 1 = older buckets still in the counter,
+            // 2 = older buckets gone (by design: nothing to compare).
+            type Acc = (i64, i64, (i64, i64), i64);
+            let mut groups: BTreeMap<(u8, Currency, String), Acc> = BTreeMap::new();
+            let mut add = |key: (u8, Currency, String), b: i64, sums: (i64, i64), redis: i64| {
+                let acc = groups.entry(key).or_insert((b, b, (0, 0), 0));
+                acc.0 = acc.0.min(b);
+                acc.1 = acc.1.max(b);
+                acc.2 .0 = acc.2 .0.saturating_add(sums.0);
+                acc.2 .1 += sums.1;
+                acc.3 = acc.3.saturating_add(redis);
+            };
+            let mut buckets: Vec<i64> = ledger.keys().copied().collect();
+            buckets.extend(spent.keys().copied().filter(|b| in_range(*b)));
+            buckets.sort_unstable();
+            buckets.dedup();
+            let empty = ByCurrency::new();
+            for b in buckets {
+                let class = if in_current(b) {
+                    0
+                } else if spent.contains_key(&b) {
+                    1
+                } else {
+                    2
+                };
+                let bucket_end = start_of(b.saturating_add(1))?;
+                let currency = subject.currency_at(before(bucket_end.min(target.last_use)));
+                let charges = ledger.get(&b).unwrap_or(&empty);
+                let own = charges.get(currency.as_str()).copied().unwrap_or((0, 0));
+                let redis = if class == 2 {
+                    0
+                } else {
+                    spent.get(&b).copied().unwrap_or(0)
+                };
+                if class != 2 || own.1 > 0 {
+                    add(
+                        (class, currency, currency.as_str().to_owned()),
+                        b,
+                        own,
+                        redis,
+                    );
+                }
+                for (c, sums) in charges {
+                    if c != currency.as_str() && sums.1 > 0 {
+                        add((class, currency, c.clone()), b, *sums, 0);
+                    }
+                }
+            }
+            // The current window is reported whole (and always without a range).
+            if let (Some(first), Some(last)) = (
+                current_ranges.iter().map(|r| r.0).min(),
+                current_ranges.iter().map(|r| r.1).max(),
+            ) {
+                let currency = subject.currency_at(before(target.last_use));
+                let key = (0, currency, currency.as_str().to_owned());
+                if target.always || present || groups.contains_key(&key) {
+                    let acc = groups.entry(key).or_insert((first, last, (0, 0), 0));
+                    acc.0 = acc.0.min(first);
+                    acc.1 = acc.1.max(last);
+                }
+            }
+            let newest = current.map(|c| c.1).unwrap_or(i64::MIN);
+            for ((class, currency, row_currency), (first, last, (micros, events), redis)) in groups
+            {
+                let state = match class {
+                    0 if present => pb::CounterState::Present,
+                    0 => pb::CounterState::Missing,
+                    1 => pb::CounterState::Present,
+                    _ => pb::CounterState::Expired,
+                };
+                let end = if class == 0 && last >= newest {
+                    None
+                } else {
+                    Some(start_of(last.saturating_add(1))?)
+                };
+                rows.push(Row {
+                    target: ti,
+                    currency,
+                    row_currency,
+                    start: start_of(first)?,
+                    end,
+                    ledger_micros: micros,
+                    ledger_events: events,
+                    redis_micros: redis,
+                    state,
+                });
+            }
+        }
+    }
+    Ok(rows)
 }
 
 async fn reconcile(
@@ -650,6 +1192,31 @@ async fn reconcile(
     req: pb::ReconcileRequest,
 ) -> ServiceResult<pb::ReconcileResponse> {
     type PolicyRow = (Uuid, Uuid, i64, String, String, String, String);
+    let now = Utc::now();
+    let period = match req.range.as_ref() {
+        None => None,
+        Some(r) => {
+            let range = time_range(Some(r))?;
+            let start = range.start.ok_or_else(|| {
+                ServiceError::InvalidArgument(
+                    "a reconciliation period needs a start (start_date or start_time)".to_owned(),
+                )
+            })?;
+            if start >= now {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "the period starts at {}, in the future",
+                    start.to_rfc3339()
+                )));
+            }
+            if range.end.is_some_and(|end| end <= start) {
+                return Err(ServiceError::InvalidArgument(
+                    "the period is empty: it ends where it starts (an end date is included)"
+                        .to_owned(),
+                ));
+            }
+            Some((start, range.end.map_or(now, |e| e.min(now))))
+        }
+    };
     let mut conn = db::conn(pool).await?;
     let agent = match req.agent_id.trim() {
         "" => None,
@@ -665,28 +1232,50 @@ async fn reconcile(
             policies::window_type,
             policies::on_expiry,
         ))
-        .filter(policies::active.eq(true))
         .order((policies::agent_id, policies::id))
         .limit(MAX_RECONCILE_POLICIES + 1)
         .into_boxed();
+    if period.is_none() {
+        // The current windows: active policies only (as the hot path counts now).
+        query = query.filter(policies::active.eq(true));
+    }
     if let Some(agent) = agent {
         query = query.filter(policies::agent_id.eq(agent));
     }
     let rows: Vec<PolicyRow> = query.load(&mut conn).await?;
     if rows.len() as i64 > MAX_RECONCILE_POLICIES {
         return Err(ServiceError::FailedPrecondition(format!(
-            "more than {MAX_RECONCILE_POLICIES} active policies: reconcile one agent at a time (agent_id)"
+            "more than {MAX_RECONCILE_POLICIES} policies: reconcile one agent at a time (agent_id)"
         )));
     }
     let mut agents: Vec<Uuid> = rows.iter().map(|r| r.1).collect();
     agents.sort();
     agents.dedup();
     let roots = roots(&mut conn, &agents).await?;
-    let now = Utc::now();
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    let version_rows: Vec<(Uuid, String, String, String, DateTime<Utc>)> = policy_versions::table
+        .select((
+            policy_versions::policy_id,
+            policy_versions::currency,
+            policy_versions::time_window,
+            policy_versions::window_type,
+            policy_versions::changed_at,
+        ))
+        .filter(policy_versions::policy_id.eq_any(&ids))
+        .order((policy_versions::policy_id, policy_versions::version))
+        .load(&mut conn)
+        .await?;
+    let mut versions: HashMap<Uuid, Vec<Version>> = HashMap::new();
+    for (id, currency, window, window_type, at) in version_rows {
+        versions
+            .entry(id)
+            .or_default()
+            .push((currency, window, window_type, at));
+    }
     let keys = store.keys();
-    let mut checks = Vec::with_capacity(rows.len());
+    let mut subjects = Vec::with_capacity(rows.len());
     for (id, agent_id, limit, currency, window, window_type, on_expiry) in rows {
-        let policy = policy_info(
+        let info = policy_info(
             id,
             agent_id,
             limit,
@@ -696,44 +1285,25 @@ async fn reconcile(
             &on_expiry,
         )?;
         let root = roots.get(&agent_id).copied().unwrap_or(agent_id);
-        let slot = policy_slot(keys, keys.partition_of(&root.to_string()), &policy, now);
-        let (oldest, start, end) = match slot.mode {
-            SlotMode::Rolling { oldest, .. } => {
-                let width = rolling_bucket_width(policy.window).ok_or_else(|| {
-                    ServiceError::Internal(format!("policy {id}: rolling window without width"))
-                })?;
-                let start = bucket_start(oldest, width).ok_or_else(|| {
-                    ServiceError::Internal(format!("policy {id}: window start out of range"))
-                })?;
-                (Some(oldest), start, None)
-            }
-            SlotMode::Calendar { .. } => {
-                let bounds = calendar_bounds(policy.window, now);
-                (None, bounds.start, bounds.end)
-            }
-        };
-        checks.push(Check {
-            policy,
-            key: slot.key,
-            oldest,
-            start,
-            end,
+        let (eras, currencies) = history(&info, versions.get(&id).map_or(&[], |v| v))?;
+        subjects.push(Subject {
+            partition: keys.partition_of(&root.to_string()),
+            info,
+            eras,
+            currencies,
         });
     }
-
-    let ledger = ledger_side(&mut conn, &checks).await?;
+    let (targets, spans) = plan(keys, &subjects, period, now)?;
+    let ledger = ledger_side(&mut conn, &subjects, &targets, &spans).await?;
     drop(conn);
 
-    let mut spent = Vec::with_capacity(checks.len());
+    let mut fields = Vec::with_capacity(targets.len());
     let redis = store.connection();
-    for batch in checks.chunks(REDIS_BATCH) {
+    for batch in targets.chunks(REDIS_BATCH) {
         // Counters of different hierarchies live on different slots (shards).
         let reads = batch
             .iter()
-            .map(|c| match c.oldest {
-                None => redis::cmd("HGET").arg(&c.key).arg("s").clone(),
-                Some(_) => redis::cmd("HGETALL").arg(&c.key).clone(),
-            })
+            .map(|t| redis::cmd("HGETALL").arg(&t.key).clone())
             .collect();
         let replies: Vec<Value> = query_each(&redis, reads).await.map_err(|e| {
             ServiceError::Unavailable(format!(
@@ -747,42 +1317,88 @@ async fn reconcile(
                 batch.len()
             )));
         }
-        for (c, reply) in batch.iter().zip(&replies) {
-            spent.push(spent_of(reply, c.oldest)?);
+        for reply in &replies {
+            fields.push(counter_fields(reply)?);
         }
     }
 
-    let mut out = Vec::with_capacity(checks.len());
-    for (c, redis_spent) in checks.into_iter().zip(spent) {
-        let id = c.policy.id.to_string();
-        let (ledger_micros, ledger_events) = ledger.get(&id).copied().unwrap_or((0, 0));
+    let mut found = Vec::new();
+    for (ti, (target, (fields, ledger))) in
+        targets.iter().zip(fields.iter().zip(&ledger)).enumerate()
+    {
+        found.extend(rows_of(
+            ti,
+            target,
+            &subjects[target.subject],
+            fields,
+            ledger,
+            now,
+        )?);
+    }
+    // Per policy (in agent, policy order), by window, the policy's currency first.
+    found.sort_by(|a, b| {
+        (
+            targets[a.target].subject,
+            a.start,
+            a.foreign(),
+            &a.row_currency,
+        )
+            .cmp(&(
+                targets[b.target].subject,
+                b.start,
+                b.foreign(),
+                &b.row_currency,
+            ))
+    });
+    let mut drifting = HashSet::new();
+    let (mut with_drift, mut expired) = (0usize, 0usize);
+    let mut out = Vec::with_capacity(found.len());
+    for row in found {
+        let target = &targets[row.target];
+        let policy = &subjects[target.subject].info;
+        let drift = row.drift();
+        if drift != 0 {
+            with_drift += 1;
+            drifting.insert(policy.id);
+        }
+        if row.state == pb::CounterState::Expired {
+            expired += 1;
+        }
         out.push(pb::PolicyReconciliation {
-            agent_id: c.policy.agent_id.to_string(),
-            currency: c.policy.currency.to_string(),
-            time_window: c.policy.window.to_string(),
-            window_type: c.policy.window_type.to_string(),
-            window_start: Some(timestamp(c.start)),
-            window_end: c.end.map(timestamp),
-            ledger_micros,
-            ledger_events,
-            redis_spent_micros: redis_spent,
-            drift_micros: redis_spent.saturating_sub(ledger_micros),
-            counter_key: c.key,
-            policy_id: id,
+            policy_id: policy.id.to_string(),
+            agent_id: policy.agent_id.to_string(),
+            currency: row.row_currency.clone(),
+            time_window: target.window.to_string(),
+            window_type: target.window_type.to_string(),
+            window_start: Some(timestamp(row.start)),
+            window_end: row.end.map(timestamp),
+            ledger_micros: row.ledger_micros,
+            ledger_events: row.ledger_events,
+            redis_spent_micros: row.redis_micros,
+            drift_micros: drift,
+            counter_key: target.key.clone(),
+            counter_state: row.state as i32,
+            policy_currency: row.currency.to_string(),
         });
     }
-    let with_drift = out.iter().filter(|p| p.drift_micros != 0).count();
     if with_drift > 0 {
         tracing::warn!(
-            policies = with_drift,
+            policies = drifting.len(),
+            windows = with_drift,
             "ledger and budget counters differ (normal while events are in flight)"
         );
     }
+    let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
     Ok(pb::ReconcileResponse {
-        policies_checked: i32::try_from(out.len()).unwrap_or(i32::MAX),
-        policies_with_drift: i32::try_from(with_drift).unwrap_or(i32::MAX),
+        policies_checked: count(subjects.len()),
+        policies_with_drift: count(drifting.len()),
+        windows_checked: count(out.len()),
+        windows_with_drift: count(with_drift),
+        windows_expired: count(expired),
         policies: out,
         checked_at: Some(timestamp(now)),
+        period_start: period.map(|p| timestamp(p.0)),
+        period_end: period.map(|p| timestamp(p.1)),
     })
 }
 
@@ -879,20 +1495,220 @@ mod tests {
     #[test]
     fn counter_replies() {
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        assert_eq!(spent_of(&Value::Nil, None).unwrap(), 0);
-        assert_eq!(spent_of(&bulk("1500"), None).unwrap(), 1500);
-        let rolling = Value::Array(vec![
+        assert!(counter_fields(&Value::Nil).unwrap().is_empty());
+        assert!(counter_fields(&Value::Array(vec![])).unwrap().is_empty());
+        let fields = counter_fields(&Value::Array(vec![
             bulk("s:99"),
             bulk("7"),
-            bulk("s:100"),
-            bulk("10"),
             bulk("r:100"),
             bulk("500"),
-            bulk("s:101"),
-            bulk("20"),
-        ]);
-        // Buckets older than the window and reserved fields do not count.
-        assert_eq!(spent_of(&rolling, Some(100)).unwrap(), 30);
-        assert!(spent_of(&bulk("x"), None).is_err());
+        ]))
+        .unwrap();
+        assert_eq!(fields, [("s:99".to_owned(), 7), ("r:100".to_owned(), 500)]);
+        assert!(counter_fields(&Value::Array(vec![bulk("s"), bulk("x")])).is_err());
+        assert!(counter_fields(&bulk("1")).is_err());
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn info(window: TimeWindow, window_type: WindowType) -> crate::catalog::PolicyInfo {
+        crate::catalog::PolicyInfo {
+            id: Uuid::nil(),
+            agent_id: Uuid::nil(),
+            limit_micros: 1,
+            currency: Currency::parse("USD").unwrap(),
+            window,
+            window_type,
+            on_expiry: Default::default(),
+        }
+    }
+
+    fn version(currency: &str, window: &str, window_type: &str, when: &str) -> Version {
+        (currency.into(), window.into(), window_type.into(), at(when))
+    }
+
+    #[test]
+    fn history_merges_versions_that_keep_the_counters() {
+        let p = info(TimeWindow::Daily, WindowType::Calendar);
+        let (eras, currencies) = history(
+            &p,
+            &[
+                version("USD", "hourly", "calendar", "2026-12-01T00:00:00Z"),
+                // A limit change: same counters.
+                version("USD", "hourly", "calendar", "2026-12-01T05:00:00Z"),
+                version("USD", "daily", "calendar", "2026-12-02T10:00:00Z"),
+                version("EUR", "daily", "calendar", "2026-12-03T10:00:00Z"),
+                version("EUR", "total", "calendar", "2026-12-04T00:00:00Z"),
+                // total is one counter for both types.
+                version("EUR", "total", "rolling", "2026-12-04T01:00:00Z"),
+            ],
+        )
+        .unwrap();
+        let spans: Vec<_> = eras.iter().map(|e| (e.from, e.until, e.window)).collect();
+        assert_eq!(
+            spans,
+            [
+                (
+                    DateTime::<Utc>::MIN_UTC,
+                    Some(at("2026-12-02T10:00:00Z")),
+                    TimeWindow::Hourly
+                ),
+                (
+                    at("2026-12-02T10:00:00Z"),
+                    Some(at("2026-12-04T00:00:00Z")),
+                    TimeWindow::Daily
+                ),
+                (at("2026-12-04T00:00:00Z"), None, TimeWindow::Total),
+            ]
+        );
+        let s = Subject {
+            info: p,
+            partition: 0,
+            eras,
+            currencies,
+        };
+        assert_eq!(s.currency_at(at("2026-11-01T00:00:00Z")).as_str(), "USD");
+        assert_eq!(s.currency_at(at("2026-12-03T09:59:59Z")).as_str(), "USD");
+        assert_eq!(s.currency_at(at("2026-12-03T10:00:00Z")).as_str(), "EUR");
+    }
+
+    #[test]
+    fn a_period_covers_every_window_of_every_era() {
+        let keys = crate::budget::KeySpace::new("k", 1);
+        let p = info(TimeWindow::Daily, WindowType::Calendar);
+        let (eras, currencies) = history(
+            &p,
+            &[
+                version("USD", "hourly", "rolling", "2026-12-01T00:00:00Z"),
+                version("USD", "daily", "calendar", "2026-12-02T10:00:00Z"),
+            ],
+        )
+        .unwrap();
+        let subjects = [Subject {
+            info: p,
+            partition: 0,
+            eras,
+            currencies,
+        }];
+        let now = at("2026-12-03T12:00:00Z");
+        let period = (at("2026-12-02T09:00:00Z"), now);
+        let (targets, spans) = plan(&keys, &subjects, Some(period), now).unwrap();
+        // The rolling era from 09:00 to 10:00 (minute buckets), then two days.
+        assert_eq!(targets.len(), 3, "{targets:?}");
+        assert!(matches!(
+            &targets[0].kind,
+            TargetKind::Rolling { width_s: 60, current: None, ranges, .. } if ranges.len() == 1
+        ));
+        assert_eq!(
+            (spans[0].lo, spans[0].hi, spans[0].width_s),
+            (
+                at("2026-12-02T09:00:00Z"),
+                Some(at("2026-12-02T10:00:00Z")),
+                60
+            )
+        );
+        // The day of the change counts from the change on.
+        assert_eq!(
+            (spans[1].lo, spans[1].hi),
+            (at("2026-12-02T10:00:00Z"), Some(at("2026-12-03T00:00:00Z")))
+        );
+        assert!(
+            targets[1].key.ends_with(":d:2026-12-02"),
+            "{}",
+            targets[1].key
+        );
+        assert_eq!(
+            targets[2].kind,
+            TargetKind::Calendar {
+                start: at("2026-12-03T00:00:00Z"),
+                end: Some(at("2026-12-04T00:00:00Z")),
+                expire_at_s: at("2026-12-05T00:00:00Z").timestamp(),
+            }
+        );
+        assert!(targets.iter().all(|t| !t.always));
+        // Without a period: the current window only, clipped to its era.
+        let (targets, spans) = plan(&keys, &subjects, None, now).unwrap();
+        assert_eq!((targets.len(), spans.len()), (1, 1));
+        assert!(targets[0].always);
+        assert_eq!(spans[0].lo, at("2026-12-03T00:00:00Z"));
+        // An hourly policy over ten years: too many windows.
+        let p = info(TimeWindow::Hourly, WindowType::Calendar);
+        let (eras, currencies) = history(&p, &[]).unwrap();
+        let subjects = [Subject {
+            info: p,
+            partition: 0,
+            eras,
+            currencies,
+        }];
+        let long = (at("2016-12-03T00:00:00Z"), now);
+        assert!(matches!(
+            plan(&keys, &subjects, Some(long), now),
+            Err(ServiceError::FailedPrecondition(_))
+        ));
+    }
+
+    #[test]
+    fn rows_split_currencies_and_classes() {
+        let keys = crate::budget::KeySpace::new("k", 1);
+        let p = info(TimeWindow::Hourly, WindowType::Rolling);
+        let (eras, currencies) = history(&p, &[]).unwrap();
+        let subject = Subject {
+            info: p,
+            partition: 0,
+            eras,
+            currencies,
+        };
+        let now = at("2026-12-03T12:00:30Z");
+        let period = (at("2026-12-03T09:00:00Z"), now);
+        let (targets, _) = plan(&keys, std::slice::from_ref(&subject), Some(period), now).unwrap();
+        let b = |t: &str| at(t).timestamp() / 60;
+        let (old_kept, old_gone, current) = (
+            b("2026-12-03T10:00:00Z"),
+            b("2026-12-03T10:30:00Z"),
+            b("2026-12-03T11:30:00Z"),
+        );
+        let fields = vec![
+            (format!("s:{old_kept}"), 700),
+            (format!("s:{current}"), 1_000),
+            (format!("r:{current}"), 50),
+        ];
+        let cur = |c: &str, m: i64| -> ByCurrency { [(c.to_owned(), (m, 1))].into() };
+        let mut ledger = BTreeMap::new();
+        ledger.insert(old_gone, cur("USD", 300));
+        let mut both = cur("USD", 1_000);
+        both.insert("EUR".into(), (9, 1));
+        ledger.insert(current, both);
+        let rows = rows_of(0, &targets[0], &subject, &fields, &ledger, now).unwrap();
+        let summary: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.row_currency.as_str(),
+                    r.state,
+                    r.ledger_micros,
+                    r.redis_micros,
+                    r.drift(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("EUR", pb::CounterState::Present, 9, 0, -9),
+                ("USD", pb::CounterState::Present, 1_000, 1_000, 0),
+                ("USD", pb::CounterState::Present, 0, 700, 700),
+                ("USD", pb::CounterState::Expired, 300, 0, 0),
+            ]
+        );
+        // The current window starts at its oldest bucket and stays open.
+        let current_row = &rows[1];
+        assert_eq!(current_row.start, at("2026-12-03T11:00:00Z"));
+        assert_eq!(current_row.end, None);
+        assert_eq!(rows[2].start, at("2026-12-03T10:00:00Z"));
+        assert_eq!(rows[2].end, Some(at("2026-12-03T10:01:00Z")));
     }
 }
