@@ -1369,10 +1369,17 @@ async fn a_different_message_at_a_logged_position_is_kept_and_a_redelivery_is_no
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     let t = "caracal.metering.events";
     let first = raw_message(t, 0, b"before re-creation", "e-1", Some(1_700_000_000_000));
-    assert_eq!(log_messages(&mut conn, &[first.clone()]).await.unwrap(), 1);
+    assert_eq!(
+        log_messages(&mut conn, std::slice::from_ref(&first))
+            .await
+            .unwrap(),
+        1
+    );
     // The topic re-created: offset 0 again, another event.
     let second = raw_message(t, 0, b"after re-creation", "e-2", Some(1_800_000_000_000));
-    let new = log_messages(&mut conn, &[second.clone()]).await.unwrap();
+    let new = log_messages(&mut conn, std::slice::from_ref(&second))
+        .await
+        .unwrap();
     assert_eq!(
         new, 1,
         "the new message at offset 0 was dropped as a redelivery"
