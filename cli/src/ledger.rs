@@ -1,4 +1,4 @@
-//! `caracal ledger query|summary|reconcile`: the ledger of record over the admin
+//! `caracal ledger query|summary|reconcile` (and `status`, see [`crate::ledger_status`]): the ledger of record over the admin
 //! API's LedgerService.
 //!
 //! - `query` follows the pages to the end (or `--limit`); CSV is written page by
@@ -49,6 +49,10 @@ pub struct Scope {
 
 #[derive(Debug, Subcommand)]
 pub enum LedgerCmd {
+    /// Whether the ledger keeps up with the metering topic: per partition its
+    /// reader, committed and end offsets, lag and last commit (from PostgreSQL).
+    /// Exits with code 3 when a partition is stalled.
+    Status(crate::ledger_status::StatusArgs),
     /// Ledger rows of an agent between two UTC dates (end date included), oldest
     /// first; every page, up to --limit. `--output csv` for spreadsheets.
     Query {
@@ -205,6 +209,7 @@ impl std::error::Error for DriftFound {}
 
 pub async fn run(ctx: &Ctx<'_>, cmd: LedgerCmd, out: &mut dyn Write) -> Result<()> {
     match cmd {
+        LedgerCmd::Status(args) => crate::ledger_status::run(args, ctx.format, out).await,
         LedgerCmd::Query {
             scope:
                 Scope {
