@@ -1,5 +1,5 @@
-//! `caracal ledger query|summary|reconcile` (and `status`, see [`crate::ledger_status`]): the ledger of record over the admin
-//! API's LedgerService.
+//! `caracal ledger query|summary|reconcile`: the ledger of record over the admin
+//! API's LedgerService (`status`, read from PostgreSQL, is [`crate::ledger_status`]).
 //!
 //! - `query` follows the pages to the end (or `--limit`); CSV is written page by
 //!   page, so a long range does not have to fit in memory.
