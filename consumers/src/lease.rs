@@ -265,6 +265,19 @@ impl Session {
             .map_err(|e| format!("giving a lease up: {e}"))
     }
 
+    /// [`Session::report`], for people only: a failure is logged, not returned
+    /// (a database that refuses writes must not cost the leases).
+    async fn record(
+        &mut self,
+        group: &str,
+        rows: &[(TopicPartition, Option<PartitionState>)],
+        whose: Whose,
+    ) {
+        if let Err(error) = self.report(group, rows, whose).await {
+            tracing::debug!(%error, "recording the partitions' progress failed");
+        }
+    }
+
     /// Records where this replica stands on `rows` (or that it let go: `owner` None).
     async fn report(
         &mut self,
@@ -321,6 +334,17 @@ impl Session {
         .map(|_| ())
         .map_err(|e| format!("recording the partitions' progress: {e}"))
     }
+}
+
+/// What this replica knows of each of `partitions`, for [`Session::report`].
+fn rows_of(
+    progress: &Progress,
+    partitions: &[TopicPartition],
+) -> Vec<(TopicPartition, Option<PartitionState>)> {
+    partitions
+        .iter()
+        .map(|tp| (tp.clone(), progress.state(tp)))
+        .collect()
 }
 
 /// Whose partitions a [`Session::report`] records.
@@ -565,16 +589,13 @@ impl Task {
             .collect();
         if let Some(session) = self.session.as_mut() {
             for (rows, whose) in [(free, Whose::Nobody), (held, Whose::Another)] {
-                if let Err(error) = session.report(&group, &rows, whose).await {
-                    tracing::debug!(%error, "recording the other partitions failed");
-                }
+                session.record(&group, &rows, whose).await;
             }
         }
         self.gauges();
-        // The status table is for people: a database that refuses writes (read-only
-        // failover target, disk full) must not cost the leases.
-        if let Err(error) = self.report().await {
-            tracing::debug!(%error, "recording the partitions' progress failed");
+        let rows = rows_of(&self.progress, &self.leases.owned());
+        if let Some(session) = self.session.as_mut() {
+            session.record(&group, &rows, Whose::Mine).await;
         }
         Ok(())
     }
@@ -626,16 +647,10 @@ impl Task {
                 .unlock(partition_namespace(&self.settings.group, t), *p)
                 .await?;
         }
-        let rows: Vec<(TopicPartition, Option<PartitionState>)> = partitions
-            .iter()
-            .map(|tp| (tp.clone(), self.progress.state(tp)))
-            .collect();
-        if let Err(error) = session
-            .report(&self.settings.group, &rows, Whose::Nobody)
-            .await
-        {
-            tracing::debug!(%error, "recording the partitions' progress failed");
-        }
+        let rows = rows_of(&self.progress, partitions);
+        session
+            .record(&self.settings.group, &rows, Whose::Nobody)
+            .await;
         tracing::info!(
             ?partitions,
             drained,
@@ -654,24 +669,6 @@ impl Task {
         }
     }
 
-    async fn report(&mut self) -> Result<(), String> {
-        let rows: Vec<(TopicPartition, Option<PartitionState>)> = self
-            .leases
-            .owned()
-            .into_iter()
-            .map(|tp| {
-                let state = self.progress.state(&tp);
-                (tp, state)
-            })
-            .collect();
-        let Some(session) = self.session.as_mut() else {
-            return Err("no session".to_owned());
-        };
-        session
-            .report(&self.settings.group, &rows, Whose::Mine)
-            .await
-    }
-
     fn gauges(&self) {
         let group = self.settings.group.clone();
         // Precision loss only above 2^53 partitions.
@@ -688,16 +685,10 @@ impl Task {
     async fn close(&mut self) {
         let owned = self.leases.owned();
         if let Some(mut session) = self.session.take() {
-            let rows: Vec<(TopicPartition, Option<PartitionState>)> = owned
-                .iter()
-                .map(|tp| (tp.clone(), self.progress.state(tp)))
-                .collect();
-            if let Err(error) = session
-                .report(&self.settings.group, &rows, Whose::Nobody)
-                .await
-            {
-                tracing::debug!(%error, "recording the last progress failed");
-            }
+            let rows = rows_of(&self.progress, &owned);
+            session
+                .record(&self.settings.group, &rows, Whose::Nobody)
+                .await;
         }
         self.leases.lock().clear();
         self.leases.session_ok.store(false, Ordering::SeqCst);

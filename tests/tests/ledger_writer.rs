@@ -36,6 +36,21 @@ static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ------------------------------------------------------------------ fixtures
 
+/// `n` numbered charges of a new run, each its own root agent's (one of `roots`,
+/// in turn: keys spread over the partitions), and the sum they charge.
+fn spread_charges(n: u64, roots: u64) -> (Vec<ChargeEvent>, i64) {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let roots: Vec<uuid::Uuid> = (0..roots).map(|_| uuid::Uuid::new_v4()).collect();
+    let events: Vec<ChargeEvent> = (0..n)
+        .map(|i| {
+            let root = &roots[(i % roots.len() as u64) as usize];
+            numbered_charge(&run, i, root, root)
+        })
+        .collect();
+    let sum = events.iter().map(charged).sum();
+    (events, sum)
+}
+
 /// A fresh database of this test.
 async fn db() -> TestDb {
     TestDb::create("ledger").await.unwrap()
@@ -500,15 +515,7 @@ async fn a_database_that_refuses_writes_loses_nothing_to_the_dlq() {
     let mut config = database_consumer_config(&db.url, &tansu.brokers(), &group).unwrap();
     config.consumer.batch_size = 100;
     let writer = ledger::start(config).await.unwrap();
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let roots: Vec<uuid::Uuid> = (0..6).map(|_| uuid::Uuid::new_v4()).collect();
-    let events: Vec<ChargeEvent> = (0..1000)
-        .map(|i| {
-            let root = &roots[(i % 6) as usize];
-            numbered_charge(&run, i, root, root)
-        })
-        .collect();
-    let expected_sum: i64 = events.iter().map(charged).sum();
+    let (events, expected_sum) = spread_charges(1000, 6);
     let p = burst_charge_producer(&tansu.brokers(), 10_000).unwrap();
     let msgs: Vec<ChargeMessage> = events.iter().map(ChargeMessage::event).collect();
     produce_charges(&p, &msgs[..500]).await.unwrap();
@@ -752,16 +759,8 @@ async fn a_partition_nobody_reads_is_reported_stalled_until_taken_over() {
     config.consumer.lease_interval_ms = 200;
     let writer = ledger::start(config).await.unwrap();
 
-    let run = uuid::Uuid::new_v4().simple().to_string();
     // 48 roots: every partition gets some (all on two of three: (2/3)^48).
-    let roots: Vec<uuid::Uuid> = (0..48).map(|_| uuid::Uuid::new_v4()).collect();
-    let events: Vec<ChargeEvent> = (0..960)
-        .map(|i| {
-            let root = &roots[(i % 48) as usize];
-            numbered_charge(&run, i, root, root)
-        })
-        .collect();
-    let expected_sum: i64 = events.iter().map(charged).sum();
+    let (events, expected_sum) = spread_charges(960, 48);
     let p = burst_charge_producer(&tansu.brokers(), 10_000).unwrap();
     produce_charges(
         &p,
