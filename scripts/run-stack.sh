@@ -188,6 +188,8 @@ caracal ledger summary --agent-id "$demo_id" --breakdown model
 printf 'the gateway charged: $%d.%06d (from the provider-reported usage of each answered call)\n' \
   $((charged / 1000000)) $((charged % 1000000))
 caracal ledger reconcile --agent-id "$demo_id"
+echo "== is the ledger keeping up? (per partition: reader, committed/end offsets, lag)"
+caracal ledger status --database-url "$(db_url caracal_authz_svc)" || echo "(ledger status exited $?)"
 caracal spend trend --agent-id "$demo_id" --days 3
 caracal dlq count
 echo "== audit retention, as its own role (the audit-logger's may not delete; a CronJob in k8s)"
