@@ -174,7 +174,13 @@ pub async fn run(args: StatusArgs, format: OutputFormat, out: &mut dyn Write) ->
     ]);
     let mut docs = Vec::new();
     for r in &rows {
-        let lag = match (r.end_offset, r.committed_offset) {
+        // The end offset is sampled every few seconds, the commit recorded as it
+        // happens: the end is at least what was committed.
+        let end = match (r.end_offset, r.committed_offset) {
+            (Some(end), Some(done)) => Some(end.max(done)),
+            (end, _) => end,
+        };
+        let lag = match (end, r.committed_offset) {
             (Some(end), Some(done)) => Some((end - done).max(0)),
             (Some(end), None) => Some(end),
             _ => None,
@@ -197,7 +203,7 @@ pub async fn run(args: StatusArgs, format: OutputFormat, out: &mut dyn Write) ->
             r.kafka_partition.to_string(),
             r.owner.clone().unwrap_or_else(|| "-".to_owned()),
             opt(r.committed_offset),
-            opt(r.end_offset),
+            opt(end),
             opt(lag),
             r.last_commit_at
                 .map_or_else(|| "-".to_owned(), |t| rfc3339(&t)),
@@ -209,7 +215,7 @@ pub async fn run(args: StatusArgs, format: OutputFormat, out: &mut dyn Write) ->
             "partition": r.kafka_partition,
             "owner": r.owner,
             "committed_offset": r.committed_offset,
-            "end_offset": r.end_offset,
+            "end_offset": end,
             "lag": lag,
             "last_commit_at": r.last_commit_at.map(|t| rfc3339(&t)),
             "reported_seconds_ago": reported_ago,

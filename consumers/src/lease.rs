@@ -343,7 +343,14 @@ fn rows_of(
 ) -> Vec<(TopicPartition, Option<PartitionState>)> {
     partitions
         .iter()
-        .map(|tp| (tp.clone(), progress.state(tp)))
+        .map(|tp| {
+            // Not committed by this replica yet: the group's offset (what it resumed from).
+            let state = progress.state(tp).map(|s| PartitionState {
+                committed: s.committed.or(s.group_committed),
+                ..s
+            });
+            (tp.clone(), state)
+        })
         .collect()
 }
 
