@@ -64,14 +64,22 @@ pub async fn run_migrations(url: &str) -> Result<Vec<String>, DbError> {
         .execute(&mut lock_conn)
         .await
         .map_err(|e| DbError::Migration(format!("taking the migration lock: {e}")))?;
-    if up_to_date(&mut lock_conn).await {
-        let _ = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
-            .execute(&mut lock_conn)
-            .await;
-        return Ok(Vec::new());
-    }
-    let url = url.to_owned();
-    let applied = tokio::task::spawn_blocking(move || {
+    let applied = if up_to_date(&mut lock_conn).await {
+        Ok(Vec::new())
+    } else {
+        run_harness(url.to_owned()).await
+    };
+    // Closing the connection would release it too; unlock explicitly so a pooled
+    // wrapper of this code never keeps it.
+    let _ = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+        .execute(&mut lock_conn)
+        .await;
+    applied
+}
+
+/// Diesel's (synchronous) harness on a blocking thread: applies what is pending.
+async fn run_harness(url: String) -> Result<Vec<String>, DbError> {
+    tokio::task::spawn_blocking(move || {
         // The same TLS handling as the pool: connect async, then wrap for the
         // synchronous migration harness.
         let handle = tokio::runtime::Handle::current();
@@ -85,13 +93,7 @@ pub async fn run_migrations(url: &str) -> Result<Vec<String>, DbError> {
         Ok(applied.iter().map(|m| m.to_string()).collect())
     })
     .await
-    .map_err(|e| DbError::Migration(e.to_string()))?;
-    // Closing the connection would release it too; unlock explicitly so a pooled
-    // wrapper of this code never keeps it.
-    let _ = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
-        .execute(&mut lock_conn)
-        .await;
-    applied
+    .map_err(|e| DbError::Migration(e.to_string()))?
 }
 
 /// Whether every embedded migration is recorded as applied. Checked before diesel's

@@ -349,25 +349,8 @@ impl CounterGuard {
 /// Spent + reserved in a counter's current window, from its `HGETALL` reply, a fence
 /// excluded (the rule of `used` in counter_fence.lua).
 fn used_of(reply: &Value, mode: &SlotMode) -> ServiceResult<i64> {
-    let bad = || ServiceError::Internal(format!("unexpected budget counter reply {reply:?}"));
-    let text = |v: &Value| -> Option<String> {
-        match v {
-            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-            Value::SimpleString(s) => Some(s.clone()),
-            Value::Int(i) => Some(i.to_string()),
-            _ => None,
-        }
-    };
-    let pairs: Vec<(&Value, &Value)> = match reply {
-        Value::Array(items) => items.chunks_exact(2).map(|c| (&c[0], &c[1])).collect(),
-        Value::Map(items) => items.iter().map(|(k, v)| (k, v)).collect(),
-        Value::Nil => Vec::new(),
-        _ => return Err(bad()),
-    };
     let mut used: i64 = 0;
-    for (field, value) in pairs {
-        let field = text(field).ok_or_else(bad)?;
-        let amount: i64 = text(value).and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+    for (field, amount) in counter_fields(reply)? {
         let counts = match mode {
             SlotMode::Calendar { .. } => match field.as_str() {
                 "s" => Some(amount),
@@ -386,6 +369,33 @@ fn used_of(reply: &Value, mode: &SlotMode) -> ServiceResult<i64> {
         used = used.saturating_add(counts.unwrap_or(0));
     }
     Ok(used)
+}
+
+/// A counter hash's integer fields (`HGETALL` reply); empty when there is no key.
+pub(super) fn counter_fields(reply: &Value) -> ServiceResult<Vec<(String, i64)>> {
+    let text = |v: &Value| -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
+            _ => None,
+        }
+    };
+    let bad = || ServiceError::Internal(format!("unexpected budget counter reply {reply:?}"));
+    let pairs: Vec<(&Value, &Value)> = match reply {
+        Value::Array(items) => items.chunks_exact(2).map(|c| (&c[0], &c[1])).collect(),
+        Value::Map(items) => items.iter().map(|(k, v)| (k, v)).collect(),
+        Value::Nil => Vec::new(),
+        _ => return Err(bad()),
+    };
+    pairs
+        .into_iter()
+        .map(|(k, v)| {
+            let field = text(k).ok_or_else(bad)?;
+            let value = text(v).and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+            Ok((field, value))
+        })
+        .collect()
 }
 
 /// The counters `p` uses from `now` to `now + span` (see [`CounterGuard::counters_of`]).

@@ -61,7 +61,10 @@ use redis::Value;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{counters::policy_info, respond, AdminState};
+use super::{
+    counters::{counter_fields, policy_info},
+    respond, AdminState,
+};
 use crate::{
     authorize::policy_slot,
     budget::{store::SlotMode, BudgetStore},
@@ -956,33 +959,6 @@ async fn ledger_side(
         sums.1 += r.events;
     }
     Ok(out)
-}
-
-/// A counter hash's integer fields (`HGETALL` reply); empty when there is no key.
-fn counter_fields(reply: &Value) -> ServiceResult<Vec<(String, i64)>> {
-    let text = |v: &Value| -> Option<String> {
-        match v {
-            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-            Value::SimpleString(s) => Some(s.clone()),
-            Value::Int(i) => Some(i.to_string()),
-            _ => None,
-        }
-    };
-    let bad = || ServiceError::Internal(format!("unexpected budget counter reply {reply:?}"));
-    let pairs: Vec<(&Value, &Value)> = match reply {
-        Value::Array(items) => items.chunks_exact(2).map(|c| (&c[0], &c[1])).collect(),
-        Value::Map(items) => items.iter().map(|(k, v)| (k, v)).collect(),
-        Value::Nil => Vec::new(),
-        _ => return Err(bad()),
-    };
-    pairs
-        .into_iter()
-        .map(|(k, v)| {
-            let field = text(k).ok_or_else(bad)?;
-            let value = text(v).and_then(|t| t.parse().ok()).ok_or_else(bad)?;
-            Ok((field, value))
-        })
-        .collect()
 }
 
 /// One reported row before it becomes a message.
