@@ -447,6 +447,65 @@ impl TestStack {
             .collect()
     }
 
+    /// Every entry of this stack's outbox streams (standalone Redis), `meta` spread
+    /// as the relay spreads it: (partition, fields), per partition in stream order.
+    pub async fn outbox_entries(
+        &self,
+    ) -> anyhow::Result<Vec<(u16, std::collections::HashMap<String, String>)>> {
+        let client = redis::Client::open(self.redis.url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut out = Vec::new();
+        for p in 0..self.redis.partitions {
+            let key = format!("{}:{{p{p}}}:outbox", self.key_prefix);
+            let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await?;
+            for e in entries.ids {
+                let mut fields = std::collections::HashMap::new();
+                for (k, v) in e.map {
+                    fields.insert(k, redis::from_redis_value::<String>(v)?);
+                }
+                caracal_authz::outbox::expand_meta(&mut fields).map_err(anyhow::Error::msg)?;
+                out.push((p, fields));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The outbox's charge events as the relay converts them and the ledger-writer
+    /// decodes them: a row, or the reason the writer would dead-letter the event.
+    /// Each gets its entry's position in its partition's stream as its offset.
+    pub async fn outbox_charges(
+        &self,
+    ) -> anyhow::Result<Vec<Result<caracal_consumers::ledger::LedgerRow, String>>> {
+        use caracal_authz::outbox::{convert_entry, EventKind};
+        let mut decoded = Vec::new();
+        let mut offsets: std::collections::HashMap<u16, i64> = std::collections::HashMap::new();
+        for (p, fields) in self.outbox_entries().await? {
+            let offset = offsets.entry(p).or_insert(0);
+            let at = *offset;
+            *offset += 1;
+            let event = convert_entry(&fields).map_err(anyhow::Error::msg)?;
+            if event.kind != EventKind::Charge {
+                continue;
+            }
+            let msg = caracal_consumers::runner::RawMessage {
+                topic: "caracal.metering.events".into(),
+                partition: i32::from(p),
+                offset: at,
+                key: Some(event.key.into_bytes()),
+                payload: Some(event.payload),
+                headers: vec![("schema_version".into(), Some(b"1".to_vec()))],
+                timestamp_ms: None,
+            };
+            decoded.push(caracal_consumers::ledger::decode(&msg));
+        }
+        Ok(decoded)
+    }
+
     /// A connection to this stack's Redis (standalone or cluster).
     pub fn redis_conn(&self) -> anyhow::Result<caracal_service_kit::redis::RedisConn> {
         Ok(self.redis.endpoint(Duration::from_secs(5)).connect_one()?)

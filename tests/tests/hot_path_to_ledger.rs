@@ -14,14 +14,8 @@
 
 use std::collections::HashMap;
 
-use caracal_authz::{
-    budget::{keys::partition_of_reservation, KeySpace},
-    outbox::{convert_entry, expand_meta, EventKind},
-};
-use caracal_consumers::{
-    ledger::{decode, insert_rows, LedgerRow},
-    runner::RawMessage,
-};
+use caracal_authz::budget::{keys::partition_of_reservation, KeySpace};
+use caracal_consumers::ledger::{insert_rows, LedgerRow};
 use caracal_proto::v1 as pb;
 use caracal_tests::{authorize_request, TestStack};
 use diesel_async::RunQueryDsl;
@@ -56,59 +50,15 @@ async fn redis(stack: &TestStack) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-/// Every entry of the stack's outbox streams, `meta` spread as the relay spreads
-/// it, in stream order per partition.
+/// Every entry of the stack's outbox streams (see [`TestStack::outbox_entries`]).
 async fn outbox_entries(stack: &TestStack) -> Vec<(u16, HashMap<String, String>)> {
-    let mut conn = redis(stack).await;
-    let mut out = Vec::new();
-    for p in 0..stack.redis.partitions {
-        let key = format!("{}:{{p{p}}}:outbox", stack.key_prefix);
-        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&key)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        for e in entries.ids {
-            let mut fields: HashMap<String, String> = e
-                .map
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        redis::from_redis_value::<String>(v.clone()).unwrap(),
-                    )
-                })
-                .collect();
-            expand_meta(&mut fields).unwrap();
-            out.push((p, fields));
-        }
-    }
-    out
+    stack.outbox_entries().await.unwrap()
 }
 
 /// The outbox's charge events as the ledger-writer decodes them: a row, or the
 /// reason it would dead-letter the event.
 async fn ledger_view_of_charges(stack: &TestStack) -> Vec<Result<LedgerRow, String>> {
-    let mut decoded = Vec::new();
-    for (offset, (p, fields)) in outbox_entries(stack).await.into_iter().enumerate() {
-        let event = convert_entry(&fields).unwrap();
-        if event.kind != EventKind::Charge {
-            continue;
-        }
-        let msg = RawMessage {
-            topic: "caracal.metering.events".into(),
-            partition: i32::from(p),
-            offset: offset as i64,
-            key: Some(event.key.into_bytes()),
-            payload: Some(event.payload),
-            headers: vec![("schema_version".into(), Some(b"1".to_vec()))],
-            timestamp_ms: None,
-        };
-        decoded.push(decode(&msg));
-    }
-    decoded
+    stack.outbox_charges().await.unwrap()
 }
 
 #[derive(diesel::QueryableByName, Debug, PartialEq, Eq)]

@@ -17,11 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use caracal_authz::outbox::{convert_entry, expand_meta, EventKind};
-use caracal_consumers::{
-    ledger::{decode, insert_rows, LedgerRow},
-    runner::RawMessage,
-};
+use caracal_consumers::ledger::{insert_rows, LedgerRow};
 use caracal_proto::v1::{self as pb, ledger_service_client::LedgerServiceClient};
 use caracal_tests::{
     authorize_request,
@@ -609,46 +605,13 @@ async fn query_and_summary_over_a_three_level_hierarchy() {
 /// `convert_entry` (metadata spread as the relay does), then decoded and written
 /// by the ledger-writer's `decode` + `insert_rows`. Returns the rows written.
 async fn drain_charges_into_ledger(stack: &TestStack) -> Vec<LedgerRow> {
-    let client = redis::Client::open(stack.redis.url.as_str()).unwrap();
-    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-    let mut rows = Vec::new();
-    for p in 0..4u16 {
-        let key = format!("{}:{{p{p}}}:outbox", stack.key_prefix);
-        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&key)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        for (offset, e) in entries.ids.iter().enumerate() {
-            let mut fields: HashMap<String, String> = e
-                .map
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        redis::from_redis_value::<String>(v.clone()).unwrap(),
-                    )
-                })
-                .collect();
-            expand_meta(&mut fields).unwrap();
-            let event = convert_entry(&fields).unwrap();
-            if event.kind != EventKind::Charge {
-                continue;
-            }
-            let msg = RawMessage {
-                topic: "caracal.metering.events".into(),
-                partition: i32::from(p),
-                offset: offset as i64,
-                key: Some(event.key.into_bytes()),
-                payload: Some(event.payload),
-                headers: vec![("schema_version".into(), Some(b"1".to_vec()))],
-                timestamp_ms: None,
-            };
-            rows.push(decode(&msg).unwrap());
-        }
-    }
+    let rows: Vec<LedgerRow> = stack
+        .outbox_charges()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     let mut conn = stack.db().await.unwrap();
     insert_rows(&mut conn, &rows).await.unwrap();
     rows

@@ -157,37 +157,8 @@ async fn call(port: u16, i: usize, key: &str) -> Seen {
 
 /// Every event in the stack's outbox streams, fields spread (meta included).
 async fn outbox_events(stack: &TestStack) -> Vec<HashMap<String, String>> {
-    let client = redis::Client::open(stack.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut events = Vec::new();
-    for p in 0..4u16 {
-        let key = format!("{}:{{p{p}}}:outbox", stack.key_prefix);
-        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&key)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        for e in entries.ids {
-            let mut fields: HashMap<String, String> = e
-                .map
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        redis::from_redis_value::<String>(v.clone()).unwrap(),
-                    )
-                })
-                .collect();
-            if let Some(meta) = fields.remove("meta") {
-                let m: HashMap<String, String> = serde_json::from_str(&meta).unwrap();
-                fields.extend(m);
-            }
-            events.push(fields);
-        }
-    }
-    events
+    let entries = stack.outbox_entries().await.unwrap();
+    entries.into_iter().map(|(_, fields)| fields).collect()
 }
 
 /// Spent and still reserved on a policy's counters (a `total` window: one hash).
