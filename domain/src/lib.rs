@@ -14,10 +14,12 @@
 //! | [`pricing`] | what a request costs from a price book and token usage |
 //! | [`allowlist`] | fully anchored glob / regex patterns for models and upstream resources |
 //! | [`hierarchy`] | the bounded, acyclic agent tree |
+//! | [`merkle`] | the tamper-evident ledger: RFC 9162 Merkle tree with BLAKE3, leaf encoding, signed checkpoints, proofs |
 //! | [`spend`] | the Redis layout of spend history (aggregator and `SpendTrend`) and the anomaly rule |
 
 pub mod allowlist;
 pub mod hierarchy;
+pub mod merkle;
 pub mod money;
 pub mod policy;
 pub mod pricing;

@@ -1,0 +1,416 @@
+//! One sequencing transaction: the oldest queued rows get the next leaf indices,
+//! the tree's new perfect-subtree hashes go into their tiles, a checkpoint is
+//! signed at every multiple of `batchSizeLimit` (and when the oldest leaf not under
+//! a checkpoint has waited `batchTimeoutSeconds`), the queue entries go, and
+//! `merkle_state` moves on: all or nothing. A sequencer killed anywhere leaves the
+//! log as it was before the transaction; the next one (this process or another
+//! replica) starts from `merkle_state` and redoes it. Indices are therefore dense,
+//! each row gets one, and an index never changes once committed.
+//!
+//! `merkle_state` is read `FOR UPDATE` first: two sequencers (the advisory lock in
+//! [`crate::service`] normally prevents that) serialise on it, and one that finds
+//! the tree bigger than it remembers reloads its right edge from the tiles.
+
+use std::collections::{BTreeMap, HashMap};
+
+use caracal_domain::merkle::{
+    checkpoint::{sign_checkpoint, Checkpoint},
+    compact::CompactRange,
+    keys::{key_id_hex, Signer},
+    tree::{Hash, NodeId, HASH_LEN},
+};
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::{
+    rows::rows_by_key,
+    tiles::{self, TileCache, TileKey, TILE_BYTES, TILE_HEIGHT, TILE_WIDTH},
+    LogError,
+};
+
+/// The right edge of the stored tree: the peaks (to append and compute roots)
+/// and the rightmost, still growing tile of each tile level.
+#[derive(Debug, Clone, Default)]
+pub struct Edge {
+    range: CompactRange,
+    open: HashMap<TileKey, Vec<u8>>,
+}
+
+impl Edge {
+    /// Reads the edge of the stored tree of `size` leaves.
+    pub async fn load(conn: &mut AsyncPgConnection, size: u64) -> Result<Self, LogError> {
+        let mut cache = TileCache::new();
+        let ids = CompactRange::peak_ids(size);
+        let peaks = cache.nodes(conn, &ids).await?;
+        let range = CompactRange::from_peaks(size, peaks)
+            .map_err(|e| LogError::Corrupt(format!("right edge of size {size}: {e}")))?;
+        let mut open = HashMap::new();
+        let mut want = Vec::new();
+        for level in 0..8u8 {
+            let stored = size >> (u32::from(level) * u32::from(TILE_HEIGHT));
+            if stored == 0 {
+                break;
+            }
+            if stored % TILE_WIDTH != 0 {
+                want.push(NodeId::new(level * TILE_HEIGHT, stored - 1));
+            }
+        }
+        cache.fetch(conn, &want).await?;
+        for node in want {
+            let (key, range) = tiles::source(node);
+            let tile = cache.tile(&key).ok_or_else(|| {
+                LogError::Corrupt(format!("open tile ({}, {}) is missing", key.level, key.idx))
+            })?;
+            let len = range.end * HASH_LEN;
+            let bytes = tile.get(..len).ok_or_else(|| {
+                LogError::Corrupt(format!(
+                    "open tile ({}, {}) has {} hashes, the tree needs {}",
+                    key.level,
+                    key.idx,
+                    tile.len() / HASH_LEN,
+                    range.end
+                ))
+            })?;
+            open.insert(key, bytes.to_vec());
+        }
+        Ok(Self { range, open })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.range.size()
+    }
+
+    pub fn root(&self) -> Hash {
+        self.range.root()
+    }
+
+    /// Appends a leaf; every stored hash it completes goes into its open tile
+    /// (marked in `dirty`).
+    fn append(&mut self, leaf: Hash, dirty: &mut BTreeMap<TileKey, ()>) -> Result<(), LogError> {
+        let mut fault = None;
+        let open = &mut self.open;
+        self.range.append(leaf, |node, hash| {
+            let Some((key, slot)) = tiles::slot_of(node) else {
+                return;
+            };
+            let tile = open.entry(key).or_default();
+            if tile.len() != slot * HASH_LEN {
+                fault = Some(format!(
+                    "tile ({}, {}) holds {} hashes, next slot is {slot}",
+                    key.level,
+                    key.idx,
+                    tile.len() / HASH_LEN
+                ));
+                return;
+            }
+            tile.extend_from_slice(hash);
+            dirty.insert(key, ());
+        });
+        match fault {
+            Some(f) => Err(LogError::Corrupt(f)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Settings of [`Sequencer::step`].
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub batch_size_limit: u64,
+    pub batch_timeout: chrono::Duration,
+    pub max_leaves_per_transaction: u64,
+}
+
+/// What one [`Sequencer::step`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutcome {
+    /// Leaves appended.
+    pub leaves: u64,
+    /// Queue entries dropped: already sequenced, or their row is gone.
+    pub dropped: u64,
+    /// Sizes of the checkpoints published.
+    pub checkpoints: Vec<u64>,
+    /// Signing time of those checkpoints, seconds each.
+    pub signing_seconds: Vec<f64>,
+    pub tree_size: u64,
+    /// The queue had more than one transaction's worth.
+    pub more: bool,
+}
+
+/// The sequencer's memory between transactions.
+pub struct Sequencer {
+    edge: Option<Edge>,
+    signer: Signer,
+    origin: String,
+    limits: Limits,
+}
+
+#[derive(diesel::QueryableByName)]
+struct StateRow {
+    #[diesel(sql_type = BigInt)]
+    tree_size: i64,
+    #[diesel(sql_type = BigInt)]
+    checkpoint_size: i64,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pending_since: Option<DateTime<Utc>>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct QueueRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Timestamptz)]
+    occurred_at: DateTime<Utc>,
+    #[diesel(sql_type = Text)]
+    event_id: String,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    leaf_hash: Option<Vec<u8>>,
+    #[diesel(sql_type = Bool)]
+    sequenced: bool,
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl Sequencer {
+    pub fn new(signer: Signer, origin: &str, limits: Limits) -> Self {
+        Self {
+            edge: None,
+            signer,
+            origin: origin.to_owned(),
+            limits,
+        }
+    }
+
+    /// Signs with `signer` from the next checkpoint on (key rotation).
+    pub fn set_signer(&mut self, signer: Signer) {
+        self.signer = signer;
+    }
+
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    /// One transaction (see the module doc). On error nothing was written and the
+    /// in-memory edge is dropped (reloaded next time).
+    pub async fn step(&mut self, conn: &mut AsyncPgConnection) -> Result<StepOutcome, LogError> {
+        diesel::sql_query("BEGIN").execute(conn).await?;
+        match self.step_in_transaction(conn).await {
+            Ok((outcome, edge)) => {
+                if let Err(e) = diesel::sql_query("COMMIT").execute(conn).await {
+                    self.edge = None;
+                    return Err(e.into());
+                }
+                self.edge = Some(edge);
+                Ok(outcome)
+            }
+            Err(e) => {
+                self.edge = None;
+                let _ = diesel::sql_query("ROLLBACK").execute(conn).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn step_in_transaction(
+        &mut self,
+        conn: &mut AsyncPgConnection,
+    ) -> Result<(StepOutcome, Edge), LogError> {
+        let state: StateRow = diesel::sql_query(
+            "SELECT tree_size, checkpoint_size, pending_since FROM merkle_state \
+             WHERE id = 1 FOR UPDATE",
+        )
+        .get_result(conn)
+        .await?;
+        let size = to_u64(state.tree_size);
+        let mut edge = match self.edge.take() {
+            Some(edge) if edge.size() == size => edge,
+            _ => Edge::load(conn, size).await?,
+        };
+        let queue: Vec<QueueRow> = diesel::sql_query(
+            "SELECT q.id, q.occurred_at, q.event_id, q.leaf_hash, \
+                    (l.leaf_index IS NOT NULL) AS sequenced \
+             FROM (SELECT id, occurred_at, event_id, leaf_hash FROM merkle_queue \
+                   ORDER BY id LIMIT $1) q \
+             LEFT JOIN merkle_leaves l \
+               ON l.occurred_at = q.occurred_at AND l.event_id = q.event_id \
+             ORDER BY q.id",
+        )
+        .bind::<BigInt, _>(to_i64(self.limits.max_leaves_per_transaction))
+        .load(conn)
+        .await?;
+        let more = queue.len() as u64 >= self.limits.max_leaves_per_transaction;
+        let backfill = backfill_hashes(conn, &queue).await?;
+
+        let mut outcome = StepOutcome {
+            more,
+            ..StepOutcome::default()
+        };
+        let mut checkpoint_size = to_u64(state.checkpoint_size);
+        let mut pending_since = state.pending_since;
+        let now = Utc::now();
+        let mut dirty = BTreeMap::new();
+        let mut leaf_index = Vec::with_capacity(queue.len());
+        let mut leaf_time = Vec::with_capacity(queue.len());
+        let mut leaf_event: Vec<&str> = Vec::with_capacity(queue.len());
+        let mut done = Vec::with_capacity(queue.len());
+        let mut checkpoints: Vec<(u64, Hash)> = Vec::new();
+        for entry in &queue {
+            done.push(entry.id);
+            if entry.sequenced {
+                outcome.dropped += 1;
+                continue;
+            }
+            let hash = match &entry.leaf_hash {
+                Some(bytes) => <Hash>::try_from(bytes.as_slice()).map_err(|_| {
+                    LogError::Corrupt(format!("queue entry {} has a bad leaf hash", entry.id))
+                })?,
+                None => match backfill.get(&(entry.occurred_at, entry.event_id.clone())) {
+                    Some(h) => *h,
+                    None => {
+                        tracing::error!(
+                            event_id = %entry.event_id,
+                            occurred_at = %entry.occurred_at,
+                            "a queued ledger row is gone before it was sequenced; not in the log"
+                        );
+                        outcome.dropped += 1;
+                        continue;
+                    }
+                },
+            };
+            leaf_index.push(to_i64(edge.size()));
+            leaf_time.push(entry.occurred_at);
+            leaf_event.push(&entry.event_id);
+            edge.append(hash, &mut dirty)?;
+            outcome.leaves += 1;
+            if edge.size() % self.limits.batch_size_limit == 0 {
+                checkpoints.push((edge.size(), edge.root()));
+                checkpoint_size = edge.size();
+                pending_since = None;
+            } else if pending_since.is_none() {
+                pending_since = Some(now);
+            }
+        }
+        if edge.size() > checkpoint_size
+            && pending_since.is_some_and(|t| now - t >= self.limits.batch_timeout)
+        {
+            checkpoints.push((edge.size(), edge.root()));
+            checkpoint_size = edge.size();
+            pending_since = None;
+        }
+
+        if !leaf_index.is_empty() {
+            diesel::sql_query(
+                "INSERT INTO merkle_leaves (leaf_index, occurred_at, event_id) \
+                 SELECT * FROM unnest($1::int8[], $2::timestamptz[], $3::text[])",
+            )
+            .bind::<Array<BigInt>, _>(&leaf_index)
+            .bind::<Array<Timestamptz>, _>(&leaf_time)
+            .bind::<Array<Text>, _>(&leaf_event)
+            .execute(conn)
+            .await?;
+        }
+        let written: Vec<(TileKey, &[u8])> = dirty
+            .keys()
+            .filter_map(|k| edge.open.get(k).map(|t| (*k, t.as_slice())))
+            .collect();
+        tiles::write(conn, &written).await?;
+        // Full tiles never change again: only the open ones stay in memory.
+        edge.open.retain(|_, t| t.len() < TILE_BYTES);
+        if !done.is_empty() {
+            diesel::sql_query("DELETE FROM merkle_queue WHERE id = ANY($1)")
+                .bind::<Array<BigInt>, _>(&done)
+                .execute(conn)
+                .await?;
+        }
+        for (size, root) in checkpoints {
+            let cp = Checkpoint {
+                origin: self.origin.clone(),
+                size,
+                root,
+                timestamp_unix: now.timestamp(),
+            };
+            let started = std::time::Instant::now();
+            let note = sign_checkpoint(&cp, &self.signer);
+            outcome
+                .signing_seconds
+                .push(started.elapsed().as_secs_f64());
+            diesel::sql_query(
+                "INSERT INTO merkle_checkpoints (tree_size, root, key_id, note, published_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind::<BigInt, _>(to_i64(size))
+            .bind::<Bytea, _>(root.as_slice())
+            .bind::<Text, _>(key_id_hex(&self.signer.id()))
+            .bind::<Text, _>(&note)
+            .bind::<Timestamptz, _>(now)
+            .execute(conn)
+            .await?;
+            outcome.checkpoints.push(size);
+        }
+        diesel::sql_query(
+            "UPDATE merkle_state SET tree_size = $1, checkpoint_size = $2, pending_since = $3, \
+             updated_at = now() WHERE id = 1",
+        )
+        .bind::<BigInt, _>(to_i64(edge.size()))
+        .bind::<BigInt, _>(to_i64(checkpoint_size))
+        .bind::<Nullable<Timestamptz>, _>(pending_since)
+        .execute(conn)
+        .await?;
+        outcome.tree_size = edge.size();
+        Ok((outcome, edge))
+    }
+}
+
+/// Leaf hashes of the queued rows that came without one (the backfill of rows
+/// written before the log existed), from the stored rows.
+async fn backfill_hashes(
+    conn: &mut AsyncPgConnection,
+    queue: &[QueueRow],
+) -> Result<HashMap<(DateTime<Utc>, String), Hash>, LogError> {
+    let missing: Vec<&QueueRow> = queue
+        .iter()
+        .filter(|q| q.leaf_hash.is_none() && !q.sequenced)
+        .collect();
+    if missing.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let keys: Vec<(DateTime<Utc>, &str)> = missing
+        .iter()
+        .map(|q| (q.occurred_at, q.event_id.as_str()))
+        .collect();
+    let rows = rows_by_key(conn, &keys).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, row)| (key, row.leaf().hash()))
+        .collect())
+}
+
+/// `merkle_state`: the tree size and the last checkpoint's size.
+pub async fn state(conn: &mut AsyncPgConnection) -> Result<(u64, u64), LogError> {
+    let s: StateRow = diesel::sql_query(
+        "SELECT tree_size, checkpoint_size, pending_since FROM merkle_state WHERE id = 1",
+    )
+    .get_result(conn)
+    .await?;
+    Ok((to_u64(s.tree_size), to_u64(s.checkpoint_size)))
+}
+
+/// Rows waiting in `merkle_queue`.
+pub async fn queue_depth(conn: &mut AsyncPgConnection) -> Result<u64, LogError> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let c: Count = diesel::sql_query("SELECT count(*) AS n FROM merkle_queue")
+        .get_result(conn)
+        .await?;
+    Ok(to_u64(c.n))
+}

@@ -1,0 +1,653 @@
+//! `verify-range`: recompute every leaf of a range from the current ledger rows and
+//! check it against the signed checkpoints; name every event and checkpoint that no
+//! longer matches.
+//!
+//! What is checked, and what each failure means:
+//!
+//! 1. Every checkpoint's signed note verifies with a known public key, and the
+//!    table's `tree_size` / `root` / `key_id` copies agree with the note
+//!    ([`FailureKind::CheckpointSignature`], [`FailureKind::CheckpointMismatch`]).
+//! 2. The stored tree gives each checkpoint's signed root (O(log n) stored nodes
+//!    per checkpoint): otherwise a stored node was edited
+//!    ([`FailureKind::StoredTreeMismatch`], the checkpoint named). All checkpoints
+//!    matching one stored tree also makes each consistent with the next.
+//! 3. Leaf indices are dense: `0 .. tree_size`, each once ([`FailureKind::IndexGap`],
+//!    [`FailureKind::IndexBeyondTree`]).
+//! 4. Each row of the range hashes to the leaf stored at its index. Where not, the
+//!    recomputed leaf is checked against the newest checkpoint covering it with an
+//!    inclusion proof: included means the row is right and the stored leaf hash was
+//!    edited ([`FailureKind::StoredLeafAltered`]); otherwise the row was changed,
+//!    or its leaf index moved ([`FailureKind::RowChanged`]).
+//! 5. Each leaf of the range still has its row ([`FailureKind::RowDeleted`]), and
+//!    each row of the range has a leaf or is queued for one
+//!    ([`FailureKind::RowInserted`]: written past the ledger-writer).
+//!
+//! Rows queued but not sequenced yet, and leaves not yet under a checkpoint, are
+//! counted (`pending`, `unsigned`), not failures.
+
+use std::collections::{HashMap, HashSet};
+
+use caracal_domain::merkle::{
+    checkpoint::open_checkpoint,
+    keys::{key_id_hex, Verifier},
+    tree::{self, Hash, NodeId},
+};
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use serde::Serialize;
+
+use crate::{
+    checkpoints::{self, CheckpointRecord},
+    metric, proofs,
+    rows::{rows_by_key, LeafRow, LEAF_COLUMNS},
+    sequencer,
+    tiles::TileCache,
+    LogError,
+};
+
+/// What to verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Rows and leaves with `start <= occurred_at < end`.
+    Time {
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    },
+    /// Leaves `from .. to` (the self-check: what was published since last time).
+    Leaves { from: u64, to: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    CheckpointSignature,
+    CheckpointMismatch,
+    StoredTreeMismatch,
+    IndexGap,
+    IndexBeyondTree,
+    StoredLeafAltered,
+    RowChanged,
+    RowDeleted,
+    RowInserted,
+}
+
+impl FailureKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::CheckpointSignature => "checkpoint_signature",
+            Self::CheckpointMismatch => "checkpoint_mismatch",
+            Self::StoredTreeMismatch => "stored_tree_mismatch",
+            Self::IndexGap => "index_gap",
+            Self::IndexBeyondTree => "index_beyond_tree",
+            Self::StoredLeafAltered => "stored_leaf_altered",
+            Self::RowChanged => "row_changed",
+            Self::RowDeleted => "row_deleted",
+            Self::RowInserted => "row_inserted",
+        }
+    }
+}
+
+/// One mismatch, naming what it is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub event_id: Option<String>,
+    pub leaf_index: Option<u64>,
+    pub checkpoint: Option<u64>,
+    pub detail: String,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Ledger rows of the range recomputed.
+    pub events_checked: u64,
+    /// Rows of the range queued, not in the log yet.
+    pub pending: u64,
+    /// Rows of the range in the log but not under a checkpoint yet.
+    pub unsigned: u64,
+    pub checkpoints_checked: u64,
+    pub tree_size: u64,
+    pub newest_checkpoint: u64,
+    /// Every failure found; `failures` lists the first [`MAX_LISTED`].
+    pub failures_total: u64,
+    pub failures: Vec<Failure>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    fn fail(
+        &mut self,
+        kind: FailureKind,
+        event_id: Option<&str>,
+        leaf_index: Option<u64>,
+        checkpoint: Option<u64>,
+        detail: String,
+    ) {
+        self.failures.push(Failure {
+            kind,
+            event_id: event_id.map(str::to_owned),
+            leaf_index,
+            checkpoint,
+            detail,
+        });
+    }
+}
+
+/// Most failures listed one by one (the count goes on).
+pub const MAX_LISTED: usize = 1000;
+/// Rows read per query.
+const CHUNK: i64 = 20_000;
+
+fn u(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn i(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Verifies `scope` (see the module doc) with `verifiers` (the auditor's public
+/// keys, or `merkle_keys`'). Counts the failures in
+/// `caracal_merkle_verification_failures_total`.
+pub async fn verify(
+    conn: &mut AsyncPgConnection,
+    scope: Scope,
+    verifiers: &[Verifier],
+) -> Result<Report, LogError> {
+    let mut report = Report::default();
+    let (tree_size, _) = sequencer::state(conn).await?;
+    report.tree_size = tree_size;
+    let mut cache = TileCache::new();
+
+    // 1 + 2: checkpoints.
+    let all = checkpoints::list(conn, 0, u64::MAX >> 1, u64::MAX >> 1).await?;
+    let mut signed: Vec<(u64, Hash)> = Vec::with_capacity(all.len());
+    for cp in &all {
+        report.checkpoints_checked += 1;
+        if let Some(root) = check_checkpoint(cp, verifiers, tree_size, &mut report) {
+            signed.push((u(cp.tree_size), root));
+        }
+    }
+    report.newest_checkpoint = signed.last().map_or(0, |c| c.0);
+    let plans: Vec<NodeId> = signed
+        .iter()
+        .flat_map(|(size, _)| tree::root_plan(*size))
+        .collect();
+    cache.fetch(conn, &plans).await?;
+    for (size, root) in &signed {
+        let hashes: Result<Vec<Hash>, LogError> = tree::root_plan(*size)
+            .into_iter()
+            .map(|n| cache.node(n))
+            .collect();
+        match hashes.map(|h| tree::fold_right(&h)) {
+            Ok(stored) if stored == *root => {}
+            Ok(_) => report.fail(
+                FailureKind::StoredTreeMismatch,
+                None,
+                None,
+                Some(*size),
+                format!(
+                    "checkpoint {size}: the stored tree's root differs from the signed root \
+                     (a stored node hash was changed)"
+                ),
+            ),
+            Err(e) => report.fail(
+                FailureKind::StoredTreeMismatch,
+                None,
+                None,
+                Some(*size),
+                format!("checkpoint {size}: {e}"),
+            ),
+        }
+    }
+
+    // 3: dense indices.
+    check_density(conn, scope, tree_size, &mut report).await?;
+
+    // 4 + 5: the rows and leaves of the range.
+    match scope {
+        Scope::Time { start, end } => {
+            verify_time(conn, &mut cache, start, end, &signed, &mut report).await?
+        }
+        Scope::Leaves { from, to } => {
+            verify_leaves(conn, &mut cache, from, to.min(tree_size), &signed, &mut report)
+                .await?
+        }
+    }
+
+    if !report.failures.is_empty() {
+        metrics::counter!(metric::VERIFICATION_FAILURES).increment(report.failures.len() as u64);
+        for f in report.failures.iter().take(20) {
+            tracing::error!(
+                kind = f.kind.as_str(),
+                event_id = f.event_id.as_deref().unwrap_or(""),
+                leaf_index = f.leaf_index,
+                checkpoint = f.checkpoint,
+                "Merkle verification failure: {}",
+                f.detail
+            );
+        }
+    }
+    report.failures_total = report.failures.len() as u64;
+    report.failures.truncate(MAX_LISTED);
+    Ok(report)
+}
+
+/// Opens one checkpoint; returns its signed root when it verifies.
+fn check_checkpoint(
+    cp: &CheckpointRecord,
+    verifiers: &[Verifier],
+    tree_size: u64,
+    report: &mut Report,
+) -> Option<Hash> {
+    let size = u(cp.tree_size);
+    let opened = match open_checkpoint(&cp.note, verifiers) {
+        Ok(o) => o,
+        Err(e) => {
+            report.fail(
+                FailureKind::CheckpointSignature,
+                None,
+                None,
+                Some(size),
+                format!("checkpoint {size}: its signed note does not verify: {e}"),
+            );
+            return None;
+        }
+    };
+    let mut bad = Vec::new();
+    if opened.checkpoint.size != size {
+        bad.push(format!("the note says size {}", opened.checkpoint.size));
+    }
+    if opened.checkpoint.root.as_slice() != cp.root.as_slice() {
+        bad.push("the root column differs from the signed root".to_owned());
+    }
+    if key_id_hex(&opened.key_id) != cp.key_id {
+        bad.push(format!(
+            "key_id column {} but signed by {}",
+            cp.key_id,
+            key_id_hex(&opened.key_id)
+        ));
+    }
+    if opened.checkpoint.size > tree_size {
+        bad.push(format!("it is beyond the tree's size {tree_size}"));
+    }
+    if !bad.is_empty() {
+        report.fail(
+            FailureKind::CheckpointMismatch,
+            None,
+            None,
+            Some(size),
+            format!("checkpoint {size}: {}", bad.join("; ")),
+        );
+    }
+    (opened.checkpoint.size <= tree_size).then_some(opened.checkpoint.root)
+}
+
+async fn check_density(
+    conn: &mut AsyncPgConnection,
+    scope: Scope,
+    tree_size: u64,
+    report: &mut Report,
+) -> Result<(), LogError> {
+    #[derive(diesel::QueryableByName)]
+    struct Span {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        lo: Option<i64>,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        hi: Option<i64>,
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Index {
+        #[diesel(sql_type = BigInt)]
+        i: i64,
+        #[diesel(sql_type = Nullable<Text>)]
+        event_id: Option<String>,
+    }
+    let (from, to) = match scope {
+        Scope::Leaves { from, to } => (from, to.min(tree_size)),
+        Scope::Time { .. } => (0, tree_size),
+    };
+    let span: Span = diesel::sql_query(
+        "SELECT count(*) AS n, min(leaf_index) AS lo, max(leaf_index) AS hi FROM merkle_leaves \
+         WHERE leaf_index >= $1 AND leaf_index < $2",
+    )
+    .bind::<BigInt, _>(i(from))
+    .bind::<BigInt, _>(i(to))
+    .get_result(conn)
+    .await?;
+    if u(span.n) != to.saturating_sub(from) {
+        let gaps: Vec<Index> = diesel::sql_query(
+            "SELECT s.i, NULL::text AS event_id FROM generate_series($1::int8, $2::int8 - 1) s(i) \
+             WHERE NOT EXISTS (SELECT 1 FROM merkle_leaves l WHERE l.leaf_index = s.i) \
+             ORDER BY s.i LIMIT 100",
+        )
+        .bind::<BigInt, _>(i(from))
+        .bind::<BigInt, _>(i(to))
+        .load(conn)
+        .await?;
+        for g in gaps {
+            report.fail(
+                FailureKind::IndexGap,
+                None,
+                Some(u(g.i)),
+                None,
+                format!(
+                    "leaf index {} has no event (an index was changed or a leaf removed)",
+                    g.i
+                ),
+            );
+        }
+    }
+    let _ = (span.lo, span.hi);
+    let beyond: Vec<Index> = diesel::sql_query(
+        "SELECT leaf_index AS i, event_id FROM merkle_leaves WHERE leaf_index >= $1 \
+         ORDER BY leaf_index LIMIT 100",
+    )
+    .bind::<BigInt, _>(i(tree_size))
+    .load(conn)
+    .await?;
+    for b in beyond {
+        report.fail(
+            FailureKind::IndexBeyondTree,
+            b.event_id.as_deref(),
+            Some(u(b.i)),
+            None,
+            format!(
+                "event {} has leaf index {}, beyond the tree's size {tree_size} (its index was changed)",
+                b.event_id.as_deref().unwrap_or("?"),
+                b.i
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The newest signed checkpoint at or above `index + 1` leaves: the one to prove a
+/// leaf against.
+fn covering(signed: &[(u64, Hash)], index: u64) -> Option<(u64, Hash)> {
+    signed.last().copied().filter(|(size, _)| *size > index)
+}
+
+/// Step 4 for a batch of (leaf index, event id, recomputed leaf hash).
+async fn check_leaves(
+    conn: &mut AsyncPgConnection,
+    cache: &mut TileCache,
+    leaves: &[(u64, String, Hash)],
+    signed: &[(u64, Hash)],
+    tree_size: u64,
+    report: &mut Report,
+) -> Result<(), LogError> {
+    let nodes: Vec<NodeId> = leaves
+        .iter()
+        .filter(|l| l.0 < tree_size)
+        .map(|l| NodeId::new(0, l.0))
+        .collect();
+    cache.fetch(conn, &nodes).await?;
+    for (index, event_id, recomputed) in leaves {
+        report.events_checked += 1;
+        let newest = covering(signed, *index);
+        if newest.is_none() {
+            report.unsigned += 1;
+        }
+        if *index >= tree_size {
+            continue; // named by the density check
+        }
+        let stored = match cache.leaf(*index) {
+            Ok(h) => h,
+            Err(e) => {
+                report.fail(
+                    FailureKind::StoredTreeMismatch,
+                    Some(event_id),
+                    Some(*index),
+                    None,
+                    e.to_string(),
+                );
+                continue;
+            }
+        };
+        if stored == *recomputed {
+            continue;
+        }
+        // Which one changed: the row, or the stored leaf hash?
+        let included = match newest {
+            Some((size, root)) => {
+                let path = proofs::inclusion_path(conn, cache, *index, size).await?;
+                tree::verify_inclusion(recomputed, *index, size, &path, &root).is_ok()
+            }
+            None => false,
+        };
+        if included {
+            report.fail(
+                FailureKind::StoredLeafAltered,
+                Some(event_id),
+                Some(*index),
+                newest.map(|c| c.0),
+                format!(
+                    "event {event_id} (leaf {index}): the row matches the signed checkpoint but \
+                     the stored leaf hash was changed"
+                ),
+            );
+        } else {
+            report.fail(
+                FailureKind::RowChanged,
+                Some(event_id),
+                Some(*index),
+                newest.map(|c| c.0),
+                format!(
+                    "event {event_id} (leaf {index}): the ledger row no longer matches its leaf{} \
+                     (the row was changed, or its leaf index moved)",
+                    match newest {
+                        Some((size, _)) => format!(" in signed checkpoint {size}"),
+                        None => String::new(),
+                    }
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn verify_time(
+    conn: &mut AsyncPgConnection,
+    cache: &mut TileCache,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    signed: &[(u64, Hash)],
+    report: &mut Report,
+) -> Result<(), LogError> {
+    if end <= start {
+        return Err(LogError::Invalid(format!(
+            "--end {end} is not after --start {start}"
+        )));
+    }
+    let tree_size = report.tree_size;
+    #[derive(diesel::QueryableByName)]
+    struct Key {
+        #[diesel(sql_type = Timestamptz)]
+        occurred_at: DateTime<Utc>,
+        #[diesel(sql_type = Text)]
+        event_id: String,
+    }
+    let queued: HashSet<(DateTime<Utc>, String)> = diesel::sql_query(
+        "SELECT occurred_at, event_id FROM merkle_queue WHERE occurred_at >= $1 AND occurred_at < $2",
+    )
+    .bind::<Timestamptz, _>(start)
+    .bind::<Timestamptz, _>(end)
+    .load::<Key>(conn)
+    .await?
+    .into_iter()
+    .map(|k| (k.occurred_at, k.event_id))
+    .collect();
+
+    // Rows of the range, in key order, a chunk at a time.
+    let mut after: Option<(DateTime<Utc>, String)> = None;
+    loop {
+        let (after_t, after_id) = after
+            .clone()
+            .unwrap_or((start - chrono::Duration::microseconds(1), String::new()));
+        let chunk: Vec<LeafRow> = diesel::sql_query(format!(
+            "SELECT {LEAF_COLUMNS} FROM ledger_events e \
+             WHERE e.occurred_at >= $1 AND e.occurred_at < $2 \
+               AND (e.occurred_at, e.event_id) > ($3, $4) \
+             ORDER BY e.occurred_at, e.event_id LIMIT $5"
+        ))
+        .bind::<Timestamptz, _>(start)
+        .bind::<Timestamptz, _>(end)
+        .bind::<Timestamptz, _>(after_t)
+        .bind::<Text, _>(after_id)
+        .bind::<BigInt, _>(CHUNK)
+        .load(conn)
+        .await?;
+        let Some(last) = chunk.last() else { break };
+        after = Some((last.occurred_at, last.event_id.clone()));
+        let full = chunk.len() as i64 == CHUNK;
+        let indices = leaf_indices(conn, &chunk).await?;
+        let mut leaves = Vec::with_capacity(chunk.len());
+        for row in chunk {
+            let key = (row.occurred_at, row.event_id.clone());
+            match indices.get(&key) {
+                Some(index) => leaves.push((*index, row.event_id.clone(), row.leaf().hash())),
+                None if queued.contains(&key) => report.pending += 1,
+                None => report.fail(
+                    FailureKind::RowInserted,
+                    Some(&row.event_id),
+                    None,
+                    None,
+                    format!(
+                        "event {} (occurred {}): in the ledger but not in the Merkle log, nor \
+                         queued for it (written past the ledger-writer)",
+                        row.event_id, row.occurred_at
+                    ),
+                ),
+            }
+        }
+        check_leaves(conn, cache, &leaves, signed, tree_size, report).await?;
+        if !full {
+            break;
+        }
+    }
+
+    // Leaves of the range whose row is gone.
+    #[derive(diesel::QueryableByName)]
+    struct Orphan {
+        #[diesel(sql_type = BigInt)]
+        leaf_index: i64,
+        #[diesel(sql_type = Text)]
+        event_id: String,
+    }
+    let orphans: Vec<Orphan> = diesel::sql_query(
+        "SELECT l.leaf_index, l.event_id FROM merkle_leaves l \
+         WHERE l.occurred_at >= $1 AND l.occurred_at < $2 AND NOT EXISTS \
+           (SELECT 1 FROM ledger_events e WHERE e.occurred_at = l.occurred_at AND e.event_id = l.event_id) \
+         ORDER BY l.leaf_index LIMIT 10000",
+    )
+    .bind::<Timestamptz, _>(start)
+    .bind::<Timestamptz, _>(end)
+    .load(conn)
+    .await?;
+    for o in orphans {
+        report.fail(
+            FailureKind::RowDeleted,
+            Some(&o.event_id),
+            Some(u(o.leaf_index)),
+            covering(signed, u(o.leaf_index)).map(|c| c.0),
+            format!(
+                "event {} (leaf {}): in the Merkle log but its ledger row is gone (deleted)",
+                o.event_id, o.leaf_index
+            ),
+        );
+    }
+    Ok(())
+}
+
+async fn verify_leaves(
+    conn: &mut AsyncPgConnection,
+    cache: &mut TileCache,
+    from: u64,
+    to: u64,
+    signed: &[(u64, Hash)],
+    report: &mut Report,
+) -> Result<(), LogError> {
+    #[derive(diesel::QueryableByName)]
+    struct Leaf {
+        #[diesel(sql_type = BigInt)]
+        leaf_index: i64,
+        #[diesel(sql_type = Timestamptz)]
+        occurred_at: DateTime<Utc>,
+        #[diesel(sql_type = Text)]
+        event_id: String,
+    }
+    let tree_size = report.tree_size;
+    let mut lo = from;
+    while lo < to {
+        let hi = (lo + u(CHUNK)).min(to);
+        let leaves: Vec<Leaf> = diesel::sql_query(
+            "SELECT leaf_index, occurred_at, event_id FROM merkle_leaves \
+             WHERE leaf_index >= $1 AND leaf_index < $2 ORDER BY leaf_index",
+        )
+        .bind::<BigInt, _>(i(lo))
+        .bind::<BigInt, _>(i(hi))
+        .load(conn)
+        .await?;
+        let keys: Vec<(DateTime<Utc>, &str)> = leaves
+            .iter()
+            .map(|l| (l.occurred_at, l.event_id.as_str()))
+            .collect();
+        let rows = rows_by_key(conn, &keys).await?;
+        let mut recomputed = Vec::with_capacity(leaves.len());
+        for l in &leaves {
+            match rows.get(&(l.occurred_at, l.event_id.clone())) {
+                Some(row) => recomputed.push((u(l.leaf_index), l.event_id.clone(), row.leaf().hash())),
+                None => report.fail(
+                    FailureKind::RowDeleted,
+                    Some(&l.event_id),
+                    Some(u(l.leaf_index)),
+                    covering(signed, u(l.leaf_index)).map(|c| c.0),
+                    format!(
+                        "event {} (leaf {}): in the Merkle log but its ledger row is gone (deleted)",
+                        l.event_id, l.leaf_index
+                    ),
+                ),
+            }
+        }
+        check_leaves(conn, cache, &recomputed, signed, tree_size, report).await?;
+        lo = hi;
+    }
+    Ok(())
+}
+
+/// The leaf indices of `rows` that have one, by key.
+async fn leaf_indices(
+    conn: &mut AsyncPgConnection,
+    rows: &[LeafRow],
+) -> Result<HashMap<(DateTime<Utc>, String), u64>, LogError> {
+    #[derive(diesel::QueryableByName)]
+    struct Indexed {
+        #[diesel(sql_type = BigInt)]
+        leaf_index: i64,
+        #[diesel(sql_type = Timestamptz)]
+        occurred_at: DateTime<Utc>,
+        #[diesel(sql_type = Text)]
+        event_id: String,
+    }
+    let found: Vec<Indexed> = diesel::sql_query(
+        "SELECT l.leaf_index, l.occurred_at, l.event_id FROM merkle_leaves l \
+         JOIN unnest($1::timestamptz[], $2::text[]) AS w(occurred_at, event_id) \
+           ON l.occurred_at = w.occurred_at AND l.event_id = w.event_id",
+    )
+    .bind::<Array<Timestamptz>, _>(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
+    .load(conn)
+    .await?;
+    Ok(found
+        .into_iter()
+        .map(|f| ((f.occurred_at, f.event_id), u(f.leaf_index)))
+        .collect())
+}
