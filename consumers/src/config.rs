@@ -24,6 +24,16 @@ pub struct ConsumerConfig {
     pub redis: RedisSettings,
     /// The metrics-aggregator's own settings (`aggregator:`).
     pub aggregator: AggregatorSettings,
+    /// The ledger-writer's own settings (`ledgerWriter:`; the guide's
+    /// `consumers.ledgerWriter.*`).
+    pub ledger_writer: LedgerWriterSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct LedgerWriterSettings {
+    /// The Merkle log's sequencer (`ledgerWriter.merkle.*`).
+    pub merkle: caracal_merkle_log::MerkleConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,6 +318,26 @@ impl ConsumerConfig {
             &mut g.upkeep_interval_ms,
         )?;
         env.parse("CARACAL_AGGREGATOR_TOP_AGENTS", &mut g.top_agents)?;
+        let m = &mut self.ledger_writer.merkle;
+        env.parse("CARACAL_LEDGER_WRITER_MERKLE_ENABLED", &mut m.enabled)?;
+        env.parse(
+            "CARACAL_LEDGER_WRITER_MERKLE_BATCH_SIZE_LIMIT",
+            &mut m.batch_size_limit,
+        )?;
+        env.parse(
+            "CARACAL_LEDGER_WRITER_MERKLE_BATCH_TIMEOUT_SECONDS",
+            &mut m.batch_timeout_seconds,
+        )?;
+        env.text("CARACAL_LEDGER_WRITER_MERKLE_ORIGIN", &mut m.origin);
+        env.parse("CARACAL_LEDGER_WRITER_MERKLE_KEY_DIR", &mut m.key_dir)?;
+        env.parse(
+            "CARACAL_LEDGER_WRITER_MERKLE_KEY_PASSPHRASE_FILE",
+            &mut m.key_passphrase_file,
+        )?;
+        env.parse(
+            "CARACAL_LEDGER_WRITER_MERKLE_SELF_CHECK_INTERVAL_SECONDS",
+            &mut m.self_check_interval_seconds,
+        )?;
         Ok(())
     }
 
@@ -354,6 +384,10 @@ impl ConsumerConfig {
             ));
         }
         self.validate_aggregator()?;
+        self.ledger_writer
+            .merkle
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if self.kafka.brokers.is_empty()
             || self.kafka.metering_topic.is_empty()
             || self.kafka.dlq_topic.is_empty()

@@ -38,6 +38,9 @@ pub struct RunningConsumer {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), LaunchError>>,
     http: JoinHandle<()>,
+    /// Tasks running beside the consumer (the ledger-writer's Merkle sequencer),
+    /// stopped with it.
+    sidecars: Vec<JoinHandle<()>>,
 }
 
 impl RunningConsumer {
@@ -47,9 +50,18 @@ impl RunningConsumer {
         let result = self
             .task
             .await
-            .map_err(|e| LaunchError::Task(e.to_string()))?;
+            .map_err(|e| LaunchError::Task(e.to_string()));
+        for sidecar in self.sidecars {
+            let _ = sidecar.await;
+        }
         let _ = self.http.await;
-        result
+        result?
+    }
+
+    /// Runs `start(shutdown)` beside the consumer; it must stop when `shutdown`
+    /// turns true ([`Self::shutdown`] waits for it).
+    pub fn attach(&mut self, start: impl FnOnce(watch::Receiver<bool>) -> JoinHandle<()>) {
+        self.sidecars.push(start(self.shutdown.subscribe()));
     }
 
     /// Waits until the consumer stops by itself (it does not, unless it fails).
@@ -235,6 +247,7 @@ where
         shutdown,
         task,
         http,
+        sidecars: Vec::new(),
     })
 }
 

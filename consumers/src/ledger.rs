@@ -12,10 +12,11 @@
 
 use std::{borrow::Borrow, future::Future, pin::Pin, time::Duration};
 
+use caracal_domain::merkle::leaf::LedgerLeaf;
 use caracal_proto::v1::{ChargeEvent, Money};
 use caracal_service_kit::db::Pool;
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bytea, Integer, Nullable, Text, Timestamptz};
 use diesel_async::RunQueryDsl;
 use prost::Message as _;
 
@@ -89,6 +90,36 @@ pub struct LedgerRow {
     pub kafka_offset: i64,
 }
 
+impl LedgerRow {
+    /// The row's Merkle leaf (`caracal_merkle_log::rows::LeafRow::leaf` builds the
+    /// same from the stored row: `occurred_at` / `reserved_at` are whole
+    /// microseconds here already, as PostgreSQL keeps them).
+    pub fn leaf(&self) -> LedgerLeaf {
+        LedgerLeaf {
+            event_id: self.event_id.clone(),
+            kind: self.kind.clone(),
+            reservation_id: self.reservation_id.clone(),
+            request_id: self.request_id.clone(),
+            agent_id: *self.agent_id.as_bytes(),
+            root_agent_id: *self.root_agent_id.as_bytes(),
+            policy_ids: self.policy_ids.clone(),
+            currency: self.currency.clone(),
+            reserved_micros: self.reserved_micros,
+            charged_micros: self.charged_micros,
+            overshoot_micros: self.overshoot_micros,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+            price_version: self.price_version,
+            schema_version: self.schema_version,
+            occurred_at_micros: self.occurred_at.timestamp_micros(),
+            reserved_at_micros: self.reserved_at.map(|t| t.timestamp_micros()),
+        }
+    }
+}
+
 fn text(name: &str, value: &str, required: bool) -> Result<String, String> {
     if required && value.is_empty() {
         return Err(format!("{name} is missing"));
@@ -129,7 +160,9 @@ fn amount(name: &str, money: Option<&Money>) -> Result<(i64, String), String> {
 
 fn time(name: &str, ts: &prost_types::Timestamp) -> Result<DateTime<Utc>, String> {
     let nanos = u32::try_from(ts.nanos).map_err(|_| format!("{name}: bad nanos"))?;
-    DateTime::from_timestamp(ts.seconds, nanos)
+    // Whole microseconds, as PostgreSQL stores a timestamptz: the row and its
+    // Merkle leaf then hold the same instant.
+    DateTime::from_timestamp(ts.seconds, nanos - nanos % 1000)
         .filter(|t| t.timestamp() > 0)
         .ok_or_else(|| format!("{name} is out of range: {}s", ts.seconds))
 }
@@ -222,7 +255,14 @@ pub fn decode(msg: &RawMessage) -> Result<LedgerRow, String> {
     })
 }
 
+/// Each new row and its leaf hash in one statement: the rows the INSERT really
+/// added (RETURNING: not a redelivered event) are queued for the Merkle log with
+/// the hash of their leaf, computed here from the same values
+/// ([`LedgerRow::leaf`]). A row inserted any other way has no queue entry, hence
+/// never a leaf, and `merkle verify-range` names it. A statement must not hold an
+/// event twice (its RETURNING row would join both copies): [`key_chunks`] keeps one.
 const INSERT: &str = "\
+WITH ins AS (
 INSERT INTO ledger_events (event_id, kind, reservation_id, request_id, agent_id, root_agent_id,
     policy_ids, currency, reserved_micros, charged_micros, overshoot_micros, input_tokens,
     output_tokens, cached_input_tokens, provider, model, price_version, schema_version,
@@ -234,7 +274,12 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::uuid
     $15::text[], $16::text[], $17::int4[], $18::int4[], $19::timestamptz[], $20::text[],
     $21::int4[], $22::int8[], $23::timestamptz[])
   AS u(e, k, r, rq, a, ra, p, c, rs, ch, o, it, ot, ct, pv, m, prv, sv, oa, t, kp, ko, rat)
-ON CONFLICT DO NOTHING";
+ON CONFLICT DO NOTHING
+RETURNING occurred_at, event_id)
+INSERT INTO merkle_queue (occurred_at, event_id, leaf_hash)
+SELECT ins.occurred_at, ins.event_id, h.leaf_hash
+FROM ins JOIN unnest($1::text[], $19::timestamptz[], $24::bytea[]) AS h(event_id, occurred_at, leaf_hash)
+  ON h.event_id = ins.event_id AND h.occurred_at = ins.occurred_at";
 
 /// Writes `rows` in one statement; returns how many were new (the rest were
 /// already in the ledger). The columns are bound as borrowed arrays: no text is
@@ -270,6 +315,7 @@ pub async fn insert_rows<R: Borrow<LedgerRow> + Sync>(
         .bind::<Array<Integer>, _>(col(rows, |r| r.kafka_partition))
         .bind::<Array<BigInt>, _>(col(rows, |r| r.kafka_offset))
         .bind::<Array<Nullable<Timestamptz>>, _>(col(rows, |r| r.reserved_at))
+        .bind::<Array<Bytea>, _>(col(rows, |r| r.leaf().hash().to_vec()))
         .execute(conn)
         .await
 }
@@ -285,21 +331,21 @@ async fn write_rows(pool: Pool, rows: &[&LedgerRow]) -> Result<(), WriteError> {
     .await
 }
 
-/// The rows of `items` sorted by primary key `(occurred_at, event_id)`, cut in `n`
-/// ranges (fewer when short) that share no key: copies of one event stay together.
+/// The rows of `items` sorted by primary key `(occurred_at, event_id)`, one per
+/// key, cut in `n` ranges (fewer when short).
 fn key_chunks(items: &[LedgerRow], n: usize) -> Vec<Vec<&LedgerRow>> {
     fn key(r: &LedgerRow) -> (DateTime<Utc>, &str) {
         (r.occurred_at, &r.event_id)
     }
     let mut rows: Vec<&LedgerRow> = items.iter().collect();
-    rows.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+    rows.sort_by(|a, b| key(a).cmp(&key(b)));
+    // One copy of an event per batch (the first read): the statement queues each
+    // inserted row's leaf by joining on its key.
+    rows.dedup_by(|a, b| key(a) == key(b));
     let size = rows.len().div_ceil(n.max(1)).max(1);
     let mut chunks = Vec::with_capacity(n);
     while !rows.is_empty() {
-        let mut cut = size.min(rows.len());
-        while cut < rows.len() && key(rows[cut - 1]) == key(rows[cut]) {
-            cut += 1;
-        }
+        let cut = size.min(rows.len());
         let rest = rows.split_off(cut);
         chunks.push(std::mem::replace(&mut rows, rest));
     }
@@ -395,7 +441,9 @@ impl Handler for LedgerWriter {
 /// the partitions ahead (at start and every hour) and consumes.
 pub async fn start(config: ConsumerConfig) -> Result<RunningConsumer, LaunchError> {
     let topics = vec![config.kafka.metering_topic.clone()];
-    launch(
+    let merkle = config.ledger_writer.merkle.clone();
+    let url = config.database.url.clone();
+    let mut running = launch(
         config,
         Consumer {
             default_group: DEFAULT_GROUP,
@@ -413,7 +461,12 @@ pub async fn start(config: ConsumerConfig) -> Result<RunningConsumer, LaunchErro
             },
         },
     )
-    .await
+    .await?;
+    // The Merkle sequencer: on every replica, one leads (caracal_merkle_log::service).
+    if merkle.enabled {
+        running.attach(|shutdown| caracal_merkle_log::service::spawn(url, merkle, shutdown));
+    }
+    Ok(running)
 }
 
 #[cfg(test)]
@@ -492,14 +545,14 @@ mod tests {
     }
 
     #[test]
-    fn chunks_are_key_ranges_and_keep_copies_of_an_event_together() {
+    fn chunks_are_key_ranges_with_one_copy_of_an_event() {
         let base = decode(&msg(&event())).unwrap();
         let row = |i: i64, id: &str| LedgerRow {
             event_id: id.to_owned(),
             occurred_at: DateTime::from_timestamp(1_700_000_000 + i, 0).unwrap(),
             ..base.clone()
         };
-        // Out of order, and "c" twice right where a halving would cut.
+        // Out of order, and "c" twice: one copy is written.
         let items = vec![
             row(4, "e"),
             row(3, "c"),
@@ -513,9 +566,9 @@ mod tests {
             .iter()
             .map(|c| c.iter().map(|r| r.event_id.as_str()).collect())
             .collect();
-        assert_eq!(ids, vec![vec!["a", "b", "c", "c"], vec!["e", "f"]]);
+        assert_eq!(ids, vec![vec!["a", "b", "c"], vec!["e", "f"]]);
         assert_eq!(key_chunks(&items, 1).len(), 1);
-        assert_eq!(key_chunks(&items, 9).iter().map(Vec::len).sum::<usize>(), 6);
+        assert_eq!(key_chunks(&items, 9).iter().map(Vec::len).sum::<usize>(), 5);
         assert!(key_chunks(&[], 2).is_empty());
     }
 

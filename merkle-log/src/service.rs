@@ -73,7 +73,8 @@ fn held_keys(
         let signer = match ephemeral.take() {
             Some(s) => s,
             None => {
-                let s = Signer::generate(&config.origin).map_err(|e| LogError::Key(e.to_string()))?;
+                let s =
+                    Signer::generate(&config.origin).map_err(|e| LogError::Key(e.to_string()))?;
                 tracing::warn!(
                     key_id = %key_id_hex(&s.id()),
                     "ledgerWriter.merkle.keyDir is empty: checkpoints are signed with an ephemeral \
@@ -203,9 +204,15 @@ async fn lead(
             let depth = sequencer::queue_depth(&mut conn).await?;
             metrics::gauge!(metric::QUEUE_DEPTH).set(depth as f64);
             let newest = checkpoints::newest(&mut conn, 1).await?;
-            let age = newest.iter().next().map_or(0.0, |c| {
-                (chrono::Utc::now() - c.published_at).num_milliseconds().max(0) as f64 / 1000.0
-            });
+            let age = newest
+                .as_slice()
+                .first()
+                .map_or(0.0, |c: &checkpoints::CheckpointRecord| {
+                    (chrono::Utc::now() - c.published_at)
+                        .num_milliseconds()
+                        .max(0) as f64
+                        / 1000.0
+                });
             metrics::gauge!(metric::CHECKPOINT_AGE).set(age);
             let (size, _) = sequencer::state(&mut conn).await?;
             metrics::gauge!(metric::TREE_SIZE).set(size as f64);

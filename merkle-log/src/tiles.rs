@@ -269,7 +269,10 @@ mod tests {
             (TileKey { level: 0, idx: 1 }, 64..72)
         );
         // Level 8, index 5: stored in tile (1, 0) slot 5.
-        assert_eq!(slot_of(NodeId::new(8, 5)), Some((TileKey { level: 1, idx: 0 }, 5)));
+        assert_eq!(
+            slot_of(NodeId::new(8, 5)),
+            Some((TileKey { level: 1, idx: 0 }, 5))
+        );
         // Level 15, index 1: 128 level-8 hashes 128..256 of tile (1, 0).
         assert_eq!(
             source(NodeId::new(15, 1)),

@@ -215,8 +215,15 @@ pub async fn verify(
             verify_time(conn, &mut cache, start, end, &signed, &mut report).await?
         }
         Scope::Leaves { from, to } => {
-            verify_leaves(conn, &mut cache, from, to.min(tree_size), &signed, &mut report)
-                .await?
+            verify_leaves(
+                conn,
+                &mut cache,
+                from,
+                to.min(tree_size),
+                &signed,
+                &mut report,
+            )
+            .await?
         }
     }
 
