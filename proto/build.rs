@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "caracal/v1/spend.proto",
         "caracal/v1/dlq.proto",
         "caracal/v1/ledger.proto",
+        "caracal/v1/merkle.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -306,6 +306,12 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             SpendAdmin::new(state.clone(), store.clone()),
             intercept.clone(),
         ))
+        .add_service(
+            caracal_proto::v1::merkle_service_server::MerkleServiceServer::with_interceptor(
+                crate::admin::MerkleAdmin::new(state.clone()),
+                intercept.clone(),
+            ),
+        )
         .add_service(LedgerServiceServer::with_interceptor(
             LedgerAdmin::new(state.clone(), store.clone()),
             intercept,

@@ -101,6 +101,13 @@ impl Connection {
     pub fn ledger(&self) -> LedgerServiceClient<Svc> {
         LedgerServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
+
+    pub fn merkle(&self) -> caracal_proto::v1::merkle_service_client::MerkleServiceClient<Svc> {
+        caracal_proto::v1::merkle_service_client::MerkleServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
 }
 
 fn endpoint(opts: &ConnOpts) -> Result<Endpoint> {

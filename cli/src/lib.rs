@@ -7,6 +7,7 @@
 //! - [`output`]: tables, key/value blocks and JSON documents.
 //! - [`price_import`]: reading price files for `pricebook import`.
 //! - [`spend`]: `spend trend`, the daily spend history of an agent.
+//! - [`merkle`]: `merkle ...`, the tamper-evident ledger (proofs verified offline).
 //!
 //! [`run`] is the whole program; `main.rs` only wires it to the process.
 
@@ -16,6 +17,7 @@ mod commands;
 pub mod dlq;
 pub mod ledger;
 pub mod ledger_status;
+pub mod merkle;
 pub mod output;
 pub mod price_import;
 pub mod spend;
@@ -31,7 +33,9 @@ pub const EXIT_FAILURE: i32 = 1;
 /// Exit code of a command line that does not parse.
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code of `caracal ledger reconcile` when the ledger and the budget counters
-/// differ, and of `caracal ledger status` when a partition is stalled.
+/// differ, of `caracal ledger status` when a partition is stalled, and of the
+/// `caracal merkle` checks (verify-proof, consistency --verify, verify-range) when
+/// what they check does not verify.
 pub const EXIT_DRIFT: i32 = 3;
 
 /// Runs `caracal` with `args` (the program name first), writing results to `out` and
@@ -59,6 +63,7 @@ where
             let _ = writeln!(err, "error: {}", describe(&e));
             if e.downcast_ref::<ledger::DriftFound>().is_some()
                 || e.downcast_ref::<ledger_status::Stalled>().is_some()
+                || e.downcast_ref::<merkle::VerificationFailed>().is_some()
             {
                 EXIT_DRIFT
             } else {

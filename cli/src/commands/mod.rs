@@ -46,6 +46,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Dlq(d) => crate::dlq::run(&ctx, d.command, out).await,
         Command::Ledger(l) => crate::ledger::run(&ctx, l.command, out).await,
         Command::Spend(s) => crate::spend::run(&ctx, s.command, out).await,
+        Command::Merkle(m) => crate::merkle::run(&ctx, m.command, out).await,
     }
 }
 
