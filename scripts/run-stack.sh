@@ -5,7 +5,8 @@
 # Caracal wasm filter — walks through the operator runbook with the `caracal` CLI,
 # sends agent traffic through Envoy until the agent's budget refuses it, then shows
 # the ledger: what the gateway charged, as the ledger-writer recorded it, with zero
-# drift against the budget counters.
+# drift against the budget counters, and ends with a signed Merkle checkpoint, an
+# inclusion proof of one of the demo agent's charges and its offline verification.
 #   KEEP_RUNNING=1 bash scripts/run-stack.sh   leaves everything up afterwards
 #   (Envoy on 127.0.0.1:8443, admin API on 127.0.0.1:50051, metrics on :9464,
 #   consumers' /metrics on :9465 ledger-writer, :9466 audit-logger, :9467 aggregator).
@@ -100,7 +101,11 @@ echo "== starting the consumers, each its own group and database user, no admin 
 port=9465
 for c in ledger-writer audit-logger metrics-aggregator; do
   case $c in
-    ledger-writer) db=(CARACAL_DATABASE_URL="$(db_url caracal_ledger_writer_svc)") ;;
+    # The Merkle sequencer signs with a key kept in .local/merkle-keys (generated at
+    # first start; a mounted secret in production), a checkpoint at least every 2 s.
+    ledger-writer) db=(CARACAL_DATABASE_URL="$(db_url caracal_ledger_writer_svc)"
+      CARACAL_LEDGER_WRITER_MERKLE_KEY_DIR="$STATE/merkle-keys"
+      CARACAL_LEDGER_WRITER_MERKLE_BATCH_TIMEOUT_SECONDS=2) ;;
     audit-logger) db=(CARACAL_DATABASE_URL="$(db_url caracal_audit_logger_svc)") ;;
     *) db=() ;; # Redis only
   esac
@@ -197,5 +202,20 @@ env -u CARACAL_ADMIN_TOKEN CARACAL_DATABASE_URL="$(db_url caracal_audit_retentio
   "$BIN/caracal-consumers" --config consumers/config.example.yaml audit-retention 2>&1 | tail -n 1
 echo "== the audit trail: $(psql "$MIGRATOR_URL" -Atc 'SELECT count(*) FROM audit_logs') messages, append-only:"
 psql "$(db_url caracal_audit_logger_svc)" -Atc "DELETE FROM audit_logs" 2>&1 | sed 's/^/   caracal_audit_logger_svc: /' || true
+echo "== the Merkle log: a signed checkpoint over the ledger, a proof of one of the demo agent's charges, verified offline"
+for _ in $(seq 1 60); do
+  covered=$(psql "$(db_url caracal_authz_svc)" -Atc \
+    "SELECT checkpoint_size >= (SELECT count(*) FROM ledger_events) FROM merkle_state" 2>/dev/null || echo f)
+  [ "$covered" = t ] && break
+  sleep 0.5
+done
+caracal merkle checkpoint
+event_id=$(psql "$(db_url caracal_authz_svc)" -Atc \
+  "SELECT event_id FROM ledger_events WHERE agent_id = '$demo_id' ORDER BY occurred_at DESC LIMIT 1")
+caracal merkle prove --event-id "$event_id" --out "$STATE/proof.json"
+caracal merkle export-public-key --out "$STATE/merkle-public.pem"
+echo "(offline: no server, no database)"
+caracal merkle verify-proof "$STATE/proof.json" --public-key "$STATE/merkle-public.pem"
+caracal merkle verify-range --start "$today" --end "$today"
 echo "== consumers: $(curl -s http://127.0.0.1:9465/metrics | grep -E '^caracal_consumer_events_processed_total' | tr '\n' ' ')"
 echo "== done. Envoy on 127.0.0.1:8443, admin API on 127.0.0.1:50051 (token: $CARACAL_ADMIN_TOKEN), metrics on http://127.0.0.1:9464/metrics"

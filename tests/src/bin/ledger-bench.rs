@@ -50,6 +50,10 @@ struct Args {
     /// Distinct agents (root = agent) the events spread over.
     #[arg(long, default_value_t = 1000)]
     agents: usize,
+    /// The Merkle sequencer beside the writer (issue 26): `both` ingests the backlog
+    /// twice, into two fresh databases, without it and then with it; `on` / `off` once.
+    #[arg(long, default_value = "both", value_parser = ["both", "on", "off"])]
+    merkle: String,
 }
 
 /// A backlog event: the tests' numbered charge, with a bench-sized usage, a
@@ -193,18 +197,100 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let (p, n) = (args.partitions, args.events);
         tokio::task::spawn_blocking(move || raw_consume(&b, p, n)).await??
     };
+    let modes: &[bool] = match args.merkle.as_str() {
+        "on" => &[true],
+        "off" => &[false],
+        _ => &[false, true],
+    };
+    let mut runs = Vec::new();
+    for &merkle in modes {
+        runs.push((merkle, ingest(&args, &brokers, produced_sum, merkle).await?));
+    }
 
+    let rate = |d: Duration| args.events as f64 / d.as_secs_f64().max(1e-9);
+    let raw_rate = rate(raw);
+    println!(
+        "events={} partitions={} batch={} writers={} storage={}",
+        args.events, args.partitions, args.batch_size, args.writers, args.storage
+    );
+    println!(
+        "tansu raw consume:     {:>9.0} events/s ({:.1} s)",
+        raw_rate,
+        raw.as_secs_f64()
+    );
+    let mut without = None;
+    for (merkle, run) in &runs {
+        let ingest_rate = rate(run.ingest);
+        let ratio = ingest_rate / raw_rate;
+        println!(
+            "ledger-writer ingest, Merkle sequencer {}: {:>9.0} events/s ({:.1} s, every row checked: count and sum exact)",
+            if *merkle { "on " } else { "off" },
+            ingest_rate,
+            run.ingest.as_secs_f64()
+        );
+        println!(
+            "  ratio ingest/raw:    {ratio:>9.2}   targets: >= 30000 events/s {} , >= 0.60 of raw {}",
+            if ingest_rate >= 30_000.0 { "MET" } else { "NOT MET" },
+            if ratio >= 0.6 { "MET" } else { "NOT MET" }
+        );
+        if let Some(all) = run.sequenced {
+            println!(
+                "  every row a leaf under a signed checkpoint after {:.1} s: {:>9.0} leaves/s through the pipeline (target >= 50000: {}); verify-range of all: {:.1} s",
+                all.as_secs_f64(),
+                rate(all),
+                if rate(all) >= 50_000.0 { "MET" } else { "NOT MET" },
+                run.verified.map_or(0.0, |d| d.as_secs_f64())
+            );
+        }
+        match (merkle, without) {
+            (false, _) => without = Some(ingest_rate),
+            (true, Some(base)) => println!(
+                "  ingest with the sequencer / without: {:.2} (target >= 0.80: {})",
+                ingest_rate / base,
+                if ingest_rate / base >= 0.8 {
+                    "MET"
+                } else {
+                    "NOT MET"
+                }
+            ),
+            (true, None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// One ingest run.
+struct Run {
+    ingest: Duration,
+    /// With the sequencer: until every row had its leaf under a checkpoint.
+    sequenced: Option<Duration>,
+    /// With the sequencer: verify-range over every event.
+    verified: Option<Duration>,
+}
+
+/// The backlog into a fresh database by the real ledger-writer(s); checks count
+/// and sum; with `merkle`, also waits until the log holds every row under a
+/// checkpoint, and verifies it all.
+async fn ingest(
+    args: &Args,
+    brokers: &str,
+    produced_sum: i64,
+    merkle: bool,
+) -> anyhow::Result<Run> {
     let db = TestDb::create("ledgerbench").await?;
     caracal_service_kit::db::run_migrations(&db.url).await?;
     let mut config = ConsumerConfig::default();
     config.database.url = db.url.clone();
     config.database.db_pool_size = 2;
-    config.kafka.brokers = brokers.clone();
+    config.kafka.brokers = brokers.to_owned();
     config.consumer.http_addr = "127.0.0.1:0".parse()?;
     config.consumer.group_id = format!("bench-{}", Uuid::new_v4().simple());
     config.consumer.batch_size = args.batch_size;
     config.consumer.assign_all = true;
     config.consumer.assign_replicas = args.writers.max(1);
+    config.ledger_writer.merkle.enabled = merkle;
+    config.ledger_writer.merkle.batch_timeout_seconds = 1;
+    config.ledger_writer.merkle.self_check_interval_seconds = 0;
     let mut conn = AsyncPgConnection::establish(&db.url).await?;
     let started = Instant::now();
     let mut writers = Vec::new();
@@ -239,9 +325,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ingest = started.elapsed();
+    let (mut sequenced, mut verified) = (None, None);
+    if merkle {
+        loop {
+            let (size, checkpointed) = caracal_merkle_log::sequencer::state(&mut conn).await?;
+            if size >= args.events as u64 && checkpointed >= args.events as u64 {
+                sequenced = Some(started.elapsed());
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("Merkle log: {size} leaves, checkpoint at {checkpointed}, after an hour");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let totals = ledger_totals(&mut conn).await?;
     for writer in writers {
         writer.shutdown().await.context("ledger-writer shutdown")?;
+    }
+    if merkle {
+        use caracal_merkle_log::{keys, verify};
+        let verifiers = keys::verifiers(&mut conn).await?;
+        let t = Instant::now();
+        let report = verify::verify(
+            &mut conn,
+            verify::Scope::Time {
+                start: chrono::DateTime::from_timestamp(0, 0).context("epoch")?,
+                end: chrono::Utc::now() + chrono::Duration::days(1),
+            },
+            &verifiers,
+        )
+        .await?;
+        verified = Some(t.elapsed());
+        if !report.ok() || report.events_checked != args.events as u64 {
+            bail!(
+                "the Merkle log does not verify ({} events checked): {:?}",
+                report.events_checked,
+                report.failures.as_slice().first()
+            );
+        }
     }
     drop(conn);
     db.drop().await?;
@@ -254,32 +376,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             produced_sum
         );
     }
-
-    let rate = |d: Duration| args.events as f64 / d.as_secs_f64().max(1e-9);
-    let (raw_rate, ingest_rate) = (rate(raw), rate(ingest));
-    let ratio = ingest_rate / raw_rate;
-    println!(
-        "events={} partitions={} batch={} writers={} storage={}",
-        args.events, args.partitions, args.batch_size, args.writers, args.storage
-    );
-    println!(
-        "tansu raw consume:     {:>9.0} events/s ({:.1} s)",
-        raw_rate,
-        raw.as_secs_f64()
-    );
-    println!(
-        "ledger-writer ingest:  {:>9.0} events/s ({:.1} s, every row checked: count and sum exact)",
-        ingest_rate,
-        ingest.as_secs_f64()
-    );
-    println!(
-        "ratio ingest/raw:      {ratio:>9.2}   targets: >= 30000 events/s {} , >= 0.60 of raw {}",
-        if ingest_rate >= 30_000.0 {
-            "MET"
-        } else {
-            "NOT MET"
-        },
-        if ratio >= 0.6 { "MET" } else { "NOT MET" }
-    );
-    Ok(())
+    Ok(Run {
+        ingest,
+        sequenced,
+        verified,
+    })
 }
