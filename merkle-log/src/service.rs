@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use caracal_domain::merkle::keys::{key_id_hex, Signer};
 use caracal_service_kit::db::tls;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
@@ -116,11 +116,10 @@ async fn session(url: &str) -> Result<AsyncPgConnection, LogError> {
         .await
         .map_err(|e| LogError::Unavailable(e.to_string()))?;
     // A leader whose host vanished is noticed by PostgreSQL within ~11 s.
-    diesel::sql_query(
+    conn.batch_execute(
         "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
          SET tcp_keepalives_count = 3; SET application_name = 'caracal-merkle-sequencer'",
     )
-    .execute(&mut conn)
     .await?;
     Ok(conn)
 }
