@@ -139,8 +139,14 @@ pub async fn prove_event(
     let mut cache = TileCache::new();
     let path = inclusion_path(conn, &mut cache, index, tree_size).await?;
     let leaf: LedgerLeaf = row.leaf();
-    let file = ProofFile::new(&leaf, index, &path, &checkpoint.note)
-        .map_err(|e| LogError::Invalid(e.to_string()))?;
+    // `new` checks the proof against the note's root: a failure here means the row
+    // (or the stored tree) no longer matches what was signed.
+    let file = ProofFile::new(&leaf, index, &path, &checkpoint.note).map_err(|e| {
+        LogError::Corrupt(format!(
+            "event {event_id} (leaf {index}) no longer matches checkpoint {tree_size}: {e}; \
+             run `caracal merkle verify-range`"
+        ))
+    })?;
     file.verify(verifiers).map_err(|e| {
         LogError::Corrupt(format!(
             "the proof of event {event_id} (leaf {index}) does not verify against checkpoint \
