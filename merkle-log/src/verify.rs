@@ -99,7 +99,7 @@ pub struct Failure {
 }
 
 /// What a verification found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Report {
     /// Ledger rows of the range recomputed.
     pub events_checked: u64,
@@ -113,11 +113,22 @@ pub struct Report {
     /// Every failure found; `failures` lists the first [`MAX_LISTED`].
     pub failures_total: u64,
     pub failures: Vec<Failure>,
+    /// Seconds spent per phase (checkpoints, density, rows, leaf indices, tiles +
+    /// hashing, orphans): where a slow verification goes.
+    pub phase_seconds: Vec<(String, f64)>,
 }
 
 impl Report {
     pub fn ok(&self) -> bool {
         self.failures.is_empty()
+    }
+
+    fn timed(&mut self, phase: &str, since: std::time::Instant) {
+        let secs = since.elapsed().as_secs_f64();
+        match self.phase_seconds.iter_mut().find(|(p, _)| p == phase) {
+            Some((_, total)) => *total += secs,
+            None => self.phase_seconds.push((phase.to_owned(), secs)),
+        }
     }
 
     fn fail(
@@ -165,6 +176,7 @@ pub async fn verify(
     let mut cache = TileCache::new();
 
     // 1 + 2: checkpoints.
+    let t = std::time::Instant::now();
     let all = checkpoints::list(conn, 0, u64::MAX >> 1, u64::MAX >> 1).await?;
     let mut signed: Vec<(u64, Hash)> = Vec::with_capacity(all.len());
     for cp in &all {
@@ -206,8 +218,11 @@ pub async fn verify(
         }
     }
 
+    report.timed("checkpoints", t);
     // 3: dense indices.
+    let t = std::time::Instant::now();
     check_density(conn, scope, tree_size, &mut report).await?;
+    report.timed("density", t);
 
     // 4 + 5: the rows and leaves of the range.
     match scope {
@@ -493,29 +508,48 @@ async fn verify_time(
     .map(|k| (k.occurred_at, k.event_id))
     .collect();
 
-    // Rows of the range, in key order, a chunk at a time.
-    let mut after: Option<(DateTime<Utc>, String)> = None;
+    // Rows of the range a time slice at a time: each slice ends at the time of the
+    // CHUNK-th row from its start (plain range scans of the primary key, whose
+    // first column is occurred_at; every row of one instant in the same slice).
+    #[derive(diesel::QueryableByName)]
+    struct Bound {
+        #[diesel(sql_type = Timestamptz)]
+        occurred_at: DateTime<Utc>,
+    }
+    let mut lo = start;
     loop {
-        let (after_t, after_id) = after
-            .clone()
-            .unwrap_or((start - chrono::Duration::microseconds(1), String::new()));
+        let t = std::time::Instant::now();
+        let next: Option<Bound> = diesel::sql_query(
+            "SELECT occurred_at FROM ledger_events WHERE occurred_at >= $1 AND occurred_at < $2 \
+             ORDER BY occurred_at OFFSET $3 LIMIT 1",
+        )
+        .bind::<Timestamptz, _>(lo)
+        .bind::<Timestamptz, _>(end)
+        .bind::<BigInt, _>(CHUNK)
+        .load::<Bound>(conn)
+        .await?
+        .pop();
+        let hi = match &next {
+            // More than CHUNK rows at one instant: that instant alone.
+            Some(b) if b.occurred_at == lo => (lo + chrono::Duration::microseconds(1)).min(end),
+            Some(b) => b.occurred_at,
+            None => end,
+        };
         let chunk: Vec<LeafRow> = diesel::sql_query(format!(
             "SELECT {LEAF_COLUMNS} FROM ledger_events e \
-             WHERE e.occurred_at >= $1 AND e.occurred_at < $2 \
-               AND (e.occurred_at, e.event_id) > ($3, $4) \
-             ORDER BY e.occurred_at, e.event_id LIMIT $5"
+             WHERE e.occurred_at >= $1 AND e.occurred_at < $2"
         ))
-        .bind::<Timestamptz, _>(start)
-        .bind::<Timestamptz, _>(end)
-        .bind::<Timestamptz, _>(after_t)
-        .bind::<Text, _>(after_id)
-        .bind::<BigInt, _>(CHUNK)
+        .bind::<Timestamptz, _>(lo)
+        .bind::<Timestamptz, _>(hi)
         .load(conn)
         .await?;
-        let Some(last) = chunk.last() else { break };
-        after = Some((last.occurred_at, last.event_id.clone()));
-        let full = chunk.len() as i64 == CHUNK;
+        lo = hi;
+        let last_slice = next.is_none();
+        report.timed("rows", t);
+        let t = std::time::Instant::now();
         let indices = leaf_indices(conn, &chunk).await?;
+        report.timed("leaf indices", t);
+        let t = std::time::Instant::now();
         let mut leaves = Vec::with_capacity(chunk.len());
         for row in chunk {
             let key = (row.occurred_at, row.event_id.clone());
@@ -536,7 +570,8 @@ async fn verify_time(
             }
         }
         check_leaves(conn, cache, &leaves, signed, tree_size, report).await?;
-        if !full {
+        report.timed("hashing + tiles", t);
+        if last_slice {
             break;
         }
     }
@@ -549,6 +584,7 @@ async fn verify_time(
         #[diesel(sql_type = Text)]
         event_id: String,
     }
+    let t = std::time::Instant::now();
     let orphans: Vec<Orphan> = diesel::sql_query(
         "SELECT l.leaf_index, l.event_id FROM merkle_leaves l \
          WHERE l.occurred_at >= $1 AND l.occurred_at < $2 AND NOT EXISTS \
@@ -559,6 +595,7 @@ async fn verify_time(
     .bind::<Timestamptz, _>(end)
     .load(conn)
     .await?;
+    report.timed("deleted rows", t);
     for o in orphans {
         report.fail(
             FailureKind::RowDeleted,

@@ -33,6 +33,8 @@ CREATE TABLE merkle_leaves (
     -- Leads with occurred_at: verify-range reads the leaves of a time range.
     UNIQUE (occurred_at, event_id)
 );
+-- `merkle prove --event-id`: an event by its id alone.
+CREATE INDEX merkle_leaves_event_idx ON merkle_leaves (event_id);
 
 CREATE TABLE merkle_tiles (
     level  SMALLINT NOT NULL CHECK (level >= 0 AND level < 8),

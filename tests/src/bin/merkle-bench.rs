@@ -239,6 +239,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         took.as_secs_f64(),
         met(took <= Duration::from_secs(30))
     );
+    println!(
+        "  verify-range phases: {}",
+        report
+            .phase_seconds
+            .iter()
+            .map(|(p, s)| format!("{p} {s:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("{}", MachineTicks::read().describe_since(&machine));
     drop(conn);
     db.drop().await?;
