@@ -51,7 +51,7 @@ impl Default for MerkleConfig {
             key_dir: PathBuf::new(),
             key_passphrase_file: PathBuf::new(),
             generate_key_if_missing: true,
-            max_leaves_per_transaction: 5000,
+            max_leaves_per_transaction: 20_000,
             poll_interval_ms: 200,
             standby_interval_ms: 1000,
             self_check_interval_seconds: 300,

@@ -200,8 +200,26 @@ impl Sequencer {
     /// One transaction (see the module doc). On error nothing was written and the
     /// in-memory edge is dropped (reloaded next time).
     pub async fn step(&mut self, conn: &mut AsyncPgConnection) -> Result<StepOutcome, LogError> {
+        match self.attempt(conn, false).await {
+            // A queued event already has a leaf (its row was deleted and then
+            // written again by a redelivery): the rare case is checked per entry.
+            Err(LogError::Db(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            ))) => self.attempt(conn, true).await,
+            other => other,
+        }
+    }
+
+    /// One transaction; `check` looks up every queued entry in `merkle_leaves`
+    /// first (an index probe per leaf: only after a duplicate was met).
+    async fn attempt(
+        &mut self,
+        conn: &mut AsyncPgConnection,
+        check: bool,
+    ) -> Result<StepOutcome, LogError> {
         diesel::sql_query("BEGIN").execute(conn).await?;
-        match self.step_in_transaction(conn).await {
+        match self.step_in_transaction(conn, check).await {
             Ok((outcome, edge)) => {
                 if let Err(e) = diesel::sql_query("COMMIT").execute(conn).await {
                     self.edge = None;
@@ -221,6 +239,7 @@ impl Sequencer {
     async fn step_in_transaction(
         &mut self,
         conn: &mut AsyncPgConnection,
+        check: bool,
     ) -> Result<(StepOutcome, Edge), LogError> {
         let state: StateRow = diesel::sql_query(
             "SELECT tree_size, checkpoint_size, pending_since FROM merkle_state \
@@ -233,18 +252,25 @@ impl Sequencer {
             Some(edge) if edge.size() == size => edge,
             _ => Edge::load(conn, size).await?,
         };
-        let queue: Vec<QueueRow> = diesel::sql_query(
-            "SELECT q.id, q.occurred_at, q.event_id, q.leaf_hash, \
+        // The oldest queued entries, taken off the queue in the same statement (the
+        // transaction puts them back if it fails).
+        let mut queue: Vec<QueueRow> = diesel::sql_query(if check {
+            "WITH q AS (DELETE FROM merkle_queue WHERE id IN \
+                 (SELECT id FROM merkle_queue ORDER BY id LIMIT $1) \
+               RETURNING id, occurred_at, event_id, leaf_hash) \
+             SELECT q.id, q.occurred_at, q.event_id, q.leaf_hash, \
                     (l.leaf_index IS NOT NULL) AS sequenced \
-             FROM (SELECT id, occurred_at, event_id, leaf_hash FROM merkle_queue \
-                   ORDER BY id LIMIT $1) q \
-             LEFT JOIN merkle_leaves l \
-               ON l.occurred_at = q.occurred_at AND l.event_id = q.event_id \
-             ORDER BY q.id",
-        )
+             FROM q LEFT JOIN merkle_leaves l \
+               ON l.event_id = q.event_id AND l.occurred_at = q.occurred_at"
+        } else {
+            "DELETE FROM merkle_queue WHERE id IN \
+                 (SELECT id FROM merkle_queue ORDER BY id LIMIT $1) \
+             RETURNING id, occurred_at, event_id, leaf_hash, false AS sequenced"
+        })
         .bind::<BigInt, _>(to_i64(self.limits.max_leaves_per_transaction))
         .load(conn)
         .await?;
+        queue.sort_unstable_by_key(|q| q.id);
         let more = queue.len() as u64 >= self.limits.max_leaves_per_transaction;
         let backfill = backfill_hashes(conn, &queue).await?;
 
@@ -259,10 +285,8 @@ impl Sequencer {
         let mut leaf_index = Vec::with_capacity(queue.len());
         let mut leaf_time = Vec::with_capacity(queue.len());
         let mut leaf_event: Vec<&str> = Vec::with_capacity(queue.len());
-        let mut done = Vec::with_capacity(queue.len());
         let mut checkpoints: Vec<(u64, Hash)> = Vec::new();
         for entry in &queue {
-            done.push(entry.id);
             if entry.sequenced {
                 outcome.dropped += 1;
                 continue;
@@ -323,12 +347,6 @@ impl Sequencer {
         tiles::write(conn, &written).await?;
         // Full tiles never change again: only the open ones stay in memory.
         edge.open.retain(|_, t| t.len() < TILE_BYTES);
-        if !done.is_empty() {
-            diesel::sql_query("DELETE FROM merkle_queue WHERE id = ANY($1)")
-                .bind::<Array<BigInt>, _>(&done)
-                .execute(conn)
-                .await?;
-        }
         for (size, root) in checkpoints {
             let cp = Checkpoint {
                 origin: self.origin.clone(),

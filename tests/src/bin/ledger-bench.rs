@@ -292,6 +292,16 @@ async fn ingest(
     config.ledger_writer.merkle.batch_timeout_seconds = 1;
     config.ledger_writer.merkle.self_check_interval_seconds = 0;
     let mut conn = AsyncPgConnection::establish(&db.url).await?;
+    // One process, one metrics registry: an earlier run's events are counted too.
+    let before = match caracal_service_kit::metrics::render() {
+        text if text.is_empty() => 0,
+        text => text
+            .lines()
+            .filter(|l| l.starts_with("caracal_consumer_events_processed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum(),
+    };
     let started = Instant::now();
     let mut writers = Vec::new();
     for index in 0..args.writers.max(1) {
@@ -312,7 +322,10 @@ async fn ingest(
     let deadline = started + Duration::from_secs(3600);
     loop {
         // One process, one metrics registry: the counter is every writer's sum.
-        let written = events_processed(http_addr).await.unwrap_or(0);
+        let written = events_processed(http_addr)
+            .await
+            .unwrap_or(0)
+            .saturating_sub(before);
         if written >= args.events as u64 {
             break;
         }
