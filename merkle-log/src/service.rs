@@ -70,8 +70,8 @@ fn held_keys(
     ephemeral: &mut Option<Signer>,
 ) -> Result<Vec<(std::path::PathBuf, Signer)>, LogError> {
     if config.key_dir.as_os_str().is_empty() {
-        let signer = match ephemeral.take() {
-            Some(s) => s,
+        let signer = match ephemeral {
+            Some(s) => s.clone(),
             None => {
                 let s =
                     Signer::generate(&config.origin).map_err(|e| LogError::Key(e.to_string()))?;
@@ -80,19 +80,11 @@ fn held_keys(
                     "ledgerWriter.merkle.keyDir is empty: checkpoints are signed with an ephemeral \
                      key (its public key is in merkle_keys); set keyDir for a key of record"
                 );
+                *ephemeral = Some(s.clone());
                 s
             }
         };
-        let copy = Signer::from_pkcs8_pem(
-            &config.origin,
-            &signer
-                .to_pkcs8_pem(None)
-                .map_err(|e| LogError::Key(e.to_string()))?,
-            None,
-        )
-        .map_err(|e| LogError::Key(e.to_string()))?;
-        *ephemeral = Some(signer);
-        return Ok(vec![(std::path::PathBuf::new(), copy)]);
+        return Ok(vec![(std::path::PathBuf::new(), signer)]);
     }
     let passphrase = keys::read_passphrase(&config.key_passphrase_file)?;
     let mut held = keys::load_signers(&config.key_dir, &config.origin, passphrase.as_deref())?;

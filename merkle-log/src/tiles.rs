@@ -112,35 +112,6 @@ impl TileCache {
         Ok(())
     }
 
-    /// Every tile of tile level `level` from `from_idx` on (verify-range's bulk read).
-    pub async fn load_level_range(
-        &mut self,
-        conn: &mut AsyncPgConnection,
-        level: i16,
-        from_idx: i64,
-        to_idx: i64,
-    ) -> Result<(), LogError> {
-        let rows: Vec<TileRow> = diesel::sql_query(
-            "SELECT level, idx, hashes FROM merkle_tiles \
-             WHERE level = $1 AND idx BETWEEN $2 AND $3",
-        )
-        .bind::<SmallInt, _>(level)
-        .bind::<BigInt, _>(from_idx)
-        .bind::<BigInt, _>(to_idx)
-        .load(conn)
-        .await?;
-        for row in rows {
-            self.tiles.insert(
-                TileKey {
-                    level: row.level,
-                    idx: row.idx,
-                },
-                row.hashes,
-            );
-        }
-        Ok(())
-    }
-
     /// The stored hash of leaf `index` (its tile must be loaded); not cached
     /// apart from its tile (verify-range reads millions).
     pub fn leaf(&self, index: u64) -> Result<Hash, LogError> {

@@ -151,6 +151,7 @@ fn key_file_scrypt() -> pkcs8::pkcs5::scrypt::Params {
 }
 
 /// A checkpoint signing key: a name, an ECDSA P-256 private key and its key ID.
+#[derive(Clone)]
 pub struct Signer {
     key: SigningKey,
     verifier: Verifier,

@@ -170,12 +170,17 @@ async fn events_processed(addr: std::net::SocketAddr) -> anyhow::Result<u64> {
         .await?;
     let mut body = String::new();
     stream.read_to_string(&mut body).await?;
-    Ok(body
+    Ok(processed_in(&body))
+}
+
+/// The sum of `caracal_consumer_events_processed_total` in a metrics text.
+fn processed_in(metrics: &str) -> u64 {
+    metrics
         .lines()
         .filter(|l| l.starts_with("caracal_consumer_events_processed_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
-        .sum())
+        .sum()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -293,15 +298,7 @@ async fn ingest(
     config.ledger_writer.merkle.self_check_interval_seconds = 0;
     let mut conn = AsyncPgConnection::establish(&db.url).await?;
     // One process, one metrics registry: an earlier run's events are counted too.
-    let before = match caracal_service_kit::metrics::render() {
-        text if text.is_empty() => 0,
-        text => text
-            .lines()
-            .filter(|l| l.starts_with("caracal_consumer_events_processed_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|v| v as u64)
-            .sum(),
-    };
+    let before = processed_in(&caracal_service_kit::metrics::render());
     let started = Instant::now();
     let mut writers = Vec::new();
     for index in 0..args.writers.max(1) {
