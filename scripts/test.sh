@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/services.sh
+bash scripts/check-deploy.sh
 
 # Databases left by an interrupted earlier run (each test makes its own).
 psql -h 127.0.0.1 -U postgres -d postgres -Atc \
