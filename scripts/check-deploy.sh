@@ -121,12 +121,10 @@ def pod_spec(d):
     return None
 
 workloads = 0
-seen = set()
 for src, d in docs:
     spec = pod_spec(d)
     if spec is None:
         continue
-    key = (d["kind"], d["metadata"]["name"], d["metadata"].get("namespace"), src)
     workloads += 1
     where = f"{src}: {d['kind']}/{d['metadata']['name']}"
     psc = spec.get("securityContext") or {}
@@ -280,6 +278,6 @@ else
   log "hadolint not installed: Dockerfiles not linted"
 fi
 if docker info >/dev/null 2>&1; then
-  log "a Docker engine answers: build the images with docker/README steps (k8s/README.md)"
+  log "a Docker engine answers: build the images as k8s/README.md says"
 fi
 log "all deployment checks passed"
