@@ -317,8 +317,24 @@ pub async fn establish(url: &str) -> ConnectionResult<AsyncPgConnection> {
     );
     let (client, connection) = tokio_postgres::connect(&url, tls)
         .await
-        .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+        .map_err(|e| ConnectionError::BadConnection(describe(&e)))?;
     AsyncPgConnection::try_from_client_and_connection(client, connection).await
+}
+
+/// The error with its causes: tokio-postgres's own text is only the kind ("db
+/// error", "error performing TLS handshake"), the server's refusal or the
+/// certificate problem is in the sources.
+fn describe(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    // Bounded: a source chain is short, but nothing promises it ends.
+    for _ in 0..8 {
+        let Some(cause) = source else { break };
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]
