@@ -29,6 +29,7 @@ pub struct Config {
     pub budget: BudgetConfig,
     pub kafka: crate::kafka::KafkaConfig,
     pub dlq: DlqConfig,
+    pub reconcile: ReconcileConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,6 +252,25 @@ pub struct DlqConfig {
     pub replay_claim_timeout: u64,
 }
 
+/// The reconcile-drift monitor (`reconcile:`; [`crate::reconcile_monitor`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Seconds between the monitor's reconciliations of every active policy's
+    /// current window (what `caracal ledger reconcile` shows), which set
+    /// `caracal_reconcile_drift_windows` and `caracal_reconcile_drift_micros`. 0
+    /// turns it off.
+    pub monitor_interval: u64,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            monitor_interval: 60,
+        }
+    }
+}
+
 impl Default for DlqConfig {
     fn default() -> Self {
         Self {
@@ -323,6 +343,7 @@ impl Config {
             "CARACAL_ALLOW_WITHOUT_POLICY" => self.budget.allow_without_policy, parse;
             "CARACAL_RELAY_ENABLED" => self.budget.relay_enabled, parse;
             "CARACAL_DLQ_MONITOR_INTERVAL" => self.dlq.monitor_interval, parse;
+            "CARACAL_RECONCILE_MONITOR_INTERVAL" => self.reconcile.monitor_interval, parse;
         }
         // Not plain text fields: a mode word, a comma-separated list, an optional count.
         if let Some(v) = lookup("CARACAL_REDIS_MODE") {
@@ -401,6 +422,7 @@ impl Config {
         if let Err(e) = self.redis.endpoint(Duration::from_millis(1)).validate() {
             return Err(ConfigError::Invalid(e.to_string()));
         }
+        self.kafka.validate()?;
         if self.redis.replicas_ack() > 0
             && (self.redis.replica_ack_timeout_ms == 0
                 || self.redis.replica_ack_timeout_ms >= self.redis.timeout_ms)

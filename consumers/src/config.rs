@@ -343,6 +343,7 @@ impl ConsumerConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
+        self.kafka.validate()?;
         let c = &self.consumer;
         if c.batch_size == 0 || c.retry_backoff_ms == 0 || c.lag_interval_ms == 0 {
             return Err(ConfigError::Invalid(
