@@ -26,7 +26,23 @@ use caracal_tests::{tls::TestCerts, TestStack};
 use diesel::QueryableByName;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// Debian's PostgreSQL programs: `/usr/lib/postgresql/<version>/bin`, the newest.
+fn pg_bin() -> anyhow::Result<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("no /usr/lib/postgresql (bash scripts/services.sh installs PostgreSQL)")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .context("no initdb under /usr/lib/postgresql/*/bin")
+}
 /// The bootstrap superuser of the throwaway cluster: the migrator, as in production.
 const MIGRATOR: &str = "caracal_migrator";
 /// Another login role, which the client certificate is not mapped to.
@@ -55,7 +71,7 @@ fn running_as_root() -> bool {
 
 /// Runs a PostgreSQL program, as `postgres` when we are root.
 fn pg_command(program: &str, args: &[&str]) -> anyhow::Result<Output> {
-    let path = format!("{PG_BIN}/{program}");
+    let path = pg_bin()?.join(program).display().to_string();
     let mut cmd = if running_as_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", &path]);
@@ -65,7 +81,7 @@ fn pg_command(program: &str, args: &[&str]) -> anyhow::Result<Output> {
     };
     cmd.args(args)
         .output()
-        .with_context(|| format!("running {path} (PostgreSQL 15: bash scripts/services.sh)"))
+        .with_context(|| format!("running {path}"))
 }
 
 fn chown_postgres(path: &Path) -> anyhow::Result<()> {
