@@ -19,6 +19,7 @@
 //! - [`dlq_monitor`]: the dead-letter queue's gauges (`caracal_dlq_size`, ...);
 //!   listing and replaying dead letters is [`admin`]'s `DeadLetterService`.
 //! - [`outbox`] and [`kafka`]: the relay of budget events from Redis to Kafka.
+//! - [`reconcile_monitor`]: the ledger-vs-counters drift gauges.
 //! - [`keys`]: agent API keys: generation and keyed hashing.
 //! - [`http`] and [`metrics`]: `/health`, `/metrics` and the Prometheus registry.
 //! - [`server`]: wires everything into one running server.
@@ -41,6 +42,7 @@ pub mod kafka;
 pub mod keys;
 pub mod metrics;
 pub mod outbox;
+pub mod reconcile_monitor;
 pub mod server;
 pub mod sweeper;
 

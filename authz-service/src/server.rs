@@ -206,6 +206,14 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             background_rx.clone(),
         )));
     }
+    if config.reconcile.monitor_interval > 0 {
+        background.push(tokio::spawn(crate::reconcile_monitor::run(
+            pool.clone(),
+            store.clone(),
+            Duration::from_secs(config.reconcile.monitor_interval),
+            background_rx.clone(),
+        )));
+    }
     let authorization = AuthorizationService::new(
         catalog,
         store.clone(),

@@ -1162,7 +1162,7 @@ fn rows_of(
     Ok(rows)
 }
 
-async fn reconcile(
+pub(crate) async fn reconcile(
     pool: &db::Pool,
     store: &BudgetStore,
     req: pb::ReconcileRequest,
