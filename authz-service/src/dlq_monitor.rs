@@ -38,6 +38,7 @@ fn describe() {
             "Age of the oldest pending dead letter (0 when none)"
         );
         metrics::describe_counter!(DLQ_MONITOR_ERRORS, "Reads of the DLQ topic that failed");
+        metrics::counter!(DLQ_MONITOR_ERRORS).increment(0);
     });
 }
 

@@ -56,6 +56,9 @@ fn describe() {
     metrics::describe_counter!(REDIS_ERRORS, "Failed calls to the Redis budget store");
     metrics::counter!(DB_ERRORS).absolute(0);
     metrics::counter!(REDIS_ERRORS).absolute(0);
+    metrics::counter!(OVERSHOOT_MICROS).increment(0);
+    // Counted by `merkle verify-range` (MerkleService) when it finds a mismatch.
+    metrics::counter!(caracal_merkle_log::metric::VERIFICATION_FAILURES).increment(0);
 }
 
 pub use caracal_service_kit::metrics::render;

@@ -46,6 +46,9 @@ use crate::{
 
 /// Entries waiting in the outbox streams (sum over partitions), sampled by the relay.
 pub const OUTBOX_DEPTH: &str = "caracal_outbox_depth";
+/// Relay lag: seconds the oldest entry of any outbox stream has waited (0 when all
+/// are empty), sampled with the depth.
+pub const OUTBOX_OLDEST_AGE: &str = "caracal_outbox_oldest_age_seconds";
 /// Events delivered to Kafka, labelled `topic`.
 pub const OUTBOX_RELAYED: &str = "caracal_outbox_relayed_total";
 /// Failed Redis calls, sends and deliveries of the relay (each is retried).
@@ -341,6 +344,40 @@ pub async fn outbox_depth(conn: &RedisConn, keys: &KeySpace) -> redis::RedisResu
     Ok(total)
 }
 
+/// When the oldest entry of all outbox streams was appended (ms since the epoch,
+/// from its stream id: the scripts append with `XADD ... *`, so the id is the Redis
+/// server's clock), or `None` when every stream is empty. One `XRANGE ... COUNT 1`
+/// per partition, pipelined like [`outbox_depth`].
+pub async fn outbox_oldest_ms(
+    conn: &RedisConn,
+    keys: &KeySpace,
+) -> redis::RedisResult<Option<u64>> {
+    let heads = (0..keys.partitions())
+        .map(|p| {
+            redis::cmd("XRANGE")
+                .arg(keys.outbox(p))
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .clone()
+        })
+        .collect();
+    let mut oldest: Option<u64> = None;
+    for reply in query_each(conn, heads).await? {
+        let Ok(entries) = range_entries(reply) else {
+            continue;
+        };
+        let ms = entries
+            .first()
+            .and_then(|(id, _)| id.split('-').next()?.parse::<u64>().ok());
+        if let Some(ms) = ms {
+            oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+        }
+    }
+    Ok(oldest)
+}
+
 /// One partition's lease as this relay sees it.
 #[derive(Debug, Default, Clone, Copy)]
 struct Lease {
@@ -410,6 +447,11 @@ impl OutboxRelay {
     ) -> Result<Self, KafkaError> {
         let producer: FutureProducer = producer_config(kafka).create()?;
         metrics::describe_gauge!(OUTBOX_DEPTH, "Events waiting in the Redis outbox streams");
+        metrics::describe_gauge!(
+            OUTBOX_OLDEST_AGE,
+            metrics::Unit::Seconds,
+            "Relay lag: age of the oldest event waiting in the Redis outbox streams (0 when none)"
+        );
         metrics::describe_counter!(OUTBOX_RELAYED, "Outbox events delivered to Kafka, by topic");
         metrics::describe_counter!(
             OUTBOX_RELAY_ERRORS,
@@ -419,6 +461,9 @@ impl OutboxRelay {
             OUTBOX_DLQ,
             "Outbox entries that could not be converted, sent to the dead-letter topic"
         );
+        // Failures are counted from 0: the series exist before the first one.
+        metrics::counter!(OUTBOX_RELAY_ERRORS).increment(0);
+        metrics::counter!(OUTBOX_DLQ).increment(0);
         Ok(Self {
             leases: vec![Lease::default(); usize::from(keys.partitions())],
             conn,
@@ -489,6 +534,19 @@ impl OutboxRelay {
             Ok(Ok(depth)) => metrics::gauge!(OUTBOX_DEPTH).set(depth as f64),
             Ok(Err(e)) => self.redis_trouble(&e.to_string()),
             Err(_) => self.redis_trouble("XLEN timed out"),
+        }
+        let oldest = tokio::time::timeout(REDIS_TIMEOUT, outbox_oldest_ms(&self.conn, &self.keys));
+        match oldest.await {
+            Ok(Ok(oldest)) => {
+                let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+                // Another clock than this one: never below 0.
+                let age_ms = oldest.map_or(0, |ms| now_ms.saturating_sub(ms));
+                // Milliseconds far below 2^53: exact as f64.
+                #[allow(clippy::cast_precision_loss)]
+                metrics::gauge!(OUTBOX_OLDEST_AGE).set(age_ms as f64 / 1000.0);
+            }
+            Ok(Err(e)) => self.redis_trouble(&e.to_string()),
+            Err(_) => self.redis_trouble("XRANGE timed out"),
         }
     }
 

@@ -509,6 +509,8 @@ async fn refresh_gauges(shared: &Shared, now: DateTime<Utc>) -> Result<(), Strin
         let last_minute = values.get(1).copied().flatten().unwrap_or(0);
         let last_hour: i64 = values.iter().skip(1).map(|v| v.unwrap_or(0)).sum();
         metrics::gauge!(m::SPEND_TOTAL, "currency" => currency.clone()).set(gauge_value(total));
+        // The currency's anomaly counter exists (at 0) before its first anomaly.
+        metrics::counter!(m::ANOMALIES, "currency" => currency.clone()).increment(0);
         metrics::gauge!(m::SPEND_RATE, "currency" => currency.clone(), "window" => "1m")
             .set(gauge_value(last_minute) / 60.0);
         metrics::gauge!(m::SPEND_RATE, "currency" => currency.clone(), "window" => "1h")

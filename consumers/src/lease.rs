@@ -399,6 +399,7 @@ pub fn spawn(
     leases: Arc<Leases>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
+    metrics::counter!(m::LEASE_ERRORS, "group" => settings.group.clone()).increment(0);
     tokio::spawn(async move {
         let mut task = Task {
             settings,

@@ -33,6 +33,27 @@ pub const AGENT_SPEND_TODAY: &str = "caracal_agent_spend_today_micros";
 /// Spending anomalies reported, labelled `currency`.
 pub const ANOMALIES: &str = "caracal_spending_anomalies_detected_total";
 
+/// Every `kind` of [`ERRORS`].
+pub const ERROR_KINDS: [&str; 5] = ["db", "kafka", "commit", "dlq", "poison"];
+
+/// Registers `consumer`'s failure counters ([`ERRORS`] of every kind,
+/// [`DLQ_MESSAGES`]) at 0, so they are scraped before the first failure (alerts
+/// and dashboards read them with `increase`/`rate`, which need a series to start).
+pub fn zero_failures(consumer: &'static str) {
+    for kind in ERROR_KINDS {
+        metrics::counter!(ERRORS, "consumer" => consumer, "kind" => kind).increment(0);
+    }
+    metrics::counter!(DLQ_MESSAGES, "consumer" => consumer).increment(0);
+}
+
+/// The Merkle sequencer's failure counters at 0 in a ledger-writer that runs it
+/// (the sequencer only counts them when something fails).
+pub fn zero_merkle_failures() {
+    init();
+    metrics::counter!(caracal_merkle_log::metric::ERRORS).increment(0);
+    metrics::counter!(caracal_merkle_log::metric::VERIFICATION_FAILURES).increment(0);
+}
+
 /// Installs the recorder and describes the metrics.
 pub fn init() {
     static DESCRIBED: std::sync::Once = std::sync::Once::new();

@@ -544,6 +544,7 @@ impl<H: Handler> Runner<H> {
         leases: Option<Arc<Leases>>,
     ) -> Self {
         let c = &config.consumer;
+        m::zero_failures(handler.name());
         Self {
             handler: Arc::new(handler),
             consumer,

@@ -328,6 +328,14 @@ impl BudgetStore {
             "Budget decisions failed closed because fewer than redis.minReplicasAck replicas confirmed them in time"
         );
         metrics::describe_counter!(SHARD_ERRORS, "Failed budget-store calls, by Redis shard");
+        // Failures are counted from 0 (a cluster's shards get theirs from the
+        // topology: `refresh_topology`).
+        if ack.replicas > 0 {
+            metrics::counter!(REPLICA_ACK_TIMEOUTS).increment(0);
+        }
+        if endpoint.mode == RedisMode::Standalone {
+            metrics::counter!(SHARD_ERRORS, "shard" => "standalone").increment(0);
+        }
         Ok(Self {
             conns: conns.into(),
             next: Arc::new(AtomicUsize::new(0)),
@@ -355,6 +363,9 @@ impl BudgetStore {
         &self,
     ) -> Result<Vec<caracal_service_kit::redis::SlotOwner>, String> {
         let owners = self.connection().slot_owners().await?;
+        for owner in &owners {
+            metrics::counter!(SHARD_ERRORS, "shard" => owner.node.clone()).increment(0);
+        }
         if let Ok(mut o) = self.owners.write() {
             o.clone_from(&owners);
         }
