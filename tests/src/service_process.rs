@@ -29,10 +29,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for it to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A running `caracal-authz-service`.
+/// A running `caracal-authz-service` (or `authz-under-test`).
 pub struct ServiceProcess {
     child: Child,
     pub grpc_port: u16,
+    /// `/health/*` and `/metrics`.
+    pub http_port: u16,
     pub log: PathBuf,
 }
 
@@ -43,10 +45,18 @@ impl ServiceProcess {
         binary: &Path,
         env: &[(&str, String)],
     ) -> anyhow::Result<(TestStack, ServiceProcess)> {
+        Self::start_with(binary, env, |_| {}).await
+    }
+
+    /// Like [`ServiceProcess::start`], with a chance to change the stack's Redis
+    /// settings first (e.g. a Redis Cluster: mode, seeds, replica acknowledgement).
+    pub async fn start_with(
+        binary: &Path,
+        env: &[(&str, String)],
+        tune: impl FnOnce(&mut caracal_authz::config::RedisConfig),
+    ) -> anyhow::Result<(TestStack, ServiceProcess)> {
         let mut config = TestStack::config("").await?;
-        if config.redis.mode != caracal_authz::config::RedisMode::Standalone {
-            bail!("the authz-service process runs on the standalone test Redis only");
-        }
+        tune(&mut config.redis);
         let db = TestDb::create("process").await?;
         config.database.url = db.url.clone();
         let redis = config.redis.clone();
@@ -71,8 +81,8 @@ impl ServiceProcess {
                 "CARACAL_DB_POOL_TIMEOUT",
                 config.database.db_pool_timeout.to_string(),
             )
-            .env("CARACAL_REDIS_MODE", "standalone")
             .env("CARACAL_REDIS_URL", &redis.url)
+            .env("CARACAL_REDIS_TIMEOUT_MS", redis.timeout_ms.to_string())
             .env("CARACAL_REDIS_KEY_PREFIX", &key_prefix)
             .env("CARACAL_REDIS_PARTITIONS", redis.partitions.to_string())
             .env(
@@ -83,6 +93,19 @@ impl ServiceProcess {
             .env("CARACAL_GATEWAY_TOKEN", &config.auth.gateway_token)
             .env("CARACAL_API_KEY_PEPPER", &config.auth.api_key_pepper)
             .env_remove("CARACAL_CONFIG");
+        match redis.mode {
+            caracal_authz::config::RedisMode::Standalone => {
+                cmd.env("CARACAL_REDIS_MODE", "standalone");
+            }
+            caracal_authz::config::RedisMode::Cluster => {
+                cmd.env("CARACAL_REDIS_MODE", "cluster")
+                    .env("CARACAL_REDIS_NODES", redis.nodes.join(","))
+                    .env(
+                        "CARACAL_REDIS_REPLICA_ACK_TIMEOUT_MS",
+                        redis.replica_ack_timeout_ms.to_string(),
+                    );
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -95,6 +118,7 @@ impl ServiceProcess {
         let mut process = ServiceProcess {
             child,
             grpc_port,
+            http_port,
             log,
         };
         let channel = match process.connect().await {
