@@ -258,9 +258,14 @@ pub fn decode(msg: &RawMessage) -> Result<LedgerRow, String> {
 /// Each new row and its leaf hash in one statement: the rows the INSERT really
 /// added (RETURNING: not a redelivered event) are queued for the Merkle log with
 /// the hash of their leaf, computed here from the same values
-/// ([`LedgerRow::leaf`]). A row inserted any other way has no queue entry, hence
-/// never a leaf, and `merkle verify-range` names it. A statement must not hold an
-/// event twice (its RETURNING row would join both copies): [`key_chunks`] keeps one.
+/// ([`LedgerRow::leaf`]), as ONE queue entry holding the arrays (a row each cost
+/// more than the ledger row's own index entries). When every row was new, the
+/// bound arrays are stored as they are; otherwise only the new rows', in the same
+/// order (a one-time filter: that join runs only when something was already
+/// there). A row inserted any other way has no queue entry, hence never a leaf,
+/// and `merkle verify-range` names it. A statement must not hold an event twice
+/// (its RETURNING row would join both copies): [`key_chunks`] keeps one. The
+/// statement returns how many rows were new.
 const INSERT: &str = "\
 WITH ins AS (
 INSERT INTO ledger_events (event_id, kind, reservation_id, request_id, agent_id, root_agent_id,
@@ -275,11 +280,28 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::uuid
     $21::int4[], $22::int8[], $23::timestamptz[])
   AS u(e, k, r, rq, a, ra, p, c, rs, ch, o, it, ot, ct, pv, m, prv, sv, oa, t, kp, ko, rat)
 ON CONFLICT DO NOTHING
-RETURNING occurred_at, event_id)
-INSERT INTO merkle_queue (occurred_at, event_id, leaf_hash)
-SELECT ins.occurred_at, ins.event_id, h.leaf_hash
-FROM ins JOIN unnest($1::text[], $19::timestamptz[], $24::bytea[]) AS h(event_id, occurred_at, leaf_hash)
-  ON h.event_id = ins.event_id AND h.occurred_at = ins.occurred_at";
+RETURNING occurred_at, event_id),
+n AS (SELECT count(*) AS inserted FROM ins),
+q AS (
+INSERT INTO merkle_queue (leaves, occurred_ats, event_ids, leaf_hashes)
+SELECT n.inserted, $19::timestamptz[], $1::text[], $24::bytea[] FROM n
+WHERE n.inserted > 0 AND n.inserted = cardinality($1::text[])
+UNION ALL
+SELECT count(*), array_agg(h.occurred_at ORDER BY h.ord), array_agg(h.event_id ORDER BY h.ord),
+    array_agg(h.leaf_hash ORDER BY h.ord)
+FROM ins JOIN unnest($1::text[], $19::timestamptz[], $24::bytea[]) WITH ORDINALITY
+    AS h(event_id, occurred_at, leaf_hash, ord)
+  ON h.event_id = ins.event_id AND h.occurred_at = ins.occurred_at
+WHERE (SELECT inserted FROM n) < cardinality($1::text[])
+HAVING count(*) > 0)
+SELECT inserted FROM n";
+
+/// What [`INSERT`] returns.
+#[derive(diesel::QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = BigInt)]
+    inserted: i64,
+}
 
 /// Writes `rows` in one statement; returns how many were new (the rest were
 /// already in the ledger). The columns are bound as borrowed arrays: no text is
@@ -291,7 +313,10 @@ pub async fn insert_rows<R: Borrow<LedgerRow> + Sync>(
     fn col<'r, R: Borrow<LedgerRow>, T>(rows: &'r [R], f: impl Fn(&'r LedgerRow) -> T) -> Vec<T> {
         rows.iter().map(|r| f(r.borrow())).collect()
     }
-    diesel::sql_query(INSERT)
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let new: Inserted = diesel::sql_query(INSERT)
         .bind::<Array<Text>, _>(col(rows, |r| r.event_id.as_str()))
         .bind::<Array<Text>, _>(col(rows, |r| r.kind.as_str()))
         .bind::<Array<Text>, _>(col(rows, |r| r.reservation_id.as_str()))
@@ -316,8 +341,9 @@ pub async fn insert_rows<R: Borrow<LedgerRow> + Sync>(
         .bind::<Array<BigInt>, _>(col(rows, |r| r.kafka_offset))
         .bind::<Array<Nullable<Timestamptz>>, _>(col(rows, |r| r.reserved_at))
         .bind::<Array<Bytea>, _>(col(rows, |r| r.leaf().hash().to_vec()))
-        .execute(conn)
-        .await
+        .get_result(conn)
+        .await?;
+    Ok(usize::try_from(new.inserted).unwrap_or(0))
 }
 
 /// Writes `rows` in one statement on a pooled connection.

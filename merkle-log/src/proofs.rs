@@ -73,11 +73,12 @@ pub async fn find_event(
                 #[diesel(sql_type = BigInt)]
                 n: i64,
             }
-            let q: Queued =
-                diesel::sql_query("SELECT count(*) AS n FROM merkle_queue WHERE event_id = $1")
-                    .bind::<Text, _>(event_id)
-                    .get_result(conn)
-                    .await?;
+            let q: Queued = diesel::sql_query(
+                "SELECT count(*) AS n FROM merkle_queue WHERE $1 = ANY (event_ids)",
+            )
+            .bind::<Text, _>(event_id)
+            .get_result(conn)
+            .await?;
             return Err(LogError::NotFound(if q.n > 0 {
                 format!("event {event_id} is written but not sequenced yet: try again in a moment")
             } else {

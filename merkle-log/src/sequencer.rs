@@ -160,6 +160,9 @@ struct StateRow {
 struct QueueRow {
     #[diesel(sql_type = BigInt)]
     id: i64,
+    /// The row's place in its entry's arrays (from 1).
+    #[diesel(sql_type = BigInt)]
+    ord: i64,
     #[diesel(sql_type = Timestamptz)]
     occurred_at: DateTime<Utc>,
     #[diesel(sql_type = Text)]
@@ -168,7 +171,14 @@ struct QueueRow {
     leaf_hash: Option<Vec<u8>>,
     #[diesel(sql_type = Bool)]
     sequenced: bool,
+    /// Entries were left in the queue (the same on every row).
+    #[diesel(sql_type = Bool)]
+    more: bool,
 }
+
+/// Queue entries one transaction takes at most (each is one writer statement's
+/// rows; `max_leaves_per_transaction` bounds the rows).
+const MAX_ENTRIES_PER_TRANSACTION: i64 = 1024;
 
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -252,26 +262,40 @@ impl Sequencer {
             Some(edge) if edge.size() == size => edge,
             _ => Edge::load(conn, size).await?,
         };
-        // The oldest queued entries, taken off the queue in the same statement (the
-        // transaction puts them back if it fails).
+        // The oldest queue entries (one per writer statement, its rows as arrays),
+        // whole, up to about max_leaves_per_transaction rows, taken off the queue in
+        // the same statement (the transaction puts them back if it fails) and
+        // unnested in array order.
         let mut queue: Vec<QueueRow> = diesel::sql_query(if check {
-            "WITH q AS (DELETE FROM merkle_queue WHERE id IN \
-                 (SELECT id FROM merkle_queue ORDER BY id LIMIT $1) \
-               RETURNING id, occurred_at, event_id, leaf_hash) \
-             SELECT q.id, q.occurred_at, q.event_id, q.leaf_hash, \
-                    (l.leaf_index IS NOT NULL) AS sequenced \
-             FROM q LEFT JOIN merkle_leaves l \
-               ON l.event_id = q.event_id AND l.occurred_at = q.occurred_at"
+            "WITH head AS (SELECT id, leaves FROM merkle_queue ORDER BY id LIMIT $2), \
+                  pick AS (SELECT id FROM (SELECT id, sum(leaves) OVER (ORDER BY id) - leaves \
+                                           AS before FROM head) b WHERE before < $1), \
+                  q AS (DELETE FROM merkle_queue WHERE id IN (SELECT id FROM pick) \
+                        RETURNING id, occurred_ats, event_ids, leaf_hashes) \
+             SELECT q.id, u.ord, u.occurred_at, u.event_id, u.leaf_hash, \
+                    (l.leaf_index IS NOT NULL) AS sequenced, \
+                    (SELECT count(*) FROM head) > (SELECT count(*) FROM pick) AS more \
+             FROM q CROSS JOIN LATERAL unnest(q.occurred_ats, q.event_ids, q.leaf_hashes) \
+                    WITH ORDINALITY AS u(occurred_at, event_id, leaf_hash, ord) \
+             LEFT JOIN merkle_leaves l \
+               ON l.occurred_at = u.occurred_at AND l.event_id = u.event_id"
         } else {
-            "DELETE FROM merkle_queue WHERE id IN \
-                 (SELECT id FROM merkle_queue ORDER BY id LIMIT $1) \
-             RETURNING id, occurred_at, event_id, leaf_hash, false AS sequenced"
+            "WITH head AS (SELECT id, leaves FROM merkle_queue ORDER BY id LIMIT $2), \
+                  pick AS (SELECT id FROM (SELECT id, sum(leaves) OVER (ORDER BY id) - leaves \
+                                           AS before FROM head) b WHERE before < $1), \
+                  q AS (DELETE FROM merkle_queue WHERE id IN (SELECT id FROM pick) \
+                        RETURNING id, occurred_ats, event_ids, leaf_hashes) \
+             SELECT q.id, u.ord, u.occurred_at, u.event_id, u.leaf_hash, false AS sequenced, \
+                    (SELECT count(*) FROM head) > (SELECT count(*) FROM pick) AS more \
+             FROM q CROSS JOIN LATERAL unnest(q.occurred_ats, q.event_ids, q.leaf_hashes) \
+                    WITH ORDINALITY AS u(occurred_at, event_id, leaf_hash, ord)"
         })
         .bind::<BigInt, _>(to_i64(self.limits.max_leaves_per_transaction))
+        .bind::<BigInt, _>(MAX_ENTRIES_PER_TRANSACTION)
         .load(conn)
         .await?;
-        queue.sort_unstable_by_key(|q| q.id);
-        let more = queue.len() as u64 >= self.limits.max_leaves_per_transaction;
+        queue.sort_unstable_by_key(|q| (q.id, q.ord));
+        let more = queue.iter().any(|q| q.more);
         let backfill = backfill_hashes(conn, &queue).await?;
 
         let mut outcome = StepOutcome {
@@ -420,15 +444,16 @@ pub async fn state(conn: &mut AsyncPgConnection) -> Result<(u64, u64), LogError>
     Ok((to_u64(s.tree_size), to_u64(s.checkpoint_size)))
 }
 
-/// Rows waiting in `merkle_queue`.
+/// Ledger rows waiting in `merkle_queue` (the sum of its entries' rows).
 pub async fn queue_depth(conn: &mut AsyncPgConnection) -> Result<u64, LogError> {
     #[derive(diesel::QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
         n: i64,
     }
-    let c: Count = diesel::sql_query("SELECT count(*) AS n FROM merkle_queue")
-        .get_result(conn)
-        .await?;
+    let c: Count =
+        diesel::sql_query("SELECT coalesce(sum(leaves), 0)::int8 AS n FROM merkle_queue")
+            .get_result(conn)
+            .await?;
     Ok(to_u64(c.n))
 }

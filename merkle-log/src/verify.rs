@@ -493,7 +493,10 @@ async fn verify_time(
         event_id: String,
     }
     let queued: HashSet<(DateTime<Utc>, String)> = diesel::sql_query(
-        "SELECT occurred_at, event_id FROM merkle_queue WHERE occurred_at >= $1 AND occurred_at < $2",
+        "SELECT u.occurred_at, u.event_id \
+         FROM merkle_queue q CROSS JOIN LATERAL unnest(q.occurred_ats, q.event_ids) \
+           AS u(occurred_at, event_id) \
+         WHERE u.occurred_at >= $1 AND u.occurred_at < $2",
     )
     .bind::<Timestamptz, _>(start)
     .bind::<Timestamptz, _>(end)

@@ -76,13 +76,17 @@ async fn insert_events(conn: &mut AsyncPgConnection, from: i64, to: i64) {
     .await
     .unwrap();
     diesel::sql_query(
-        "INSERT INTO merkle_queue (occurred_at, event_id) \
-         SELECT e.occurred_at, e.event_id FROM ledger_events e \
+        "INSERT INTO merkle_queue (leaves, occurred_ats, event_ids, leaf_hashes) \
+         SELECT count(*), array_agg(e.occurred_at ORDER BY e.occurred_at, e.event_id), \
+                array_agg(e.event_id ORDER BY e.occurred_at, e.event_id), \
+                array_agg(NULL::bytea) \
+         FROM ledger_events e \
          WHERE NOT EXISTS (SELECT 1 FROM merkle_leaves l \
                            WHERE l.occurred_at = e.occurred_at AND l.event_id = e.event_id) \
-           AND NOT EXISTS (SELECT 1 FROM merkle_queue q \
-                           WHERE q.occurred_at = e.occurred_at AND q.event_id = e.event_id) \
-         ORDER BY e.occurred_at, e.event_id",
+           AND NOT EXISTS (SELECT 1 FROM merkle_queue q, unnest(q.occurred_ats, q.event_ids) \
+                             AS u(occurred_at, event_id) \
+                           WHERE u.occurred_at = e.occurred_at AND u.event_id = e.event_id) \
+         HAVING count(*) > 0",
     )
     .execute(conn)
     .await

@@ -79,10 +79,12 @@ async fn sequenced(n: u64) -> Log {
         .unwrap();
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     let rows = rows(n);
-    assert_eq!(
-        ledger::insert_rows(&mut conn, &rows).await.unwrap(),
-        n as usize
-    );
+    // Statements of 10 rows: a queue entry each, so a 50-leaf transaction takes 5.
+    let mut written = 0;
+    for chunk in rows.chunks(10) {
+        written += ledger::insert_rows(&mut conn, chunk).await.unwrap();
+    }
+    assert_eq!(written, n as usize);
     let signer = Signer::generate(ORIGIN).unwrap();
     keys::register(&mut conn, &signer.verifier()).await.unwrap();
     let mut seq = Sequencer::new(
@@ -256,6 +258,36 @@ async fn the_stored_tree_is_the_tree_of_the_rows() {
         0,
         "a redelivery was queued again"
     );
+    // A statement mixing redelivered and new rows queues the new ones only, in
+    // their order, as one entry.
+    let fresh = rows(4);
+    let mixed: Vec<&LedgerRow> = vec![&log.rows[3], &fresh[0], &log.rows[50], &fresh[1], &fresh[2]];
+    assert_eq!(ledger::insert_rows(&mut log.conn, &mixed).await.unwrap(), 3);
+    #[derive(diesel::QueryableByName)]
+    struct Entry {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        leaves: i32,
+        #[diesel(sql_type = diesel::sql_types::Array<Text>)]
+        event_ids: Vec<String>,
+        #[diesel(sql_type = diesel::sql_types::Array<diesel::sql_types::Bytea>)]
+        leaf_hashes: Vec<Vec<u8>>,
+    }
+    let entries: Vec<Entry> =
+        diesel::sql_query("SELECT leaves, event_ids, leaf_hashes FROM merkle_queue ORDER BY id")
+            .load(&mut log.conn)
+            .await
+            .unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].leaves, 3);
+    assert_eq!(
+        entries[0].event_ids,
+        [&fresh[0], &fresh[1], &fresh[2]].map(|r| r.event_id.clone())
+    );
+    assert_eq!(
+        entries[0].leaf_hashes,
+        [&fresh[0], &fresh[1], &fresh[2]].map(|r| r.leaf().hash().to_vec())
+    );
+    assert_eq!(sequencer::queue_depth(&mut log.conn).await.unwrap(), 3);
     log.db.drop().await.unwrap();
 }
 
@@ -271,10 +303,12 @@ async fn rows_from_before_the_log_are_backfilled() {
     let rows = rows(40);
     ledger::insert_rows(&mut conn, &rows).await.unwrap();
     // As the migration leaves an older ledger: queued, no hash.
-    diesel::sql_query("UPDATE merkle_queue SET leaf_hash = NULL")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    diesel::sql_query(
+        "UPDATE merkle_queue SET leaf_hashes = array_fill(NULL::bytea, ARRAY[leaves])",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
     let signer = Signer::generate(ORIGIN).unwrap();
     keys::register(&mut conn, &signer.verifier()).await.unwrap();
     let mut seq = Sequencer::new(
