@@ -106,7 +106,25 @@ fn store_error(e: StoreError) -> Status {
         // Redis is up but refused this call (a corrupt record): retrying elsewhere
         // will not help, and UNAVAILABLE would make the gateway retry.
         StoreError::Rejected(_) => Status::internal(e.to_string()),
+        // Redis lost the partition's budget state: refused, never allowed, also by
+        // a gateway that fails open when the service is unreachable
+        // (FAILED_PRECONDITION is a refusal to the filter, UNAVAILABLE is not).
+        StoreError::StateLost(_) => Status::failed_precondition(e.to_string()),
         _ => Status::unavailable(e.to_string()),
+    }
+}
+
+/// A Settle or Release that could not be done: as [`store_error`], except that a
+/// lost budget state is UNAVAILABLE (try again later: the call is idempotent and
+/// the state comes back with `caracal budget rebuild`), not a refusal.
+fn finish_error(e: StoreError) -> Status {
+    match e {
+        StoreError::StateLost(_) => {
+            ::metrics::counter!(metrics::REDIS_ERRORS).increment(1);
+            tracing::warn!(error = %e, "budget store call failed");
+            Status::unavailable(e.to_string())
+        }
+        other => store_error(other),
     }
 }
 
@@ -571,7 +589,7 @@ impl AuthorizationService {
                 ..self.finish_of(FinishKind::Settle, partition, &req.reservation_id)
             })
             .await
-            .map_err(store_error)?;
+            .map_err(finish_error)?;
         match outcome {
             FinishOutcome::Finished {
                 late,
@@ -700,7 +718,7 @@ impl AuthorizationService {
                 ..self.finish_of(FinishKind::Release, partition, reservation_id)
             })
             .await
-            .map_err(store_error)?;
+            .map_err(finish_error)?;
         match outcome {
             FinishOutcome::Finished {
                 reserved, currency, ..

@@ -141,6 +141,17 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
         },
     )
     .context("Redis configuration")?;
+    // Whether Redis holds the budget state: established on a new deployment before
+    // the first call, then watched (budget::state). A Redis that cannot be reached
+    // now is looked at again by the watcher.
+    if let Err(error) = crate::budget::state::check(&pool, &store).await {
+        tracing::warn!(%error, "budget-state check at start failed; retrying in the background");
+    }
+    background.push(tokio::spawn(crate::budget::state::watch(
+        pool.clone(),
+        store.clone(),
+        background_rx.clone(),
+    )));
     if config.redis.mode == crate::config::RedisMode::Cluster {
         background.push(tokio::spawn(crate::cluster_watch::run(
             store.clone(),

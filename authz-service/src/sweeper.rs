@@ -46,7 +46,7 @@ pub async fn sweep_once(
     finished_marker_ttl_s: u64,
 ) -> Result<Sweep, StoreError> {
     let mut sweep = Sweep::default();
-    for partition in 0..store.keys().partitions() {
+    'partitions: for partition in 0..store.keys().partitions() {
         // Failed reservations stay in the index, at its front (the lowest expiry
         // times seen so far): the next batch starts after them.
         let mut skip = 0;
@@ -76,6 +76,9 @@ pub async fn sweep_once(
                         tracing::debug!(reservation = %rid, charged, "reservation expired");
                     }
                     Ok(_) => {}
+                    // Redis lost this partition's state: nothing to expire there
+                    // until `caracal budget rebuild` has put it back.
+                    Err(StoreError::StateLost(_)) => continue 'partitions,
                     Err(e) if e.is_per_call() => {
                         sweep.failed += 1;
                         skip += 1;

@@ -112,6 +112,9 @@ pub enum Command {
     Ledger(crate::ledger::LedgerArgs),
     /// Spend history from the metrics-aggregator: daily spend trend of an agent.
     Spend(crate::spend::SpendArgs),
+    /// The Redis budget state: which partitions Redis lost, and rebuilding them
+    /// from the ledger.
+    Budget(crate::budget::BudgetArgs),
     /// The tamper-evident ledger: signed checkpoints, inclusion and consistency
     /// proofs (verified offline), verify-range, leaf export, key rotation.
     Merkle(crate::merkle::MerkleArgs),

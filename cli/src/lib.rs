@@ -7,11 +7,13 @@
 //! - [`output`]: tables, key/value blocks and JSON documents.
 //! - [`price_import`]: reading price files for `pricebook import`.
 //! - [`spend`]: `spend trend`, the daily spend history of an agent.
+//! - [`budget`]: `budget status|rebuild`, the Redis budget state after a loss.
 //! - [`merkle`]: `merkle ...`, the tamper-evident ledger (proofs verified offline).
 //!
 //! [`run`] is the whole program; `main.rs` only wires it to the process.
 
 pub mod args;
+pub mod budget;
 pub mod client;
 mod commands;
 pub mod dlq;
@@ -64,6 +66,7 @@ where
             if e.downcast_ref::<ledger::DriftFound>().is_some()
                 || e.downcast_ref::<ledger_status::Stalled>().is_some()
                 || e.downcast_ref::<merkle::VerificationFailed>().is_some()
+                || e.downcast_ref::<budget::StateLost>().is_some()
             {
                 EXIT_DRIFT
             } else {

@@ -62,9 +62,6 @@ pub fn main() -> anyhow::Result<()> {
 async fn run(command: Command, config: ConsumerConfig) -> anyhow::Result<()> {
     match command {
         Command::LedgerWriter => {
-            if config.ledger_writer.merkle.enabled {
-                crate::metrics::zero_merkle_failures();
-            }
             let mut writer = crate::ledger::start(config).await?;
             tracing::info!(http = %writer.http_addr, "ledger-writer serving /health and /metrics");
             let stopped = tokio::select! {

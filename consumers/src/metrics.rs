@@ -46,14 +46,6 @@ pub fn zero_failures(consumer: &'static str) {
     metrics::counter!(DLQ_MESSAGES, "consumer" => consumer).increment(0);
 }
 
-/// The Merkle sequencer's failure counters at 0 in a ledger-writer that runs it
-/// (the sequencer only counts them when something fails).
-pub fn zero_merkle_failures() {
-    init();
-    metrics::counter!(caracal_merkle_log::metric::ERRORS).increment(0);
-    metrics::counter!(caracal_merkle_log::metric::VERIFICATION_FAILURES).increment(0);
-}
-
 /// Installs the recorder and describes the metrics.
 pub fn init() {
     static DESCRIBED: std::sync::Once = std::sync::Once::new();

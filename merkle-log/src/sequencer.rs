@@ -176,6 +176,29 @@ struct QueueRow {
     more: bool,
 }
 
+/// The statement that takes the oldest queue entries (see `step_in_transaction`),
+/// with `$sequenced` as the expression for "this event already has a leaf" and
+/// `$join` as what that expression needs: the checked variant probes
+/// `merkle_leaves` per leaf, the usual one does not.
+macro_rules! take_queue {
+    ($sequenced:literal, $join:literal) => {
+        concat!(
+            "WITH head AS (SELECT id, leaves FROM merkle_queue ORDER BY id LIMIT $2), \
+                  pick AS (SELECT id FROM (SELECT id, sum(leaves) OVER (ORDER BY id) - leaves \
+                                           AS before FROM head) b WHERE before < $1), \
+                  q AS (DELETE FROM merkle_queue WHERE id IN (SELECT id FROM pick) \
+                        RETURNING id, occurred_ats, event_ids, leaf_hashes) \
+             SELECT q.id, u.ord, u.occurred_at, u.event_id, u.leaf_hash, ",
+            $sequenced,
+            " AS sequenced, \
+                    (SELECT count(*) FROM head) > (SELECT count(*) FROM pick) AS more \
+             FROM q CROSS JOIN LATERAL unnest(q.occurred_ats, q.event_ids, q.leaf_hashes) \
+                    WITH ORDINALITY AS u(occurred_at, event_id, leaf_hash, ord)",
+            $join
+        )
+    };
+}
+
 /// Queue entries one transaction takes at most (each is one writer statement's
 /// rows; `max_leaves_per_transaction` bounds the rows).
 const MAX_ENTRIES_PER_TRANSACTION: i64 = 1024;
@@ -267,28 +290,13 @@ impl Sequencer {
         // the same statement (the transaction puts them back if it fails) and
         // unnested in array order.
         let mut queue: Vec<QueueRow> = diesel::sql_query(if check {
-            "WITH head AS (SELECT id, leaves FROM merkle_queue ORDER BY id LIMIT $2), \
-                  pick AS (SELECT id FROM (SELECT id, sum(leaves) OVER (ORDER BY id) - leaves \
-                                           AS before FROM head) b WHERE before < $1), \
-                  q AS (DELETE FROM merkle_queue WHERE id IN (SELECT id FROM pick) \
-                        RETURNING id, occurred_ats, event_ids, leaf_hashes) \
-             SELECT q.id, u.ord, u.occurred_at, u.event_id, u.leaf_hash, \
-                    (l.leaf_index IS NOT NULL) AS sequenced, \
-                    (SELECT count(*) FROM head) > (SELECT count(*) FROM pick) AS more \
-             FROM q CROSS JOIN LATERAL unnest(q.occurred_ats, q.event_ids, q.leaf_hashes) \
-                    WITH ORDINALITY AS u(occurred_at, event_id, leaf_hash, ord) \
-             LEFT JOIN merkle_leaves l \
-               ON l.occurred_at = u.occurred_at AND l.event_id = u.event_id"
+            take_queue!(
+                "(l.leaf_index IS NOT NULL)",
+                " LEFT JOIN merkle_leaves l \
+                   ON l.occurred_at = u.occurred_at AND l.event_id = u.event_id"
+            )
         } else {
-            "WITH head AS (SELECT id, leaves FROM merkle_queue ORDER BY id LIMIT $2), \
-                  pick AS (SELECT id FROM (SELECT id, sum(leaves) OVER (ORDER BY id) - leaves \
-                                           AS before FROM head) b WHERE before < $1), \
-                  q AS (DELETE FROM merkle_queue WHERE id IN (SELECT id FROM pick) \
-                        RETURNING id, occurred_ats, event_ids, leaf_hashes) \
-             SELECT q.id, u.ord, u.occurred_at, u.event_id, u.leaf_hash, false AS sequenced, \
-                    (SELECT count(*) FROM head) > (SELECT count(*) FROM pick) AS more \
-             FROM q CROSS JOIN LATERAL unnest(q.occurred_ats, q.event_ids, q.leaf_hashes) \
-                    WITH ORDINALITY AS u(occurred_at, event_id, leaf_hash, ord)"
+            take_queue!("false", "")
         })
         .bind::<BigInt, _>(to_i64(self.limits.max_leaves_per_transaction))
         .bind::<BigInt, _>(MAX_ENTRIES_PER_TRANSACTION)

@@ -36,6 +36,10 @@ pub fn spawn(url: String, config: MerkleConfig, shutdown: watch::Receiver<bool>)
 
 async fn run(url: String, config: MerkleConfig, mut shutdown: watch::Receiver<bool>) {
     metrics::gauge!(metric::LEADER).set(0.0);
+    // The failure counters exist from the start (at 0), so an alert on their rate
+    // sees a series before the first failure, in whatever process runs the sequencer.
+    metrics::counter!(metric::ERRORS).increment(0);
+    metrics::counter!(metric::VERIFICATION_FAILURES).increment(0);
     let mut backoff = Duration::from_millis(200);
     loop {
         if *shutdown.borrow() {

@@ -61,13 +61,15 @@ use redis::Value;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+mod rebuild;
+
 use super::{
     counters::{counter_fields, policy_info},
     respond, AdminState,
 };
 use crate::{
     authorize::policy_slot,
-    budget::{store::SlotMode, BudgetStore},
+    budget::{store::SlotMode, BudgetStore, KeySpace},
     convert::{self, from_timestamp, money, timestamp},
     db::{
         self,
@@ -1162,12 +1164,123 @@ fn rows_of(
     Ok(rows)
 }
 
+/// A policy as the reconciliation and the rebuild read it: id, agent, limit,
+/// currency, window, window type, on-expiry.
+type PolicyRow = (Uuid, Uuid, i64, String, String, String, String);
+
+/// Policies in (agent, id) order after `after`, at most `limit`: `active_only` (the
+/// current windows: as the hot path counts now), of `agent` alone if given.
+async fn load_policies(
+    conn: &mut AsyncPgConnection,
+    agent: Option<Uuid>,
+    active_only: bool,
+    after: Option<(Uuid, Uuid)>,
+    limit: i64,
+) -> ServiceResult<Vec<PolicyRow>> {
+    let mut query = policies::table
+        .select((
+            policies::id,
+            policies::agent_id,
+            policies::limit_micros,
+            policies::currency,
+            policies::time_window,
+            policies::window_type,
+            policies::on_expiry,
+        ))
+        .order((policies::agent_id, policies::id))
+        .limit(limit)
+        .into_boxed();
+    if active_only {
+        query = query.filter(policies::active.eq(true));
+    }
+    if let Some(agent) = agent {
+        query = query.filter(policies::agent_id.eq(agent));
+    }
+    if let Some((agent, id)) = after {
+        query = query.filter(
+            policies::agent_id
+                .gt(agent)
+                .or(policies::agent_id.eq(agent).and(policies::id.gt(id))),
+        );
+    }
+    Ok(query.load(conn).await?)
+}
+
+/// What a reconciliation (or a rebuild) works from: the policies, the counters and
+/// windows to look at, and the ledger's final charges of each.
+struct Planned {
+    subjects: Vec<Subject>,
+    targets: Vec<Target>,
+    ledger: Vec<BTreeMap<i64, ByCurrency>>,
+}
+
+/// Plans the windows of `rows` (the current ones without `period`) and reads their
+/// ledger side.
+async fn plan_windows(
+    conn: &mut AsyncPgConnection,
+    keys: &KeySpace,
+    rows: Vec<PolicyRow>,
+    period: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    now: DateTime<Utc>,
+) -> ServiceResult<Planned> {
+    let mut agents: Vec<Uuid> = rows.iter().map(|r| r.1).collect();
+    agents.sort();
+    agents.dedup();
+    let roots = roots(conn, &agents).await?;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    let version_rows: Vec<(Uuid, String, String, String, DateTime<Utc>)> = policy_versions::table
+        .select((
+            policy_versions::policy_id,
+            policy_versions::currency,
+            policy_versions::time_window,
+            policy_versions::window_type,
+            policy_versions::changed_at,
+        ))
+        .filter(policy_versions::policy_id.eq_any(&ids))
+        .order((policy_versions::policy_id, policy_versions::version))
+        .load(conn)
+        .await?;
+    let mut versions: HashMap<Uuid, Vec<Version>> = HashMap::new();
+    for (id, currency, window, window_type, at) in version_rows {
+        versions
+            .entry(id)
+            .or_default()
+            .push((currency, window, window_type, at));
+    }
+    let mut subjects = Vec::with_capacity(rows.len());
+    for (id, agent_id, limit, currency, window, window_type, on_expiry) in rows {
+        let info = policy_info(
+            id,
+            agent_id,
+            limit,
+            &currency,
+            &window,
+            &window_type,
+            &on_expiry,
+        )?;
+        let root = roots.get(&agent_id).copied().unwrap_or(agent_id);
+        let (eras, currencies) = history(&info, versions.get(&id).map_or(&[], |v| v))?;
+        subjects.push(Subject {
+            partition: keys.partition_of(&root.to_string()),
+            info,
+            eras,
+            currencies,
+        });
+    }
+    let (targets, spans) = plan(keys, &subjects, period, now)?;
+    let ledger = ledger_side(conn, &subjects, &targets, &spans).await?;
+    Ok(Planned {
+        subjects,
+        targets,
+        ledger,
+    })
+}
+
 pub(crate) async fn reconcile(
     pool: &db::Pool,
     store: &BudgetStore,
     req: pb::ReconcileRequest,
 ) -> ServiceResult<pb::ReconcileResponse> {
-    type PolicyRow = (Uuid, Uuid, i64, String, String, String, String);
     let now = Utc::now();
     let period = match req.range.as_ref() {
         None => None,
@@ -1198,79 +1311,24 @@ pub(crate) async fn reconcile(
         "" => None,
         text => Some(existing_agent(&mut conn, text).await?),
     };
-    let mut query = policies::table
-        .select((
-            policies::id,
-            policies::agent_id,
-            policies::limit_micros,
-            policies::currency,
-            policies::time_window,
-            policies::window_type,
-            policies::on_expiry,
-        ))
-        .order((policies::agent_id, policies::id))
-        .limit(MAX_RECONCILE_POLICIES + 1)
-        .into_boxed();
-    if period.is_none() {
-        // The current windows: active policies only (as the hot path counts now).
-        query = query.filter(policies::active.eq(true));
-    }
-    if let Some(agent) = agent {
-        query = query.filter(policies::agent_id.eq(agent));
-    }
-    let rows: Vec<PolicyRow> = query.load(&mut conn).await?;
+    let rows = load_policies(
+        &mut conn,
+        agent,
+        period.is_none(),
+        None,
+        MAX_RECONCILE_POLICIES + 1,
+    )
+    .await?;
     if rows.len() as i64 > MAX_RECONCILE_POLICIES {
         return Err(ServiceError::FailedPrecondition(format!(
             "more than {MAX_RECONCILE_POLICIES} policies: reconcile one agent at a time (agent_id)"
         )));
     }
-    let mut agents: Vec<Uuid> = rows.iter().map(|r| r.1).collect();
-    agents.sort();
-    agents.dedup();
-    let roots = roots(&mut conn, &agents).await?;
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
-    let version_rows: Vec<(Uuid, String, String, String, DateTime<Utc>)> = policy_versions::table
-        .select((
-            policy_versions::policy_id,
-            policy_versions::currency,
-            policy_versions::time_window,
-            policy_versions::window_type,
-            policy_versions::changed_at,
-        ))
-        .filter(policy_versions::policy_id.eq_any(&ids))
-        .order((policy_versions::policy_id, policy_versions::version))
-        .load(&mut conn)
-        .await?;
-    let mut versions: HashMap<Uuid, Vec<Version>> = HashMap::new();
-    for (id, currency, window, window_type, at) in version_rows {
-        versions
-            .entry(id)
-            .or_default()
-            .push((currency, window, window_type, at));
-    }
-    let keys = store.keys();
-    let mut subjects = Vec::with_capacity(rows.len());
-    for (id, agent_id, limit, currency, window, window_type, on_expiry) in rows {
-        let info = policy_info(
-            id,
-            agent_id,
-            limit,
-            &currency,
-            &window,
-            &window_type,
-            &on_expiry,
-        )?;
-        let root = roots.get(&agent_id).copied().unwrap_or(agent_id);
-        let (eras, currencies) = history(&info, versions.get(&id).map_or(&[], |v| v))?;
-        subjects.push(Subject {
-            partition: keys.partition_of(&root.to_string()),
-            info,
-            eras,
-            currencies,
-        });
-    }
-    let (targets, spans) = plan(keys, &subjects, period, now)?;
-    let ledger = ledger_side(&mut conn, &subjects, &targets, &spans).await?;
+    let Planned {
+        subjects,
+        targets,
+        ledger,
+    } = plan_windows(&mut conn, store.keys(), rows, period, now).await?;
     drop(conn);
 
     let mut fields = Vec::with_capacity(targets.len());
@@ -1402,6 +1460,22 @@ impl LedgerService for LedgerAdmin {
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
         let result = reconcile(&self.state.pool, &self.store, request.into_inner()).await;
         respond("Reconcile", result)
+    }
+
+    async fn budget_state(
+        &self,
+        _request: Request<pb::BudgetStateRequest>,
+    ) -> Result<Response<pb::BudgetStateResponse>, Status> {
+        let result = rebuild::state(&self.state.pool, &self.store).await;
+        respond("BudgetState", result)
+    }
+
+    async fn rebuild_budgets(
+        &self,
+        request: Request<pb::RebuildBudgetsRequest>,
+    ) -> Result<Response<pb::RebuildBudgetsResponse>, Status> {
+        let result = rebuild::rebuild(&self.state.pool, &self.store, request.into_inner()).await;
+        respond("RebuildBudgets", result)
     }
 }
 

@@ -64,6 +64,13 @@ impl KeySpace {
     pub fn expiry(&self, partition: u16) -> String {
         format!("{}:expiry", self.tag(partition))
     }
+    /// The partition's budget-state marker: written when the deployment's budget
+    /// state is first established (and by `caracal budget rebuild`), checked by
+    /// every budget script. A Redis that lost its data lost it too, and the scripts
+    /// then decide nothing on that partition (see `budget::state`).
+    pub fn state_marker(&self, partition: u16) -> String {
+        format!("{}:state", self.tag(partition))
+    }
     /// Events waiting for the Kafka relay (stream).
     pub fn outbox(&self, partition: u16) -> String {
         format!("{}:outbox", self.tag(partition))

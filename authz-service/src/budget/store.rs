@@ -29,6 +29,13 @@ pub enum StoreError {
     Rejected(String),
     #[error("budget store answered unexpectedly: {0}")]
     Protocol(String),
+    /// The partition's budget-state marker is missing: Redis lost its data, and
+    /// nothing is decided there until `caracal budget rebuild` has run.
+    #[error(
+        "the budget state of partition {0} is lost (Redis lost its data): nothing is \
+         decided there until `caracal budget rebuild` restores it from the ledger"
+    )]
+    StateLost(u16),
 }
 
 impl StoreError {
@@ -456,13 +463,14 @@ impl BudgetStore {
         let rsv_key = self.keys.reservation(p, stem);
         let mut inv = redis::cmd("EVALSHA");
         inv.arg(self.authorize.get_hash())
-            .arg(3 + req.policies.len())
+            .arg(4 + req.policies.len())
             .arg(&rsv_key)
             .arg(self.keys.expiry(p))
             .arg(self.keys.outbox(p));
         for slot in req.policies {
             inv.arg(&slot.key);
         }
+        inv.arg(self.keys.state_marker(p));
         inv.arg(req.now_ms)
             .arg(req.reservation_id)
             .arg(req.amount_micros)
@@ -486,6 +494,9 @@ impl BudgetStore {
                 .arg(expire_at);
         }
         let reply = self.run(&self.authorize, &inv, &rsv_key).await?;
+        if is_lost(&reply) {
+            return Err(StoreError::StateLost(p));
+        }
         parse_reserve(&reply, req.policies.len())
     }
 
@@ -496,10 +507,11 @@ impl BudgetStore {
         let rsv_key = self.keys.reservation(p, stem);
         let mut inv = redis::cmd("EVALSHA");
         inv.arg(self.finish.get_hash())
-            .arg(3)
+            .arg(4)
             .arg(&rsv_key)
             .arg(self.keys.expiry(p))
             .arg(self.keys.outbox(p))
+            .arg(self.keys.state_marker(p))
             .arg(f.kind.as_str())
             .arg(f.now_ms)
             .arg(stem)
@@ -514,6 +526,9 @@ impl BudgetStore {
             .arg(f.currency)
             .arg(if f.tombstone { "1" } else { "0" });
         let reply = self.run(&self.finish, &inv, &rsv_key).await?;
+        if is_lost(&reply) {
+            return Err(StoreError::StateLost(p));
+        }
         parse_finish(&reply)
     }
 
@@ -635,6 +650,11 @@ fn int(v: &Value) -> Option<i64> {
         Value::Int(i) => Some(*i),
         other => text(other)?.parse().ok(),
     }
+}
+
+/// The scripts' answer when the partition's budget-state marker is missing.
+fn is_lost(reply: &[Value]) -> bool {
+    reply.len() == 1 && reply.first().and_then(text).as_deref() == Some("lost")
 }
 
 fn protocol(what: &str) -> StoreError {

@@ -47,6 +47,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Ledger(l) => crate::ledger::run(&ctx, l.command, out).await,
         Command::Spend(s) => crate::spend::run(&ctx, s.command, out).await,
         Command::Merkle(m) => crate::merkle::run(&ctx, m.command, out).await,
+        Command::Budget(b) => crate::budget::run(&ctx, b.command, out).await,
     }
 }
 

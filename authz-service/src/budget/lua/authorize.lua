@@ -17,6 +17,7 @@
 --         per record, which names the reservation the record holds)
 -- KEYS[3] outbox          (stream: events to relay to Kafka)
 -- KEYS[3+i] counter of policy i (calendar: hash {s, r}; rolling: hash {s:<b>, r:<b>})
+-- KEYS[#KEYS] the partition's budget-state marker (see below)
 --
 -- ARGV[1] now (ms)            ARGV[2] reservation id this request would make
 --                             (<stem>_<generation>)      ARGV[3] amount (micros)
@@ -28,7 +29,8 @@
 -- then 6 per policy: policy id, limit, mode ('c'|'r'), bucket (rolling), oldest
 --                    counted bucket (rolling), counter expire-at (s, 0 = never)
 --
--- Returns {'allow', used_1..used_n} | {'deny', index, used_1..used_n} |
+-- Returns {'lost'} (the marker is missing: nothing read, nothing written) |
+--         {'allow', used_1..used_n} | {'deny', index, used_1..used_n} |
 --         {'dup', reservation id, used_1..used_n} |
 --         {'finished', reservation id, done-marker line, used_1..used_n}
 -- where used_i = spent + reserved of policy i before this request ('dup': now), and
@@ -37,6 +39,16 @@
 
 -- Numbers reach Redis as strings: Lua would print large ones as 1e+15, so amounts are
 -- passed through as the decimal text they arrived in.
+
+-- The partition's budget state must be there. A Redis that lost its data (FLUSHALL,
+-- a failover to an empty replica, a restart without persistence) has lost the
+-- marker with the counters: deciding on the emptied counters would hand every
+-- agent its whole budget back, so nothing is decided until `caracal budget
+-- rebuild` has put the counters back from the ledger and the marker with them.
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then
+  return {'lost'}
+end
+
 local existing = redis.call('EXISTS', KEYS[1])
 
 local amount = tonumber(ARGV[3])

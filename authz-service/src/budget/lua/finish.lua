@@ -25,6 +25,8 @@
 -- `<reservation id>/<mode>`.
 --
 -- KEYS[1] reservation key   KEYS[2] expiry index   KEYS[3] outbox
+-- KEYS[4] the partition's budget-state marker (missing: {'lost'}, nothing done;
+--         see authorize.lua)
 -- ARGV[1] mode: settle | release | expire
 -- ARGV[2] now (ms)          ARGV[3] reservation id stem   ARGV[4] done-marker TTL (s)
 -- ARGV[5] actual cost (settle; micros)
@@ -48,7 +50,7 @@
 -- {"generation":"<ms>"} (a tombstone has none). Only the first line is ever
 -- returned.
 --
--- Returns {'unknown'} | {'tombstone'} | {'done', first line of the marker} |
+-- Returns {'lost'} | {'unknown'} | {'tombstone'} | {'done', first line of the marker} |
 --         {'currency', reservation currency} (settle refused, nothing changed) |
 --         {mode | 'late_settle', reserved, charged, currency,
 --          then per policy: id, limit, used after}
@@ -57,6 +59,10 @@ local POLICY_LINE = '^([^\t]+)\t([^\t]+)\t(%-?%d+)\t([cr])\t(%-?%d+)\t(%d+)\t(%d
 
 local GENERATION = '"generation":"(%d+)"'
 local stem, named = ARGV[3], ARGV[6]
+
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  return {'lost'}
+end
 
 local rec = redis.call('GET', KEYS[1])
 if not rec then

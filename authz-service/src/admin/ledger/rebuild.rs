@@ -1,0 +1,254 @@
+//! `caracal budget rebuild`: the Redis budget counters recomputed from the ledger
+//! after Redis lost its data (see `budget::state`).
+//!
+//! For every active policy whose hierarchy lives on a lost partition, the counter
+//! of its current window gets the ledger's final charges there (in the policy's
+//! currency), exactly as `caracal ledger reconcile` attributes them: a calendar
+//! counter its window's sum, a rolling counter one field per bucket still in the
+//! window. Then each lost partition's marker goes back, and the hot path decides
+//! there again.
+//!
+//! Why it is safe: a lost partition has no marker, so no script has written there
+//! since the loss (they all check the marker first); nothing races the rebuild.
+//! A partition that still has its marker is never written (its counters are live
+//! and the ledger trails them by the events in flight): there `reconcile` tells
+//! drift, and this refuses. Running it twice writes the same values.
+//!
+//! Reservations open at the moment of the loss are not restored here: their
+//! records went with Redis (issue 23 item 3, the decisions-topic part).
+
+use std::time::Instant;
+
+use caracal_service_kit::redis::query_each;
+use chrono::{Duration, Utc};
+use diesel::sql_types::Text;
+use diesel_async::RunQueryDsl;
+
+use super::{
+    existing_agent, load_policies, pb, plan_windows, BudgetStore, Planned, ServiceError,
+    ServiceResult, TargetKind, Uuid,
+};
+use crate::{budget::state, db};
+
+/// Policies planned per round (each round: one plan, one ledger query).
+const PAGE: i64 = 2_000;
+/// Counters listed in the response (all are counted).
+const LISTED: usize = 1_000;
+/// Counter writes sent at once.
+const WRITE_BATCH: usize = 500;
+
+/// Replaces a counter's spent fields (`s`, `s:<bucket>`) with the ledger's and
+/// leaves its reserved fields (`r`, `r:<bucket>`) alone: one atomic step per
+/// counter. KEYS[1] counter; ARGV[1] expire-at (s, 0 = none); then field, value
+/// pairs.
+const WRITE_COUNTER: &str = r"
+local fields = redis.call('HKEYS', KEYS[1])
+for _, f in ipairs(fields) do
+  if f == 's' or string.sub(f, 1, 2) == 's:' then
+    redis.call('HDEL', KEYS[1], f)
+  end
+end
+if #ARGV > 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+end
+if tonumber(ARGV[1]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('EXPIREAT', KEYS[1], ARGV[1])
+end
+return (#ARGV - 1) / 2
+";
+
+/// One counter to write.
+struct Write {
+    key: String,
+    expire_at_s: i64,
+    fields: Vec<(String, i64)>,
+    listed: pb::RebuiltCounter,
+}
+
+pub(crate) async fn state(
+    pool: &db::Pool,
+    store: &BudgetStore,
+) -> ServiceResult<pb::BudgetStateResponse> {
+    let lost = state::lost_partitions(store).await?;
+    let mut conn = db::conn(pool).await?;
+    let row = state::established(&mut conn).await?;
+    Ok(pb::BudgetStateResponse {
+        established: row.is_some(),
+        partitions: u32::from(store.keys().partitions()),
+        lost_partitions: lost.into_iter().map(u32::from).collect(),
+        rebuilt_at: row.and_then(|r| r.rebuilt_at).unwrap_or_default(),
+    })
+}
+
+pub(crate) async fn rebuild(
+    pool: &db::Pool,
+    store: &BudgetStore,
+    req: pb::RebuildBudgetsRequest,
+) -> ServiceResult<pb::RebuildBudgetsResponse> {
+    let started = Instant::now();
+    let lost = state::lost_partitions(store).await?;
+    let mut conn = db::conn(pool).await?;
+    let agent = match req.agent_id.trim() {
+        "" => None,
+        text => Some(existing_agent(&mut conn, text).await?),
+    };
+    if lost.is_empty() && !req.dry_run {
+        return Err(ServiceError::FailedPrecondition(
+            "Redis holds the budget state of every partition: its counters are live, and \
+             rewriting them from the ledger would race the traffic (the ledger trails them by \
+             the events in flight). Use `caracal ledger reconcile` to look for drift."
+                .to_owned(),
+        ));
+    }
+    // A dry run with nothing lost shows what a rebuild of everything would write.
+    let targeted = |p: u16| lost.is_empty() || lost.binary_search(&p).is_ok();
+
+    let mut writes: Vec<Write> = Vec::new();
+    let mut policies = 0u32;
+    let mut after: Option<(Uuid, Uuid)> = None;
+    let keys = store.keys().clone();
+    loop {
+        let rows = load_policies(&mut conn, agent, true, after, PAGE).await?;
+        let Some(last) = rows.last() else { break };
+        after = Some((last.1, last.0));
+        let full = rows.len() as i64 == PAGE;
+        let now = Utc::now();
+        let Planned {
+            subjects,
+            targets,
+            ledger,
+        } = plan_windows(&mut conn, &keys, rows, None, now).await?;
+        for (target, charges) in targets.iter().zip(&ledger) {
+            let subject = &subjects[target.subject];
+            if !targeted(subject.partition) {
+                continue;
+            }
+            policies += 1;
+            let currency = subject.currency_at(target.last_use - Duration::microseconds(1));
+            let own = |bucket: i64| {
+                charges
+                    .get(&bucket)
+                    .and_then(|c| c.get(currency.as_str()))
+                    .map_or(0, |(micros, _)| *micros)
+            };
+            let (expire_at_s, fields) = match &target.kind {
+                TargetKind::Calendar { expire_at_s, .. } => {
+                    let spent = own(0);
+                    let fields = if spent == 0 {
+                        Vec::new()
+                    } else {
+                        vec![("s".to_owned(), spent)]
+                    };
+                    (*expire_at_s, fields)
+                }
+                TargetKind::Rolling { current, .. } => {
+                    // The buckets the hot path counts now (and any after the newest:
+                    // a reservation clock ahead).
+                    let oldest = current.map_or(i64::MAX, |c| c.0);
+                    let fields = charges
+                        .keys()
+                        .filter(|b| **b >= oldest)
+                        .map(|b| (format!("s:{b}"), own(*b)))
+                        .filter(|(_, micros)| *micros != 0)
+                        .collect();
+                    (0, fields)
+                }
+            };
+            let spent = fields.iter().map(|(_, v)| *v).sum();
+            let buckets = match target.kind {
+                TargetKind::Rolling { .. } => u32::try_from(fields.len()).unwrap_or(u32::MAX),
+                TargetKind::Calendar { .. } => 0,
+            };
+            writes.push(Write {
+                key: target.key.clone(),
+                expire_at_s,
+                listed: pb::RebuiltCounter {
+                    policy_id: subject.info.id.to_string(),
+                    agent_id: subject.info.agent_id.to_string(),
+                    counter_key: target.key.clone(),
+                    partition: u32::from(subject.partition),
+                    currency: currency.to_string(),
+                    spent_micros: spent,
+                    buckets,
+                },
+                fields,
+            });
+        }
+        if !full {
+            break;
+        }
+    }
+
+    let restored = if req.dry_run {
+        Vec::new()
+    } else {
+        write_counters(store, &writes).await?;
+        if agent.is_some() {
+            // Other agents of these partitions are not rebuilt yet.
+            Vec::new()
+        } else {
+            let epoch = match state::established(&mut conn).await? {
+                Some(row) => row.epoch,
+                None => uuid::Uuid::new_v4().simple().to_string(),
+            };
+            diesel::sql_query(
+                "INSERT INTO budget_state (epoch, partitions, rebuilt_at, rebuilds) \
+                 VALUES ($1, $2, now(), 1) \
+                 ON CONFLICT (id) DO UPDATE SET rebuilt_at = now(), \
+                     rebuilds = budget_state.rebuilds + 1",
+            )
+            .bind::<Text, _>(&epoch)
+            .bind::<diesel::sql_types::Integer, _>(i32::from(keys.partitions()))
+            .execute(&mut conn)
+            .await?;
+            state::write_markers(store, &lost, &epoch).await?;
+            lost.clone()
+        }
+    };
+    let took = started.elapsed();
+    tracing::info!(
+        dry_run = req.dry_run,
+        lost = lost.len(),
+        restored = restored.len(),
+        counters = writes.len(),
+        took_ms = took.as_millis() as u64,
+        "budget rebuild"
+    );
+    metrics::histogram!(REBUILD_SECONDS).record(took.as_secs_f64());
+    Ok(pb::RebuildBudgetsResponse {
+        dry_run: req.dry_run,
+        lost_partitions: lost.into_iter().map(u32::from).collect(),
+        restored_partitions: restored.into_iter().map(u32::from).collect(),
+        policies,
+        counters_total: writes.len() as u64,
+        counters: writes.into_iter().take(LISTED).map(|w| w.listed).collect(),
+        took_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// Seconds per budget rebuild (dry runs included).
+pub const REBUILD_SECONDS: &str = "caracal_budget_rebuild_seconds";
+
+async fn write_counters(store: &BudgetStore, writes: &[Write]) -> ServiceResult<()> {
+    let redis = store.connection();
+    for batch in writes.chunks(WRITE_BATCH) {
+        let cmds = batch
+            .iter()
+            .map(|w| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(WRITE_COUNTER).arg(1).arg(&w.key).arg(w.expire_at_s);
+                for (field, value) in &w.fields {
+                    cmd.arg(field).arg(value);
+                }
+                cmd
+            })
+            .collect();
+        query_each(&redis, cmds).await.map_err(|e| {
+            ServiceError::Unavailable(format!(
+                "budget store unavailable while rebuilding counters (run the rebuild again: \
+                 it writes the same values): {e}"
+            ))
+        })?;
+    }
+    Ok(())
+}

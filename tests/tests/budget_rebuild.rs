@@ -1,0 +1,374 @@
+//! Redis losing its data (issue 23 item 3), against a Redis server of the test's
+//! own (so FLUSHALL is real), PostgreSQL and the authz-service; the ledger is
+//! written from the outbox's charge events by the ledger-writer's own decode and
+//! insert (`TestStack::outbox_charges`, `insert_rows`).
+//!
+//! - Before the loss, a rebuild is refused (the counters are live) and a dry run
+//!   shows what the ledger says.
+//! - After FLUSHALL, every Authorize is refused (FAILED_PRECONDITION: a refusal
+//!   even to a gateway that fails open), Settle is UNAVAILABLE, and a restarted
+//!   service does not re-establish the state on its own.
+//! - `RebuildBudgets` puts every current window back from the ledger, exactly:
+//!   reconcile shows no drift, and each policy admits exactly its limit minus the
+//!   ledger's charges, not a micro more.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use caracal_consumers::ledger::insert_rows;
+use caracal_proto::v1 as pb;
+use caracal_tests::{authorize_request, envoy::free_port, gateway_client, TestStack};
+use tonic::{transport::Channel, Code};
+
+/// A redis-server of this test only (no persistence), stopped by its PID.
+struct OwnRedis {
+    child: Child,
+    url: String,
+}
+
+impl OwnRedis {
+    async fn start() -> Self {
+        let port = free_port().unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ping = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut c = client.get_multiplexed_async_connection().await?;
+                redis::cmd("PING").query_async::<String>(&mut c).await
+            };
+            if ping.await.is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { child, url }
+    }
+
+    async fn cmd<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        cmd.query_async(&mut c).await.unwrap()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn usd(micros: i64) -> pb::Money {
+    pb::Money {
+        currency: "USD".into(),
+        micros,
+        amount: String::new(),
+    }
+}
+
+type Authz = pb::budget_authorization_client::BudgetAuthorizationClient<caracal_tests::GatewaySvc>;
+
+async fn authorize(
+    authz: &mut Authz,
+    key: &str,
+    request_id: &str,
+    micros: i64,
+) -> Result<pb::AuthorizeResponse, tonic::Status> {
+    authz
+        .authorize(authorize_request(key, request_id, micros))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn allowed(r: &pb::AuthorizeResponse) -> bool {
+    r.decision == pb::Decision::Allow as i32
+}
+
+fn settle_request(reservation_id: &str, actual: i64) -> pb::SettleRequest {
+    pb::SettleRequest {
+        reservation_id: reservation_id.into(),
+        actual_cost: Some(usd(actual)),
+        ..Default::default()
+    }
+}
+
+/// Authorize + Settle, both answered; returns the reservation id.
+async fn spend(
+    authz: &mut Authz,
+    key: &str,
+    request_id: &str,
+    estimate: i64,
+    actual: i64,
+) -> String {
+    let r = authorize(authz, key, request_id, estimate).await.unwrap();
+    assert!(allowed(&r), "{request_id}: {r:?}");
+    authz
+        .settle(settle_request(&r.reservation_id, actual))
+        .await
+        .unwrap();
+    r.reservation_id
+}
+
+/// Every charge event in the outbox, written into the ledger.
+async fn write_ledger(stack: &TestStack) -> usize {
+    let rows: Vec<_> = stack
+        .outbox_charges()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let mut conn = stack.db().await.unwrap();
+    insert_rows(&mut conn, &rows).await.unwrap();
+    rows.len()
+}
+
+#[tokio::test]
+async fn redis_losing_its_data_refuses_every_call_until_the_budget_is_rebuilt_from_the_ledger() {
+    let redis = OwnRedis::start().await;
+    let url = redis.url.clone();
+    let stack = TestStack::start_with(move |c| {
+        c.redis.mode = caracal_authz::config::RedisMode::Standalone;
+        c.redis.url = url;
+        c.redis.nodes.clear();
+        c.redis.partitions = 4;
+    })
+    .await
+    .unwrap();
+    let mut ledger = stack.ledger();
+
+    // A fresh deployment establishes the state at start.
+    let state = ledger
+        .budget_state(pb::BudgetStateRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(state.established);
+    assert_eq!(state.partitions, 4);
+    assert!(state.lost_partitions.is_empty(), "{state:?}");
+
+    // Two hierarchies: a parent with a child (a daily calendar policy and an
+    // hourly rolling one on the parent, a total one on the child), and another root.
+    let (parent, parent_key) = stack.agent_with_key("rebuild-parent", None).await.unwrap();
+    let (child, child_key) = stack
+        .agent_with_key("rebuild-child", Some(&parent))
+        .await
+        .unwrap();
+    let (other, other_key) = stack.agent_with_key("rebuild-other", None).await.unwrap();
+    let daily = stack
+        .usd_policy(&parent, "10.00", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+    let hourly = stack
+        .usd_policy(&parent, "5.00", "hourly", "rolling", "charge")
+        .await
+        .unwrap();
+    let total = stack
+        .usd_policy(&child, "3.00", "total", "calendar", "charge")
+        .await
+        .unwrap();
+    let other_daily = stack
+        .usd_policy(&other, "2.00", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+
+    let mut authz = gateway_client(stack.channel.clone());
+    // parent: 4 x 0.40 = 1.60; child: 3 x 0.30 = 0.90 (on parent's policies too);
+    // other: 2 x 0.25 = 0.50.
+    for i in 0..4 {
+        spend(&mut authz, &parent_key, &format!("p-{i}"), 500_000, 400_000).await;
+    }
+    for i in 0..3 {
+        spend(&mut authz, &child_key, &format!("c-{i}"), 500_000, 300_000).await;
+    }
+    let mut settled = String::new();
+    for i in 0..2 {
+        settled = spend(&mut authz, &other_key, &format!("o-{i}"), 500_000, 250_000).await;
+    }
+    assert_eq!(write_ledger(&stack).await, 9);
+    let parent_spent = 1_600_000 + 900_000;
+    let child_spent = 900_000;
+    let other_spent = 500_000;
+
+    // Nothing lost: a rebuild is refused; a dry run shows the ledger's view.
+    let refused = ledger
+        .rebuild_budgets(pb::RebuildBudgetsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let dry = ledger
+        .rebuild_budgets(pb::RebuildBudgetsRequest {
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(dry.lost_partitions.is_empty() && dry.restored_partitions.is_empty());
+    let spent_of = |r: &pb::RebuildBudgetsResponse, policy: &str| {
+        r.counters
+            .iter()
+            .filter(|c| c.policy_id == policy)
+            .map(|c| c.spent_micros)
+            .sum::<i64>()
+    };
+    assert_eq!(dry.counters_total, 4);
+    assert_eq!(spent_of(&dry, &daily), parent_spent);
+    assert_eq!(spent_of(&dry, &hourly), parent_spent);
+    assert_eq!(spent_of(&dry, &total), child_spent);
+    assert_eq!(spent_of(&dry, &other_daily), other_spent);
+
+    // Redis loses everything.
+    let _: () = redis.cmd(&mut redis::cmd("FLUSHALL")).await;
+
+    // Every call refused: never an allow on an emptied budget.
+    for (key, id) in [
+        (&parent_key, "after-p"),
+        (&child_key, "after-c"),
+        (&other_key, "after-o"),
+    ] {
+        let e = authorize(&mut authz, key, id, 1).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{id}: {e:?}");
+        assert!(e.message().contains("budget rebuild"), "{e:?}");
+    }
+    // A Settle (here a retry of one that landed) is "try again later".
+    let settle = authz
+        .settle(settle_request(&settled, 250_000))
+        .await
+        .unwrap_err();
+    assert_eq!(settle.code(), Code::Unavailable, "{settle:?}");
+    let state = ledger
+        .budget_state(pb::BudgetStateRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(state.established);
+    assert_eq!(state.lost_partitions, vec![0, 1, 2, 3]);
+
+    // A second replica started now (or this one restarted) does not re-establish
+    // the state: the database remembers it existed.
+    let mut config = TestStack::config(&stack.database_url).await.unwrap();
+    config.redis = stack.redis.clone();
+    let second = caracal_authz::serve(config).await.unwrap();
+    let channel = Channel::from_shared(format!("http://{}", second.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut second_authz = gateway_client(channel);
+    let e = authorize(&mut second_authz, &parent_key, "after-restart", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let markers: Vec<String> = redis
+        .cmd(redis::cmd("KEYS").arg(format!("{}:*:state", stack.key_prefix)))
+        .await;
+    assert!(markers.is_empty(), "{markers:?}");
+
+    // A dry run writes nothing: still refused.
+    let dry = ledger
+        .rebuild_budgets(pb::RebuildBudgetsRequest {
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dry.lost_partitions, vec![0, 1, 2, 3]);
+    assert!(dry.restored_partitions.is_empty());
+    assert_eq!(spent_of(&dry, &daily), parent_spent);
+    let e = authorize(&mut authz, &parent_key, "after-dry-run", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // The rebuild: every current window from the ledger, the markers back.
+    let rebuilt = ledger
+        .rebuild_budgets(pb::RebuildBudgetsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rebuilt.restored_partitions, vec![0, 1, 2, 3]);
+    assert_eq!(rebuilt.policies, 4);
+    assert_eq!(spent_of(&rebuilt, &daily), parent_spent);
+    assert_eq!(spent_of(&rebuilt, &hourly), parent_spent);
+    assert_eq!(spent_of(&rebuilt, &total), child_spent);
+    assert_eq!(spent_of(&rebuilt, &other_daily), other_spent);
+    let state = ledger
+        .budget_state(pb::BudgetStateRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(state.lost_partitions.is_empty(), "{state:?}");
+    assert!(!state.rebuilt_at.is_empty());
+
+    // Redis and the ledger agree on every window.
+    let report = ledger
+        .reconcile(pb::ReconcileRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.policies_checked, 4);
+    assert_eq!(report.policies_with_drift, 0, "{report:#?}");
+    let redis_spent = |policy: &str| {
+        report
+            .policies
+            .iter()
+            .filter(|p| p.policy_id == policy)
+            .map(|p| p.redis_spent_micros)
+            .sum::<i64>()
+    };
+    assert_eq!(redis_spent(&daily), parent_spent);
+    assert_eq!(redis_spent(&hourly), parent_spent);
+    assert_eq!(redis_spent(&total), child_spent);
+    assert_eq!(redis_spent(&other_daily), other_spent);
+
+    // Exactly the rest of each budget, not a micro more (a budget handed back whole
+    // would admit these). The child first: its total policy (3.00 - 0.90) is
+    // tighter than its parent's hourly one (5.00 - 2.50); then the parent has
+    // what the child left of the hourly policy; the other root 2.00 - 0.50.
+    let child_room = 3_000_000 - child_spent;
+    let parent_room = 5_000_000 - parent_spent - child_room;
+    for (key, id, room) in [
+        (&child_key, "rest-c", child_room),
+        (&parent_key, "rest-p", parent_room),
+        (&other_key, "rest-o", 2_000_000 - other_spent),
+    ] {
+        assert!(room > 0, "{id}");
+        let over = authorize(&mut authz, key, &format!("{id}-over"), room + 1)
+            .await
+            .unwrap();
+        assert!(!allowed(&over), "{id}: {room} + 1 admitted: {over:?}");
+        let exact = authorize(&mut authz, key, id, room).await.unwrap();
+        assert!(allowed(&exact), "{id}: {room} refused: {exact:?}");
+    }
+    // The second replica decides again too (the markers are shared).
+    let e = authorize(&mut second_authz, &other_key, "rest-o-more", 1)
+        .await
+        .unwrap();
+    assert!(!allowed(&e), "the other root's budget is used up: {e:?}");
+    second.shutdown().await.unwrap();
+    stack.stop().await.unwrap();
+}
