@@ -125,6 +125,13 @@ for c in ledger-writer audit-logger metrics-aggregator; do
 done
 
 caracal() { echo "\$ caracal $*" >&2; "$BIN/caracal" "$@"; }
+# The database outlives Redis here (services.sh runs Redis without persistence): after
+# a machine restart the budget state is lost and every call refused, as in production,
+# until it is rebuilt from the ledger (README "Restore").
+if ! caracal budget status; then
+  echo "== Redis lost the budget state since the last run: rebuilding it from the ledger"
+  caracal budget rebuild
+fi
 name="demo-agent-$(date +%s)"
 agent_id=$(caracal --output json agent create --name "$name" --type openai \
   --metadata '{"team":"platform","env":"dev"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')

@@ -12,73 +12,10 @@
 //!   reconcile shows no drift, and each policy admits exactly its limit minus the
 //!   ledger's charges, not a micro more.
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
-
 use caracal_consumers::ledger::insert_rows;
 use caracal_proto::v1 as pb;
-use caracal_tests::{authorize_request, envoy::free_port, gateway_client, TestStack};
+use caracal_tests::{authorize_request, gateway_client, own_redis::OwnRedis, TestStack};
 use tonic::{transport::Channel, Code};
-
-/// A redis-server of this test only (no persistence), stopped by its PID.
-struct OwnRedis {
-    child: Child,
-    url: String,
-}
-
-impl OwnRedis {
-    async fn start() -> Self {
-        let port = free_port().unwrap();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server)");
-        let url = format!("redis://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let ping = async {
-                let client = redis::Client::open(url.as_str())?;
-                let mut c = client.get_multiplexed_async_connection().await?;
-                redis::cmd("PING").query_async::<String>(&mut c).await
-            };
-            if ping.await.is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {port} did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self { child, url }
-    }
-
-    async fn cmd<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
-        let client = redis::Client::open(self.url.as_str()).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
-        cmd.query_async(&mut c).await.unwrap()
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn usd(micros: i64) -> pb::Money {
     pb::Money {

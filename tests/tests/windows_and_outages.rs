@@ -1,7 +1,7 @@
 //! Window boundaries on the real Redis scripts (calendar roll-over, rolling windows
 //! sliding), and the service's behaviour when Redis goes away and comes back.
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use caracal_authz::{
     authorize::policy_slot,
@@ -17,7 +17,7 @@ use caracal_domain::{
     window::{TimeWindow, WindowType},
 };
 use caracal_proto::v1 as pb;
-use caracal_tests::{redis_url, standalone, TestStack};
+use caracal_tests::{own_redis::OwnRedis, redis_url, standalone, TestStack};
 use chrono::{DateTime, Utc};
 use tonic::Code;
 use uuid::Uuid;
@@ -60,6 +60,14 @@ impl Fixture {
 
     /// Tries to reserve `amount` at instant `now`; true when admitted.
     async fn reserve(&mut self, amount: i64, now: &str) -> bool {
+        if self.n == 0 {
+            // The budget state of a new deployment, as the service establishes it
+            // (budget::state): the scripts decide nothing without it.
+            let partitions: Vec<u16> = (0..self.store.keys().partitions()).collect();
+            caracal_authz::budget::state::write_markers(&self.store, &partitions, "test")
+                .await
+                .unwrap();
+        }
         self.n += 1;
         let now = at(now);
         let slot = policy_slot(self.store.keys(), 0, &self.policy, now);
@@ -228,43 +236,10 @@ async fn rolling_windows_slide_and_never_under_count() {
     f.cleanup().await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_redis(port: u16) -> std::process::Child {
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
 #[tokio::test]
 async fn redis_outage_fails_closed_and_recovers() {
-    let port = free_port();
-    let mut redis = start_redis(port);
+    let port = caracal_tests::envoy::free_port().unwrap();
+    let mut redis = OwnRedis::start_on(port).await;
     let stack = TestStack::start_with(|c| {
         c.redis.url = format!("redis://127.0.0.1:{port}");
         c.redis.timeout_ms = 500;
@@ -290,8 +265,7 @@ async fn redis_outage_fails_closed_and_recovers() {
     let ok = authz.authorize(req("before")).await.unwrap().into_inner();
     assert_eq!(ok.decision, pb::Decision::Allow as i32);
 
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    redis.kill();
     let started = std::time::Instant::now();
     let err = authz.authorize(req("during")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -313,23 +287,38 @@ async fn redis_outage_fails_closed_and_recovers() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
 
-    // Redis returns (empty: this one keeps nothing): the service recovers by itself,
-    // reloading its scripts.
-    let mut redis = start_redis(port);
-    let mut recovered = false;
+    // Redis returns empty (this one keeps nothing): the service reaches it again by
+    // itself (reloading its scripts), but an emptied budget decides nothing: every
+    // Authorize is refused until the budget state is rebuilt from the ledger.
+    let mut redis = OwnRedis::start_on(port).await;
+    let mut refused = None;
     for i in 0..50 {
-        if let Ok(r) = authz.authorize(req(&format!("after-{i}"))).await {
-            assert_eq!(r.into_inner().decision, pb::Decision::Allow as i32);
-            recovered = true;
-            break;
+        match authz.authorize(req(&format!("after-{i}"))).await {
+            Err(e) if e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => {
+                refused = Some(other);
+                break;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        recovered,
-        "the service did not recover after Redis came back"
+    match refused {
+        Some(Err(e)) => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
+        other => panic!("Redis came back empty and the service answered {other:?}"),
+    }
+    let rebuilt = stack
+        .ledger()
+        .rebuild_budgets(pb::RebuildBudgetsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rebuilt.restored_partitions.len(),
+        usize::from(stack.redis.partitions)
     );
+    let r = authz.authorize(req("after-rebuild")).await.unwrap();
+    assert_eq!(r.into_inner().decision, pb::Decision::Allow as i32);
     stack.stop().await.unwrap();
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    redis.kill();
 }
