@@ -192,6 +192,11 @@ fn decision_event(f: &Fields<'_>) -> Result<DecisionEvent, String> {
         model: f.opt("model").to_owned(),
         resource: f.opt("resource").to_owned(),
         occurred_at: Some(f.timestamp("at_ms")?),
+        reservation_record: f.opt("record").to_owned(),
+        expires_at: match f.opt("expires_at_ms") {
+            "" => None,
+            _ => Some(f.timestamp("expires_at_ms")?),
+        },
     })
 }
 

@@ -332,7 +332,19 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             ),
         )
         .add_service(LedgerServiceServer::with_interceptor(
-            LedgerAdmin::new(state.clone(), store.clone()),
+            LedgerAdmin::new(
+                state.clone(),
+                store.clone(),
+                config.budget.relay_enabled.then(|| {
+                    crate::admin::ledger::reopen::DecisionsSource {
+                        kafka: config.kafka.clone(),
+                        reservation_ttl: Duration::from_secs(
+                            config.reservations.provisional_charge_expiration,
+                        ),
+                        timeout: Duration::from_secs(120),
+                    }
+                }),
+            ),
             intercept,
         ));
 

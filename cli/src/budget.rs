@@ -175,6 +175,10 @@ fn write_rebuild(
                 "policies": r.policies,
                 "counters_total": r.counters_total,
                 "took_ms": r.took_ms,
+                "reservations_open": r.reservations_open,
+                "reservations_restored": r.reservations_restored,
+                "parked_applied": r.parked_applied,
+                "reservations_source": r.reservations_source,
                 "counters": r.counters.iter().map(|c| json!({
                     "policy_id": c.policy_id,
                     "agent_id": c.agent_id,
@@ -234,6 +238,14 @@ fn write_rebuild(
                 r.took_ms,
                 partitions(&r.lost_partitions),
                 partitions(&r.restored_partitions),
+            ));
+            text.push_str(&format!(
+                "Reservations open at the loss: {} ({} restored); settles and releases made \
+                 during the loss applied: {}. Source: {}.\n",
+                r.reservations_open,
+                r.reservations_restored,
+                r.parked_applied,
+                r.reservations_source
             ));
             output::write_text(out, &text)
         }

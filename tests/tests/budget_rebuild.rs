@@ -309,3 +309,192 @@ async fn redis_losing_its_data_refuses_every_call_until_the_budget_is_rebuilt_fr
     second.shutdown().await.unwrap();
     stack.stop().await.unwrap();
 }
+
+/// Ledger rows and their charged sum.
+async fn ledger_rows(stack: &TestStack) -> (i64, i64) {
+    #[derive(diesel::QueryableByName)]
+    struct T {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        micros: i64,
+    }
+    use diesel_async::RunQueryDsl;
+    let mut conn = stack.db().await.unwrap();
+    let t: T = diesel::sql_query(
+        "SELECT count(*) AS n, coalesce(sum(charged_micros), 0)::int8 AS micros FROM ledger_events",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    (t.n, t.micros)
+}
+
+/// Waits (bounded) until the ledger holds `rows` rows; returns their sum.
+async fn ledger_reaches(stack: &TestStack, rows: i64) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (n, micros) = ledger_rows(stack).await;
+        if n >= rows {
+            assert_eq!(n, rows, "more ledger rows than charges");
+            return micros;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ledger has {n} of {rows} rows"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_open_at_the_loss_and_settles_during_it_come_back_with_the_rebuild() {
+    let redis = OwnRedis::start().await;
+    let tansu = caracal_tests::kafka::Tansu::start_new().await.unwrap();
+    let brokers = tansu.brokers();
+    let (url, b) = (redis.url.clone(), brokers.clone());
+    let stack = TestStack::start_with(move |c| {
+        c.redis.mode = caracal_authz::config::RedisMode::Standalone;
+        c.redis.url = url;
+        c.redis.nodes.clear();
+        c.redis.partitions = 4;
+        c.budget.relay_enabled = true;
+        c.kafka.brokers = b;
+        c.kafka.topic_partitions = 2;
+    })
+    .await
+    .unwrap();
+    let writer_config = caracal_tests::consumer_config::database_consumer_config(
+        &stack.database_url,
+        &brokers,
+        &format!("rebuild-{}", uuid::Uuid::new_v4().simple()),
+    )
+    .unwrap();
+    let writer = caracal_consumers::ledger::start(writer_config)
+        .await
+        .unwrap();
+
+    let (agent, key) = stack.agent_with_key("reopen", None).await.unwrap();
+    stack
+        .usd_policy(&agent, "10.00", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+    let hourly = stack
+        .usd_policy(&agent, "5.00", "hourly", "rolling", "charge")
+        .await
+        .unwrap();
+    let mut authz = gateway_client(stack.channel.clone());
+    // Two calls still running at the loss, one released before it, three settled.
+    let open_1 = authorize(&mut authz, &key, "open-1", 500_000)
+        .await
+        .unwrap();
+    let open_2 = authorize(&mut authz, &key, "open-2", 700_000)
+        .await
+        .unwrap();
+    let released = authorize(&mut authz, &key, "released", 300_000)
+        .await
+        .unwrap();
+    assert!(allowed(&open_1) && allowed(&open_2) && allowed(&released));
+    authz
+        .release(pb::ReleaseRequest {
+            reservation_id: released.reservation_id.clone(),
+            reason: "client_abort".into(),
+        })
+        .await
+        .unwrap();
+    for i in 0..3 {
+        spend(&mut authz, &key, &format!("done-{i}"), 500_000, 400_000).await;
+    }
+    // The settles were relayed after the allows and the release (one outbox per
+    // partition, relayed in order): once they are in the ledger, the decisions are
+    // on their topic.
+    assert_eq!(ledger_reaches(&stack, 3).await, 1_200_000);
+
+    let _: () = redis.cmd(&mut redis::cmd("FLUSHALL")).await;
+    // A call ends during the loss: its Settle cannot be answered, but is kept.
+    let e = authz
+        .settle(settle_request(&open_1.reservation_id, 450_000))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let e = authorize(&mut authz, &key, "during", 1).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    let mut ledger = stack.ledger();
+    let dry = ledger
+        .rebuild_budgets(pb::RebuildBudgetsRequest {
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dry.reservations_open, 2, "{dry:?}");
+    assert_eq!((dry.reservations_restored, dry.parked_applied), (0, 0));
+    let rebuilt = ledger
+        .rebuild_budgets(pb::RebuildBudgetsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rebuilt.restored_partitions, vec![0, 1, 2, 3]);
+    assert_eq!(rebuilt.reservations_open, 2, "{rebuilt:?}");
+    assert_eq!(rebuilt.reservations_restored, 2, "{rebuilt:?}");
+    assert_eq!(rebuilt.parked_applied, 1, "{rebuilt:?}");
+    assert!(rebuilt.reservations_source.starts_with("decisions topic"));
+
+    // The Settle made during the loss lands, once.
+    assert_eq!(ledger_reaches(&stack, 4).await, 1_650_000);
+    let again = authz
+        .settle(settle_request(&open_1.reservation_id, 450_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.charged.as_ref().map(|m| m.micros), Some(450_000));
+
+    // The hourly policy holds the ledger's 1.65 and the open 0.70: 2.65 left, not a
+    // micro more.
+    let room = 5_000_000 - 1_650_000 - 700_000;
+    let over = authorize(&mut authz, &key, "rest-over", room + 1)
+        .await
+        .unwrap();
+    assert!(!allowed(&over), "{over:?}");
+    let rest = authorize(&mut authz, &key, "rest", room).await.unwrap();
+    assert!(allowed(&rest), "{rest:?}");
+
+    // The restored reservation settles normally, once.
+    let settled = authz
+        .settle(settle_request(&open_2.reservation_id, 100_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(settled.charged.as_ref().map(|m| m.micros), Some(100_000));
+    authz
+        .settle(settle_request(&open_2.reservation_id, 100_000))
+        .await
+        .unwrap();
+    authz
+        .release(pb::ReleaseRequest {
+            reservation_id: rest.reservation_id.clone(),
+            reason: "client_abort".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ledger_reaches(&stack, 5).await, 1_750_000);
+    let report = ledger
+        .reconcile(pb::ReconcileRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.policies_with_drift, 0, "{report:#?}");
+    let hourly_spent: i64 = report
+        .policies
+        .iter()
+        .filter(|p| p.policy_id == hourly)
+        .map(|p| p.redis_spent_micros)
+        .sum();
+    assert_eq!(hourly_spent, 1_750_000);
+
+    writer.shutdown().await.unwrap();
+    stack.stop().await.unwrap();
+    drop(tansu);
+}

@@ -62,6 +62,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 mod rebuild;
+pub mod reopen;
 
 use super::{
     counters::{counter_fields, policy_info},
@@ -113,12 +114,23 @@ fn agent_tree() -> String {
 pub struct LedgerAdmin {
     state: AdminState,
     store: BudgetStore,
+    decisions: Option<reopen::DecisionsSource>,
 }
 
 impl LedgerAdmin {
-    /// `store`: the budget counters Reconcile compares with.
-    pub fn new(state: AdminState, store: BudgetStore) -> Self {
-        Self { state, store }
+    /// `store`: the budget counters Reconcile compares with and a rebuild writes;
+    /// `decisions`: where a rebuild finds the reservations open at a loss (None
+    /// when the relay is off).
+    pub fn new(
+        state: AdminState,
+        store: BudgetStore,
+        decisions: Option<reopen::DecisionsSource>,
+    ) -> Self {
+        Self {
+            state,
+            store,
+            decisions,
+        }
     }
 }
 
@@ -1474,7 +1486,13 @@ impl LedgerService for LedgerAdmin {
         &self,
         request: Request<pb::RebuildBudgetsRequest>,
     ) -> Result<Response<pb::RebuildBudgetsResponse>, Status> {
-        let result = rebuild::rebuild(&self.state.pool, &self.store, request.into_inner()).await;
+        let result = rebuild::rebuild(
+            &self.state.pool,
+            &self.store,
+            self.decisions.as_ref(),
+            request.into_inner(),
+        )
+        .await;
         respond("RebuildBudgets", result)
     }
 }

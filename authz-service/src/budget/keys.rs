@@ -71,6 +71,12 @@ impl KeySpace {
     pub fn state_marker(&self, partition: u16) -> String {
         format!("{}:state", self.tag(partition))
     }
+    /// Settles and Releases that arrived while the partition's state was lost
+    /// (hash: reservation id stem -> the call's arguments), applied by `caracal
+    /// budget rebuild` (finish.lua).
+    pub fn parked(&self, partition: u16) -> String {
+        format!("{}:parked", self.tag(partition))
+    }
     /// Events waiting for the Kafka relay (stream).
     pub fn outbox(&self, partition: u16) -> String {
         format!("{}:outbox", self.tag(partition))

@@ -507,11 +507,12 @@ impl BudgetStore {
         let rsv_key = self.keys.reservation(p, stem);
         let mut inv = redis::cmd("EVALSHA");
         inv.arg(self.finish.get_hash())
-            .arg(4)
+            .arg(5)
             .arg(&rsv_key)
             .arg(self.keys.expiry(p))
             .arg(self.keys.outbox(p))
             .arg(self.keys.state_marker(p))
+            .arg(self.keys.parked(p))
             .arg(f.kind.as_str())
             .arg(f.now_ms)
             .arg(stem)

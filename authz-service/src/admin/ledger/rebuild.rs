@@ -14,8 +14,8 @@
 //! and the ledger trails them by the events in flight): there `reconcile` tells
 //! drift, and this refuses. Running it twice writes the same values.
 //!
-//! Reservations open at the moment of the loss are not restored here: their
-//! records went with Redis (issue 23 item 3, the decisions-topic part).
+//! Reservations open at the moment of the loss, and Settles / Releases that came
+//! while it was lost, are [`super::reopen`]'s.
 
 use std::time::Instant;
 
@@ -24,6 +24,7 @@ use chrono::{Duration, Utc};
 use diesel::sql_types::Text;
 use diesel_async::RunQueryDsl;
 
+use super::reopen;
 use super::{
     existing_agent, load_policies, pb, plan_windows, BudgetStore, Planned, ServiceError,
     ServiceResult, TargetKind, Uuid,
@@ -83,6 +84,7 @@ pub(crate) async fn state(
 pub(crate) async fn rebuild(
     pool: &db::Pool,
     store: &BudgetStore,
+    decisions: Option<&reopen::DecisionsSource>,
     req: pb::RebuildBudgetsRequest,
 ) -> ServiceResult<pb::RebuildBudgetsResponse> {
     let started = Instant::now();
@@ -179,9 +181,33 @@ pub(crate) async fn rebuild(
         }
     }
 
+    // The reservations open at the loss: restored first (their reserved amounts),
+    // then the spent values are written beside them.
+    let partitions: Vec<u16> = if lost.is_empty() {
+        (0..keys.partitions()).collect()
+    } else {
+        lost.clone()
+    };
+    let agent_text = agent.map(|a| a.to_string());
+    let (open, source) = match decisions {
+        Some(source) => (
+            reopen::open_reservations(&mut conn, source, store, &partitions, agent_text.as_deref())
+                .await?,
+            format!("decisions topic {}", source.kafka.decisions_topic),
+        ),
+        None => (
+            Vec::new(),
+            "not read: the relay is off (no decisions topic); reservations open at the loss \
+             are not restored"
+                .to_owned(),
+        ),
+    };
+    let mut reservations_restored = 0;
+    let mut parked_applied = 0;
     let restored = if req.dry_run {
         Vec::new()
     } else {
+        reservations_restored = reopen::restore(store, &open).await?;
         write_counters(store, &writes).await?;
         if agent.is_some() {
             // Other agents of these partitions are not rebuilt yet.
@@ -202,6 +228,7 @@ pub(crate) async fn rebuild(
             .execute(&mut conn)
             .await?;
             state::write_markers(store, &lost, &epoch).await?;
+            parked_applied = reopen::apply_parked(store, &lost).await?;
             lost.clone()
         }
     };
@@ -211,6 +238,9 @@ pub(crate) async fn rebuild(
         lost = lost.len(),
         restored = restored.len(),
         counters = writes.len(),
+        reservations = open.len(),
+        reservations_restored,
+        parked_applied,
         took_ms = took.as_millis() as u64,
         "budget rebuild"
     );
@@ -223,6 +253,10 @@ pub(crate) async fn rebuild(
         counters_total: writes.len() as u64,
         counters: writes.into_iter().take(LISTED).map(|w| w.listed).collect(),
         took_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        reservations_open: open.len() as u64,
+        reservations_restored,
+        parked_applied,
+        reservations_source: source,
     })
 }
 

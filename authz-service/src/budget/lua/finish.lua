@@ -25,8 +25,11 @@
 -- `<reservation id>/<mode>`.
 --
 -- KEYS[1] reservation key   KEYS[2] expiry index   KEYS[3] outbox
--- KEYS[4] the partition's budget-state marker (missing: {'lost'}, nothing done;
---         see authorize.lua)
+-- KEYS[4] the partition's budget-state marker (missing: {'lost'}; see authorize.lua)
+-- KEYS[5] the partition's parked finishes (hash: stem -> the call's arguments): a
+--         Settle or Release that finds the marker missing is kept there, and
+--         `caracal budget rebuild` applies it once the reservation is restored, so
+--         a charge made while Redis was lost still lands (once: one entry per stem)
 -- ARGV[1] mode: settle | release | expire
 -- ARGV[2] now (ms)          ARGV[3] reservation id stem   ARGV[4] done-marker TTL (s)
 -- ARGV[5] actual cost (settle; micros)
@@ -61,6 +64,12 @@ local GENERATION = '"generation":"(%d+)"'
 local stem, named = ARGV[3], ARGV[6]
 
 if redis.call('EXISTS', KEYS[4]) == 0 then
+  if ARGV[1] ~= 'expire' then
+    -- mode, now, generation, cost, input, output, cached, price version, currency,
+    -- tombstone, done-marker TTL, reason (last: free text).
+    redis.call('HSET', KEYS[5], stem, table.concat({ARGV[1], ARGV[2], ARGV[6], ARGV[5],
+      ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[12], ARGV[13], ARGV[4], ARGV[11]}, '\t'))
+  end
   return {'lost'}
 end
 
