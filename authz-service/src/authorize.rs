@@ -107,9 +107,9 @@ fn store_error(e: StoreError) -> Status {
         // will not help, and UNAVAILABLE would make the gateway retry.
         StoreError::Rejected(_) => Status::internal(e.to_string()),
         // Redis lost the partition's budget state: refused, never allowed, also by
-        // a gateway that fails open when the service is unreachable
-        // (FAILED_PRECONDITION is a refusal to the filter, UNAVAILABLE is not).
-        StoreError::StateLost(_) => Status::failed_precondition(e.to_string()),
+        // a gateway that fails open when the service is unreachable (the filter
+        // answers ABORTED with a 503 refusal; UNAVAILABLE may be let through).
+        StoreError::StateLost(_) => Status::aborted(e.to_string()),
         _ => Status::unavailable(e.to_string()),
     }
 }

@@ -107,8 +107,12 @@ pub fn grpc_failure(status: u32) -> CallFailure {
         7 | 16 => CallFailure::GatewayRejected,
         // NOT_FOUND, FAILED_PRECONDITION
         5 | 9 => CallFailure::Refuse(Refusal::Denied),
+        // ABORTED: the service is up but cannot decide this call now (Redis lost
+        // the budget state; see the service's budget::state): 503, and never let
+        // through, also when the gateway fails open on an unreachable service.
+        10 => CallFailure::Refuse(Refusal::Unavailable),
         // CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, ALREADY_EXISTS, RESOURCE_EXHAUSTED,
-        // ABORTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS, anything else
+        // UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS, anything else
         _ => CallFailure::Unavailable,
     }
 }
@@ -547,9 +551,10 @@ mod tests {
 
     #[test]
     fn grpc_failures() {
-        for code in [1, 2, 4, 6, 8, 10, 12, 13, 14, 15, 99] {
+        for code in [1, 2, 4, 6, 8, 12, 13, 14, 15, 99] {
             assert_eq!(grpc_failure(code), CallFailure::Unavailable, "{code}");
         }
+        assert_eq!(grpc_failure(10), CallFailure::Refuse(Refusal::Unavailable));
         assert_eq!(
             grpc_failure(3),
             CallFailure::Refuse(Refusal::InvalidRequest)

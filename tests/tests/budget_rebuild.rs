@@ -5,8 +5,8 @@
 //!
 //! - Before the loss, a rebuild is refused (the counters are live) and a dry run
 //!   shows what the ledger says.
-//! - After FLUSHALL, every Authorize is refused (FAILED_PRECONDITION: a refusal
-//!   even to a gateway that fails open), Settle is UNAVAILABLE, and a restarted
+//! - After FLUSHALL, every Authorize is refused (ABORTED: a 503 refusal even from
+//!   a gateway that fails open), Settle is UNAVAILABLE, and a restarted
 //!   service does not re-establish the state on its own.
 //! - `RebuildBudgets` puts every current window back from the ledger, exactly:
 //!   reconcile shows no drift, and each policy admits exactly its limit minus the
@@ -187,7 +187,7 @@ async fn redis_losing_its_data_refuses_every_call_until_the_budget_is_rebuilt_fr
         (&other_key, "after-o"),
     ] {
         let e = authorize(&mut authz, key, id, 1).await.unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition, "{id}: {e:?}");
+        assert_eq!(e.code(), Code::Aborted, "{id}: {e:?}");
         assert!(e.message().contains("budget rebuild"), "{e:?}");
     }
     // A Settle (here a retry of one that landed) is "try again later".
@@ -218,7 +218,7 @@ async fn redis_losing_its_data_refuses_every_call_until_the_budget_is_rebuilt_fr
     let e = authorize(&mut second_authz, &parent_key, "after-restart", 1)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
     let markers: Vec<String> = redis
         .cmd(redis::cmd("KEYS").arg(format!("{}:*:state", stack.key_prefix)))
         .await;
@@ -239,7 +239,7 @@ async fn redis_losing_its_data_refuses_every_call_until_the_budget_is_rebuilt_fr
     let e = authorize(&mut authz, &parent_key, "after-dry-run", 1)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
 
     // The rebuild: every current window from the ledger, the markers back.
     let rebuilt = ledger
@@ -418,7 +418,7 @@ async fn reservations_open_at_the_loss_and_settles_during_it_come_back_with_the_
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     let e = authorize(&mut authz, &key, "during", 1).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
 
     let mut ledger = stack.ledger();
     let dry = ledger
@@ -494,6 +494,136 @@ async fn reservations_open_at_the_loss_and_settles_during_it_come_back_with_the_
         .sum();
     assert_eq!(hourly_spent, 1_750_000);
 
+    writer.shutdown().await.unwrap();
+    stack.stop().await.unwrap();
+    drop(tansu);
+}
+
+/// One chat completion through Envoy for `key`; returns (status, body).
+async fn call_through(envoy: &caracal_tests::envoy::Envoy, key: &str, i: usize) -> (u16, String) {
+    let body = serde_json::json!({
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": format!("rebuild call {i}")}],
+        "max_tokens": 64,
+    });
+    let auth = format!("Bearer {key}");
+    let resp = envoy
+        .post_json(
+            "/v1/chat/completions",
+            &[
+                ("authorization", auth.as_str()),
+                (caracal_tests::mock_llm::COMPLETION_TOKENS_HEADER, "20"),
+            ],
+            &body,
+        )
+        .await
+        .unwrap();
+    (resp.status, resp.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_envoy_failing_open_an_emptied_redis_admits_nothing_until_rebuilt() {
+    use caracal_tests::{
+        envoy::{Envoy, EnvoyOptions, Gateway},
+        mock_llm::MockLlm,
+    };
+    let redis = OwnRedis::start().await;
+    let tansu = caracal_tests::kafka::Tansu::start_new().await.unwrap();
+    let brokers = tansu.brokers();
+    let (url, b) = (redis.url.clone(), brokers.clone());
+    let stack = TestStack::start_with(move |c| {
+        c.redis.mode = caracal_authz::config::RedisMode::Standalone;
+        c.redis.url = url;
+        c.redis.nodes.clear();
+        c.redis.partitions = 4;
+        c.budget.relay_enabled = true;
+        c.kafka.brokers = b;
+        c.kafka.topic_partitions = 2;
+    })
+    .await
+    .unwrap();
+    let writer = caracal_consumers::ledger::start(
+        caracal_tests::consumer_config::database_consumer_config(
+            &stack.database_url,
+            &brokers,
+            &format!("rebuild-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    stack
+        .set_token_price("openai", "gpt-4o", "USD", ["2.00", "8.00", "1.00"])
+        .await
+        .unwrap();
+    let (agent, key) = stack.agent_with_key("through-envoy", None).await.unwrap();
+    // A few calls' worth (each is charged ~0.0002 at these prices).
+    let limit = 2_000;
+    stack
+        .usd_policy(&agent, "0.002", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let port = stack.server.as_ref().unwrap().grpc_addr.port();
+    // A gateway that lets calls through when the service cannot be asked: even so,
+    // nothing passes on an emptied budget.
+    let mut options = EnvoyOptions::new(Gateway::Wasm, port, mock.port());
+    options.failure_mode = "allow";
+    let envoy = Envoy::start(options).await.unwrap();
+
+    let mut answered = 0;
+    for i in 0..3 {
+        let (status, body) = call_through(&envoy, &key, i).await;
+        assert_eq!(status, 200, "{body}");
+        answered += 1;
+    }
+    let before = ledger_reaches(&stack, answered).await;
+    assert!(before > 0);
+
+    let _: () = redis.cmd(&mut redis::cmd("FLUSHALL")).await;
+    for i in 10..14 {
+        let (status, body) = call_through(&envoy, &key, i).await;
+        assert_eq!(status, 503, "call {i} on an emptied budget: {body}");
+        assert!(body.contains("authorization_unavailable"), "{body}");
+    }
+    let rebuilt = stack
+        .ledger()
+        .rebuild_budgets(pb::RebuildBudgetsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rebuilt.restored_partitions.len(), 4);
+
+    // Then exactly what the ledger left: calls pass until the limit, and the ledger
+    // never goes past it.
+    let mut refused = false;
+    for i in 20..60 {
+        let (status, body) = call_through(&envoy, &key, i).await;
+        match status {
+            200 => answered += 1,
+            429 => {
+                refused = true;
+                break;
+            }
+            other => panic!("call {i}: {other} {body}"),
+        }
+    }
+    assert!(refused, "the budget ran out");
+    let spent = ledger_reaches(&stack, answered).await;
+    assert!(
+        spent <= limit,
+        "the ledger holds {spent} of a {limit} limit"
+    );
+    let report = stack
+        .ledger()
+        .reconcile(pb::ReconcileRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.policies_with_drift, 0, "{report:#?}");
+
+    drop(envoy);
+    mock.stop().await;
     writer.shutdown().await.unwrap();
     stack.stop().await.unwrap();
     drop(tansu);

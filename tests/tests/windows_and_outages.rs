@@ -304,7 +304,7 @@ async fn redis_outage_fails_closed_and_recovers() {
         }
     }
     match refused {
-        Some(Err(e)) => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
+        Some(Err(e)) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
         other => panic!("Redis came back empty and the service answered {other:?}"),
     }
     let rebuilt = stack
