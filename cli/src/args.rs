@@ -112,6 +112,9 @@ pub enum Command {
     Ledger(crate::ledger::LedgerArgs),
     /// Spend history from the metrics-aggregator: daily spend trend of an agent.
     Spend(crate::spend::SpendArgs),
+    /// Re-feed a time range of the metering topic into the ledger (idempotent), list
+    /// the replays, check the ledger holds a range.
+    Replay(crate::replay::ReplayArgs),
     /// The Redis budget state: which partitions Redis lost, and rebuilding them
     /// from the ledger.
     Budget(crate::budget::BudgetArgs),
@@ -530,7 +533,7 @@ fn json_object(text: &str) -> Result<String, String> {
 }
 
 /// RFC 3339, or a plain date meaning its UTC midnight.
-fn time_or_date(text: &str) -> Result<DateTime<Utc>, String> {
+pub fn time_or_date(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(day) = chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d") {
         return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
     }

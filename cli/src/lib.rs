@@ -8,6 +8,8 @@
 //! - [`price_import`]: reading price files for `pricebook import`.
 //! - [`spend`]: `spend trend`, the daily spend history of an agent.
 //! - [`budget`]: `budget status|rebuild`, the Redis budget state after a loss.
+//! - [`replay`]: `replay start|status|validate`, a time range of the metering topic
+//!   read again into the ledger.
 //! - [`merkle`]: `merkle ...`, the tamper-evident ledger (proofs verified offline).
 //!
 //! [`run`] is the whole program; `main.rs` only wires it to the process.
@@ -22,6 +24,7 @@ pub mod ledger_status;
 pub mod merkle;
 pub mod output;
 pub mod price_import;
+pub mod replay;
 pub mod spend;
 
 use std::{ffi::OsString, io::Write};
@@ -67,6 +70,7 @@ where
                 || e.downcast_ref::<ledger_status::Stalled>().is_some()
                 || e.downcast_ref::<merkle::VerificationFailed>().is_some()
                 || e.downcast_ref::<budget::StateLost>().is_some()
+                || e.downcast_ref::<replay::EventsMissing>().is_some()
             {
                 EXIT_DRIFT
             } else {

@@ -21,6 +21,8 @@
 //! - [`aggregator`]: the metrics-aggregator: `caracal.metering.events` -> spend
 //!   per agent / model / hour / day in Redis, spend gauges, spending anomalies.
 //! - [`pg_batch`]: the batch write and reachability check of the PostgreSQL consumers.
+//! - [`replay`]: a time range of the metering topic (or a region's mirror of it)
+//!   read again into the ledger, idempotently; and checking the ledger holds it.
 //! - [`cli`]: the `caracal-consumers` command line.
 
 pub mod aggregator;
@@ -34,6 +36,7 @@ pub mod lease;
 pub mod ledger;
 pub mod metrics;
 pub mod pg_batch;
+pub mod replay;
 pub mod runner;
 
 pub use config::ConsumerConfig;

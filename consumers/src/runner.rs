@@ -71,7 +71,7 @@ pub struct RawMessage {
 }
 
 impl RawMessage {
-    fn from_borrowed(msg: &BorrowedMessage<'_>) -> Self {
+    pub fn from_borrowed(msg: &BorrowedMessage<'_>) -> Self {
         let headers = msg
             .headers()
             .map(|hs| {

@@ -173,9 +173,18 @@ pub async fn produce_charges(
     producer: &FutureProducer,
     msgs: &[ChargeMessage],
 ) -> anyhow::Result<Vec<(i32, i64)>> {
+    produce_charges_to(producer, METERING, msgs).await
+}
+
+/// [`produce_charges`] to `topic` (another region's mirror of it, say).
+pub async fn produce_charges_to(
+    producer: &FutureProducer,
+    topic: &str,
+    msgs: &[ChargeMessage],
+) -> anyhow::Result<Vec<(i32, i64)>> {
     let mut futures = Vec::with_capacity(msgs.len());
     for m in msgs {
-        let record = FutureRecord::to(METERING)
+        let record = FutureRecord::to(topic)
             .key(m.key.as_str())
             .payload(m.payload.as_slice())
             .headers(charge_headers(&m.event_id));

@@ -48,6 +48,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Spend(s) => crate::spend::run(&ctx, s.command, out).await,
         Command::Merkle(m) => crate::merkle::run(&ctx, m.command, out).await,
         Command::Budget(b) => crate::budget::run(&ctx, b.command, out).await,
+        Command::Replay(r) => crate::replay::run(format, r.command, out).await,
     }
 }
 
