@@ -262,6 +262,11 @@ pub fn expand_meta(fields: &mut HashMap<String, String>) -> Result<(), String> {
     let Some(meta) = fields.remove("meta") else {
         return Ok(());
     };
+    // An allow's reservation record ends with the metadata (its last line): the
+    // script stores the record without it, and it is put back here, off Redis.
+    if let Some(record) = fields.get_mut("record") {
+        record.push_str(&meta);
+    }
     let parsed: HashMap<String, String> = match serde_json::from_str(&meta) {
         Ok(m) => m,
         Err(e) => {

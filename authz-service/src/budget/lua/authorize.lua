@@ -141,13 +141,14 @@ end
 
 redis.call('SET', KEYS[1], ARGV[6] .. ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[10])
--- The allow event carries the record and its expiry: `caracal budget rebuild`
--- restores the reservations still open from the decisions topic when Redis lost
--- them (admin/ledger/rebuild.rs).
+-- The allow event carries the record (without its metadata line, which the relay
+-- appends from 'meta') and its expiry: `caracal budget rebuild` restores the
+-- reservations still open from the decisions topic when Redis lost them
+-- (admin/ledger/reopen.rs).
 redis.call('XADD', KEYS[3], '*',
   'type', 'decision', 'kind', 'authorize', 'decision', 'allow', 'event_id', ARGV[7],
   'reservation_id', ARGV[2], 'amount', ARGV[3], 'at_ms', ARGV[1], 'meta', ARGV[5],
-  'record', ARGV[6] .. ARGV[5], 'expires_at_ms', ARGV[4])
+  'record', ARGV[6], 'expires_at_ms', ARGV[4])
 
 local out = {'allow'}
 for i = 1, npol do out[#out + 1] = used[i] end
