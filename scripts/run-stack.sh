@@ -82,9 +82,19 @@ echo "== starting caracal-authz-service as caracal_authz_svc (log: .local/authz.
 CARACAL_DATABASE_URL=$(db_url caracal_authz_svc) \
   "$BIN/caracal-authz-service" --config authz-service/config.example.yaml >"$STATE/authz.log" 2>&1 &
 echo $! >"$STATE/authz.pid"
+# One at a time, in SERVICES order (the broker last): SIGTERM, up to 5 s to finish,
+# then SIGKILL. Sent all at once, a consumer still committing to a broker that was
+# itself shutting down could outlive the script.
 cleanup() {
   for f in $SERVICES; do
-    [ -f "$STATE/$f.pid" ] && kill "$(cat "$STATE/$f.pid")" 2>/dev/null || true
+    [ -f "$STATE/$f.pid" ] || continue
+    pid=$(cat "$STATE/$f.pid")
+    kill "$pid" 2>/dev/null || continue
+    for _ in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
   done
 }
 if [ "${KEEP_RUNNING:-0}" != 1 ]; then trap cleanup EXIT; fi
