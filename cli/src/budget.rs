@@ -43,6 +43,13 @@ pub enum BudgetCmd {
         /// Show what would be written; write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Rebuild even while the ledger-writer has lag (its unwritten charges will be
+        /// missing from the counters).
+        #[arg(long)]
+        allow_ledger_lag: bool,
+        /// The ledger-writer's consumer group (default caracal-ledger-writer).
+        #[arg(long, value_name = "GROUP")]
+        ledger_group: Option<String>,
     },
 }
 
@@ -79,7 +86,12 @@ pub async fn run(ctx: &Ctx<'_>, cmd: BudgetCmd, out: &mut dyn Write) -> Result<(
             }
             Ok(())
         }
-        BudgetCmd::Rebuild { agent_id, dry_run } => {
+        BudgetCmd::Rebuild {
+            agent_id,
+            dry_run,
+            allow_ledger_lag,
+            ledger_group,
+        } => {
             let report = ctx
                 .connect()
                 .await?
@@ -87,6 +99,8 @@ pub async fn run(ctx: &Ctx<'_>, cmd: BudgetCmd, out: &mut dyn Write) -> Result<(
                 .rebuild_budgets(pb::RebuildBudgetsRequest {
                     agent_id: agent_id.unwrap_or_default(),
                     dry_run,
+                    allow_ledger_lag,
+                    ledger_group: ledger_group.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -179,6 +193,7 @@ fn write_rebuild(
                 "reservations_restored": r.reservations_restored,
                 "parked_applied": r.parked_applied,
                 "reservations_source": r.reservations_source,
+                "ledger_lag": r.ledger_lag,
                 "counters": r.counters.iter().map(|c| json!({
                     "policy_id": c.policy_id,
                     "agent_id": c.agent_id,
@@ -247,6 +262,13 @@ fn write_rebuild(
                 r.parked_applied,
                 r.reservations_source
             ));
+            if r.ledger_lag > 0 {
+                text.push_str(&format!(
+                    "The ledger-writer was {} events behind: their charges are missing from these \
+                     counters.\n",
+                    r.ledger_lag
+                ));
+            }
             output::write_text(out, &text)
         }
     }

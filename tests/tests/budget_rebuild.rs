@@ -241,6 +241,31 @@ async fn redis_losing_its_data_refuses_every_call_until_the_budget_is_rebuilt_fr
         .unwrap_err();
     assert_eq!(e.code(), Code::Aborted, "{e:?}");
 
+    // While the ledger-writer has lag, its unwritten charges would be missing from
+    // the counters: refused unless asked for.
+    {
+        use diesel_async::RunQueryDsl;
+        let mut conn = stack.db().await.unwrap();
+        diesel::sql_query(
+            "INSERT INTO consumer_partitions (group_id, topic, kafka_partition, committed_offset, \
+                                              end_offset) \
+             VALUES ('caracal-ledger-writer', 'caracal.metering.events', 0, 40, 47)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let lagging = ledger
+            .rebuild_budgets(pb::RebuildBudgetsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(lagging.code(), Code::FailedPrecondition, "{lagging:?}");
+        assert!(lagging.message().contains("7 events behind"), "{lagging:?}");
+        diesel::sql_query("UPDATE consumer_partitions SET committed_offset = 47")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+
     // The rebuild: every current window from the ledger, the markers back.
     let rebuilt = ledger
         .rebuild_budgets(pb::RebuildBudgetsRequest::default())

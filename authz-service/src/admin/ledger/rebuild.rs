@@ -94,6 +94,15 @@ pub(crate) async fn rebuild(
         "" => None,
         text => Some(existing_agent(&mut conn, text).await?),
     };
+    let ledger_lag = ledger_lag(&mut conn, &req.ledger_group).await?;
+    if ledger_lag > 0 && !req.allow_ledger_lag && !req.dry_run {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "the ledger-writer is {ledger_lag} events behind on the metering topic: their \
+             charges would be missing from the rebuilt counters (each one an overspend of its \
+             amount). Wait until `caracal ledger status` shows no lag, or rebuild anyway with \
+             --allow-ledger-lag"
+        )));
+    }
     if lost.is_empty() && !req.dry_run {
         return Err(ServiceError::FailedPrecondition(
             "Redis holds the budget state of every partition: its counters are live, and \
@@ -257,8 +266,35 @@ pub(crate) async fn rebuild(
         reservations_restored,
         parked_applied,
         reservations_source: source,
+        ledger_lag,
     })
 }
+
+/// The ledger-writer group's lag (events) on the metering topic, as its replicas
+/// last reported it in consumer_partitions (0 when it never ran).
+async fn ledger_lag(conn: &mut db::Conn<'_>, group: &str) -> ServiceResult<i64> {
+    #[derive(diesel::QueryableByName)]
+    struct Lag {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        lag: i64,
+    }
+    let group = match group.trim() {
+        "" => DEFAULT_LEDGER_GROUP,
+        g => g,
+    };
+    let lag: Lag = diesel::sql_query(
+        "SELECT coalesce(sum(greatest(end_offset - coalesce(committed_offset, 0), 0)), 0)::int8 \
+                AS lag \
+         FROM consumer_partitions WHERE group_id = $1 AND end_offset IS NOT NULL",
+    )
+    .bind::<Text, _>(group)
+    .get_result(&mut **conn)
+    .await?;
+    Ok(lag.lag)
+}
+
+/// The ledger-writer's consumer group unless the request names another.
+const DEFAULT_LEDGER_GROUP: &str = "caracal-ledger-writer";
 
 /// Seconds per budget rebuild (dry runs included).
 pub const REBUILD_SECONDS: &str = "caracal_budget_rebuild_seconds";
