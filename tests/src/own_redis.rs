@@ -68,6 +68,13 @@ impl OwnRedis {
 }
 
 impl OwnRedis {
+    /// Points a service's Redis settings at this server (standalone).
+    pub fn configure(&self, redis: &mut caracal_authz::config::RedisConfig) {
+        redis.mode = caracal_authz::config::RedisMode::Standalone;
+        redis.url.clone_from(&self.url);
+        redis.nodes.clear();
+    }
+
     /// Kills the server now (SIGKILL: an outage, not a shutdown) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

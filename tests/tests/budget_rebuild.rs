@@ -14,7 +14,12 @@
 
 use caracal_consumers::ledger::insert_rows;
 use caracal_proto::v1 as pb;
-use caracal_tests::{authorize_request, gateway_client, own_redis::OwnRedis, TestStack};
+use std::time::Duration;
+
+use caracal_tests::{
+    authorize_request, charges::wait_for_ledger_rows, gateway_client, kafka::Tansu,
+    own_redis::OwnRedis, TestStack,
+};
 use tonic::{transport::Channel, Code};
 
 fn usd(micros: i64) -> pb::Money {
@@ -85,11 +90,8 @@ async fn write_ledger(stack: &TestStack) -> usize {
 #[tokio::test]
 async fn redis_losing_its_data_refuses_every_call_until_the_budget_is_rebuilt_from_the_ledger() {
     let redis = OwnRedis::start().await;
-    let url = redis.url.clone();
-    let stack = TestStack::start_with(move |c| {
-        c.redis.mode = caracal_authz::config::RedisMode::Standalone;
-        c.redis.url = url;
-        c.redis.nodes.clear();
+    let stack = TestStack::start_with(|c| {
+        redis.configure(&mut c.redis);
         c.redis.partitions = 4;
     })
     .await
@@ -335,53 +337,23 @@ async fn redis_losing_its_data_refuses_every_call_until_the_budget_is_rebuilt_fr
     stack.stop().await.unwrap();
 }
 
-/// Ledger rows and their charged sum.
-async fn ledger_rows(stack: &TestStack) -> (i64, i64) {
-    #[derive(diesel::QueryableByName)]
-    struct T {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        micros: i64,
-    }
-    use diesel_async::RunQueryDsl;
-    let mut conn = stack.db().await.unwrap();
-    let t: T = diesel::sql_query(
-        "SELECT count(*) AS n, coalesce(sum(charged_micros), 0)::int8 AS micros FROM ledger_events",
-    )
-    .get_result(&mut conn)
-    .await
-    .unwrap();
-    (t.n, t.micros)
-}
-
-/// Waits (bounded) until the ledger holds `rows` rows; returns their sum.
+/// Waits (bounded) until the ledger holds `rows` rows, exactly; returns their sum.
 async fn ledger_reaches(stack: &TestStack, rows: i64) -> i64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let (n, micros) = ledger_rows(stack).await;
-        if n >= rows {
-            assert_eq!(n, rows, "more ledger rows than charges");
-            return micros;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ledger has {n} of {rows} rows"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let t = wait_for_ledger_rows(&stack.database_url, rows, Duration::from_secs(60)).await;
+    assert_eq!(t.rows, rows, "the ledger's rows against the charges made");
+    t.charged
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reservations_open_at_the_loss_and_settles_during_it_come_back_with_the_rebuild() {
-    let redis = OwnRedis::start().await;
-    let tansu = caracal_tests::kafka::Tansu::start_new().await.unwrap();
+/// A stack on `redis` whose relay publishes to a tansu broker of its own, and a
+/// ledger-writer (in this process) writing the stack's database from it.
+async fn relayed_stack(
+    redis: &OwnRedis,
+) -> (Tansu, TestStack, caracal_consumers::launch::RunningConsumer) {
+    let tansu = Tansu::start_new().await.unwrap();
     let brokers = tansu.brokers();
-    let (url, b) = (redis.url.clone(), brokers.clone());
-    let stack = TestStack::start_with(move |c| {
-        c.redis.mode = caracal_authz::config::RedisMode::Standalone;
-        c.redis.url = url;
-        c.redis.nodes.clear();
+    let b = brokers.clone();
+    let stack = TestStack::start_with(|c| {
+        redis.configure(&mut c.redis);
         c.redis.partitions = 4;
         c.budget.relay_enabled = true;
         c.kafka.brokers = b;
@@ -389,15 +361,23 @@ async fn reservations_open_at_the_loss_and_settles_during_it_come_back_with_the_
     })
     .await
     .unwrap();
-    let writer_config = caracal_tests::consumer_config::database_consumer_config(
-        &stack.database_url,
-        &brokers,
-        &format!("rebuild-{}", uuid::Uuid::new_v4().simple()),
+    let writer = caracal_consumers::ledger::start(
+        caracal_tests::consumer_config::database_consumer_config(
+            &stack.database_url,
+            &brokers,
+            &format!("rebuild-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .unwrap(),
     )
+    .await
     .unwrap();
-    let writer = caracal_consumers::ledger::start(writer_config)
-        .await
-        .unwrap();
+    (tansu, stack, writer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_open_at_the_loss_and_settles_during_it_come_back_with_the_rebuild() {
+    let redis = OwnRedis::start().await;
+    let (tansu, stack, writer) = relayed_stack(&redis).await;
 
     let (agent, key) = stack.agent_with_key("reopen", None).await.unwrap();
     stack
@@ -553,30 +533,7 @@ async fn through_envoy_failing_open_an_emptied_redis_admits_nothing_until_rebuil
         mock_llm::MockLlm,
     };
     let redis = OwnRedis::start().await;
-    let tansu = caracal_tests::kafka::Tansu::start_new().await.unwrap();
-    let brokers = tansu.brokers();
-    let (url, b) = (redis.url.clone(), brokers.clone());
-    let stack = TestStack::start_with(move |c| {
-        c.redis.mode = caracal_authz::config::RedisMode::Standalone;
-        c.redis.url = url;
-        c.redis.nodes.clear();
-        c.redis.partitions = 4;
-        c.budget.relay_enabled = true;
-        c.kafka.brokers = b;
-        c.kafka.topic_partitions = 2;
-    })
-    .await
-    .unwrap();
-    let writer = caracal_consumers::ledger::start(
-        caracal_tests::consumer_config::database_consumer_config(
-            &stack.database_url,
-            &brokers,
-            &format!("rebuild-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (tansu, stack, writer) = relayed_stack(&redis).await;
     stack
         .set_token_price("openai", "gpt-4o", "USD", ["2.00", "8.00", "1.00"])
         .await

@@ -13,13 +13,13 @@ use std::time::Duration;
 use caracal_proto::v1::ChargeEvent;
 use caracal_tests::{
     charges::{
-        charge_producer, charged, numbered_charge, produce_charges_to, ChargeMessage, METERING,
+        charge_producer, charged, ledger_totals, numbered_charge, produce_charges_to,
+        ChargeMessage, METERING,
     },
     kafka::{create_topics, Tansu},
     TestDb,
 };
 use chrono::{DateTime, Utc};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 struct Run {
     code: i32,
@@ -54,22 +54,10 @@ fn ok(run: &Run) -> serde_json::Value {
     serde_json::from_str(&run.out).unwrap_or(serde_json::Value::Null)
 }
 
+/// The ledger's rows and charged sum.
 async fn ledger(db: &str) -> (i64, i64) {
-    #[derive(diesel::QueryableByName)]
-    struct T {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        micros: i64,
-    }
-    let mut conn = AsyncPgConnection::establish(db).await.unwrap();
-    let t: T = diesel::sql_query(
-        "SELECT count(*) AS n, coalesce(sum(charged_micros), 0)::int8 AS micros FROM ledger_events",
-    )
-    .get_result(&mut conn)
-    .await
-    .unwrap();
-    (t.n, t.micros)
+    let t = ledger_totals(db).await;
+    (t.rows, t.charged)
 }
 
 /// `n` numbered charge events of a run of their own, produced to `topic`.

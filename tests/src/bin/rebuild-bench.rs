@@ -39,11 +39,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let redis = OwnRedis::start().await;
-    let url = redis.url.clone();
-    let stack = TestStack::start_with(move |c| {
-        c.redis.mode = caracal_authz::config::RedisMode::Standalone;
-        c.redis.url = url;
-        c.redis.nodes.clear();
+    let stack = TestStack::start_with(|c| {
+        redis.configure(&mut c.redis);
         // The production default.
         c.redis.partitions = 16;
         c.database.db_pool_size = 8;
