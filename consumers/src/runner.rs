@@ -72,6 +72,11 @@ pub struct RawMessage {
 
 impl RawMessage {
     pub fn from_borrowed(msg: &BorrowedMessage<'_>) -> Self {
+        Self::from_message(msg)
+    }
+
+    /// From any message (one read by the consumer loop, or one detached from it).
+    pub fn from_message<M: Message>(msg: &M) -> Self {
         let headers = msg
             .headers()
             .map(|hs| {

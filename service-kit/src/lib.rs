@@ -6,7 +6,8 @@
 //! Reading order:
 //! - [`config`]: YAML + `CARACAL_*` environment overrides, [`config::DatabaseConfig`].
 //! - [`db`]: the PostgreSQL pool, TLS (`sslmode`) and the embedded migrations.
-//! - [`kafka`]: [`kafka::KafkaConfig`], client/producer/consumer settings, topic creation.
+//! - [`kafka`]: [`kafka::KafkaConfig`], client/producer/consumer settings, topic creation;
+//!   [`topic_range`]: the messages of a topic in a time range (replay, budget rebuild).
 //! - [`redis`]: standalone or cluster Redis connections (TLS), readiness, topology.
 //! - [`dlq`]: the JSON envelope of a message sent to the dead-letter topic;
 //!   [`dlq_admin`]: reading the dead-letter topic and replaying a dead letter once.
@@ -22,3 +23,4 @@ pub mod kafka;
 pub mod metrics;
 pub mod process;
 pub mod redis;
+pub mod topic_range;

@@ -24,14 +24,15 @@ use std::{
 };
 
 use caracal_proto::v1 as pb;
-use caracal_service_kit::{kafka::KafkaConfig, redis::query_each};
+use caracal_service_kit::{
+    kafka::KafkaConfig,
+    redis::query_each,
+    topic_range::{RangeError, TopicRange},
+};
 use diesel::sql_types::{Array, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use prost::Message as _;
-use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
-    Message, Offset, TopicPartitionList,
-};
+use rdkafka::Message;
 
 use crate::{
     budget::{
@@ -119,16 +120,12 @@ pub async fn open_reservations(
     let since_ms = chrono::Utc::now().timestamp_millis()
         - i64::try_from(source.reservation_ttl.as_millis() * 2).unwrap_or(i64::MAX / 2)
         - 60_000;
-    let kafka = source.kafka.clone();
-    let timeout = source.timeout;
-    let events = tokio::task::spawn_blocking(move || read_decisions(&kafka, since_ms, timeout))
-        .await
-        .map_err(|e| ServiceError::Internal(format!("reading the decisions topic: {e}")))?
-        .map_err(|e| {
-            ServiceError::Unavailable(format!(
-                "cannot read the decisions topic for the reservations open at the loss: {e}"
-            ))
-        })?;
+    let since = chrono::DateTime::from_timestamp_millis(since_ms).unwrap_or_default();
+    let events = read_decisions(source, since).await.map_err(|e| {
+        ServiceError::Unavailable(format!(
+            "cannot read the decisions topic for the reservations open at the loss: {e}"
+        ))
+    })?;
     let mut allows: HashMap<String, pb::DecisionEvent> = HashMap::new();
     let mut released: HashSet<String> = HashSet::new();
     for e in events {
@@ -304,94 +301,27 @@ pub async fn apply_parked(store: &BudgetStore, partitions: &[u16]) -> ServiceRes
     Ok(applied)
 }
 
-/// Every decision event on the topic from `since_ms` to its end as it is now.
-fn read_decisions(
-    kafka: &KafkaConfig,
-    since_ms: i64,
-    timeout: Duration,
-) -> Result<Vec<pb::DecisionEvent>, String> {
-    let group = format!("caracal-budget-rebuild-{}", uuid::Uuid::new_v4().simple());
-    let consumer: BaseConsumer = caracal_service_kit::kafka::consumer_config(kafka, &group)
-        .create()
-        .map_err(|e| e.to_string())?;
-    let topic = kafka.decisions_topic.as_str();
-    let deadline = std::time::Instant::now() + timeout;
-    let step = Duration::from_secs(10).min(timeout);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), step)
-        .map_err(|e| format!("metadata of {topic}: {e}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut ends: HashMap<i32, i64> = HashMap::new();
-    let mut starts: HashMap<i32, i64> = HashMap::new();
-    for &p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, step)
-            .map_err(|e| format!("offsets of {topic}/{p}: {e}"))?;
-        ends.insert(p, high);
-        starts.insert(p, low);
-    }
-    // From the first offset at or after since_ms; a broker that cannot say reads
-    // the partition whole (slower, same result: older allows are filtered out by
-    // the ledger and the releases).
-    let mut by_time = TopicPartitionList::new();
-    for &p in &partitions {
-        by_time
-            .add_partition_offset(topic, p, Offset::Offset(since_ms))
-            .map_err(|e| e.to_string())?;
-    }
-    if let Ok(found) = consumer.offsets_for_times(by_time, step) {
-        for e in found.elements() {
-            if let Offset::Offset(o) = e.offset() {
-                starts.insert(e.partition(), o);
-            }
-        }
-    }
-    let mut assign = TopicPartitionList::new();
-    let mut pending: HashSet<i32> = HashSet::new();
-    for &p in &partitions {
-        let start = starts.get(&p).copied().unwrap_or(0);
-        let end = ends.get(&p).copied().unwrap_or(0);
-        if start < end {
-            assign
-                .add_partition_offset(topic, p, Offset::Offset(start))
-                .map_err(|e| e.to_string())?;
-            pending.insert(p);
-        }
-    }
+/// Every decision event on the topic from `since` to its end as it is now.
+async fn read_decisions(
+    source: &DecisionsSource,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<pb::DecisionEvent>, RangeError> {
+    // Retention deleting decisions older than `since` is no loss here.
+    let mut range = TopicRange::open(
+        &source.kafka,
+        &source.kafka.decisions_topic,
+        since,
+        None,
+        source.timeout,
+        false,
+    )?;
     let mut events = Vec::new();
-    if pending.is_empty() {
-        return Ok(events);
-    }
-    consumer.assign(&assign).map_err(|e| e.to_string())?;
-    while !pending.is_empty() {
-        if std::time::Instant::now() > deadline {
-            return Err(format!(
-                "{} partitions of {topic} not read to their end in {timeout:?}",
-                pending.len()
-            ));
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(e)) => return Err(e.to_string()),
-            Some(Ok(m)) => {
-                let p = m.partition();
-                if m.offset() + 1 >= ends.get(&p).copied().unwrap_or(0) {
-                    pending.remove(&p);
-                }
-                if let Some(payload) = m.payload() {
-                    // Other messages share the topic (spending anomalies): only
-                    // what decodes as a decision with an id counts.
-                    if let Ok(e) = pb::DecisionEvent::decode(payload) {
-                        if !e.event_id.is_empty() && !e.reservation_id.is_empty() {
-                            events.push(e);
-                        }
-                    }
-                }
+    while let Some(m) = range.next().await? {
+        // Other messages share the topic (spending anomalies): only what decodes
+        // as a decision with an id counts.
+        if let Some(Ok(e)) = m.payload().map(pb::DecisionEvent::decode) {
+            if !e.event_id.is_empty() && !e.reservation_id.is_empty() {
+                events.push(e);
             }
         }
     }
