@@ -111,8 +111,14 @@ pub(crate) async fn rebuild(
                 .to_owned(),
         ));
     }
-    // A dry run with nothing lost shows what a rebuild of everything would write.
-    let targeted = |p: u16| lost.is_empty() || lost.binary_search(&p).is_ok();
+    // The partitions rebuilt: the lost ones; a dry run with nothing lost shows what
+    // a rebuild of every partition would write.
+    let partitions: Vec<u16> = if lost.is_empty() {
+        (0..store.keys().partitions()).collect()
+    } else {
+        lost.clone()
+    };
+    let targeted = |p: u16| partitions.binary_search(&p).is_ok();
 
     let mut writes: Vec<Write> = Vec::new();
     let mut policies = 0u32;
@@ -192,11 +198,6 @@ pub(crate) async fn rebuild(
 
     // The reservations open at the loss: restored first (their reserved amounts),
     // then the spent values are written beside them.
-    let partitions: Vec<u16> = if lost.is_empty() {
-        (0..keys.partitions()).collect()
-    } else {
-        lost.clone()
-    };
     let agent_text = agent.map(|a| a.to_string());
     let (open, source) = match decisions {
         Some(source) => (
@@ -242,6 +243,7 @@ pub(crate) async fn rebuild(
         }
     };
     let took = started.elapsed();
+    let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
     tracing::info!(
         dry_run = req.dry_run,
         lost = lost.len(),
@@ -250,7 +252,7 @@ pub(crate) async fn rebuild(
         reservations = open.len(),
         reservations_restored,
         parked_applied,
-        took_ms = took.as_millis() as u64,
+        took_ms,
         "budget rebuild"
     );
     metrics::histogram!(REBUILD_SECONDS).record(took.as_secs_f64());
@@ -261,7 +263,7 @@ pub(crate) async fn rebuild(
         policies,
         counters_total: writes.len() as u64,
         counters: writes.into_iter().take(LISTED).map(|w| w.listed).collect(),
-        took_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        took_ms,
         reservations_open: open.len() as u64,
         reservations_restored,
         parked_applied,
