@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "caracal/v1/dlq.proto",
         "caracal/v1/ledger.proto",
         "caracal/v1/merkle.proto",
+        "caracal/v1/snapshot.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -30,6 +30,7 @@ pub struct Config {
     pub kafka: crate::kafka::KafkaConfig,
     pub dlq: DlqConfig,
     pub reconcile: ReconcileConfig,
+    pub snapshots: SnapshotsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +262,34 @@ pub struct ReconcileConfig {
     /// `caracal_reconcile_drift_windows` and `caracal_reconcile_drift_micros`. 0
     /// turns it off.
     pub monitor_interval: u64,
+}
+
+/// Budget snapshots (`snapshots:`; [`crate::admin::snapshot`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    /// When scheduled snapshots are taken: a 5-field cron expression, UTC
+    /// (default daily at 00:00). Empty turns them off.
+    pub schedule: String,
+    /// Where snapshots are kept: `postgres` (the budget_snapshots table) or
+    /// `directory` (files under `directory`: a volume or an object-storage mount,
+    /// what survives losing the database).
+    pub store: String,
+    pub directory: String,
+    /// Snapshots older than this many days are deleted after each scheduled one
+    /// (the newest is always kept); 0 keeps them all.
+    pub retention_days: u32,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        Self {
+            schedule: caracal_domain::schedule::DEFAULT_SNAPSHOT_SCHEDULE.to_owned(),
+            store: "postgres".to_owned(),
+            directory: String::new(),
+            retention_days: 30,
+        }
+    }
 }
 
 impl Default for ReconcileConfig {

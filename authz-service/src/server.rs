@@ -217,6 +217,41 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             background_rx.clone(),
         )));
     }
+    // Where a budget rebuild (or snapshot) reads the reservations open: the
+    // decisions topic, when the relay writes one.
+    let decisions =
+        config
+            .budget
+            .relay_enabled
+            .then(|| crate::admin::ledger::reopen::DecisionsSource {
+                kafka: config.kafka.clone(),
+                reservation_ttl: Duration::from_secs(
+                    config.reservations.provisional_charge_expiration,
+                ),
+                timeout: Duration::from_secs(120),
+            });
+    let snapshot_schedule = match config.snapshots.schedule.trim() {
+        "" => None,
+        text => Some(
+            text.parse::<caracal_domain::schedule::CronSchedule>()
+                .map_err(|e| anyhow::anyhow!("snapshots.schedule: {e}"))?,
+        ),
+    };
+    let snapshots = crate::admin::SnapshotAdmin::new(
+        state.clone(),
+        store.clone(),
+        decisions.clone(),
+        caracal_service_kit::snapshot::SnapshotStore::new(
+            &config.snapshots.store,
+            &config.snapshots.directory,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+        snapshot_schedule,
+        config.snapshots.retention_days,
+    );
+    background.push(tokio::spawn(
+        snapshots.clone().run_schedule(background_rx.clone()),
+    ));
     if config.reconcile.monitor_interval > 0 {
         background.push(tokio::spawn(crate::reconcile_monitor::run(
             pool.clone(),
@@ -332,21 +367,14 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             ),
         )
         .add_service(LedgerServiceServer::with_interceptor(
-            LedgerAdmin::new(
-                state.clone(),
-                store.clone(),
-                config.budget.relay_enabled.then(|| {
-                    crate::admin::ledger::reopen::DecisionsSource {
-                        kafka: config.kafka.clone(),
-                        reservation_ttl: Duration::from_secs(
-                            config.reservations.provisional_charge_expiration,
-                        ),
-                        timeout: Duration::from_secs(120),
-                    }
-                }),
+            LedgerAdmin::new(state.clone(), store.clone(), decisions),
+            intercept.clone(),
+        ))
+        .add_service(
+            caracal_proto::v1::snapshot_service_server::SnapshotServiceServer::with_interceptor(
+                snapshots, intercept,
             ),
-            intercept,
-        ));
+        );
 
     let grpc_listener = TcpListener::bind(config.server.grpc_addr)
         .await

@@ -118,6 +118,9 @@ pub enum Command {
     /// The Redis budget state: which partitions Redis lost, and rebuilding them
     /// from the ledger.
     Budget(crate::budget::BudgetArgs),
+    /// Budget snapshots: create, list, status, restore (Redis budget state from a
+    /// snapshot plus the ledger after it), cleanup.
+    Snapshot(crate::snapshot::SnapshotArgs),
     /// The tamper-evident ledger: signed checkpoints, inclusion and consistency
     /// proofs (verified offline), verify-range, leaf export, key rotation.
     Merkle(crate::merkle::MerkleArgs),

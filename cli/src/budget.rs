@@ -174,7 +174,7 @@ const REBUILD_COLUMNS: &[&str] = &[
     "buckets",
 ];
 
-fn write_rebuild(
+pub(crate) fn write_rebuild(
     out: &mut dyn Write,
     format: OutputFormat,
     r: &pb::RebuildBudgetsResponse,

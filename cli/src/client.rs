@@ -98,6 +98,15 @@ impl Connection {
         SpendServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
+    pub fn snapshots(
+        &self,
+    ) -> caracal_proto::v1::snapshot_service_client::SnapshotServiceClient<Svc> {
+        caracal_proto::v1::snapshot_service_client::SnapshotServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     pub fn ledger(&self) -> LedgerServiceClient<Svc> {
         LedgerServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }

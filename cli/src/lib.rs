@@ -25,6 +25,7 @@ pub mod merkle;
 pub mod output;
 pub mod price_import;
 pub mod replay;
+pub mod snapshot;
 pub mod spend;
 
 use std::{ffi::OsString, io::Write};

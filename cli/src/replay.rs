@@ -8,11 +8,14 @@
 //! - `validate` reads the same range and counts the events the ledger does not
 //!   hold; exit code 3 when some are missing.
 
-use std::{io::Write, time::Duration};
+use std::{collections::HashMap, io::Write, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use caracal_consumers::replay::{self, Progress, Source};
-use caracal_service_kit::kafka::KafkaConfig;
+use caracal_service_kit::{
+    kafka::KafkaConfig,
+    snapshot::{Snapshot, SnapshotStore},
+};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
@@ -36,9 +39,14 @@ pub struct RangeArgs {
     /// First event time excluded (default: the topic's end when the run starts).
     #[arg(long = "to", value_name = "TIME", value_parser = crate::args::time_or_date)]
     to: Option<DateTime<Utc>>,
-    /// A snapshot's point (snapshots are not built yet: refused).
-    #[arg(long, value_name = "ID", conflicts_with = "from_timestamp")]
+    /// Everything after a snapshot's point: per partition, from the first offset
+    /// whose ledger row the snapshot did not hold.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["from_timestamp", "to"])]
     from_snapshot: Option<String>,
+    /// Where the snapshots are kept when `snapshots.store` is `directory` (default:
+    /// the database's budget_snapshots table).
+    #[arg(long, value_name = "DIR", env = "CARACAL_SNAPSHOT_DIR")]
+    snapshot_dir: Option<std::path::PathBuf>,
     /// The consumer whose writes to replay (only `ledger-writer` replays today).
     #[arg(long, default_value = "ledger-writer")]
     group: String,
@@ -100,24 +108,12 @@ impl std::fmt::Display for EventsMissing {
 
 impl std::error::Error for EventsMissing {}
 
-fn source(args: &RangeArgs) -> Result<Source> {
-    if args.from_snapshot.is_some() {
-        bail!(
-            "--from-snapshot: snapshots are not built yet; replay --from-timestamp the \
-             snapshot's time instead"
-        );
-    }
+async fn source(args: &RangeArgs) -> Result<Source> {
     if args.group != "ledger-writer" {
         bail!(
             "--group {}: only the ledger-writer's writes replay today",
             args.group
         );
-    }
-    let Some(from) = args.from_timestamp else {
-        bail!("--from-timestamp is required");
-    };
-    if args.to.is_some_and(|to| to <= from) {
-        bail!("--to must be after --from-timestamp");
     }
     let mut kafka = KafkaConfig::default();
     kafka
@@ -127,13 +123,67 @@ fn source(args: &RangeArgs) -> Result<Source> {
         kafka.brokers.clone_from(b);
     }
     let topic = replay::topic_of(&kafka.metering_topic, args.from_region.as_deref());
+    let timeout = Duration::from_secs(args.timeout_seconds.max(1));
+    if let Some(id) = &args.from_snapshot {
+        let snapshot = load_snapshot(args, id).await?;
+        let cut: HashMap<i32, i64> = snapshot
+            .ledger_cut
+            .iter()
+            .filter(|c| c.topic == topic)
+            .map(|c| (c.partition, c.next_offset))
+            .collect();
+        if cut.is_empty() && snapshot.ledger_cut.iter().any(|c| c.topic != topic) {
+            bail!(
+                "snapshot {id} holds the ledger's offsets on {}, not on {topic}: offsets of \
+                 another cluster or topic do not apply here. Replay --from-timestamp {} instead",
+                snapshot
+                    .ledger_cut
+                    .iter()
+                    .map(|c| c.topic.as_str())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                snapshot.taken_at.to_rfc3339()
+            );
+        }
+        return Ok(Source {
+            kafka,
+            topic,
+            from: snapshot.taken_at,
+            to: None,
+            after_cut: Some(cut),
+            timeout,
+        });
+    }
+    let Some(from) = args.from_timestamp else {
+        bail!("--from-timestamp or --from-snapshot is required");
+    };
+    if args.to.is_some_and(|to| to <= from) {
+        bail!("--to must be after --from-timestamp");
+    }
     Ok(Source {
         kafka,
         topic,
         from,
         to: args.to,
-        timeout: Duration::from_secs(args.timeout_seconds.max(1)),
+        after_cut: None,
+        timeout,
     })
+}
+
+/// Snapshot `id` from the database (or `--snapshot-dir`), checked.
+async fn load_snapshot(args: &RangeArgs, id: &str) -> Result<Snapshot> {
+    let store = match &args.snapshot_dir {
+        Some(dir) => SnapshotStore::Directory(dir.clone()),
+        None => SnapshotStore::Postgres,
+    };
+    let mut conn = connect(&args.database_url).await?;
+    let stored = store
+        .get(&mut conn, id)
+        .await?
+        .with_context(|| format!("no snapshot {id} in the {}", store.describe()))?;
+    Ok(stored.open()?)
 }
 
 async fn connect(url: &str) -> Result<AsyncPgConnection> {
@@ -166,29 +216,37 @@ async fn record_progress(conn: &mut AsyncPgConnection, id: i64, p: &Progress) ->
 pub async fn run(format: OutputFormat, cmd: ReplayCmd, out: &mut dyn Write) -> Result<()> {
     match cmd {
         ReplayCmd::Start(args) => {
-            let source = source(&args)?;
+            let source = source(&args).await?;
             let mut conn = connect(&args.database_url).await?;
             let mut log = connect(&args.database_url).await?;
             let id: Id = diesel::sql_query(
-                "INSERT INTO ledger_replays (state, brokers, topic, from_time, to_time) \
-                 VALUES ('running', $1, $2, $3, $4) RETURNING id",
+                "INSERT INTO ledger_replays (state, brokers, topic, from_time, to_time, \
+                        snapshot_id) \
+                 VALUES ('running', $1, $2, $3, $4, $5) RETURNING id",
             )
             .bind::<Text, _>(&source.kafka.brokers)
             .bind::<Text, _>(&source.topic)
             .bind::<Timestamptz, _>(source.from)
             .bind::<Nullable<Timestamptz>, _>(source.to)
+            .bind::<Nullable<Text>, _>(args.from_snapshot.as_deref())
             .get_result(&mut log)
             .await
             .context("recording the replay (ledger_replays)")?;
-            eprintln!(
-                "replay {}: {} from {} to {}",
-                id.id,
-                source.topic,
-                source.from.to_rfc3339(),
-                source
-                    .to
-                    .map_or_else(|| "its end now".to_owned(), |t| t.to_rfc3339())
-            );
+            match &args.from_snapshot {
+                Some(snapshot) => eprintln!(
+                    "replay {}: {} after snapshot {snapshot}'s cut, to its end now",
+                    id.id, source.topic
+                ),
+                None => eprintln!(
+                    "replay {}: {} from {} to {}",
+                    id.id,
+                    source.topic,
+                    source.from.to_rfc3339(),
+                    source
+                        .to
+                        .map_or_else(|| "its end now".to_owned(), |t| t.to_rfc3339())
+                ),
+            }
             let mut last = Progress::default();
             let result = replay::replay_ledger(&mut conn, &source, |p| {
                 eprintln!(
@@ -219,7 +277,7 @@ pub async fn run(format: OutputFormat, cmd: ReplayCmd, out: &mut dyn Write) -> R
             write_progress(out, format, id.id, &source, &p)
         }
         ReplayCmd::Validate(args) => {
-            let source = source(&args)?;
+            let source = source(&args).await?;
             let mut conn = connect(&args.database_url).await?;
             let p = replay::validate_ledger(&mut conn, &source).await?;
             write_progress(out, format, 0, &source, &p)?;

@@ -11,10 +11,13 @@
 //! already deleted, is an error, never a silent replay from offset 0 or from
 //! wherever the topic now begins.
 //!
+//! `--from-snapshot ID` reads from the snapshot's cut: per partition, the first
+//! offset whose row the snapshot did not hold, to the end.
+//!
 //! `--from-region R` reads `R.<topic>`: the topic as MirrorMaker 2 names its copy
 //! of another region's topic, on whichever cluster `brokers` names.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use caracal_service_kit::{
     kafka::KafkaConfig,
@@ -52,13 +55,17 @@ impl From<RangeError> for ReplayError {
     }
 }
 
-/// What to read: `[from, to)` of `topic` on the brokers of `kafka`.
+/// What to read: `[from, to)` of `topic` on the brokers of `kafka`, or with
+/// `after_cut` everything from those offsets on (a snapshot's cut: partition ->
+/// first offset not in the snapshot; `from` is then the snapshot's time, for the
+/// record only).
 #[derive(Debug, Clone)]
 pub struct Source {
     pub kafka: KafkaConfig,
     pub topic: String,
     pub from: DateTime<Utc>,
     pub to: Option<DateTime<Utc>>,
+    pub after_cut: Option<HashMap<i32, i64>>,
     /// Longest wait for the brokers (metadata, offsets, the next message).
     pub timeout: Duration,
 }
@@ -150,14 +157,19 @@ async fn read_range(
     mode: Mode,
     on_batch: &mut impl FnMut(&Progress),
 ) -> Result<Progress, ReplayError> {
-    let mut range = TopicRange::open(
-        &source.kafka,
-        &source.topic,
-        source.from,
-        source.to,
-        source.timeout,
-        true,
-    )?;
+    let mut range = match &source.after_cut {
+        Some(starts) => {
+            TopicRange::open_at_offsets(&source.kafka, &source.topic, starts, source.timeout)?
+        }
+        None => TopicRange::open(
+            &source.kafka,
+            &source.topic,
+            source.from,
+            source.to,
+            source.timeout,
+            true,
+        )?,
+    };
     let mut progress = Progress {
         partitions: range.partitions,
         total: range.messages,
@@ -180,7 +192,9 @@ async fn read_range(
         progress.new_rows += write(conn, mode, &batch).await?;
         on_batch(&progress);
     }
-    if progress.read == 0 {
+    // After a snapshot's cut nothing may have come yet; a time range that holds
+    // nothing was asked wrongly.
+    if progress.read == 0 && source.after_cut.is_none() {
         return Err(nothing_in_range(source));
     }
     Ok(progress)

@@ -15,6 +15,7 @@
 //! | [`allowlist`] | fully anchored glob / regex patterns for models and upstream resources |
 //! | [`hierarchy`] | the bounded, acyclic agent tree |
 //! | [`merkle`] | the tamper-evident ledger: RFC 9162 Merkle tree with BLAKE3, leaf encoding, signed checkpoints, proofs |
+//! | [`schedule`] | cron schedules (5-field, UTC) for scheduled snapshots |
 //! | [`spend`] | the Redis layout of spend history (aggregator and `SpendTrend`) and the anomaly rule |
 
 pub mod allowlist;
@@ -23,6 +24,7 @@ pub mod merkle;
 pub mod money;
 pub mod policy;
 pub mod pricing;
+pub mod schedule;
 pub mod spend;
 pub mod window;
 

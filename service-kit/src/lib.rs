@@ -9,6 +9,7 @@
 //! - [`kafka`]: [`kafka::KafkaConfig`], client/producer/consumer settings, topic creation;
 //!   [`topic_range`]: the messages of a topic in a time range (replay, budget rebuild).
 //! - [`redis`]: standalone or cluster Redis connections (TLS), readiness, topology.
+//! - [`snapshot`]: budget snapshots (the format, its checksum, where they are kept).
 //! - [`dlq`]: the JSON envelope of a message sent to the dead-letter topic;
 //!   [`dlq_admin`]: reading the dead-letter topic and replaying a dead letter once.
 //! - [`http`] and [`metrics`]: `/health/live`, `/health/ready`, `/metrics`.
@@ -23,4 +24,5 @@ pub mod kafka;
 pub mod metrics;
 pub mod process;
 pub mod redis;
+pub mod snapshot;
 pub mod topic_range;

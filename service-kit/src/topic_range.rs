@@ -27,6 +27,44 @@ pub enum RangeError {
     Range(String),
 }
 
+fn kafka_err(e: rdkafka::error::KafkaError) -> RangeError {
+    RangeError::Kafka(e.to_string())
+}
+
+/// A consumer of its own group (it commits nothing), the topic's partitions and
+/// their (low, high) watermarks.
+type Connected = (StreamConsumer, Vec<i32>, HashMap<i32, (i64, i64)>);
+
+fn connect(kafka: &KafkaConfig, topic: &str, timeout: Duration) -> Result<Connected, RangeError> {
+    let group = format!("caracal-range-{}", uuid::Uuid::new_v4().simple());
+    let consumer: StreamConsumer = consumer_config(kafka, &group).create().map_err(kafka_err)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(kafka_err)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(RangeError::Range(format!(
+            "topic {topic} does not exist on {}",
+            kafka.brokers
+        )));
+    }
+    let mut marks = HashMap::new();
+    for &p in &partitions {
+        marks.insert(
+            p,
+            consumer
+                .fetch_watermarks(topic, p, timeout)
+                .map_err(kafka_err)?,
+        );
+    }
+    Ok((consumer, partitions, marks))
+}
+
 /// One partition's offsets for the range.
 #[derive(Debug, Clone, Copy)]
 struct Span {
@@ -63,34 +101,7 @@ impl TopicRange {
         timeout: Duration,
         refuse_deleted_start: bool,
     ) -> Result<Self, RangeError> {
-        let kafka_err = |e: rdkafka::error::KafkaError| RangeError::Kafka(e.to_string());
-        let group = format!("caracal-range-{}", uuid::Uuid::new_v4().simple());
-        let consumer: StreamConsumer =
-            consumer_config(kafka, &group).create().map_err(kafka_err)?;
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(kafka_err)?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if partitions.is_empty() {
-            return Err(RangeError::Range(format!(
-                "topic {topic} does not exist on {}",
-                kafka.brokers
-            )));
-        }
-        let mut marks = HashMap::new();
-        for &p in &partitions {
-            marks.insert(
-                p,
-                consumer
-                    .fetch_watermarks(topic, p, timeout)
-                    .map_err(kafka_err)?,
-            );
-        }
+        let (consumer, partitions, marks) = connect(kafka, topic, timeout)?;
         let at = |t: DateTime<Utc>| -> Result<HashMap<i32, Offset>, RangeError> {
             let mut tpl = TopicPartitionList::new();
             for &p in &partitions {
@@ -111,9 +122,7 @@ impl TopicRange {
             Some(to) => Some(at(to)?),
             None => None,
         };
-        let mut assign = TopicPartitionList::new();
-        let mut pending = HashMap::new();
-        let mut messages = 0u64;
+        let mut spans = HashMap::new();
         for &p in &partitions {
             let (low, high) = marks.get(&p).copied().unwrap_or((0, 0));
             let start = match starts.get(&p) {
@@ -130,11 +139,87 @@ impl TopicRange {
                 Some(Offset::Offset(o)) if *o > start => (*o).min(high),
                 _ => high,
             };
-            let span = Span {
-                start: start.max(low),
-                end,
-                at_log_start: start <= low && low > 0,
-            };
+            spans.insert(
+                p,
+                Span {
+                    start: start.max(low),
+                    end,
+                    at_log_start: start <= low && low > 0,
+                },
+            );
+        }
+        Self::assign(
+            consumer,
+            topic,
+            partitions.len(),
+            spans,
+            (from.timestamp_millis(), to.map(|t| t.timestamp_millis())),
+            timeout,
+            refuse_deleted_start,
+        )
+    }
+
+    /// Plans the read of `topic` from `starts` (partition -> first offset; a
+    /// partition not named is read from its beginning) to each partition's end
+    /// now: what follows a snapshot's cut. A start the topic's retention deleted
+    /// already is an error (the events between are gone), never a silent skip.
+    pub fn open_at_offsets(
+        kafka: &KafkaConfig,
+        topic: &str,
+        starts: &HashMap<i32, i64>,
+        timeout: Duration,
+    ) -> Result<Self, RangeError> {
+        let (consumer, partitions, marks) = connect(kafka, topic, timeout)?;
+        if let Some(p) = starts.keys().find(|p| !partitions.contains(p)) {
+            return Err(RangeError::Range(format!(
+                "partition {p} of {topic} does not exist on {} (it has {} partitions)",
+                kafka.brokers,
+                partitions.len()
+            )));
+        }
+        let mut spans = HashMap::new();
+        for &p in &partitions {
+            let (low, high) = marks.get(&p).copied().unwrap_or((0, 0));
+            let start = starts.get(&p).copied().unwrap_or(0);
+            if start < low {
+                return Err(RangeError::Range(format!(
+                    "partition {p} of {topic} now begins at offset {low}: the events from \
+                     offset {start} on were deleted by the topic's retention"
+                )));
+            }
+            spans.insert(
+                p,
+                Span {
+                    start,
+                    end: high,
+                    at_log_start: false,
+                },
+            );
+        }
+        Self::assign(
+            consumer,
+            topic,
+            partitions.len(),
+            spans,
+            (i64::MIN, None),
+            timeout,
+            false,
+        )
+    }
+
+    fn assign(
+        consumer: StreamConsumer,
+        topic: &str,
+        partitions: usize,
+        spans: HashMap<i32, Span>,
+        (from_ms, to_ms): (i64, Option<i64>),
+        timeout: Duration,
+        refuse_deleted_start: bool,
+    ) -> Result<Self, RangeError> {
+        let mut assign = TopicPartitionList::new();
+        let mut pending = HashMap::new();
+        let mut messages = 0u64;
+        for (p, span) in spans {
             if span.start < span.end {
                 assign
                     .add_partition_offset(topic, p, Offset::Offset(span.start))
@@ -149,11 +234,11 @@ impl TopicRange {
         Ok(Self {
             consumer,
             topic: topic.to_owned(),
-            from_ms: from.timestamp_millis(),
-            to_ms: to.map(|t| t.timestamp_millis()),
+            from_ms,
+            to_ms,
             timeout,
             refuse_deleted_start,
-            partitions: partitions.len(),
+            partitions,
             pending,
             messages,
         })
@@ -205,8 +290,8 @@ impl TopicRange {
             if msg.offset() + 1 >= span.end {
                 self.pending.remove(&p);
             }
-            let in_range =
-                ts.is_none_or(|ts| ts >= self.from_ms && self.to_ms.is_none_or(|to| ts < to));
+            let in_range = self.from_ms == i64::MIN
+                || ts.is_none_or(|ts| ts >= self.from_ms && self.to_ms.is_none_or(|to| ts < to));
             if in_range {
                 return Ok(Some(msg));
             }

@@ -291,6 +291,8 @@ impl TestStack {
         // On a cluster, enough partitions that every shard holds some.
         config.redis.partitions = if on_redis_cluster() { 16 } else { 4 };
         config.budget.relay_enabled = false;
+        // No scheduled snapshot lands in a test that runs past midnight.
+        config.snapshots.schedule = String::new();
         Ok(config)
     }
 
@@ -326,6 +328,14 @@ impl TestStack {
     }
     pub fn ledger(&self) -> LedgerServiceClient<Svc> {
         LedgerServiceClient::with_interceptor(self.channel.clone(), self.bearer())
+    }
+    pub fn snapshots(
+        &self,
+    ) -> caracal_proto::v1::snapshot_service_client::SnapshotServiceClient<Svc> {
+        caracal_proto::v1::snapshot_service_client::SnapshotServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer(),
+        )
     }
     pub fn prices(&self) -> PriceBookServiceClient<Svc> {
         PriceBookServiceClient::with_interceptor(self.channel.clone(), self.bearer())
@@ -552,4 +562,42 @@ impl TestStack {
         .drop()
         .await
     }
+}
+
+/// A stack on `redis` (4 budget partitions) whose relay publishes to a tansu
+/// broker of its own (2 partitions per topic), and a ledger-writer in this process
+/// writing the stack's database from it; `tune` adjusts the service's settings.
+pub async fn relayed_stack(
+    redis: &own_redis::OwnRedis,
+    tune: impl FnOnce(&mut Config),
+) -> (
+    kafka::Tansu,
+    TestStack,
+    caracal_consumers::launch::RunningConsumer,
+) {
+    let tansu = kafka::Tansu::start_new().await.unwrap();
+    let brokers = tansu.brokers();
+    let b = brokers.clone();
+    let stack = TestStack::start_with(|c| {
+        redis.configure(&mut c.redis);
+        c.redis.partitions = 4;
+        c.budget.relay_enabled = true;
+        c.kafka.brokers = b;
+        c.kafka.topic_partitions = 2;
+        tune(c);
+    })
+    .await
+    .unwrap();
+    let mut writer_config = consumer_config::database_consumer_config(
+        &stack.database_url,
+        &brokers,
+        &format!("relayed-{}", uuid::Uuid::new_v4().simple()),
+    )
+    .unwrap();
+    // A checkpoint within a second of a leaf (verify-range has them all signed).
+    writer_config.ledger_writer.merkle.batch_timeout_seconds = 1;
+    let writer = caracal_consumers::ledger::start(writer_config)
+        .await
+        .unwrap();
+    (tansu, stack, writer)
 }

@@ -17,8 +17,8 @@ use caracal_proto::v1 as pb;
 use std::time::Duration;
 
 use caracal_tests::{
-    authorize_request, charges::wait_for_ledger_rows, gateway_client, kafka::Tansu,
-    own_redis::OwnRedis, TestStack,
+    authorize_request, charges::wait_for_ledger_rows, gateway_client, own_redis::OwnRedis,
+    relayed_stack, TestStack,
 };
 use tonic::{transport::Channel, Code};
 
@@ -344,40 +344,10 @@ async fn ledger_reaches(stack: &TestStack, rows: i64) -> i64 {
     t.charged
 }
 
-/// A stack on `redis` whose relay publishes to a tansu broker of its own, and a
-/// ledger-writer (in this process) writing the stack's database from it.
-async fn relayed_stack(
-    redis: &OwnRedis,
-) -> (Tansu, TestStack, caracal_consumers::launch::RunningConsumer) {
-    let tansu = Tansu::start_new().await.unwrap();
-    let brokers = tansu.brokers();
-    let b = brokers.clone();
-    let stack = TestStack::start_with(|c| {
-        redis.configure(&mut c.redis);
-        c.redis.partitions = 4;
-        c.budget.relay_enabled = true;
-        c.kafka.brokers = b;
-        c.kafka.topic_partitions = 2;
-    })
-    .await
-    .unwrap();
-    let writer = caracal_consumers::ledger::start(
-        caracal_tests::consumer_config::database_consumer_config(
-            &stack.database_url,
-            &brokers,
-            &format!("rebuild-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    (tansu, stack, writer)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_open_at_the_loss_and_settles_during_it_come_back_with_the_rebuild() {
     let redis = OwnRedis::start().await;
-    let (tansu, stack, writer) = relayed_stack(&redis).await;
+    let (tansu, stack, writer) = relayed_stack(&redis, |_| {}).await;
 
     let (agent, key) = stack.agent_with_key("reopen", None).await.unwrap();
     stack
@@ -533,7 +503,7 @@ async fn through_envoy_failing_open_an_emptied_redis_admits_nothing_until_rebuil
         mock_llm::MockLlm,
     };
     let redis = OwnRedis::start().await;
-    let (tansu, stack, writer) = relayed_stack(&redis).await;
+    let (tansu, stack, writer) = relayed_stack(&redis, |_| {}).await;
     stack
         .set_token_price("openai", "gpt-4o", "USD", ["2.00", "8.00", "1.00"])
         .await
@@ -596,6 +566,315 @@ async fn through_envoy_failing_open_an_emptied_redis_admits_nothing_until_rebuil
         spent <= limit,
         "the ledger holds {spent} of a {limit} limit"
     );
+    let report = stack
+        .ledger()
+        .reconcile(pb::ReconcileRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.policies_with_drift, 0, "{report:#?}");
+
+    drop(envoy);
+    mock.stop().await;
+    writer.shutdown().await.unwrap();
+    stack.stop().await.unwrap();
+    drop(tansu);
+}
+
+/// One call through Envoy as the concurrent traffic makes it: when it started and
+/// ended, and its status.
+struct Call {
+    agent: usize,
+    started: std::time::Instant,
+    ended: std::time::Instant,
+    status: u16,
+    body: String,
+}
+
+/// Redis emptied while calls run through Envoy: every outbox entry the FLUSHALL took
+/// is read in the same MULTI, so what must be in the ledger afterwards is known
+/// exactly. No call that starts during the loss passes (even with the gateway
+/// failing open); every passed call is charged exactly once (its Settle parked when
+/// it ended during the loss), except those whose events the FLUSHALL itself took;
+/// afterwards each agent has exactly its limit minus the ledger minus its open
+/// reservations, and the ledger never goes past a limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushed_mid_traffic_through_envoy_fails_closed_and_the_rebuild_is_exact() {
+    use caracal_tests::{
+        envoy::{Envoy, EnvoyOptions, Gateway},
+        mock_llm::{MockLlm, COMPLETION_TOKENS_HEADER, DELAY_HEADER},
+    };
+    use std::{
+        collections::{HashMap, HashSet},
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc, Mutex,
+        },
+        time::Instant,
+    };
+    const AGENTS: usize = 2;
+    const CALLERS_PER_AGENT: usize = 2;
+    const LIMIT: i64 = 12_000;
+
+    let redis = OwnRedis::start().await;
+    let (tansu, stack, writer) = relayed_stack(&redis, |_| {}).await;
+    stack
+        .set_token_price("openai", "gpt-4o", "USD", ["2.00", "8.00", "1.00"])
+        .await
+        .unwrap();
+    let mut agents = Vec::new();
+    for a in 0..AGENTS {
+        let (agent, key) = stack
+            .agent_with_key(&format!("mid-traffic-{a}"), None)
+            .await
+            .unwrap();
+        stack
+            .usd_policy(&agent, "0.012", "daily", "calendar", "charge")
+            .await
+            .unwrap();
+        agents.push((agent, key));
+    }
+    let mock = MockLlm::start().await.unwrap();
+    let port = stack.server.as_ref().unwrap().grpc_addr.port();
+    let mut options = EnvoyOptions::new(Gateway::Wasm, port, mock.port());
+    options.failure_mode = "allow";
+    let envoy = Arc::new(Envoy::start(options).await.unwrap());
+
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let rebuilt = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for (a, (_, key)) in agents.iter().enumerate() {
+        for c in 0..CALLERS_PER_AGENT {
+            let (envoy, calls, rebuilt, key) =
+                (envoy.clone(), calls.clone(), rebuilt.clone(), key.clone());
+            callers.push(tokio::spawn(async move {
+                // Bounded: the budget runs out after ~60 calls per agent.
+                for i in 0..400 {
+                    let body = serde_json::json!({
+                        "model": "gpt-4o",
+                        "messages": [{"role": "user", "content": format!("mid-traffic {a} {c} {i}")}],
+                        "max_tokens": 64,
+                    });
+                    let auth = format!("Bearer {key}");
+                    // Each call stays open upstream for a while, so some are in
+                    // flight when Redis is emptied and when it is rebuilt.
+                    let started = Instant::now();
+                    let resp = envoy
+                        .post_json(
+                            "/v1/chat/completions",
+                            &[
+                                ("authorization", auth.as_str()),
+                                (COMPLETION_TOKENS_HEADER, "20"),
+                                (DELAY_HEADER, "100"),
+                            ],
+                            &body,
+                        )
+                        .await
+                        .unwrap();
+                    let ended = Instant::now();
+                    let status = resp.status;
+                    calls.lock().unwrap().push(Call {
+                        agent: a,
+                        started,
+                        ended,
+                        status,
+                        body: resp.text(),
+                    });
+                    if status == 429 && rebuilt.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if status != 200 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }));
+        }
+    }
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The outbox as the FLUSHALL takes it, read in the same transaction.
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for p in 0..4 {
+        pipe.cmd("XRANGE")
+            .arg(format!("{}:{{p{p}}}:outbox", stack.key_prefix))
+            .arg("-")
+            .arg("+");
+    }
+    pipe.cmd("FLUSHALL");
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await.unwrap();
+    let flushed = Instant::now();
+    // Per agent: reservations whose allow the FLUSHALL took (never restored, never
+    // charged), and those whose charge it took after their allow was relayed (restored
+    // open, with their reserved amount).
+    let mut allow_lost: HashSet<String> = HashSet::new();
+    let mut charge_lost: HashMap<String, (String, i64)> = HashMap::new();
+    for reply in &replies[..4] {
+        let range: redis::streams::StreamRangeReply =
+            redis::from_redis_value(reply.clone()).unwrap();
+        for entry in range.ids {
+            let mut fields: HashMap<String, String> = HashMap::new();
+            for (k, v) in entry.map {
+                fields.insert(k, redis::from_redis_value::<String>(v).unwrap());
+            }
+            caracal_authz::outbox::expand_meta(&mut fields).unwrap();
+            let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
+            match (get("type").as_str(), get("decision").as_str()) {
+                ("decision", "allow") if get("kind") == "authorize" => {
+                    allow_lost.insert(get("reservation_id"));
+                }
+                ("charge", _) => {
+                    let reserved = get("reserved").parse::<i64>().unwrap();
+                    charge_lost.insert(get("reservation_id"), (get("agent_id"), reserved));
+                }
+                _ => {}
+            }
+        }
+    }
+    charge_lost.retain(|rid, _| !allow_lost.contains(rid));
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let rebuild_started = Instant::now();
+    // The writer catches up on what was relayed before the loss; until then the
+    // rebuild is refused (bounded retries).
+    let mut report = None;
+    for _ in 0..50 {
+        match stack
+            .ledger()
+            .rebuild_budgets(pb::RebuildBudgetsRequest::default())
+            .await
+        {
+            Ok(r) => {
+                report = Some(r.into_inner());
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let report = report.expect("the rebuild ran");
+    assert_eq!(report.restored_partitions, vec![0, 1, 2, 3], "{report:?}");
+    let rebuild_done = Instant::now();
+    rebuilt.store(true, Ordering::SeqCst);
+    for caller in callers {
+        tokio::time::timeout(Duration::from_secs(120), caller)
+            .await
+            .expect("the callers ran out of budget")
+            .unwrap();
+    }
+    let calls = std::mem::take(&mut *calls.lock().unwrap());
+
+    // Fail closed: a call made wholly while Redis was empty is refused (503).
+    let during: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.started > flushed && c.ended < rebuild_started)
+        .collect();
+    assert!(
+        during.len() >= AGENTS,
+        "calls were made during the loss: {}",
+        during.len()
+    );
+    for c in &during {
+        assert_eq!(c.status, 503, "a call during the loss: {}", c.body);
+        assert!(c.body.contains("authorization_unavailable"), "{}", c.body);
+    }
+    // After the rebuild: allowed or refused for budget, nothing else.
+    for c in calls.iter().filter(|c| c.started > rebuild_done) {
+        assert!(
+            c.status == 200 || c.status == 429,
+            "{} {}",
+            c.status,
+            c.body
+        );
+    }
+    assert!(
+        calls.iter().all(|c| [200, 429, 503].contains(&c.status)),
+        "unexpected statuses"
+    );
+    for a in 0..AGENTS {
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.agent == a && c.status == 429 && c.started > rebuild_done),
+            "agent {a} ran out of budget after the rebuild"
+        );
+    }
+
+    // Calls were in flight at the loss: their reservations came back from the
+    // decisions topic and their Settles, parked during the loss, were applied.
+    assert!(report.reservations_restored >= 1, "{report:?}");
+    assert!(report.parked_applied >= 1, "{report:?}");
+
+    // Every passed call charged once, but those whose events the FLUSHALL took.
+    let passed = calls.iter().filter(|c| c.status == 200).count() as i64;
+    eprintln!(
+        "calls {}, passed {passed}, refused during the loss {}, outbox lost: {} allows, {} \
+         charges; rebuild: {} reservations restored, {} parked finishes applied",
+        calls.len(),
+        during.len(),
+        allow_lost.len(),
+        charge_lost.len(),
+        report.reservations_restored,
+        report.parked_applied
+    );
+    let expected_rows = passed - allow_lost.len() as i64 - charge_lost.len() as i64;
+    let totals = ledger_reaches(&stack, expected_rows).await;
+    assert!(totals > 0);
+    #[derive(diesel::QueryableByName)]
+    struct PerAgent {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        agent: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        rows: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        reservations: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        charged: i64,
+    }
+    let mut db = stack.db().await.unwrap();
+    let per_agent: Vec<PerAgent> = diesel_async::RunQueryDsl::load(
+        diesel::sql_query(
+            "SELECT agent_id::text AS agent, count(*) AS rows, \
+             count(DISTINCT reservation_id) AS reservations, \
+             coalesce(sum(charged_micros), 0)::int8 AS charged FROM ledger_events \
+             GROUP BY agent_id",
+        ),
+        &mut db,
+    )
+    .await
+    .unwrap();
+    assert_eq!(per_agent.len(), AGENTS);
+    let mut authz = gateway_client(stack.channel.clone());
+    for (agent, key) in &agents {
+        let row = per_agent.iter().find(|r| &r.agent == agent).unwrap();
+        assert_eq!(row.rows, row.reservations, "one charge per reservation");
+        assert!(row.charged <= LIMIT, "{agent}: {} of {LIMIT}", row.charged);
+        let open: i64 = charge_lost
+            .values()
+            .filter(|(a, _)| a == agent)
+            .map(|(_, reserved)| reserved)
+            .sum();
+        let room = LIMIT - row.charged - open;
+        let over = authorize(&mut authz, key, "room-over", room + 1)
+            .await
+            .unwrap();
+        assert!(!allowed(&over), "{agent}: room {room}: {over:?}");
+        if room > 0 {
+            let rest = authorize(&mut authz, key, "room", room).await.unwrap();
+            assert!(allowed(&rest), "{agent}: room {room}: {rest:?}");
+            authz
+                .release(pb::ReleaseRequest {
+                    reservation_id: rest.reservation_id.clone(),
+                    reason: "client_abort".into(),
+                })
+                .await
+                .unwrap();
+        }
+    }
     let report = stack
         .ledger()
         .reconcile(pb::ReconcileRequest::default())

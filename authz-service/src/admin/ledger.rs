@@ -50,7 +50,7 @@ use caracal_domain::{
     window::{bucket_index, bucket_start, calendar_bounds, TimeWindow, WindowType},
 };
 use caracal_proto::v1::{self as pb, ledger_service_server::LedgerService};
-use caracal_service_kit::redis::query_each;
+use caracal_service_kit::{redis::query_each, snapshot::LedgerCut};
 use chrono::{DateTime, Days, Duration, NaiveDate, Utc};
 use diesel::{
     prelude::*,
@@ -61,7 +61,7 @@ use redis::Value;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-mod rebuild;
+pub(crate) mod rebuild;
 pub mod reopen;
 
 use super::{
@@ -916,15 +916,33 @@ type ByCurrency = BTreeMap<String, (i64, i64)>;
 
 /// The final charges of each target: per rolling bucket (0 for a calendar window)
 /// and currency.
+///
+/// With `cut` (a snapshot's, see `caracal_service_kit::snapshot::LedgerCut`),
+/// only the rows below it count, and a row supersedes another only if it is below
+/// it too: the ledger as it was at the snapshot, as far as it still holds it.
 async fn ledger_side(
     conn: &mut AsyncPgConnection,
     subjects: &[Subject],
     targets: &[Target],
     spans: &[Span],
+    cut: Option<&[LedgerCut]>,
 ) -> ServiceResult<Vec<BTreeMap<i64, ByCurrency>>> {
     let mut out = vec![BTreeMap::new(); targets.len()];
     let Some(min_lo) = spans.iter().map(|s| s.lo).min() else {
         return Ok(out);
+    };
+    let (in_cut, superseded) = match cut {
+        None => (String::new(), SUPERSEDED.to_owned()),
+        Some(_) => (
+            format!("AND {}", below_cut("e")),
+            format!(
+                "EXISTS (SELECT 1 FROM ledger_events s \
+                 WHERE s.reservation_id = e.reservation_id AND {} \
+                   AND (s.kind = 'late_settle', s.occurred_at, s.event_id) \
+                     > (e.kind = 'late_settle', e.occurred_at, e.event_id))",
+                below_cut("s")
+            ),
+        ),
     };
     let sql = format!(
         "WITH w(pid, idx, lo, hi, width) AS ( \
@@ -935,8 +953,8 @@ async fn ledger_side(
                 coalesce(e.reserved_at, e.occurred_at) AS at \
             FROM ledger_events e CROSS JOIN LATERAL unnest(e.policy_ids) AS p(pid) \
             WHERE e.occurred_at >= $6::timestamptz - interval '{CLOCK_SKEW_MARGIN}' \
-              AND p.pid = ANY($1) \
-              AND NOT {SUPERSEDED} \
+              AND p.pid = ANY($1) {in_cut} \
+              AND NOT {superseded} \
         ) \
         SELECT w.idx AS span, c.currency, \
             CASE WHEN w.width > 0 THEN floor(extract(epoch FROM c.at) / w.width)::bigint \
@@ -958,6 +976,24 @@ async fn ledger_side(
         .bind::<Array<Nullable<Timestamptz>>, _>(spans.iter().map(|s| s.hi).collect::<Vec<_>>())
         .bind::<Array<BigInt>, _>(spans.iter().map(|s| s.width_s).collect::<Vec<_>>())
         .bind::<Timestamptz, _>(min_lo)
+        .bind::<Array<Text>, _>(
+            cut.unwrap_or_default()
+                .iter()
+                .map(|c| c.topic.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Integer>, _>(
+            cut.unwrap_or_default()
+                .iter()
+                .map(|c| c.partition)
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<BigInt>, _>(
+            cut.unwrap_or_default()
+                .iter()
+                .map(|c| c.next_offset)
+                .collect::<Vec<_>>(),
+        )
         .load(conn)
         .await?;
     for r in rows {
@@ -973,6 +1009,17 @@ async fn ledger_side(
         sums.1 += r.events;
     }
     Ok(out)
+}
+
+/// `alias` (a ledger_events row) is below the cut bound as `$7` (topics), `$8`
+/// (partitions) and `$9` (next offsets): a row of a partition the cut does not
+/// name came after it.
+fn below_cut(alias: &str) -> String {
+    format!(
+        "{alias}.kafka_offset < coalesce((SELECT c.next FROM unnest($7::text[], $8::int[], \
+            $9::bigint[]) AS c(topic, part, next) \
+            WHERE c.topic = {alias}.kafka_topic AND c.part = {alias}.kafka_partition), 0)"
+    )
 }
 
 /// One reported row before it becomes a message.
@@ -1224,6 +1271,8 @@ struct Planned {
     subjects: Vec<Subject>,
     targets: Vec<Target>,
     ledger: Vec<BTreeMap<i64, ByCurrency>>,
+    /// With a cut: the ledger side of the rows below it (empty without).
+    ledger_before: Vec<BTreeMap<i64, ByCurrency>>,
 }
 
 /// Plans the windows of `rows` (the current ones without `period`) and reads their
@@ -1234,6 +1283,7 @@ async fn plan_windows(
     rows: Vec<PolicyRow>,
     period: Option<(DateTime<Utc>, DateTime<Utc>)>,
     now: DateTime<Utc>,
+    cut: Option<&[LedgerCut]>,
 ) -> ServiceResult<Planned> {
     let mut agents: Vec<Uuid> = rows.iter().map(|r| r.1).collect();
     agents.sort();
@@ -1280,11 +1330,16 @@ async fn plan_windows(
         });
     }
     let (targets, spans) = plan(keys, &subjects, period, now)?;
-    let ledger = ledger_side(conn, &subjects, &targets, &spans).await?;
+    let ledger = ledger_side(conn, &subjects, &targets, &spans, None).await?;
+    let ledger_before = match cut {
+        Some(cut) => ledger_side(conn, &subjects, &targets, &spans, Some(cut)).await?,
+        None => Vec::new(),
+    };
     Ok(Planned {
         subjects,
         targets,
         ledger,
+        ledger_before,
     })
 }
 
@@ -1340,7 +1395,8 @@ pub(crate) async fn reconcile(
         subjects,
         targets,
         ledger,
-    } = plan_windows(&mut conn, store.keys(), rows, period, now).await?;
+        ..
+    } = plan_windows(&mut conn, store.keys(), rows, period, now, None).await?;
     drop(conn);
 
     let mut fields = Vec::with_capacity(targets.len());

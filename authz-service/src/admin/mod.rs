@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod merkle;
 pub mod policies;
 pub mod pricebook;
+pub mod snapshot;
 pub mod spend;
 
 pub use agents::AgentAdmin;
@@ -25,6 +26,7 @@ pub use ledger::LedgerAdmin;
 pub use merkle::MerkleAdmin;
 pub use policies::PolicyAdmin;
 pub use pricebook::PriceBookAdmin;
+pub use snapshot::SnapshotAdmin;
 pub use spend::SpendAdmin;
 
 /// What every admin service needs.

@@ -94,6 +94,20 @@ pub async fn write_markers(
     Ok(())
 }
 
+/// Removes the markers of `partitions`: the hot path refuses there (as after a
+/// loss) until a rebuild or a snapshot restore puts them back.
+pub async fn take_offline(store: &BudgetStore, partitions: &[u16]) -> ServiceResult<()> {
+    let keys: &KeySpace = store.keys();
+    let deletes = partitions
+        .iter()
+        .map(|p| redis::cmd("DEL").arg(keys.state_marker(*p)).clone())
+        .collect();
+    query_each(&store.connection(), deletes)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    Ok(())
+}
+
 /// The `budget_state` row, if the state was ever established.
 pub async fn established(conn: &mut db::Conn<'_>) -> ServiceResult<Option<Established>> {
     let row: Option<Established> = diesel::sql_query(

@@ -49,6 +49,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Merkle(m) => crate::merkle::run(&ctx, m.command, out).await,
         Command::Budget(b) => crate::budget::run(&ctx, b.command, out).await,
         Command::Replay(r) => crate::replay::run(format, r.command, out).await,
+        Command::Snapshot(s) => crate::snapshot::run(&ctx, s.command, out).await,
     }
 }
 

@@ -1,11 +1,15 @@
-//! How long `caracal budget rebuild` takes after Redis lost its data: agents with
-//! a daily calendar and an hourly rolling policy each, real Authorize + Settle
-//! traffic, the charges in the ledger (the ledger-writer's own decode + insert), a
-//! real FLUSHALL on a Redis of the bench's own, then the rebuild, timed.
+//! How long `caracal budget rebuild`, `snapshot create` and `snapshot restore`
+//! take: agents with a daily calendar and an hourly rolling policy each, real
+//! Authorize + Settle traffic, the charges in the ledger (the ledger-writer's own
+//! decode + insert), the ledger padded to `--ledger-events` rows (charges of the
+//! same agents and policies inside the last half hour, written by SQL: a million
+//! real calls would time the hot path, not the rebuild), a real FLUSHALL on a
+//! Redis of the bench's own, then the rebuild, timed; then a snapshot, another
+//! FLUSHALL and the restore from it, timed; reconcile checks each.
 //!
-//!   cargo run --release -p caracal-tests --bin rebuild-bench -- --agents 10000
+//!   cargo run --release -p caracal-tests --bin rebuild-bench -- --agents 10000 --ledger-events 1000000
 //!
-//! Prints the rebuild's wall time and per 10,000 agents (the README's figure).
+//! Prints each wall time and per 10,000 agents (the README's figures).
 
 use std::time::Instant;
 
@@ -24,6 +28,9 @@ struct Args {
     /// Charges per agent in the ledger.
     #[arg(long, default_value_t = 2)]
     charges: usize,
+    /// Ledger rows in all (real charges, then padding up to this many).
+    #[arg(long, default_value_t = 1_000_000)]
+    ledger_events: usize,
     /// Concurrent admin / traffic calls while filling.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -135,6 +142,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    let padding = args.ledger_events.saturating_sub(rows.len());
+    if padding > 0 {
+        let started = Instant::now();
+        pad_ledger(&mut conn, padding).await?;
+        eprintln!(
+            "ledger padded with {padding} charges in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let ledger_rows = rows.len() + padding;
+
     let _: () = redis.cmd(&mut redis::cmd("FLUSHALL")).await;
     let mut ledger = stack.ledger();
     let started = Instant::now();
@@ -151,11 +169,83 @@ async fn run(args: Args) -> anyhow::Result<()> {
             2 * args.agents
         );
     }
-    // Reconcile covers at most 10,000 policies at once: a few agents then.
-    let scopes: Vec<String> = if 2 * args.agents <= 10_000 {
+    no_drift(&mut ledger, &agents, "the rebuild").await?;
+    let per_10k = |t: std::time::Duration| t.as_secs_f64() * 10_000.0 / args.agents as f64;
+    println!(
+        "agents={} policies={} ledger rows={ledger_rows} partitions=16",
+        args.agents, report.policies,
+    );
+    println!(
+        "budget rebuild after FLUSHALL: {:.2} s ({} counters; server-side {} ms); {:.2} s per 10,000 agents; reconcile afterwards: no drift",
+        took.as_secs_f64(),
+        report.counters_total,
+        report.took_ms,
+        per_10k(took)
+    );
+
+    let mut snapshots = stack.snapshots();
+    let started = Instant::now();
+    let created = snapshots
+        .create_snapshot(pb::CreateSnapshotRequest {})
+        .await
+        .context("CreateSnapshot")?
+        .into_inner();
+    let create_took = started.elapsed();
+    let info = created.snapshot.unwrap_or_default();
+    if info.ledger_events as usize != ledger_rows {
+        bail!(
+            "the snapshot holds {} ledger rows of {ledger_rows}",
+            info.ledger_events
+        );
+    }
+    let _: () = redis.cmd(&mut redis::cmd("FLUSHALL")).await;
+    let started = Instant::now();
+    let restored = snapshots
+        .restore_snapshot(pb::RestoreSnapshotRequest {
+            snapshot_id: info.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .context("RestoreSnapshot")?
+        .into_inner();
+    let restore_took = started.elapsed();
+    let counters = restored.budgets.map_or(0, |b| b.counters_total);
+    no_drift(&mut ledger, &agents, "the snapshot restore").await?;
+    println!(
+        "snapshot create: {:.2} s ({} counters, {} bytes, {} ledger rows); {:.2} s per 10,000 agents",
+        create_took.as_secs_f64(),
+        info.counters,
+        info.size_bytes,
+        info.ledger_events,
+        per_10k(create_took)
+    );
+    println!(
+        "snapshot restore after FLUSHALL: {:.2} s ({counters} counters); {:.2} s per 10,000 agents; reconcile afterwards: no drift",
+        restore_took.as_secs_f64(),
+        per_10k(restore_took)
+    );
+    drop(conn);
+    if let Ok(stack) = std::sync::Arc::try_unwrap(stack) {
+        stack.stop().await?;
+    }
+    Ok(())
+}
+
+/// Fails unless Redis and the ledger agree on every policy (reconcile covers at
+/// most 10,000 policies at once: a few agents then).
+async fn no_drift(
+    ledger: &mut pb::ledger_service_client::LedgerServiceClient<caracal_tests::Svc>,
+    agents: &[String],
+    after: &str,
+) -> anyhow::Result<()> {
+    let scopes: Vec<String> = if 2 * agents.len() <= 10_000 {
         vec![String::new()]
     } else {
-        agents.iter().step_by(args.agents / 5).cloned().collect()
+        agents
+            .iter()
+            .step_by((agents.len() / 5).max(1))
+            .cloned()
+            .collect()
     };
     for agent_id in scopes {
         let check = ledger
@@ -167,28 +257,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .into_inner();
         if check.policies_with_drift != 0 || check.policies_checked == 0 {
             bail!(
-                "{} of {} policies drift after the rebuild",
+                "{} of {} policies drift after {after}",
                 check.policies_with_drift,
                 check.policies_checked
             );
         }
     }
-    println!(
-        "agents={} policies={} ledger rows={} partitions=16",
-        args.agents,
-        report.policies,
-        rows.len()
-    );
-    println!(
-        "budget rebuild after FLUSHALL: {:.2} s ({} counters; server-side {} ms); {:.2} s per 10,000 agents; reconcile afterwards: no drift",
-        took.as_secs_f64(),
-        report.counters_total,
-        report.took_ms,
-        took.as_secs_f64() * 10_000.0 / args.agents as f64
-    );
-    drop(conn);
-    if let Ok(stack) = std::sync::Arc::try_unwrap(stack) {
-        stack.stop().await?;
+    Ok(())
+}
+
+/// `n` more charges of 0.001 USD spread over every agent's two policies, inside
+/// the last half hour (in the current hour's rolling window and, but for the
+/// first half hour of a day, today's), each its own reservation, at offsets above
+/// any real one.
+async fn pad_ledger(conn: &mut diesel_async::AsyncPgConnection, n: usize) -> anyhow::Result<()> {
+    use diesel_async::RunQueryDsl;
+    const STEP: usize = 100_000;
+    let mut done = 0;
+    while done < n {
+        let take = STEP.min(n - done);
+        diesel::sql_query(format!(
+            "WITH a AS ( \
+                SELECT agent_id, array_agg(id::text ORDER BY id) AS pids, \
+                       (row_number() OVER (ORDER BY agent_id)) - 1 AS i \
+                FROM policies GROUP BY agent_id), \
+             c AS (SELECT count(*) AS n FROM a), \
+             g AS (SELECT {done} + s AS k FROM generate_series(1, {take}) s) \
+             INSERT INTO ledger_events (event_id, kind, reservation_id, request_id, agent_id, \
+                 root_agent_id, policy_ids, currency, reserved_micros, charged_micros, \
+                 overshoot_micros, schema_version, occurred_at, reserved_at, kafka_topic, \
+                 kafka_partition, kafka_offset) \
+             SELECT 'pad-' || g.k || '/settle', 'settle', 'pad-' || g.k, 'pad-' || g.k, \
+                 a.agent_id, a.agent_id, a.pids, 'USD', 1000, 1000, 0, 1, \
+                 now() - make_interval(secs => (g.k % 1800)), \
+                 now() - make_interval(secs => (g.k % 1800)), \
+                 'caracal.metering.events', 0, 1000000000 + g.k \
+             FROM g CROSS JOIN c JOIN a ON a.i = g.k % c.n"
+        ))
+        .execute(conn)
+        .await?;
+        done += take;
     }
     Ok(())
 }

@@ -17,17 +17,23 @@
 //! Reservations open at the moment of the loss, and Settles / Releases that came
 //! while it was lost, are [`super::reopen`]'s.
 
-use std::time::Instant;
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Instant,
+};
 
-use caracal_service_kit::redis::query_each;
+use caracal_service_kit::{
+    redis::query_each,
+    snapshot::{self, Snapshot},
+};
 use chrono::{Duration, Utc};
 use diesel::sql_types::Text;
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use super::reopen;
 use super::{
-    existing_agent, load_policies, pb, plan_windows, BudgetStore, Planned, ServiceError,
-    ServiceResult, TargetKind, Uuid,
+    existing_agent, load_policies, pb, plan_windows, BudgetStore, ByCurrency, KeySpace, Planned,
+    ServiceError, ServiceResult, TargetKind, Uuid,
 };
 use crate::{budget::state, db};
 
@@ -59,11 +65,11 @@ return (#ARGV - 1) / 2
 ";
 
 /// One counter to write.
-struct Write {
-    key: String,
-    expire_at_s: i64,
-    fields: Vec<(String, i64)>,
-    listed: pb::RebuiltCounter,
+pub(crate) struct Write {
+    pub key: String,
+    pub expire_at_s: i64,
+    pub fields: Vec<(String, i64)>,
+    pub listed: pb::RebuiltCounter,
 }
 
 pub(crate) async fn state(
@@ -81,51 +87,66 @@ pub(crate) async fn state(
     })
 }
 
-pub(crate) async fn rebuild(
-    pool: &db::Pool,
-    store: &BudgetStore,
-    decisions: Option<&reopen::DecisionsSource>,
-    req: pb::RebuildBudgetsRequest,
-) -> ServiceResult<pb::RebuildBudgetsResponse> {
-    let started = Instant::now();
-    let lost = state::lost_partitions(store).await?;
-    let mut conn = db::conn(pool).await?;
-    let agent = match req.agent_id.trim() {
-        "" => None,
-        text => Some(existing_agent(&mut conn, text).await?),
-    };
-    let ledger_lag = ledger_lag(&mut conn, &req.ledger_group).await?;
-    if ledger_lag > 0 && !req.allow_ledger_lag && !req.dry_run {
-        return Err(ServiceError::FailedPrecondition(format!(
-            "the ledger-writer is {ledger_lag} events behind on the metering topic: their \
-             charges would be missing from the rebuilt counters (each one an overspend of its \
-             amount). Wait until `caracal ledger status` shows no lag, or rebuild anyway with \
-             --allow-ledger-lag"
-        )));
-    }
-    if lost.is_empty() && !req.dry_run {
-        return Err(ServiceError::FailedPrecondition(
-            "Redis holds the budget state of every partition: its counters are live, and \
-             rewriting them from the ledger would race the traffic (the ledger trails them by \
-             the events in flight). Use `caracal ledger reconcile` to look for drift."
-                .to_owned(),
-        ));
-    }
-    // The partitions rebuilt: the lost ones; a dry run with nothing lost shows what
-    // a rebuild of every partition would write.
-    let partitions: Vec<u16> = if lost.is_empty() {
-        (0..store.keys().partitions()).collect()
-    } else {
-        lost.clone()
-    };
-    let targeted = |p: u16| partitions.binary_search(&p).is_ok();
+/// The snapshot a restore starts from (`caracal snapshot restore`): each counter
+/// gets the ledger's charges now plus what the snapshot held that the ledger no
+/// longer does (its value minus the ledger's rows below the snapshot's cut, when
+/// positive). With the ledger intact that is the ledger's value; with rows lost it
+/// is the snapshot's plus the rows after it; never less than the ledger holds.
+pub(crate) struct Base<'a> {
+    pub snapshot: &'a Snapshot,
+    counters: HashMap<&'a str, &'a snapshot::Counter>,
+}
 
+impl<'a> Base<'a> {
+    pub fn new(snapshot: &'a Snapshot) -> Self {
+        Self {
+            snapshot,
+            counters: snapshot
+                .counters
+                .iter()
+                .map(|c| (c.key.as_str(), c))
+                .collect(),
+        }
+    }
+
+    /// The snapshot's value of `field` of counter `key` (0 when it had none, or
+    /// counted in another currency).
+    fn value(&self, key: &str, currency: &str, field: &str) -> i64 {
+        self.counters
+            .get(key)
+            .filter(|c| c.currency == currency)
+            .and_then(|c| c.fields.iter().find(|(f, _)| f == field))
+            .map_or(0, |(_, v)| *v)
+    }
+
+    /// The rolling buckets the snapshot has for `key`.
+    fn buckets(&self, key: &str) -> Vec<i64> {
+        self.counters.get(key).map_or_else(Vec::new, |c| {
+            c.fields
+                .iter()
+                .filter_map(|(f, _)| f.strip_prefix("s:").and_then(|b| b.parse().ok()))
+                .collect()
+        })
+    }
+}
+
+/// The counters of every active policy (of `agent` alone when given) whose
+/// hierarchy lives on a partition `targeted` accepts, as the ledger (and `base`)
+/// has them now, and the number of policies.
+pub(crate) async fn plan_counters(
+    conn: &mut AsyncPgConnection,
+    keys: &KeySpace,
+    agent: Option<Uuid>,
+    targeted: impl Fn(u16) -> bool,
+    base: Option<&Base<'_>>,
+    mut on_page: impl FnMut(usize),
+) -> ServiceResult<(Vec<Write>, u32)> {
     let mut writes: Vec<Write> = Vec::new();
     let mut policies = 0u32;
     let mut after: Option<(Uuid, Uuid)> = None;
-    let keys = store.keys().clone();
+    let cut = base.map(|b| b.snapshot.ledger_cut.as_slice());
     loop {
-        let rows = load_policies(&mut conn, agent, true, after, PAGE).await?;
+        let rows = load_policies(conn, agent, true, after, PAGE).await?;
         let Some(last) = rows.last() else { break };
         after = Some((last.1, last.0));
         let full = rows.len() as i64 == PAGE;
@@ -134,23 +155,38 @@ pub(crate) async fn rebuild(
             subjects,
             targets,
             ledger,
-        } = plan_windows(&mut conn, &keys, rows, None, now).await?;
-        for (target, charges) in targets.iter().zip(&ledger) {
+            ledger_before,
+        } = plan_windows(conn, keys, rows, None, now, cut).await?;
+        let empty = BTreeMap::new();
+        for (i, (target, charges)) in targets.iter().zip(&ledger).enumerate() {
             let subject = &subjects[target.subject];
             if !targeted(subject.partition) {
                 continue;
             }
             policies += 1;
             let currency = subject.currency_at(target.last_use - Duration::microseconds(1));
-            let own = |bucket: i64| {
+            let own = |charges: &BTreeMap<i64, ByCurrency>, bucket: i64| {
                 charges
                     .get(&bucket)
                     .and_then(|c| c.get(currency.as_str()))
                     .map_or(0, |(micros, _)| *micros)
             };
+            let before = ledger_before.get(i).unwrap_or(&empty);
+            let value = |field: &str, bucket: i64| -> i64 {
+                let now = own(charges, bucket);
+                match base {
+                    None => now,
+                    Some(base) => {
+                        let lost = base
+                            .value(&target.key, currency.as_str(), field)
+                            .saturating_sub(own(before, bucket));
+                        now.saturating_add(lost.max(0))
+                    }
+                }
+            };
             let (expire_at_s, fields) = match &target.kind {
                 TargetKind::Calendar { expire_at_s, .. } => {
-                    let spent = own(0);
+                    let spent = value("s", 0);
                     let fields = if spent == 0 {
                         Vec::new()
                     } else {
@@ -162,10 +198,20 @@ pub(crate) async fn rebuild(
                     // The buckets the hot path counts now (and any after the newest:
                     // a reservation clock ahead).
                     let oldest = current.map_or(i64::MAX, |c| c.0);
-                    let fields = charges
-                        .keys()
-                        .filter(|b| **b >= oldest)
-                        .map(|b| (format!("s:{b}"), own(*b)))
+                    let mut buckets: Vec<i64> = charges.keys().copied().collect();
+                    if let Some(base) = base {
+                        buckets.extend(base.buckets(&target.key));
+                    }
+                    buckets.sort_unstable();
+                    buckets.dedup();
+                    let fields = buckets
+                        .into_iter()
+                        .filter(|b| *b >= oldest)
+                        .map(|b| {
+                            let field = format!("s:{b}");
+                            let v = value(&field, b);
+                            (field, v)
+                        })
                         .filter(|(_, micros)| *micros != 0)
                         .collect();
                     (0, fields)
@@ -191,27 +237,103 @@ pub(crate) async fn rebuild(
                 fields,
             });
         }
+        on_page(writes.len());
         if !full {
             break;
         }
     }
+    Ok((writes, policies))
+}
+
+pub(crate) async fn rebuild(
+    pool: &db::Pool,
+    store: &BudgetStore,
+    decisions: Option<&reopen::DecisionsSource>,
+    req: pb::RebuildBudgetsRequest,
+) -> ServiceResult<pb::RebuildBudgetsResponse> {
+    rebuild_from(pool, store, decisions, req, None).await
+}
+
+/// A rebuild, from the ledger alone or (`base`) from a snapshot and the ledger.
+/// The ledger-writer's lag on the metering topic; an error when there is some and
+/// the request neither is a dry run nor allows it (the rebuilt counters would miss
+/// those charges).
+pub(crate) async fn refuse_ledger_lag(
+    conn: &mut AsyncPgConnection,
+    req: &pb::RebuildBudgetsRequest,
+) -> ServiceResult<i64> {
+    let lag = ledger_lag(conn, &req.ledger_group).await?;
+    if lag > 0 && !req.allow_ledger_lag && !req.dry_run {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "the ledger-writer is {lag} events behind on the metering topic: their \
+             charges would be missing from the rebuilt counters (each one an overspend of its \
+             amount). Wait until `caracal ledger status` shows no lag, or rebuild anyway with \
+             --allow-ledger-lag"
+        )));
+    }
+    Ok(lag)
+}
+
+pub(crate) async fn rebuild_from(
+    pool: &db::Pool,
+    store: &BudgetStore,
+    decisions: Option<&reopen::DecisionsSource>,
+    req: pb::RebuildBudgetsRequest,
+    base: Option<&Base<'_>>,
+) -> ServiceResult<pb::RebuildBudgetsResponse> {
+    let started = Instant::now();
+    let lost = state::lost_partitions(store).await?;
+    let mut conn = db::conn(pool).await?;
+    let agent = match req.agent_id.trim() {
+        "" => None,
+        text => Some(existing_agent(&mut conn, text).await?),
+    };
+    let ledger_lag = refuse_ledger_lag(&mut conn, &req).await?;
+    if lost.is_empty() && !req.dry_run {
+        return Err(ServiceError::FailedPrecondition(
+            "Redis holds the budget state of every partition: its counters are live, and \
+             rewriting them from the ledger would race the traffic (the ledger trails them by \
+             the events in flight). Use `caracal ledger reconcile` to look for drift."
+                .to_owned(),
+        ));
+    }
+    // The partitions rebuilt: the lost ones; a dry run with nothing lost shows what
+    // a rebuild of every partition would write.
+    let partitions: Vec<u16> = if lost.is_empty() {
+        (0..store.keys().partitions()).collect()
+    } else {
+        lost.clone()
+    };
+    let targeted = |p: u16| partitions.binary_search(&p).is_ok();
+    let keys = store.keys().clone();
+    let (writes, policies) = plan_counters(&mut conn, &keys, agent, targeted, base, |_| {}).await?;
 
     // The reservations open at the loss: restored first (their reserved amounts),
     // then the spent values are written beside them.
     let agent_text = agent.map(|a| a.to_string());
-    let (open, source) = match decisions {
-        Some(source) => (
-            reopen::open_reservations(&mut conn, source, store, &partitions, agent_text.as_deref())
-                .await?,
-            format!("decisions topic {}", source.kafka.decisions_topic),
-        ),
-        None => (
-            Vec::new(),
-            "not read: the relay is off (no decisions topic); reservations open at the loss \
-             are not restored"
-                .to_owned(),
-        ),
+    let snapshot_open = base.map_or(&[][..], |b| b.snapshot.reservations.as_slice());
+    let open = reopen::open_reservations(
+        &mut conn,
+        decisions,
+        store,
+        &partitions,
+        agent_text.as_deref(),
+        snapshot_open,
+    )
+    .await?;
+    let mut source = match decisions {
+        Some(source) => format!("decisions topic {}", source.kafka.decisions_topic),
+        None => "not read: the relay is off (no decisions topic); reservations open at the loss \
+                 are not restored"
+            .to_owned(),
     };
+    if let Some(base) = base {
+        source.push_str(&format!(
+            "; snapshot {} ({} open then)",
+            base.snapshot.snapshot_id,
+            base.snapshot.reservations.len()
+        ));
+    }
     let mut reservations_restored = 0;
     let mut parked_applied = 0;
     let restored = if req.dry_run {
@@ -274,7 +396,7 @@ pub(crate) async fn rebuild(
 
 /// The ledger-writer group's lag (events) on the metering topic, as its replicas
 /// last reported it in consumer_partitions (0 when it never ran).
-async fn ledger_lag(conn: &mut db::Conn<'_>, group: &str) -> ServiceResult<i64> {
+async fn ledger_lag(conn: &mut AsyncPgConnection, group: &str) -> ServiceResult<i64> {
     #[derive(diesel::QueryableByName)]
     struct Lag {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -290,7 +412,7 @@ async fn ledger_lag(conn: &mut db::Conn<'_>, group: &str) -> ServiceResult<i64> 
          FROM consumer_partitions WHERE group_id = $1 AND end_offset IS NOT NULL",
     )
     .bind::<Text, _>(group)
-    .get_result(&mut **conn)
+    .get_result(conn)
     .await?;
     Ok(lag.lag)
 }

@@ -27,6 +27,7 @@ use caracal_proto::v1 as pb;
 use caracal_service_kit::{
     kafka::KafkaConfig,
     redis::query_each,
+    snapshot,
     topic_range::{RangeError, TopicRange},
 };
 use diesel::sql_types::{Array, Text};
@@ -109,24 +110,50 @@ pub fn holds_of(record: &str) -> Option<Vec<(String, String, i64)>> {
 }
 
 /// The reservations still open on `partitions` (of `agent` alone when given),
-/// from the decisions topic and the ledger.
+/// from the decisions topic (when the relay runs), the reservations a snapshot
+/// held (`snapshot`: those not expired yet; the topic may be gone with a region)
+/// and the ledger.
 pub async fn open_reservations(
     conn: &mut AsyncPgConnection,
-    source: &DecisionsSource,
+    source: Option<&DecisionsSource>,
     store: &BudgetStore,
     partitions: &[u16],
     agent: Option<&str>,
+    snapshot: &[snapshot::Reservation],
 ) -> ServiceResult<Vec<OpenReservation>> {
-    let since_ms = chrono::Utc::now().timestamp_millis()
-        - i64::try_from(source.reservation_ttl.as_millis() * 2).unwrap_or(i64::MAX / 2)
-        - 60_000;
-    let since = chrono::DateTime::from_timestamp_millis(since_ms).unwrap_or_default();
-    let events = read_decisions(source, since).await.map_err(|e| {
-        ServiceError::Unavailable(format!(
-            "cannot read the decisions topic for the reservations open at the loss: {e}"
-        ))
-    })?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let events = match source {
+        None => Vec::new(),
+        Some(source) => {
+            let since_ms = now_ms
+                - i64::try_from(source.reservation_ttl.as_millis() * 2).unwrap_or(i64::MAX / 2)
+                - 60_000;
+            let since = chrono::DateTime::from_timestamp_millis(since_ms).unwrap_or_default();
+            read_decisions(source, since).await.map_err(|e| {
+                ServiceError::Unavailable(format!(
+                    "cannot read the decisions topic for the reservations open at the loss: {e}"
+                ))
+            })?
+        }
+    };
     let mut allows: HashMap<String, pb::DecisionEvent> = HashMap::new();
+    for r in snapshot.iter().filter(|r| r.expires_at_ms > now_ms) {
+        allows.insert(
+            r.reservation_id.clone(),
+            pb::DecisionEvent {
+                kind: "authorize".to_owned(),
+                decision: pb::Decision::Allow as i32,
+                reservation_id: r.reservation_id.clone(),
+                agent_id: r.agent_id.clone(),
+                reservation_record: r.record.clone(),
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: r.expires_at_ms.div_euclid(1000),
+                    nanos: i32::try_from(r.expires_at_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+                }),
+                ..Default::default()
+            },
+        );
+    }
     let mut released: HashSet<String> = HashSet::new();
     for e in events {
         match e.kind.as_str() {
