@@ -212,7 +212,9 @@ async fn a_time_range_replays_into_the_ledger_once_and_validate_says_what_is_mis
     .await;
     assert_eq!(snapshot.code, 1);
     assert!(
-        snapshot.err.contains("no snapshot snapshot-20260203-000000"),
+        snapshot
+            .err
+            .contains("no snapshot snapshot-20260203-000000"),
         "{}",
         snapshot.err
     );

@@ -570,5 +570,26 @@ async fn a_snapshot_restored_onto_a_fresh_database_and_redis_reproduces_every_ba
         .await
         .unwrap_err();
     assert_eq!(zero.code(), Code::InvalidArgument);
+
+    // Admin credentials only; reflection lists the service (grpcurl needs no protos).
+    let anonymous = pb::snapshot_service_client::SnapshotServiceClient::with_interceptor(
+        fresh.channel.clone(),
+        caracal_tests::Bearer(None),
+    )
+    .restore_snapshot(pb::RestoreSnapshotRequest {
+        snapshot_id: info.snapshot_id.clone(),
+        replace_live: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let services = caracal_tests::reflection::reflected_services(fresh.channel.clone())
+        .await
+        .unwrap();
+    assert!(
+        services.iter().any(|s| s == "caracal.v1.SnapshotService"),
+        "{services:?}"
+    );
     fresh.stop().await.unwrap();
 }
