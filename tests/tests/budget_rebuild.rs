@@ -889,3 +889,101 @@ async fn redis_flushed_mid_traffic_through_envoy_fails_closed_and_the_rebuild_is
     stack.stop().await.unwrap();
     drop(tansu);
 }
+
+/// Waits (bounded) until `replica` has synced with its primary.
+async fn replica_synced(replica: &OwnRedis) {
+    for _ in 0..100 {
+        let info: String = replica.cmd(redis::cmd("INFO").arg("replication")).await;
+        if info.contains("master_link_status:up") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the replica did not sync");
+}
+
+/// With `minReplicasAck`, a rebuild writes back the markers (and so lets traffic
+/// resume) only once that many replicas hold the rebuilt state: a failover right
+/// after the rebuild must not bring back an emptied budget that traffic is allowed
+/// on. Without the replica the rebuild fails and the partitions stay refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replica_acks_a_rebuild_lets_traffic_back_only_once_the_replicas_hold_it() {
+    let redis = OwnRedis::start().await;
+    let port = redis.url.rsplit(':').next().unwrap().to_owned();
+    // A replica syncs at once (not after the default 5 s wait for company).
+    let _: () = redis
+        .cmd(
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("repl-diskless-sync-delay")
+                .arg("0"),
+        )
+        .await;
+    let mut replica = OwnRedis::start().await;
+    let _: () = replica
+        .cmd(redis::cmd("REPLICAOF").arg("127.0.0.1").arg(&port))
+        .await;
+    replica_synced(&replica).await;
+    let stack = TestStack::start_with(|c| {
+        redis.configure(&mut c.redis);
+        c.redis.partitions = 4;
+        c.redis.min_replicas_ack = Some(1);
+        c.redis.replica_ack_timeout_ms = 100;
+    })
+    .await
+    .unwrap();
+    let (agent, key) = stack.agent_with_key("acked", None).await.unwrap();
+    stack
+        .usd_policy(&agent, "2.00", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+    let mut authz = gateway_client(stack.channel.clone());
+    for i in 0..2 {
+        spend(&mut authz, &key, &format!("a-{i}"), 500_000, 400_000).await;
+    }
+    assert_eq!(write_ledger(&stack).await, 2);
+
+    let _: () = redis.cmd(&mut redis::cmd("FLUSHALL")).await;
+    // The replica goes away: the rebuild cannot be confirmed.
+    replica.kill();
+    let mut ledger = stack.ledger();
+    let e = ledger
+        .rebuild_budgets(pb::RebuildBudgetsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("replica"), "{e:?}");
+    let state = ledger
+        .budget_state(pb::BudgetStateRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.lost_partitions, vec![0, 1, 2, 3], "{state:?}");
+
+    // A replica again: the rebuild lands, and exactly the ledger's spend is back.
+    let replica = OwnRedis::start().await;
+    let _: () = replica
+        .cmd(redis::cmd("REPLICAOF").arg("127.0.0.1").arg(&port))
+        .await;
+    replica_synced(&replica).await;
+    let rebuilt = ledger
+        .rebuild_budgets(pb::RebuildBudgetsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rebuilt.restored_partitions, vec![0, 1, 2, 3]);
+    let over = authorize(&mut authz, &key, "over", 1_200_001)
+        .await
+        .unwrap();
+    assert!(!allowed(&over), "{over:?}");
+    let rest = authorize(&mut authz, &key, "rest", 1_200_000)
+        .await
+        .unwrap();
+    assert!(allowed(&rest), "{rest:?}");
+    // The replica holds the markers the traffic runs on.
+    let markers: Vec<String> = replica
+        .cmd(redis::cmd("KEYS").arg(format!("{}:*:state", stack.key_prefix)))
+        .await;
+    assert_eq!(markers.len(), 4, "{markers:?}");
+    stack.stop().await.unwrap();
+}

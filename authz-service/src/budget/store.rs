@@ -364,6 +364,43 @@ impl BudgetStore {
         self.conns[i].clone()
     }
 
+    /// With `minReplicasAck`, waits until that many replicas of every primary hold
+    /// each write made so far on any of the store's connections (`WAIT` on each
+    /// connection: it covers that connection's writes; on a cluster it goes to every
+    /// primary and the fewest confirmations count). Each WAIT is bounded by
+    /// `replicaAckTimeoutMs`, as on the hot path (a longer one would hold up the
+    /// calls queued behind it on the shared connection); up to `attempts` of them.
+    /// Used by the admin writes that must outlive a failover (a rebuild's counters
+    /// before its markers).
+    pub async fn confirm_replicas(&self, attempts: u32) -> Result<(), StoreError> {
+        if self.ack.replicas == 0 {
+            return Ok(());
+        }
+        let millis = u64::try_from(self.ack.timeout.as_millis()).unwrap_or(u64::MAX);
+        for conn in self.conns.iter() {
+            let mut conn = conn.clone();
+            let mut acked = 0;
+            for _ in 0..attempts.max(1) {
+                acked = redis::cmd("WAIT")
+                    .arg(self.ack.replicas)
+                    .arg(millis)
+                    .query_async(&mut conn)
+                    .await?;
+                if acked >= i64::from(self.ack.replicas) {
+                    break;
+                }
+            }
+            if acked < i64::from(self.ack.replicas) {
+                metrics::counter!(REPLICA_ACK_TIMEOUTS).increment(1);
+                return Err(StoreError::Unavailable(format!(
+                    "{acked} of {} replicas confirmed the writes ({attempts} waits of {:?})",
+                    self.ack.replicas, self.ack.timeout
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Re-reads which primary serves which slots (cluster; none standalone) and
     /// returns it.
     pub async fn refresh_topology(

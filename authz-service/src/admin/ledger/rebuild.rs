@@ -255,6 +255,23 @@ pub(crate) async fn rebuild(
 }
 
 /// A rebuild, from the ledger alone or (`base`) from a snapshot and the ledger.
+/// How many `replicaAckTimeoutMs` waits a rebuild gives `minReplicasAck` replicas
+/// to confirm what it wrote (an admin call: a second or two is fine; a failure
+/// leaves the partitions refused).
+const REPLICA_CONFIRM_ATTEMPTS: u32 = 20;
+
+async fn confirm_replicas(store: &BudgetStore) -> ServiceResult<()> {
+    store
+        .confirm_replicas(REPLICA_CONFIRM_ATTEMPTS)
+        .await
+        .map_err(|e| {
+            ServiceError::Unavailable(format!(
+                "the rebuilt budget state is not on enough replicas, so traffic stays refused \
+                 (run the rebuild again once they are back): {e}"
+            ))
+        })
+}
+
 /// The ledger-writer's lag on the metering topic; an error when there is some and
 /// the request neither is a dry run nor allows it (the rebuilt counters would miss
 /// those charges).
@@ -359,7 +376,11 @@ pub(crate) async fn rebuild_from(
             .bind::<diesel::sql_types::Integer, _>(i32::from(keys.partitions()))
             .execute(&mut conn)
             .await?;
+            // Traffic resumes on the markers: only once the replicas hold the
+            // rebuilt state, so a failover now cannot bring back an empty one.
+            confirm_replicas(store).await?;
             state::write_markers(store, &lost, &epoch).await?;
+            confirm_replicas(store).await?;
             parked_applied = reopen::apply_parked(store, &lost).await?;
             lost.clone()
         }
