@@ -93,7 +93,7 @@ pub async fn run(ctx: &Ctx<'_>, cmd: BudgetCmd, out: &mut dyn Write) -> Result<(
             ledger_group,
         } => {
             let report = ctx
-                .connect()
+                .connect_long()
                 .await?
                 .ledger()
                 .rebuild_budgets(pb::RebuildBudgetsRequest {
@@ -102,7 +102,8 @@ pub async fn run(ctx: &Ctx<'_>, cmd: BudgetCmd, out: &mut dyn Write) -> Result<(
                     allow_ledger_lag,
                     ledger_group: ledger_group.unwrap_or_default(),
                 })
-                .await?
+                .await
+                .map_err(|e| crate::commands::long_call_error(e, "caracal budget status"))?
                 .into_inner();
             write_rebuild(out, ctx.format, &report)
         }

@@ -17,7 +17,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::{
-    commands::Ctx,
+    commands::{long_call_error, Ctx},
     output::{self, csv_line, key_values, OutputFormat, Table},
 };
 
@@ -73,13 +73,17 @@ pub enum SnapshotCmd {
 }
 
 pub async fn run(ctx: &Ctx<'_>, cmd: SnapshotCmd, out: &mut dyn Write) -> Result<()> {
-    let client = ctx.connect().await?;
+    let client = match cmd {
+        SnapshotCmd::Create | SnapshotCmd::Restore { .. } => ctx.connect_long().await?,
+        _ => ctx.connect().await?,
+    };
     let mut svc: SnapshotServiceClient<_> = client.snapshots();
     match cmd {
         SnapshotCmd::Create => {
             let r = svc
                 .create_snapshot(pb::CreateSnapshotRequest {})
-                .await?
+                .await
+                .map_err(|e| long_call_error(e, "caracal snapshot status"))?
                 .into_inner();
             let s = r.snapshot.clone().unwrap_or_default();
             match ctx.format {
@@ -252,7 +256,8 @@ pub async fn run(ctx: &Ctx<'_>, cmd: SnapshotCmd, out: &mut dyn Write) -> Result
                     allow_ledger_lag,
                     ledger_group: ledger_group.unwrap_or_default(),
                 })
-                .await?
+                .await
+                .map_err(|e| long_call_error(e, "caracal snapshot status"))?
                 .into_inner();
             let budgets = r.budgets.clone().unwrap_or_default();
             match ctx.format {

@@ -1542,13 +1542,20 @@ impl LedgerService for LedgerAdmin {
         &self,
         request: Request<pb::RebuildBudgetsRequest>,
     ) -> Result<Response<pb::RebuildBudgetsResponse>, Status> {
-        let result = rebuild::rebuild(
-            &self.state.pool,
-            &self.store,
-            self.decisions.as_ref(),
-            request.into_inner(),
-        )
-        .await;
+        // In a task of its own: a client that hangs up (or the server's request
+        // timeout) does not cut a rebuild short; `budget status` shows its end.
+        let (pool, store, decisions) = (
+            self.state.pool.clone(),
+            self.store.clone(),
+            self.decisions.clone(),
+        );
+        let req = request.into_inner();
+        let result =
+            tokio::spawn(
+                async move { rebuild::rebuild(&pool, &store, decisions.as_ref(), req).await },
+            )
+            .await
+            .unwrap_or_else(|e| Err(ServiceError::Internal(format!("rebuild task: {e}"))));
         respond("RebuildBudgets", result)
     }
 }

@@ -23,9 +23,36 @@ pub struct Ctx<'a> {
     pub format: OutputFormat,
 }
 
+/// The per-call timeout of the long admin operations (budget rebuild, snapshot
+/// create and restore) when `--timeout` is shorter: they read the whole current
+/// window of the ledger.
+const LONG_CALL_TIMEOUT_S: u64 = 600;
+
 impl Ctx<'_> {
     pub async fn connect(&self) -> Result<Connection> {
         Connection::open(self.conn).await
+    }
+
+    /// A connection for one long operation: at least [`LONG_CALL_TIMEOUT_S`] per call.
+    pub async fn connect_long(&self) -> Result<Connection> {
+        let mut opts = self.conn.clone();
+        opts.timeout = opts.timeout.max(LONG_CALL_TIMEOUT_S);
+        Connection::open(&opts).await
+    }
+}
+
+/// A long operation's error: when the answer did not come in time, the server
+/// still finishes the work (it runs detached from the call), so say where to
+/// follow it instead of leaving the operator to guess.
+pub fn long_call_error(status: tonic::Status, follow: &str) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => anyhow::anyhow!(
+            "{:?}: {}: no answer in time, but the server goes on with it; follow it with \
+             `{follow}`",
+            status.code(),
+            status.message()
+        ),
+        _ => status.into(),
     }
 }
 
@@ -155,5 +182,28 @@ mod tests {
         assert!(read_pages(None, fake(0, &seen)).await.unwrap().is_empty());
         let stuck = |_: PageRequest| std::future::ready(Ok((vec![1], "same".to_owned())));
         assert!(read_pages(None, stuck).await.is_err());
+    }
+}
+
+#[cfg(test)]
+mod long_call_tests {
+    use super::long_call_error;
+
+    #[test]
+    fn a_long_call_without_an_answer_says_where_to_follow_it() {
+        let e = long_call_error(
+            tonic::Status::cancelled("Timeout expired"),
+            "caracal snapshot status",
+        );
+        let text = e.to_string();
+        assert!(text.starts_with("Cancelled: Timeout expired"), "{text}");
+        assert!(text.contains("`caracal snapshot status`"), "{text}");
+        // Any other failure stays the server's status, as every command shows it.
+        let e = long_call_error(
+            tonic::Status::failed_precondition("live"),
+            "caracal budget status",
+        );
+        let status = e.downcast_ref::<tonic::Status>().unwrap();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     }
 }
