@@ -5,6 +5,7 @@
 //! seeing each other's rows. PostgreSQL comes from `CARACAL_TEST_PG`
 //! (default `postgres://postgres@127.0.0.1:5432`).
 
+pub mod budget_calls;
 pub mod charges;
 pub mod cli_process;
 pub mod consumer_config;

@@ -17,61 +17,12 @@ use caracal_proto::v1 as pb;
 use std::time::Duration;
 
 use caracal_tests::{
-    authorize_request, charges::wait_for_ledger_rows, gateway_client, own_redis::OwnRedis,
+    budget_calls::{allowed, authorize, ledger_reaches, settle_request, spend},
+    gateway_client,
+    own_redis::OwnRedis,
     relayed_stack, TestStack,
 };
 use tonic::{transport::Channel, Code};
-
-fn usd(micros: i64) -> pb::Money {
-    pb::Money {
-        currency: "USD".into(),
-        micros,
-        amount: String::new(),
-    }
-}
-
-type Authz = pb::budget_authorization_client::BudgetAuthorizationClient<caracal_tests::GatewaySvc>;
-
-async fn authorize(
-    authz: &mut Authz,
-    key: &str,
-    request_id: &str,
-    micros: i64,
-) -> Result<pb::AuthorizeResponse, tonic::Status> {
-    authz
-        .authorize(authorize_request(key, request_id, micros))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-fn allowed(r: &pb::AuthorizeResponse) -> bool {
-    r.decision == pb::Decision::Allow as i32
-}
-
-fn settle_request(reservation_id: &str, actual: i64) -> pb::SettleRequest {
-    pb::SettleRequest {
-        reservation_id: reservation_id.into(),
-        actual_cost: Some(usd(actual)),
-        ..Default::default()
-    }
-}
-
-/// Authorize + Settle, both answered; returns the reservation id.
-async fn spend(
-    authz: &mut Authz,
-    key: &str,
-    request_id: &str,
-    estimate: i64,
-    actual: i64,
-) -> String {
-    let r = authorize(authz, key, request_id, estimate).await.unwrap();
-    assert!(allowed(&r), "{request_id}: {r:?}");
-    authz
-        .settle(settle_request(&r.reservation_id, actual))
-        .await
-        .unwrap();
-    r.reservation_id
-}
 
 /// Every charge event in the outbox, written into the ledger.
 async fn write_ledger(stack: &TestStack) -> usize {
@@ -335,13 +286,6 @@ async fn redis_losing_its_data_refuses_every_call_until_the_budget_is_rebuilt_fr
     assert!(!allowed(&e), "the other root's budget is used up: {e:?}");
     second.shutdown().await.unwrap();
     stack.stop().await.unwrap();
-}
-
-/// Waits (bounded) until the ledger holds `rows` rows, exactly; returns their sum.
-async fn ledger_reaches(stack: &TestStack, rows: i64) -> i64 {
-    let t = wait_for_ledger_rows(&stack.database_url, rows, Duration::from_secs(60)).await;
-    assert_eq!(t.rows, rows, "the ledger's rows against the charges made");
-    t.charged
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

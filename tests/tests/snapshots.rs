@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use caracal_proto::v1 as pb;
 use caracal_tests::{
-    authorize_request,
-    charges::{ledger_totals, wait_for_ledger_rows},
+    budget_calls::{allowed, authorize, ledger_reaches, settle_request, spend, Authz},
+    charges::ledger_totals,
     cli_process::{run_caracal, Run},
     gateway_client,
     own_redis::OwnRedis,
@@ -27,53 +27,6 @@ use caracal_tests::{
 };
 use diesel_async::RunQueryDsl;
 use tonic::Code;
-
-type Authz = pb::budget_authorization_client::BudgetAuthorizationClient<caracal_tests::GatewaySvc>;
-
-fn usd(micros: i64) -> pb::Money {
-    pb::Money {
-        currency: "USD".into(),
-        micros,
-        amount: String::new(),
-    }
-}
-
-async fn authorize(
-    authz: &mut Authz,
-    key: &str,
-    request_id: &str,
-    micros: i64,
-) -> Result<pb::AuthorizeResponse, tonic::Status> {
-    authz
-        .authorize(authorize_request(key, request_id, micros))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-fn allowed(r: &pb::AuthorizeResponse) -> bool {
-    r.decision == pb::Decision::Allow as i32
-}
-
-/// Authorize + Settle, both answered.
-async fn spend(authz: &mut Authz, key: &str, request_id: &str, actual: i64) {
-    let r = authorize(authz, key, request_id, 500_000).await.unwrap();
-    assert!(allowed(&r), "{request_id}: {r:?}");
-    authz
-        .settle(pb::SettleRequest {
-            reservation_id: r.reservation_id,
-            actual_cost: Some(usd(actual)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-}
-
-/// Waits (bounded) until the ledger holds exactly `rows` rows; returns their sum.
-async fn ledger_reaches(stack: &TestStack, rows: i64) -> i64 {
-    let t = wait_for_ledger_rows(&stack.database_url, rows, Duration::from_secs(60)).await;
-    assert_eq!(t.rows, rows, "the ledger's rows against the charges made");
-    t.charged
-}
 
 async fn caracal(stack: &TestStack, args: &[&str]) -> Run {
     run_caracal(env!("CARGO_BIN_EXE_caracal-under-test"), stack, args)
@@ -133,10 +86,10 @@ async fn rows_lost_after_a_snapshot_replay_back_and_a_restore_after_redis_loss_i
         .unwrap();
     let mut authz = gateway_client(stack.channel.clone());
     for i in 0..3 {
-        spend(&mut authz, &a_key, &format!("a-{i}"), 400_000).await;
+        spend(&mut authz, &a_key, &format!("a-{i}"), 500_000, 400_000).await;
     }
     for i in 0..2 {
-        spend(&mut authz, &b_key, &format!("b-{i}"), 250_000).await;
+        spend(&mut authz, &b_key, &format!("b-{i}"), 500_000, 250_000).await;
     }
     assert_eq!(ledger_reaches(&stack, 5).await, 1_700_000);
 
@@ -162,9 +115,16 @@ async fn rows_lost_after_a_snapshot_replay_back_and_a_restore_after_redis_loss_i
 
     // More traffic after the snapshot: 2 x 0.30 for A, 1 x 0.25 for B.
     for i in 0..2 {
-        spend(&mut authz, &a_key, &format!("a-after-{i}"), 300_000).await;
+        spend(
+            &mut authz,
+            &a_key,
+            &format!("a-after-{i}"),
+            500_000,
+            300_000,
+        )
+        .await;
     }
-    spend(&mut authz, &b_key, "b-after", 250_000).await;
+    spend(&mut authz, &b_key, "b-after", 500_000, 250_000).await;
     assert_eq!(ledger_reaches(&stack, 8).await, 2_550_000);
     let (before_loss, drift) = redis_spent(&stack).await;
     assert_eq!(drift, 0);
@@ -378,10 +338,10 @@ async fn a_snapshot_restored_onto_a_fresh_database_and_redis_reproduces_every_ba
         .unwrap();
     let mut authz = gateway_client(stack.channel.clone());
     for i in 0..3 {
-        spend(&mut authz, &parent_key, &format!("p-{i}"), 400_000).await;
+        spend(&mut authz, &parent_key, &format!("p-{i}"), 500_000, 400_000).await;
     }
     for i in 0..2 {
-        spend(&mut authz, &child_key, &format!("c-{i}"), 300_000).await;
+        spend(&mut authz, &child_key, &format!("c-{i}"), 500_000, 300_000).await;
     }
     // A call still running at the snapshot. Its allow is on the decisions topic
     // once a later event of its partition (the hierarchy's) is in the ledger: the
@@ -390,7 +350,7 @@ async fn a_snapshot_restored_onto_a_fresh_database_and_redis_reproduces_every_ba
         .await
         .unwrap();
     assert!(allowed(&open));
-    spend(&mut authz, &parent_key, "p-3", 400_000).await;
+    spend(&mut authz, &parent_key, "p-3", 500_000, 400_000).await;
     assert_eq!(ledger_reaches(&stack, 6).await, 2_200_000);
     let created = stack
         .snapshots()
@@ -523,21 +483,13 @@ async fn a_snapshot_restored_onto_a_fresh_database_and_redis_reproduces_every_ba
     .await;
     // The reservation open at the snapshot settles, once.
     let settled = authz
-        .settle(pb::SettleRequest {
-            reservation_id: open.reservation_id.clone(),
-            actual_cost: Some(usd(500_000)),
-            ..Default::default()
-        })
+        .settle(settle_request(&open.reservation_id, 500_000))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(settled.charged.as_ref().map(|m| m.micros), Some(500_000));
     let again = authz
-        .settle(pb::SettleRequest {
-            reservation_id: open.reservation_id.clone(),
-            actual_cost: Some(usd(500_000)),
-            ..Default::default()
-        })
+        .settle(settle_request(&open.reservation_id, 500_000))
         .await
         .unwrap()
         .into_inner();
