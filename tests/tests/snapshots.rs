@@ -545,3 +545,71 @@ async fn a_snapshot_restored_onto_a_fresh_database_and_redis_reproduces_every_ba
     );
     fresh.stop().await.unwrap();
 }
+
+/// Scheduled snapshots: two replicas on one database with a schedule of every
+/// minute. At the next minute exactly one of them takes the snapshot named for
+/// that minute (the other's claim of the id is refused), and `status` shows it as
+/// scheduled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_a_schedule_take_each_scheduled_snapshot_once() {
+    let every_minute = "* * * * *";
+    let started = chrono::Utc::now();
+    let stack = TestStack::start_with(|c| c.snapshots.schedule = every_minute.into())
+        .await
+        .unwrap();
+    let mut config = TestStack::config(&stack.database_url).await.unwrap();
+    config.redis = stack.redis.clone();
+    config.snapshots.schedule = every_minute.into();
+    let second = caracal_authz::serve(config).await.unwrap();
+
+    let mut snapshots = stack.snapshots();
+    let status = snapshots
+        .snapshot_status(pb::SnapshotStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.schedule, every_minute);
+    assert!(!status.next_scheduled.is_empty(), "{status:?}");
+
+    // Bounded: the next minute plus the snapshot's own time.
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = snapshots
+            .list_snapshots(pb::ListSnapshotsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots;
+        if !listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(listed.len(), 1, "one scheduled snapshot: {listed:?}");
+    let id = listed[0].snapshot_id.clone();
+    let at = caracal_service_kit::snapshot::parse_snapshot_id(&id).unwrap();
+    assert_eq!(
+        chrono::Timelike::second(&at),
+        0,
+        "{id}: named for its minute"
+    );
+    assert!(
+        at > started && at <= started + chrono::Duration::seconds(120),
+        "{id} after {started}"
+    );
+    // Both replicas fired at that minute; one run was claimed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let runs = snapshots
+        .snapshot_status(pb::SnapshotStatusRequest {
+            snapshot_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert!(runs[0].scheduled && runs[0].kind == "create" && runs[0].state == "done");
+    second.shutdown().await.unwrap();
+    stack.stop().await.unwrap();
+}
