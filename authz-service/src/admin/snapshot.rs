@@ -354,6 +354,7 @@ impl SnapshotAdmin {
         let pool = &inner.state.pool;
         let id = req.snapshot_id.trim().to_owned();
         snapshot::parse_snapshot_id(&id).map_err(snapshot_error)?;
+        let loading = Instant::now();
         let stored = {
             let mut conn = db::conn(pool).await?;
             inner
@@ -369,6 +370,11 @@ impl SnapshotAdmin {
             )));
         };
         let snapshot = stored.open().map_err(snapshot_error)?;
+        tracing::info!(
+            snapshot = %id,
+            took_ms = loading.elapsed().as_millis() as u64,
+            "snapshot restore: read and checked"
+        );
         let keys = inner.store.keys();
         if snapshot.layout.prefix != keys.prefix()
             || snapshot.layout.partitions != keys.partitions()
@@ -433,7 +439,14 @@ impl SnapshotAdmin {
             if !req.dry_run {
                 run.phase(pool, "configuration rows the database lacks", 0, 0)
                     .await;
+                let t = Instant::now();
                 config_restored = restore_config(&mut conn, &snapshot.config).await?;
+                tracing::info!(
+                    snapshot = %snapshot.snapshot_id,
+                    took_ms = t.elapsed().as_millis() as u64,
+                    tables = ?config_restored,
+                    "snapshot restore: configuration rows"
+                );
             }
         }
         if !live.is_empty() && !req.dry_run {
@@ -451,10 +464,18 @@ impl SnapshotAdmin {
             Some(&base),
         )
         .await?;
+        let t = Instant::now();
         let ledger_events_after = {
             let mut conn = db::conn(pool).await?;
             events_after(&mut conn, &snapshot.ledger_cut).await?
         };
+        tracing::info!(
+            snapshot = %snapshot.snapshot_id,
+            budget_ms = budgets.took_ms,
+            events_after_ms = t.elapsed().as_millis() as u64,
+            ledger_events_after,
+            "snapshot restore: budget state written"
+        );
         Ok(pb::RestoreSnapshotResponse {
             dry_run: req.dry_run,
             snapshot_id: snapshot.snapshot_id.clone(),
