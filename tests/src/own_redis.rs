@@ -10,6 +10,8 @@ use std::{
 pub struct OwnRedis {
     child: Child,
     pub url: String,
+    /// Its working directory: a replica writes the RDB it syncs from there.
+    _dir: tempfile::TempDir,
 }
 
 impl OwnRedis {
@@ -20,7 +22,9 @@ impl OwnRedis {
 
     /// On `port` (a test that stops Redis and starts it again where it was).
     pub async fn start_on(port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory for redis-server");
         let child = Command::new("redis-server")
+            .current_dir(dir.path())
             .args([
                 "--port",
                 &port.to_string(),
@@ -52,7 +56,11 @@ impl OwnRedis {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self { child, url }
+        Self {
+            child,
+            url,
+            _dir: dir,
+        }
     }
 
     pub async fn cmd<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
