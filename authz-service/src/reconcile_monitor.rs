@@ -122,21 +122,31 @@ pub async fn run(
                 continue;
             }
         }
-        let request = pb::ReconcileRequest::default();
-        match crate::admin::ledger::reconcile(&pool, &store, request).await {
-            Ok(resp) => {
-                metrics::counter!(RUNS, "result" => "ok").increment(1);
-                let now = drifting(&resp);
-                let (windows, micros) = confirmed(&previous, &now);
-                // Window counts far below 2^53: exact as f64.
-                #[allow(clippy::cast_precision_loss)]
-                metrics::gauge!(DRIFT_WINDOWS).set(windows as f64);
+        // Page by page: a deployment of any size is watched (the API's reconcile
+        // refuses more than MAX_RECONCILE_POLICIES at once).
+        let mut now: HashMap<WindowKey, (Seen, i64)> = HashMap::new();
+        let run = crate::admin::ledger::reconcile_pages(
+            &pool,
+            &store,
+            crate::admin::ledger::MAX_RECONCILE_POLICIES,
+            |resp| {
+                now.extend(drifting(&resp));
                 // Every currency a window was reconciled in has a series (0: no drift).
                 for r in &resp.policies {
                     if !currencies.contains(&r.currency) {
                         currencies.push(r.currency.clone());
                     }
                 }
+            },
+        )
+        .await;
+        match run {
+            Ok(()) => {
+                metrics::counter!(RUNS, "result" => "ok").increment(1);
+                let (windows, micros) = confirmed(&previous, &now);
+                // Window counts far below 2^53: exact as f64.
+                #[allow(clippy::cast_precision_loss)]
+                metrics::gauge!(DRIFT_WINDOWS).set(windows as f64);
                 for c in &currencies {
                     let sum = micros.get(c).copied().unwrap_or(0);
                     // Sums far below 2^53 micro-units: exact as f64.

@@ -1613,3 +1613,86 @@ async fn reconcile_keeps_currencies_apart() {
 
     stack.stop().await.unwrap();
 }
+
+/// The drift monitor watches a deployment of any size: with more policies than
+/// one reconcile call takes (10,000), it reconciles page by page, and a drift on
+/// a policy of the last page is reported. (It used to fail every run there: "more
+/// than 10000 policies".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drift_monitor_pages_through_more_policies_than_one_reconcile_takes() {
+    use caracal_tests::probe::{http_get, metric_value};
+    let stack = TestStack::start_with(|c| c.reconcile.monitor_interval = 1)
+        .await
+        .unwrap();
+    let (agent, _key) = stack.agent_with_key("many-policies", None).await.unwrap();
+    let first = stack
+        .usd_policy(&agent, "10.00", "daily", "calendar", "charge")
+        .await
+        .unwrap();
+    // 10,000 more of the same policy (and its version row), by SQL.
+    let mut db = stack.db().await.unwrap();
+    diesel::sql_query(
+        "WITH n AS (SELECT gen_random_uuid() AS id FROM generate_series(1, 10000)), \
+         ins AS (INSERT INTO policies (id, agent_id, limit_micros, currency, time_window, \
+                 window_type, on_expiry) \
+             SELECT n.id, p.agent_id, p.limit_micros, p.currency, p.time_window, \
+                 p.window_type, p.on_expiry \
+             FROM n, policies p WHERE p.id = $1::uuid RETURNING id) \
+         INSERT INTO policy_versions \
+         SELECT (jsonb_populate_record(pv, jsonb_build_object('policy_id', ins.id))).* \
+         FROM ins, policy_versions pv WHERE pv.policy_id = $1::uuid",
+    )
+    .bind::<diesel::sql_types::Text, _>(&first)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    // A charge in the ledger for the policy the monitor reaches last (policies go
+    // by agent, then id): drift of 4,321 there, nowhere else.
+    #[derive(diesel::QueryableByName)]
+    struct Last {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        id: String,
+    }
+    let last: Last = diesel::sql_query(
+        "SELECT id::text AS id FROM policies WHERE active ORDER BY agent_id DESC, id DESC LIMIT 1",
+    )
+    .get_result(&mut db)
+    .await
+    .unwrap();
+    let mut row = row(
+        "rsv_paged/settle",
+        "settle",
+        &agent,
+        &agent,
+        "USD",
+        (5_000, 4_321),
+        (10, 10, 0),
+        ("openai", "gpt-4o"),
+        &Utc::now().to_rfc3339(),
+    );
+    row.policy_ids = vec![last.id.clone()];
+    insert_rows(&mut db, &[row]).await.unwrap();
+
+    let at = stack.server.as_ref().unwrap().http_addr;
+    let mut seen = (None, None, None);
+    for _ in 0..120 {
+        let text = http_get(at, "/metrics").await.1;
+        seen = (
+            metric_value(&text, "caracal_reconcile_drift_windows", &[]),
+            metric_value(
+                &text,
+                "caracal_reconcile_drift_micros",
+                &["currency=\"USD\""],
+            ),
+            metric_value(&text, "caracal_reconcile_runs_total", &["result=\"error\""]),
+        );
+        if seen.0 == Some(1.0) && seen.1 == Some(4_321.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(seen.0, Some(1.0), "drift windows: {seen:?}");
+    assert_eq!(seen.1, Some(4_321.0), "drift micros: {seen:?}");
+    assert!(seen.2.unwrap_or(0.0) == 0.0, "failed runs: {seen:?}");
+    stack.stop().await.unwrap();
+}

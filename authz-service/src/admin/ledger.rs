@@ -1391,6 +1391,44 @@ pub(crate) async fn reconcile(
             "more than {MAX_RECONCILE_POLICIES} policies: reconcile one agent at a time (agent_id)"
         )));
     }
+    reconcile_rows(conn, store, rows, period, now).await
+}
+
+/// Every active policy's current windows, `page` policies at a time, each page's
+/// answer to `on_page`: the drift monitor's reconcile, which no deployment size
+/// refuses (the API's is capped at [`MAX_RECONCILE_POLICIES`] per call).
+pub(crate) async fn reconcile_pages(
+    pool: &db::Pool,
+    store: &BudgetStore,
+    page: i64,
+    mut on_page: impl FnMut(pb::ReconcileResponse),
+) -> ServiceResult<()> {
+    let page = page.max(1);
+    let mut after = None;
+    loop {
+        let now = Utc::now();
+        let mut conn = db::conn(pool).await?;
+        let rows = load_policies(&mut conn, None, true, after, page).await?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = Some((last.1, last.0));
+        let full = rows.len() as i64 == page;
+        on_page(reconcile_rows(conn, store, rows, None, now).await?);
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// Reconciles `rows` (policies): their windows' ledger sums against the counters.
+async fn reconcile_rows(
+    mut conn: db::Conn<'_>,
+    store: &BudgetStore,
+    rows: Vec<PolicyRow>,
+    period: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    now: DateTime<Utc>,
+) -> ServiceResult<pb::ReconcileResponse> {
     let Planned {
         subjects,
         targets,
