@@ -369,14 +369,17 @@ impl BudgetStore {
     /// connection: it covers that connection's writes; on a cluster it goes to every
     /// primary and the fewest confirmations count). Each WAIT is bounded by
     /// `replicaAckTimeoutMs`, as on the hot path (a longer one would hold up the
-    /// calls queued behind it on the shared connection); up to `attempts` of them.
-    /// Used by the admin writes that must outlive a failover (a rebuild's counters
-    /// before its markers).
-    pub async fn confirm_replicas(&self, attempts: u32) -> Result<(), StoreError> {
+    /// calls queued behind it on the shared connection); as many of them as fit in
+    /// `patience` (at least one). Used by the admin writes that must outlive a
+    /// failover (a rebuild's counters before its markers).
+    pub async fn confirm_replicas(&self, patience: Duration) -> Result<(), StoreError> {
         if self.ack.replicas == 0 {
             return Ok(());
         }
         let millis = u64::try_from(self.ack.timeout.as_millis()).unwrap_or(u64::MAX);
+        let attempts = u32::try_from(patience.as_millis() / self.ack.timeout.as_millis().max(1))
+            .unwrap_or(u32::MAX)
+            .max(1);
         for conn in self.conns.iter() {
             let mut conn = conn.clone();
             let mut acked = 0;

@@ -258,14 +258,14 @@ pub(crate) async fn rebuild(
 }
 
 /// A rebuild, from the ledger alone or (`base`) from a snapshot and the ledger.
-/// How many `replicaAckTimeoutMs` waits a rebuild gives `minReplicasAck` replicas
-/// to confirm what it wrote (an admin call: a second or two is fine; a failure
-/// leaves the partitions refused).
-const REPLICA_CONFIRM_ATTEMPTS: u32 = 20;
+/// How long a rebuild gives `minReplicasAck` replicas to confirm what it wrote,
+/// in waits of `replicaAckTimeoutMs` (an admin call: a few seconds are fine; a
+/// failure leaves the partitions refused).
+const REPLICA_CONFIRM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn confirm_replicas(store: &BudgetStore) -> ServiceResult<()> {
     store
-        .confirm_replicas(REPLICA_CONFIRM_ATTEMPTS)
+        .confirm_replicas(REPLICA_CONFIRM_PATIENCE)
         .await
         .map_err(|e| {
             ServiceError::Unavailable(format!(
