@@ -909,22 +909,10 @@ struct LedgerSide {
     micros: i64,
     #[diesel(sql_type = BigInt)]
     events: i64,
-    /// The same over the rows below a snapshot's cut (0 without one).
-    #[diesel(sql_type = BigInt)]
-    micros_before: i64,
-    #[diesel(sql_type = BigInt)]
-    events_before: i64,
 }
 
 /// (micros, events) per currency.
 type ByCurrency = BTreeMap<String, (i64, i64)>;
-
-/// Per target, per bucket: the final charges now, and those below a snapshot's
-/// cut (empty without one).
-type LedgerSums = (
-    Vec<BTreeMap<i64, ByCurrency>>,
-    Vec<BTreeMap<i64, ByCurrency>>,
-);
 
 /// The final charges of each target: per rolling bucket (0 for a calendar window)
 /// and currency.
@@ -938,53 +926,40 @@ async fn ledger_side(
     targets: &[Target],
     spans: &[Span],
     cut: Option<&[LedgerCut]>,
-) -> ServiceResult<LedgerSums> {
+) -> ServiceResult<Vec<BTreeMap<i64, ByCurrency>>> {
     let mut out = vec![BTreeMap::new(); targets.len()];
-    let mut before = vec![BTreeMap::new(); if cut.is_some() { targets.len() } else { 0 }];
     let Some(min_lo) = spans.iter().map(|s| s.lo).min() else {
-        return Ok((out, before));
+        return Ok(out);
     };
-    // One read of the rows gives both views: every final charge now, and (with a
-    // cut) the final charges among the rows below it, where only a row below the
-    // cut can supersede another.
-    let (rows_kept, live, live_before) = match cut {
-        None => (
-            format!("NOT {SUPERSEDED}"),
-            "true".to_owned(),
-            "false".to_owned(),
-        ),
-        Some(_) => {
-            let before = format!(
-                "({} AND NOT EXISTS (SELECT 1 FROM ledger_events s \
+    let (in_cut, superseded) = match cut {
+        None => (String::new(), SUPERSEDED.to_owned()),
+        Some(_) => (
+            format!("AND {}", below_cut("e")),
+            format!(
+                "EXISTS (SELECT 1 FROM ledger_events s \
                  WHERE s.reservation_id = e.reservation_id AND {} \
                    AND (s.kind = 'late_settle', s.occurred_at, s.event_id) \
-                     > (e.kind = 'late_settle', e.occurred_at, e.event_id)))",
-                below_cut("e"),
+                     > (e.kind = 'late_settle', e.occurred_at, e.event_id))",
                 below_cut("s")
-            );
-            ("true".to_owned(), format!("NOT {SUPERSEDED}"), before)
-        }
+            ),
+        ),
     };
     let sql = format!(
         "WITH w(pid, idx, lo, hi, width) AS ( \
             SELECT * FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::timestamptz[], \
                 $5::bigint[]) \
-        ), rows AS ( \
+        ), charges AS ( \
             SELECT p.pid, e.currency, e.charged_micros, \
-                coalesce(e.reserved_at, e.occurred_at) AS at, \
-                {live} AS live, {live_before} AS live_before \
+                coalesce(e.reserved_at, e.occurred_at) AS at \
             FROM ledger_events e CROSS JOIN LATERAL unnest(e.policy_ids) AS p(pid) \
             WHERE e.occurred_at >= $6::timestamptz - interval '{CLOCK_SKEW_MARGIN}' \
-              AND p.pid = ANY($1) AND {rows_kept} \
-        ), charges AS (SELECT * FROM rows WHERE live OR live_before) \
+              AND p.pid = ANY($1) {in_cut} \
+              AND NOT {superseded} \
+        ) \
         SELECT w.idx AS span, c.currency, \
             CASE WHEN w.width > 0 THEN floor(extract(epoch FROM c.at) / w.width)::bigint \
                 ELSE 0 END AS bucket, \
-            coalesce(sum(c.charged_micros) FILTER (WHERE c.live), 0)::bigint AS micros, \
-            count(*) FILTER (WHERE c.live) AS events, \
-            coalesce(sum(c.charged_micros) FILTER (WHERE c.live_before), 0)::bigint \
-                AS micros_before, \
-            count(*) FILTER (WHERE c.live_before) AS events_before \
+            sum(c.charged_micros)::bigint AS micros, count(*) AS events \
         FROM w JOIN charges c \
           ON c.pid = w.pid AND c.at >= w.lo AND (w.hi IS NULL OR c.at < w.hi) \
         GROUP BY 1, 2, 3"
@@ -1021,41 +996,19 @@ async fn ledger_side(
         )
         .load(conn)
         .await?;
-    let add = |into: &mut BTreeMap<i64, ByCurrency>, bucket, currency: &str, micros, events| {
-        let sums = into
-            .entry(bucket)
-            .or_default()
-            .entry(currency.to_owned())
-            .or_insert((0, 0));
-        sums.0 = i64::saturating_add(sums.0, micros);
-        sums.1 += events;
-    };
     for r in rows {
         let Some(span) = usize::try_from(r.span).ok().and_then(|i| spans.get(i)) else {
             continue;
         };
-        if r.events > 0 {
-            add(
-                &mut out[span.target],
-                r.bucket,
-                &r.currency,
-                r.micros,
-                r.events,
-            );
-        }
-        if let Some(into) = before.get_mut(span.target) {
-            if r.events_before > 0 {
-                add(
-                    into,
-                    r.bucket,
-                    &r.currency,
-                    r.micros_before,
-                    r.events_before,
-                );
-            }
-        }
+        let sums = out[span.target]
+            .entry(r.bucket)
+            .or_default()
+            .entry(r.currency)
+            .or_insert((0, 0));
+        sums.0 = sums.0.saturating_add(r.micros);
+        sums.1 += r.events;
     }
-    Ok((out, before))
+    Ok(out)
 }
 
 /// `alias` (a ledger_events row) is below the cut bound as `$7` (topics), `$8`
@@ -1377,7 +1330,11 @@ async fn plan_windows(
         });
     }
     let (targets, spans) = plan(keys, &subjects, period, now)?;
-    let (ledger, ledger_before) = ledger_side(conn, &subjects, &targets, &spans, cut).await?;
+    let ledger = ledger_side(conn, &subjects, &targets, &spans, None).await?;
+    let ledger_before = match cut {
+        Some(cut) => ledger_side(conn, &subjects, &targets, &spans, Some(cut)).await?,
+        None => Vec::new(),
+    };
     Ok(Planned {
         subjects,
         targets,
