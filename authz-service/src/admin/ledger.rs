@@ -1588,12 +1588,10 @@ impl LedgerService for LedgerAdmin {
             self.decisions.clone(),
         );
         let req = request.into_inner();
-        let result =
-            tokio::spawn(
-                async move { rebuild::rebuild(&pool, &store, decisions.as_ref(), req).await },
-            )
-            .await
-            .unwrap_or_else(|e| Err(ServiceError::Internal(format!("rebuild task: {e}"))));
+        let result = super::detached(async move {
+            rebuild::rebuild(&pool, &store, decisions.as_ref(), req).await
+        })
+        .await;
         respond("RebuildBudgets", result)
     }
 }

@@ -81,3 +81,14 @@ pub fn respond<T>(
         .increment(1);
     result
 }
+
+/// Runs a long admin operation (budget rebuild, snapshot create and restore) in
+/// its own task, so a client hanging up or the request timeout does not cut it
+/// short; answers with its result.
+pub(crate) async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = ServiceResult<T>> + Send + 'static,
+) -> ServiceResult<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| crate::error::ServiceError::Internal(format!("admin task: {e}")))?
+}

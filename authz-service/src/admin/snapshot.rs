@@ -1070,16 +1070,6 @@ impl Run {
     }
 }
 
-/// Runs `work` in its own task (a client hanging up does not cut it short) and
-/// answers with its result.
-async fn detached<T: Send + 'static>(
-    work: impl std::future::Future<Output = ServiceResult<T>> + Send + 'static,
-) -> ServiceResult<T> {
-    tokio::spawn(work)
-        .await
-        .map_err(|e| ServiceError::Internal(format!("snapshot task: {e}")))?
-}
-
 #[tonic::async_trait]
 impl SnapshotService for SnapshotAdmin {
     async fn create_snapshot(
@@ -1087,7 +1077,7 @@ impl SnapshotService for SnapshotAdmin {
         _request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let me = self.clone();
-        let result = detached(async move {
+        let result = super::detached(async move {
             me.create_now(None, Utc::now())
                 .await?
                 .map(|(_, response)| response)
@@ -1117,7 +1107,7 @@ impl SnapshotService for SnapshotAdmin {
     ) -> Result<Response<pb::RestoreSnapshotResponse>, Status> {
         let me = self.clone();
         let req = request.into_inner();
-        let result = detached(async move { me.restore(req).await }).await;
+        let result = super::detached(async move { me.restore(req).await }).await;
         respond("RestoreSnapshot", result)
     }
 
