@@ -753,9 +753,11 @@ async fn redis_flushed_mid_traffic_through_envoy_fails_closed_and_the_rebuild_is
     }
 
     // Calls were in flight at the loss: their reservations came back from the
-    // decisions topic and their Settles, parked during the loss, were applied.
+    // decisions topic. Their Settles land once (the ledger count below), either
+    // parked during the loss and applied by the rebuild, or retried by the gateway
+    // after it: which of the two is timing (parked_applied was 0 in about one run
+    // in three), so it is not asserted.
     assert!(report.reservations_restored >= 1, "{report:?}");
-    assert!(report.parked_applied >= 1, "{report:?}");
 
     // What of the flushed entries never reached Kafka: an allow lost so (its
     // reservation never restored, never charged), a charge lost after its allow was
