@@ -27,11 +27,13 @@ use caracal_proto::v1::{
     self as pb, agent_credential::Kind as CredentialKind,
     budget_authorization_server::BudgetAuthorization,
 };
+use caracal_service_kit::telemetry;
 use chrono::{DateTime, Utc};
 use futures::{stream::FuturesUnordered, Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -415,6 +417,8 @@ impl AuthorizationService {
         // request refused again in the same millisecond is the same decision.
         // (No random UUID here: it cost a getrandom call on every Authorize.)
         let deny_event = format!("{stem}/deny/{now_ms}");
+        // This call's span (when traced): the reservation's events carry it.
+        let traceparent = telemetry::current_traceparent();
         let outcome = self
             .store
             .reserve(&ReserveRequest {
@@ -433,6 +437,7 @@ impl AuthorizationService {
                 allow_event_id: &allow_event,
                 deny_event_id: &deny_event,
                 policies: &slots,
+                traceparent: traceparent.as_deref(),
             })
             .await
             .map_err(store_error)?;
@@ -760,15 +765,26 @@ impl AuthorizationService {
     async fn finish_call(&self, call: pb::FinishCall) -> pb::FinishResult {
         use pb::{finish_call::Call, finish_result::Response as Answer};
         let started = Instant::now();
+        let traceparent = traced(&call.traceparent);
         let (method, result) = match call.call {
-            Some(Call::Settle(req)) => ("Settle", self.settle_inner(req).await.map(Answer::Settle)),
+            Some(Call::Settle(req)) => (
+                "Settle",
+                self.settle_inner(req)
+                    .instrument(span("Settle", traceparent))
+                    .await
+                    .map(Answer::Settle),
+            ),
             Some(Call::Release(req)) => (
                 "Release",
-                self.release_inner(req).await.map(Answer::Release),
+                self.release_inner(req)
+                    .instrument(span("Release", traceparent))
+                    .await
+                    .map(Answer::Release),
             ),
             Some(Call::ReleaseByRequest(req)) => (
                 "ReleaseByRequest",
                 self.release_by_request_inner(req)
+                    .instrument(span("ReleaseByRequest", traceparent))
                     .await
                     .map(Answer::Release),
             ),
@@ -795,25 +811,35 @@ impl AuthorizationService {
     async fn stream_call(&self, call: pb::StreamCall) -> pb::StreamResult {
         use pb::{stream_call::Call, stream_result::Response as Answer};
         let started = Instant::now();
+        let traceparent = traced(&call.traceparent);
         let (method, result, decision) = match call.call {
             Some(Call::Authorize(req)) => {
-                let result = self.authorize_inner(req).await;
+                let span = span("Authorize", traceparent);
+                let result = self.authorize_inner(req).instrument(span.clone()).await;
                 let decision = decision_of(&result);
+                mark_decision(&span, decision);
                 ("Authorize", result.map(Answer::Authorize), decision)
             }
             Some(Call::Settle(req)) => (
                 "Settle",
-                self.settle_inner(req).await.map(Answer::Settle),
+                self.settle_inner(req)
+                    .instrument(span("Settle", traceparent))
+                    .await
+                    .map(Answer::Settle),
                 None,
             ),
             Some(Call::Release(req)) => (
                 "Release",
-                self.release_inner(req).await.map(Answer::Release),
+                self.release_inner(req)
+                    .instrument(span("Release", traceparent))
+                    .await
+                    .map(Answer::Release),
                 None,
             ),
             Some(Call::ReleaseByRequest(req)) => (
                 "ReleaseByRequest",
                 self.release_by_request_inner(req)
+                    .instrument(span("ReleaseByRequest", traceparent))
                     .await
                     .map(Answer::Release),
                 None,
@@ -961,6 +987,37 @@ fn observe<T>(
     );
 }
 
+/// The server span of one hot-path call (`Span::none()` when tracing is off).
+fn span(method: &'static str, traceparent: Option<&str>) -> tracing::Span {
+    telemetry::span(method, telemetry::Kind::Server, traceparent)
+}
+
+/// A batched or streamed call's `traceparent` field, when tracing is on.
+fn traced(field: &str) -> Option<&str> {
+    (telemetry::enabled() && !field.is_empty()).then_some(field)
+}
+
+/// A unary call's `traceparent` metadata, when tracing is on.
+fn metadata_traceparent<T>(request: &Request<T>) -> Option<&str> {
+    if !telemetry::enabled() {
+        return None;
+    }
+    request
+        .metadata()
+        .get(telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Records an Authorize's decision and reason on its span.
+fn mark_decision(span: &tracing::Span, decision: Option<(&'static str, &'static str)>) {
+    if let Some((d, reason)) = decision {
+        telemetry::attribute(span, "caracal.decision", d);
+        if !reason.is_empty() {
+            telemetry::attribute(span, "caracal.deny_reason", reason);
+        }
+    }
+}
+
 fn reason_label(r: i32) -> &'static str {
     match pb::DenyReason::try_from(r).unwrap_or(pb::DenyReason::Unspecified) {
         pb::DenyReason::Unspecified => "",
@@ -981,8 +1038,13 @@ impl BudgetAuthorization for AuthorizationService {
         request: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let started = Instant::now();
-        let result = self.authorize_inner(request.into_inner()).await;
+        let span = span("Authorize", metadata_traceparent(&request));
+        let result = self
+            .authorize_inner(request.into_inner())
+            .instrument(span.clone())
+            .await;
         let decision = decision_of(&result);
+        mark_decision(&span, decision);
         observe("Authorize", started, &result, decision);
         result.map(Response::new)
     }
@@ -992,7 +1054,11 @@ impl BudgetAuthorization for AuthorizationService {
         request: Request<pb::SettleRequest>,
     ) -> Result<Response<pb::SettleResponse>, Status> {
         let started = Instant::now();
-        let result = self.settle_inner(request.into_inner()).await;
+        let span = span("Settle", metadata_traceparent(&request));
+        let result = self
+            .settle_inner(request.into_inner())
+            .instrument(span)
+            .await;
         observe("Settle", started, &result, None);
         result.map(Response::new)
     }
@@ -1002,7 +1068,11 @@ impl BudgetAuthorization for AuthorizationService {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let started = Instant::now();
-        let result = self.release_inner(request.into_inner()).await;
+        let span = span("Release", metadata_traceparent(&request));
+        let result = self
+            .release_inner(request.into_inner())
+            .instrument(span)
+            .await;
         observe("Release", started, &result, None);
         result.map(Response::new)
     }
@@ -1012,7 +1082,11 @@ impl BudgetAuthorization for AuthorizationService {
         request: Request<pb::ReleaseByRequestRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let started = Instant::now();
-        let result = self.release_by_request_inner(request.into_inner()).await;
+        let span = span("ReleaseByRequest", metadata_traceparent(&request));
+        let result = self
+            .release_by_request_inner(request.into_inner())
+            .instrument(span)
+            .await;
         observe("ReleaseByRequest", started, &result, None);
         result.map(Response::new)
     }

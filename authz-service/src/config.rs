@@ -31,6 +31,8 @@ pub struct Config {
     pub dlq: DlqConfig,
     pub reconcile: ReconcileConfig,
     pub snapshots: SnapshotsConfig,
+    /// OpenTelemetry traces (`tracing:`; off by default).
+    pub tracing: caracal_service_kit::telemetry::TracingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -393,11 +395,13 @@ impl Config {
         let shared = EnvOverrides::new(&lookup);
         self.database.apply_env(&shared)?;
         self.kafka.apply_env(&shared)?;
+        self.tracing.apply_env(&shared)?;
         Ok(())
     }
 
     /// Rejects settings that would make the service misbehave rather than fail fast.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.tracing.validate()?;
         let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_owned()));
         if self.database.db_pool_size == 0 {
             return bad("database.dbPoolSize must be at least 1");

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use caracal_authz::{config::Config, db, serve};
+use caracal_service_kit::telemetry;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -40,19 +40,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
     let config = Config::load(args.config.as_deref())?;
-    caracal_authz::server::runtime(config.server.worker_threads)
-        .context("starting the async runtime")?
-        .block_on(run(args, config))
+    let runtime = caracal_authz::server::runtime(config.server.worker_threads)
+        .context("starting the async runtime")?;
+    // The trace exporter's gRPC channel lives on the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        telemetry::init(args.log_json, &config.tracing, "caracal-authz-service")?
+    };
+    runtime.block_on(async move {
+        let result = run(args, config).await;
+        telemetry.shutdown_async().await;
+        result
+    })
 }
 
 async fn run(args: Args, config: Config) -> anyhow::Result<()> {

@@ -31,6 +31,7 @@ use caracal_domain::money::format_amount;
 use caracal_proto::v1::{ChargeEvent, Decision, DecisionEvent, DenyReason, Money, TokenUsage};
 use caracal_service_kit::process::LogLimit;
 use caracal_service_kit::redis::{query_each, RedisConn};
+use caracal_service_kit::telemetry;
 use prost::Message as _;
 use rdkafka::{
     message::{Header, OwnedHeaders},
@@ -426,6 +427,9 @@ struct Slot {
     entry_id: String,
     topic: String,
     dlq: bool,
+    /// The producer span of a traced event: it ends when the slot is dropped,
+    /// after the broker answered.
+    _span: tracing::Span,
 }
 
 /// Relays the outbox streams of one key space to Kafka. See the module docs.
@@ -787,7 +791,19 @@ impl OutboxRelay {
         raw: Vec<(String, Value)>,
     ) -> (Slot, Option<DeliveryFuture>) {
         let (mut fields, text_error) = entry_fields(raw);
-        let converted = match text_error.or_else(|| expand_meta(&mut fields).err()) {
+        let expanded = text_error.or_else(|| expand_meta(&mut fields).err());
+        // The Authorize span's context, when the call was traced: not part of the
+        // event, it travels as the message's `traceparent` header.
+        let (span, traceparent) = match fields.remove(telemetry::TRACEPARENT) {
+            Some(parent) if telemetry::enabled() => {
+                let span =
+                    telemetry::span("outbox publish", telemetry::Kind::Producer, Some(&parent));
+                let own = telemetry::traceparent(&span);
+                (span, own)
+            }
+            _ => (tracing::Span::none(), None),
+        };
+        let converted = match expanded {
             Some(e) => Err(e),
             None => convert_entry(&fields),
         };
@@ -833,7 +849,7 @@ impl OutboxRelay {
             }
         };
         let version = SCHEMA_VERSION.to_string();
-        let headers = OwnedHeaders::new_with_capacity(3)
+        let mut headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
                 key: "event_id",
                 value: Some(event_id.as_str()),
@@ -846,6 +862,14 @@ impl OutboxRelay {
                 key: "schema_version",
                 value: Some(version.as_str()),
             });
+        if let Some(traceparent) = &traceparent {
+            telemetry::attribute(&span, "messaging.destination.name", topic.clone());
+            telemetry::attribute(&span, "caracal.event_id", event_id.clone());
+            headers = headers.insert(Header {
+                key: telemetry::TRACEPARENT,
+                value: Some(traceparent.as_str()),
+            });
+        }
         let record = FutureRecord::to(&topic)
             .key(key.as_str())
             .payload(payload.as_slice())
@@ -865,6 +889,7 @@ impl OutboxRelay {
             entry_id,
             topic,
             dlq,
+            _span: span,
         };
         (slot, sent)
     }

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use caracal_service_kit::telemetry;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use crate::config::ConsumerConfig;
 
@@ -42,21 +42,34 @@ enum Command {
 /// Parses the command line and runs the chosen consumer until SIGTERM/SIGINT.
 pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
     let config = ConsumerConfig::load(args.config.as_deref())?;
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(run(args.command, config))
+        .context("starting the async runtime")?;
+    // The trace exporter's gRPC channel lives on the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        telemetry::init(args.log_json, &config.tracing, args.command.service_name())?
+    };
+    runtime.block_on(async move {
+        let result = run(args.command, config).await;
+        telemetry.shutdown_async().await;
+        result
+    })
+}
+
+impl Command {
+    /// `service.name` of the process's spans (unless `tracing.serviceName` says).
+    fn service_name(&self) -> &'static str {
+        match self {
+            Self::LedgerWriter => "caracal-ledger-writer",
+            Self::AuditLogger => "caracal-audit-logger",
+            Self::AuditRetention => "caracal-audit-retention",
+            Self::MetricsAggregator => "caracal-metrics-aggregator",
+            Self::Migrate => "caracal-migrate",
+        }
+    }
 }
 
 async fn run(command: Command, config: ConsumerConfig) -> anyhow::Result<()> {

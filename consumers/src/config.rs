@@ -27,6 +27,8 @@ pub struct ConsumerConfig {
     /// The ledger-writer's own settings (`ledgerWriter:`; the guide's
     /// `consumers.ledgerWriter.*`).
     pub ledger_writer: LedgerWriterSettings,
+    /// OpenTelemetry traces (`tracing:`; off by default).
+    pub tracing: caracal_service_kit::telemetry::TracingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -264,6 +266,7 @@ impl ConsumerConfig {
         let env = EnvOverrides::new(lookup);
         self.database.apply_env(&env)?;
         self.kafka.apply_env(&env)?;
+        self.tracing.apply_env(&env)?;
         let c = &mut self.consumer;
         env.parse("CARACAL_CONSUMER_HTTP_ADDR", &mut c.http_addr)?;
         env.text("CARACAL_CONSUMER_GROUP_ID", &mut c.group_id);
@@ -344,6 +347,7 @@ impl ConsumerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
         self.kafka.validate()?;
+        self.tracing.validate()?;
         let c = &self.consumer;
         if c.batch_size == 0 || c.retry_backoff_ms == 0 || c.lag_interval_ms == 0 {
             return Err(ConfigError::Invalid(

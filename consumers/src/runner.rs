@@ -32,6 +32,7 @@ use std::{
 };
 
 use caracal_service_kit::process::LogLimit;
+use caracal_service_kit::telemetry;
 use caracal_service_kit::{
     dlq::DeadLetter,
     kafka::{consumer_config, producer_config},
@@ -53,6 +54,35 @@ use crate::{
     lease::{Leases, PartitionState, TopicPartition},
     metrics as m,
 };
+
+/// The consumer spans of the messages of `batch` that carry a `traceparent`
+/// (none when tracing is off).
+fn traced_writes(consumer: &'static str, batch: &[RawMessage]) -> Vec<tracing::Span> {
+    if !telemetry::enabled() {
+        return Vec::new();
+    }
+    batch
+        .iter()
+        .filter_map(|msg| {
+            let parent = std::str::from_utf8(msg.header(telemetry::TRACEPARENT)?).ok()?;
+            let span = telemetry::span(consumer, telemetry::Kind::Consumer, Some(parent));
+            telemetry::attribute(&span, "messaging.destination.name", msg.topic.clone());
+            telemetry::attribute(&span, "messaging.kafka.offset", msg.offset.to_string());
+            telemetry::attribute(
+                &span,
+                "messaging.batch.message_count",
+                batch.len().to_string(),
+            );
+            if let Some(id) = msg
+                .header("event_id")
+                .and_then(|v| std::str::from_utf8(v).ok())
+            {
+                telemetry::attribute(&span, "caracal.event_id", id.to_owned());
+            }
+            Some(span)
+        })
+        .collect()
+}
 
 /// Pause after a failed poll.
 const POLL_ERROR_PAUSE: Duration = Duration::from_millis(200);
@@ -695,6 +725,9 @@ impl<H: Handler> Runner<H> {
         shutdown: &watch::Receiver<bool>,
     ) -> (usize, Outcome) {
         let name = self.handler.name();
+        // A span per traced message (its `traceparent` header), ending when the
+        // batch is written: the agent call's trace shows this write.
+        let _spans = traced_writes(name, batch);
         let mut items = Vec::with_capacity(batch.len());
         // The message of each item (same index), for a dead letter.
         let mut sources: Vec<&RawMessage> = Vec::with_capacity(batch.len());

@@ -14,6 +14,7 @@
 //!   [`dlq_admin`]: reading the dead-letter topic and replaying a dead letter once.
 //! - [`http`] and [`metrics`]: `/health/live`, `/health/ready`, `/metrics`.
 //! - [`process`]: the stop signal and rate-limited logging of recurring trouble.
+//! - [`telemetry`]: logs and OpenTelemetry traces (W3C `traceparent` across the hops).
 
 pub mod config;
 pub mod db;
@@ -25,4 +26,5 @@ pub mod metrics;
 pub mod process;
 pub mod redis;
 pub mod snapshot;
+pub mod telemetry;
 pub mod topic_range;

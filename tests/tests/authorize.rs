@@ -809,6 +809,7 @@ async fn finish_batch_answers_each_call_like_its_unary_rpc() {
             ..Default::default()
         })),
         x_request_id: "trace-1".into(),
+        traceparent: String::new(),
     };
     let calls = vec![
         settle(&settled, 250_000),
@@ -818,6 +819,7 @@ async fn finish_batch_answers_each_call_like_its_unary_rpc() {
                 reason: "upstream_error".into(),
             })),
             x_request_id: String::new(),
+            traceparent: String::new(),
         },
         // Unknown reservation, malformed id, empty call: refused one by one.
         settle("rsv_0_00000000000000000000000000000000", 1),
@@ -830,6 +832,7 @@ async fn finish_batch_answers_each_call_like_its_unary_rpc() {
                 reason: "client_abort".into(),
             })),
             x_request_id: String::new(),
+            traceparent: String::new(),
         },
         // The same settle twice in one batch (a retry racing the first): charged once.
         settle(&settled, 250_000),
@@ -937,6 +940,7 @@ async fn call_stream_answers_each_call_like_its_unary_rpc() {
     let call = |call_id: u64, call: Option<Call>| pb::StreamCall {
         call_id,
         x_request_id: format!("trace-{call_id}"),
+        traceparent: String::new(),
         call,
     };
     let mut no_id = authorize_req(&key, "x", 1);
@@ -1073,6 +1077,7 @@ async fn shutting_down_ends_open_call_streams() {
     tx.send(pb::StreamCall {
         call_id: 1,
         x_request_id: String::new(),
+        traceparent: String::new(),
         call: Some(Call::Authorize(authorize_req(
             &key,
             "before-restart",

@@ -91,6 +91,7 @@ impl Fixture {
                 allow_event_id: &format!("{rid}/authorize"),
                 deny_event_id: &format!("deny/{}", self.n),
                 policies: std::slice::from_ref(&slot),
+                traceparent: None,
             })
             .await
             .unwrap();

@@ -109,6 +109,9 @@ pub struct ReserveRequest<'a> {
     pub allow_event_id: &'a str,
     pub deny_event_id: &'a str,
     pub policies: &'a [PolicySlot],
+    /// The W3C `traceparent` of the Authorize span (sampled traces only): its
+    /// events carry it to Kafka, so the consumers' writes join the agent call's trace.
+    pub traceparent: Option<&'a str>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -626,6 +629,9 @@ fn event_meta(req: &ReserveRequest<'_>, generation: Option<&str>) -> String {
         /// The reservation id's generation (see `keys::reservation_id`).
         #[serde(skip_serializing_if = "Option::is_none")]
         generation: Option<&'a str>,
+        /// The Authorize span's context; the relay sends it as a Kafka header.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        traceparent: Option<&'a str>,
     }
     serde_json::to_string(&Meta {
         request_id: req.request_id,
@@ -637,6 +643,7 @@ fn event_meta(req: &ReserveRequest<'_>, generation: Option<&str>) -> String {
         resource: req.resource,
         reserved_at_ms: req.now_ms.to_string(),
         generation,
+        traceparent: req.traceparent,
     })
     // Serialising borrowed strings cannot fail; an empty object would be poison.
     .unwrap_or_else(|_| "{}".to_owned())

@@ -269,6 +269,7 @@ impl CallLane {
             .send(pb::StreamCall {
                 call_id,
                 x_request_id: String::new(),
+                traceparent: String::new(),
                 call: Some(call),
             })
             .await

@@ -6,20 +6,23 @@
 //! (and `CARACAL_CONFIG`), stops on SIGTERM.
 
 use anyhow::Context;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
     let path = std::env::var_os("CARACAL_CONFIG").map(std::path::PathBuf::from);
     let config = caracal_authz::Config::load(path.as_deref())?;
-    caracal_authz::server::runtime(config.server.worker_threads)
-        .context("starting the async runtime")?
-        .block_on(async move {
-            let mut server = caracal_authz::serve(config).await?;
-            tokio::select! {
-                result = server.wait() => result.context("server stopped"),
-                _ = caracal_service_kit::process::shutdown_signal() => server.shutdown().await,
-            }
-        })
+    let runtime = caracal_authz::server::runtime(config.server.worker_threads)
+        .context("starting the async runtime")?;
+    let telemetry = {
+        let _entered = runtime.enter();
+        caracal_service_kit::telemetry::init(false, &config.tracing, "caracal-authz-service")?
+    };
+    runtime.block_on(async move {
+        let mut server = caracal_authz::serve(config).await?;
+        let result = tokio::select! {
+            result = server.wait() => result.context("server stopped"),
+            _ = caracal_service_kit::process::shutdown_signal() => server.shutdown().await,
+        };
+        telemetry.shutdown_async().await;
+        result
+    })
 }
