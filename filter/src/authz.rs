@@ -394,6 +394,7 @@ pub struct BatchEntry<'a> {
     pub method: &'a str,
     pub message: &'a [u8],
     pub x_request_id: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
 }
 
 /// The encoded `FinishBatchRequest` of `entries`, built from the already encoded
@@ -409,13 +410,18 @@ pub fn finish_batch_request(entries: &[BatchEntry<'_>]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(
         entries
             .iter()
-            .map(|e| e.message.len() + e.x_request_id.map_or(0, str::len) + 16)
+            .map(|e| {
+                e.message.len()
+                    + e.x_request_id.map_or(0, str::len)
+                    + e.traceparent.map_or(0, str::len)
+                    + 20
+            })
             .sum(),
     );
     let mut call = Vec::new();
     for e in entries {
         // FinishCall: oneof call { settle = 1; release = 2; release_by_request = 3 },
-        // x_request_id = 4.
+        // x_request_id = 4, traceparent = 5.
         let tag = match e.method {
             SETTLE => 1,
             RELEASE => 2,
@@ -426,6 +432,9 @@ pub fn finish_batch_request(entries: &[BatchEntry<'_>]) -> Option<Vec<u8>> {
         field(&mut call, tag, e.message);
         if let Some(id) = e.x_request_id {
             field(&mut call, 4, id.as_bytes());
+        }
+        if let Some(tp) = e.traceparent {
+            field(&mut call, 5, tp.as_bytes());
         }
         // FinishBatchRequest: repeated FinishCall calls = 1.
         field(&mut out, 1, &call);
@@ -464,26 +473,72 @@ pub fn finish_batch_results(response: &[u8], calls: usize) -> Result<Vec<BatchRe
     Ok(decoded.results)
 }
 
+/// The W3C Trace Context header (and the gRPC metadata key of unary calls).
+pub const TRACEPARENT: &str = "traceparent";
+
+/// `value` when it is a W3C `traceparent` this filter passes on: version 00's
+/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lowercase, ids not all
+/// zero (a later version is read by its first four fields, as the spec says).
+/// Anything else is dropped rather than forwarded into the service's spans.
+pub fn valid_traceparent(value: &str) -> Option<&str> {
+    let v = value.trim();
+    let b = v.as_bytes();
+    let hex = |s: &[u8]| !s.is_empty() && s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let zero = |s: &[u8]| s.iter().all(|&c| c == b'0');
+    if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+        return None;
+    }
+    let (version, trace, parent, flags) = (&b[0..2], &b[3..35], &b[36..52], &b[53..55]);
+    let ok = hex(version)
+        && version != b"ff"
+        && (b.len() == 55 || (version != b"00" && b[55] == b'-'))
+        && hex(trace)
+        && !zero(trace)
+        && hex(parent)
+        && !zero(parent)
+        && hex(flags);
+    ok.then_some(v)
+}
+
+/// A new `traceparent` for a call that came without one: trace id and parent id
+/// from `random` (made non-zero), sampled flag as decided.
+pub fn new_traceparent(random: [u64; 3], sampled: bool) -> String {
+    let trace = (u128::from(random[0]) << 64 | u128::from(random[1])).max(1);
+    let parent = random[2].max(1);
+    format!(
+        "00-{trace:032x}-{parent:016x}-{}",
+        if sampled { "01" } else { "00" }
+    )
+}
+
 /// The hot path's calls over one long-lived stream: a worker sends its Authorizes
 /// on it (see `glue`'s `Lane`).
 pub const CALL_STREAM: &str = "CallStream";
 
 /// The encoded `StreamCall` of an Authorize: the encoded `AuthorizeRequest` goes in
-/// as it is (field 3), tagged with `call_id` (field 1) and the agent call's
-/// x-request-id (field 2).
+/// as it is (field 3), tagged with `call_id` (field 1), the agent call's
+/// x-request-id (field 2) and its W3C traceparent (field 7).
 pub fn stream_authorize_call(
     call_id: u64,
     x_request_id: Option<&str>,
+    traceparent: Option<&str>,
     authorize: &[u8],
 ) -> Vec<u8> {
     use prost::encoding::{encode_key, encode_varint, WireType};
-    let mut out = Vec::with_capacity(authorize.len() + x_request_id.map_or(0, str::len) + 24);
+    let mut out = Vec::with_capacity(
+        authorize.len() + x_request_id.map_or(0, str::len) + traceparent.map_or(0, str::len) + 28,
+    );
     encode_key(1, WireType::Varint, &mut out);
     encode_varint(call_id, &mut out);
     if let Some(id) = x_request_id {
         encode_key(2, WireType::LengthDelimited, &mut out);
         encode_varint(id.len() as u64, &mut out);
         out.extend_from_slice(id.as_bytes());
+    }
+    if let Some(tp) = traceparent {
+        encode_key(7, WireType::LengthDelimited, &mut out);
+        encode_varint(tp.len() as u64, &mut out);
+        out.extend_from_slice(tp.as_bytes());
     }
     encode_key(3, WireType::LengthDelimited, &mut out);
     encode_varint(authorize.len() as u64, &mut out);
@@ -878,16 +933,19 @@ mod tests {
                 method: SETTLE,
                 message: &settle,
                 x_request_id: Some("trace-a"),
+                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
             },
             BatchEntry {
                 method: RELEASE,
                 message: &release,
                 x_request_id: None,
+                traceparent: None,
             },
             BatchEntry {
                 method: RELEASE_BY_REQUEST,
                 message: &by_request,
                 x_request_id: Some("trace-c"),
+                traceparent: None,
             },
         ];
         let bytes = finish_batch_request(&entries).unwrap();
@@ -900,6 +958,11 @@ mod tests {
             ))
         );
         assert_eq!(decoded.calls[0].x_request_id, "trace-a");
+        assert_eq!(
+            decoded.calls[0].traceparent,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert_eq!(decoded.calls[1].traceparent, "");
         assert_eq!(
             decoded.calls[1].call,
             Some(Call::Release(
@@ -918,9 +981,78 @@ mod tests {
             method: AUTHORIZE,
             message: &settle,
             x_request_id: None,
+            traceparent: None,
         }];
         assert!(finish_batch_request(&authorize).is_none());
         assert_eq!(finish_batch_request(&[]), Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_streamed_authorize_carries_its_tags() {
+        use caracal_proto::v1::{stream_call::Call, StreamCall};
+        let authorize = AuthorizeRequest {
+            request_id: "req-1".into(),
+            model: "gpt-4o".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let bytes = stream_authorize_call(
+            7,
+            Some("xr-1"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            &authorize,
+        );
+        let call = StreamCall::decode(bytes.as_slice()).unwrap();
+        assert_eq!(call.call_id, 7);
+        assert_eq!(call.x_request_id, "xr-1");
+        assert_eq!(
+            call.traceparent,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        let Some(Call::Authorize(a)) = call.call else {
+            panic!("not an Authorize: {:?}", call.call);
+        };
+        assert_eq!(a.request_id, "req-1");
+        let bare = StreamCall::decode(stream_authorize_call(8, None, None, &authorize).as_slice())
+            .unwrap();
+        assert_eq!(
+            (bare.x_request_id.as_str(), bare.traceparent.as_str()),
+            ("", "")
+        );
+    }
+
+    #[test]
+    fn traceparents_are_checked_before_they_are_passed_on() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(valid_traceparent(good), Some(good));
+        assert_eq!(valid_traceparent(&format!(" {good} ")), Some(good));
+        // A later version may append fields after a dash.
+        let v1 = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra";
+        assert_eq!(valid_traceparent(v1), Some(v1));
+        for bad in [
+            "",
+            "00",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+        ] {
+            assert_eq!(valid_traceparent(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn new_traceparents_are_valid_and_say_whether_sampled() {
+        let t = new_traceparent([1, 2, 3], true);
+        assert_eq!(t, "00-00000000000000010000000000000002-0000000000000003-01");
+        assert_eq!(valid_traceparent(&t), Some(t.as_str()));
+        let zero = new_traceparent([0, 0, 0], false);
+        assert!(zero.ends_with("-00"), "{zero}");
+        assert_eq!(valid_traceparent(&zero), Some(zero.as_str()));
     }
 
     #[test]

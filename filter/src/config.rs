@@ -18,6 +18,7 @@
 //!   "refuse_unmatched": true,
 //!   "gateway_token": "dev-only-shared-secret",
 //!   "log_level": "info",
+//!   "trace_sampling_ratio": 0.0,
 //!   "routes": [
 //!     {"path_prefix": "/v1/messages", "provider": "anthropic", "upstream_host": "api.anthropic.com"},
 //!     {"path_prefix": "/v1/", "provider": "openai", "upstream_host": "api.openai.com", "failure_mode": "allow"}
@@ -109,7 +110,7 @@ pub struct Route {
 }
 
 /// The validated filter configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Config {
     /// Envoy cluster (HTTP/2) of the authorization service.
     pub authz_cluster: String,
@@ -166,6 +167,13 @@ pub struct Config {
     /// The filter's log level.
     #[serde(default = "default_log_level")]
     pub log_level: LogLevel,
+    /// Traces: an agent call's W3C `traceparent` always reaches the authorization
+    /// service (Authorize, Settle, Release), so their spans join the caller's trace.
+    /// A call without one starts a trace here when this is above 0: a new
+    /// `traceparent` (sampled with this probability) is added to the request, so
+    /// the provider, the service and the consumers see the same trace.
+    #[serde(default)]
+    pub trace_sampling_ratio: f64,
 }
 
 fn default_authz_timeout_ms() -> u64 {
@@ -228,6 +236,7 @@ const KNOWN_KEYS: &[&str] = &[
     "gateway_token",
     "routes",
     "log_level",
+    "trace_sampling_ratio",
 ];
 const KNOWN_ROUTE_KEYS: &[&str] = &[
     "path_prefix",
@@ -324,6 +333,9 @@ impl Config {
                     "gateway_token must be 1-512 visible ASCII characters (no spaces)",
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&self.trace_sampling_ratio) {
+            return Err(invalid("trace_sampling_ratio must be between 0 and 1"));
         }
         if self.routes.is_empty() {
             return Err(invalid("routes must list at least one LLM route"));

@@ -72,6 +72,7 @@ struct Job {
     /// Reservation id or request id, for logs.
     label: String,
     x_request_id: Option<String>,
+    traceparent: Option<String>,
     /// Attempts already made.
     attempts: u32,
     /// Not before this time (ms since the epoch).
@@ -163,6 +164,7 @@ struct Waiting {
     /// again as a unary call when the service ends the stream without reading it.
     authorize: Vec<u8>,
     x_request_id: Option<String>,
+    traceparent: Option<String>,
 }
 
 /// Delay before the stream is opened again after `failed` opens in a row failed.
@@ -337,7 +339,7 @@ impl Root {
                 &config.authz_upstream,
                 authz::SERVICE,
                 authz::CALL_STREAM,
-                gateway_metadata(&config, None),
+                gateway_metadata(&config, None, None),
             ) {
                 Ok(token) => {
                     debug!("caracal: Authorize stream {token} dispatched");
@@ -393,7 +395,7 @@ impl Root {
             &config.authz_upstream,
             authz::SERVICE,
             authz::AUTHORIZE,
-            gateway_metadata(&config, w.x_request_id.as_deref()),
+            gateway_metadata(&config, w.x_request_id.as_deref(), w.traceparent.as_deref()),
             Some(&w.authorize),
             Duration::from_millis(left),
         ) {
@@ -432,14 +434,15 @@ impl Root {
     fn dispatch(
         config: &Config,
         method: &str,
-        x_request_id: Option<&str>,
+        tags: (Option<&str>, Option<&str>),
         message: &[u8],
     ) -> Result<u32, proxy_wasm::types::Status> {
+        let (x_request_id, traceparent) = tags;
         hostcalls::dispatch_grpc_call(
             &config.authz_upstream,
             authz::SERVICE,
             method,
-            gateway_metadata(config, x_request_id),
+            gateway_metadata(config, x_request_id, traceparent),
             Some(message),
             config.settle_timeout(),
         )
@@ -450,12 +453,8 @@ impl Root {
         if job.attempts > 0 {
             count(|m| m.retries);
         }
-        match Self::dispatch(
-            config,
-            job.method,
-            job.x_request_id.as_deref(),
-            &job.message,
-        ) {
+        let tags = (job.x_request_id.as_deref(), job.traceparent.as_deref());
+        match Self::dispatch(config, job.method, tags, &job.message) {
             Ok(token) => {
                 debug!("caracal: {} sent for {}", job.method, job.label);
                 OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, Flight::One(job)));
@@ -472,6 +471,7 @@ impl Root {
                 method: j.method,
                 message: &j.message,
                 x_request_id: j.x_request_id.as_deref(),
+                traceparent: j.traceparent.as_deref(),
             })
             .collect();
         let Some(message) = authz::finish_batch_request(&entries) else {
@@ -486,7 +486,7 @@ impl Root {
             debug!("caracal: {} for {} sent again", job.method, job.label);
             count(|m| m.retries);
         }
-        match Self::dispatch(config, authz::FINISH_BATCH, None, &message) {
+        match Self::dispatch(config, authz::FINISH_BATCH, (None, None), &message) {
             Ok(token) => {
                 debug!("caracal: FinishBatch of {} call(s) sent", jobs.len());
                 OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, Flight::Batch(jobs)));
@@ -813,6 +813,8 @@ struct Filter {
     identity: Option<Identity>,
     request_id: String,
     x_request_id: Option<String>,
+    /// The agent call's W3C traceparent (its own, or one started here).
+    traceparent: Option<String>,
     estimate: Estimate,
     reservation_id: Option<String>,
     remaining: Option<String>,
@@ -836,6 +838,7 @@ impl Filter {
             identity: None,
             request_id: String::new(),
             x_request_id: None,
+            traceparent: None,
             estimate: Estimate::default(),
             reservation_id: None,
             remaining: None,
@@ -1006,7 +1009,11 @@ impl Filter {
             &config.authz_upstream,
             authz::SERVICE,
             authz::AUTHORIZE,
-            gateway_metadata(config, self.x_request_id.as_deref()),
+            gateway_metadata(
+                config,
+                self.x_request_id.as_deref(),
+                self.traceparent.as_deref(),
+            ),
             Some(&message),
             config.authz_timeout(),
         ) {
@@ -1047,8 +1054,12 @@ impl Filter {
                 return Err(authorize);
             }
         };
-        let message =
-            authz::stream_authorize_call(call_id, self.x_request_id.as_deref(), &authorize);
+        let message = authz::stream_authorize_call(
+            call_id,
+            self.x_request_id.as_deref(),
+            self.traceparent.as_deref(),
+            &authorize,
+        );
         // The stream is the root's: Envoy looks the token up in the effective context.
         let switched = hostcalls::set_effective_context(self.root_id).is_ok();
         let sent = hostcalls::send_grpc_stream_message(token, Some(&message), false);
@@ -1081,6 +1092,7 @@ impl Filter {
                     deadline_ms: now.saturating_add(timeout_ms),
                     authorize,
                     x_request_id: self.x_request_id.clone(),
+                    traceparent: self.traceparent.clone(),
                 },
             )
         });
@@ -1237,6 +1249,31 @@ impl Filter {
         self.send_detached(authz::RELEASE_BY_REQUEST, msg, self.request_id.clone());
     }
 
+    /// The agent call's W3C traceparent: its own when valid; otherwise, when
+    /// `trace_sampling_ratio` is above 0, a new trace, set on the request so the
+    /// provider sees the same one.
+    fn trace_of(&self, headers: &[(String, Vec<u8>)], config: &Config) -> Option<String> {
+        let given = header(headers, authz::TRACEPARENT);
+        if let Some(tp) = given.as_deref().and_then(authz::valid_traceparent) {
+            return Some(tp.to_owned());
+        }
+        if config.trace_sampling_ratio <= 0.0 {
+            return None;
+        }
+        // 53 random bits as a uniform value in [0, 1).
+        let draw = (nonce() >> 11) as f64 / (1u64 << 53) as f64;
+        let tp = authz::new_traceparent(
+            [nonce(), nonce(), nonce()],
+            draw < config.trace_sampling_ratio,
+        );
+        if let Err(e) =
+            hostcalls::set_map_value(MapType::HttpRequestHeaders, authz::TRACEPARENT, Some(&tp))
+        {
+            warn!("caracal: cannot set the traceparent header: {e:?}");
+        }
+        Some(tp)
+    }
+
     /// Hands a Settle / Release / ReleaseByRequest to the root context, which sends
     /// it (and retries it) independently of this stream.
     fn send_detached(&self, method: &'static str, message: Vec<u8>, label: String) {
@@ -1246,6 +1283,7 @@ impl Filter {
                 message,
                 label,
                 x_request_id: self.x_request_id.clone(),
+                traceparent: self.traceparent.clone(),
                 attempts: 0,
                 due_ms: 0,
             },
@@ -1367,6 +1405,7 @@ impl Filter {
             .map(|id| id.trim().to_owned())
             .filter(|id| authz::valid_request_id(id));
         self.request_id = authz::request_id(self.x_request_id.as_deref(), nonce());
+        self.traceparent = self.trace_of(&headers, &config);
 
         let plan = identity::plan_request_headers(&headers);
         for name in &plan.remove {
@@ -1556,10 +1595,14 @@ impl Filter {
 fn gateway_metadata<'a>(
     config: &'a Config,
     x_request_id: Option<&'a str>,
+    traceparent: Option<&'a str>,
 ) -> Vec<(&'a str, &'a [u8])> {
-    let mut m = Vec::with_capacity(2);
+    let mut m = Vec::with_capacity(3);
     if let Some(id) = x_request_id {
         m.push(("x-request-id", id.as_bytes()));
+    }
+    if let Some(tp) = traceparent {
+        m.push((authz::TRACEPARENT, tp.as_bytes()));
     }
     if let Some(token) = config.gateway_token() {
         m.push((GATEWAY_TOKEN_METADATA, token.as_bytes()));
