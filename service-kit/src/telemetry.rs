@@ -177,8 +177,14 @@ pub fn init(
         let provider = provider(config, default_service)?;
         let tracer = provider.tracer("caracal");
         let only_ours = filter::Targets::new().with_target(TARGET, filter::LevelFilter::INFO);
+        // Spans carry what names the call (set by the code that makes them), not
+        // the source location, thread or busy/idle times of the `tracing` span.
         let layer = tracing_opentelemetry::layer()
             .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_target(false)
             .with_filter(only_ours)
             .boxed();
         (Some(provider), Some(layer))

@@ -15,6 +15,7 @@ pub mod envoy;
 pub mod flaky_proxy;
 pub mod kafka;
 pub mod mock_llm;
+pub mod otlp_collector;
 pub mod own_redis;
 pub mod probe;
 pub mod redis_ceiling;
