@@ -541,6 +541,8 @@ reservations:
         let mut c = Config::from_yaml(text).unwrap();
         assert_eq!(c.snapshots.schedule, "0 0 * * *");
         assert_eq!(c.snapshots.retention_days, 30);
+        assert!(!c.tracing.enabled);
+        assert_eq!(c.tracing.sampling_ratio, 0.1);
         c.database.url = "postgres://u@db/caracal".to_owned();
         c.redis.nodes = vec!["rediss://10.0.0.1:6379".to_owned()];
         c.kafka.sasl_password = "placeholder".to_owned();

@@ -458,6 +458,26 @@ mod tests {
         assert_eq!(c.aggregator.top_agents, 100);
     }
 
+    /// The consumers' ConfigMap in the Kubernetes manifests parses and validates.
+    #[test]
+    fn the_shipped_kubernetes_config_parses_and_validates() {
+        let manifests = include_str!("../../k8s/base/consumers.yaml");
+        let text = manifests
+            .split("\n---")
+            .filter_map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).ok())
+            .find_map(|doc| doc["data"]["consumers.yaml"].as_str().map(str::to_owned))
+            .expect("the caracal-consumers-config ConfigMap");
+        let mut c: ConsumerConfig = caracal_service_kit::config::from_yaml(&text).unwrap();
+        c.database.url = "postgres://u@db/caracal".to_owned();
+        c.kafka.sasl_password = "placeholder".to_owned();
+        if let Err(e) = c.validate() {
+            panic!("{e}");
+        }
+        assert!(!c.tracing.enabled);
+        assert_eq!(c.tracing.endpoint, "http://otel-collector.monitoring:4317");
+        assert_eq!(c.consumer.batch_size, 2000);
+    }
+
     #[test]
     fn redis_section_and_overrides() {
         let mut c: ConsumerConfig = caracal_service_kit::config::from_yaml(

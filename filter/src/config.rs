@@ -457,6 +457,7 @@ mod tests {
         assert_eq!(c.routes[0].failure_mode, None);
         assert_eq!(c.log_level, LogLevel::Info);
         assert_eq!(c.authz_timeout(), Duration::from_millis(200));
+        assert_eq!(c.trace_sampling_ratio, 0.0, "no traces started by default");
     }
 
     #[test]
@@ -467,6 +468,7 @@ mod tests {
           "jwt_metadata_namespace": "ns", "jwt_payload_key": "payload", "jwt_claim": "agent",
           "max_body_bytes": 2048, "default_max_output_tokens": 100, "log_level": "debug",
           "max_output_tokens_cap": 500, "refuse_unmatched": false, "gateway_token": "gw-t0ken",
+          "trace_sampling_ratio": 0.25,
           "routes": [
             {"path_prefix": "/v1/messages", "provider": "anthropic", "upstream_host": "api.anthropic.com", "failure_mode": "deny"},
             {"path_prefix": "/v1/", "provider": "openai", "upstream_host": "api.openai.com", "allow_background": true}
@@ -474,6 +476,7 @@ mod tests {
         let (c, w) = Config::parse(json.as_bytes()).unwrap();
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(c.gateway_token(), Some("gw-t0ken"));
+        assert_eq!(c.trace_sampling_ratio, 0.25);
         assert!(!c.refuse_unmatched);
         let l = c.limits();
         assert_eq!(
@@ -544,6 +547,8 @@ mod tests {
             format!(r#"{{"authz_cluster":"a","max_output_tokens_cap":0,"routes":[{route}]}}"#),
             format!(r#"{{"authz_cluster":"a","gateway_token":"a b","routes":[{route}]}}"#),
             format!(r#"{{"authz_cluster":"a","gateway_token":"x\ny","routes":[{route}]}}"#),
+            format!(r#"{{"authz_cluster":"a","trace_sampling_ratio":1.5,"routes":[{route}]}}"#),
+            format!(r#"{{"authz_cluster":"a","trace_sampling_ratio":-0.1,"routes":[{route}]}}"#),
             r#"{"authz_cluster":"a","routes":[{"path_prefix":"v1","provider":"openai","upstream_host":"h"}]}"#.to_owned(),
             r#"{"authz_cluster":"a","routes":[{"path_prefix":"/v1","provider":"gemini","upstream_host":"h"}]}"#.to_owned(),
             r#"{"authz_cluster":"a","routes":[{"path_prefix":"/v1","provider":"openai","upstream_host":"https://h/x"}]}"#.to_owned(),

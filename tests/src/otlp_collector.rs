@@ -4,7 +4,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
 };
 
 use opentelemetry_proto::tonic::{
@@ -47,6 +50,10 @@ impl ReceivedSpan {
 #[derive(Clone, Default)]
 struct Store {
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    /// Spans received (kept or not).
+    count: Arc<AtomicU64>,
+    /// Only count them (a benchmark's sink).
+    count_only: bool,
 }
 
 /// A running collector on 127.0.0.1; stops when dropped.
@@ -57,10 +64,20 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// A collector on a free port that keeps every span.
     pub async fn start() -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(0, false).await
+    }
+
+    /// A collector on `port` (0: a free one); `count_only` keeps no span, it
+    /// only counts them (for a benchmark's sink).
+    pub async fn start_on(port: u16, count_only: bool) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
-        let store = Store::default();
+        let store = Store {
+            count_only,
+            ..Store::default()
+        };
         let service = TraceServiceServer::new(store.clone());
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
@@ -74,6 +91,11 @@ impl Collector {
     /// `http://127.0.0.1:<port>`, for `tracing.endpoint`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// How many spans were received so far.
+    pub fn count(&self) -> u64 {
+        self.store.count.load(Ordering::Relaxed)
     }
 
     /// Every span received so far.
@@ -119,8 +141,21 @@ impl TraceService for Store {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let request = request.into_inner();
+        if self.count_only {
+            let n: usize = request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.count.fetch_add(n as u64, Ordering::Relaxed);
+            return Ok(Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }));
+        }
         let mut got = Vec::new();
-        for resource_spans in request.into_inner().resource_spans {
+        for resource_spans in request.resource_spans {
             let service = resource_spans
                 .resource
                 .as_ref()
@@ -145,6 +180,7 @@ impl TraceService for Store {
                 }
             }
         }
+        self.count.fetch_add(got.len() as u64, Ordering::Relaxed);
         self.spans
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -88,6 +88,12 @@ struct Args {
     /// one `CallStream` per HTTP/2 connection (what the gateway does for Authorize).
     #[arg(long, value_delimiter = ',', default_value = "unary,stream")]
     transport: Vec<Transport>,
+    /// Export OpenTelemetry spans, sampling this share of the calls (the service's
+    /// `tracing.samplingRatio`; the bench's calls carry no traceparent, so each is
+    /// a new trace), to an OTLP sink in a process of its own (`otlp-sink`, next
+    /// to this binary). Without it tracing is off, as by default.
+    #[arg(long)]
+    trace_sampling: Option<f64>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -606,7 +612,40 @@ async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
     // As the service binary builds it from `server.workerThreads`.
-    caracal_authz::server::runtime(args.workers)?.block_on(bench(args))
+    let runtime = caracal_authz::server::runtime(args.workers)?;
+    let Some(ratio) = args.trace_sampling else {
+        println!("tracing: off");
+        return runtime.block_on(bench(args));
+    };
+    let port = caracal_tests::envoy::free_port()?;
+    let sink_binary = std::env::current_exe()?.with_file_name("otlp-sink");
+    let mut sink = std::process::Command::new(&sink_binary)
+        .arg(port.to_string())
+        .spawn()
+        .with_context(|| format!("starting {}", sink_binary.display()))?;
+    let config = caracal_service_kit::telemetry::TracingConfig {
+        enabled: true,
+        endpoint: format!("http://127.0.0.1:{port}"),
+        sampling_ratio: ratio,
+        service_name: "authz-bench".to_owned(),
+        ..Default::default()
+    };
+    config.validate()?;
+    let telemetry = {
+        let _entered = runtime.enter();
+        caracal_service_kit::telemetry::init(false, &config, "authz-bench")?
+    };
+    println!("tracing: on, samplingRatio {ratio}, exporting to otlp-sink on 127.0.0.1:{port}");
+    let result = runtime.block_on(async move {
+        let result = bench(args).await;
+        telemetry.shutdown_async().await;
+        result
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &sink.id().to_string()])
+        .status();
+    let _ = sink.wait();
+    result
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
