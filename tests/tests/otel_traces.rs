@@ -93,10 +93,7 @@ fn envoy_tracing(collector_port: u16) -> Vec<(String, String)> {
     ]
 }
 
-fn find<'a>(
-    spans: &'a [ReceivedSpan],
-    what: impl Fn(&ReceivedSpan) -> bool,
-) -> Option<&'a ReceivedSpan> {
+fn find(spans: &[ReceivedSpan], what: impl Fn(&ReceivedSpan) -> bool) -> Option<&ReceivedSpan> {
     spans.iter().find(|s| what(s))
 }
 
