@@ -149,6 +149,14 @@ fn header(http: &HttpRequest, name: &str) -> Option<String> {
 }
 
 /// All request header names (lower-case).
+/// The agent call's `traceparent`: the Check's own (Envoy's span) first, then the
+/// request's header.
+fn trace_of(metadata: Option<&str>, http: &HttpRequest) -> Option<String> {
+    metadata
+        .map(str::to_owned)
+        .or_else(|| header(http, caracal_service_kit::telemetry::TRACEPARENT))
+}
+
 fn header_names(http: &HttpRequest) -> Vec<String> {
     let mut names: Vec<String> = http
         .headers
@@ -394,7 +402,11 @@ fn headers_to_remove(http: &HttpRequest) -> Vec<String> {
 }
 
 impl ExtAuthzService {
-    async fn check_inner(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
+    async fn check_inner(
+        &self,
+        req: CheckRequest,
+        metadata_traceparent: Option<String>,
+    ) -> Result<CheckResponse, Status> {
         let attributes = req.attributes.unwrap_or_default();
         let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
         let settings = match route_settings(&attributes.context_extensions) {
@@ -434,7 +446,19 @@ impl ExtAuthzService {
                 amount: String::new(),
             }),
         };
-        let answer = match self.authz.authorize(Request::new(authorize)).await {
+        let mut request = Request::new(authorize);
+        // The agent call's trace: its Authorize span is a child of the call's
+        // traceparent (the Check's metadata when Envoy's tracer set it, else the
+        // HTTP request's own header).
+        if caracal_service_kit::telemetry::enabled() {
+            let traceparent = trace_of(metadata_traceparent.as_deref(), &http);
+            if let Some(value) = traceparent.and_then(|t| t.parse().ok()) {
+                request
+                    .metadata_mut()
+                    .insert(caracal_service_kit::telemetry::TRACEPARENT, value);
+            }
+        }
+        let answer = match self.authz.authorize(request).await {
             Ok(r) => r.into_inner(),
             // The route's own settings are wrong (e.g. a bad currency): fail closed.
             Err(s) if s.code() == Code::InvalidArgument => {
@@ -478,7 +502,12 @@ impl Authorization for ExtAuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        self.check_inner(request.into_inner())
+        let traceparent = request
+            .metadata()
+            .get(caracal_service_kit::telemetry::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.check_inner(request.into_inner(), traceparent)
             .await
             .map(Response::new)
     }
@@ -563,6 +592,18 @@ mod tests {
             c.and_then(|c| c.kind),
             Some(CredentialKind::Verified(v)) if v.kind == "spiffe" && v.value == "spiffe://td/ns/a/sa/b"
         ));
+    }
+
+    #[test]
+    fn the_trace_comes_from_the_check_then_the_request() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let h = http(&[("traceparent", tp)]);
+        assert_eq!(
+            trace_of(Some("from-envoy"), &h).as_deref(),
+            Some("from-envoy")
+        );
+        assert_eq!(trace_of(None, &h).as_deref(), Some(tp));
+        assert_eq!(trace_of(None, &http(&[("x-request-id", "r")])), None);
     }
 
     #[test]

@@ -478,8 +478,9 @@ pub const TRACEPARENT: &str = "traceparent";
 
 /// `value` when it is a W3C `traceparent` this filter passes on: version 00's
 /// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lowercase, ids not all
-/// zero (a later version is read by its first four fields, as the spec says).
-/// Anything else is dropped rather than forwarded into the service's spans.
+/// zero. A later version is read by its first four fields, as the spec says, and
+/// only those 55 characters are passed on (a long header is not copied into every
+/// call). Anything else is dropped rather than forwarded into the service's spans.
 pub fn valid_traceparent(value: &str) -> Option<&str> {
     let v = value.trim();
     let b = v.as_bytes();
@@ -497,7 +498,8 @@ pub fn valid_traceparent(value: &str) -> Option<&str> {
         && hex(parent)
         && !zero(parent)
         && hex(flags);
-    ok.then_some(v)
+    // The first 55 bytes are ASCII (checked above): a char boundary.
+    ok.then(|| v.get(..55)).flatten()
 }
 
 /// A new `traceparent` for a call that came without one: trace id and parent id
@@ -1028,7 +1030,9 @@ mod tests {
         assert_eq!(valid_traceparent(&format!(" {good} ")), Some(good));
         // A later version may append fields after a dash.
         let v1 = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra";
-        assert_eq!(valid_traceparent(v1), Some(v1));
+        assert_eq!(valid_traceparent(v1), Some(&v1[..55]));
+        let long = format!("{}-{}", &v1[..55], "x".repeat(10_000));
+        assert_eq!(valid_traceparent(&long).map(str::len), Some(55));
         for bad in [
             "",
             "00",
