@@ -470,6 +470,7 @@ mod tests {
         let mut c: ConsumerConfig = caracal_service_kit::config::from_yaml(&text).unwrap();
         c.database.url = "postgres://u@db/caracal".to_owned();
         c.kafka.sasl_password = "placeholder".to_owned();
+        c.redis.nodes = vec!["rediss://10.0.0.1:6379".to_owned()];
         if let Err(e) = c.validate() {
             panic!("{e}");
         }
