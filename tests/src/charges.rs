@@ -257,3 +257,26 @@ pub async fn wait_for_ledger_rows(url: &str, rows: i64, timeout: Duration) -> Le
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// One ledger row of an agent, as the end-to-end tests check it.
+#[derive(Debug, Clone, diesel::QueryableByName)]
+pub struct AgentCharge {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub event_id: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub charged_micros: i64,
+}
+
+/// The ledger rows of `agent`, oldest first.
+pub async fn agent_charges(
+    conn: &mut AsyncPgConnection,
+    agent: &str,
+) -> anyhow::Result<Vec<AgentCharge>> {
+    Ok(diesel::sql_query(
+        "SELECT event_id, charged_micros FROM ledger_events WHERE agent_id = $1::uuid \
+         ORDER BY occurred_at",
+    )
+    .bind::<diesel::sql_types::Text, _>(agent)
+    .load(conn)
+    .await?)
+}

@@ -60,6 +60,19 @@ impl ConsumerProcess {
     }
 }
 
+/// A child process, killed if the test ends without stopping it (a failed
+/// assertion): a `Child` alone outlives its handle.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut last: Vec<&str> = text.lines().rev().take(lines).collect();

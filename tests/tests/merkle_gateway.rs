@@ -10,6 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use caracal_consumers::{config::ConsumerConfig, ledger};
 use caracal_tests::{
+    charges::agent_charges,
     cli_process::run_caracal,
     envoy::{Envoy, EnvoyOptions, Gateway},
     kafka::Tansu,
@@ -17,20 +18,11 @@ use caracal_tests::{
     probe::{http_get, metric_value},
     TestStack,
 };
-use diesel::sql_types::{BigInt, Text};
 use diesel_async::RunQueryDsl;
 use serde_json::json;
 
 const CLI: &str = env!("CARGO_BIN_EXE_caracal-under-test");
 const CALLS: usize = 12;
-
-#[derive(diesel::QueryableByName)]
-struct Row {
-    #[diesel(sql_type = Text)]
-    event_id: String,
-    #[diesel(sql_type = BigInt)]
-    charged_micros: i64,
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_charge_through_the_gateway_is_proven_offline_and_its_edit_is_named() {
@@ -100,15 +92,8 @@ async fn a_charge_through_the_gateway_is_proven_offline_and_its_edit_is_named() 
     // Every call in the ledger, and under a signed checkpoint.
     let mut conn = stack.db().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let rows: Vec<Row> = loop {
-        let rows: Vec<Row> = diesel::sql_query(
-            "SELECT event_id, charged_micros FROM ledger_events WHERE agent_id = $1::uuid \
-             ORDER BY occurred_at",
-        )
-        .bind::<Text, _>(&agent)
-        .load(&mut conn)
-        .await
-        .unwrap();
+    let rows = loop {
+        let rows = agent_charges(&mut conn, &agent).await.unwrap();
         let (_, checkpointed) = caracal_merkle_log::sequencer::state(&mut conn)
             .await
             .unwrap();

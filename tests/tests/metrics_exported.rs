@@ -28,7 +28,7 @@ use std::{
 };
 
 use caracal_tests::{
-    consumer_process::{terminate, ConsumerProcess},
+    consumer_process::{terminate, ConsumerProcess, Reaped},
     envoy::{free_port, repo_root, Envoy, EnvoyOptions, Gateway},
     kafka::Tansu,
     mock_llm::{MockLlm, COMPLETION_TOKENS_HEADER},
@@ -379,19 +379,6 @@ fn parse_exposition(text: &str) -> Exposition {
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// A consumer process, killed if the test ends without stopping it (a failed
-/// assertion): a `Child` alone outlives its handle.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// One consumer process of `subcommand` with `/metrics` on `http`.

@@ -9,15 +9,14 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use caracal_tests::{
-    consumer_process::ConsumerProcess,
+    charges::agent_charges,
+    consumer_process::{ConsumerProcess, Reaped},
     envoy::{Envoy, EnvoyOptions, Gateway},
     kafka::Tansu,
     mock_llm::{MockLlm, COMPLETION_TOKENS_HEADER},
     otlp_collector::{Collector, ReceivedSpan},
     service_process::ServiceProcess,
 };
-use diesel::sql_types::{BigInt, Text};
-use diesel_async::RunQueryDsl;
 use serde_json::json;
 
 const AUTHZ: &str = env!("CARGO_BIN_EXE_authz-under-test");
@@ -32,25 +31,6 @@ const TRACE: &str = "5b8efff798038103d269b633813fc60c";
 const CALLER_SPAN: &str = "eee19b7ec3c1b174";
 /// A second call's trace, marked not sampled by its caller.
 const UNSAMPLED_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
-
-#[derive(diesel::QueryableByName)]
-struct Row {
-    #[diesel(sql_type = Text)]
-    event_id: String,
-    #[diesel(sql_type = BigInt)]
-    charged_micros: i64,
-}
-
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// Envoy's own OpenTelemetry tracer, exporting to the collector: the gateway span.
 fn envoy_tracing(collector_port: u16) -> Vec<(String, String)> {
@@ -213,15 +193,8 @@ async fn one_agent_call_is_one_trace_from_the_gateway_to_the_ledger() {
     // Both charges in the ledger.
     let mut conn = stack.db().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let rows: Vec<Row> = loop {
-        let rows: Vec<Row> = diesel::sql_query(
-            "SELECT event_id, charged_micros FROM ledger_events WHERE agent_id = $1::uuid \
-             ORDER BY occurred_at",
-        )
-        .bind::<Text, _>(&agent)
-        .load(&mut conn)
-        .await
-        .unwrap();
+    let rows = loop {
+        let rows = agent_charges(&mut conn, &agent).await.unwrap();
         if rows.len() == 2 {
             break rows;
         }
