@@ -765,29 +765,21 @@ impl AuthorizationService {
     async fn finish_call(&self, call: pb::FinishCall) -> pb::FinishResult {
         use pb::{finish_call::Call, finish_result::Response as Answer};
         let started = Instant::now();
-        let traceparent = traced(&call.traceparent);
-        let (method, result) = match call.call {
-            Some(Call::Settle(req)) => (
-                "Settle",
-                self.settle_inner(req)
-                    .instrument(span("Settle", traceparent))
-                    .await
-                    .map(Answer::Settle),
-            ),
-            Some(Call::Release(req)) => (
-                "Release",
-                self.release_inner(req)
-                    .instrument(span("Release", traceparent))
-                    .await
-                    .map(Answer::Release),
-            ),
-            Some(Call::ReleaseByRequest(req)) => (
-                "ReleaseByRequest",
-                self.release_by_request_inner(req)
-                    .instrument(span("ReleaseByRequest", traceparent))
-                    .await
-                    .map(Answer::Release),
-            ),
+        let finishing = match call.call {
+            Some(Call::Settle(req)) => Some(Finishing::Settle(req)),
+            Some(Call::Release(req)) => Some(Finishing::Release(req)),
+            Some(Call::ReleaseByRequest(req)) => Some(Finishing::ReleaseByRequest(req)),
+            None => None,
+        };
+        let (method, result) = match finishing {
+            Some(f) => {
+                let (method, result) = self.finish_one(f, traced(&call.traceparent)).await;
+                let result = result.map(|done| match done {
+                    Finished::Settle(r) => Answer::Settle(r),
+                    Finished::Release(r) => Answer::Release(r),
+                });
+                (method, result)
+            }
             None => (
                 "FinishBatch",
                 Err(Status::invalid_argument(
@@ -803,6 +795,50 @@ impl AuthorizationService {
             response,
         }
     }
+
+    /// A Settle, Release or ReleaseByRequest of a batch or a stream, in its span.
+    async fn finish_one(
+        &self,
+        finishing: Finishing,
+        traceparent: Option<&str>,
+    ) -> (&'static str, Result<Finished, Status>) {
+        match finishing {
+            Finishing::Settle(req) => (
+                "Settle",
+                self.settle_inner(req)
+                    .instrument(span("Settle", traceparent))
+                    .await
+                    .map(Finished::Settle),
+            ),
+            Finishing::Release(req) => (
+                "Release",
+                self.release_inner(req)
+                    .instrument(span("Release", traceparent))
+                    .await
+                    .map(Finished::Release),
+            ),
+            Finishing::ReleaseByRequest(req) => (
+                "ReleaseByRequest",
+                self.release_by_request_inner(req)
+                    .instrument(span("ReleaseByRequest", traceparent))
+                    .await
+                    .map(Finished::Release),
+            ),
+        }
+    }
+}
+
+/// The calls that end a reservation, however they arrived (batch or stream).
+enum Finishing {
+    Settle(pb::SettleRequest),
+    Release(pb::ReleaseRequest),
+    ReleaseByRequest(pb::ReleaseByRequestRequest),
+}
+
+/// Their answers.
+enum Finished {
+    Settle(pb::SettleResponse),
+    Release(pb::ReleaseResponse),
 }
 
 impl AuthorizationService {
@@ -820,30 +856,18 @@ impl AuthorizationService {
                 mark_decision(&span, decision);
                 ("Authorize", result.map(Answer::Authorize), decision)
             }
-            Some(Call::Settle(req)) => (
-                "Settle",
-                self.settle_inner(req)
-                    .instrument(span("Settle", traceparent))
+            Some(Call::Settle(req)) => {
+                self.stream_finish(Finishing::Settle(req), traceparent)
                     .await
-                    .map(Answer::Settle),
-                None,
-            ),
-            Some(Call::Release(req)) => (
-                "Release",
-                self.release_inner(req)
-                    .instrument(span("Release", traceparent))
+            }
+            Some(Call::Release(req)) => {
+                self.stream_finish(Finishing::Release(req), traceparent)
                     .await
-                    .map(Answer::Release),
-                None,
-            ),
-            Some(Call::ReleaseByRequest(req)) => (
-                "ReleaseByRequest",
-                self.release_by_request_inner(req)
-                    .instrument(span("ReleaseByRequest", traceparent))
+            }
+            Some(Call::ReleaseByRequest(req)) => {
+                self.stream_finish(Finishing::ReleaseByRequest(req), traceparent)
                     .await
-                    .map(Answer::Release),
-                None,
-            ),
+            }
             None => (
                 "CallStream",
                 Err(Status::invalid_argument(
@@ -860,6 +884,25 @@ impl AuthorizationService {
             message,
             response,
         }
+    }
+
+    /// A finishing call of a CallStream, as the stream answers it.
+    async fn stream_finish(
+        &self,
+        finishing: Finishing,
+        traceparent: Option<&str>,
+    ) -> (
+        &'static str,
+        Result<pb::stream_result::Response, Status>,
+        Option<(&'static str, &'static str)>,
+    ) {
+        use pb::stream_result::Response as Answer;
+        let (method, result) = self.finish_one(finishing, traceparent).await;
+        let result = result.map(|done| match done {
+            Finished::Settle(r) => Answer::Settle(r),
+            Finished::Release(r) => Answer::Release(r),
+        });
+        (method, result, None)
     }
 
     /// Reads a CallStream's calls and works on up to [`MAX_STREAM_IN_FLIGHT`] at once,
