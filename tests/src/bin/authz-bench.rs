@@ -14,6 +14,8 @@
 //! once with the replica acknowledgement and once without (`--replica-ack 1,0`).
 //! `--transport unary,stream`: each call as its unary RPC, and each call as a
 //! message on one CallStream per connection (as the gateway sends Authorize).
+//! `--rate R`: an open loop offering R pairs/s, latency counted from when each pair
+//! was due. `--trace-sampling 0.1`: OpenTelemetry tracing on (spans to `otlp-sink`).
 
 use std::{
     collections::HashMap,
@@ -88,6 +90,13 @@ struct Args {
     /// one `CallStream` per HTTP/2 connection (what the gateway does for Authorize).
     #[arg(long, value_delimiter = ',', default_value = "unary,stream")]
     transport: Vec<Transport>,
+    /// Open loop: offer this many pairs/s in all, on a fixed schedule spread over
+    /// the callers (caller w's k-th pair is due at (k * concurrency + w) / rate s),
+    /// and time each pair and each Authorize from when it was due, so time spent
+    /// waiting behind a slow call counts (a closed loop hides that queueing).
+    /// Without it each caller sends its next pair when the last one is answered.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Export OpenTelemetry spans, sampling this share of the calls (the service's
     /// `tracing.samplingRatio`; the bench's calls carry no traceparent, so each is
     /// a new trace), to an OTLP sink in a process of its own (`otlp-sink`, next
@@ -374,6 +383,8 @@ async fn callers(
         channels.push(conn);
     }
     let cpu_before = cpu_seconds("/proc/thread-self/stat");
+    let rate = RATE.get().copied();
+    let schedule_start = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..count {
         let w = first + n;
@@ -392,11 +403,24 @@ async fn callers(
             let mut i: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
                 let key = &keys[(w + i as usize * concurrency) % keys.len()];
-                let t = Instant::now();
+                // Open loop: wait for this pair's time, and count from it.
+                let due = match rate {
+                    Some(r) => {
+                        let at = (i as f64 * concurrency as f64 + w as f64) / r;
+                        let due = schedule_start + Duration::from_secs_f64(at);
+                        tokio::time::sleep_until(due).await;
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        due.into_std()
+                    }
+                    None => Instant::now(),
+                };
+                let queued = due.elapsed().as_micros() as u64;
                 match pair(&mut caller, key, format!("b-{label}-{w}-{i}")).await {
                     Ok((a, s)) => {
-                        let _ = hist.record(t.elapsed().as_micros() as u64);
-                        let _ = calls.record(a);
+                        let _ = hist.record(due.elapsed().as_micros() as u64);
+                        let _ = calls.record(a + queued);
                         let _ = calls.record(s);
                     }
                     Err(_) => {
@@ -550,6 +574,9 @@ async fn run(
     Ok(())
 }
 
+/// `--rate`: pairs/s offered in all (open loop), when set.
+static RATE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
 /// Pairs/s of the Redis-only ceiling measured at the start (standalone runs).
 static CEILING: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
 
@@ -611,6 +638,14 @@ async fn delete_outbox(stack: &TestStack) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(
+            rate.is_finite() && rate > 0.0,
+            "--rate must be a positive number of pairs/s"
+        );
+        let _ = RATE.set(rate);
+        println!("open loop: {rate} pairs/s offered, timed from when each pair was due");
+    }
     // As the service binary builds it from `server.workerThreads`.
     let runtime = caracal_authz::server::runtime(args.workers)?;
     let Some(ratio) = args.trace_sampling else {
