@@ -59,12 +59,32 @@ pub struct Shape {
     pub per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Redis's own CPU per call (µs, user + system from INFO over the run).
+    pub redis_cpu_us: f64,
 }
 
 impl Ceiling {
     pub fn pairs_per_s(&self) -> f64 {
         1.0 / (1.0 / self.reserve.per_s + 1.0 / self.settle.per_s)
     }
+
+    /// Redis's CPU per reserve + settle pair (µs).
+    pub fn redis_cpu_us_per_pair(&self) -> f64 {
+        self.reserve.redis_cpu_us + self.settle.redis_cpu_us
+    }
+}
+
+/// Redis's CPU seconds so far (user + system), from `INFO cpu`.
+fn redis_cpu(port: u16) -> anyhow::Result<f64> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "info", "cpu"])
+        .output()
+        .context("redis-cli (Debian redis-tools)")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+        .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
+        .sum())
 }
 
 fn load(port: u16, script: &str) -> anyhow::Result<String> {
@@ -87,13 +107,14 @@ fn load(port: u16, script: &str) -> anyhow::Result<String> {
     Ok(sha)
 }
 
-/// Runs `requests` EVALSHA calls of `sha` at `connections` and returns what
-/// `redis-benchmark` measured.
+/// Runs `requests` EVALSHA calls of `sha` at `connections`, `pipeline` calls in
+/// flight per connection (`-P`), and returns what `redis-benchmark` measured.
 fn run(
     port: u16,
     sha: &str,
     requests: u64,
     connections: u16,
+    pipeline: u16,
     prefix: &str,
 ) -> anyhow::Result<Shape> {
     // Each __rand_int__ is replaced by its own random number below -r: a record
@@ -107,19 +128,22 @@ fn run(
     // As long as a real record and its metadata (one line: redis-benchmark's CSV
     // puts the command on one line).
     let record = "L\t25000\tUSD\t3\tcaracal:{p3}:c:0194f1c2-6d0e-7c55-9a4e-54a1d7e2b1aa:2026-12-02\t{\"request_id\":\"r-000001\",\"agent_id\":\"0194f1c2-6d0e-7c55-9a4e-54a1d7e2b1aa\",\"model\":\"gpt-4o\"}";
+    let cpu_before = redis_cpu(port)?;
     let out = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-c", &connections.to_string(), "-n", &requests.to_string()])
+        .args(["-P", &pipeline.max(1).to_string()])
         .args(["-r", "10000", "-q", "--csv"])
         .args(["EVALSHA", sha, "6", &rec, &exp, &outbox])
         .args(&counters)
         .args(["1770000000000", "25000", record, "1000000000000000"])
         .output()
         .context("redis-benchmark (Debian redis-tools)")?;
+    let redis_cpu_us = (redis_cpu(port)? - cpu_before) * 1e6 / requests.max(1) as f64;
     let text = String::from_utf8_lossy(&out.stdout);
     let shape = parse_csv(&text);
     match shape {
-        Some(s) if s.per_s > 0.0 && out.status.success() => Ok(s),
+        Some(s) if s.per_s > 0.0 && out.status.success() => Ok(Shape { redis_cpu_us, ..s }),
         _ => bail!(
             "redis-benchmark printed no rate: {text} {}",
             String::from_utf8_lossy(&out.stderr)
@@ -143,17 +167,24 @@ fn parse_csv(text: &str) -> Option<Shape> {
             per_s: f[6],
             p50_ms: f[3],
             p99_ms: f[1],
+            redis_cpu_us: 0.0,
         })
     })
 }
 
 /// Measures the ceiling on the Redis at 127.0.0.1:`port` (keys under a prefix of
-/// their own, deleted afterwards).
-pub fn measure(port: u16, requests: u64, connections: u16) -> anyhow::Result<Ceiling> {
+/// their own, deleted afterwards), each connection with `pipeline` calls in
+/// flight (1: one at a time; 16: the reference issue 24 measures against).
+pub fn measure(
+    port: u16,
+    requests: u64,
+    connections: u16,
+    pipeline: u16,
+) -> anyhow::Result<Ceiling> {
     let prefix = format!("ceiling-{}", uuid::Uuid::new_v4().simple());
     let (reserve, settle) = (load(port, RESERVE)?, load(port, SETTLE)?);
-    let reserve = run(port, &reserve, requests, connections, &prefix)?;
-    let settle = run(port, &settle, requests, connections, &prefix)?;
+    let reserve = run(port, &reserve, requests, connections, pipeline, &prefix)?;
+    let settle = run(port, &settle, requests, connections, pipeline, &prefix)?;
     // Clean up: the bench's keys (counters, records) under the prefix.
     let _ = Command::new("sh")
         .arg("-c")
