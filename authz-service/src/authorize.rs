@@ -774,11 +774,7 @@ impl AuthorizationService {
         let (method, result) = match finishing {
             Some(f) => {
                 let (method, result) = self.finish_one(f, traced(&call.traceparent)).await;
-                let result = result.map(|done| match done {
-                    Finished::Settle(r) => Answer::Settle(r),
-                    Finished::Release(r) => Answer::Release(r),
-                });
-                (method, result)
+                (method, result.map(Answer::from))
             }
             None => (
                 "FinishBatch",
@@ -841,6 +837,24 @@ enum Finished {
     Release(pb::ReleaseResponse),
 }
 
+impl From<Finished> for pb::finish_result::Response {
+    fn from(done: Finished) -> Self {
+        match done {
+            Finished::Settle(r) => Self::Settle(r),
+            Finished::Release(r) => Self::Release(r),
+        }
+    }
+}
+
+impl From<Finished> for pb::stream_result::Response {
+    fn from(done: Finished) -> Self {
+        match done {
+            Finished::Settle(r) => Self::Settle(r),
+            Finished::Release(r) => Self::Release(r),
+        }
+    }
+}
+
 impl AuthorizationService {
     /// One call of a CallStream, answered as its unary RPC would be (and counted
     /// under that RPC's name in the request metrics).
@@ -896,13 +910,8 @@ impl AuthorizationService {
         Result<pb::stream_result::Response, Status>,
         Option<(&'static str, &'static str)>,
     ) {
-        use pb::stream_result::Response as Answer;
         let (method, result) = self.finish_one(finishing, traceparent).await;
-        let result = result.map(|done| match done {
-            Finished::Settle(r) => Answer::Settle(r),
-            Finished::Release(r) => Answer::Release(r),
-        });
-        (method, result, None)
+        (method, result.map(Into::into), None)
     }
 
     /// Reads a CallStream's calls and works on up to [`MAX_STREAM_IN_FLIGHT`] at once,
@@ -1041,7 +1050,7 @@ fn traced(field: &str) -> Option<&str> {
 }
 
 /// A unary call's `traceparent` metadata, when tracing is on.
-fn metadata_traceparent<T>(request: &Request<T>) -> Option<&str> {
+pub(crate) fn metadata_traceparent<T>(request: &Request<T>) -> Option<&str> {
     if !telemetry::enabled() {
         return None;
     }

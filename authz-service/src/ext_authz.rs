@@ -148,7 +148,6 @@ fn header(http: &HttpRequest, name: &str) -> Option<String> {
     })
 }
 
-/// All request header names (lower-case).
 /// The agent call's `traceparent`: the Check's own (Envoy's span) first, then the
 /// request's header.
 fn trace_of(metadata: Option<&str>, http: &HttpRequest) -> Option<String> {
@@ -157,6 +156,7 @@ fn trace_of(metadata: Option<&str>, http: &HttpRequest) -> Option<String> {
         .or_else(|| header(http, caracal_service_kit::telemetry::TRACEPARENT))
 }
 
+/// All request header names (lower-case).
 fn header_names(http: &HttpRequest) -> Vec<String> {
     let mut names: Vec<String> = http
         .headers
@@ -502,11 +502,7 @@ impl Authorization for ExtAuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let traceparent = request
-            .metadata()
-            .get(caracal_service_kit::telemetry::TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let traceparent = crate::authorize::metadata_traceparent(&request).map(str::to_owned);
         self.check_inner(request.into_inner(), traceparent)
             .await
             .map(Response::new)

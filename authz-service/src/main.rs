@@ -43,16 +43,14 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
     let runtime = caracal_authz::server::runtime(config.server.worker_threads)
         .context("starting the async runtime")?;
-    // The trace exporter's gRPC channel lives on the runtime.
-    let telemetry = {
-        let _entered = runtime.enter();
-        telemetry::init(args.log_json, &config.tracing, "caracal-authz-service")?
-    };
-    runtime.block_on(async move {
-        let result = run(args, config).await;
-        telemetry.shutdown_async().await;
-        result
-    })
+    let (json, tracing) = (args.log_json, config.tracing.clone());
+    telemetry::block_on(
+        &runtime,
+        json,
+        &tracing,
+        "caracal-authz-service",
+        run(args, config),
+    )
 }
 
 async fn run(args: Args, config: Config) -> anyhow::Result<()> {

@@ -47,16 +47,14 @@ pub fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    // The trace exporter's gRPC channel lives on the runtime.
-    let telemetry = {
-        let _entered = runtime.enter();
-        telemetry::init(args.log_json, &config.tracing, args.command.service_name())?
-    };
-    runtime.block_on(async move {
-        let result = run(args.command, config).await;
-        telemetry.shutdown_async().await;
-        result
-    })
+    let (service, tracing) = (args.command.service_name(), config.tracing.clone());
+    telemetry::block_on(
+        &runtime,
+        args.log_json,
+        &tracing,
+        service,
+        run(args.command, config),
+    )
 }
 
 impl Command {

@@ -61,6 +61,7 @@ fn traced_writes(consumer: &'static str, batch: &[RawMessage]) -> Vec<tracing::S
     if !telemetry::enabled() {
         return Vec::new();
     }
+    let batch_size = batch.len().to_string();
     batch
         .iter()
         .filter_map(|msg| {
@@ -68,11 +69,7 @@ fn traced_writes(consumer: &'static str, batch: &[RawMessage]) -> Vec<tracing::S
             let span = telemetry::span(consumer, telemetry::Kind::Consumer, Some(parent));
             telemetry::attribute(&span, "messaging.destination.name", msg.topic.clone());
             telemetry::attribute(&span, "messaging.kafka.offset", msg.offset.to_string());
-            telemetry::attribute(
-                &span,
-                "messaging.batch.message_count",
-                batch.len().to_string(),
-            );
+            telemetry::attribute(&span, "messaging.batch.message_count", batch_size.clone());
             if let Some(id) = msg
                 .header("event_id")
                 .and_then(|v| std::str::from_utf8(v).ok())

@@ -200,6 +200,27 @@ pub fn init(
     Ok(Telemetry { provider })
 }
 
+/// Runs `work` on `runtime` the way every Caracal process does: logs and traces
+/// set up first ([`init`], inside the runtime: the exporter's channel lives
+/// there), the spans not yet exported flushed after it.
+pub fn block_on<T, E: From<TelemetryError>>(
+    runtime: &tokio::runtime::Runtime,
+    json: bool,
+    config: &TracingConfig,
+    default_service: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let telemetry = {
+        let _entered = runtime.enter();
+        init(json, config, default_service)?
+    };
+    runtime.block_on(async move {
+        let result = work.await;
+        telemetry.shutdown_async().await;
+        result
+    })
+}
+
 fn provider(
     config: &TracingConfig,
     default_service: &str,

@@ -742,21 +742,31 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     config.validate()?;
-    let telemetry = {
-        let _entered = runtime.enter();
-        caracal_service_kit::telemetry::init(false, &config, "authz-bench")?
-    };
     println!("tracing: on, samplingRatio {ratio}, exporting to otlp-sink on 127.0.0.1:{port}");
-    let result = runtime.block_on(async move {
-        let result = bench(args).await;
-        telemetry.shutdown_async().await;
-        result
-    });
+    let result = caracal_service_kit::telemetry::block_on(
+        &runtime,
+        false,
+        &config,
+        "authz-bench",
+        bench(args),
+    );
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &sink.id().to_string()])
         .status();
     let _ = sink.wait();
     result
+}
+
+/// The Redis-only ceiling at 64 connections, `pipeline` calls in flight on each.
+async fn ceiling(
+    port: u16,
+    requests: u64,
+    pipeline: u16,
+) -> anyhow::Result<caracal_tests::redis_ceiling::Ceiling> {
+    tokio::task::spawn_blocking(move || {
+        caracal_tests::redis_ceiling::measure(port, requests, 64, pipeline)
+    })
+    .await?
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
@@ -772,11 +782,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         println!("redis: standalone");
         if args.ceiling_requests > 0 {
             let port = redis_port(&caracal_tests::redis_url());
-            let c = tokio::task::spawn_blocking({
-                let n = args.ceiling_requests;
-                move || caracal_tests::redis_ceiling::measure(port, n, 64, 1)
-            })
-            .await??;
+            let c = ceiling(port, args.ceiling_requests, 1).await?;
             println!(
                 "redis-only ceiling (redis-benchmark, EVALSHA of the same shape, 64 connections): reserve {:.0}/s, settle {:.0}/s = {:.0} pairs/s",
                 c.reserve.per_s,
@@ -792,11 +798,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             let _ = CEILING.set(c.pairs_per_s());
             // Issue 24's reference: the same scripts with 16 calls in flight per
             // connection (what one script call per decision allows at best).
-            let p = tokio::task::spawn_blocking({
-                let n = args.ceiling_requests;
-                move || caracal_tests::redis_ceiling::measure(port, n, 64, 16)
-            })
-            .await??;
+            let p = ceiling(port, args.ceiling_requests, 16).await?;
             println!(
                 "pipelined reference (the same, -P 16): reserve {:.0}/s, settle {:.0}/s = {:.0} pairs/s; p99 per call {:.3} / {:.3} ms; Redis CPU per pair {:.1} µs (-P 1: {:.1} µs)",
                 p.reserve.per_s,

@@ -12,17 +12,18 @@ fn main() -> anyhow::Result<()> {
     let config = caracal_authz::Config::load(path.as_deref())?;
     let runtime = caracal_authz::server::runtime(config.server.worker_threads)
         .context("starting the async runtime")?;
-    let telemetry = {
-        let _entered = runtime.enter();
-        caracal_service_kit::telemetry::init(false, &config.tracing, "caracal-authz-service")?
-    };
-    runtime.block_on(async move {
-        let mut server = caracal_authz::serve(config).await?;
-        let result = tokio::select! {
-            result = server.wait() => result.context("server stopped"),
-            _ = caracal_service_kit::process::shutdown_signal() => server.shutdown().await,
-        };
-        telemetry.shutdown_async().await;
-        result
-    })
+    let tracing = config.tracing.clone();
+    caracal_service_kit::telemetry::block_on(
+        &runtime,
+        false,
+        &tracing,
+        "caracal-authz-service",
+        async move {
+            let mut server = caracal_authz::serve(config).await?;
+            tokio::select! {
+                result = server.wait() => result.context("server stopped"),
+                _ = caracal_service_kit::process::shutdown_signal() => server.shutdown().await,
+            }
+        },
+    )
 }
