@@ -387,14 +387,30 @@ pub const FINISH_BATCH: &str = "FinishBatch";
 /// Calls per FinishBatch at most (the service accepts 512).
 pub const MAX_BATCH: usize = 256;
 
+/// What every call to the service carries about the agent call it is made for:
+/// its x-request-id (logs) and its W3C traceparent (traces). Unary calls send
+/// them as metadata, stream and batch calls as fields of each call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallTags {
+    pub x_request_id: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+impl CallTags {
+    /// Bytes of the tags' values (for sizing an encoded call).
+    fn len(&self) -> usize {
+        self.x_request_id.as_ref().map_or(0, String::len)
+            + self.traceparent.as_ref().map_or(0, String::len)
+    }
+}
+
 /// One queued call for [`finish_batch_request`]: the unary method it stands for and
 /// its encoded request.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchEntry<'a> {
     pub method: &'a str,
     pub message: &'a [u8],
-    pub x_request_id: Option<&'a str>,
-    pub traceparent: Option<&'a str>,
+    pub tags: &'a CallTags,
 }
 
 /// The encoded `FinishBatchRequest` of `entries`, built from the already encoded
@@ -410,12 +426,7 @@ pub fn finish_batch_request(entries: &[BatchEntry<'_>]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(
         entries
             .iter()
-            .map(|e| {
-                e.message.len()
-                    + e.x_request_id.map_or(0, str::len)
-                    + e.traceparent.map_or(0, str::len)
-                    + 20
-            })
+            .map(|e| e.message.len() + e.tags.len() + 20)
             .sum(),
     );
     let mut call = Vec::new();
@@ -430,10 +441,10 @@ pub fn finish_batch_request(entries: &[BatchEntry<'_>]) -> Option<Vec<u8>> {
         };
         call.clear();
         field(&mut call, tag, e.message);
-        if let Some(id) = e.x_request_id {
+        if let Some(id) = &e.tags.x_request_id {
             field(&mut call, 4, id.as_bytes());
         }
-        if let Some(tp) = e.traceparent {
+        if let Some(tp) = &e.tags.traceparent {
             field(&mut call, 5, tp.as_bytes());
         }
         // FinishBatchRequest: repeated FinishCall calls = 1.
@@ -520,24 +531,17 @@ pub const CALL_STREAM: &str = "CallStream";
 /// The encoded `StreamCall` of an Authorize: the encoded `AuthorizeRequest` goes in
 /// as it is (field 3), tagged with `call_id` (field 1), the agent call's
 /// x-request-id (field 2) and its W3C traceparent (field 7).
-pub fn stream_authorize_call(
-    call_id: u64,
-    x_request_id: Option<&str>,
-    traceparent: Option<&str>,
-    authorize: &[u8],
-) -> Vec<u8> {
+pub fn stream_authorize_call(call_id: u64, tags: &CallTags, authorize: &[u8]) -> Vec<u8> {
     use prost::encoding::{encode_key, encode_varint, WireType};
-    let mut out = Vec::with_capacity(
-        authorize.len() + x_request_id.map_or(0, str::len) + traceparent.map_or(0, str::len) + 28,
-    );
+    let mut out = Vec::with_capacity(authorize.len() + tags.len() + 28);
     encode_key(1, WireType::Varint, &mut out);
     encode_varint(call_id, &mut out);
-    if let Some(id) = x_request_id {
+    if let Some(id) = &tags.x_request_id {
         encode_key(2, WireType::LengthDelimited, &mut out);
         encode_varint(id.len() as u64, &mut out);
         out.extend_from_slice(id.as_bytes());
     }
-    if let Some(tp) = traceparent {
+    if let Some(tp) = &tags.traceparent {
         encode_key(7, WireType::LengthDelimited, &mut out);
         encode_varint(tp.len() as u64, &mut out);
         out.extend_from_slice(tp.as_bytes());
@@ -930,24 +934,33 @@ mod tests {
         let release = release_request("rsv_2_cd", "upstream_error");
         let identity = Identity::ApiKey("cak_x".into());
         let by_request = release_by_request_request("req-9", &identity, "client_abort");
+        let tags = |x: Option<&str>, tp: Option<&str>| CallTags {
+            x_request_id: x.map(str::to_owned),
+            traceparent: tp.map(str::to_owned),
+        };
+        let (a, none, c) = (
+            tags(
+                Some("trace-a"),
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ),
+            CallTags::default(),
+            tags(Some("trace-c"), None),
+        );
         let entries = [
             BatchEntry {
                 method: SETTLE,
                 message: &settle,
-                x_request_id: Some("trace-a"),
-                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                tags: &a,
             },
             BatchEntry {
                 method: RELEASE,
                 message: &release,
-                x_request_id: None,
-                traceparent: None,
+                tags: &none,
             },
             BatchEntry {
                 method: RELEASE_BY_REQUEST,
                 message: &by_request,
-                x_request_id: Some("trace-c"),
-                traceparent: None,
+                tags: &c,
             },
         ];
         let bytes = finish_batch_request(&entries).unwrap();
@@ -982,8 +995,7 @@ mod tests {
         let authorize = [BatchEntry {
             method: AUTHORIZE,
             message: &settle,
-            x_request_id: None,
-            traceparent: None,
+            tags: &none,
         }];
         assert!(finish_batch_request(&authorize).is_none());
         assert_eq!(finish_batch_request(&[]), Some(Vec::new()));
@@ -998,12 +1010,11 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
-        let bytes = stream_authorize_call(
-            7,
-            Some("xr-1"),
-            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-            &authorize,
-        );
+        let tags = CallTags {
+            x_request_id: Some("xr-1".into()),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        };
+        let bytes = stream_authorize_call(7, &tags, &authorize);
         let call = StreamCall::decode(bytes.as_slice()).unwrap();
         assert_eq!(call.call_id, 7);
         assert_eq!(call.x_request_id, "xr-1");
@@ -1015,8 +1026,10 @@ mod tests {
             panic!("not an Authorize: {:?}", call.call);
         };
         assert_eq!(a.request_id, "req-1");
-        let bare = StreamCall::decode(stream_authorize_call(8, None, None, &authorize).as_slice())
-            .unwrap();
+        let bare = StreamCall::decode(
+            stream_authorize_call(8, &CallTags::default(), &authorize).as_slice(),
+        )
+        .unwrap();
         assert_eq!(
             (bare.x_request_id.as_str(), bare.traceparent.as_str()),
             ("", "")

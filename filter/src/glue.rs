@@ -71,8 +71,7 @@ struct Job {
     message: Vec<u8>,
     /// Reservation id or request id, for logs.
     label: String,
-    x_request_id: Option<String>,
-    traceparent: Option<String>,
+    tags: authz::CallTags,
     /// Attempts already made.
     attempts: u32,
     /// Not before this time (ms since the epoch).
@@ -160,11 +159,10 @@ struct Waiting {
     token: u32,
     sent_ms: u64,
     deadline_ms: u64,
-    /// The encoded AuthorizeRequest and the agent call's x-request-id, to send it
+    /// The encoded AuthorizeRequest and the agent call's tags, to send it
     /// again as a unary call when the service ends the stream without reading it.
     authorize: Vec<u8>,
-    x_request_id: Option<String>,
-    traceparent: Option<String>,
+    tags: authz::CallTags,
 }
 
 /// Delay before the stream is opened again after `failed` opens in a row failed.
@@ -339,7 +337,7 @@ impl Root {
                 &config.authz_upstream,
                 authz::SERVICE,
                 authz::CALL_STREAM,
-                gateway_metadata(&config, None, None),
+                gateway_metadata(&config, &authz::CallTags::default()),
             ) {
                 Ok(token) => {
                     debug!("caracal: Authorize stream {token} dispatched");
@@ -395,7 +393,7 @@ impl Root {
             &config.authz_upstream,
             authz::SERVICE,
             authz::AUTHORIZE,
-            gateway_metadata(&config, w.x_request_id.as_deref(), w.traceparent.as_deref()),
+            gateway_metadata(&config, &w.tags),
             Some(&w.authorize),
             Duration::from_millis(left),
         ) {
@@ -434,15 +432,14 @@ impl Root {
     fn dispatch(
         config: &Config,
         method: &str,
-        tags: (Option<&str>, Option<&str>),
+        tags: &authz::CallTags,
         message: &[u8],
     ) -> Result<u32, proxy_wasm::types::Status> {
-        let (x_request_id, traceparent) = tags;
         hostcalls::dispatch_grpc_call(
             &config.authz_upstream,
             authz::SERVICE,
             method,
-            gateway_metadata(config, x_request_id, traceparent),
+            gateway_metadata(config, tags),
             Some(message),
             config.settle_timeout(),
         )
@@ -453,8 +450,7 @@ impl Root {
         if job.attempts > 0 {
             count(|m| m.retries);
         }
-        let tags = (job.x_request_id.as_deref(), job.traceparent.as_deref());
-        match Self::dispatch(config, job.method, tags, &job.message) {
+        match Self::dispatch(config, job.method, &job.tags, &job.message) {
             Ok(token) => {
                 debug!("caracal: {} sent for {}", job.method, job.label);
                 OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, Flight::One(job)));
@@ -470,8 +466,7 @@ impl Root {
             .map(|j| authz::BatchEntry {
                 method: j.method,
                 message: &j.message,
-                x_request_id: j.x_request_id.as_deref(),
-                traceparent: j.traceparent.as_deref(),
+                tags: &j.tags,
             })
             .collect();
         let Some(message) = authz::finish_batch_request(&entries) else {
@@ -486,7 +481,12 @@ impl Root {
             debug!("caracal: {} for {} sent again", job.method, job.label);
             count(|m| m.retries);
         }
-        match Self::dispatch(config, authz::FINISH_BATCH, (None, None), &message) {
+        match Self::dispatch(
+            config,
+            authz::FINISH_BATCH,
+            &authz::CallTags::default(),
+            &message,
+        ) {
             Ok(token) => {
                 debug!("caracal: FinishBatch of {} call(s) sent", jobs.len());
                 OUTBOX.with(|o| o.borrow_mut().in_flight.insert(token, Flight::Batch(jobs)));
@@ -812,9 +812,8 @@ struct Filter {
     path: String,
     identity: Option<Identity>,
     request_id: String,
-    x_request_id: Option<String>,
-    /// The agent call's W3C traceparent (its own, or one started here).
-    traceparent: Option<String>,
+    /// The agent call's x-request-id and traceparent (its own, or one started here).
+    tags: authz::CallTags,
     estimate: Estimate,
     reservation_id: Option<String>,
     remaining: Option<String>,
@@ -837,8 +836,7 @@ impl Filter {
             path: String::new(),
             identity: None,
             request_id: String::new(),
-            x_request_id: None,
-            traceparent: None,
+            tags: authz::CallTags::default(),
             estimate: Estimate::default(),
             reservation_id: None,
             remaining: None,
@@ -1009,11 +1007,7 @@ impl Filter {
             &config.authz_upstream,
             authz::SERVICE,
             authz::AUTHORIZE,
-            gateway_metadata(
-                config,
-                self.x_request_id.as_deref(),
-                self.traceparent.as_deref(),
-            ),
+            gateway_metadata(config, &self.tags),
             Some(&message),
             config.authz_timeout(),
         ) {
@@ -1054,12 +1048,7 @@ impl Filter {
                 return Err(authorize);
             }
         };
-        let message = authz::stream_authorize_call(
-            call_id,
-            self.x_request_id.as_deref(),
-            self.traceparent.as_deref(),
-            &authorize,
-        );
+        let message = authz::stream_authorize_call(call_id, &self.tags, &authorize);
         // The stream is the root's: Envoy looks the token up in the effective context.
         let switched = hostcalls::set_effective_context(self.root_id).is_ok();
         let sent = hostcalls::send_grpc_stream_message(token, Some(&message), false);
@@ -1091,8 +1080,7 @@ impl Filter {
                     sent_ms: now,
                     deadline_ms: now.saturating_add(timeout_ms),
                     authorize,
-                    x_request_id: self.x_request_id.clone(),
-                    traceparent: self.traceparent.clone(),
+                    tags: self.tags.clone(),
                 },
             )
         });
@@ -1282,8 +1270,7 @@ impl Filter {
                 method,
                 message,
                 label,
-                x_request_id: self.x_request_id.clone(),
-                traceparent: self.traceparent.clone(),
+                tags: self.tags.clone(),
                 attempts: 0,
                 due_ms: 0,
             },
@@ -1401,11 +1388,11 @@ impl Filter {
         let method = header(&headers, ":method").unwrap_or_default();
         self.api = Api::for_request(&method, &path);
         self.path = strip_query(&path).to_owned();
-        self.x_request_id = header(&headers, "x-request-id")
+        self.tags.x_request_id = header(&headers, "x-request-id")
             .map(|id| id.trim().to_owned())
             .filter(|id| authz::valid_request_id(id));
-        self.request_id = authz::request_id(self.x_request_id.as_deref(), nonce());
-        self.traceparent = self.trace_of(&headers, &config);
+        self.request_id = authz::request_id(self.tags.x_request_id.as_deref(), nonce());
+        self.tags.traceparent = self.trace_of(&headers, &config);
 
         let plan = identity::plan_request_headers(&headers);
         for name in &plan.remove {
@@ -1592,16 +1579,12 @@ impl Filter {
 /// The metadata of every call to the authz-service: Envoy's `x-request-id` of the
 /// agent call (for tracing) and the gateway token (when configured: it
 /// authenticates the gateway).
-fn gateway_metadata<'a>(
-    config: &'a Config,
-    x_request_id: Option<&'a str>,
-    traceparent: Option<&'a str>,
-) -> Vec<(&'a str, &'a [u8])> {
+fn gateway_metadata<'a>(config: &'a Config, tags: &'a authz::CallTags) -> Vec<(&'a str, &'a [u8])> {
     let mut m = Vec::with_capacity(3);
-    if let Some(id) = x_request_id {
+    if let Some(id) = &tags.x_request_id {
         m.push(("x-request-id", id.as_bytes()));
     }
-    if let Some(tp) = traceparent {
+    if let Some(tp) = &tags.traceparent {
         m.push((authz::TRACEPARENT, tp.as_bytes()));
     }
     if let Some(token) = config.gateway_token() {
