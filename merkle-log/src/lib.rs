@@ -4,6 +4,7 @@
 //! | module | what it does |
 //! | --- | --- |
 //! | [`tiles`] | where each perfect-subtree hash is stored (tiles of height 8) and reading them back |
+//! | [`leaves`] | which event each leaf is: runs of up to 1024 consecutive leaves |
 //! | [`rows`] | a ledger row as a leaf: the columns every path reads, one conversion |
 //! | [`sequencer`] | one sequencing transaction: queue -> leaf indices, tiles, checkpoints |
 //! | [`keys`] | the signing key on disk (the sequencer only), public keys in `merkle_keys` |
@@ -13,11 +14,12 @@
 //! | [`service`] | the sequencer task: one leader by advisory lock, the checkpoint timer, the self-check, metrics |
 //! | [`config`] | `ledgerWriter.merkle.*` |
 //!
-//! Tables: migration `2026-12-05-400000_merkle_log`.
+//! Tables: migrations `2026-12-05-400000_merkle_log` and `2026-12-07-100000_merkle_leaf_runs`.
 
 pub mod checkpoints;
 pub mod config;
 pub mod keys;
+pub mod leaves;
 pub mod proofs;
 pub mod rows;
 pub mod sequencer;

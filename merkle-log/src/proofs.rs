@@ -14,18 +14,11 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::{
     checkpoints::{self, CheckpointRecord},
+    leaves,
     rows::{rows_by_key, LeafRow, LEAF_COLUMNS},
     tiles::TileCache,
     LogError,
 };
-
-#[derive(diesel::QueryableByName)]
-struct LeafRef {
-    #[diesel(sql_type = BigInt)]
-    leaf_index: i64,
-    #[diesel(sql_type = Timestamptz)]
-    occurred_at: DateTime<Utc>,
-}
 
 /// The audit path of leaf `index` in the stored tree of `size` leaves.
 pub async fn inclusion_path(
@@ -59,26 +52,32 @@ pub async fn find_event(
     conn: &mut AsyncPgConnection,
     event_id: &str,
 ) -> Result<(u64, LeafRow), LogError> {
-    // merkle_leaves is keyed (occurred_at, event_id), with no index on event_id
-    // alone (one more index on every leaf cost the sequencer a third of its
-    // insert time). The ledger finds the row's time: the event ids the services
-    // make are `<reservation id>/<kind>`, and ledger_events is indexed by
-    // reservation id. An id of another shape falls back to scanning the leaves.
+    // The log finds leaves by time, not by event id alone (an index on event ids
+    // cost the sequencer a third of its insert time). The ledger finds the row's
+    // time: the event ids the services make are `<reservation id>/<kind>`, and
+    // ledger_events is indexed by reservation id. An id of another shape falls
+    // back to scanning the leaves.
+    #[derive(diesel::QueryableByName)]
+    struct At {
+        #[diesel(sql_type = Timestamptz)]
+        occurred_at: DateTime<Utc>,
+    }
     let reservation = event_id.rsplit_once('/').map_or("", |(r, _)| r);
-    let refs: Vec<LeafRef> = diesel::sql_query(
-        "WITH e AS (SELECT occurred_at, event_id FROM ledger_events \
-                    WHERE reservation_id = $2 AND event_id = $1) \
-         SELECT leaf_index, occurred_at FROM merkle_leaves \
-         WHERE (occurred_at, event_id) IN (SELECT occurred_at, event_id FROM e) \
-         UNION ALL \
-         SELECT leaf_index, occurred_at FROM merkle_leaves \
-         WHERE event_id = $1 AND NOT EXISTS (SELECT 1 FROM e) \
-         ORDER BY leaf_index",
+    let times: Vec<At> = diesel::sql_query(
+        "SELECT occurred_at FROM ledger_events WHERE reservation_id = $2 AND event_id = $1",
     )
     .bind::<Text, _>(event_id)
     .bind::<Text, _>(reservation)
     .load(conn)
     .await?;
+    let mut refs = Vec::new();
+    for at in &times {
+        refs.extend(leaves::of_row(conn, at.occurred_at, event_id).await?);
+    }
+    if times.is_empty() {
+        refs = leaves::of_event_scan(conn, event_id).await?;
+    }
+    refs.sort_by_key(|r| r.leaf_index);
     let leaf = match refs.as_slice() {
         [one] => one,
         [] => {
@@ -102,7 +101,7 @@ pub async fn find_event(
         many => {
             return Err(LogError::Invalid(format!(
                 "event id {event_id} names {} leaves (indices {}): the ledger holds that id at \
-                 several times",
+                 several times, or its row was deleted and written again (run verify-range)",
                 many.len(),
                 many.iter()
                     .map(|r| r.leaf_index.to_string())
@@ -216,23 +215,7 @@ pub async fn export_leaves(
             "at most {MAX_EXPORT} leaves per export; ask for several ranges"
         )));
     }
-    #[derive(diesel::QueryableByName)]
-    struct Leaf {
-        #[diesel(sql_type = BigInt)]
-        leaf_index: i64,
-        #[diesel(sql_type = Timestamptz)]
-        occurred_at: DateTime<Utc>,
-        #[diesel(sql_type = Text)]
-        event_id: String,
-    }
-    let leaves: Vec<Leaf> = diesel::sql_query(
-        "SELECT leaf_index, occurred_at, event_id FROM merkle_leaves \
-         WHERE leaf_index BETWEEN $1 AND $2 ORDER BY leaf_index",
-    )
-    .bind::<BigInt, _>(i64::try_from(from).unwrap_or(i64::MAX))
-    .bind::<BigInt, _>(i64::try_from(to).unwrap_or(i64::MAX))
-    .load(conn)
-    .await?;
+    let leaves = leaves::by_index(conn, from, to.saturating_add(1)).await?;
     let keys: Vec<(DateTime<Utc>, &str)> = leaves
         .iter()
         .map(|l| (l.occurred_at, l.event_id.as_str()))

@@ -5,7 +5,12 @@
 //! `merkle_state` moves on: all or nothing. A sequencer killed anywhere leaves the
 //! log as it was before the transaction; the next one (this process or another
 //! replica) starts from `merkle_state` and redoes it. Indices are therefore dense,
-//! each row gets one, and an index never changes once committed.
+//! each row gets one, and an index never changes once committed. The leaves are
+//! stored as runs ([`crate::leaves`]).
+//!
+//! A queued row is not checked against the log: the ledger-writer queues only the
+//! rows its INSERT created, so a row is queued twice only if it was deleted and
+//! written again, and `verify-range` names such an event (it is in the log twice).
 //!
 //! `merkle_state` is read `FOR UPDATE` first: two sequencers (the advisory lock in
 //! [`crate::service`] normally prevents that) serialise on it, and one that finds
@@ -20,10 +25,11 @@ use caracal_domain::merkle::{
     tree::{Hash, NodeId, HASH_LEN},
 };
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Bool, Bytea, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::{
+    leaves,
     rows::rows_by_key,
     tiles::{self, TileCache, TileKey, TILE_BYTES, TILE_HEIGHT, TILE_WIDTH},
     LogError,
@@ -127,7 +133,8 @@ pub struct Limits {
 pub struct StepOutcome {
     /// Leaves appended.
     pub leaves: u64,
-    /// Queue entries dropped: already sequenced, or their row is gone.
+    /// Queue entries dropped: their row is gone (a backfilled row deleted
+    /// before it was sequenced).
     pub dropped: u64,
     /// Sizes of the checkpoints published.
     pub checkpoints: Vec<u64>,
@@ -169,35 +176,22 @@ struct QueueRow {
     event_id: String,
     #[diesel(sql_type = Nullable<Bytea>)]
     leaf_hash: Option<Vec<u8>>,
-    #[diesel(sql_type = Bool)]
-    sequenced: bool,
     /// Entries were left in the queue (the same on every row).
     #[diesel(sql_type = Bool)]
     more: bool,
 }
 
-/// The statement that takes the oldest queue entries (see `step_in_transaction`),
-/// with `$sequenced` as the expression for "this event already has a leaf" and
-/// `$join` as what that expression needs: the checked variant probes
-/// `merkle_leaves` per leaf, the usual one does not.
-macro_rules! take_queue {
-    ($sequenced:literal, $join:literal) => {
-        concat!(
-            "WITH head AS (SELECT id, leaves FROM merkle_queue ORDER BY id LIMIT $2), \
-                  pick AS (SELECT id FROM (SELECT id, sum(leaves) OVER (ORDER BY id) - leaves \
-                                           AS before FROM head) b WHERE before < $1), \
-                  q AS (DELETE FROM merkle_queue WHERE id IN (SELECT id FROM pick) \
-                        RETURNING id, occurred_ats, event_ids, leaf_hashes) \
-             SELECT q.id, u.ord, u.occurred_at, u.event_id, u.leaf_hash, ",
-            $sequenced,
-            " AS sequenced, \
-                    (SELECT count(*) FROM head) > (SELECT count(*) FROM pick) AS more \
-             FROM q CROSS JOIN LATERAL unnest(q.occurred_ats, q.event_ids, q.leaf_hashes) \
-                    WITH ORDINALITY AS u(occurred_at, event_id, leaf_hash, ord)",
-            $join
-        )
-    };
-}
+/// The statement that takes the oldest queue entries (see `step_in_transaction`).
+const TAKE_QUEUE: &str =
+    "WITH head AS (SELECT id, leaves FROM merkle_queue ORDER BY id LIMIT $2), \
+          pick AS (SELECT id FROM (SELECT id, sum(leaves) OVER (ORDER BY id) - leaves \
+                                   AS before FROM head) b WHERE before < $1), \
+          q AS (DELETE FROM merkle_queue WHERE id IN (SELECT id FROM pick) \
+                RETURNING id, occurred_ats, event_ids, leaf_hashes) \
+     SELECT q.id, u.ord, u.occurred_at, u.event_id, u.leaf_hash, \
+            (SELECT count(*) FROM head) > (SELECT count(*) FROM pick) AS more \
+     FROM q CROSS JOIN LATERAL unnest(q.occurred_ats, q.event_ids, q.leaf_hashes) \
+            WITH ORDINALITY AS u(occurred_at, event_id, leaf_hash, ord)";
 
 /// Queue entries one transaction takes at most (each is one writer statement's
 /// rows; `max_leaves_per_transaction` bounds the rows).
@@ -233,26 +227,8 @@ impl Sequencer {
     /// One transaction (see the module doc). On error nothing was written and the
     /// in-memory edge is dropped (reloaded next time).
     pub async fn step(&mut self, conn: &mut AsyncPgConnection) -> Result<StepOutcome, LogError> {
-        match self.attempt(conn, false).await {
-            // A queued event already has a leaf (its row was deleted and then
-            // written again by a redelivery): the rare case is checked per entry.
-            Err(LogError::Db(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::UniqueViolation,
-                _,
-            ))) => self.attempt(conn, true).await,
-            other => other,
-        }
-    }
-
-    /// One transaction; `check` looks up every queued entry in `merkle_leaves`
-    /// first (an index probe per leaf: only after a duplicate was met).
-    async fn attempt(
-        &mut self,
-        conn: &mut AsyncPgConnection,
-        check: bool,
-    ) -> Result<StepOutcome, LogError> {
         diesel::sql_query("BEGIN").execute(conn).await?;
-        match self.step_in_transaction(conn, check).await {
+        match self.step_in_transaction(conn).await {
             Ok((outcome, edge)) => {
                 if let Err(e) = diesel::sql_query("COMMIT").execute(conn).await {
                     self.edge = None;
@@ -272,7 +248,6 @@ impl Sequencer {
     async fn step_in_transaction(
         &mut self,
         conn: &mut AsyncPgConnection,
-        check: bool,
     ) -> Result<(StepOutcome, Edge), LogError> {
         let state: StateRow = diesel::sql_query(
             "SELECT tree_size, checkpoint_size, pending_since FROM merkle_state \
@@ -289,19 +264,11 @@ impl Sequencer {
         // whole, up to about max_leaves_per_transaction rows, taken off the queue in
         // the same statement (the transaction puts them back if it fails) and
         // unnested in array order.
-        let mut queue: Vec<QueueRow> = diesel::sql_query(if check {
-            take_queue!(
-                "(l.leaf_index IS NOT NULL)",
-                " LEFT JOIN merkle_leaves l \
-                   ON l.occurred_at = u.occurred_at AND l.event_id = u.event_id"
-            )
-        } else {
-            take_queue!("false", "")
-        })
-        .bind::<BigInt, _>(to_i64(self.limits.max_leaves_per_transaction))
-        .bind::<BigInt, _>(MAX_ENTRIES_PER_TRANSACTION)
-        .load(conn)
-        .await?;
+        let mut queue: Vec<QueueRow> = diesel::sql_query(TAKE_QUEUE)
+            .bind::<BigInt, _>(to_i64(self.limits.max_leaves_per_transaction))
+            .bind::<BigInt, _>(MAX_ENTRIES_PER_TRANSACTION)
+            .load(conn)
+            .await?;
         queue.sort_unstable_by_key(|q| (q.id, q.ord));
         let more = queue.iter().any(|q| q.more);
         let backfill = backfill_hashes(conn, &queue).await?;
@@ -314,15 +281,11 @@ impl Sequencer {
         let mut pending_since = state.pending_since;
         let now = Utc::now();
         let mut dirty = BTreeMap::new();
-        let mut leaf_index = Vec::with_capacity(queue.len());
+        let first_index = edge.size();
         let mut leaf_time = Vec::with_capacity(queue.len());
         let mut leaf_event: Vec<&str> = Vec::with_capacity(queue.len());
         let mut checkpoints: Vec<(u64, Hash)> = Vec::new();
         for entry in &queue {
-            if entry.sequenced {
-                outcome.dropped += 1;
-                continue;
-            }
             let hash = match &entry.leaf_hash {
                 Some(bytes) => <Hash>::try_from(bytes.as_slice()).map_err(|_| {
                     LogError::Corrupt(format!("queue entry {} has a bad leaf hash", entry.id))
@@ -340,7 +303,6 @@ impl Sequencer {
                     }
                 },
             };
-            leaf_index.push(to_i64(edge.size()));
             leaf_time.push(entry.occurred_at);
             leaf_event.push(&entry.event_id);
             edge.append(hash, &mut dirty)?;
@@ -361,17 +323,7 @@ impl Sequencer {
             pending_since = None;
         }
 
-        if !leaf_index.is_empty() {
-            diesel::sql_query(
-                "INSERT INTO merkle_leaves (leaf_index, occurred_at, event_id) \
-                 SELECT * FROM unnest($1::int8[], $2::timestamptz[], $3::text[])",
-            )
-            .bind::<Array<BigInt>, _>(&leaf_index)
-            .bind::<Array<Timestamptz>, _>(&leaf_time)
-            .bind::<Array<Text>, _>(&leaf_event)
-            .execute(conn)
-            .await?;
-        }
+        leaves::append(conn, first_index, &leaf_time, &leaf_event).await?;
         let written: Vec<(TileKey, &[u8])> = dirty
             .keys()
             .filter_map(|k| edge.open.get(k).map(|t| (*k, t.as_slice())))
@@ -424,10 +376,7 @@ async fn backfill_hashes(
     conn: &mut AsyncPgConnection,
     queue: &[QueueRow],
 ) -> Result<HashMap<(DateTime<Utc>, String), Hash>, LogError> {
-    let missing: Vec<&QueueRow> = queue
-        .iter()
-        .filter(|q| q.leaf_hash.is_none() && !q.sequenced)
-        .collect();
+    let missing: Vec<&QueueRow> = queue.iter().filter(|q| q.leaf_hash.is_none()).collect();
     if missing.is_empty() {
         return Ok(HashMap::new());
     }

@@ -12,7 +12,8 @@
 //!    ([`FailureKind::StoredTreeMismatch`], the checkpoint named). All checkpoints
 //!    matching one stored tree also makes each consistent with the next.
 //! 3. Leaf indices are dense: `0 .. tree_size`, each once ([`FailureKind::IndexGap`],
-//!    [`FailureKind::IndexBeyondTree`]).
+//!    [`FailureKind::IndexRepeated`], [`FailureKind::IndexBeyondTree`]), and an
+//!    event is one leaf ([`FailureKind::EventRepeated`], within the range checked).
 //! 4. Each row of the range hashes to the leaf stored at its index. Where not, the
 //!    recomputed leaf is checked against the newest checkpoint covering it with an
 //!    inclusion proof: included means the row is right and the stored leaf hash was
@@ -33,12 +34,13 @@ use caracal_domain::merkle::{
     tree::{self, Hash, NodeId},
 };
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 
 use crate::{
     checkpoints::{self, CheckpointRecord},
+    leaves::{self, LeafRef},
     metric, proofs,
     rows::{rows_by_key, LeafRow, LEAF_COLUMNS},
     sequencer,
@@ -70,6 +72,8 @@ pub enum FailureKind {
     RowChanged,
     RowDeleted,
     RowInserted,
+    IndexRepeated,
+    EventRepeated,
 }
 
 impl FailureKind {
@@ -84,6 +88,8 @@ impl FailureKind {
             Self::RowChanged => "row_changed",
             Self::RowDeleted => "row_deleted",
             Self::RowInserted => "row_inserted",
+            Self::IndexRepeated => "index_repeated",
+            Self::EventRepeated => "event_repeated",
         }
     }
 }
@@ -156,10 +162,6 @@ const CHUNK: i64 = 20_000;
 
 fn u(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
-}
-
-fn i(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Verifies `scope` (see the module doc) with `verifiers` (the auditor's public
@@ -316,70 +318,74 @@ async fn check_density(
     tree_size: u64,
     report: &mut Report,
 ) -> Result<(), LogError> {
-    #[derive(diesel::QueryableByName)]
-    struct Span {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    #[derive(diesel::QueryableByName)]
-    struct Index {
-        #[diesel(sql_type = BigInt)]
-        i: i64,
-        #[diesel(sql_type = Nullable<Text>)]
-        event_id: Option<String>,
-    }
     let (from, to) = match scope {
         Scope::Leaves { from, to } => (from, to.min(tree_size)),
         Scope::Time { .. } => (0, tree_size),
     };
-    let span: Span = diesel::sql_query(
-        "SELECT count(*) AS n FROM merkle_leaves \
-         WHERE leaf_index >= $1 AND leaf_index < $2",
-    )
-    .bind::<BigInt, _>(i(from))
-    .bind::<BigInt, _>(i(to))
-    .get_result(conn)
-    .await?;
-    if u(span.n) != to.saturating_sub(from) {
-        let gaps: Vec<Index> = diesel::sql_query(
-            "SELECT s.i, NULL::text AS event_id FROM generate_series($1::int8, $2::int8 - 1) s(i) \
-             WHERE NOT EXISTS (SELECT 1 FROM merkle_leaves l WHERE l.leaf_index = s.i) \
-             ORDER BY s.i LIMIT 100",
-        )
-        .bind::<BigInt, _>(i(from))
-        .bind::<BigInt, _>(i(to))
-        .load(conn)
-        .await?;
-        for g in gaps {
+    // The runs in index order must tile `from .. to` exactly: a hole is a leaf
+    // removed (or a run moved), an overlap an index held twice.
+    let runs = leaves::runs(conn, from, to).await?;
+    let mut next = from;
+    let mut listed = 0;
+    for run in &runs {
+        let (first, end) = (
+            u(run.first_index),
+            u(run.first_index) + u(i64::from(run.leaves)),
+        );
+        if first > next {
+            for gap in next..first.min(to) {
+                if listed >= 100 {
+                    break;
+                }
+                listed += 1;
+                report.fail(
+                    FailureKind::IndexGap,
+                    None,
+                    Some(gap),
+                    None,
+                    format!(
+                        "leaf index {gap} has no event (an index was changed or a leaf removed)"
+                    ),
+                );
+            }
+        } else if first < next && listed < 100 {
+            listed += 1;
             report.fail(
-                FailureKind::IndexGap,
+                FailureKind::IndexRepeated,
                 None,
-                Some(u(g.i)),
+                Some(first),
                 None,
                 format!(
-                    "leaf index {} has no event (an index was changed or a leaf removed)",
-                    g.i
+                    "leaf indices {first} .. {} are held by two runs of leaves (a run was inserted \
+                     or moved)",
+                    next.min(end) - 1
                 ),
             );
         }
+        next = next.max(end);
     }
-    let beyond: Vec<Index> = diesel::sql_query(
-        "SELECT leaf_index AS i, event_id FROM merkle_leaves WHERE leaf_index >= $1 \
-         ORDER BY leaf_index LIMIT 100",
-    )
-    .bind::<BigInt, _>(i(tree_size))
-    .load(conn)
-    .await?;
-    for b in beyond {
+    if next < to {
+        report.fail(
+            FailureKind::IndexGap,
+            None,
+            Some(next),
+            None,
+            format!(
+                "leaf indices {next} .. {} have no event (leaves removed)",
+                to - 1
+            ),
+        );
+    }
+    let beyond = leaves::by_index(conn, tree_size, u64::MAX).await?;
+    for b in beyond.iter().take(100) {
         report.fail(
             FailureKind::IndexBeyondTree,
-            b.event_id.as_deref(),
-            Some(u(b.i)),
+            Some(&b.event_id),
+            Some(u(b.leaf_index)),
             None,
             format!(
                 "event {} has leaf index {}, beyond the tree's size {tree_size} (its index was changed)",
-                b.event_id.as_deref().unwrap_or("?"),
-                b.i
+                b.event_id, b.leaf_index
             ),
         );
     }
@@ -541,18 +547,19 @@ async fn verify_time(
         .bind::<Timestamptz, _>(hi)
         .load(conn)
         .await?;
+        let lo_of_slice = lo;
         lo = hi;
         let last_slice = next.is_none();
         report.timed("rows", t);
         let t = std::time::Instant::now();
-        let indices = leaf_indices(conn, &chunk).await?;
+        let mut indices = leaf_indices(conn, lo_of_slice, hi, report).await?;
         report.timed("leaf indices", t);
         let t = std::time::Instant::now();
         let mut leaves = Vec::with_capacity(chunk.len());
         for row in chunk {
             let key = (row.occurred_at, row.event_id.clone());
-            match indices.get(&key) {
-                Some(index) => leaves.push((*index, row.event_id.clone(), row.leaf().hash())),
+            match indices.remove(&key) {
+                Some(index) => leaves.push((index, row.event_id.clone(), row.leaf().hash())),
                 None if queued.contains(&key) => report.pending += 1,
                 None => report.fail(
                     FailureKind::RowInserted,
@@ -568,43 +575,25 @@ async fn verify_time(
             }
         }
         check_leaves(conn, cache, &leaves, signed, tree_size, report).await?;
+        // Leaves of the slice no row claimed: their row is gone.
+        let mut orphans: Vec<((DateTime<Utc>, String), u64)> = indices.into_iter().collect();
+        orphans.sort_by_key(|o| o.1);
+        for ((_, event_id), index) in orphans {
+            report.fail(
+                FailureKind::RowDeleted,
+                Some(&event_id),
+                Some(index),
+                covering(signed, index).map(|c| c.0),
+                format!(
+                    "event {event_id} (leaf {index}): in the Merkle log but its ledger row is gone \
+                     (deleted)"
+                ),
+            );
+        }
         report.timed("hashing + tiles", t);
         if last_slice {
             break;
         }
-    }
-
-    // Leaves of the range whose row is gone.
-    #[derive(diesel::QueryableByName)]
-    struct Orphan {
-        #[diesel(sql_type = BigInt)]
-        leaf_index: i64,
-        #[diesel(sql_type = Text)]
-        event_id: String,
-    }
-    let t = std::time::Instant::now();
-    let orphans: Vec<Orphan> = diesel::sql_query(
-        "SELECT l.leaf_index, l.event_id FROM merkle_leaves l \
-         WHERE l.occurred_at >= $1 AND l.occurred_at < $2 AND NOT EXISTS \
-           (SELECT 1 FROM ledger_events e WHERE e.occurred_at = l.occurred_at AND e.event_id = l.event_id) \
-         ORDER BY l.leaf_index LIMIT 10000",
-    )
-    .bind::<Timestamptz, _>(start)
-    .bind::<Timestamptz, _>(end)
-    .load(conn)
-    .await?;
-    report.timed("deleted rows", t);
-    for o in orphans {
-        report.fail(
-            FailureKind::RowDeleted,
-            Some(&o.event_id),
-            Some(u(o.leaf_index)),
-            covering(signed, u(o.leaf_index)).map(|c| c.0),
-            format!(
-                "event {} (leaf {}): in the Merkle log but its ledger row is gone (deleted)",
-                o.event_id, o.leaf_index
-            ),
-        );
     }
     Ok(())
 }
@@ -617,32 +606,18 @@ async fn verify_leaves(
     signed: &[(u64, Hash)],
     report: &mut Report,
 ) -> Result<(), LogError> {
-    #[derive(diesel::QueryableByName)]
-    struct Leaf {
-        #[diesel(sql_type = BigInt)]
-        leaf_index: i64,
-        #[diesel(sql_type = Timestamptz)]
-        occurred_at: DateTime<Utc>,
-        #[diesel(sql_type = Text)]
-        event_id: String,
-    }
     let tree_size = report.tree_size;
     let mut lo = from;
     while lo < to {
         let hi = (lo + u(CHUNK)).min(to);
-        let leaves: Vec<Leaf> = diesel::sql_query(
-            "SELECT leaf_index, occurred_at, event_id FROM merkle_leaves \
-             WHERE leaf_index >= $1 AND leaf_index < $2 ORDER BY leaf_index",
-        )
-        .bind::<BigInt, _>(i(lo))
-        .bind::<BigInt, _>(i(hi))
-        .load(conn)
-        .await?;
+        let leaves = leaves::by_index(conn, lo, hi).await?;
         let keys: Vec<(DateTime<Utc>, &str)> = leaves
             .iter()
             .map(|l| (l.occurred_at, l.event_id.as_str()))
             .collect();
         let rows = rows_by_key(conn, &keys).await?;
+        // Only to name an event held by two leaves of the chunk.
+        by_key(leaves.clone(), report);
         let mut recomputed = Vec::with_capacity(leaves.len());
         for l in &leaves {
             match rows.get(&(l.occurred_at, l.event_id.clone())) {
@@ -665,31 +640,40 @@ async fn verify_leaves(
     Ok(())
 }
 
-/// The leaf indices of `rows` that have one, by key.
+/// The leaves whose row occurred in `lo .. hi`, by row key.
 async fn leaf_indices(
     conn: &mut AsyncPgConnection,
-    rows: &[LeafRow],
+    lo: DateTime<Utc>,
+    hi: DateTime<Utc>,
+    report: &mut Report,
 ) -> Result<HashMap<(DateTime<Utc>, String), u64>, LogError> {
-    #[derive(diesel::QueryableByName)]
-    struct Indexed {
-        #[diesel(sql_type = BigInt)]
-        leaf_index: i64,
-        #[diesel(sql_type = Timestamptz)]
-        occurred_at: DateTime<Utc>,
-        #[diesel(sql_type = Text)]
-        event_id: String,
+    Ok(by_key(leaves::by_time(conn, lo, hi).await?, report))
+}
+
+/// `leaves` by row key; an event held by more than one leaf is named (its row was
+/// deleted and written again, or a leaf was copied) and keeps its first leaf.
+fn by_key(leaves: Vec<LeafRef>, report: &mut Report) -> HashMap<(DateTime<Utc>, String), u64> {
+    let mut map = HashMap::with_capacity(leaves.len());
+    for l in leaves {
+        let index = u(l.leaf_index);
+        match map.entry((l.occurred_at, l.event_id)) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(index);
+            }
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let ((_, event_id), first) = (o.key(), *o.get());
+                report.fail(
+                    FailureKind::EventRepeated,
+                    Some(event_id),
+                    Some(index),
+                    None,
+                    format!(
+                        "event {event_id} is in the Merkle log twice, leaves {first} and {index} \
+                         (its ledger row was deleted and written again, or a leaf was copied)"
+                    ),
+                );
+            }
+        }
     }
-    let found: Vec<Indexed> = diesel::sql_query(
-        "SELECT l.leaf_index, l.occurred_at, l.event_id FROM merkle_leaves l \
-         JOIN unnest($1::timestamptz[], $2::text[]) AS w(occurred_at, event_id) \
-           ON l.occurred_at = w.occurred_at AND l.event_id = w.event_id",
-    )
-    .bind::<Array<Timestamptz>, _>(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
-    .load(conn)
-    .await?;
-    Ok(found
-        .into_iter()
-        .map(|f| ((f.occurred_at, f.event_id), u(f.leaf_index)))
-        .collect())
+    map
 }

@@ -503,14 +503,52 @@ async fn an_altered_checkpoint_is_named() {
     log.db.drop().await.unwrap();
 }
 
+/// The run of leaves holding leaf `index`: its first index.
+async fn run_of(conn: &mut AsyncPgConnection, index: u64) -> u64 {
+    #[derive(diesel::QueryableByName)]
+    struct R {
+        #[diesel(sql_type = BigInt)]
+        first_index: i64,
+    }
+    let r: R = diesel::sql_query(
+        "SELECT first_index FROM merkle_leaf_runs WHERE first_index <= $1 \
+         ORDER BY first_index DESC LIMIT 1",
+    )
+    .bind::<BigInt, _>(index as i64)
+    .get_result(conn)
+    .await
+    .unwrap();
+    r.first_index as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_leaf_index_is_named() {
     let mut log = sequenced(60).await;
+    // One leaf taken out of its run and given index 1000: the run is one short
+    // (the leaves after it move down one) and 1000 is beyond the tree.
     let moved = log.rows[20].event_id.clone();
     let index = leaf_of(&mut log.conn, &moved).await;
+    let first = run_of(&mut log.conn, index).await;
+    let k = index - first + 1; // its place in the run's arrays
     tamper(
         &mut log.conn,
-        &format!("UPDATE merkle_leaves SET leaf_index = 1000 WHERE event_id = '{moved}'"),
+        &format!(
+            "UPDATE merkle_leaf_runs SET leaves = leaves - 1, \
+               occurred_ats = occurred_ats[1:{b}] || occurred_ats[{a}:], \
+               event_ids = event_ids[1:{b}] || event_ids[{a}:] \
+             WHERE first_index = {first}",
+            b = k - 1,
+            a = k + 1
+        ),
+    )
+    .await;
+    tamper(
+        &mut log.conn,
+        &format!(
+            "INSERT INTO merkle_leaf_runs VALUES (1000, 1, \
+               ARRAY[(SELECT occurred_at FROM ledger_events WHERE event_id = '{moved}')], \
+               ARRAY['{moved}'])"
+        ),
     )
     .await;
     let report = assert_detected(&mut log, FailureKind::IndexBeyondTree, Some(&moved), None).await;
@@ -518,28 +556,111 @@ async fn a_changed_leaf_index_is_named() {
         report
             .failures
             .iter()
-            .any(|f| f.kind == FailureKind::IndexGap && f.leaf_index == Some(index)),
+            .any(|f| f.kind == FailureKind::IndexGap),
         "{:#?}",
         report.failures
     );
-    // Two events trading indices: both named.
-    let (a, b) = (log.rows[30].event_id.clone(), log.rows[31].event_id.clone());
+    // The leaf after it now sits at its index: that row no longer matches.
+    let next = log.rows[21].event_id.clone();
+    assert!(
+        report
+            .failures
+            .iter()
+            .any(|f| f.kind == FailureKind::RowChanged
+                && f.event_id.as_deref() == Some(next.as_str())
+                && f.leaf_index == Some(index)),
+        "{:#?}",
+        report.failures
+    );
+
+    // Two events trading indices inside one run: both named.
+    let (a, b) = (log.rows[52].event_id.clone(), log.rows[55].event_id.clone());
     let (ia, ib) = (
         leaf_of(&mut log.conn, &a).await,
         leaf_of(&mut log.conn, &b).await,
     );
-    for (event, to) in [(&a, 999_999), (&b, ia), (&a, ib)] {
-        tamper(
-            &mut log.conn,
-            &format!("UPDATE merkle_leaves SET leaf_index = {to} WHERE event_id = '{event}'"),
-        )
-        .await;
-    }
+    let first = run_of(&mut log.conn, ia).await;
+    assert_eq!(first, run_of(&mut log.conn, ib).await);
+    let (pa, pb) = (ia - first + 1, ib - first + 1);
+    tamper(
+        &mut log.conn,
+        &format!(
+            "UPDATE merkle_leaf_runs SET event_ids[{pa}] = event_ids[{pb}], \
+               event_ids[{pb}] = event_ids[{pa}], occurred_ats[{pa}] = occurred_ats[{pb}], \
+               occurred_ats[{pb}] = occurred_ats[{pa}] WHERE first_index = {first}"
+        ),
+    )
+    .await;
     let report = assert_detected(&mut log, FailureKind::RowChanged, Some(&a), None).await;
     assert!(report
         .failures
         .iter()
         .any(|f| f.kind == FailureKind::RowChanged && f.event_id.as_deref() == Some(b.as_str())));
+    // A run copied over another's indices: the indices held twice are named.
+    tamper(
+        &mut log.conn,
+        "INSERT INTO merkle_leaf_runs SELECT first_index + 5, leaves, occurred_ats, event_ids \
+         FROM merkle_leaf_runs WHERE first_index = 0",
+    )
+    .await;
+    let report = assert_detected(&mut log, FailureKind::IndexRepeated, None, None).await;
+    assert!(
+        report
+            .failures
+            .iter()
+            .any(|f| f.kind == FailureKind::IndexRepeated && f.leaf_index == Some(5)),
+        "{:#?}",
+        report.failures
+    );
+    log.db.drop().await.unwrap();
+}
+
+/// A row deleted and written again (the writer's redelivery re-inserts it) is
+/// queued again and becomes a second leaf: the log keeps the trace, and
+/// verify-range names the event as in the log twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_deleted_and_written_again_is_named() {
+    let mut log = sequenced(60).await;
+    let victim = log.rows[7].clone();
+    tamper(
+        &mut log.conn,
+        &format!(
+            "DELETE FROM ledger_events WHERE event_id = '{}'",
+            victim.event_id
+        ),
+    )
+    .await;
+    assert_eq!(
+        ledger::insert_rows(&mut log.conn, std::slice::from_ref(&victim))
+            .await
+            .unwrap(),
+        1
+    );
+    let signer = Signer::generate(ORIGIN).unwrap();
+    keys::register(&mut log.conn, &signer.verifier())
+        .await
+        .unwrap();
+    let mut seq = Sequencer::new(
+        signer,
+        ORIGIN,
+        Limits {
+            batch_size_limit: 16,
+            batch_timeout: chrono::Duration::zero(),
+            max_leaves_per_transaction: 50,
+        },
+    );
+    let out = seq.step(&mut log.conn).await.unwrap();
+    assert_eq!((out.leaves, out.tree_size), (1, 61));
+    log.verifiers = keys::verifiers(&mut log.conn).await.unwrap();
+    let report = assert_detected(
+        &mut log,
+        FailureKind::EventRepeated,
+        Some(&victim.event_id),
+        None,
+    )
+    .await;
+    assert_eq!(report.failures.len(), 1, "{:#?}", report.failures);
+    assert_eq!(report.failures[0].leaf_index, Some(60));
     log.db.drop().await.unwrap();
 }
 
