@@ -129,20 +129,26 @@ pub async fn by_time(
 }
 
 /// The leaves of one ledger row (normally one; more only if the row was deleted
-/// and written again).
+/// and written again). Many runs can cover one instant (rows are timed to the
+/// millisecond or coarser): each is searched for the id in place
+/// (`array_positions`), not unnested.
 pub async fn of_row(
     conn: &mut AsyncPgConnection,
     occurred_at: DateTime<Utc>,
     event_id: &str,
 ) -> Result<Vec<LeafRef>, LogError> {
-    let mut leaves = by_time(
-        conn,
-        occurred_at,
-        occurred_at + chrono::Duration::microseconds(1),
+    Ok(diesel::sql_query(
+        "SELECT r.first_index + p - 1 AS leaf_index, r.occurred_ats[p] AS occurred_at, \
+                $2 AS event_id \
+         FROM merkle_leaf_runs r CROSS JOIN LATERAL unnest(array_positions(r.event_ids, $2)) AS p \
+         WHERE merkle_time_span(r.occurred_ats) && tstzrange($1, $1, '[]') \
+           AND r.occurred_ats[p] = $1 \
+         ORDER BY 1",
     )
-    .await?;
-    leaves.retain(|l| l.event_id == event_id);
-    Ok(leaves)
+    .bind::<Timestamptz, _>(occurred_at)
+    .bind::<Text, _>(event_id)
+    .load(conn)
+    .await?)
 }
 
 /// The leaves of `event_id` at any time: every run unnested (for event ids that

@@ -325,44 +325,45 @@ async fn check_density(
     // The runs in index order must tile `from .. to` exactly: a hole is a leaf
     // removed (or a run moved), an overlap an index held twice.
     let runs = leaves::runs(conn, from, to).await?;
-    let mut next = from;
+    let mut next = from; // the first index of the range no run covered yet
+    let mut covered_to: Option<u64> = None; // the end of the runs so far
     let mut listed = 0;
     for run in &runs {
         let (first, end) = (
             u(run.first_index),
             u(run.first_index) + u(i64::from(run.leaves)),
         );
-        if first > next {
-            for gap in next..first.min(to) {
-                if listed >= 100 {
-                    break;
-                }
+        if let Some(prev) = covered_to.filter(|prev| first < *prev) {
+            if listed < 100 {
                 listed += 1;
                 report.fail(
-                    FailureKind::IndexGap,
+                    FailureKind::IndexRepeated,
                     None,
-                    Some(gap),
+                    Some(first),
                     None,
                     format!(
-                        "leaf index {gap} has no event (an index was changed or a leaf removed)"
+                        "leaf indices {first} .. {} are held by two runs of leaves (a run was \
+                         inserted or moved)",
+                        prev.min(end) - 1
                     ),
                 );
             }
-        } else if first < next && listed < 100 {
+        }
+        for gap in next..first.min(to) {
+            if listed >= 100 {
+                break;
+            }
             listed += 1;
             report.fail(
-                FailureKind::IndexRepeated,
+                FailureKind::IndexGap,
                 None,
-                Some(first),
+                Some(gap),
                 None,
-                format!(
-                    "leaf indices {first} .. {} are held by two runs of leaves (a run was inserted \
-                     or moved)",
-                    next.min(end) - 1
-                ),
+                format!("leaf index {gap} has no event (an index was changed or a leaf removed)"),
             );
         }
         next = next.max(end);
+        covered_to = Some(covered_to.unwrap_or(0).max(end));
     }
     if next < to {
         report.fail(
