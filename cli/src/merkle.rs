@@ -864,6 +864,7 @@ fn write_report(
                 "events_checked": r.events_checked,
                 "pending": r.pending,
                 "unsigned": r.unsigned,
+                "rewritten": r.rewritten,
                 "checkpoints_checked": r.checkpoints_checked,
                 "tree_size": r.tree_size,
                 "newest_checkpoint": r.newest_checkpoint,
@@ -888,6 +889,13 @@ fn write_report(
                 (
                     "unsigned",
                     format!("{} (in the log, no checkpoint yet)", r.unsigned),
+                ),
+                (
+                    "rewritten",
+                    format!(
+                        "{} (in the log twice: the row was deleted and written again)",
+                        r.rewritten
+                    ),
                 ),
                 ("checkpoints checked", r.checkpoints_checked.to_string()),
                 ("tree size", r.tree_size.to_string()),

@@ -615,11 +615,13 @@ async fn a_changed_leaf_index_is_named() {
     log.db.drop().await.unwrap();
 }
 
-/// A row deleted and written again (the writer's redelivery re-inserts it) is
-/// queued again and becomes a second leaf: the log keeps the trace, and
-/// verify-range names the event as in the log twice.
+/// A row deleted and written again (a replay restoring lost rows: the writer's
+/// statement re-inserts it) is queued again and becomes a second leaf. The log
+/// keeps that trace; verify-range checks both copies against the row, counts the
+/// event as rewritten and fails nothing, and the event's proof is its first leaf.
+/// While the row is gone, the deletion is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_deleted_and_written_again_is_named() {
+async fn a_row_deleted_and_written_again_verifies_and_is_counted() {
     let mut log = sequenced(60).await;
     let victim = log.rows[7].clone();
     tamper(
@@ -628,6 +630,13 @@ async fn a_row_deleted_and_written_again_is_named() {
             "DELETE FROM ledger_events WHERE event_id = '{}'",
             victim.event_id
         ),
+    )
+    .await;
+    assert_detected(
+        &mut log,
+        FailureKind::RowDeleted,
+        Some(&victim.event_id),
+        None,
     )
     .await;
     assert_eq!(
@@ -652,16 +661,56 @@ async fn a_row_deleted_and_written_again_is_named() {
     let out = seq.step(&mut log.conn).await.unwrap();
     assert_eq!((out.leaves, out.tree_size), (1, 61));
     log.verifiers = keys::verifiers(&mut log.conn).await.unwrap();
+    let report = verify::verify(&mut log.conn, everything(), &log.verifiers)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{:#?}", report.failures);
+    assert_eq!(report.rewritten, 1);
+    assert_eq!(report.events_checked, 60);
+    let file = proofs::prove_event(&mut log.conn, &victim.event_id, None, &log.verifiers)
+        .await
+        .unwrap();
+    assert_eq!(
+        file.verify(&log.verifiers).unwrap().leaf.event_id,
+        victim.event_id
+    );
+    assert_eq!(leaf_of_first(&mut log.conn, &victim.event_id).await, 7);
+    // A copy whose row changes is named like any leaf.
+    tamper(
+        &mut log.conn,
+        &format!(
+            "UPDATE ledger_events SET charged_micros = charged_micros + 1 WHERE event_id = '{}'",
+            victim.event_id
+        ),
+    )
+    .await;
     let report = assert_detected(
         &mut log,
-        FailureKind::EventRepeated,
+        FailureKind::RowChanged,
         Some(&victim.event_id),
         None,
     )
     .await;
-    assert_eq!(report.failures.len(), 1, "{:#?}", report.failures);
-    assert_eq!(report.failures[0].leaf_index, Some(60));
+    let named: Vec<Option<u64>> = report.failures.iter().map(|f| f.leaf_index).collect();
+    assert_eq!(named, vec![Some(60), Some(7)], "{:#?}", report.failures);
     log.db.drop().await.unwrap();
+}
+
+/// The smallest leaf index of `event_id`.
+async fn leaf_of_first(conn: &mut AsyncPgConnection, event_id: &str) -> u64 {
+    #[derive(diesel::QueryableByName)]
+    struct L {
+        #[diesel(sql_type = BigInt)]
+        leaf_index: i64,
+    }
+    let l: L = diesel::sql_query(
+        "SELECT min(leaf_index) AS leaf_index FROM merkle_leaves WHERE event_id = $1",
+    )
+    .bind::<Text, _>(event_id)
+    .get_result(conn)
+    .await
+    .unwrap();
+    l.leaf_index as u64
 }
 
 // ------------------------------------------------------------------ the sequencer under kill -9

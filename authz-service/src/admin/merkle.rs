@@ -222,6 +222,7 @@ fn report(r: Report) -> pb::VerifyRangeResponse {
         newest_checkpoint: r.newest_checkpoint,
         failures_total: r.failures_total,
         failures: r.failures.into_iter().map(failure).collect(),
+        rewritten: r.rewritten,
     }
 }
 
