@@ -171,6 +171,10 @@ pub struct RedisConfig {
     pub min_replicas_ack: Option<u8>,
     /// How long to wait for those replicas, milliseconds.
     pub replica_ack_timeout_ms: u64,
+    /// Group commit: most calls of one partition sent as one script run while an
+    /// earlier run of that partition is in Redis (budget::store). 1 = every call
+    /// alone. Nothing waits for a group: an idle partition's call goes at once.
+    pub group_commit_max_calls: u16,
 }
 
 impl RedisConfig {
@@ -209,6 +213,7 @@ impl Default for RedisConfig {
             connections: None,
             min_replicas_ack: None,
             replica_ack_timeout_ms: 100,
+            group_commit_max_calls: crate::budget::store::DEFAULT_GROUP_COMMIT_CALLS,
         }
     }
 }
@@ -367,6 +372,7 @@ impl Config {
             "CARACAL_REDIS_KEY_PREFIX" => self.redis.key_prefix, text;
             "CARACAL_REDIS_TIMEOUT_MS" => self.redis.timeout_ms, parse;
             "CARACAL_REDIS_REPLICA_ACK_TIMEOUT_MS" => self.redis.replica_ack_timeout_ms, parse;
+            "CARACAL_REDIS_GROUP_COMMIT_MAX_CALLS" => self.redis.group_commit_max_calls, parse;
             "CARACAL_REDIS_TLS_CA_CERT_FILE" => self.redis.tls.ca_cert_file, text;
             "CARACAL_REDIS_TLS_CERT_FILE" => self.redis.tls.cert_file, text;
             "CARACAL_REDIS_TLS_KEY_FILE" => self.redis.tls.key_file, text;
@@ -463,6 +469,11 @@ impl Config {
             // Past timeoutMs the call is cut before WAIT answers: every decision
             // would fail as a timeout instead of being confirmed.
             return bad("redis.replicaAckTimeoutMs must be at least 1 and below redis.timeoutMs when replicas must acknowledge");
+        }
+        if self.redis.group_commit_max_calls == 0 || self.redis.group_commit_max_calls > 1024 {
+            // A run of 1024 calls holds Redis for milliseconds: every other
+            // partition's calls wait behind it.
+            return bad("redis.groupCommitMaxCalls must be 1 (off) to 1024");
         }
         // The prefix is part of every key, and keys are written into reservation
         // records as tab/newline-separated text.

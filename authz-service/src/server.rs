@@ -140,7 +140,8 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningServer> {
             timeout: Duration::from_millis(config.redis.replica_ack_timeout_ms),
         },
     )
-    .context("Redis configuration")?;
+    .context("Redis configuration")?
+    .with_group_commit(config.redis.group_commit_max_calls);
     // Whether Redis holds the budget state: established on a new deployment before
     // the first call, then watched (budget::state). A Redis that cannot be reached
     // now is looked at again by the watcher.

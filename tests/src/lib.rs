@@ -231,6 +231,21 @@ pub async fn redis_keys(
     Ok(redis::cmd("KEYS").arg(pattern).query_async(conn).await?)
 }
 
+/// Deletes every key under `prefix:` on the standalone test Redis (a test's own
+/// key space).
+pub async fn delete_redis_prefix(prefix: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await?;
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await?;
+    }
+    Ok(())
+}
+
 /// A running authz-service on its own database and its own Redis key prefix.
 pub struct TestStack {
     pub key_prefix: String,

@@ -85,17 +85,7 @@ async fn sequenced(n: u64) -> Log {
         written += ledger::insert_rows(&mut conn, chunk).await.unwrap();
     }
     assert_eq!(written, n as usize);
-    let signer = Signer::generate(ORIGIN).unwrap();
-    keys::register(&mut conn, &signer.verifier()).await.unwrap();
-    let mut seq = Sequencer::new(
-        signer,
-        ORIGIN,
-        Limits {
-            batch_size_limit: 16,
-            batch_timeout: chrono::Duration::zero(),
-            max_leaves_per_transaction: 50,
-        },
-    );
+    let mut seq = small_sequencer(&mut conn).await;
     for _ in 0..100 {
         let out = seq.step(&mut conn).await.unwrap();
         if !out.more && out.leaves == 0 {
@@ -110,6 +100,22 @@ async fn sequenced(n: u64) -> Log {
         rows,
         verifiers,
     }
+}
+
+/// A sequencer with a registered key of its own: a checkpoint every 16 leaves and
+/// one at the end of each transaction of at most 50.
+async fn small_sequencer(conn: &mut AsyncPgConnection) -> Sequencer {
+    let signer = Signer::generate(ORIGIN).unwrap();
+    keys::register(conn, &signer.verifier()).await.unwrap();
+    Sequencer::new(
+        signer,
+        ORIGIN,
+        Limits {
+            batch_size_limit: 16,
+            batch_timeout: chrono::Duration::zero(),
+            max_leaves_per_transaction: 50,
+        },
+    )
 }
 
 fn everything() -> Scope {
@@ -645,19 +651,7 @@ async fn a_row_deleted_and_written_again_verifies_and_is_counted() {
             .unwrap(),
         1
     );
-    let signer = Signer::generate(ORIGIN).unwrap();
-    keys::register(&mut log.conn, &signer.verifier())
-        .await
-        .unwrap();
-    let mut seq = Sequencer::new(
-        signer,
-        ORIGIN,
-        Limits {
-            batch_size_limit: 16,
-            batch_timeout: chrono::Duration::zero(),
-            max_leaves_per_transaction: 50,
-        },
-    );
+    let mut seq = small_sequencer(&mut log.conn).await;
     let out = seq.step(&mut log.conn).await.unwrap();
     assert_eq!((out.leaves, out.tree_size), (1, 61));
     log.verifiers = keys::verifiers(&mut log.conn).await.unwrap();

@@ -103,20 +103,9 @@ impl Fixture {
     }
 
     async fn cleanup(self) {
-        let client = redis::Client::open(redis_url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.store.keys().prefix()))
-            .query_async(&mut conn)
+        caracal_tests::delete_redis_prefix(self.store.keys().prefix())
             .await
             .unwrap();
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(keys)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
     }
 }
 

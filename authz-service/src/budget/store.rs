@@ -2,6 +2,13 @@
 //!
 //! Each call is one EVALSHA (redis-rs loads the script on first use or after a Redis
 //! restart), so an authorization costs exactly one Redis round trip.
+//!
+//! Group commit: while a call of a partition is in Redis, that partition's next
+//! calls queue in its [`Lane`]; when it returns they go as ONE EVALSHA of
+//! `lua/batch.lua`, which runs each call's own script in arrival order and answers
+//! each separately (a refusal refuses only its call), with one `WAIT` for the lot
+//! when replicas must acknowledge. No timer: a call that finds its partition idle
+//! goes at once, alone, so nothing waits for company that is not there.
 
 use std::{
     sync::{
@@ -19,7 +26,7 @@ use super::keys::{split_reservation_id, KeySpace};
 
 /// Redis is down, slow, refused one call, or answered something the scripts never
 /// return.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("budget store unavailable: {0}")]
     Unavailable(String),
@@ -301,6 +308,8 @@ impl ReplicaAck {
 
 /// Metric: decisions refused because too few replicas confirmed them in time.
 pub const REPLICA_ACK_TIMEOUTS: &str = "caracal_redis_wait_timeouts_total";
+/// Metric (histogram): calls per script run of a partition (1 = alone).
+pub const GROUP_COMMIT_CALLS: &str = "caracal_redis_calls_per_script_run";
 /// Metric: failed budget-store calls, by shard (the primary serving the key's slot
 /// at the last topology read; "standalone" for one server).
 pub const SHARD_ERRORS: &str = "caracal_redis_shard_errors_total";
@@ -316,6 +325,12 @@ pub struct BudgetStore {
     ack: ReplicaAck,
     authorize: Arc<Script>,
     finish: Arc<Script>,
+    /// authorize.lua and finish.lua as functions, and lua/batch.lua calling them.
+    batch: Arc<Script>,
+    /// One per partition (group commit).
+    lanes: Arc<[std::sync::Mutex<Lane>]>,
+    /// Most calls in one script run; 1 = every call alone.
+    group_max: usize,
     /// Slot ranges and their primaries (cluster), for the per-shard error label;
     /// refreshed by [`BudgetStore::refresh_topology`].
     owners: Arc<std::sync::RwLock<Vec<caracal_service_kit::redis::SlotOwner>>>,
@@ -338,6 +353,10 @@ impl BudgetStore {
             "Budget decisions failed closed because fewer than redis.minReplicasAck replicas confirmed them in time"
         );
         metrics::describe_counter!(SHARD_ERRORS, "Failed budget-store calls, by Redis shard");
+        metrics::describe_histogram!(
+            GROUP_COMMIT_CALLS,
+            "Budget-store calls per script run of a partition (group commit; 1 = alone)"
+        );
         // Failures are counted from 0 (a cluster's shards get theirs from the
         // topology: `refresh_topology`).
         if ack.replicas > 0 {
@@ -349,12 +368,24 @@ impl BudgetStore {
         Ok(Self {
             conns: conns.into(),
             next: Arc::new(AtomicUsize::new(0)),
-            keys,
             ack,
             authorize: Arc::new(Script::new(include_str!("lua/authorize.lua"))),
             finish: Arc::new(Script::new(include_str!("lua/finish.lua"))),
+            batch: Arc::new(Script::new(BATCH_LUA)),
+            lanes: (0..keys.partitions())
+                .map(|_| std::sync::Mutex::new(Lane::default()))
+                .collect(),
+            keys,
+            group_max: usize::from(DEFAULT_GROUP_COMMIT_CALLS),
             owners: Arc::default(),
         })
+    }
+
+    /// At most `calls` calls of a partition in one script run (`redis.groupCommitMaxCalls`;
+    /// 1 = every call alone, as before group commit).
+    pub fn with_group_commit(mut self, calls: u16) -> Self {
+        self.group_max = usize::from(calls.max(1));
+        self
     }
 
     pub fn keys(&self) -> &KeySpace {
@@ -440,15 +471,154 @@ impl BudgetStore {
         metrics::counter!(SHARD_ERRORS, "shard" => shard).increment(1);
     }
 
-    /// Runs one budget script (`cmd` = EVALSHA of `script` with its keys and
-    /// arguments) and, when replicas must acknowledge, `WAIT`s for them in the
+    /// Runs one call of a budget script (`cmd` = EVALSHA of `kind`'s script with
+    /// its keys and arguments) through its partition's lane: alone when the lane
+    /// is idle, else with the calls queued behind the one in Redis (module doc).
+    async fn run(
+        &self,
+        kind: ScriptKind,
+        partition: u16,
+        cmd: Cmd,
+        key: &str,
+    ) -> Result<Vec<Value>, StoreError> {
+        let lane = match self.lanes.get(usize::from(partition)) {
+            Some(lane) if self.group_max > 1 => lane,
+            _ => return self.run_alone(kind, &cmd, key).await,
+        };
+        let mut cmd = Some(cmd);
+        let rx = {
+            let mut l = lane
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match cmd.take() {
+                Some(cmd) if l.busy => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    l.queue.push(Queued {
+                        kind,
+                        cmd,
+                        key: key.to_owned(),
+                        reply: tx,
+                    });
+                    Some(rx)
+                }
+                mine => {
+                    l.busy = true;
+                    cmd = mine;
+                    None
+                }
+            }
+        };
+        match (rx, cmd) {
+            (Some(rx), _) => rx.await.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the budget store dropped a queued call".to_owned(),
+                ))
+            }),
+            (None, None) => Err(protocol("a call with no command")),
+            (None, Some(cmd)) => {
+                // Runs even if this caller goes away mid-call: the guard's drop hands
+                // whatever queued meanwhile to a drainer (or frees the lane).
+                let _lane = LaneGuard {
+                    store: self,
+                    partition,
+                };
+                self.run_alone(kind, &cmd, key).await
+            }
+        }
+    }
+
+    /// Sends the calls queued in `partition`'s lane, a script run at a time, until
+    /// it is empty; then frees the lane. Runs as its own task.
+    async fn drain(self, partition: u16) {
+        let Some(lane) = self.lanes.get(usize::from(partition)) else {
+            return;
+        };
+        loop {
+            let batch: Vec<Queued> = {
+                let mut l = lane
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if l.queue.is_empty() {
+                    l.busy = false;
+                    return;
+                }
+                let n = l.queue.len().min(self.group_max);
+                l.queue.drain(..n).collect()
+            };
+            self.run_batch(batch).await;
+        }
+    }
+
+    /// One script run for `batch` (the single script itself for one call); every
+    /// caller gets its own reply.
+    async fn run_batch(&self, mut batch: Vec<Queued>) {
+        if batch.len() == 1 {
+            if let Some(q) = batch.pop() {
+                let reply = self.run_alone(q.kind, &q.cmd, &q.key).await;
+                let _ = q.reply.send(reply);
+            }
+            return;
+        }
+        metrics::histogram!(GROUP_COMMIT_CALLS).record(batch.len() as f64);
+        let cmd = batch_cmd(self.batch.get_hash(), &batch);
+        let key = batch.first().map(|q| q.key.clone()).unwrap_or_default();
+        match self.run_script(&self.batch, &cmd, &key).await {
+            Ok(replies) if replies.len() == batch.len() => {
+                for (q, reply) in batch.into_iter().zip(replies) {
+                    let _ = q.reply.send(match reply {
+                        Value::Array(v) => Ok(v),
+                        Value::ServerError(e) => Err(StoreError::from(redis::RedisError::from(e))),
+                        other => Err(protocol(&format!("a batched reply {other:?}"))),
+                    });
+                }
+            }
+            Ok(replies) => {
+                let e = protocol(&format!(
+                    "{} replies to a batch of {}",
+                    replies.len(),
+                    batch.len()
+                ));
+                for q in batch {
+                    let _ = q.reply.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                for q in batch {
+                    let _ = q.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// One call as its own script run.
+    async fn run_alone(
+        &self,
+        kind: ScriptKind,
+        cmd: &Cmd,
+        key: &str,
+    ) -> Result<Vec<Value>, StoreError> {
+        metrics::histogram!(GROUP_COMMIT_CALLS).record(1.0);
+        let script = match kind {
+            ScriptKind::Authorize => &self.authorize,
+            ScriptKind::Finish => &self.finish,
+        };
+        self.run_script(script, cmd, key).await
+    }
+
+    /// Runs one script (`cmd` = EVALSHA of `script` with its keys and arguments)
+    /// and, when replicas must acknowledge, `WAIT`s for them in the
     /// same pipeline: both reach the primary that serves the script's slot on one
     /// connection, so the `WAIT` covers exactly this write (and any queued before
     /// it). Fewer confirmations than required fail closed; the write stays on the
     /// primary, and the callers' retries are idempotent (a retried Authorize finds
     /// its reservation, a retried Settle its done marker; the gateway releases an
     /// Authorize that failed).
-    async fn run(&self, script: &Script, cmd: &Cmd, key: &str) -> Result<Vec<Value>, StoreError> {
+    async fn run_script(
+        &self,
+        script: &Script,
+        cmd: &Cmd,
+        key: &str,
+    ) -> Result<Vec<Value>, StoreError> {
         let result = self.run_inner(script, cmd).await;
         if let Err(e) = &result {
             self.count_error(key, e);
@@ -536,7 +706,7 @@ impl BudgetStore {
                 .arg(oldest)
                 .arg(expire_at);
         }
-        let reply = self.run(&self.authorize, &inv, &rsv_key).await?;
+        let reply = self.run(ScriptKind::Authorize, p, inv, &rsv_key).await?;
         if is_lost(&reply) {
             return Err(StoreError::StateLost(p));
         }
@@ -569,7 +739,7 @@ impl BudgetStore {
             .arg(f.reason)
             .arg(f.currency)
             .arg(if f.tombstone { "1" } else { "0" });
-        let reply = self.run(&self.finish, &inv, &rsv_key).await?;
+        let reply = self.run(ScriptKind::Finish, p, inv, &rsv_key).await?;
         if is_lost(&reply) {
             return Err(StoreError::StateLost(p));
         }
@@ -698,6 +868,114 @@ fn int(v: &Value) -> Option<i64> {
         Value::Int(i) => Some(*i),
         other => text(other)?.parse().ok(),
     }
+}
+
+/// The group-commit script: authorize.lua and finish.lua as the functions
+/// lua/batch.lua calls.
+const BATCH_LUA: &str = concat!(
+    "local function authorize(KEYS, ARGV)\n",
+    include_str!("lua/authorize.lua"),
+    "\nend\nlocal function finish(KEYS, ARGV)\n",
+    include_str!("lua/finish.lua"),
+    "\nend\n",
+    include_str!("lua/batch.lua"),
+);
+
+/// `redis.groupCommitMaxCalls` unset.
+pub const DEFAULT_GROUP_COMMIT_CALLS: u16 = 64;
+
+/// Which script a call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScriptKind {
+    Authorize,
+    Finish,
+}
+
+/// A call waiting in its partition's lane.
+struct Queued {
+    kind: ScriptKind,
+    /// EVALSHA <sha> <number of keys> <keys...> <arguments...>
+    cmd: Cmd,
+    key: String,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Value>, StoreError>>,
+}
+
+/// A partition's group commit: `busy` while one of its script runs is in Redis
+/// (the calls arriving meanwhile queue); a non-empty queue is always busy.
+#[derive(Default)]
+struct Lane {
+    busy: bool,
+    queue: Vec<Queued>,
+}
+
+/// Held by a call that runs alone: when it ends (answered, or its caller gone),
+/// the calls that queued meanwhile go to a drainer task, or the lane is freed.
+struct LaneGuard<'a> {
+    store: &'a BudgetStore,
+    partition: u16,
+}
+
+impl Drop for LaneGuard<'_> {
+    fn drop(&mut self) {
+        let Some(lane) = self.store.lanes.get(usize::from(self.partition)) else {
+            return;
+        };
+        let mut l = lane
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if l.queue.is_empty() {
+            l.busy = false;
+        } else {
+            tokio::spawn(self.store.clone().drain(self.partition));
+        }
+    }
+}
+
+/// The batch script's EVALSHA for `batch` (see lua/batch.lua), from each call's
+/// own EVALSHA <sha> <number of keys> <keys...> <arguments...>.
+fn batch_cmd(sha: &str, batch: &[Queued]) -> Cmd {
+    let mut keys: Vec<&[u8]> = Vec::new();
+    let mut args: Vec<&[u8]> = Vec::new();
+    let mut header: Vec<(&'static str, usize, usize)> = Vec::with_capacity(batch.len());
+    for q in batch {
+        let parts: Vec<&[u8]> = q
+            .cmd
+            .args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        let nkeys = parts
+            .get(2)
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+        let (k, a) = parts
+            .get(3..)
+            .unwrap_or_default()
+            .split_at(nkeys.min(parts.len().saturating_sub(3)));
+        keys.extend_from_slice(k);
+        args.extend_from_slice(a);
+        let script = match q.kind {
+            ScriptKind::Authorize => "a",
+            ScriptKind::Finish => "f",
+        };
+        header.push((script, k.len(), a.len()));
+    }
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(sha).arg(keys.len());
+    for k in keys {
+        cmd.arg(k);
+    }
+    cmd.arg(batch.len());
+    for (script, nk, na) in header {
+        cmd.arg(script).arg(nk).arg(na);
+    }
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd
 }
 
 /// The scripts' answer when the partition's budget-state marker is missing.

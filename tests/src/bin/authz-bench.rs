@@ -70,6 +70,10 @@ struct Args {
     /// like a separate client process.
     #[arg(long, default_value_t = 0)]
     client_threads: usize,
+    /// The service's `redis.groupCommitMaxCalls` (1 = every call its own script
+    /// run, as before group commit; default: the service's, 64).
+    #[arg(long)]
+    group_commit: Option<u16>,
     /// The service's `redis.connections` (default: the service's, 1; 8 on a
     /// cluster with replica acknowledgement).
     #[arg(long)]
@@ -829,7 +833,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Result<()> {
     let kafka = args.kafka.clone();
     let redis_connections = args.redis_connections;
+    let group_commit = args.group_commit;
     let stack = TestStack::start_with(move |c| {
+        if let Some(calls) = group_commit {
+            c.redis.group_commit_max_calls = calls;
+        }
         c.database.db_pool_size = 4;
         c.database.db_max_overflow = 4;
         c.server.max_concurrent_requests = 10_000;
@@ -846,6 +854,10 @@ async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Re
         }
     })
     .await?;
+    println!(
+        "redis.groupCommitMaxCalls={}",
+        stack.redis.group_commit_max_calls
+    );
     println!(
         "redis.connections={} minReplicasAck={}",
         stack.redis.hot_path_connections(),
