@@ -10,7 +10,8 @@
 //!
 //! A queued row is not checked against the log: the ledger-writer queues only the
 //! rows its INSERT created, so a row is queued twice only if it was deleted and
-//! written again, and `verify-range` names such an event (it is in the log twice).
+//! written again (a replay restoring lost rows); `verify-range` checks both leaves
+//! and counts the event as rewritten.
 //!
 //! `merkle_state` is read `FOR UPDATE` first: two sequencers (the advisory lock in
 //! [`crate::service`] normally prevents that) serialise on it, and one that finds

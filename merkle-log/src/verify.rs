@@ -329,31 +329,28 @@ async fn check_density(
     // The runs in index order must tile `from .. to` exactly: a hole is a leaf
     // removed (or a run moved), an overlap an index held twice.
     let runs = leaves::runs(conn, from, to).await?;
-    let mut next = from; // the first index of the range no run covered yet
-    let mut covered_to: Option<u64> = None; // the end of the runs so far
+    let mut covered_to = 0; // the end of the runs so far
     let mut listed = 0;
     for run in &runs {
         let (first, end) = (
             u(run.first_index),
             u(run.first_index) + u(i64::from(run.leaves)),
         );
-        if let Some(prev) = covered_to.filter(|prev| first < *prev) {
-            if listed < 100 {
-                listed += 1;
-                report.fail(
-                    FailureKind::IndexRepeated,
-                    None,
-                    Some(first),
-                    None,
-                    format!(
-                        "leaf indices {first} .. {} are held by two runs of leaves (a run was \
+        if first < covered_to && listed < 100 {
+            listed += 1;
+            report.fail(
+                FailureKind::IndexRepeated,
+                None,
+                Some(first),
+                None,
+                format!(
+                    "leaf indices {first} .. {} are held by two runs of leaves (a run was \
                          inserted or moved)",
-                        prev.min(end) - 1
-                    ),
-                );
-            }
+                    covered_to.min(end) - 1
+                ),
+            );
         }
-        for gap in next..first.min(to) {
+        for gap in covered_to.max(from)..first.min(to) {
             if listed >= 100 {
                 break;
             }
@@ -366,9 +363,9 @@ async fn check_density(
                 format!("leaf index {gap} has no event (an index was changed or a leaf removed)"),
             );
         }
-        next = next.max(end);
-        covered_to = Some(covered_to.unwrap_or(0).max(end));
+        covered_to = covered_to.max(end);
     }
+    let next = covered_to.max(from);
     if next < to {
         report.fail(
             FailureKind::IndexGap,
@@ -562,15 +559,16 @@ async fn verify_time(
         let mut leaves = Vec::with_capacity(chunk.len());
         for row in chunk {
             let key = (row.occurred_at, row.event_id.clone());
-            if let Some(copies) = extra.remove(&key) {
-                report.rewritten += 1;
-                let hash = row.leaf().hash();
-                leaves.extend(copies.into_iter().map(|i| (i, row.event_id.clone(), hash)));
-            }
             match indices.remove(&key) {
                 Some(index) => {
                     report.events_checked += 1;
-                    leaves.push((index, row.event_id.clone(), row.leaf().hash()))
+                    let hash = row.leaf().hash();
+                    // Only an event with a first leaf has copies (checked first).
+                    if let Some(copies) = extra.remove(&key) {
+                        report.rewritten += 1;
+                        leaves.extend(copies.into_iter().map(|i| (i, row.event_id.clone(), hash)));
+                    }
+                    leaves.push((index, row.event_id.clone(), hash));
                 }
                 None if queued.contains(&key) => report.pending += 1,
                 None => report.fail(
@@ -588,7 +586,7 @@ async fn verify_time(
         }
         check_leaves(conn, cache, &leaves, signed, tree_size, report).await?;
         // Leaves of the slice no row claimed: their row is gone.
-        let mut orphans: Vec<((DateTime<Utc>, String), u64)> = indices
+        let mut orphans: Vec<(RowKey, u64)> = indices
             .into_iter()
             .chain(
                 extra

@@ -453,13 +453,15 @@ impl BudgetStore {
         Ok(owners)
     }
 
-    fn count_error(&self, key: &str, e: &StoreError) {
+    /// Counts a failed call of `partition` against the shard serving it (every key
+    /// of a partition shares its hash tag, so any of them names the slot).
+    fn count_error(&self, partition: u16, e: &StoreError) {
         if !matches!(e, StoreError::Unavailable(_)) {
             return;
         }
         let shard = match self.conns.first().map(RedisConn::mode) {
             Some(RedisMode::Cluster) => {
-                let slot = caracal_service_kit::redis::slot_of(key);
+                let slot = caracal_service_kit::redis::slot_of(&self.keys.state_marker(partition));
                 self.owners
                     .read()
                     .ok()
@@ -479,50 +481,42 @@ impl BudgetStore {
         kind: ScriptKind,
         partition: u16,
         cmd: Cmd,
-        key: &str,
     ) -> Result<Vec<Value>, StoreError> {
         let lane = match self.lanes.get(usize::from(partition)) {
             Some(lane) if self.group_max > 1 => lane,
-            _ => return self.run_alone(kind, &cmd, key).await,
+            _ => return self.run_alone(kind, partition, &cmd).await,
         };
-        let mut cmd = Some(cmd);
-        let rx = {
+        let queued = {
             let mut l = lane
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match cmd.take() {
-                Some(cmd) if l.busy => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    l.queue.push(Queued {
-                        kind,
-                        cmd,
-                        key: key.to_owned(),
-                        reply: tx,
-                    });
-                    Some(rx)
-                }
-                mine => {
-                    l.busy = true;
-                    cmd = mine;
-                    None
-                }
+            if l.busy {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                l.queue.push(Queued {
+                    kind,
+                    cmd,
+                    reply: tx,
+                });
+                Turn::Queued(rx)
+            } else {
+                l.busy = true;
+                Turn::Alone(cmd)
             }
         };
-        match (rx, cmd) {
-            (Some(rx), _) => rx.await.unwrap_or_else(|_| {
+        match queued {
+            Turn::Queued(rx) => rx.await.unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(
                     "the budget store dropped a queued call".to_owned(),
                 ))
             }),
-            (None, None) => Err(protocol("a call with no command")),
-            (None, Some(cmd)) => {
+            Turn::Alone(cmd) => {
                 // Runs even if this caller goes away mid-call: the guard's drop hands
                 // whatever queued meanwhile to a drainer (or frees the lane).
                 let _lane = LaneGuard {
                     store: self,
                     partition,
                 };
-                self.run_alone(kind, &cmd, key).await
+                self.run_alone(kind, partition, &cmd).await
             }
         }
     }
@@ -545,24 +539,23 @@ impl BudgetStore {
                 let n = l.queue.len().min(self.group_max);
                 l.queue.drain(..n).collect()
             };
-            self.run_batch(batch).await;
+            self.run_batch(partition, batch).await;
         }
     }
 
     /// One script run for `batch` (the single script itself for one call); every
     /// caller gets its own reply.
-    async fn run_batch(&self, mut batch: Vec<Queued>) {
+    async fn run_batch(&self, partition: u16, mut batch: Vec<Queued>) {
         if batch.len() == 1 {
             if let Some(q) = batch.pop() {
-                let reply = self.run_alone(q.kind, &q.cmd, &q.key).await;
+                let reply = self.run_alone(q.kind, partition, &q.cmd).await;
                 let _ = q.reply.send(reply);
             }
             return;
         }
         metrics::histogram!(GROUP_COMMIT_CALLS).record(batch.len() as f64);
         let cmd = batch_cmd(self.batch.get_hash(), &batch);
-        let key = batch.first().map(|q| q.key.clone()).unwrap_or_default();
-        match self.run_script(&self.batch, &cmd, &key).await {
+        match self.run_script(&self.batch, partition, &cmd).await {
             Ok(replies) if replies.len() == batch.len() => {
                 for (q, reply) in batch.into_iter().zip(replies) {
                     let _ = q.reply.send(match reply {
@@ -594,15 +587,15 @@ impl BudgetStore {
     async fn run_alone(
         &self,
         kind: ScriptKind,
+        partition: u16,
         cmd: &Cmd,
-        key: &str,
     ) -> Result<Vec<Value>, StoreError> {
         metrics::histogram!(GROUP_COMMIT_CALLS).record(1.0);
         let script = match kind {
             ScriptKind::Authorize => &self.authorize,
             ScriptKind::Finish => &self.finish,
         };
-        self.run_script(script, cmd, key).await
+        self.run_script(script, partition, cmd).await
     }
 
     /// Runs one script (`cmd` = EVALSHA of `script` with its keys and arguments)
@@ -616,12 +609,12 @@ impl BudgetStore {
     async fn run_script(
         &self,
         script: &Script,
+        partition: u16,
         cmd: &Cmd,
-        key: &str,
     ) -> Result<Vec<Value>, StoreError> {
         let result = self.run_inner(script, cmd).await;
         if let Err(e) = &result {
-            self.count_error(key, e);
+            self.count_error(partition, e);
         }
         result
     }
@@ -706,7 +699,7 @@ impl BudgetStore {
                 .arg(oldest)
                 .arg(expire_at);
         }
-        let reply = self.run(ScriptKind::Authorize, p, inv, &rsv_key).await?;
+        let reply = self.run(ScriptKind::Authorize, p, inv).await?;
         if is_lost(&reply) {
             return Err(StoreError::StateLost(p));
         }
@@ -739,7 +732,7 @@ impl BudgetStore {
             .arg(f.reason)
             .arg(f.currency)
             .arg(if f.tombstone { "1" } else { "0" });
-        let reply = self.run(ScriptKind::Finish, p, inv, &rsv_key).await?;
+        let reply = self.run(ScriptKind::Finish, p, inv).await?;
         if is_lost(&reply) {
             return Err(StoreError::StateLost(p));
         }
@@ -896,8 +889,13 @@ struct Queued {
     kind: ScriptKind,
     /// EVALSHA <sha> <number of keys> <keys...> <arguments...>
     cmd: Cmd,
-    key: String,
     reply: tokio::sync::oneshot::Sender<Result<Vec<Value>, StoreError>>,
+}
+
+/// What a call found in its lane: go now, alone, or wait for the drainer's answer.
+enum Turn {
+    Alone(Cmd),
+    Queued(tokio::sync::oneshot::Receiver<Result<Vec<Value>, StoreError>>),
 }
 
 /// A partition's group commit: `busy` while one of its script runs is in Redis
