@@ -43,6 +43,91 @@ pub async fn redis_cpu_seconds(stack: &TestStack) -> anyhow::Result<f64> {
     Ok(total)
 }
 
+/// Redis's per-command counters (`INFO commandstats`: calls and µs inside each
+/// command, summed over every node), for where a script's time goes: an EVALSHA's
+/// µs include the commands it calls, so what is left is the script's own work
+/// (the Lua interpreter, making Lua strings of its arguments and replies).
+#[derive(Clone, Debug, Default)]
+pub struct CommandStats {
+    /// command -> (calls, µs)
+    pub commands: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl CommandStats {
+    pub async fn take(stack: &TestStack) -> anyhow::Result<Self> {
+        let replies = stack
+            .redis_conn()?
+            .on_each_node(redis::cmd("INFO").arg("commandstats"), false)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mut stats = Self::default();
+        for (_, reply) in replies {
+            stats.add(&redis::from_redis_value::<String>(reply)?);
+        }
+        Ok(stats)
+    }
+
+    /// Adds one node's `INFO commandstats` text.
+    pub fn add(&mut self, info: &str) {
+        for line in info.lines() {
+            let Some((name, rest)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let field = |key: &str| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let e = self.commands.entry(name.to_owned()).or_default();
+            e.0 += field("calls");
+            e.1 += field("usec");
+        }
+    }
+
+    /// What ran since `before`, per unit of work (`units`): a line of the script
+    /// runs and their time, and a line of the commands they called.
+    pub fn describe_since(&self, before: &Self, units: u64, unit: &str) -> String {
+        let per = units.max(1) as f64;
+        let delta = |name: &str| {
+            let (c, u) = self.commands.get(name).copied().unwrap_or_default();
+            let (bc, bu) = before.commands.get(name).copied().unwrap_or_default();
+            (c.saturating_sub(bc), u.saturating_sub(bu))
+        };
+        let scripts = ["evalsha", "eval"];
+        let (mut runs, mut script_us) = (0, 0);
+        for s in scripts {
+            let (c, u) = delta(s);
+            runs += c;
+            script_us += u;
+        }
+        let (mut inner_us, mut inner) = (0, Vec::new());
+        for name in self.commands.keys() {
+            if scripts.contains(&name.as_str())
+                || ["info", "wait", "ping", "config|resetstat", "client|setname"]
+                    .contains(&name.as_str())
+            {
+                continue;
+            }
+            let (c, u) = delta(name);
+            if c > 0 {
+                inner_us += u;
+                inner.push(format!("{name} {:.2}", c as f64 / per));
+            }
+        }
+        format!(
+            "redis commandstats per {unit}: {:.2} script runs, {:.1} µs in scripts = {:.1} µs in the commands they call + {:.1} µs of script work; calls per {unit}: {}",
+            runs as f64 / per,
+            script_us as f64 / per,
+            inner_us as f64 / per,
+            script_us.saturating_sub(inner_us) as f64 / per,
+            inner.join(", ")
+        )
+    }
+}
+
 /// How this machine's idle CPUs wait, for the header of a latency run: the cpuidle
 /// driver and governor, and haltpoll's guest poll window when that driver is in use.
 /// On a VM whose idle vCPUs halt at once (`haltpoll.guest_halt_poll_ns=0`), every

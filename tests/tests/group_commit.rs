@@ -12,7 +12,7 @@ use caracal_authz::{
         store::{
             Finish, FinishKind, FinishOutcome, ReserveOutcome, ReserveRequest, GROUP_COMMIT_CALLS,
         },
-        BudgetStore, KeySpace, ReplicaAck,
+        BudgetStore, KeySpace, PolicySlot, ReplicaAck,
     },
     catalog::PolicyInfo,
 };
@@ -32,6 +32,10 @@ struct Call {
     amount: i64,
 }
 
+/// The tests count script runs on the process's one metrics recorder: one at a
+/// time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Calls and script runs so far (the histogram's count and sum).
 fn runs_and_calls() -> (f64, f64) {
     let text = caracal_service_kit::metrics::render();
@@ -40,8 +44,17 @@ fn runs_and_calls() -> (f64, f64) {
     (count, sum)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_of_one_partition_decides_each_call_on_its_own() {
+/// A store with group commit on (4 partitions, markers written), and one policy
+/// of `limit` on partition 0, its slot and agent.
+struct Setup {
+    store: BudgetStore,
+    prefix: String,
+    slot: PolicySlot,
+    agent: String,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+async fn setup(limit: i64) -> Setup {
     caracal_service_kit::metrics::init();
     let prefix = format!("t{}", Uuid::new_v4().simple());
     let store = BudgetStore::new(
@@ -56,11 +69,10 @@ async fn a_run_of_one_partition_decides_each_call_on_its_own() {
     caracal_authz::budget::state::write_markers(&store, &partitions, "test")
         .await
         .unwrap();
-    const LIMIT: i64 = 250_000;
     let policy = PolicyInfo {
         id: Uuid::now_v7(),
         agent_id: Uuid::now_v7(),
-        limit_micros: LIMIT,
+        limit_micros: limit,
         currency: Currency::parse("USD").unwrap(),
         window: TimeWindow::Total,
         window_type: WindowType::Calendar,
@@ -69,6 +81,26 @@ async fn a_run_of_one_partition_decides_each_call_on_its_own() {
     let now = chrono::Utc::now();
     let slot = policy_slot(store.keys(), 0, &policy, now);
     let agent = policy.agent_id.to_string();
+    Setup {
+        store,
+        prefix,
+        slot,
+        agent,
+        now,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_one_partition_decides_each_call_on_its_own() {
+    let _serial = SERIAL.lock().await;
+    const LIMIT: i64 = 250_000;
+    let Setup {
+        store,
+        prefix,
+        slot,
+        agent,
+        now,
+    } = setup(LIMIT).await;
 
     // In arrival order: 20 x 10,000 (200,000), one 60,000 that does not fit
     // (260,000 > 250,000), a retry of call 3, five more 10,000 that fit
@@ -175,6 +207,29 @@ async fn a_run_of_one_partition_decides_each_call_on_its_own() {
         .unwrap();
     assert_eq!(counter.get("r"), Some(&LIMIT), "{counter:?}");
     assert_eq!(counter.get("s").copied().unwrap_or(0), 0, "{counter:?}");
+    // The expiry index (written at the end of each run): the 25 reservations
+    // made, each by its stem at its expiry; none of the refused or the retry.
+    let index: Vec<(String, i64)> = redis::cmd("ZRANGE")
+        .arg(store.keys().expiry(0))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut expected: Vec<(String, i64)> = calls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !matches!(i, 20 | 21 | 27))
+        .map(|(_, c)| {
+            let stem = caracal_authz::budget::keys::split_reservation_id(&c.reservation).0;
+            (stem.to_owned(), now.timestamp_millis() + 300_000)
+        })
+        .collect();
+    let mut index_sorted = index.clone();
+    index_sorted.sort();
+    expected.sort();
+    assert_eq!(index_sorted, expected);
 
     // Settles of every allowed call at 4,000, plus a second settle of call 0 in
     // the same run: 25 charged once, the repeat answered from the done marker.
@@ -235,6 +290,115 @@ async fn a_run_of_one_partition_decides_each_call_on_its_own() {
         .unwrap();
     assert_eq!(counter.get("r").copied().unwrap_or(0), 0, "{counter:?}");
     assert_eq!(counter.get("s"), Some(&(25 * 4_000)), "{counter:?}");
+    let left: i64 = redis::cmd("ZCARD")
+        .arg(store.keys().expiry(0))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "settled reservations left in the expiry index");
+
+    caracal_tests::delete_redis_prefix(&prefix).await.unwrap();
+}
+
+/// An Authorize and its Settle in one run: the expiry index is written at the
+/// end of the run, each member as its last write says, so the settled
+/// reservation is not left for the sweeper and the others are there.
+#[tokio::test]
+async fn an_authorize_and_its_settle_in_one_run_leave_the_index_in_order() {
+    let _serial = SERIAL.lock().await;
+    let Setup {
+        store,
+        prefix,
+        slot,
+        agent,
+        now,
+    } = setup(100_000).await;
+    let call = |i: usize| Call {
+        request: format!("req-{i}"),
+        reservation: format!("rsv_0_{}_{i}", Uuid::now_v7().simple()),
+        amount: 1_000,
+    };
+    let mut conn = caracal_tests::test_redis().await.unwrap();
+    let fresh: Vec<Call> = (0..3).map(call).collect();
+    let fresh_requests: Vec<ReserveRequest> = fresh
+        .iter()
+        .map(|c| ReserveRequest {
+            partition: 0,
+            request_id: &c.request,
+            reservation_id: &c.reservation,
+            amount_micros: c.amount,
+            now_ms: now.timestamp_millis(),
+            expires_at_ms: now.timestamp_millis() + 300_000,
+            agent_id: &agent,
+            root_agent_id: &agent,
+            currency: "USD",
+            provider: "openai",
+            model: "m",
+            resource: "r",
+            allow_event_id: &c.reservation,
+            deny_event_id: &c.request,
+            policies: std::slice::from_ref(&slot),
+            traceparent: None,
+        })
+        .collect();
+    let settle_b = Finish {
+        cost_micros: 1_000,
+        currency: "USD",
+        ..Finish::new(
+            FinishKind::Settle,
+            0,
+            &fresh[1].reservation,
+            now.timestamp_millis() + 1_000,
+            3600,
+        )
+    };
+    let (runs_before, _) = runs_and_calls();
+    let (a, b, settled, c) = tokio::join!(
+        store.reserve(&fresh_requests[0]),
+        store.reserve(&fresh_requests[1]),
+        store.finish(&settle_b),
+        store.reserve(&fresh_requests[2]),
+    );
+    let (runs_after, _) = runs_and_calls();
+    // The first call went alone (its partition was idle), the three behind it
+    // as one run (single-threaded: nothing drains the queue between them).
+    assert_eq!(
+        runs_after - runs_before,
+        2.0,
+        "the last three calls shared a run"
+    );
+    for r in [a, b, c] {
+        assert!(matches!(r.unwrap(), ReserveOutcome::Allowed { .. }));
+    }
+    assert!(
+        matches!(
+            settled.unwrap(),
+            FinishOutcome::Finished {
+                kind: FinishKind::Settle,
+                charged: 1_000,
+                ..
+            }
+        ),
+        "the settle ran after its Authorize, in the same run"
+    );
+    let mut index: Vec<String> = redis::cmd("ZRANGE")
+        .arg(store.keys().expiry(0))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    index.sort();
+    let mut expected: Vec<String> = [&fresh[0], &fresh[2]]
+        .iter()
+        .map(|c| {
+            caracal_authz::budget::keys::split_reservation_id(&c.reservation)
+                .0
+                .to_owned()
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(index, expected);
 
     caracal_tests::delete_redis_prefix(&prefix).await.unwrap();
 }

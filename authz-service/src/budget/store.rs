@@ -369,8 +369,8 @@ impl BudgetStore {
             conns: conns.into(),
             next: Arc::new(AtomicUsize::new(0)),
             ack,
-            authorize: Arc::new(Script::new(include_str!("lua/authorize.lua"))),
-            finish: Arc::new(Script::new(include_str!("lua/finish.lua"))),
+            authorize: Arc::new(Script::new(AUTHORIZE_LUA)),
+            finish: Arc::new(Script::new(FINISH_LUA)),
             batch: Arc::new(Script::new(BATCH_LUA)),
             lanes: (0..keys.partitions())
                 .map(|_| std::sync::Mutex::new(Lane::default()))
@@ -865,13 +865,30 @@ fn int(v: &Value) -> Option<i64> {
 
 /// The group-commit script: authorize.lua and finish.lua as the functions
 /// lua/batch.lua calls.
+/// Each budget script's body is a function of the group-commit script, after its
+/// prelude (`MARKER_PRESENT`: the run looked at the partition's budget-state
+/// marker; the expiry index's writes deferred to the end of the run), or a script
+/// of its own after lua/alone_prelude.lua.
 const BATCH_LUA: &str = concat!(
-    "local function authorize(KEYS, ARGV)\n",
+    include_str!("lua/batch_prelude.lua"),
+    "local function authorize(KEYS, ARGV, MARKER_PRESENT)\n",
     include_str!("lua/authorize.lua"),
-    "\nend\nlocal function finish(KEYS, ARGV)\n",
+    "\nend\nlocal function finish(KEYS, ARGV, MARKER_PRESENT)\n",
     include_str!("lua/finish.lua"),
     "\nend\n",
     include_str!("lua/batch.lua"),
+);
+
+/// authorize.lua as a script of its own.
+const AUTHORIZE_LUA: &str = concat!(
+    include_str!("lua/alone_prelude.lua"),
+    include_str!("lua/authorize.lua")
+);
+
+/// finish.lua as a script of its own.
+const FINISH_LUA: &str = concat!(
+    include_str!("lua/alone_prelude.lua"),
+    include_str!("lua/finish.lua")
 );
 
 /// `redis.groupCommitMaxCalls` unset.

@@ -33,7 +33,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use caracal_proto::v1::{self as pb, budget_authorization_client::BudgetAuthorizationClient};
 use caracal_tests::{
-    cpu::{cpu_seconds, CpuSample},
+    cpu::{cpu_seconds, CommandStats, CpuSample},
     met, TestStack,
 };
 use hdrhistogram::Histogram;
@@ -458,10 +458,29 @@ async fn measure(
 ) -> anyhow::Result<(f64, CpuSample, CpuSample)> {
     let started = Instant::now();
     let before = CpuSample::take(stack, None, None).await?;
+    let stats = CommandStats::take(stack).await?;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    Ok((elapsed, before, CpuSample::take(stack, None, None).await?))
+    let after = CpuSample::take(stack, None, None).await?;
+    let now = CommandStats::take(stack).await?;
+    *COMMAND_STATS.lock().unwrap_or_else(|e| e.into_inner()) = Some((stats, now));
+    Ok((elapsed, before, after))
+}
+
+/// The last measured window's `INFO commandstats`, before and after.
+static COMMAND_STATS: std::sync::Mutex<Option<(CommandStats, CommandStats)>> =
+    std::sync::Mutex::new(None);
+
+/// Prints where Redis's time went in the last window, per pair.
+fn print_command_stats(pairs: u64) {
+    let taken = COMMAND_STATS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some((before, after)) = taken {
+        println!("    {}", after.describe_since(&before, pairs, "pair"));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -517,10 +536,12 @@ async fn run(
             cpu.process, cpu.redis
         );
         println!("    {}", after.machine.describe_since(&before.machine));
+        print_command_stats(total.len());
         let pairs_per_s = total.len() as f64 / elapsed;
         issue24_targets(
             concurrency,
             keys.len(),
+            transport,
             pairs_per_s,
             &calls,
             cpu.redis,
@@ -583,10 +604,12 @@ async fn run(
         cpu.redis
     );
     println!("    {}", after.machine.describe_since(&before.machine));
+    print_command_stats(total.len());
     let pairs_per_s = total.len() as f64 / elapsed;
     issue24_targets(
         concurrency,
         keys.len(),
+        transport,
         pairs_per_s,
         &calls,
         cpu.redis,
@@ -603,18 +626,41 @@ static PIPELINED: std::sync::OnceLock<caracal_tests::redis_ceiling::Ceiling> =
 /// Issue 24's targets for the c=64 / 10,000-agent runs, each with its figure:
 /// `redis_us` Redis CPU per pair, `service_us` the service's own CPU per pair when
 /// the load generator runs on threads of its own (`--client-threads`).
+#[allow(clippy::too_many_arguments)]
 fn issue24_targets(
     concurrency: usize,
     agents: usize,
+    transport: Transport,
     pairs_per_s: f64,
     calls: &Histogram<u64>,
     redis_us: f64,
     service_us: Option<f64>,
 ) {
+    let p99_ms = calls.value_at_quantile(0.99) as f64 / 1000.0;
+    let headline = concurrency == 64 && agents >= 10_000 && RATE.get().is_none();
+    if headline {
+        // Target 6: the cluster's figure against the standalone run made first in
+        // this invocation (same transport, same load).
+        let mut standalone = STANDALONE.lock().unwrap_or_else(|e| e.into_inner());
+        match cluster_ack() {
+            None => standalone.push((transport, pairs_per_s)),
+            Some(ack) => {
+                if let Some((_, alone)) = standalone.iter().find(|(t, _)| *t == transport) {
+                    println!(
+                        "    issue 24 target 6 (cluster, minReplicasAck {ack}): {pairs_per_s:.0} pairs/s >= 0.8 x the standalone run's {alone:.0}: {} ({:.2})",
+                        met(pairs_per_s >= 0.8 * alone),
+                        pairs_per_s / alone
+                    );
+                }
+            }
+        }
+    }
     let Some(reference) = PIPELINED.get() else {
         return;
     };
-    let p99_ms = calls.value_at_quantile(0.99) as f64 / 1000.0;
+    if cluster_ack().is_some() {
+        return;
+    }
     if RATE.get().is_some() {
         // Target 4, open loop (at half the measured maximum: the caller picks --rate).
         println!(
@@ -656,6 +702,17 @@ fn issue24_targets(
 
 /// `--rate`: pairs/s offered in all (open loop), when set.
 static RATE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// Pairs/s of the c=64 / 10,000-agent standalone runs, per transport (target 6).
+static STANDALONE: std::sync::Mutex<Vec<(Transport, f64)>> = std::sync::Mutex::new(Vec::new());
+
+/// The cluster's `minReplicasAck` while the runs are on the cluster; -1 on the
+/// standalone Redis.
+static CLUSTER_ACK: std::sync::atomic::AtomicI16 = std::sync::atomic::AtomicI16::new(-1);
+
+fn cluster_ack() -> Option<i16> {
+    Some(CLUSTER_ACK.load(Ordering::Relaxed)).filter(|ack| *ack >= 0)
+}
 
 /// Pairs/s of the Redis-only ceiling measured at the start (standalone runs).
 static CEILING: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
@@ -817,6 +874,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
         return bench_on(&args, None).await;
     }
+    // Target 6 compares the cluster with the standalone Redis in the same run.
+    println!("redis: standalone (for issue 24 target 6)");
+    bench_on(&args, None).await?;
     let seeds = caracal_tests::redis_cluster::ensure_shared().await?;
     for ack in &args.replica_ack {
         println!(
@@ -831,6 +891,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 /// One set of runs on a fresh stack: standalone Redis, or the cluster at `seeds`
 /// with `minReplicasAck` = the given value.
 async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Result<()> {
+    CLUSTER_ACK.store(
+        cluster.as_ref().map_or(-1, |(_, ack)| i16::from(*ack)),
+        Ordering::Relaxed,
+    );
     let kafka = args.kafka.clone();
     let redis_connections = args.redis_connections;
     let group_commit = args.group_commit;

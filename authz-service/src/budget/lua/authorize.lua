@@ -45,11 +45,10 @@
 -- marker with the counters: deciding on the emptied counters would hand every
 -- agent its whole budget back, so nothing is decided until `caracal budget
 -- rebuild` has put the counters back from the ledger and the marker with them.
-if redis.call('EXISTS', KEYS[#KEYS]) == 0 then
+-- (MARKER_PRESENT: the group-commit script already found it, for this run.)
+if not MARKER_PRESENT and redis.call('EXISTS', KEYS[#KEYS]) == 0 then
   return {'lost'}
 end
-
-local existing = redis.call('EXISTS', KEYS[1])
 
 local amount = tonumber(ARGV[3])
 local npol = tonumber(ARGV[9])
@@ -91,16 +90,27 @@ for i = 1, npol do
   end
 end
 
+-- The request's record, if it has one. When every policy allows, the record is
+-- written now, only if there is none (SET NX GET: one call both looks and writes;
+-- a record already there is returned and left as it is).
+local rec
+if deny == 0 then
+  rec = redis.call('SET', KEYS[1], ARGV[6] .. ARGV[5], 'NX', 'GET')
+else
+  rec = redis.call('GET', KEYS[1])
+end
+
 -- A retry of a request this agent already made. Live: its reservation stands;
 -- report what is used now. Finished (settled, released, expired, or released by
 -- request id before this Authorize arrived): refused, reserving nothing, with how
 -- it ended; answering allow would give a client that reuses request ids a free call.
-if existing == 1 then
-  local rec = redis.call('GET', KEYS[1]) or ''
+if rec then
   -- The reservation the record holds (made by an earlier Authorize of this request,
   -- at another time): its generation is in the record's text.
   local rid = ARGV[10]
-  local gen = string.match(rec, '"generation":"(%d+)"')
+  local gen = nil
+  local at = string.find(rec, '"generation":"', 1, true)
+  if at then gen = string.match(rec, '^(%d+)"', at + 14) end
   if gen then rid = rid .. '_' .. gen end
   local out = {'dup', rid}
   if string.sub(rec, 1, 1) == 'D' then
@@ -139,8 +149,7 @@ for i = 1, npol do
   end
 end
 
-redis.call('SET', KEYS[1], ARGV[6] .. ARGV[5])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[10])
+index_add(KEYS[2], ARGV[4], ARGV[10])
 -- The allow event carries the record (without its metadata line, which the relay
 -- appends from 'meta') and its expiry: `caracal budget rebuild` restores the
 -- reservations still open from the decisions topic when Redis lost them

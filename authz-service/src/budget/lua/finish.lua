@@ -58,12 +58,14 @@
 --         {mode | 'late_settle', reserved, charged, currency,
 --          then per policy: id, limit, used after}
 
-local POLICY_LINE = '^([^\t]+)\t([^\t]+)\t(%-?%d+)\t([cr])\t(%-?%d+)\t(%d+)\t(%d+)\t(%a+)$'
+-- A policy line, read in place from its first character (the position after it
+-- is the last capture: the line must end there).
+local POLICY_LINE = '^([^\t\n]+)\t([^\t\n]+)\t(%-?%d+)\t([cr])\t(%-?%d+)\t(%d+)\t(%d+)\t(%a+)()'
 
-local GENERATION = '"generation":"(%d+)"'
 local stem, named = ARGV[3], ARGV[6]
 
-if redis.call('EXISTS', KEYS[4]) == 0 then
+-- (MARKER_PRESENT: the group-commit script already found it, for this run.)
+if not MARKER_PRESENT and redis.call('EXISTS', KEYS[4]) == 0 then
   if ARGV[1] ~= 'expire' then
     -- mode, now, generation, cost, input, output, cached, price version, currency,
     -- tombstone, done-marker TTL, reason (last: free text).
@@ -76,7 +78,7 @@ end
 local rec = redis.call('GET', KEYS[1])
 if not rec then
   -- Never made, or its marker aged out: make sure the sweeper stops visiting it.
-  redis.call('ZREM', KEYS[2], stem)
+  index_remove(KEYS[2], stem)
   if ARGV[1] == 'release' and ARGV[13] == '1' then
     redis.call('SET', KEYS[1], 'D\trelease\t0\t0\t' .. ARGV[12], 'EX', tonumber(ARGV[4]))
     return {'tombstone'}
@@ -84,7 +86,11 @@ if not rec then
   return {'unknown'}
 end
 
-local gen = string.match(rec, GENERATION)
+-- The record is read where it lies, never cut into lines: Lua hashes every byte
+-- of every string it makes, and an unanchored pattern is tried at every position.
+local gen = nil
+local gen_at = string.find(rec, '"generation":"', 1, true)
+if gen_at then gen = string.match(rec, '^(%d+)"', gen_at + 14) end
 if named ~= '' and named ~= gen then
   -- Another reservation of the request id (the named one ended and its marker aged
   -- out), or a record that cannot confirm the generation: not the named one. The
@@ -101,18 +107,26 @@ local late = false
 if string.sub(rec, 1, 1) == 'D' then
   if mode ~= 'settle' or string.sub(head, 1, 9) ~= 'D\texpire\t' or not string.find(rec, '\n') then
     -- Done already (a retry, or another way first): nothing for the sweeper here.
-    redis.call('ZREM', KEYS[2], stem)
+    index_remove(KEYS[2], stem)
     return {'done', head}
   end
   late = true
 end
 
-local lines = {}
-for line in string.gmatch(rec, '[^\n]+') do lines[#lines + 1] = line end
+-- Line 2 on: the policy lines, then the event metadata.
+local body = #head + 2
 local amount_s, currency, npol
 if late then
   amount_s, currency = string.match(head, '^D\texpire\t(%d+)\t%-?%d+\t([^\t]+)$')
-  npol = #lines - 2
+  -- The expire marker's lines after its first: the policy lines and the metadata.
+  npol = -1
+  local p = body
+  while p <= #rec do
+    npol = npol + 1
+    local e = string.find(rec, '\n', p, true)
+    if not e then break end
+    p = e + 1
+  end
 else
   local npol_s
   amount_s, currency, npol_s = string.match(head, '^L\t(%d+)\t([^\t]+)\t(%d+)$')
@@ -124,7 +138,6 @@ end
 if mode == 'settle' and ARGV[12] ~= '' and ARGV[12] ~= currency then
   return {'currency', currency}
 end
-local meta = lines[npol + 2] or '{}'
 local amount = tonumber(amount_s)
 local cost = 0
 if mode == 'settle' then cost = tonumber(ARGV[5]) end
@@ -149,12 +162,21 @@ end
 -- Validate every policy line before changing anything: a corrupt record must not
 -- be half-finished.
 local pols = {}
+local at = body
 for i = 1, npol do
-  local key, id, limit, m, bucket, width, n, on_expiry = string.match(lines[i + 1] or '', POLICY_LINE)
-  if not key then
+  local key, id, limit, m, bucket, width, n, on_expiry, after = string.match(rec, POLICY_LINE, at)
+  if not key or (after <= #rec and string.byte(rec, after) ~= 10) then
     return redis.error_reply('caracal: corrupt policy line in ' .. KEYS[1])
   end
   pols[i] = {key, id, limit, m, bucket, width, n, on_expiry}
+  at = after + 1
+end
+-- The metadata line (the last; '{}' when a record has none).
+local meta = '{}'
+if at <= #rec then
+  local e = string.find(rec, '\n', at, true)
+  if e then meta = string.sub(rec, at, e - 1) else meta = string.sub(rec, at) end
+  if meta == '' then meta = '{}' end
 end
 
 local out = {mode, amount, 0, currency}
@@ -226,7 +248,7 @@ out[3] = charged
 local charged_s = string.format('%d', charged)
 
 local event_id = rid .. '/' .. mode
-redis.call('ZREM', KEYS[2], stem)
+index_remove(KEYS[2], stem)
 if mode == 'settle' or charged > 0 then
   -- A late settle's event carries the reservation's final charge (the actual
   -- cost): it supersedes the expire_charge event of the same reservation.
