@@ -36,7 +36,12 @@ local function flush_index_writes()
         removes[#removes + 1] = member
       end
     end
-    if #adds > 0 then redis.call('ZADD', key, unpack(adds)) end
-    if #removes > 0 then redis.call('ZREM', key, unpack(removes)) end
+    -- In slices: unpack is bounded by Lua's C stack (a few thousand values).
+    for i = 1, #adds, 512 do
+      redis.call('ZADD', key, unpack(adds, i, math.min(i + 511, #adds)))
+    end
+    for i = 1, #removes, 256 do
+      redis.call('ZREM', key, unpack(removes, i, math.min(i + 255, #removes)))
+    end
   end
 end
