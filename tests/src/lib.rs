@@ -566,9 +566,13 @@ impl TestStack {
         // Best effort: a stack whose Redis refused it (a TLS test) wrote nothing.
         if let Ok(mut conn) = self.redis_conn() {
             if let Ok(keys) = redis_keys(&mut conn, &format!("{}:*", self.key_prefix)).await {
-                // One DEL per key: on a cluster they live on different slots.
-                let deletes = keys.iter().map(|k| redis::cmd("DEL").arg(k).clone());
-                caracal_service_kit::redis::query_each(&conn, deletes.collect()).await?;
+                // One DEL per key: on a cluster they live on different slots. In
+                // slices: a bench leaves hundreds of thousands, more than one
+                // pipeline gets through within the connection's timeout.
+                for slice in keys.chunks(2_000) {
+                    let deletes = slice.iter().map(|k| redis::cmd("DEL").arg(k).clone());
+                    caracal_service_kit::redis::query_each(&conn, deletes.collect()).await?;
+                }
             }
         }
         drop(self.channel);
