@@ -32,6 +32,35 @@ struct Call {
     amount: i64,
 }
 
+/// The Authorize of `call` on partition 0, against the one policy of `slot`.
+fn reserve_request<'a>(
+    c: &'a Call,
+    slot: &'a PolicySlot,
+    agent: &'a str,
+    now: chrono::DateTime<chrono::Utc>,
+    allow_event_id: &'a str,
+    deny_event_id: &'a str,
+) -> ReserveRequest<'a> {
+    ReserveRequest {
+        partition: 0,
+        request_id: &c.request,
+        reservation_id: &c.reservation,
+        amount_micros: c.amount,
+        now_ms: now.timestamp_millis(),
+        expires_at_ms: now.timestamp_millis() + 300_000,
+        agent_id: agent,
+        root_agent_id: agent,
+        currency: "USD",
+        provider: "openai",
+        model: "m",
+        resource: "r",
+        allow_event_id,
+        deny_event_id,
+        policies: std::slice::from_ref(slot),
+        traceparent: None,
+    }
+}
+
 /// The tests count script runs on the process's one metrics recorder: one at a
 /// time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -135,24 +164,7 @@ async fn a_run_of_one_partition_decides_each_call_on_its_own() {
     let requests: Vec<ReserveRequest> = calls
         .iter()
         .enumerate()
-        .map(|(i, c)| ReserveRequest {
-            partition: 0,
-            request_id: &c.request,
-            reservation_id: &c.reservation,
-            amount_micros: c.amount,
-            now_ms: now.timestamp_millis(),
-            expires_at_ms: now.timestamp_millis() + 300_000,
-            agent_id: &agent,
-            root_agent_id: &agent,
-            currency: "USD",
-            provider: "openai",
-            model: "m",
-            resource: "r",
-            allow_event_id: &allow_ids[i],
-            deny_event_id: &deny_ids[i],
-            policies: std::slice::from_ref(&slot),
-            traceparent: None,
-        })
+        .map(|(i, c)| reserve_request(c, &slot, &agent, now, &allow_ids[i], &deny_ids[i]))
         .collect();
     let outcomes = join_all(requests.iter().map(|r| store.reserve(r))).await;
     let (runs_after, calls_after) = runs_and_calls();
@@ -322,24 +334,7 @@ async fn an_authorize_and_its_settle_in_one_run_leave_the_index_in_order() {
     let fresh: Vec<Call> = (0..3).map(call).collect();
     let fresh_requests: Vec<ReserveRequest> = fresh
         .iter()
-        .map(|c| ReserveRequest {
-            partition: 0,
-            request_id: &c.request,
-            reservation_id: &c.reservation,
-            amount_micros: c.amount,
-            now_ms: now.timestamp_millis(),
-            expires_at_ms: now.timestamp_millis() + 300_000,
-            agent_id: &agent,
-            root_agent_id: &agent,
-            currency: "USD",
-            provider: "openai",
-            model: "m",
-            resource: "r",
-            allow_event_id: &c.reservation,
-            deny_event_id: &c.request,
-            policies: std::slice::from_ref(&slot),
-            traceparent: None,
-        })
+        .map(|c| reserve_request(c, &slot, &agent, now, &c.reservation, &c.request))
         .collect();
     let settle_b = Finish {
         cost_micros: 1_000,
