@@ -12,8 +12,10 @@ local function index_remove(key, member)
   index_writes[#index_writes + 1] = {key, member, false}
 end
 local function flush_index_writes()
+  local writes = index_writes
+  index_writes = {}
   local last, keys = {}, {}
-  for _, w in ipairs(index_writes) do
+  for _, w in ipairs(writes) do
     local of_key = last[w[1]]
     if not of_key then
       of_key = {scores = {}, members = {}}
