@@ -451,11 +451,14 @@ async fn callers(
 
 /// Lets the callers run for `seconds`, then stops them; returns the elapsed time
 /// and the CPU samples before and after.
+/// Redis's `INFO commandstats` at the start and the end of a measured window.
+type WindowStats = (CommandStats, CommandStats);
+
 async fn measure(
     stack: &TestStack,
     seconds: u64,
     stop: &AtomicBool,
-) -> anyhow::Result<(f64, CpuSample, CpuSample)> {
+) -> anyhow::Result<(f64, CpuSample, CpuSample, WindowStats)> {
     let started = Instant::now();
     let before = CpuSample::take(stack, None, None).await?;
     let stats = CommandStats::take(stack).await?;
@@ -464,23 +467,7 @@ async fn measure(
     let elapsed = started.elapsed().as_secs_f64();
     let after = CpuSample::take(stack, None, None).await?;
     let now = CommandStats::take(stack).await?;
-    *COMMAND_STATS.lock().unwrap_or_else(|e| e.into_inner()) = Some((stats, now));
-    Ok((elapsed, before, after))
-}
-
-/// The last measured window's `INFO commandstats`, before and after.
-static COMMAND_STATS: std::sync::Mutex<Option<(CommandStats, CommandStats)>> =
-    std::sync::Mutex::new(None);
-
-/// Prints where Redis's time went in the last window, per pair.
-fn print_command_stats(pairs: u64) {
-    let taken = COMMAND_STATS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    if let Some((before, after)) = taken {
-        println!("    {}", after.describe_since(&before, pairs, "pair"));
-    }
+    Ok((elapsed, before, after, (stats, now)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -527,7 +514,8 @@ async fn run(
             stop.clone(),
             errors.clone(),
         ));
-        let (elapsed, before, after) = measure(stack, seconds, &stop).await?;
+        let (elapsed, before, after, (stats_before, stats_after)) =
+            measure(stack, seconds, &stop).await?;
         let (total, calls, _) = task.await??;
         report(&keys, concurrency, elapsed, &total, &calls, &errors);
         let cpu = after.per_unit_since(&before, total.len());
@@ -536,7 +524,10 @@ async fn run(
             cpu.process, cpu.redis
         );
         println!("    {}", after.machine.describe_since(&before.machine));
-        print_command_stats(total.len());
+        println!(
+            "    {}",
+            stats_after.describe_since(&stats_before, total.len(), "pair")
+        );
         let pairs_per_s = total.len() as f64 / elapsed;
         issue24_targets(
             concurrency,
@@ -583,7 +574,8 @@ async fn run(
         }));
         first += count;
     }
-    let (elapsed, before, after) = measure(stack, seconds, &stop).await?;
+    let (elapsed, before, after, (stats_before, stats_after)) =
+        measure(stack, seconds, &stop).await?;
     let (mut total, mut calls, mut client_cpu) = (histogram(), histogram(), 0.0);
     for h in handles {
         let (p, c, cpu) = tokio::task::spawn_blocking(move || h.join())
@@ -604,7 +596,10 @@ async fn run(
         cpu.redis
     );
     println!("    {}", after.machine.describe_since(&before.machine));
-    print_command_stats(total.len());
+    println!(
+        "    {}",
+        stats_after.describe_since(&stats_before, total.len(), "pair")
+    );
     let pairs_per_s = total.len() as f64 / elapsed;
     issue24_targets(
         concurrency,
