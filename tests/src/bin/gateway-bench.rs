@@ -410,14 +410,16 @@ async fn closed_loop(
     duration: Duration,
     max_requests: u64,
 ) -> Stats {
+    // The workers' histograms are made before the clock starts (zeroing them is
+    // the load generator's time, not the gateway's).
+    let all_stats: Vec<Stats> = (0..concurrency).map(|_| Stats::new()).collect();
     let started = Instant::now();
     let deadline = started + duration;
     let budget = Arc::new(std::sync::atomic::AtomicU64::new(max_requests));
     let mut workers = JoinSet::new();
-    for _ in 0..concurrency {
+    for mut stats in all_stats {
         let (t, budget) = (t.clone(), budget.clone());
         workers.spawn(async move {
-            let mut stats = Stats::new();
             let mut conn: Option<Sender> = None;
             while Instant::now() < deadline {
                 let take = budget.fetch_update(
