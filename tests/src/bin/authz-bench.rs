@@ -60,6 +60,11 @@ struct Args {
     /// Redis outbox and are deleted after each run).
     #[arg(long)]
     kafka: Option<String>,
+    /// The service's `reconcile.monitorInterval` in seconds (default: the
+    /// service's, 60; its first run is one interval after the start, so a shorter
+    /// run never sees it). 0 turns the drift monitor off.
+    #[arg(long)]
+    reconcile_interval: Option<u64>,
     /// Callers per HTTP/2 connection (64: one connection, as from one Envoy worker).
     #[arg(long, default_value_t = 64)]
     per_connection: usize,
@@ -932,7 +937,11 @@ async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Re
     let kafka = args.kafka.clone();
     let redis_connections = args.redis_connections;
     let group_commit = args.group_commit;
+    let reconcile_interval = args.reconcile_interval;
     let stack = TestStack::start_with(move |c| {
+        if let Some(every) = reconcile_interval {
+            c.reconcile.monitor_interval = every;
+        }
         if let Some(calls) = group_commit {
             c.redis.group_commit_max_calls = calls;
         }
