@@ -31,7 +31,7 @@ use caracal_proto::v1 as pb;
 use caracal_service_kit::process::LogLimit;
 use tokio::sync::watch;
 
-use crate::{budget::BudgetStore, db};
+use crate::{admin::ledger::off_runtime, budget::BudgetStore, db};
 
 /// Windows whose drift held still for a whole interval.
 pub const DRIFT_WINDOWS: &str = "caracal_reconcile_drift_windows";
@@ -161,20 +161,17 @@ pub async fn run(
             run = pages => run,
             _ = stop.changed() => return,
         };
-        match run {
+        // Judged off the runtime too (a whole deployment's drifting windows, and
+        // dropping the previous run's).
+        let judged = match run {
             Ok(()) => {
-                // Off the runtime too (a whole deployment's drifting windows, and
-                // dropping the previous run's).
                 let before = std::mem::take(&mut previous);
-                let judged = tokio::task::spawn_blocking(move || {
-                    let (windows, micros) = confirmed(&before, &now);
-                    (windows, micros, now)
-                })
-                .await;
-                let Ok((windows, micros, now)) = judged else {
-                    metrics::counter!(RUNS, "result" => "error").increment(1);
-                    continue;
-                };
+                off_runtime(move || Ok((confirmed(&before, &now), now))).await
+            }
+            Err(error) => Err(error),
+        };
+        match judged {
+            Ok(((windows, micros), now)) => {
                 metrics::counter!(RUNS, "result" => "ok").increment(1);
                 // Window counts far below 2^53: exact as f64.
                 #[allow(clippy::cast_precision_loss)]
