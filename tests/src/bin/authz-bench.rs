@@ -941,11 +941,13 @@ async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Re
     let kafka = args.kafka.clone();
     let redis_connections = args.redis_connections;
     let group_commit = args.group_commit;
-    let reconcile_interval = args.reconcile_interval.or(args.rate.is_none().then_some(0));
+    let reconcile_interval = args.reconcile_interval.unwrap_or(if args.rate.is_some() {
+        caracal_authz::config::ReconcileConfig::default().monitor_interval
+    } else {
+        0
+    });
     let stack = TestStack::start_with(move |c| {
-        if let Some(every) = reconcile_interval {
-            c.reconcile.monitor_interval = every;
-        }
+        c.reconcile.monitor_interval = reconcile_interval;
         if let Some(calls) = group_commit {
             c.redis.group_commit_max_calls = calls;
         }
@@ -967,8 +969,7 @@ async fn bench_on(args: &Args, cluster: Option<(Vec<String>, u8)>) -> anyhow::Re
     .await?;
     println!(
         "redis.groupCommitMaxCalls={} reconcile.monitorInterval={}",
-        stack.redis.group_commit_max_calls,
-        reconcile_interval.map_or_else(|| "the service's default".to_owned(), |s| s.to_string())
+        stack.redis.group_commit_max_calls, reconcile_interval
     );
     println!(
         "redis.connections={} minReplicasAck={}",
